@@ -1,0 +1,212 @@
+//! The one error type every fallible keypool operation returns.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::request::Response;
+
+/// Which phase of a request ran out of time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TimeoutPhase {
+    /// Opening the TCP/TLS connection took longer than `connect_timeout_ms`.
+    Connect,
+    /// One HTTP attempt (send + response) took longer than `timeout_ms`.
+    Attempt,
+    /// The request's overall deadline (`deadline_ms`, across retries and queueing) passed.
+    Deadline,
+    /// `submit_timeout` could not enqueue the request in time.
+    Submit,
+    /// `Ticket::wait_timeout` returned before the result was ready; the ticket is still valid.
+    Wait,
+    /// `Pool::close_timeout` returned before every thread had finished.
+    Shutdown,
+}
+
+impl TimeoutPhase {
+    /// A short lowercase name, as used in messages and JSON (`"connect"`, `"attempt"`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeoutPhase::Connect => "connect",
+            TimeoutPhase::Attempt => "attempt",
+            TimeoutPhase::Deadline => "deadline",
+            TimeoutPhase::Submit => "submit",
+            TimeoutPhase::Wait => "wait",
+            TimeoutPhase::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Everything that can go wrong in keypool.
+///
+/// No variant ever contains an API key: keys are identified by their label.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration was rejected; `field` names the offending field
+    /// (for example `keys[1].max_concurrent`).
+    Config {
+        /// Path of the offending field.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A request could not be built (bad JSON body, bad path, bad header).
+    InvalidRequest(String),
+    /// The server answered with a non-success HTTP status (or, for HTTP 200, with an
+    /// `{"error": …}` body). The full response — status, headers, body, key label,
+    /// attempts — is kept.
+    Http {
+        /// HTTP status (the embedded error code when it is numeric and the status was 200).
+        status: u16,
+        /// Human-readable message extracted from the body, if any.
+        message: String,
+        /// The response as received on the last attempt.
+        response: Box<Response>,
+    },
+    /// The request never got an HTTP response: connection refused or reset, DNS, TLS,
+    /// a response that was cut short or exceeded the body size limit.
+    Transport {
+        /// Label of the key whose attempt failed (empty when no key was involved).
+        key: String,
+        /// What happened.
+        message: String,
+        /// Attempts made in total.
+        attempts: u32,
+    },
+    /// A phase of the request ran out of time.
+    Timeout {
+        /// The phase that timed out.
+        phase: TimeoutPhase,
+        /// Label of the key involved, if any.
+        key: Option<String>,
+        /// Attempts made before giving up.
+        attempts: u32,
+    },
+    /// `try_submit` found the queue full (or `submit_timeout` timed out enqueueing).
+    Busy,
+    /// The pool is closed (or closing) and takes no more requests.
+    Closed,
+    /// The request was queued when the pool shut down and was never sent.
+    Cancelled,
+    /// Every key is disabled (revoked, out of credit) so nothing can be sent.
+    NoUsableKey {
+        /// Why each key is unusable, e.g. `"acct-a: disabled (HTTP 401)"`.
+        detail: String,
+    },
+    /// A worker panicked while handling the request; the worker survived.
+    Panic(String),
+    /// The ticket's result was already taken.
+    ResultTaken,
+}
+
+impl Error {
+    pub(crate) fn config(field: impl Into<String>, message: impl Into<String>) -> Error {
+        Error::Config {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The HTTP status behind this error, if it came from an HTTP response.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            Error::Http { response, .. } => Some(response.status()),
+            _ => None,
+        }
+    }
+
+    /// The response behind this error, if it came from an HTTP response.
+    pub fn response(&self) -> Option<&Response> {
+        match self {
+            Error::Http { response, .. } => Some(response),
+            _ => None,
+        }
+    }
+
+    /// Number of HTTP attempts made before this error (0 when none was made).
+    pub fn attempts(&self) -> u32 {
+        match self {
+            Error::Http { response, .. } => response.attempts(),
+            Error::Transport { attempts, .. } | Error::Timeout { attempts, .. } => *attempts,
+            _ => 0,
+        }
+    }
+
+    /// A short stable code naming the variant (`"http"`, `"timeout"`, …), as used by the
+    /// CLI's output records.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Config { .. } => "config",
+            Error::InvalidRequest(_) => "invalid_request",
+            Error::Http { .. } => "http",
+            Error::Transport { .. } => "transport",
+            Error::Timeout { .. } => "timeout",
+            Error::Busy => "busy",
+            Error::Closed => "closed",
+            Error::Cancelled => "cancelled",
+            Error::NoUsableKey { .. } => "no_usable_key",
+            Error::Panic(_) => "panic",
+            Error::ResultTaken => "result_taken",
+        }
+    }
+
+    /// The server's `Retry-After` hint, if the error carried one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.response().and_then(|r| r.retry_after())
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Config { field, message } => write!(f, "invalid config: {field}: {message}"),
+            Error::InvalidRequest(m) => write!(f, "invalid request: {m}"),
+            Error::Http {
+                status,
+                message,
+                response,
+            } => {
+                write!(f, "HTTP {status} from key {}", response.key_label())?;
+                if !message.is_empty() {
+                    write!(f, ": {message}")?;
+                }
+                write!(f, " (after {} attempt(s))", response.attempts())
+            }
+            Error::Transport {
+                key,
+                message,
+                attempts,
+            } => {
+                write!(
+                    f,
+                    "transport error on key {key}: {message} (after {attempts} attempt(s))"
+                )
+            }
+            Error::Timeout {
+                phase,
+                key,
+                attempts,
+            } => {
+                write!(f, "timed out in phase {}", phase.as_str())?;
+                if let Some(k) = key {
+                    write!(f, " on key {k}")?;
+                }
+                if *attempts > 0 {
+                    write!(f, " (after {attempts} attempt(s))")?;
+                }
+                Ok(())
+            }
+            Error::Busy => f.write_str("pool is busy: the queue is full"),
+            Error::Closed => f.write_str("pool is closed"),
+            Error::Cancelled => {
+                f.write_str("request cancelled: the pool shut down before it was sent")
+            }
+            Error::NoUsableKey { detail } => write!(f, "no usable key: {detail}"),
+            Error::Panic(m) => write!(f, "a worker panicked while handling the request: {m}"),
+            Error::ResultTaken => f.write_str("the ticket's result was already taken"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}

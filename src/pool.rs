@@ -1,0 +1,440 @@
+//! [`Pool`]: the public handle. Builds the engine, takes requests, reports stats,
+//! shuts down.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
+use parking_lot::Mutex;
+
+use crate::config::Config;
+use crate::dispatch::Dispatcher;
+use crate::error::{Error, TimeoutPhase};
+use crate::job::Job;
+use crate::key::KeyState;
+use crate::request::Request;
+use crate::shared::Shared;
+use crate::stats::Stats;
+use crate::ticket::{Reply, RequestResult, Ticket};
+use crate::transport::{Transport, TransportFactory, TransportSettings, UreqTransport};
+use crate::worker::{self, KeyWorkerCtx};
+
+/// A pool of API keys, each with its own workers, fed by one dispatcher.
+///
+/// Cheap to clone (an `Arc` inside); `Send + Sync`, so any number of threads may submit
+/// at once. The pool shuts down when [`close`](Pool::close) is called or the last clone is
+/// dropped: in-flight requests finish, queued ones are answered `Cancelled`, and every
+/// thread is joined.
+///
+/// ```
+/// use keypool::{Config, Pool, Request};
+/// # let server = keypool_mock::MockServer::start(keypool_mock::MockConfig::default()).unwrap();
+/// # let base_url = server.url();
+/// let config = Config::builder()
+///     .base_url(base_url)            // e.g. "https://openrouter.ai/api/v1"
+///     .key("sk-demo-a", 4)
+///     .key("sk-demo-b", 4)
+///     .build()?;
+/// let pool = Pool::new(config)?;
+/// let results = pool.batch((0..10).map(|i| Request::chat("m", [("user", &*format!("hi {i}"))])));
+/// assert_eq!(results.len(), 10);
+/// for r in &results {
+///     assert_eq!(r.as_ref().unwrap().status(), 200);
+/// }
+/// pool.close();
+/// # Ok::<(), keypool::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    /// `None` once closed. `submit` clones it under the lock and sends on the clone, so
+    /// a blocked `submit` never holds the lock.
+    intake: Mutex<Option<Sender<Job>>>,
+    /// Dropped to tell the dispatcher to shut down.
+    shutdown: Mutex<Option<Sender<()>>>,
+    closed: AtomicBool,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Disconnects when every engine thread has exited (each holds a sender).
+    alive: Receiver<()>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field(
+                "keys",
+                &self
+                    .inner
+                    .shared
+                    .keys
+                    .iter()
+                    .map(|k| &*k.label)
+                    .collect::<Vec<_>>(),
+            )
+            .field("strategy", &self.inner.shared.config.strategy)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+/// How `enqueue` waits for queue space.
+enum Mode {
+    Block,
+    Try,
+    Timeout(Duration),
+}
+
+impl Pool {
+    /// Validates `config`, starts one worker pool per key (with a `ureq` agent each) and
+    /// the dispatcher.
+    pub fn new(config: Config) -> Result<Pool, Error> {
+        Pool::with_transport(config, |s| {
+            Arc::new(UreqTransport::new(s)) as Arc<dyn Transport>
+        })
+    }
+
+    /// Like [`Pool::new`], with a custom transport built once per key (for tests,
+    /// benchmarks, or another HTTP client).
+    pub fn with_transport(
+        config: Config,
+        factory: impl Fn(&TransportSettings) -> Arc<dyn Transport> + Send + Sync + 'static,
+    ) -> Result<Pool, Error> {
+        Pool::start(config, Arc::new(factory))
+    }
+
+    fn start(config: Config, factory: TransportFactory) -> Result<Pool, Error> {
+        config.validate()?;
+        let epoch = Instant::now();
+        let (intake_tx, intake_rx) = crossbeam_channel::bounded(config.queue_capacity);
+        let (retry_tx, retry_rx) = crossbeam_channel::unbounded();
+        let (events_tx, events_rx) = crossbeam_channel::bounded(1);
+        let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded::<()>(0);
+        let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
+        let keys = (0..config.keys.len())
+            .map(|i| KeyState::new(&config, i, epoch))
+            .collect();
+        let shared = Arc::new(Shared {
+            any_tpm: config.keys.iter().any(|k| k.tpm.is_some()),
+            config,
+            keys,
+            retry_tx,
+            events_tx,
+            submitted: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            epoch,
+        });
+        let inner = Arc::new(Inner {
+            shared: shared.clone(),
+            intake: Mutex::new(Some(intake_tx)),
+            shutdown: Mutex::new(Some(shutdown_tx)),
+            closed: AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
+            alive: alive_rx,
+        });
+        let pool = Pool { inner };
+
+        let cfg = &shared.config;
+        let mut senders = Vec::with_capacity(cfg.keys.len());
+        for (i, k) in cfg.keys.iter().enumerate() {
+            let label = shared.keys[i].label.to_string();
+            let settings = TransportSettings {
+                label: label.clone(),
+                max_concurrent: k.max_concurrent,
+                timeout: Duration::from_millis(cfg.timeout_ms),
+                connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+                max_response_bytes: cfg.max_response_bytes,
+            };
+            let mut headers: BTreeMap<String, (String, String)> = BTreeMap::new();
+            for (name, value) in cfg.headers.iter().chain(k.headers.iter()) {
+                headers.insert(name.to_ascii_lowercase(), (name.clone(), value.clone()));
+            }
+            let ctx = Arc::new(KeyWorkerCtx {
+                shared: shared.clone(),
+                index: i,
+                transport: factory(&settings),
+                base_url: cfg.key_base_url(i).trim_end_matches('/').to_owned(),
+                key: k.key.clone(),
+                headers: headers.into_values().collect(),
+                attempt_timeout: settings.timeout,
+            });
+            let (tx, rx) = crossbeam_channel::bounded::<Job>(0);
+            senders.push(tx);
+            for n in 0..k.max_concurrent {
+                let (ctx, rx, alive) = (ctx.clone(), rx.clone(), alive_tx.clone());
+                pool.spawn(
+                    format!("keypool-{label}-{n}"),
+                    cfg.worker_stack_size,
+                    move || {
+                        worker::run(ctx, rx);
+                        drop(alive);
+                    },
+                )?;
+            }
+        }
+        let dispatcher = Dispatcher::new(
+            shared.clone(),
+            intake_rx,
+            retry_rx,
+            events_rx,
+            shutdown_rx,
+            senders,
+        );
+        pool.spawn("keypool-dispatch".to_owned(), 256 * 1024, move || {
+            dispatcher.run();
+            drop(alive_tx);
+        })?;
+        Ok(pool)
+    }
+
+    fn spawn(
+        &self,
+        name: String,
+        stack: usize,
+        f: impl FnOnce() + Send + 'static,
+    ) -> Result<(), Error> {
+        let handle = std::thread::Builder::new()
+            .name(name)
+            .stack_size(stack)
+            .spawn(f)
+            .map_err(|e| Error::config("keys", format!("could not start a worker thread: {e}")))?;
+        self.inner.threads.lock().push(handle);
+        Ok(())
+    }
+
+    fn enqueue(&self, req: Request, reply: Reply, mode: Mode) -> Result<(), Error> {
+        let shared = &self.inner.shared;
+        let tx = match (!self.inner.closed.load(Relaxed))
+            .then(|| self.inner.intake.lock().clone())
+            .flatten()
+        {
+            Some(tx) => tx,
+            None => {
+                reply.defuse();
+                return Err(Error::Closed);
+            }
+        };
+        let limit = req.deadline.or_else(|| {
+            (shared.config.deadline_ms > 0)
+                .then(|| Duration::from_millis(shared.config.deadline_ms))
+        });
+        let deadline = limit.map(|d| Instant::now() + d);
+        let est = if shared.any_tpm {
+            req.estimated_tokens()
+        } else {
+            0
+        };
+        let job = Job::new(req, reply, deadline, est);
+        let sent = match mode {
+            Mode::Block => tx.send(job).map_err(|e| (e.into_inner(), Error::Closed)),
+            Mode::Try => tx.try_send(job).map_err(|e| match e {
+                TrySendError::Full(j) => (j, Error::Busy),
+                TrySendError::Disconnected(j) => (j, Error::Closed),
+            }),
+            Mode::Timeout(d) => tx.send_timeout(job, d).map_err(|e| match e {
+                SendTimeoutError::Timeout(j) => (
+                    j,
+                    Error::Timeout {
+                        phase: TimeoutPhase::Submit,
+                        key: None,
+                        attempts: 0,
+                    },
+                ),
+                SendTimeoutError::Disconnected(j) => (j, Error::Closed),
+            }),
+        };
+        match sent {
+            Ok(()) => {
+                shared.submitted.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            Err((job, e)) => {
+                job.defuse();
+                Err(e)
+            }
+        }
+    }
+
+    fn ticket_reply(&self) -> (Reply, Ticket) {
+        let (reply, ticket) = Reply::ticket();
+        (self.counted(reply), ticket)
+    }
+
+    /// Wraps a reply so the pool's `completed` counter sees it.
+    fn counted(&self, reply: Reply) -> Reply {
+        let shared = self.inner.shared.clone();
+        Reply::new(move |r| {
+            shared.completed.fetch_add(1, Relaxed);
+            reply.send(r);
+        })
+    }
+
+    /// Submits a request, blocking while the queue is full. The ticket yields its result.
+    ///
+    /// Errors: [`Error::Closed`] if the pool is closed.
+    pub fn submit(&self, req: Request) -> Result<Ticket, Error> {
+        let (reply, ticket) = self.ticket_reply();
+        self.enqueue(req, reply, Mode::Block).map(|()| ticket)
+    }
+
+    /// Submits without blocking: [`Error::Busy`] if the queue is full.
+    pub fn try_submit(&self, req: Request) -> Result<Ticket, Error> {
+        let (reply, ticket) = self.ticket_reply();
+        self.enqueue(req, reply, Mode::Try).map(|()| ticket)
+    }
+
+    /// Submits, waiting at most `timeout` for queue space
+    /// ([`Error::Timeout`] with phase `Submit` if there was none).
+    pub fn submit_timeout(&self, req: Request, timeout: Duration) -> Result<Ticket, Error> {
+        let (reply, ticket) = self.ticket_reply();
+        self.enqueue(req, reply, Mode::Timeout(timeout))
+            .map(|()| ticket)
+    }
+
+    /// Submits with a callback instead of a ticket, blocking while the queue is full.
+    ///
+    /// If this returns `Ok`, `callback` is called exactly once with the result, on a
+    /// keypool thread (a worker, the dispatcher, or the thread that closes the pool).
+    /// If it returns `Err`, `callback` is never called. Keep callbacks short: a worker
+    /// runs no other request meanwhile.
+    pub fn submit_with(
+        &self,
+        req: Request,
+        callback: impl FnOnce(RequestResult) + Send + 'static,
+    ) -> Result<(), Error> {
+        let reply = self.counted(Reply::new(callback));
+        self.enqueue(req, reply, Mode::Block)
+    }
+
+    /// Like [`submit_with`](Pool::submit_with) but never blocks: [`Error::Busy`] if the
+    /// queue is full.
+    pub fn try_submit_with(
+        &self,
+        req: Request,
+        callback: impl FnOnce(RequestResult) + Send + 'static,
+    ) -> Result<(), Error> {
+        let reply = self.counted(Reply::new(callback));
+        self.enqueue(req, reply, Mode::Try)
+    }
+
+    /// Sends every request and returns one result per request, in input order. A
+    /// failure never hides or cancels another request's result.
+    pub fn batch(&self, requests: impl IntoIterator<Item = Request>) -> Vec<RequestResult> {
+        let tickets: Vec<Result<Ticket, Error>> =
+            requests.into_iter().map(|r| self.submit(r)).collect();
+        tickets
+            .into_iter()
+            .map(|t| t.and_then(Ticket::wait))
+            .collect()
+    }
+
+    /// A snapshot of per-key and pool-wide counters.
+    pub fn stats(&self) -> Stats {
+        let shared = &self.inner.shared;
+        Stats {
+            submitted: shared.submitted.load(Relaxed),
+            completed: shared.completed.load(Relaxed),
+            queued: self.inner.intake.lock().as_ref().map_or(0, |tx| tx.len()),
+            keys: shared.keys.iter().map(KeyState::snapshot).collect(),
+        }
+    }
+
+    /// The keys' labels, in config order.
+    pub fn labels(&self) -> Vec<String> {
+        self.inner
+            .shared
+            .keys
+            .iter()
+            .map(|k| k.label.to_string())
+            .collect()
+    }
+
+    /// The validated configuration this pool runs with.
+    pub fn config(&self) -> &Config {
+        &self.inner.shared.config
+    }
+
+    /// Total worker threads over all keys.
+    pub fn capacity(&self) -> usize {
+        self.inner
+            .shared
+            .keys
+            .iter()
+            .map(|k| k.max_concurrent)
+            .sum()
+    }
+
+    /// Whether [`close`](Pool::close) has been called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Relaxed)
+    }
+
+    /// Stops intake, lets in-flight requests finish, answers every queued request
+    /// (`Cancelled`), and joins every thread. Idempotent; later submits get
+    /// [`Error::Closed`].
+    pub fn close(&self) {
+        self.inner.begin_close();
+        self.inner.join(None);
+    }
+
+    /// Like [`close`](Pool::close) but waits at most `timeout` for the threads; on
+    /// timeout returns [`Error::Timeout`] with phase `Shutdown` (the threads finish in
+    /// the background; a later `close` joins them).
+    pub fn close_timeout(&self, timeout: Duration) -> Result<(), Error> {
+        self.inner.begin_close();
+        if self.inner.join(Some(Instant::now() + timeout)) {
+            Ok(())
+        } else {
+            Err(Error::Timeout {
+                phase: TimeoutPhase::Shutdown,
+                key: None,
+                attempts: 0,
+            })
+        }
+    }
+}
+
+impl Inner {
+    fn begin_close(&self) {
+        self.closed.store(true, Relaxed);
+        drop(self.intake.lock().take());
+        drop(self.shutdown.lock().take());
+    }
+
+    /// Waits for every engine thread to exit (until `deadline`), then joins them.
+    /// Returns false on timeout. Never joins the calling thread (a callback may drop
+    /// the last `Pool` clone on a worker).
+    fn join(&self, deadline: Option<Instant>) -> bool {
+        let me = std::thread::current().id();
+        let ours = self.threads.lock().iter().any(|h| h.thread().id() == me);
+        if ours {
+            return false;
+        }
+        let done = match deadline {
+            Some(d) => !matches!(self.alive.recv_deadline(d), Err(RecvTimeoutError::Timeout)),
+            None => {
+                let _ = self.alive.recv();
+                true
+            }
+        };
+        if done {
+            for h in std::mem::take(&mut *self.threads.lock()) {
+                let _ = h.join();
+            }
+        }
+        done
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.begin_close();
+        self.join(None);
+    }
+}

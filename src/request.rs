@@ -1,0 +1,318 @@
+//! What goes in ([`Request`]) and what comes out ([`Response`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::error::Error;
+
+/// Path used when none is given: OpenAI-style chat completions.
+pub const DEFAULT_PATH: &str = "/chat/completions";
+
+/// One API call: a JSON body POSTed to a path under the key's base URL.
+///
+/// Cheap to clone: the body is shared.
+#[derive(Clone)]
+pub struct Request {
+    pub(crate) path: Arc<str>,
+    pub(crate) body: Arc<[u8]>,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) deadline: Option<Duration>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("path", &self.path)
+            .field("body_len", &self.body.len())
+            .field(
+                "headers",
+                &self.headers.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .field("deadline", &self.deadline)
+            .finish()
+    }
+}
+
+impl Request {
+    /// A request with `body` POSTed to [`DEFAULT_PATH`].
+    pub fn new(body: &serde_json::Value) -> Request {
+        let bytes = serde_json::to_vec(body).expect("serializing a serde_json::Value cannot fail");
+        Request::raw(DEFAULT_PATH, bytes)
+    }
+
+    /// A chat completion request for `model` with `(role, content)` messages.
+    ///
+    /// ```
+    /// let r = keypool::Request::chat("gpt-4o-mini", [("user", "Say hi")]);
+    /// assert_eq!(r.path(), "/chat/completions");
+    /// ```
+    pub fn chat<'a>(
+        model: &str,
+        messages: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Request {
+        let messages: Vec<serde_json::Value> = messages
+            .into_iter()
+            .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
+            .collect();
+        Request::new(&serde_json::json!({"model": model, "messages": messages}))
+    }
+
+    /// A request from JSON text, validated here so a malformed body fails at submit
+    /// time, not after a round trip.
+    pub fn from_json(path: &str, body: &str) -> Result<Request, Error> {
+        serde_json::from_str::<serde::de::IgnoredAny>(body)
+            .map_err(|e| Error::InvalidRequest(format!("body is not valid JSON: {e}")))?;
+        Request::raw(DEFAULT_PATH, body.as_bytes().to_vec()).with_path(path)
+    }
+
+    fn raw(path: &str, body: Vec<u8>) -> Request {
+        Request {
+            path: Arc::from(path),
+            body: Arc::from(body),
+            headers: Vec::new(),
+            deadline: None,
+        }
+    }
+
+    /// Sends to `path` (e.g. `/embeddings`) instead of `/chat/completions`. The path must
+    /// start with `/` and contain no spaces or control characters.
+    pub fn with_path(mut self, path: &str) -> Result<Request, Error> {
+        if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return Err(Error::InvalidRequest(format!(
+                "path must start with '/' and contain no spaces or control characters: {path:?}"
+            )));
+        }
+        self.path = Arc::from(path);
+        Ok(self)
+    }
+
+    /// Adds a header to this request only.
+    pub fn with_header(mut self, name: &str, value: &str) -> Result<Request, Error> {
+        if ureq::http::HeaderName::from_bytes(name.as_bytes()).is_err()
+            || ureq::http::HeaderValue::from_str(value).is_err()
+        {
+            return Err(Error::InvalidRequest(format!("invalid header {name:?}")));
+        }
+        if name.eq_ignore_ascii_case("authorization") {
+            return Err(Error::InvalidRequest(
+                "the Authorization header is set by the pool".into(),
+            ));
+        }
+        self.headers.push((name.to_owned(), value.to_owned()));
+        Ok(self)
+    }
+
+    /// Overall deadline for this request (queueing + all attempts), overriding the
+    /// pool's `deadline_ms`.
+    pub fn with_deadline(mut self, deadline: Duration) -> Request {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// The path this request is POSTed to.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// Rough token estimate used by per-key `tpm` limits: prompt characters / 4 plus
+    /// `max_tokens` (or `max_completion_tokens`).
+    pub fn estimated_tokens(&self) -> u64 {
+        let v: serde_json::Value = match serde_json::from_slice(&self.body) {
+            Ok(v) => v,
+            Err(_) => return (self.body.len() / 4) as u64,
+        };
+        let mut chars = 0usize;
+        if let Some(msgs) = v.get("messages").and_then(|m| m.as_array()) {
+            for m in msgs {
+                match m.get("content") {
+                    Some(serde_json::Value::String(s)) => chars += s.chars().count(),
+                    Some(other) => chars += other.to_string().len(),
+                    None => {}
+                }
+            }
+        } else if let Some(p) = v.get("prompt").or_else(|| v.get("input")) {
+            chars += p
+                .as_str()
+                .map(|s| s.chars().count())
+                .unwrap_or_else(|| p.to_string().len());
+        }
+        let max = v
+            .get("max_tokens")
+            .or_else(|| v.get("max_completion_tokens"))
+            .and_then(|m| m.as_u64())
+            .unwrap_or(0);
+        (chars / 4) as u64 + max
+    }
+}
+
+/// Token counts from a response's `usage` object.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// `usage.prompt_tokens`.
+    pub prompt_tokens: u64,
+    /// `usage.completion_tokens`.
+    pub completion_tokens: u64,
+}
+
+/// Response headers keypool keeps (lowercase names): rate-limit hints and request ids.
+pub(crate) fn is_kept_header(name: &str) -> bool {
+    matches!(
+        name,
+        "retry-after"
+            | "retry-after-ms"
+            | "x-should-retry"
+            | "x-request-id"
+            | "request-id"
+            | "content-type"
+    ) || name.starts_with("x-ratelimit-")
+        || name.starts_with("openai-")
+}
+
+/// An HTTP response to a [`Request`], with which key served it and how.
+#[derive(Clone)]
+pub struct Response {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
+    pub(crate) key_label: Arc<str>,
+    pub(crate) key_index: usize,
+    pub(crate) attempts: u32,
+    pub(crate) latency: Duration,
+    pub(crate) keys_tried: Vec<usize>,
+}
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Response")
+            .field("status", &self.status)
+            .field("key_label", &self.key_label)
+            .field("key_index", &self.key_index)
+            .field("attempts", &self.attempts)
+            .field("latency", &self.latency)
+            .field("body_len", &self.body.len())
+            .finish()
+    }
+}
+
+impl Response {
+    /// HTTP status code.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The kept response headers (lowercase names): `retry-after`, `retry-after-ms`,
+    /// `x-should-retry`, `x-ratelimit-*`, `x-request-id`, `content-type`.
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.headers
+    }
+
+    /// The first kept header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The request id the server assigned (`x-request-id`, or the body's `id`).
+    pub fn request_id(&self) -> Option<String> {
+        self.header("x-request-id")
+            .or_else(|| self.header("request-id"))
+            .map(str::to_owned)
+            .or_else(|| self.json().ok()?.get("id")?.as_str().map(str::to_owned))
+    }
+
+    /// The raw body.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// Takes the body out, leaving the response without one.
+    pub fn into_body(self) -> Vec<u8> {
+        self.body
+    }
+
+    /// The body as text (lossy UTF-8).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Parses the body as JSON.
+    pub fn json(&self) -> Result<serde_json::Value, Error> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| Error::InvalidRequest(format!("response body is not valid JSON: {e}")))
+    }
+
+    /// The first choice's `message.content`, for chat completions.
+    pub fn content(&self) -> Option<String> {
+        let v = self.json().ok()?;
+        v.get("choices")?
+            .get(0)?
+            .get("message")?
+            .get("content")?
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    /// Token usage from the body's `usage`, if present.
+    pub fn usage(&self) -> Option<Usage> {
+        parse_usage(&self.body)
+    }
+
+    /// Label of the key that served the last attempt.
+    pub fn key_label(&self) -> &str {
+        &self.key_label
+    }
+
+    /// Index (config order) of the key that served the last attempt.
+    pub fn key_index(&self) -> usize {
+        self.key_index
+    }
+
+    /// HTTP attempts made, this one included.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// Indices of the keys tried, in order (the last one served this response).
+    pub fn keys_tried(&self) -> &[usize] {
+        &self.keys_tried
+    }
+
+    /// Time from the first attempt's start to this response.
+    pub fn latency(&self) -> Duration {
+        self.latency
+    }
+
+    /// The server's retry hint: `retry-after-ms`, or `retry-after` in seconds or as an
+    /// HTTP date.
+    pub fn retry_after(&self) -> Option<Duration> {
+        crate::retry::parse_retry_after(self.header("retry-after-ms"), self.header("retry-after"))
+    }
+}
+
+pub(crate) fn parse_usage(body: &[u8]) -> Option<Usage> {
+    #[derive(serde::Deserialize)]
+    struct U {
+        usage: Option<UsageIn>,
+    }
+    #[derive(serde::Deserialize)]
+    struct UsageIn {
+        #[serde(default)]
+        prompt_tokens: u64,
+        #[serde(default)]
+        completion_tokens: u64,
+    }
+    let u: U = serde_json::from_slice(body).ok()?;
+    u.usage.map(|u| Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+    })
+}

@@ -1,0 +1,175 @@
+//! Statistics: the public snapshot types and the latency histogram behind them.
+
+use serde::Serialize;
+
+/// Failures of one key, by class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FailureCounts {
+    /// HTTP 429 responses.
+    pub rate_limited: u64,
+    /// Other HTTP 4xx responses (and errors embedded in a 200 body).
+    pub client_error: u64,
+    /// HTTP 5xx responses.
+    pub server_error: u64,
+    /// Connection failures, cut-short or oversized bodies.
+    pub transport: u64,
+    /// Connect or attempt timeouts.
+    pub timeout: u64,
+    /// Worker panics and anything else.
+    pub other: u64,
+}
+
+/// A snapshot of one key's activity. Holds the label, never the key.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct KeyStats {
+    /// Position in the config.
+    pub index: usize,
+    /// The key's label.
+    pub label: String,
+    /// Worker threads (the in-flight limit).
+    pub max_concurrent: usize,
+    /// Requests in flight now.
+    pub in_flight: usize,
+    /// Most requests ever in flight at once.
+    pub max_in_flight: usize,
+    /// HTTP attempts started.
+    pub sent: u64,
+    /// Attempts that succeeded.
+    pub succeeded: u64,
+    /// Attempts that failed.
+    pub failed: u64,
+    /// Failed attempts by class.
+    pub failures: FailureCounts,
+    /// Failed attempts of this key that were retried (on this or another key).
+    pub retries: u64,
+    /// Median attempt latency, milliseconds (0 before any attempt).
+    pub latency_p50_ms: f64,
+    /// 99th-percentile attempt latency, milliseconds.
+    pub latency_p99_ms: f64,
+    /// Sum of `usage.prompt_tokens` of successful responses.
+    pub prompt_tokens: u64,
+    /// Sum of `usage.completion_tokens` of successful responses.
+    pub completion_tokens: u64,
+    /// Milliseconds until the key's cooldown ends (0 when not cooling).
+    pub cooldown_remaining_ms: u64,
+    /// Why the key was taken out of rotation, if it was.
+    pub disabled_reason: Option<String>,
+    /// When it was taken out, as milliseconds since the Unix epoch.
+    pub disabled_at_unix_ms: Option<u64>,
+    /// Requests the key may still send now under its `rpm` limit (`None`: no limit).
+    pub rpm_budget: Option<f64>,
+    /// Tokens the key may still use now under its `tpm` limit (`None`: no limit).
+    pub tpm_budget: Option<f64>,
+}
+
+/// A snapshot of the whole pool.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Stats {
+    /// Requests accepted by `submit` and friends.
+    pub submitted: u64,
+    /// Requests answered (success or error).
+    pub completed: u64,
+    /// Requests waiting in the queue now.
+    pub queued: usize,
+    /// Per key, in config order.
+    pub keys: Vec<KeyStats>,
+}
+
+impl Stats {
+    /// The snapshot as JSON (same field names as the Rust structs).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("stats serialize")
+    }
+}
+
+/// A log-linear histogram of microsecond values: exact below 64 µs, then 32 buckets per
+/// power of two (about 3 % relative error). Fixed size, no allocation after creation.
+#[derive(Clone)]
+pub(crate) struct Histogram {
+    counts: Box<[u32]>,
+    total: u64,
+}
+
+const SUB: u32 = 32;
+const LINEAR: u64 = 64;
+const BUCKETS: usize = (LINEAR as usize) + (64 - 6) * SUB as usize;
+
+impl Histogram {
+    pub(crate) fn new() -> Histogram {
+        Histogram {
+            counts: vec![0; BUCKETS].into_boxed_slice(),
+            total: 0,
+        }
+    }
+
+    fn index(v: u64) -> usize {
+        if v < LINEAR {
+            return v as usize;
+        }
+        let b = 63 - v.leading_zeros(); // >= 6
+        let sub = (v >> (b - 5)) & (SUB as u64 - 1);
+        LINEAR as usize + (b as usize - 6) * SUB as usize + sub as usize
+    }
+
+    fn lower_bound(i: usize) -> u64 {
+        if (i as u64) < LINEAR {
+            return i as u64;
+        }
+        let j = i - LINEAR as usize;
+        let b = (j / SUB as usize) as u32 + 6;
+        let sub = (j % SUB as usize) as u64;
+        (1u64 << b) | (sub << (b - 5))
+    }
+
+    pub(crate) fn record(&mut self, micros: u64) {
+        let i = Self::index(micros);
+        self.counts[i] = self.counts[i].saturating_add(1);
+        self.total += 1;
+    }
+
+    /// The value at quantile `q` (0..=1), in microseconds; 0 when empty.
+    pub(crate) fn quantile(&self, q: f64) -> u64 {
+        if self.total == 0 {
+            return 0;
+        }
+        let rank = ((q * self.total as f64).ceil() as u64).clamp(1, self.total);
+        let mut seen = 0u64;
+        for (i, &c) in self.counts.iter().enumerate() {
+            seen += c as u64;
+            if seen >= rank {
+                let lo = Self::lower_bound(i);
+                let hi = if i + 1 < BUCKETS {
+                    Self::lower_bound(i + 1)
+                } else {
+                    lo
+                };
+                return lo + (hi - lo) / 2;
+            }
+        }
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Histogram;
+
+    #[test]
+    fn quantiles_within_3_percent() {
+        let mut h = Histogram::new();
+        for v in 1..=10_000u64 {
+            h.record(v * 100);
+        }
+        let p50 = h.quantile(0.5) as f64;
+        let p99 = h.quantile(0.99) as f64;
+        assert!((p50 / 500_000.0 - 1.0).abs() < 0.03, "{p50}");
+        assert!((p99 / 990_000.0 - 1.0).abs() < 0.03, "{p99}");
+        assert_eq!(Histogram::new().quantile(0.5), 0);
+        let mut small = Histogram::new();
+        small.record(7);
+        assert_eq!(small.quantile(0.99), 7);
+        let mut big = Histogram::new();
+        big.record(u64::MAX);
+        assert!(big.quantile(0.5) > 1 << 62);
+    }
+}

@@ -1,0 +1,130 @@
+//! One-shot result delivery: the internal [`Reply`] every job carries, and the public
+//! [`Ticket`] a caller waits on.
+
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+
+use crate::error::{Error, TimeoutPhase};
+use crate::request::Response;
+
+/// The result type every request ends in.
+pub type RequestResult = Result<Response, Error>;
+
+type Callback = Box<dyn FnOnce(RequestResult) + Send>;
+
+/// Where a job's result goes. Delivered exactly once: by [`Reply::send`], or — if the
+/// job is dropped anywhere without an answer (shutdown, a channel torn down, a panic) —
+/// by `Drop`, with [`Error::Cancelled`]. This is the "no ticket left hanging" guarantee.
+pub(crate) struct Reply {
+    callback: Option<Callback>,
+}
+
+impl Reply {
+    pub(crate) fn new(f: impl FnOnce(RequestResult) + Send + 'static) -> Reply {
+        Reply {
+            callback: Some(Box::new(f)),
+        }
+    }
+
+    /// A reply feeding a new [`Ticket`].
+    pub(crate) fn ticket() -> (Reply, Ticket) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let reply = Reply::new(move |r| {
+            // The receiver may be gone (ticket dropped): nobody is waiting, nothing to do.
+            let _ = tx.send(r);
+        });
+        (reply, Ticket { rx, taken: false })
+    }
+
+    /// Delivers the result.
+    pub(crate) fn send(mut self, result: RequestResult) {
+        if let Some(f) = self.callback.take() {
+            f(result);
+        }
+    }
+
+    /// Disarms the reply without delivering anything: used when `submit` itself fails
+    /// and reports the error to the caller directly.
+    pub(crate) fn defuse(mut self) {
+        self.callback = None;
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(f) = self.callback.take() {
+            f(Err(Error::Cancelled));
+        }
+    }
+}
+
+/// A handle on one submitted request's result.
+///
+/// Every ticket is answered exactly once — with the response, an error, or
+/// [`Error::Cancelled`] if the pool shut down before the request was sent. Dropping a
+/// ticket does not cancel the request; its result is discarded.
+#[derive(Debug)]
+pub struct Ticket {
+    rx: Receiver<RequestResult>,
+    taken: bool,
+}
+
+impl Ticket {
+    /// Blocks until the result is ready.
+    pub fn wait(mut self) -> RequestResult {
+        if self.taken {
+            return Err(Error::ResultTaken);
+        }
+        self.taken = true;
+        // A disconnected sender without a value cannot happen (Reply's Drop answers),
+        // but a result is still owed: call it what it is.
+        self.rx.recv().unwrap_or(Err(Error::Cancelled))
+    }
+
+    /// Waits at most `timeout`. If the result is not ready yet, returns
+    /// `Err(Error::Timeout { phase: TimeoutPhase::Wait, .. })` and the ticket stays valid.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> RequestResult {
+        if self.taken {
+            return Err(Error::ResultTaken);
+        }
+        match self.rx.recv_timeout(timeout) {
+            Ok(r) => {
+                self.taken = true;
+                r
+            }
+            Err(RecvTimeoutError::Timeout) => Err(Error::Timeout {
+                phase: TimeoutPhase::Wait,
+                key: None,
+                attempts: 0,
+            }),
+            Err(RecvTimeoutError::Disconnected) => {
+                self.taken = true;
+                Err(Error::Cancelled)
+            }
+        }
+    }
+
+    /// Returns the result if it is ready, `None` if not (or if it was already taken).
+    pub fn try_wait(&mut self) -> Option<RequestResult> {
+        if self.taken {
+            return None;
+        }
+        match self.rx.try_recv() {
+            Ok(r) => {
+                self.taken = true;
+                Some(r)
+            }
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => {
+                self.taken = true;
+                Some(Err(Error::Cancelled))
+            }
+        }
+    }
+
+    /// Whether the result has been taken out of this ticket.
+    pub fn is_taken(&self) -> bool {
+        self.taken
+    }
+}

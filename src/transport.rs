@@ -1,0 +1,146 @@
+//! The only HTTP code: the [`Transport`] trait and its `ureq` implementation.
+//!
+//! Each key gets its own transport (for ureq: its own `Agent`, so its own keep-alive
+//! connection pool sized to the key's worker count). Tests and benchmarks can plug in
+//! a transport that never touches the network with [`Pool::with_transport`](crate::Pool::with_transport).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::ApiKey;
+use crate::error::TimeoutPhase;
+use crate::request::is_kept_header;
+
+/// One HTTP POST, as handed to a [`Transport`].
+pub struct HttpRequest<'a> {
+    /// Full URL (base URL + path).
+    pub url: &'a str,
+    /// The key, to send as `Authorization: Bearer …`.
+    pub key: &'a ApiKey,
+    /// Pool, key and request headers, in that order (later ones override).
+    pub headers: &'a [(String, String)],
+    /// JSON body.
+    pub body: &'a [u8],
+    /// Time allowed for this attempt: the configured attempt timeout, or less when the
+    /// request's deadline is nearer.
+    pub timeout: Duration,
+}
+
+/// What a [`Transport`] got back. Any status is a response, not an error.
+#[derive(Debug, Clone, Default)]
+pub struct HttpResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers worth keeping, lowercase names.
+    pub headers: Vec<(String, String)>,
+    /// Body bytes (at most the configured limit).
+    pub body: Vec<u8>,
+}
+
+/// Why a transport got no response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportError {
+    /// A phase timed out.
+    Timeout(TimeoutPhase),
+    /// Connection refused or reset, DNS, TLS, cut-short or oversized body, …
+    Failed(String),
+}
+
+/// Settings a transport is built from, one per key.
+#[derive(Debug, Clone)]
+pub struct TransportSettings {
+    /// The key's label.
+    pub label: String,
+    /// The key's worker count (size the connection pool to it).
+    pub max_concurrent: usize,
+    /// Per-attempt timeout.
+    pub timeout: Duration,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Largest response body to read.
+    pub max_response_bytes: u64,
+}
+
+/// Sends one HTTP POST and returns the response, whatever its status.
+///
+/// Implementations must be thread-safe: all of a key's workers share one.
+pub trait Transport: Send + Sync {
+    /// Performs the request.
+    fn send(&self, req: &HttpRequest<'_>) -> Result<HttpResponse, TransportError>;
+}
+
+/// Builds one transport per key.
+pub type TransportFactory = Arc<dyn Fn(&TransportSettings) -> Arc<dyn Transport> + Send + Sync>;
+
+/// The default transport: one `ureq::Agent` with keep-alive, HTTP statuses returned as
+/// responses, a body size limit, connect and per-attempt timeouts.
+pub struct UreqTransport {
+    agent: ureq::Agent,
+    max_response_bytes: u64,
+}
+
+impl UreqTransport {
+    /// Builds the agent for one key.
+    pub fn new(s: &TransportSettings) -> UreqTransport {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(s.timeout))
+            .timeout_connect(Some(s.connect_timeout))
+            .max_idle_connections_per_host(s.max_concurrent.max(1))
+            .max_idle_connections(s.max_concurrent.max(1) * 2)
+            .user_agent(concat!("keypool/", env!("CARGO_PKG_VERSION")))
+            .build();
+        UreqTransport {
+            agent: config.into(),
+            max_response_bytes: s.max_response_bytes,
+        }
+    }
+}
+
+impl Transport for UreqTransport {
+    fn send(&self, req: &HttpRequest<'_>) -> Result<HttpResponse, TransportError> {
+        let mut builder = self
+            .agent
+            .post(req.url)
+            .header("authorization", format!("Bearer {}", req.key.expose()))
+            .header("content-type", "application/json");
+        for (k, v) in req.headers {
+            builder = builder.header(k.as_str(), v.as_str());
+        }
+        let builder = builder.config().timeout_global(Some(req.timeout)).build();
+        let mut resp = builder.send(req.body).map_err(map_ureq_error)?;
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .filter(|(k, _)| is_kept_header(k.as_str()))
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(self.max_response_bytes)
+            .read_to_vec()
+            .map_err(map_ureq_error)?;
+        Ok(HttpResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+fn map_ureq_error(e: ureq::Error) -> TransportError {
+    match e {
+        ureq::Error::Timeout(t) => TransportError::Timeout(match t {
+            ureq::Timeout::Connect | ureq::Timeout::Resolve => TimeoutPhase::Connect,
+            _ => TimeoutPhase::Attempt,
+        }),
+        ureq::Error::BodyExceedsLimit(n) => TransportError::Failed(format!(
+            "response body exceeds the {n}-byte limit (max_response_bytes)"
+        )),
+        // ureq errors describe the connection or URL, never the headers, so they are
+        // safe to show.
+        other => TransportError::Failed(other.to_string()),
+    }
+}

@@ -1,0 +1,332 @@
+//! Worker threads: each key has exactly `max_concurrent` of them, sharing one transport.
+//! A worker takes one job at a time from its key's rendezvous channel, makes one HTTP
+//! attempt, and either answers the job or hands it back to the dispatcher for a retry.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+
+use crate::config::ApiKey;
+use crate::error::{Error, TimeoutPhase};
+use crate::job::Job;
+use crate::key::{FailClass, KeyState};
+use crate::request::{Response, parse_usage};
+use crate::retry::{Verdict, backoff, judge_status};
+use crate::shared::Shared;
+use crate::transport::{HttpRequest, HttpResponse, Transport, TransportError};
+
+/// What every worker of one key needs.
+pub(crate) struct KeyWorkerCtx {
+    pub shared: Arc<Shared>,
+    pub index: usize,
+    pub transport: Arc<dyn Transport>,
+    pub base_url: String,
+    pub key: ApiKey,
+    /// Pool headers overridden by key headers.
+    pub headers: Vec<(String, String)>,
+    pub attempt_timeout: Duration,
+}
+
+impl KeyWorkerCtx {
+    fn state(&self) -> &KeyState {
+        &self.shared.keys[self.index]
+    }
+}
+
+/// The worker loop: runs until the dispatcher drops the key's sender.
+pub(crate) fn run(ctx: Arc<KeyWorkerCtx>, rx: Receiver<Job>) {
+    while let Ok(job) = rx.recv() {
+        // A panic anywhere in handling (a transport bug, a user callback) must not kill
+        // the worker: the key would silently lose capacity.
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| handle(&ctx, job))) {
+            log::error!(
+                "keypool: worker of key {} caught a panic: {}",
+                ctx.state().label,
+                panic_message(&p)
+            );
+        }
+    }
+}
+
+pub(crate) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
+fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
+    let ks = ctx.state();
+    let now = Instant::now();
+    // The dispatcher chose this key when it was usable; it may have started cooling
+    // since. Hand the job back untouched rather than send during a cooldown.
+    if ks.is_disabled() || ks.cooling_until(now).is_some() {
+        bounce(ctx, job);
+        return;
+    }
+    let mut timeout = ctx.attempt_timeout;
+    let mut deadline_bound = false;
+    if let Some(d) = job.deadline {
+        let left = d.saturating_duration_since(now);
+        if left.is_zero() {
+            job.finish_deadline();
+            return;
+        }
+        if left < timeout {
+            timeout = left;
+            deadline_bound = true;
+        }
+    }
+    job.attempts += 1;
+    job.tried.push(ctx.index);
+    let first_start = *job.first_start.get_or_insert(now);
+
+    let url = format!("{}{}", ctx.base_url, job.req.path);
+    let extra;
+    let headers: &[(String, String)] = if job.req.headers.is_empty() {
+        &ctx.headers
+    } else {
+        extra = ctx
+            .headers
+            .iter()
+            .chain(job.req.headers.iter())
+            .cloned()
+            .collect::<Vec<_>>();
+        &extra
+    };
+    let http = HttpRequest {
+        url: &url,
+        key: &ctx.key,
+        headers,
+        body: &job.req.body,
+        timeout,
+    };
+    ks.begin();
+    let t0 = Instant::now();
+    let outcome = catch_unwind(AssertUnwindSafe(|| ctx.transport.send(&http)));
+    ks.end(t0.elapsed());
+
+    let label = ks.label.to_string();
+    let (err, verdict, class) = match outcome {
+        Ok(Ok(resp)) => match judge_response(ctx, &mut job, resp, first_start) {
+            Ok(response) => {
+                job.finish(Ok(response));
+                return;
+            }
+            Err(e) => e,
+        },
+        Ok(Err(TransportError::Timeout(phase))) => {
+            let phase = if deadline_bound && phase == TimeoutPhase::Attempt {
+                TimeoutPhase::Deadline
+            } else {
+                phase
+            };
+            let err = Error::Timeout {
+                phase,
+                key: Some(label),
+                attempts: job.attempts,
+            };
+            let retry = phase != TimeoutPhase::Deadline;
+            (
+                err,
+                Verdict {
+                    retry,
+                    ..Verdict::default()
+                },
+                FailClass::Timeout,
+            )
+        }
+        Ok(Err(TransportError::Failed(message))) => {
+            let err = Error::Transport {
+                key: label,
+                message,
+                attempts: job.attempts,
+            };
+            (
+                err,
+                Verdict {
+                    retry: true,
+                    ..Verdict::default()
+                },
+                FailClass::Transport,
+            )
+        }
+        Err(p) => {
+            let err = Error::Panic(panic_message(&p));
+            (err, Verdict::default(), FailClass::Other)
+        }
+    };
+    retry_or_finish(ctx, job, err, verdict, class);
+}
+
+/// Turns an HTTP response into the job's success, or into an error with its verdict.
+fn judge_response(
+    ctx: &KeyWorkerCtx,
+    job: &mut Job,
+    resp: HttpResponse,
+    first_start: Instant,
+) -> Result<Response, (Error, Verdict, FailClass)> {
+    let ks = ctx.state();
+    let embedded = if (200..300).contains(&resp.status) {
+        embedded_error(&resp.body)
+    } else {
+        None
+    };
+    let response = Response {
+        status: resp.status,
+        headers: resp.headers,
+        body: resp.body,
+        key_label: ks.label.clone(),
+        key_index: ctx.index,
+        attempts: job.attempts,
+        latency: first_start.elapsed(),
+        keys_tried: job.tried.clone(),
+    };
+    if (200..300).contains(&response.status) && embedded.is_none() {
+        let usage = parse_usage(&response.body).unwrap_or_default();
+        ks.record_success(usage.prompt_tokens, usage.completion_tokens);
+        if ks.has_limits() {
+            ks.correct_tokens(
+                job.est_tokens,
+                usage.prompt_tokens + usage.completion_tokens,
+            );
+        }
+        return Ok(response);
+    }
+    let retry_after = response.retry_after();
+    let (status, message) = match embedded {
+        Some((code, message)) => (code.unwrap_or(response.status), message),
+        None => (response.status, error_message(&response.body)),
+    };
+    let should_retry = response.header("x-should-retry").map(str::to_owned);
+    let verdict = judge_status(
+        status,
+        should_retry.as_deref(),
+        retry_after,
+        &ctx.shared.config.retry,
+    );
+    let class = match status {
+        429 => FailClass::RateLimited,
+        500..=599 => FailClass::ServerError,
+        _ => FailClass::ClientError,
+    };
+    Err((
+        Error::Http {
+            status,
+            message,
+            response: Box::new(response),
+        },
+        verdict,
+        class,
+    ))
+}
+
+fn retry_or_finish(ctx: &KeyWorkerCtx, mut job: Job, err: Error, v: Verdict, class: FailClass) {
+    let ks = ctx.state();
+    let now = Instant::now();
+    let cfg = &ctx.shared.config.retry;
+    if let Some(d) = v.cooldown {
+        ks.cool_down(now, d);
+        ctx.shared.nudge();
+    }
+    if let Some(reason) = v.disable.clone() {
+        ks.disable(reason);
+        ctx.shared.nudge();
+    }
+    let retry = v.retry && job.attempts < cfg.max_attempts;
+    ks.record_failure(class, retry);
+    if !retry {
+        job.finish(Err(err));
+        return;
+    }
+    // A key problem (429, revoked key) fails over at once: the key's own cooldown keeps
+    // it out of rotation. Provider trouble (5xx, timeouts) backs off first.
+    let delay = if v.cooldown.is_some() || v.disable.is_some() {
+        Duration::ZERO
+    } else {
+        let cap = Duration::from_millis(cfg.max_retry_after_ms);
+        v.retry_after
+            .map(|d| d.min(cap))
+            .unwrap_or_else(|| backoff(job.attempts - 1, cfg))
+    };
+    if let Some(d) = job.deadline {
+        if now + delay >= d {
+            log::debug!(
+                "keypool: request gives up at its deadline after {} attempt(s): {err}",
+                job.attempts
+            );
+            job.last_error = Some(err);
+            job.finish_deadline();
+            return;
+        }
+    }
+    log::debug!(
+        "keypool: retrying after {delay:?} (attempt {} failed: {err})",
+        job.attempts
+    );
+    job.not_before = (!delay.is_zero()).then(|| now + delay);
+    job.last_error = Some(err);
+    // If the dispatcher is gone (shutdown) the job comes back and drops, answering with
+    // its last error.
+    let _ = ctx.shared.retry_tx.send(job);
+}
+
+fn bounce(ctx: &KeyWorkerCtx, job: Job) {
+    let _ = ctx.shared.retry_tx.send(job);
+}
+
+/// `{"error": {"code": …, "message": …}}` inside a 2xx body, as OpenRouter sends.
+fn embedded_error(body: &[u8]) -> Option<(Option<u16>, String)> {
+    // Cheap pre-check: most successful bodies never mention "error" as a top-level key.
+    if !body.windows(7).any(|w| w == b"\"error\"") {
+        return None;
+    }
+    #[derive(serde::Deserialize)]
+    struct Top {
+        error: Option<serde_json::Value>,
+    }
+    let top: Top = serde_json::from_slice(body).ok()?;
+    let e = top.error.filter(|e| !e.is_null())?;
+    let code = e
+        .get("code")
+        .and_then(|c| {
+            c.as_u64()
+                .or_else(|| c.as_str().and_then(|s| s.parse().ok()))
+        })
+        .filter(|c| (100..600).contains(c))
+        .map(|c| c as u16);
+    let message = e
+        .get("message")
+        .and_then(|m| m.as_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| e.to_string());
+    Some((code, truncate(message, 500)))
+}
+
+/// The `error.message` of an error body, or the start of the body as text.
+fn error_message(body: &[u8]) -> String {
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+        if let Some(m) = v
+            .get("error")
+            .and_then(|e| e.get("message").or(Some(e)))
+            .and_then(|m| m.as_str())
+        {
+            return truncate(m.to_owned(), 500);
+        }
+    }
+    truncate(String::from_utf8_lossy(body).trim().to_owned(), 200)
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
