@@ -27,6 +27,21 @@
 //! in chunks with delays) and `chunk_delay_ms` (u64: the delay between those chunks,
 //! default 50).
 //!
+//! Error statuses answer `{"error":{"message":"mock <status>","type":"mock_error","code":<status>}}`.
+//! Requests without a bearer token get 401 (recorded under the key `""`), unknown paths
+//! 404, other methods than POST 405, and a body that is not JSON 400.
+//!
+//! Routes: `POST {,/v1,/api/v1}/chat/completions`, `…/completions` and `…/embeddings`.
+//!
+//! The `keypool-mock` binary ([`run_cli`], options in [`USAGE`]) prints its base URL as
+//! one line on stdout and serves until stdin reaches end-of-file, for tests in other
+//! languages:
+//!
+//! ```text
+//! $ keypool-mock --latency-ms 20 --fail-429-rate 0.1 --retry-after-ms 100-500
+//! http://127.0.0.1:41234/v1
+//! ```
+//!
 //! The server runs its own tokio runtime on background threads, so it is used from
 //! plain blocking code:
 //!

@@ -170,7 +170,13 @@ impl Drop for MockServer {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
         if let Some(rt) = self.runtime.take() {
-            rt.shutdown_timeout(Duration::from_secs(1));
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // Dropped inside some async context, where blocking is not allowed.
+                rt.shutdown_background();
+            } else {
+                // Tasks are dropped, not awaited; this waits only for the worker threads.
+                rt.shutdown_timeout(Duration::from_secs(1));
+            }
         }
     }
 }
@@ -180,6 +186,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let mut warned = false;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -188,7 +195,8 @@ async fn accept_loop(
         let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
-                if e.raw_os_error() == Some(24) {
+                if e.raw_os_error() == Some(24) && !warned {
+                    warned = true;
                     eprintln!(
                         "keypool-mock: accept failed: too many open files (EMFILE); raise `ulimit -n`"
                     );

@@ -592,3 +592,16 @@ fn reset_stats_clears_counters() {
     chat(&server, "k", json!({})).unwrap();
     assert_eq!(server.key_stats("k").unwrap().requests, 1);
 }
+
+#[test]
+fn drop_inside_an_async_context_does_not_panic_or_hang() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    rt.block_on(async {
+        let server = start();
+        drop(server);
+    });
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
