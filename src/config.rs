@@ -375,6 +375,12 @@ impl Config {
                         "must not be empty",
                     ));
                 }
+                if label.chars().any(char::is_control) || label.len() > 64 {
+                    return Err(Error::config(
+                        format!("keys[{i}].label"),
+                        "must be at most 64 bytes without control characters",
+                    ));
+                }
                 if label == key {
                     return Err(Error::config(
                         format!("keys[{i}].label"),

@@ -1,0 +1,410 @@
+//! Engine behaviour with in-process transports (no network): dispatch order,
+//! backpressure, panics, tickets, callbacks, streams and shutdown.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use keypool::{Config, Error, KeyConfig, Pool, Request, Strategy, TimeoutPhase};
+use parking_lot::Mutex;
+use support::{factory, gate, keypool_threads, ok};
+
+fn config(keys: usize, per_key: usize, strategy: Strategy) -> Config {
+    let mut b = Config::builder()
+        .base_url("http://127.0.0.1:9/v1")
+        .strategy(strategy)
+        .queue_capacity(64);
+    for i in 0..keys {
+        b = b.key(format!("sk-test-{i}"), per_key);
+    }
+    b.build().unwrap()
+}
+
+fn req(i: usize) -> Request {
+    Request::chat("m", [("user", &*format!("prompt {i}"))])
+}
+
+#[test]
+fn first_available_prefers_the_first_idle_key() {
+    let pool = Pool::with_transport(
+        config(3, 2, Strategy::FirstAvailable),
+        factory(|_, _| Ok(ok())),
+    )
+    .unwrap();
+    for i in 0..20 {
+        // One request at a time: key-0 always has an idle worker.
+        let r = pool.submit(req(i)).unwrap().wait().unwrap();
+        assert_eq!(r.key_label(), "key-0");
+        assert_eq!(r.key_index(), 0);
+        assert_eq!(r.attempts(), 1);
+    }
+    let s = pool.stats();
+    assert_eq!(s.keys[0].succeeded, 20);
+    assert_eq!(s.keys[1].sent + s.keys[2].sent, 0);
+}
+
+#[test]
+fn round_robin_rotates_strictly() {
+    let pool =
+        Pool::with_transport(config(3, 2, Strategy::RoundRobin), factory(|_, _| Ok(ok()))).unwrap();
+    let labels: Vec<String> = (0..9)
+        .map(|i| {
+            pool.submit(req(i))
+                .unwrap()
+                .wait()
+                .unwrap()
+                .key_label()
+                .to_owned()
+        })
+        .collect();
+    let want: Vec<String> = (0..9).map(|i| format!("key-{}", i % 3)).collect();
+    assert_eq!(labels, want);
+}
+
+#[test]
+fn in_flight_never_exceeds_max_concurrent() {
+    // Client-side check with a transport that counts concurrent calls per key; the
+    // server-side proof against the mock is in tests/mock_dispatch.rs.
+    let current: Arc<Mutex<BTreeMap<String, (usize, usize)>>> = Arc::default();
+    let c2 = current.clone();
+    let (g, mut ctl) = gate();
+    let f = factory(move |label, _| {
+        {
+            let mut m = c2.lock();
+            let e = m.entry(label.to_owned()).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(e.0);
+        }
+        g.pass(label);
+        c2.lock().get_mut(label).unwrap().0 -= 1;
+        Ok(ok())
+    });
+    let mut cfg = config(3, 4, Strategy::FirstAvailable);
+    cfg.queue_capacity = 200;
+    let pool = Pool::with_transport(cfg, f).unwrap();
+    let tickets: Vec<_> = (0..120)
+        .map(|i| pool.submit(req(i)).unwrap())
+        .collect::<Vec<_>>();
+    // Every worker (3 keys × 4) is now blocked inside the transport.
+    for _ in 0..12 {
+        ctl.entered.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+    assert!(
+        ctl.entered.try_recv().is_err(),
+        "a 13th request got in while 12 slots were busy"
+    );
+    let s = pool.stats();
+    assert!(s.keys.iter().all(|k| k.in_flight == 4), "{s:?}");
+    ctl.open();
+    for t in tickets {
+        t.wait().unwrap();
+    }
+    let m = current.lock();
+    assert_eq!(m.len(), 3);
+    for (label, (_, max)) in m.iter() {
+        assert_eq!(*max, 4, "key {label}");
+    }
+    assert!(
+        pool.stats()
+            .keys
+            .iter()
+            .all(|k| k.max_in_flight == 4 && k.in_flight == 0)
+    );
+}
+
+#[test]
+fn try_submit_reports_busy_and_submit_timeout_times_out() {
+    let (g, mut ctl) = gate();
+    let f = factory(move |label, _| {
+        g.pass(label);
+        Ok(ok())
+    });
+    let cfg = Config::builder()
+        .base_url("http://127.0.0.1:9")
+        .key("sk-test-a", 2)
+        .queue_capacity(4)
+        .build()
+        .unwrap();
+    let pool = Pool::with_transport(cfg, f).unwrap();
+    let mut tickets = Vec::new();
+    loop {
+        match pool.try_submit(req(tickets.len())) {
+            Ok(t) => tickets.push(t),
+            Err(Error::Busy) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(
+            tickets.len() <= 2 + 1 + 4,
+            "accepted more than workers + dispatcher + queue"
+        );
+    }
+    assert!(
+        tickets.len() >= 4,
+        "Busy before the queue was full: {}",
+        tickets.len()
+    );
+    let e = pool.submit_timeout(req(99), Duration::from_millis(20));
+    // The dispatcher may have taken one more off the queue meanwhile; then it fits.
+    match e {
+        Err(Error::Timeout {
+            phase: TimeoutPhase::Submit,
+            ..
+        }) => {}
+        Ok(t) => tickets.push(t),
+        Err(e) => panic!("{e}"),
+    }
+    ctl.open();
+    let n = tickets.len();
+    let ok_count = tickets
+        .into_iter()
+        .filter(|_| true)
+        .map(|t| t.wait())
+        .filter(Result::is_ok)
+        .count();
+    assert_eq!(ok_count, n);
+}
+
+#[test]
+fn a_panicking_transport_gives_an_error_and_the_worker_survives() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let f = factory(move |_, r| {
+        c.fetch_add(1, Ordering::SeqCst);
+        if std::str::from_utf8(r.body).unwrap().contains("boom") {
+            panic!("transport exploded");
+        }
+        Ok(ok())
+    });
+    let pool = Pool::with_transport(config(1, 1, Strategy::FirstAvailable), f).unwrap();
+    let boom = Request::chat("m", [("user", "boom")]);
+    match pool.submit(boom).unwrap().wait() {
+        Err(Error::Panic(m)) => assert!(m.contains("transport exploded"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // The one and only worker is still alive.
+    for i in 0..5 {
+        pool.submit(req(i)).unwrap().wait().unwrap();
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 6, "a panic is not retried");
+    assert_eq!(pool.stats().keys[0].failures.other, 1);
+}
+
+#[test]
+fn ticket_wait_timeout_try_wait_and_callbacks() {
+    let (g, mut ctl) = gate();
+    let f = factory(move |label, _| {
+        g.pass(label);
+        Ok(ok())
+    });
+    let pool = Pool::with_transport(config(1, 2, Strategy::FirstAvailable), f).unwrap();
+    let mut t = pool.submit(req(0)).unwrap();
+    ctl.entered.recv().unwrap();
+    assert!(t.try_wait().is_none());
+    assert!(matches!(
+        t.wait_timeout(Duration::from_millis(10)),
+        Err(Error::Timeout {
+            phase: TimeoutPhase::Wait,
+            ..
+        })
+    ));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    pool.submit_with(req(1), move |r| tx.send(r.map(|r| r.status())).unwrap())
+        .unwrap();
+    ctl.open();
+    assert_eq!(
+        t.wait_timeout(Duration::from_secs(10)).unwrap().status(),
+        200
+    );
+    assert!(t.is_taken());
+    assert!(matches!(
+        t.wait_timeout(Duration::from_millis(1)),
+        Err(Error::ResultTaken)
+    ));
+    assert!(t.try_wait().is_none());
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap(),
+        200
+    );
+    // Exactly once: the callback's sender is gone after its one call.
+    assert!(rx.recv_timeout(Duration::from_secs(1)).is_err());
+}
+
+#[test]
+fn stream_yields_every_index_once_within_the_window() {
+    let live = Arc::new(AtomicUsize::new(0));
+    let max_live = Arc::new(AtomicUsize::new(0));
+    let (l2, m2) = (live.clone(), max_live.clone());
+    let f = factory(move |_, _| {
+        let n = l2.fetch_add(1, Ordering::SeqCst) + 1;
+        m2.fetch_max(n, Ordering::SeqCst);
+        l2.fetch_sub(1, Ordering::SeqCst);
+        Ok(ok())
+    });
+    let pool = Pool::with_transport(config(4, 4, Strategy::LeastLoaded), f).unwrap();
+    let mut seen = HashSet::new();
+    let stream = pool.stream((0..2000).map(req), 8);
+    for (i, r) in stream {
+        assert!(r.is_ok());
+        assert!(seen.insert(i), "index {i} twice");
+    }
+    assert_eq!(seen.len(), 2000);
+    assert!(max_live.load(Ordering::SeqCst) <= 8, "window exceeded");
+}
+
+#[test]
+fn batch_keeps_input_order_with_failures() {
+    let f = factory(|_, r| {
+        let body = std::str::from_utf8(r.body).unwrap();
+        if body.contains("fail") {
+            Ok(keypool::HttpResponse {
+                status: 400,
+                headers: vec![],
+                body: br#"{"error":{"message":"bad"}}"#.to_vec(),
+            })
+        } else {
+            Ok(keypool::HttpResponse {
+                status: 200,
+                headers: vec![],
+                body: r.body.to_vec(),
+            })
+        }
+    });
+    let pool = Pool::with_transport(config(3, 3, Strategy::FirstAvailable), f).unwrap();
+    let reqs: Vec<Request> = (0..300)
+        .map(|i| {
+            Request::chat(
+                "m",
+                [(
+                    "user",
+                    &*if i % 7 == 0 {
+                        format!("fail {i}")
+                    } else {
+                        format!("p{i}")
+                    },
+                )],
+            )
+        })
+        .collect();
+    let results = pool.batch(reqs);
+    assert_eq!(results.len(), 300);
+    for (i, r) in results.iter().enumerate() {
+        if i % 7 == 0 {
+            let e = r.as_ref().unwrap_err();
+            assert_eq!(e.http_status(), Some(400), "{e}");
+            assert_eq!(e.attempts(), 1, "400 is never retried");
+            assert!(e.to_string().contains("bad"), "{e}");
+        } else {
+            let body = r.as_ref().unwrap().text();
+            assert!(
+                body.contains(&format!("\"p{i}\"")),
+                "result {i} out of order: {body}"
+            );
+        }
+    }
+}
+
+#[test]
+fn close_with_thousands_queued_answers_every_ticket_and_joins_threads() {
+    let (g, mut ctl) = gate();
+    let f = factory(move |label, _| {
+        g.pass(label);
+        Ok(ok())
+    });
+    let cfg = Config::builder()
+        .base_url("http://127.0.0.1:9")
+        .key_config(KeyConfig::new("sk-test-a").label("cq-a").max_concurrent(2))
+        .key_config(KeyConfig::new("sk-test-b").label("cq-b").max_concurrent(2))
+        .queue_capacity(10_000)
+        .build()
+        .unwrap();
+    let pool = Pool::with_transport(cfg, f).unwrap();
+    let tickets: Vec<_> = (0..5000).map(|i| pool.submit(req(i)).unwrap()).collect();
+    for _ in 0..4 {
+        ctl.entered.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+    // All four workers are running (each is inside the transport), plus the dispatcher.
+    // (Thread names are cut to 15 bytes: "keypool-cq-a-0".)
+    let ours = || {
+        keypool_threads()
+            .into_iter()
+            .filter(|n| n.starts_with("keypool-cq-"))
+            .count()
+    };
+    assert_eq!(ours(), 4);
+    // Workers are stuck in flight: a bounded close must time out, and intake stops.
+    assert!(matches!(
+        pool.close_timeout(Duration::from_millis(50)),
+        Err(Error::Timeout {
+            phase: TimeoutPhase::Shutdown,
+            ..
+        })
+    ));
+    assert!(matches!(pool.submit(req(0)), Err(Error::Closed)));
+    ctl.open();
+    pool.close();
+    let mut ok_n = 0;
+    let mut cancelled = 0;
+    for t in tickets {
+        match t.wait() {
+            Ok(_) => ok_n += 1,
+            Err(Error::Cancelled) => cancelled += 1,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(ok_n, 4, "exactly the in-flight requests finish");
+    assert_eq!(cancelled, 4996);
+    let s = pool.stats();
+    assert_eq!(s.submitted, 5000);
+    assert_eq!(s.completed, 5000);
+    assert_eq!(
+        ours(),
+        0,
+        "worker threads left after close: {:?}",
+        keypool_threads()
+    );
+}
+
+#[test]
+fn dropping_the_last_clone_shuts_down_and_answers() {
+    let (g, mut ctl) = gate();
+    let f = factory(move |label, _| {
+        g.pass(label);
+        Ok(ok())
+    });
+    let pool = Pool::with_transport(config(1, 1, Strategy::FirstAvailable), f).unwrap();
+    let clone = pool.clone();
+    let tickets: Vec<_> = (0..50).map(|i| pool.submit(req(i)).unwrap()).collect();
+    ctl.entered.recv().unwrap();
+    drop(pool);
+    assert!(!clone.is_closed(), "one clone left: still open");
+    let closer = std::thread::spawn(move || drop(clone));
+    ctl.open();
+    closer.join().unwrap();
+    let results: Vec<_> = tickets.into_iter().map(|t| t.wait()).collect();
+    assert!(results[0].is_ok());
+    assert!(
+        results[1..]
+            .iter()
+            .all(|r| matches!(r, Err(Error::Cancelled) | Ok(_)))
+    );
+    assert_eq!(results.len(), 50);
+}
+
+#[test]
+fn requests_validate_paths_bodies_and_headers() {
+    assert!(matches!(
+        Request::from_json("/chat/completions", "{nope"),
+        Err(Error::InvalidRequest(_))
+    ));
+    assert!(Request::from_json("embeddings", "{}").is_err());
+    assert!(Request::from_json("/a b", "{}").is_err());
+    let r = Request::from_json("/embeddings", r#"{"input":"abcdefgh","max_tokens":10}"#).unwrap();
+    assert_eq!(r.path(), "/embeddings");
+    assert_eq!(r.estimated_tokens(), 2 + 10);
+    assert!(r.clone().with_header("Authorization", "x").is_err());
+    assert!(r.clone().with_header("X-Ok", "yes").is_ok());
+    assert!(r.with_header("X-Bad", "a\nb").is_err());
+}
