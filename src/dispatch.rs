@@ -66,10 +66,12 @@ pub(crate) struct Dispatcher {
     rr_next: usize,
 }
 
-/// Why `place` stopped.
+/// How `place` ended.
 enum Placed {
+    /// The job went to a worker or was answered.
     Done,
-    Shutdown(Job),
+    /// Shutdown began while the job waited; it has been answered.
+    Shutdown,
 }
 
 impl Dispatcher {
@@ -99,8 +101,7 @@ impl Dispatcher {
 
     pub(crate) fn run(mut self) {
         while let Some(job) = self.next_job() {
-            if let Placed::Shutdown(job) = self.place(job) {
-                drop(job); // answers Cancelled (or its last error)
+            if let Placed::Shutdown = self.place(job) {
                 break;
             }
         }
@@ -303,7 +304,8 @@ impl Dispatcher {
             match oper.index() {
                 i if i == i_shutdown => {
                     let _ = oper.recv(&self.shutdown_rx);
-                    return Placed::Shutdown(job);
+                    drop(job); // answers Cancelled (or its last attempt's error)
+                    return Placed::Shutdown;
                 }
                 i if i == i_retry => {
                     if let Ok(r) = oper.recv(&self.retry_rx) {

@@ -54,7 +54,13 @@ impl Job {
 
     /// Ends the job because its deadline passed.
     pub(crate) fn finish_deadline(self) {
-        let key = self.last_error.as_ref().and_then(|_| None::<String>);
+        // Name the key of the last attempt, if there was one.
+        let key = match &self.last_error {
+            Some(Error::Http { response, .. }) => Some(response.key_label().to_owned()),
+            Some(Error::Transport { key, .. }) => Some(key.clone()),
+            Some(Error::Timeout { key, .. }) => key.clone(),
+            _ => None,
+        };
         let attempts = self.attempts;
         self.finish(Err(Error::Timeout {
             phase: TimeoutPhase::Deadline,

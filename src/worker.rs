@@ -115,7 +115,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
                 job.finish(Ok(response));
                 return;
             }
-            Err(e) => e,
+            Err(e) => *e,
         },
         Ok(Err(TransportError::Timeout(phase))) => {
             let phase = if deadline_bound && phase == TimeoutPhase::Attempt {
@@ -167,7 +167,7 @@ fn judge_response(
     job: &mut Job,
     resp: HttpResponse,
     first_start: Instant,
-) -> Result<Response, (Error, Verdict, FailClass)> {
+) -> Result<Response, Box<(Error, Verdict, FailClass)>> {
     let ks = ctx.state();
     let embedded = if (200..300).contains(&resp.status) {
         embedded_error(&resp.body)
@@ -212,15 +212,12 @@ fn judge_response(
         500..=599 => FailClass::ServerError,
         _ => FailClass::ClientError,
     };
-    Err((
-        Error::Http {
-            status,
-            message,
-            response: Box::new(response),
-        },
-        verdict,
-        class,
-    ))
+    let err = Error::Http {
+        status,
+        message,
+        response: Box::new(response),
+    };
+    Err(Box::new((err, verdict, class)))
 }
 
 fn retry_or_finish(ctx: &KeyWorkerCtx, mut job: Job, err: Error, v: Verdict, class: FailClass) {
