@@ -408,3 +408,40 @@ fn requests_validate_paths_bodies_and_headers() {
     assert!(r.clone().with_header("X-Ok", "yes").is_ok());
     assert!(r.with_header("X-Bad", "a\nb").is_err());
 }
+
+#[test]
+fn least_loaded_picks_the_lowest_relative_load_ties_by_order() {
+    let (g, mut ctl) = gate();
+    let f = factory(move |label, _| {
+        g.pass(label);
+        Ok(ok())
+    });
+    let cfg = Config::builder()
+        .base_url("http://127.0.0.1:9")
+        .strategy(Strategy::LeastLoaded)
+        .key("sk-test-a", 4)
+        .key("sk-test-b", 2)
+        .key("sk-test-c", 2)
+        .build()
+        .unwrap();
+    let pool = Pool::with_transport(cfg, f).unwrap();
+    let mut order = Vec::new();
+    let mut tickets = Vec::new();
+    // Each request is held in flight before the next is submitted, so the loads the
+    // dispatcher sees are exact: a 0/4 b 0/2 c 0/2 → a; a 1/4 b 0 c 0 → b; → c;
+    // a 1/4 < b 1/2 = c 1/2 → a; a 2/4 = b 1/2 = c 1/2 → a (order); a 3/4 → b; → c; → a.
+    for i in 0..8 {
+        tickets.push(pool.submit(req(i)).unwrap());
+        order.push(ctl.entered.recv_timeout(Duration::from_secs(10)).unwrap());
+    }
+    assert_eq!(
+        order,
+        [
+            "key-0", "key-1", "key-2", "key-0", "key-0", "key-1", "key-2", "key-0"
+        ]
+    );
+    ctl.open();
+    for t in tickets {
+        t.wait().unwrap();
+    }
+}
