@@ -1,1 +1,204 @@
-pub fn placeholder() {}
+//! # keypool-mock
+//!
+//! A loopback, OpenAI-compatible mock server for testing `keypool` and programs built on
+//! it. It answers chat completions, legacy completions and embeddings, counts requests
+//! **per API key** (the bearer token) — including the exact current and maximum number
+//! of requests in flight — and injects faults on demand:
+//!
+//! - globally and at random, by rates in [`MockConfig`] (changeable at runtime with
+//!   [`MockServer::set_config`]);
+//! - per key, with a [`KeyRule`] (e.g. "this key always answers 401", or "the first 3
+//!   requests of this key get 429");
+//! - per request, deterministically, with a `"mock"` object in the request JSON:
+//!
+//! ```json
+//! {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+//!  "mock": {"status": 429, "retry_after_ms": 100, "delay_ms": 50}}
+//! ```
+//!
+//! Directive fields (all optional): `status` (u16: answer this status with an error
+//! JSON body), `retry_after_ms` (u64: sets `retry-after-ms` and `retry-after` =
+//! ceil(ms/1000) s), `retry_after` (string: the raw `retry-after` header value, e.g. an
+//! HTTP date), `should_retry` (bool: sets `x-should-retry`), `delay_ms` (u64: extra delay
+//! before answering), `drop` (bool: close the connection without a response),
+//! `malformed` (bool: 200 with a body that is not valid JSON), `error_in_200` (bool: 200
+//! with `{"error":{"code":502,"message":"upstream error"}}`), `error_code` (u16: the code
+//! inside `error_in_200`, default 502), `slow_body` (bool: send the headers, then the body
+//! in chunks with delays) and `chunk_delay_ms` (u64: the delay between those chunks,
+//! default 50).
+//!
+//! Error statuses answer `{"error":{"message":"mock <status>","type":"mock_error","code":<status>}}`.
+//! Requests without a bearer token get 401 (recorded under the key `""`), unknown paths
+//! 404, other methods than POST 405, and a body that is not JSON 400.
+//!
+//! Routes: `POST {,/v1,/api/v1}/chat/completions`, `…/completions` and `…/embeddings`.
+//!
+//! The `keypool-mock` binary ([`run_cli`], options in [`USAGE`]) prints its base URL as
+//! one line on stdout and serves until stdin reaches end-of-file, for tests in other
+//! languages:
+//!
+//! ```text
+//! $ keypool-mock --latency-ms 20 --fail-429-rate 0.1 --retry-after-ms 100-500
+//! http://127.0.0.1:41234/v1
+//! ```
+//!
+//! The server runs its own tokio runtime on background threads, so it is used from
+//! plain blocking code:
+//!
+//! ```
+//! use keypool_mock::{MockConfig, MockServer};
+//! let server = MockServer::start(MockConfig::default()).unwrap();
+//! assert!(server.url().starts_with("http://127.0.0.1:"));
+//! assert_eq!(server.stats().total_requests, 0);
+//! server.shutdown();
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod body;
+mod cli;
+mod handler;
+mod server;
+mod stats;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+pub use cli::{USAGE, parse_args, run_cli};
+pub use server::MockServer;
+
+/// Global behaviour of the mock server: latency and random fault rates.
+///
+/// Rates are fractions in `0.0..=1.0`. For each request one uniform draw picks at most
+/// one of drop, 429, 500, 502, 503, malformed and error-in-200, in that order of
+/// precedence (so when rates add up to more than 1, earlier faults win); `slow_rate` and
+/// `slow_body_rate` are drawn independently and combine with any outcome.
+#[derive(Debug, Clone)]
+pub struct MockConfig {
+    /// Fixed latency before answering, in milliseconds. Defaults to 0.
+    pub latency_ms: u64,
+    /// Extra uniform random latency in `0..=jitter_ms` milliseconds. Defaults to 0.
+    pub jitter_ms: u64,
+    /// Fraction of requests answered 429. Defaults to 0.
+    pub fail_429_rate: f64,
+    /// Inclusive range for the `retry-after-ms` header of 429 answers; `retry-after` is
+    /// set to ceil(ms/1000) seconds. With the default `(0, 0)` 429 answers carry no
+    /// retry headers (unless a [`KeyRule`] or a request directive sets them).
+    pub retry_after_ms: (u64, u64),
+    /// Fraction of requests answered 500. Defaults to 0.
+    pub fail_500_rate: f64,
+    /// Fraction of requests answered 502. Defaults to 0.
+    pub fail_502_rate: f64,
+    /// Fraction of requests answered 503. Defaults to 0.
+    pub fail_503_rate: f64,
+    /// Fraction of requests whose connection is closed without any response. Defaults to 0.
+    pub drop_rate: f64,
+    /// Fraction of requests answered after an extra `slow_ms` delay. Defaults to 0.
+    pub slow_rate: f64,
+    /// The extra delay of slow requests, in milliseconds; also four times the delay
+    /// between body chunks of slow-body answers (50 ms per chunk when 0). Defaults to 0.
+    pub slow_ms: u64,
+    /// Fraction of answers whose headers are sent first and whose body follows in
+    /// chunks with delays. Defaults to 0.
+    pub slow_body_rate: f64,
+    /// Fraction of requests answered 200 with a body that is not valid JSON. Defaults to 0.
+    pub malformed_rate: f64,
+    /// Fraction of requests answered 200 with
+    /// `{"error":{"code":502,"message":"upstream error"}}`. Defaults to 0.
+    pub error_in_200_rate: f64,
+    /// Seed of the fault random generator, for reproducible runs. Defaults to `None`
+    /// (random seed). Only used by [`MockServer::start`]/[`MockServer::start_on`] and
+    /// when [`MockServer::set_config`] is given `Some`.
+    pub seed: Option<u64>,
+    /// Number of tokio worker threads. Defaults to 2. Only used at start.
+    pub threads: usize,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        MockConfig {
+            latency_ms: 0,
+            jitter_ms: 0,
+            fail_429_rate: 0.0,
+            retry_after_ms: (0, 0),
+            fail_500_rate: 0.0,
+            fail_502_rate: 0.0,
+            fail_503_rate: 0.0,
+            drop_rate: 0.0,
+            slow_rate: 0.0,
+            slow_ms: 0,
+            slow_body_rate: 0.0,
+            malformed_rate: 0.0,
+            error_in_200_rate: 0.0,
+            seed: None,
+            threads: 2,
+        }
+    }
+}
+
+/// A per-key override, set with [`MockServer::set_key_rule`]. The default overrides
+/// nothing.
+///
+/// An active rule wins over request directives and random faults.
+#[derive(Debug, Clone, Default)]
+pub struct KeyRule {
+    /// Answer this status (with an error JSON body) — always when `fail_first` is 0,
+    /// otherwise only for the first `fail_first` requests after the rule is set.
+    pub always_status: Option<u16>,
+    /// `retry-after-ms` (and `retry-after` = ceil(ms/1000) s) sent with `always_status`.
+    pub retry_after_ms: Option<u64>,
+    /// When non-zero, only the first `fail_first` requests of this key (counted from
+    /// when the rule is set) get `always_status`; later ones are answered normally.
+    pub fail_first: u32,
+    /// Latency for this key's requests, replacing [`MockConfig::latency_ms`].
+    pub latency_ms: Option<u64>,
+}
+
+/// A snapshot of the server's accounting, from [`MockServer::stats`].
+#[derive(Debug, Clone, Default)]
+pub struct MockStats {
+    /// Requests received (all keys, all outcomes) since start or the last reset.
+    pub total_requests: u64,
+    /// The most requests ever in flight at once, over all keys.
+    pub max_in_flight_total: usize,
+    /// Requests in flight now, over all keys.
+    pub in_flight_total: usize,
+    /// Per-key records, by bearer token (`""` for requests without a key).
+    pub keys: BTreeMap<String, KeyRecord>,
+}
+
+/// Accounting for one key (bearer token).
+///
+/// A request is in flight from when its headers are parsed until its response body has
+/// been handed to the connection completely (or its connection was dropped).
+#[derive(Debug, Clone, Default)]
+pub struct KeyRecord {
+    /// Requests received.
+    pub requests: u64,
+    /// Requests in flight now.
+    pub in_flight: usize,
+    /// The most requests of this key ever in flight at once.
+    pub max_in_flight: usize,
+    /// When the first request arrived, since server start.
+    pub first_request: Option<Duration>,
+    /// When the latest request arrived, since server start.
+    pub last_request: Option<Duration>,
+    /// Counts of statuses returned by finished requests (`0` = connection dropped).
+    pub statuses: BTreeMap<u16, u64>,
+    /// Every finished request, in arrival order.
+    pub log: Vec<RequestRecord>,
+}
+
+/// One finished request.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    /// When its headers were parsed, since server start.
+    pub arrived: Duration,
+    /// When its response was completely handed to the connection (or dropped), since
+    /// server start.
+    pub finished: Duration,
+    /// The status returned (`0` = connection dropped without a response).
+    pub status: u16,
+    /// The `retry-after-ms` value sent, if any.
+    pub retry_after_ms: Option<u64>,
+}

@@ -1,0 +1,443 @@
+//! Request handling: routing, authentication, fault decisions and OpenAI-shaped answers.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+
+use crate::body::MockBody;
+use crate::server::Shared;
+use crate::stats::InFlight;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 16 << 20;
+
+/// The error returned to hyper to close a connection without a response.
+#[derive(Debug)]
+pub(crate) struct Dropped;
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection dropped by fault injection")
+    }
+}
+
+impl std::error::Error for Dropped {}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Chat,
+    Completions,
+    Embeddings,
+}
+
+fn route(path: &str) -> Option<Endpoint> {
+    let rest = ["/api/v1", "/v1", ""]
+        .iter()
+        .find_map(|p| path.strip_prefix(p).filter(|r| r.starts_with('/')))?;
+    match rest {
+        "/chat/completions" => Some(Endpoint::Chat),
+        "/completions" => Some(Endpoint::Completions),
+        "/embeddings" => Some(Endpoint::Embeddings),
+        _ => None,
+    }
+}
+
+fn bearer(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// What to answer.
+#[derive(Debug, Clone, PartialEq)]
+enum Action {
+    Success,
+    Status(u16),
+    Drop,
+    Malformed,
+    ErrorIn200(u16),
+}
+
+/// The full decision for one request.
+struct Plan {
+    delay: Duration,
+    action: Action,
+    retry_after_ms: Option<u64>,
+    retry_after_raw: Option<String>,
+    should_retry: Option<bool>,
+    /// Delay between body chunks, if the body is sent slowly.
+    slow_body: Option<Duration>,
+}
+
+/// The body of an injected error status.
+fn error_json(status: u16, message: &str) -> Bytes {
+    typed_error(status, message, "mock_error")
+}
+
+/// The body of an error caused by the request itself (404, 405, 401, 400).
+fn request_error(status: u16, message: &str) -> Bytes {
+    typed_error(status, message, "invalid_request_error")
+}
+
+fn typed_error(status: u16, message: &str, kind: &str) -> Bytes {
+    Bytes::from(json!({"error": {"message": message, "type": kind, "code": status}}).to_string())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Characters of a message `content`: a string, or an array of parts with `text`.
+fn content_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str).or(p.as_str()))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+fn tokens(chars: usize) -> u64 {
+    (chars as u64 / 4).max(1)
+}
+
+fn success_body(ep: Endpoint, n: u64, req: &Value) -> Bytes {
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-model");
+    let created = unix_now();
+    let v = match ep {
+        Endpoint::Chat => {
+            let messages = req.get("messages").and_then(Value::as_array);
+            let mut all = 0usize;
+            let mut last = String::new();
+            for m in messages.into_iter().flatten() {
+                let text = m.get("content").map(content_text).unwrap_or_default();
+                all += text.chars().count();
+                last = text;
+            }
+            let reply = format!("echo: {last}");
+            let (p, c) = (tokens(all), tokens(reply.chars().count()));
+            json!({
+                "id": format!("chatcmpl-{n}"),
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply},
+                    "finish_reason": "stop"
+                }],
+                "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+            })
+        }
+        Endpoint::Completions => {
+            let prompt = req.get("prompt").map(content_text).unwrap_or_default();
+            let reply = format!("echo: {prompt}");
+            let (p, c) = (
+                tokens(prompt.chars().count()),
+                tokens(reply.chars().count()),
+            );
+            json!({
+                "id": format!("cmpl-{n}"),
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "text": reply, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+            })
+        }
+        Endpoint::Embeddings => {
+            let input = req.get("input").map(content_text).unwrap_or_default();
+            let p = tokens(input.chars().count());
+            json!({
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                "model": model,
+                "usage": {"prompt_tokens": p, "total_tokens": p}
+            })
+        }
+    };
+    Bytes::from(v.to_string())
+}
+
+/// Builds a response; the guard records `status` and ends the request when the body is
+/// complete.
+fn respond(
+    n: u64,
+    status: u16,
+    body: Bytes,
+    plan: Option<&Plan>,
+    mut guard: InFlight,
+) -> Response<MockBody> {
+    guard.status = status;
+    let mut b = Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("content-type", "application/json")
+        .header("x-request-id", format!("req-{n}"));
+    let mut slow = None;
+    if let Some(p) = plan {
+        if let Some(ms) = p.retry_after_ms {
+            guard.retry_after_ms = Some(ms);
+            b = b.header("retry-after-ms", ms.to_string());
+            if p.retry_after_raw.is_none() {
+                b = b.header("retry-after", ms.div_ceil(1000).to_string());
+            }
+        }
+        if let Some(raw) = &p.retry_after_raw {
+            b = b.header("retry-after", raw.as_str());
+        }
+        if let Some(sr) = p.should_retry {
+            b = b.header("x-should-retry", if sr { "true" } else { "false" });
+        }
+        slow = p.slow_body;
+    }
+    let body = match slow {
+        Some(d) => MockBody::chunked(body, 4, Some(d), Some(guard)),
+        None => MockBody::full(body, Some(guard)),
+    };
+    b.body(body).unwrap_or_else(|_| {
+        let mut r = Response::new(MockBody::full(error_json(500, "bad header"), None));
+        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        r
+    })
+}
+
+fn as_u64(v: &Value, k: &str) -> Option<u64> {
+    v.get(k).and_then(Value::as_u64)
+}
+
+fn as_bool(v: &Value, k: &str) -> bool {
+    v.get(k).and_then(Value::as_bool).unwrap_or(false)
+}
+
+/// Decides what to do with a request of `key` carrying the body `req` (if it parsed).
+fn plan(shared: &Shared, key: &str, req: Option<&Value>) -> Plan {
+    let mut c = shared.control.lock();
+    let crate::server::Control { cfg, rng, rules } = &mut *c;
+    let mut delay = cfg.latency_ms;
+    let mut rule_status = None;
+    let mut rule_retry = None;
+    if let Some(rs) = rules.get_mut(key) {
+        if let Some(l) = rs.rule.latency_ms {
+            delay = l;
+        }
+        if let Some(s) = rs.rule.always_status {
+            if rs.rule.fail_first == 0 {
+                rule_status = Some(s);
+            } else if rs.remaining > 0 {
+                rs.remaining -= 1;
+                rule_status = Some(s);
+            }
+        }
+        rule_retry = rs.rule.retry_after_ms;
+    }
+    let range_retry = |rng: &mut fastrand::Rng| {
+        let (lo, hi) = cfg.retry_after_ms;
+        (hi > 0).then(|| rng.u64(lo.min(hi)..=hi))
+    };
+    let mut p = Plan {
+        delay: Duration::ZERO,
+        action: Action::Success,
+        retry_after_ms: None,
+        retry_after_raw: None,
+        should_retry: None,
+        slow_body: None,
+    };
+    if let Some(s) = rule_status {
+        p.action = Action::Status(s);
+        p.retry_after_ms = rule_retry.or_else(|| if s == 429 { range_retry(rng) } else { None });
+        p.delay = Duration::from_millis(delay);
+        return p;
+    }
+    let directive = req.and_then(|r| r.get("mock")).filter(|m| m.is_object());
+    if let Some(d) = directive {
+        delay += as_u64(d, "delay_ms").unwrap_or(0);
+        p.retry_after_ms = as_u64(d, "retry_after_ms");
+        p.retry_after_raw = d.get("retry_after").and_then(|v| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        });
+        p.should_retry = d.get("should_retry").and_then(Value::as_bool);
+        p.action = if as_bool(d, "drop") {
+            Action::Drop
+        } else if as_bool(d, "malformed") {
+            Action::Malformed
+        } else if as_bool(d, "error_in_200") {
+            Action::ErrorIn200(
+                as_u64(d, "error_code")
+                    .and_then(|c| u16::try_from(c).ok())
+                    .unwrap_or(502),
+            )
+        } else if let Some(s) = as_u64(d, "status").and_then(|s| u16::try_from(s).ok()) {
+            if s == 200 {
+                Action::Success
+            } else {
+                Action::Status(s)
+            }
+        } else {
+            Action::Success
+        };
+        if p.action == Action::Status(429)
+            && p.retry_after_ms.is_none()
+            && p.retry_after_raw.is_none()
+        {
+            p.retry_after_ms = range_retry(rng);
+        }
+        if as_bool(d, "slow_body") {
+            p.slow_body = Some(Duration::from_millis(
+                as_u64(d, "chunk_delay_ms").unwrap_or(50),
+            ));
+        }
+        p.delay = Duration::from_millis(delay);
+        return p;
+    }
+    if cfg.jitter_ms > 0 {
+        delay += rng.u64(0..=cfg.jitter_ms);
+    }
+    if cfg.slow_rate > 0.0 && rng.f64() < cfg.slow_rate {
+        delay += cfg.slow_ms;
+    }
+    if cfg.slow_body_rate > 0.0 && rng.f64() < cfg.slow_body_rate {
+        let per_chunk = if cfg.slow_ms > 0 { cfg.slow_ms / 4 } else { 50 };
+        p.slow_body = Some(Duration::from_millis(per_chunk));
+    }
+    let r = rng.f64();
+    let mut acc = 0.0;
+    let table = [
+        (cfg.drop_rate, Action::Drop),
+        (cfg.fail_429_rate, Action::Status(429)),
+        (cfg.fail_500_rate, Action::Status(500)),
+        (cfg.fail_502_rate, Action::Status(502)),
+        (cfg.fail_503_rate, Action::Status(503)),
+        (cfg.malformed_rate, Action::Malformed),
+        (cfg.error_in_200_rate, Action::ErrorIn200(502)),
+    ];
+    for (rate, action) in table {
+        if rate <= 0.0 {
+            continue;
+        }
+        acc += rate;
+        if r < acc {
+            p.action = action;
+            break;
+        }
+    }
+    if p.action == Action::Status(429) {
+        p.retry_after_ms = range_retry(rng);
+    }
+    p.delay = Duration::from_millis(delay);
+    p
+}
+
+/// The hyper service: one request in, one response (or a dropped connection) out.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<MockBody>, Dropped> {
+    let key = bearer(&req);
+    let guard = shared.acc.begin(&key);
+    let n = shared.ids.fetch_add(1, Ordering::Relaxed) + 1;
+    let Some(ep) = route(req.uri().path()) else {
+        return Ok(respond(
+            n,
+            404,
+            request_error(404, "not found"),
+            None,
+            guard,
+        ));
+    };
+    if req.method() != Method::POST {
+        return Ok(respond(
+            n,
+            405,
+            request_error(405, "method not allowed"),
+            None,
+            guard,
+        ));
+    }
+    if key.is_empty() {
+        return Ok(respond(
+            n,
+            401,
+            request_error(401, "missing API key"),
+            None,
+            guard,
+        ));
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return Ok(respond(
+                n,
+                400,
+                request_error(400, "unreadable request body"),
+                None,
+                guard,
+            ));
+        }
+    };
+    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    let plan = plan(&shared, &key, parsed.as_ref());
+    if !plan.delay.is_zero() {
+        tokio::time::sleep(plan.delay).await;
+    }
+    match (&plan.action, &parsed) {
+        (Action::Drop, _) => {
+            drop(guard); // status 0
+            Err(Dropped)
+        }
+        (Action::Status(s), _) => {
+            let s = *s;
+            Ok(respond(
+                n,
+                s,
+                error_json(s, &format!("mock {s}")),
+                Some(&plan),
+                guard,
+            ))
+        }
+        (_, None) => Ok(respond(
+            n,
+            400,
+            request_error(400, "request body is not valid JSON"),
+            Some(&plan),
+            guard,
+        )),
+        (Action::Malformed, Some(_)) => {
+            let body = Bytes::from_static(
+                b"{\"id\":\"chatcmpl-malformed\",\"object\":\"chat.completion\",\"choices\":[{\"index\":0,\"message\":",
+            );
+            Ok(respond(n, 200, body, Some(&plan), guard))
+        }
+        (Action::ErrorIn200(code), Some(_)) => {
+            let body = Bytes::from(
+                json!({"error": {"code": code, "message": "upstream error"}}).to_string(),
+            );
+            Ok(respond(n, 200, body, Some(&plan), guard))
+        }
+        (Action::Success, Some(v)) => {
+            Ok(respond(n, 200, success_body(ep, n, v), Some(&plan), guard))
+        }
+    }
+}
