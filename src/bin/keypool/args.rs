@@ -140,40 +140,80 @@ impl RunArgs {
 
 /// `keypool mock`.
 #[derive(Debug, Args)]
+#[command(
+    after_long_help = "Prints its base URL (http://127.0.0.1:PORT/v1) as the \
+only line on stdout and serves until Ctrl-C. A request body containing \
+\"mock\": {\"status\": 500} is answered with that status."
+)]
 pub struct MockArgs {
-    /// Port to listen on (127.0.0.1 only). Default: 0, any free port.
+    /// Port to listen on (127.0.0.1 only); 0 picks a free port.
     #[arg(long, default_value_t = 0)]
     pub port: u16,
-    /// Base latency of each response in milliseconds.
-    #[arg(long, default_value_t = 0)]
+    /// Fixed latency before each answer, in milliseconds.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
     pub latency_ms: u64,
-    /// Random extra latency, 0..=N milliseconds.
-    #[arg(long, default_value_t = 0)]
+    /// Extra uniform random latency, 0..=MS milliseconds.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
     pub jitter_ms: u64,
-    /// Fraction of requests answered 429 (with a Retry-After hint), 0.0-1.0.
-    #[arg(long, default_value_t = 0.0)]
+    /// Fraction of requests answered 429, 0.0-1.0.
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = rate)]
     pub fail_429_rate: f64,
+    /// retry-after-ms hint of 429 answers: a value or a range A-B; 0 sends no hint.
+    #[arg(long, default_value = "0", value_name = "A[-B]", value_parser = range)]
+    pub retry_after_ms: (u64, u64),
     /// Fraction answered 500.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = rate)]
     pub fail_500_rate: f64,
     /// Fraction answered 502.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = rate)]
     pub fail_502_rate: f64,
     /// Fraction answered 503.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = rate)]
     pub fail_503_rate: f64,
-    /// Fraction of connections dropped without a response.
-    #[arg(long, default_value_t = 0.0)]
+    /// Fraction of connections closed without a response.
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = rate)]
     pub drop_rate: f64,
-    /// Fraction answered with a malformed (non-JSON) body.
-    #[arg(long, default_value_t = 0.0)]
+    /// Fraction answered after an extra --slow-ms delay.
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = rate)]
+    pub slow_rate: f64,
+    /// The extra delay of slow answers, in milliseconds.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub slow_ms: u64,
+    /// Fraction answered 200 with a body that is not valid JSON.
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = rate)]
     pub malformed_rate: f64,
     /// Fraction answered 200 with an {"error": ...} body (as OpenRouter sometimes does).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = rate)]
     pub error_in_200_rate: f64,
-    /// Random seed for the fault injection. Default: random.
-    #[arg(long)]
+    /// Seed of the fault random generator. Default: random.
+    #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
+    /// Server worker threads.
+    #[arg(long, default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub threads: u64,
+}
+
+fn rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err("expected a number between 0 and 1".into()),
+    }
+}
+
+fn range(s: &str) -> Result<(u64, u64), String> {
+    let num = |v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .map_err(|_| "expected milliseconds, or a range A-B".to_owned())
+    };
+    let (a, b) = match s.split_once('-') {
+        Some((a, b)) => (num(a)?, num(b)?),
+        None => (num(s)?, num(s)?),
+    };
+    if a > b {
+        return Err(format!("empty range {s}"));
+    }
+    Ok((a, b))
 }
 
 /// `keypool demo`.
