@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
@@ -215,6 +217,9 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
     }
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    // Lines taken from the window and not yet through the sink. After a stop, the run
+    // is over when it drops to zero, even if the reader is still blocked reading input.
+    let outstanding = Arc::new(AtomicU64::new(0));
     let strip_v1 = pool
         .config()
         .base_url
@@ -225,6 +230,7 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
         let pool = pool.clone();
         let bar = progress.bar();
         let retry_failed = opts.retry_failed;
+        let outstanding = outstanding.clone();
         std::thread::Builder::new()
             .name("keypool-reader".into())
             .spawn(move || {
@@ -236,6 +242,7 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
                     tx: done_tx,
                     permits: permit_rx,
                     stop: stop_rx,
+                    outstanding,
                 };
                 let mut report = ReaderReport::default();
                 ctx.read(Lines::new(reader), &mut report, || bar.dec_length(1));
@@ -254,10 +261,14 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
         ok: 0,
         failed: 0,
         pool: pool.clone(),
+        outstanding: outstanding.clone(),
     };
     let mut stop = Some(stop_tx);
     let mut interrupted = Interrupted::No;
     loop {
+        if interrupted == Interrupted::Stopped && outstanding.load(SeqCst) == 0 {
+            break;
+        }
         crossbeam_channel::select! {
             recv(done_rx) -> msg => match msg {
                 Ok(done) => sink.accept(done)?,
@@ -296,7 +307,9 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
             reader_report = reader_thread.join().unwrap_or_default();
         }
     } else {
-        reader_report = reader_thread.join().unwrap_or_default();
+        if interrupted == Interrupted::No || reader_thread.is_finished() {
+            reader_report = reader_thread.join().unwrap_or_default();
+        }
         sink.flush_pending()?;
     }
     sink.progress.finish();
@@ -322,6 +335,7 @@ struct ReaderCtx {
     tx: Sender<Done>,
     permits: Receiver<()>,
     stop: Receiver<()>,
+    outstanding: Arc<AtomicU64>,
 }
 
 impl ReaderCtx {
@@ -329,15 +343,26 @@ impl ReaderCtx {
         matches!(self.stop.try_recv(), Err(TryRecvError::Disconnected))
     }
 
-    /// Waits for a free slot in the window; false when told to stop.
+    /// Waits for a free slot in the window and counts the line as outstanding; false
+    /// when told to stop. Counting before the last stop check means that once the
+    /// stop is visible and `outstanding` is zero, nothing more will be sent.
     fn acquire(&self) -> bool {
         if self.stopped() {
             return false;
         }
-        crossbeam_channel::select! {
+        let got = crossbeam_channel::select! {
             recv(self.permits) -> p => p.is_ok(),
             recv(self.stop) -> _ => false,
+        };
+        if !got {
+            return false;
         }
+        self.outstanding.fetch_add(1, SeqCst);
+        if self.stopped() {
+            self.outstanding.fetch_sub(1, SeqCst);
+            return false;
+        }
+        true
     }
 
     fn read<R: BufRead>(
@@ -436,6 +461,7 @@ struct Sink {
     ok: u64,
     failed: u64,
     pool: Pool,
+    outstanding: Arc<AtomicU64>,
 }
 
 impl Sink {
@@ -463,11 +489,13 @@ impl Sink {
         // The slot is free again whatever happens to the record.
         let _ = self.permits.try_send(());
         if d.outcome.is_cancelled() {
+            self.outstanding.fetch_sub(1, SeqCst);
             return Ok(());
         }
         self.writer
             .write(&d.custom_id, d.line, &d.outcome, d.elapsed)
             .map_err(|e| format!("writing --output: {e}"))?;
+        self.outstanding.fetch_sub(1, SeqCst);
         if d.outcome.is_ok() {
             self.ok += 1;
         } else {
