@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 /// A progress bar on stderr, hidden when stderr is not a terminal or when quiet; and
 /// notes that go above it (or straight to stderr when it is hidden, unless quiet).
@@ -26,14 +26,17 @@ impl Progress {
             ProgressBar::hidden()
         } else {
             let template = if total.is_some() {
-                "{elapsed_precise} [{wide_bar:.cyan/blue}] {pos}/{len} {per_sec} ETA {eta} {msg}"
+                "{elapsed_precise} [{wide_bar:.cyan/blue}] {pos}/{len} {rate} ETA {eta} {msg}"
             } else {
-                "{elapsed_precise} {spinner} {pos} done {per_sec} {msg}"
+                "{elapsed_precise} {spinner} {pos} done {rate} {msg}"
             };
             let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
             bar.set_style(
                 ProgressStyle::with_template(template)
                     .expect("valid template")
+                    .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = write!(w, "{:.0}/s", s.per_sec());
+                    })
                     .progress_chars("=> "),
             );
             bar.enable_steady_tick(Duration::from_millis(200));
