@@ -1,0 +1,228 @@
+//! Command-line arguments (clap derive). Every flag's help states its default.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::settings::PoolFlags;
+
+/// Spread LLM API requests across many API keys.
+///
+/// keypool runs a JSONL file of OpenAI-style requests across all your keys at once,
+/// each key limited to its own number of requests in flight, with retries, resume and
+/// per-key statistics.
+#[derive(Debug, Parser)]
+#[command(name = "keypool", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a JSONL file of requests (OpenAI Batch API format) across all keys.
+    Run(RunArgs),
+    /// Run the bundled mock OpenAI-compatible server on loopback until Ctrl-C.
+    Mock(MockArgs),
+    /// Demonstrate keypool against the in-process mock server (4 fake keys, 200 prompts).
+    Demo(DemoArgs),
+}
+
+/// `keypool run`.
+#[derive(Debug, Args)]
+#[command(after_long_help = RUN_AFTER_HELP)]
+pub struct RunArgs {
+    /// Input JSONL file, `-` for stdin. Each line is an OpenAI Batch API request line
+    /// ({"custom_id": "req-1", "method": "POST", "url": "/v1/chat/completions",
+    /// "body": {...}}) or a bare request body (its custom_id is then `line-<n>`).
+    /// Blank lines are skipped; a malformed line gets an error record.
+    #[arg(long, short = 'i', value_name = "FILE")]
+    pub input: PathBuf,
+
+    /// Output JSONL file, `-` for stdout. Records are appended; when the file exists,
+    /// requests it already answers are skipped (resume). Stdout cannot resume.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: PathBuf,
+
+    /// Pool config as JSON (the library's format: base_url, strategy, keys[], retry,
+    /// timeouts...). Flags below override it. Default: none (keys from --keys-file or
+    /// the environment).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// File with one API key per line, optionally `label=key`; `#` comment lines and
+    /// blank lines are ignored. Replaces the config's keys. Default: the config's keys,
+    /// else $KEYPOOL_API_KEYS (comma-separated, `label=key` allowed), else
+    /// $OPENROUTER_API_KEY, else $OPENAI_API_KEY.
+    #[arg(long, value_name = "FILE")]
+    pub keys_file: Option<PathBuf>,
+
+    /// Base URL the request paths are appended to. Default: the config's base_url,
+    /// else https://openrouter.ai/api/v1. When it ends in /v1, a line's url
+    /// "/v1/chat/completions" is sent to <base>/chat/completions.
+    #[arg(long, value_name = "URL")]
+    pub base_url: Option<String>,
+
+    /// Requests in flight per key (1-1024). Default: each key's max_concurrent from
+    /// the config, else 4.
+    #[arg(long, value_name = "N")]
+    pub per_key: Option<usize>,
+
+    /// How to pick a key for each request: first_available, round_robin or
+    /// least_loaded. Default: the config's strategy, else first_available.
+    #[arg(long, value_name = "STRATEGY")]
+    pub strategy: Option<String>,
+
+    /// Attempts per request, the first included (1 = no retries). Default: the config's
+    /// retry.max_attempts, else 3.
+    #[arg(long, value_name = "N")]
+    pub max_attempts: Option<u32>,
+
+    /// Timeout of one HTTP attempt in milliseconds. Default: the config's timeout_ms,
+    /// else 600000.
+    #[arg(long, value_name = "MS")]
+    pub timeout_ms: Option<u64>,
+
+    /// Write records in input order instead of completion order. Results that finish
+    /// early wait in a reorder buffer bounded by the run's window (twice the total
+    /// per-key concurrency): when it is full, reading pauses until the oldest request
+    /// finishes, so one slow request slows the run. Default: off.
+    #[arg(long)]
+    pub ordered: bool,
+
+    /// Re-run requests whose last record in the output is a failure; the new record is
+    /// appended after the old one, and the last record per custom_id wins. Default: off
+    /// (failed requests already in the output are skipped).
+    #[arg(long)]
+    pub retry_failed: bool,
+
+    /// Print nothing on stderr (no progress bar, notes or summary); errors that stop
+    /// the run are still reported. Default: off. The bar is also off when stderr is not
+    /// a terminal.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+const RUN_AFTER_HELP: &str = "\
+Output line (one per input line):
+  {\"id\": \"batch_req_...\", \"custom_id\": \"req-1\",
+   \"response\": {\"status_code\": 200, \"request_id\": \"...\", \"body\": {...}},
+   \"error\": null,
+   \"keypool\": {\"key\": \"acct-a\", \"attempts\": 1, \"latency_ms\": 412, \"line\": 1}}
+  On failure, \"error\" is {\"code\": \"...\", \"message\": \"...\"} and \"response\" is null or
+  holds the HTTP error response. \"key\" is the key's label; keys are never printed.
+
+Resume: run the same command again. Lines whose custom_id already has a successful
+record are skipped, the rest are appended; a truncated last line is repaired first.
+
+Ctrl-C: the first stops reading input and waits for the requests in flight, the second
+cancels them (after a 2 s grace). Either way the output is a valid file to resume from.
+
+Exit status: 0 every line succeeded, 1 some failed (they are in the output),
+2 usage, config or I/O error, 130 interrupted.";
+
+impl RunArgs {
+    /// The flags that shape the pool.
+    pub fn pool_flags(&self) -> PoolFlags {
+        PoolFlags {
+            config: self.config.clone(),
+            keys_file: self.keys_file.clone(),
+            base_url: self.base_url.clone(),
+            per_key: self.per_key,
+            strategy: self.strategy.clone(),
+            max_attempts: self.max_attempts,
+            timeout_ms: self.timeout_ms,
+        }
+    }
+}
+
+/// `keypool mock`.
+#[derive(Debug, Args)]
+#[command(
+    after_long_help = "Prints its base URL (http://127.0.0.1:PORT/v1) as the \
+only line on stdout and serves until Ctrl-C. A request body containing \
+\"mock\": {\"status\": 500} is answered with that status."
+)]
+pub struct MockArgs {
+    /// Port to listen on (127.0.0.1 only); 0 picks a free port.
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// Fixed latency before each answer, in milliseconds.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub latency_ms: u64,
+    /// Extra uniform random latency, 0..=MS milliseconds.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub jitter_ms: u64,
+    /// Fraction of requests answered 429, 0.0-1.0.
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = rate)]
+    pub fail_429_rate: f64,
+    /// retry-after-ms hint of 429 answers: a value or a range A-B; 0 sends no hint.
+    #[arg(long, default_value = "0", value_name = "A[-B]", value_parser = range)]
+    pub retry_after_ms: (u64, u64),
+    /// Fraction answered 500.
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = rate)]
+    pub fail_500_rate: f64,
+    /// Fraction answered 502.
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = rate)]
+    pub fail_502_rate: f64,
+    /// Fraction answered 503.
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = rate)]
+    pub fail_503_rate: f64,
+    /// Fraction of connections closed without a response.
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = rate)]
+    pub drop_rate: f64,
+    /// Fraction answered after an extra --slow-ms delay.
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = rate)]
+    pub slow_rate: f64,
+    /// The extra delay of slow answers, in milliseconds.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub slow_ms: u64,
+    /// Fraction answered 200 with a body that is not valid JSON.
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = rate)]
+    pub malformed_rate: f64,
+    /// Fraction answered 200 with an {"error": ...} body (as OpenRouter sometimes does).
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = rate)]
+    pub error_in_200_rate: f64,
+    /// Seed of the fault random generator. Default: random.
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+    /// Server worker threads.
+    #[arg(long, default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub threads: u64,
+}
+
+fn rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err("expected a number between 0 and 1".into()),
+    }
+}
+
+fn range(s: &str) -> Result<(u64, u64), String> {
+    let num = |v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .map_err(|_| "expected milliseconds, or a range A-B".to_owned())
+    };
+    let (a, b) = match s.split_once('-') {
+        Some((a, b)) => (num(a)?, num(b)?),
+        None => (num(s)?, num(s)?),
+    };
+    if a > b {
+        return Err(format!("empty range {s}"));
+    }
+    Ok((a, b))
+}
+
+/// `keypool demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Number of prompts to run.
+    #[arg(long, default_value_t = 200)]
+    pub requests: usize,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}

@@ -1,0 +1,204 @@
+//! The progress bar and the end-of-run summary, both on stderr.
+
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
+
+/// A progress bar on stderr, hidden when stderr is not a terminal or when quiet; and
+/// notes that go above it (or straight to stderr when it is hidden, unless quiet).
+pub struct Progress {
+    bar: ProgressBar,
+    quiet: bool,
+    last_message: Instant,
+}
+
+impl Progress {
+    /// Whether a bar would be drawn: stderr is a terminal and not quiet.
+    pub fn would_show(quiet: bool) -> bool {
+        !quiet && std::io::stderr().is_terminal()
+    }
+
+    /// A bar for `total` items (unknown when `None`), drawn if [`Progress::would_show`].
+    pub fn new(total: Option<u64>, quiet: bool) -> Progress {
+        let bar = if !Progress::would_show(quiet) {
+            ProgressBar::hidden()
+        } else {
+            let template = if total.is_some() {
+                "{elapsed_precise} [{wide_bar:.cyan/blue}] {pos}/{len} {rate} ETA {eta} {msg}"
+            } else {
+                "{elapsed_precise} {spinner} {pos} done {rate} {msg}"
+            };
+            let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template(template)
+                    .expect("valid template")
+                    .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = write!(w, "{:.0}/s", s.per_sec());
+                    })
+                    .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        };
+        Progress {
+            bar,
+            quiet,
+            last_message: Instant::now() - Duration::from_secs(1),
+        }
+    }
+
+    /// Whether the bar is drawn.
+    pub fn visible(&self) -> bool {
+        !self.bar.is_hidden()
+    }
+
+    /// A clone of the bar (for the reader thread to shrink the total).
+    pub fn bar(&self) -> ProgressBar {
+        self.bar.clone()
+    }
+
+    /// One more record written; refreshes the error/retry counters at most 5 times a
+    /// second (`counters` is only called then).
+    pub fn inc(&mut self, counters: impl FnOnce() -> (u64, u64)) {
+        self.bar.inc(1);
+        if self.visible() && self.last_message.elapsed() >= Duration::from_millis(200) {
+            self.last_message = Instant::now();
+            let (errors, retries) = counters();
+            self.bar
+                .set_message(format!("errors {errors} retries {retries}"));
+        }
+    }
+
+    /// Prints a line to stderr above the bar (nothing when quiet).
+    pub fn note(&self, msg: &str) {
+        if self.quiet {
+            return;
+        }
+        if self.visible() {
+            self.bar.println(msg);
+        } else {
+            eprintln!("{msg}");
+        }
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+fn ms(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.1}s", v / 1000.0)
+    } else {
+        format!("{}ms", v.round() as u64)
+    }
+}
+
+/// The per-key table: requests (HTTP attempts), ok, failed, 429s, retries, p50/p99
+/// latency and tokens, plus a total row.
+pub fn key_table(stats: &keypool::Stats) -> String {
+    let headers = [
+        "key", "requests", "ok", "failed", "429s", "retries", "p50", "p99", "tokens",
+    ];
+    let mut rows: Vec<[String; 9]> = Vec::new();
+    let mut total = [0u64; 6];
+    for k in &stats.keys {
+        let tokens = k.prompt_tokens + k.completion_tokens;
+        let nums = [
+            k.sent,
+            k.succeeded,
+            k.failed,
+            k.failures.rate_limited,
+            k.retries,
+            tokens,
+        ];
+        for (t, n) in total.iter_mut().zip(nums) {
+            *t += n;
+        }
+        rows.push([
+            k.label.clone(),
+            k.sent.to_string(),
+            k.succeeded.to_string(),
+            k.failed.to_string(),
+            k.failures.rate_limited.to_string(),
+            k.retries.to_string(),
+            ms(k.latency_p50_ms),
+            ms(k.latency_p99_ms),
+            tokens.to_string(),
+        ]);
+    }
+    if stats.keys.len() > 1 {
+        rows.push([
+            "total".into(),
+            total[0].to_string(),
+            total[1].to_string(),
+            total[2].to_string(),
+            total[3].to_string(),
+            total[4].to_string(),
+            String::new(),
+            String::new(),
+            total[5].to_string(),
+        ]);
+    }
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &[&str]| {
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i == 0 {
+                let _ = write!(out, "{c:<w$}");
+            } else {
+                let _ = write!(out, "  {c:>w$}");
+            }
+        }
+        out.push('\n');
+    };
+    line(&mut out, &headers);
+    for r in &rows {
+        line(&mut out, &r.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_has_a_row_per_key_and_a_total() {
+        let stats = keypool::Stats {
+            keys: vec![
+                keypool::KeyStats {
+                    label: "acct-a".into(),
+                    sent: 10,
+                    succeeded: 9,
+                    failed: 1,
+                    latency_p50_ms: 41.6,
+                    latency_p99_ms: 12_345.0,
+                    prompt_tokens: 5,
+                    completion_tokens: 7,
+                    ..Default::default()
+                },
+                keypool::KeyStats {
+                    label: "b".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let t = key_table(&stats);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(lines[0].starts_with("key "));
+        assert!(lines[1].starts_with("acct-a") && lines[1].contains("42ms"));
+        assert!(lines[1].contains("12.3s") && lines[1].ends_with("12"));
+        assert!(lines[3].starts_with("total"));
+    }
+}

@@ -1,0 +1,511 @@
+//! `keypool run`: streams a JSONL file of requests through a pool and appends one
+//! output record per request.
+//!
+//! Threads: a reader (parses lines lazily, skips what the output already answers,
+//! submits with `Pool::submit_with`) and the calling thread (writes records, draws
+//! progress, handles Ctrl-C). A window of permits bounds the requests between "read"
+//! and "written", so memory stays flat whatever the input size, and in `--ordered`
+//! mode it also bounds the reorder buffer.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use keypool::Pool;
+
+use crate::input::{InputItem, Lines, parse_line};
+use crate::output::{Outcome, RecordWriter};
+use crate::progress::Progress;
+use crate::resume::{Prior, scan};
+
+/// How long a second Ctrl-C waits for in-flight requests before giving up on them.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Input JSONL file (`-` for stdin).
+    pub input: PathBuf,
+    /// Output JSONL file (`-` for stdout, which disables resuming).
+    pub output: PathBuf,
+    /// Write records in input order.
+    pub ordered: bool,
+    /// No progress bar, notes or summary.
+    pub quiet: bool,
+    /// Re-run requests whose last record in the output is a failure.
+    pub retry_failed: bool,
+}
+
+/// How a run was interrupted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupted {
+    /// It was not.
+    No,
+    /// One Ctrl-C: input reading stopped, in-flight requests finished and were written.
+    Stopped,
+    /// Two: in-flight requests were abandoned after a grace period.
+    Cancelled,
+}
+
+/// What a run did.
+#[derive(Debug)]
+pub struct RunReport {
+    /// Successful records written.
+    pub ok: u64,
+    /// Failed records written (HTTP errors, transport errors, malformed lines).
+    pub failed: u64,
+    /// Lines skipped because the output already answers them successfully.
+    pub skipped_ok: u64,
+    /// Lines skipped because their last record is a failure (no `--retry-failed`).
+    pub skipped_failed: u64,
+    /// Whether Ctrl-C cut it short.
+    pub interrupted: Interrupted,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// The pool's counters at the end.
+    pub stats: keypool::Stats,
+}
+
+impl RunReport {
+    /// Whether every input line now has a successful last record.
+    pub fn all_ok(&self) -> bool {
+        self.failed == 0 && self.skipped_failed == 0
+    }
+
+    /// The summary printed at the end: totals, then the per-key table.
+    pub fn summary(&self, output: &Path) -> String {
+        let written = self.ok + self.failed;
+        let secs = self.elapsed.as_secs_f64();
+        let rate = if secs > 0.0 {
+            written as f64 / secs
+        } else {
+            0.0
+        };
+        let mut s = format!(
+            "keypool: {written} records written to {}: {} ok, {} failed, in {secs:.1} s ({rate:.0}/s)\n",
+            output.display(),
+            self.ok,
+            self.failed
+        );
+        if self.skipped_ok + self.skipped_failed > 0 {
+            s += &format!(
+                "keypool: skipped {} lines already in the output ({} ok, {} failed{})\n",
+                self.skipped_ok + self.skipped_failed,
+                self.skipped_ok,
+                self.skipped_failed,
+                if self.skipped_failed > 0 {
+                    "; rerun with --retry-failed to retry them"
+                } else {
+                    ""
+                }
+            );
+        }
+        match self.interrupted {
+            Interrupted::No => {}
+            Interrupted::Stopped | Interrupted::Cancelled => {
+                s += "keypool: interrupted; run the same command again to resume\n"
+            }
+        }
+        s += &crate::progress::key_table(&self.stats);
+        s
+    }
+}
+
+/// One finished line on its way to the output.
+struct Done {
+    seq: u64,
+    line: u64,
+    custom_id: String,
+    outcome: Outcome,
+    elapsed: Duration,
+}
+
+#[derive(Default)]
+struct ReaderReport {
+    skipped_ok: u64,
+    skipped_failed: u64,
+    error: Option<String>,
+}
+
+/// Counts non-blank lines (for the progress bar's total).
+fn count_lines(path: &Path) -> std::io::Result<u64> {
+    let mut r = BufReader::with_capacity(1 << 16, File::open(path)?);
+    let mut buf = Vec::new();
+    let mut n = 0;
+    loop {
+        buf.clear();
+        if r.read_until(b'\n', &mut buf)? == 0 {
+            return Ok(n);
+        }
+        if !buf.trim_ascii().is_empty() {
+            n += 1;
+        }
+    }
+}
+
+fn is_stdio(p: &Path) -> bool {
+    p.as_os_str() == "-"
+}
+
+/// Runs the file. `interrupts` delivers one message per Ctrl-C.
+pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<RunReport, String> {
+    let start = Instant::now();
+    if !is_stdio(&opts.input) && !is_stdio(&opts.output) {
+        if let (Ok(a), Ok(b)) = (opts.input.canonicalize(), opts.output.canonicalize()) {
+            if a == b {
+                return Err("--input and --output are the same file".into());
+            }
+        }
+    }
+    let reader: Box<dyn BufRead + Send> = if is_stdio(&opts.input) {
+        Box::new(BufReader::new(std::io::stdin()))
+    } else {
+        let f = File::open(&opts.input)
+            .map_err(|e| format!("cannot open --input {}: {e}", opts.input.display()))?;
+        Box::new(BufReader::with_capacity(1 << 16, f))
+    };
+    let total = if Progress::would_show(opts.quiet)
+        && !is_stdio(&opts.input)
+        && std::fs::metadata(&opts.input).is_ok_and(|m| m.is_file())
+    {
+        count_lines(&opts.input).ok()
+    } else {
+        None
+    };
+    let progress = Progress::new(total, opts.quiet);
+
+    let (prior, out): (Prior, Box<dyn Write + Send>) = if is_stdio(&opts.output) {
+        (Prior::default(), Box::new(std::io::stdout()))
+    } else {
+        let name = opts.output.display();
+        let prior = if opts.output.exists() {
+            let prior =
+                scan(&opts.output).map_err(|e| format!("cannot read --output {name}: {e}"))?;
+            if let Some(what) = prior.repaired {
+                progress.note(&format!("keypool: repaired {name}: {what}"));
+            }
+            if prior.bad_lines > 0 {
+                progress.note(&format!(
+                    "keypool: warning: {name}: ignored {} lines that are not output records",
+                    prior.bad_lines
+                ));
+            }
+            prior
+        } else {
+            Prior::default()
+        };
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&opts.output)
+            .map_err(|e| format!("cannot open --output {name}: {e}"))?;
+        (prior, Box::new(f))
+    };
+
+    let capacity = pool.capacity();
+    let window = (2 * capacity)
+        .min(capacity + pool.config().queue_capacity)
+        .max(1);
+    let (permit_tx, permit_rx) = crossbeam_channel::bounded::<()>(window);
+    for _ in 0..window {
+        let _ = permit_tx.try_send(());
+    }
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    // Lines taken from the window and not yet through the sink. After a stop, the run
+    // is over when it drops to zero, even if the reader is still blocked reading input.
+    let outstanding = Arc::new(AtomicU64::new(0));
+    let strip_v1 = pool
+        .config()
+        .base_url
+        .trim_end_matches('/')
+        .ends_with("/v1");
+
+    let reader_thread = {
+        let pool = pool.clone();
+        let bar = progress.bar();
+        let retry_failed = opts.retry_failed;
+        let outstanding = outstanding.clone();
+        std::thread::Builder::new()
+            .name("keypool-reader".into())
+            .spawn(move || {
+                let ctx = ReaderCtx {
+                    pool,
+                    prior,
+                    retry_failed,
+                    strip_v1,
+                    tx: done_tx,
+                    permits: permit_rx,
+                    stop: stop_rx,
+                    outstanding,
+                };
+                let mut report = ReaderReport::default();
+                ctx.read(Lines::new(reader), &mut report, || bar.dec_length(1));
+                report
+            })
+            .map_err(|e| format!("cannot start the reader thread: {e}"))?
+    };
+
+    let mut sink = Sink {
+        writer: RecordWriter::new(out),
+        progress,
+        ordered: opts.ordered,
+        pending: BTreeMap::new(),
+        next_seq: 0,
+        permits: permit_tx,
+        ok: 0,
+        failed: 0,
+        pool: pool.clone(),
+        outstanding: outstanding.clone(),
+    };
+    let mut stop = Some(stop_tx);
+    let mut interrupted = Interrupted::No;
+    loop {
+        if interrupted == Interrupted::Stopped && outstanding.load(SeqCst) == 0 {
+            break;
+        }
+        crossbeam_channel::select! {
+            recv(done_rx) -> msg => match msg {
+                Ok(done) => sink.accept(done)?,
+                Err(_) => break,
+            },
+            recv(interrupts) -> sig => {
+                if sig.is_err() {
+                    // No signal source: nothing more will come from it; keep draining.
+                    continue;
+                }
+                if interrupted == Interrupted::No {
+                    interrupted = Interrupted::Stopped;
+                    drop(stop.take());
+                    sink.progress.note(
+                        "keypool: interrupted: no more input is read; waiting for the requests \
+                         in flight (Ctrl-C again to cancel them)",
+                    );
+                } else {
+                    interrupted = Interrupted::Cancelled;
+                    sink.progress.note("keypool: cancelling the requests in flight");
+                    break;
+                }
+            }
+        }
+    }
+    let mut reader_report = ReaderReport::default();
+    if interrupted == Interrupted::Cancelled {
+        // Queued requests are answered `Cancelled` (not written); in-flight ones get a
+        // short grace period. Whatever has arrived by then is written.
+        let _ = pool.close_timeout(CANCEL_GRACE);
+        while let Ok(done) = done_rx.try_recv() {
+            sink.accept(done)?;
+        }
+        sink.flush_pending()?;
+        if reader_thread.is_finished() {
+            reader_report = reader_thread.join().unwrap_or_default();
+        }
+    } else {
+        if interrupted == Interrupted::No || reader_thread.is_finished() {
+            reader_report = reader_thread.join().unwrap_or_default();
+        }
+        sink.flush_pending()?;
+    }
+    sink.progress.finish();
+    if let Some(e) = reader_report.error {
+        return Err(e);
+    }
+    Ok(RunReport {
+        ok: sink.ok,
+        failed: sink.failed,
+        skipped_ok: reader_report.skipped_ok,
+        skipped_failed: reader_report.skipped_failed,
+        interrupted,
+        elapsed: start.elapsed(),
+        stats: pool.stats(),
+    })
+}
+
+struct ReaderCtx {
+    pool: Pool,
+    prior: Prior,
+    retry_failed: bool,
+    strip_v1: bool,
+    tx: Sender<Done>,
+    permits: Receiver<()>,
+    stop: Receiver<()>,
+    outstanding: Arc<AtomicU64>,
+}
+
+impl ReaderCtx {
+    fn stopped(&self) -> bool {
+        matches!(self.stop.try_recv(), Err(TryRecvError::Disconnected))
+    }
+
+    /// Waits for a free slot in the window and counts the line as outstanding; false
+    /// when told to stop. Counting before the last stop check means that once the
+    /// stop is visible and `outstanding` is zero, nothing more will be sent.
+    fn acquire(&self) -> bool {
+        if self.stopped() {
+            return false;
+        }
+        let got = crossbeam_channel::select! {
+            recv(self.permits) -> p => p.is_ok(),
+            recv(self.stop) -> _ => false,
+        };
+        if !got {
+            return false;
+        }
+        self.outstanding.fetch_add(1, SeqCst);
+        if self.stopped() {
+            self.outstanding.fetch_sub(1, SeqCst);
+            return false;
+        }
+        true
+    }
+
+    fn read<R: BufRead>(
+        self,
+        lines: Lines<R>,
+        report: &mut ReaderReport,
+        mut skipped: impl FnMut(),
+    ) {
+        let mut seq = 0u64;
+        for next in lines {
+            let (line, text) = match next {
+                Ok(l) => l,
+                Err(e) => {
+                    report.error = Some(format!("reading --input: {e}"));
+                    return;
+                }
+            };
+            let InputItem {
+                line,
+                custom_id,
+                request,
+            } = parse_line(line, text, self.strip_v1);
+            match self.prior.get(&custom_id) {
+                Some(true) => {
+                    report.skipped_ok += 1;
+                    skipped();
+                    continue;
+                }
+                Some(false) if !self.retry_failed => {
+                    report.skipped_failed += 1;
+                    skipped();
+                    continue;
+                }
+                _ => {}
+            }
+            if !self.acquire() {
+                return;
+            }
+            let this = seq;
+            seq += 1;
+            let request = match request {
+                Ok(r) => r,
+                Err(msg) => {
+                    let _ = self.tx.send(Done {
+                        seq: this,
+                        line,
+                        custom_id,
+                        outcome: Outcome::Invalid(msg),
+                        elapsed: Duration::ZERO,
+                    });
+                    continue;
+                }
+            };
+            let tx = self.tx.clone();
+            let t0 = Instant::now();
+            let submitted = self.pool.submit_with(request, move |r| {
+                let _ = tx.send(Done {
+                    seq: this,
+                    line,
+                    custom_id,
+                    outcome: Outcome::Result(r),
+                    elapsed: t0.elapsed(),
+                });
+            });
+            if let Err(e) = submitted {
+                let closed = matches!(e, keypool::Error::Closed);
+                // Closed: the run is being cancelled; the line stays unanswered (it
+                // is not written) and a resumed run sends it.
+                let _ = self.tx.send(Done {
+                    seq: this,
+                    line,
+                    custom_id: String::new(),
+                    outcome: Outcome::Result(Err(if closed {
+                        keypool::Error::Cancelled
+                    } else {
+                        e
+                    })),
+                    elapsed: Duration::ZERO,
+                });
+                if closed {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Receives finished lines, reorders them if asked, writes them.
+struct Sink {
+    writer: RecordWriter,
+    progress: Progress,
+    ordered: bool,
+    pending: BTreeMap<u64, Done>,
+    next_seq: u64,
+    permits: Sender<()>,
+    ok: u64,
+    failed: u64,
+    pool: Pool,
+    outstanding: Arc<AtomicU64>,
+}
+
+impl Sink {
+    fn accept(&mut self, done: Done) -> Result<(), String> {
+        if !self.ordered {
+            return self.write(done);
+        }
+        self.pending.insert(done.seq, done);
+        while let Some(d) = self.pending.remove(&self.next_seq) {
+            self.next_seq += 1;
+            self.write(d)?;
+        }
+        Ok(())
+    }
+
+    /// Writes whatever is still held back (after a cancelled run leaves gaps).
+    fn flush_pending(&mut self) -> Result<(), String> {
+        while let Some((_, d)) = self.pending.pop_first() {
+            self.write(d)?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, d: Done) -> Result<(), String> {
+        // The slot is free again whatever happens to the record.
+        let _ = self.permits.try_send(());
+        if d.outcome.is_cancelled() {
+            self.outstanding.fetch_sub(1, SeqCst);
+            return Ok(());
+        }
+        self.writer
+            .write(&d.custom_id, d.line, &d.outcome, d.elapsed)
+            .map_err(|e| format!("writing --output: {e}"))?;
+        self.outstanding.fetch_sub(1, SeqCst);
+        if d.outcome.is_ok() {
+            self.ok += 1;
+        } else {
+            self.failed += 1;
+        }
+        let (failed, pool) = (self.failed, &self.pool);
+        self.progress.inc(|| {
+            let retries = pool.stats().keys.iter().map(|k| k.retries).sum();
+            (failed, retries)
+        });
+        Ok(())
+    }
+}

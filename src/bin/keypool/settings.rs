@@ -1,0 +1,210 @@
+//! Builds the library's [`keypool::Config`] from `--config`, `--keys-file`, the
+//! environment and the flags that override them. All validation beyond the flags' own
+//! ranges is the library's (`Config::from_json`).
+
+use std::path::PathBuf;
+
+use serde_json::{Map, Value, json};
+
+use crate::keys::{KeyEntry, keys_from_env, read_keys_file};
+
+/// Flags that shape the pool.
+#[derive(Debug, Default, Clone)]
+pub struct PoolFlags {
+    /// `--config`: a JSON config file.
+    pub config: Option<PathBuf>,
+    /// `--keys-file`: replaces the config's keys.
+    pub keys_file: Option<PathBuf>,
+    /// `--base-url`.
+    pub base_url: Option<String>,
+    /// `--per-key`: `max_concurrent` of every key.
+    pub per_key: Option<usize>,
+    /// `--strategy`.
+    pub strategy: Option<String>,
+    /// `--max-attempts`: `retry.max_attempts`.
+    pub max_attempts: Option<u32>,
+    /// `--timeout-ms`: per-attempt timeout.
+    pub timeout_ms: Option<u64>,
+}
+
+/// Checks the flags' own ranges, with messages naming the flag.
+fn check_flags(f: &PoolFlags) -> Result<(), String> {
+    let max = keypool::MAX_CONCURRENT_LIMIT;
+    if let Some(n) = f.per_key {
+        if n == 0 || n > max {
+            return Err(format!("--per-key must be between 1 and {max}"));
+        }
+    }
+    if f.max_attempts == Some(0) {
+        return Err("--max-attempts must be at least 1".into());
+    }
+    if f.timeout_ms == Some(0) {
+        return Err("--timeout-ms must be at least 1".into());
+    }
+    if let Some(s) = &f.strategy {
+        if s.parse::<keypool::Strategy>().is_err() {
+            return Err(format!(
+                "--strategy must be first_available, round_robin or least_loaded, got {s:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn key_json(k: &KeyEntry) -> Value {
+    let mut o = Map::new();
+    o.insert("key".into(), Value::String(k.key.clone()));
+    if let Some(l) = &k.label {
+        o.insert("label".into(), Value::String(l.clone()));
+    }
+    Value::Object(o)
+}
+
+/// Builds and validates the pool config. `env` looks environment variables up.
+pub fn build_config(
+    flags: &PoolFlags,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<keypool::Config, String> {
+    check_flags(flags)?;
+    let mut root = match &flags.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read --config {}: {e}", path.display()))?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| {
+                format!(
+                    "--config {}: not valid JSON (line {}, column {})",
+                    path.display(),
+                    e.line(),
+                    e.column()
+                )
+            })?;
+            match v {
+                Value::Object(m) => m,
+                _ => {
+                    return Err(format!(
+                        "--config {}: must be a JSON object",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        None => Map::new(),
+    };
+    let config_has_keys = root
+        .get("keys")
+        .and_then(Value::as_array)
+        .is_some_and(|a| !a.is_empty());
+    let keys = match &flags.keys_file {
+        Some(path) => Some(read_keys_file(path)?),
+        None if config_has_keys => None,
+        None => Some(keys_from_env(env)?.ok_or(
+            "no API keys: pass --config or --keys-file, or set KEYPOOL_API_KEYS, \
+             OPENROUTER_API_KEY or OPENAI_API_KEY",
+        )?),
+    };
+    if let Some(keys) = keys {
+        root.insert("keys".into(), keys.iter().map(key_json).collect());
+    }
+    if let Some(url) = &flags.base_url {
+        root.insert("base_url".into(), json!(url));
+    }
+    if let Some(s) = &flags.strategy {
+        root.insert("strategy".into(), json!(s));
+    }
+    if let Some(ms) = flags.timeout_ms {
+        root.insert("timeout_ms".into(), json!(ms));
+    }
+    if let Some(n) = flags.max_attempts {
+        let retry = root.entry("retry").or_insert_with(|| json!({}));
+        if let Value::Object(r) = retry {
+            r.insert("max_attempts".into(), json!(n));
+        }
+    }
+    if let Some(n) = flags.per_key {
+        if let Some(Value::Array(keys)) = root.get_mut("keys") {
+            for k in keys {
+                if let Value::Object(k) = k {
+                    k.insert("max_concurrent".into(), json!(n));
+                }
+            }
+        }
+    }
+    keypool::Config::from_json(&Value::Object(root).to_string()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn env_keys_with_flag_overrides() {
+        let flags = PoolFlags {
+            base_url: Some("http://127.0.0.1:9/v1".into()),
+            per_key: Some(7),
+            strategy: Some("round_robin".into()),
+            max_attempts: Some(1),
+            ..PoolFlags::default()
+        };
+        let env = |n: &str| (n == "KEYPOOL_API_KEYS").then(|| "a=sk-1,sk-2".to_owned());
+        let c = build_config(&flags, env).unwrap();
+        assert_eq!(c.keys.len(), 2);
+        assert_eq!(c.key_label(0), "a");
+        assert_eq!(c.key_label(1), "key-1");
+        assert!(c.keys.iter().all(|k| k.max_concurrent == 7));
+        assert_eq!(c.strategy, keypool::Strategy::RoundRobin);
+        assert_eq!(c.retry.max_attempts, 1);
+        assert_eq!(c.base_url, "http://127.0.0.1:9/v1");
+    }
+
+    #[test]
+    fn flag_errors_name_the_flag() {
+        let flags = PoolFlags {
+            per_key: Some(0),
+            ..PoolFlags::default()
+        };
+        assert_eq!(
+            build_config(&flags, no_env).unwrap_err(),
+            "--per-key must be between 1 and 1024"
+        );
+        let err = build_config(&PoolFlags::default(), no_env).unwrap_err();
+        assert!(err.starts_with("no API keys"), "{err}");
+    }
+
+    #[test]
+    fn config_file_keys_and_keys_file_override() {
+        let dir = std::env::temp_dir().join(format!("keypool-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("pool.json");
+        std::fs::write(
+            &cfg,
+            r#"{"base_url": "http://localhost:1/v1", "keys": [{"key": "sk-c", "label": "c", "max_concurrent": 3}], "retry": {"base_delay_ms": 10}}"#,
+        )
+        .unwrap();
+        let flags = PoolFlags {
+            config: Some(cfg.clone()),
+            ..PoolFlags::default()
+        };
+        let c = build_config(&flags, no_env).unwrap();
+        assert_eq!(
+            (c.key_label(0).as_str(), c.keys[0].max_concurrent),
+            ("c", 3)
+        );
+        let kf = dir.join("keys.txt");
+        std::fs::write(&kf, "x=sk-x\n").unwrap();
+        let flags = PoolFlags {
+            config: Some(cfg),
+            keys_file: Some(kf),
+            max_attempts: Some(2),
+            ..PoolFlags::default()
+        };
+        let c = build_config(&flags, no_env).unwrap();
+        assert_eq!(c.key_label(0), "x");
+        assert_eq!(c.retry.base_delay_ms, 10);
+        assert_eq!(c.retry.max_attempts, 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,669 @@
+//! End-to-end tests of the `keypool` binary against the in-process mock server.
+//!
+//! Synchronisation is by pipes and process exit only: a test that interrupts a run
+//! reads records from its stdout (`--output -`) or notes from its stderr before sending
+//! the signal, and request latency comes from the mock's per-request `delay_ms`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use keypool_mock::{MockConfig, MockServer};
+use serde_json::{Value, json};
+
+const SECRET: &str = "SECRET";
+const KEY_A: &str = "sk-test-SECRET-alpha";
+const KEY_B: &str = "sk-test-SECRET-beta";
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keypool")
+}
+
+/// A fresh directory for one test, removed when dropped.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("keypool-cli-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+    fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+    fn s(&self, f: &str) -> String {
+        self.path(f).display().to_string()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `keypool` with a clean key environment.
+fn keypool() -> Command {
+    let mut c = Command::new(bin());
+    c.env_remove("KEYPOOL_API_KEYS")
+        .env_remove("OPENROUTER_API_KEY")
+        .env_remove("OPENAI_API_KEY")
+        .stdin(Stdio::null());
+    c
+}
+
+fn with_keys(mut c: Command) -> Command {
+    c.env("KEYPOOL_API_KEYS", format!("alpha={KEY_A},beta={KEY_B}"));
+    c
+}
+
+fn body(content: &str, mock: Option<Value>) -> Value {
+    let mut b = json!({"model": "m", "messages": [{"role": "user", "content": content}]});
+    if let Some(m) = mock {
+        b["mock"] = m;
+    }
+    b
+}
+
+fn line(id: &str, body: Value) -> String {
+    json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions", "body": body})
+        .to_string()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(path, text).unwrap();
+}
+
+fn records(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad record {l:?}: {e}")))
+        .collect()
+}
+
+fn read_records(path: &Path) -> Vec<Value> {
+    records(&std::fs::read_to_string(path).unwrap())
+}
+
+fn id(r: &Value) -> &str {
+    r["custom_id"].as_str().unwrap()
+}
+
+fn ok(r: &Value) -> bool {
+    r["error"].is_null()
+}
+
+fn assert_no_secret(what: &str, text: &str) {
+    assert!(!text.contains(SECRET), "a key leaked into {what}: {text}");
+}
+
+fn run_to_end(mut c: Command) -> Output {
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let out = c.output().unwrap();
+    assert_no_secret("stdout", &String::from_utf8_lossy(&out.stdout));
+    assert_no_secret("stderr", &String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn interrupt(child: &Child) {
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn mixed_file_every_custom_id_once_and_exit_1() {
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    let dir = Dir::new("mixed");
+    let mut lines = Vec::new();
+    let mut expect: BTreeMap<String, bool> = BTreeMap::new();
+    for i in 1..=2000 {
+        if i % 500 == 0 {
+            lines.push(String::new()); // blank lines are skipped
+        }
+        let n = lines.len() + 1; // this line's number
+        let (id, text, good) = if i % 97 == 0 {
+            (format!("line-{n}"), "{not json".to_owned(), false)
+        } else if i % 41 == 0 {
+            let b = body(&format!("p{i}"), Some(json!({"status": 500})));
+            (format!("req-{i}"), line(&format!("req-{i}"), b), false)
+        } else if i % 13 == 0 {
+            let b = body(&format!("p{i}"), None);
+            (format!("line-{n}"), b.to_string(), true)
+        } else {
+            let b = body(&format!("p{i}"), None);
+            (format!("req-{i}"), line(&format!("req-{i}"), b), true)
+        };
+        assert!(expect.insert(id, good).is_none());
+        lines.push(text);
+    }
+    write_lines(&dir.path("in.jsonl"), &lines);
+    std::fs::write(
+        dir.path("keys.txt"),
+        format!("# test keys\nalpha={KEY_A}\n\n{KEY_B}\n"),
+    )
+    .unwrap();
+    let mut c = keypool();
+    c.args(["run", "--input", &dir.s("in.jsonl"), "--output"])
+        .arg(dir.path("out.jsonl"))
+        .args([
+            "--keys-file",
+            &dir.s("keys.txt"),
+            "--base-url",
+            &server.url(),
+        ])
+        .args(["--max-attempts", "1", "--per-key", "8"]);
+    let out = run_to_end(c);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("2000 records written"), "{stderr}");
+
+    let text = std::fs::read_to_string(dir.path("out.jsonl")).unwrap();
+    assert_no_secret("output file", &text);
+    let recs = records(&text);
+    assert_eq!(recs.len(), 2000);
+    let mut seen = HashMap::new();
+    for r in &recs {
+        assert!(seen.insert(id(r).to_owned(), ok(r)).is_none(), "dup {r}");
+        assert!(r["id"].as_str().unwrap().starts_with("batch_req_"));
+        if ok(r) {
+            assert_eq!(r["response"]["status_code"], 200);
+            let content = r["response"]["body"]["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap();
+            assert!(content.starts_with("echo: p"), "{content}");
+            assert!(["alpha", "key-1"].contains(&r["keypool"]["key"].as_str().unwrap()));
+            assert_eq!(r["keypool"]["attempts"], 1);
+        } else if r["error"]["code"] == "http" {
+            assert_eq!(r["response"]["status_code"], 500);
+        } else {
+            assert_eq!(r["error"]["code"], "invalid_request");
+            assert!(r["response"].is_null());
+        }
+    }
+    let seen: BTreeMap<String, bool> = seen.into_iter().collect();
+    assert_eq!(seen, expect);
+    // The per-key limit held at the server.
+    for k in [KEY_A, KEY_B] {
+        assert!(server.stats().keys[k].max_in_flight <= 8);
+    }
+}
+
+#[test]
+fn ordered_output_follows_input_order() {
+    let server = MockServer::start(MockConfig {
+        jitter_ms: 8,
+        ..MockConfig::default()
+    })
+    .unwrap();
+    let dir = Dir::new("ordered");
+    let ids: Vec<String> = (0..300).map(|i| format!("o-{i}")).collect();
+    let lines: Vec<String> = ids.iter().map(|i| line(i, body(i, None))).collect();
+    write_lines(&dir.path("in.jsonl"), &lines);
+    let mut c = with_keys(keypool());
+    c.args([
+        "run",
+        "--ordered",
+        "--per-key",
+        "4",
+        "-i",
+        &dir.s("in.jsonl"),
+    ])
+    .args(["-o", &dir.s("out.jsonl"), "--base-url", &server.url()]);
+    let out = run_to_end(c);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let got: Vec<String> = read_records(&dir.path("out.jsonl"))
+        .iter()
+        .map(|r| id(r).to_owned())
+        .collect();
+    assert_eq!(got, ids);
+}
+
+#[test]
+fn sigint_mid_run_then_resume_completes_without_duplicates() {
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    let dir = Dir::new("resume");
+    // 10 fast requests, then 50 that take 100 ms each: the run is surely mid-way
+    // when the 10th record has been read.
+    let lines: Vec<String> = (0..60)
+        .map(|i| {
+            let mock = (i >= 10).then(|| json!({"delay_ms": 100}));
+            line(&format!("r-{i}"), body("x", mock))
+        })
+        .collect();
+    write_lines(&dir.path("in.jsonl"), &lines);
+    let mut c = with_keys(keypool());
+    c.args(["run", "--per-key", "2", "-i", &dir.s("in.jsonl"), "-o", "-"])
+        .args(["--base-url", &server.url()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    for _ in 0..10 {
+        assert!(stdout.read_line(&mut first).unwrap() > 0);
+    }
+    interrupt(&child);
+    stdout.read_to_string(&mut first).unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert_no_secret("stderr", &stderr);
+    let before = records(&first);
+    assert!(before.len() >= 10 && before.len() < 60, "{}", before.len());
+    assert!(before.iter().all(ok));
+
+    // The output as a crash would leave it: a cut-off last line.
+    let out = dir.path("out.jsonl");
+    std::fs::write(
+        &out,
+        format!("{first}{{\"id\":\"batch_req_1\",\"custom_id\":\"r-5"),
+    )
+    .unwrap();
+    let mut c = with_keys(keypool());
+    c.args([
+        "run",
+        "--per-key",
+        "4",
+        "-i",
+        &dir.s("in.jsonl"),
+        "-o",
+        &dir.s("out.jsonl"),
+    ])
+    .args(["--base-url", &server.url()]);
+    let res = run_to_end(c);
+    assert_eq!(res.status.code(), Some(0), "{res:?}");
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(stderr.contains("repaired"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("skipped {}", before.len())),
+        "{stderr}"
+    );
+    let after = read_records(&out);
+    let ids: Vec<&str> = after.iter().map(id).collect();
+    let unique: BTreeSet<&str> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), 60, "duplicates: {ids:?}");
+    assert_eq!(unique.len(), 60);
+    assert!(after.iter().all(ok));
+    assert_eq!(after[..before.len()], before[..]);
+}
+
+#[test]
+fn second_sigint_cancels_in_flight_and_leaves_a_resumable_file() {
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    let dir = Dir::new("cancel");
+    // 8 fast requests, then 12 that would take 30 s.
+    let lines: Vec<String> = (0..20)
+        .map(|i| {
+            let mock = (i >= 8).then(|| json!({"delay_ms": 30_000}));
+            line(&format!("c-{i}"), body("x", mock))
+        })
+        .collect();
+    write_lines(&dir.path("in.jsonl"), &lines);
+    let started = Instant::now();
+    let mut c = with_keys(keypool());
+    c.args(["run", "--per-key", "2", "-i", &dir.s("in.jsonl"), "-o", "-"])
+        .args(["--base-url", &server.url()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    for _ in 0..8 {
+        assert!(stdout.read_line(&mut first).unwrap() > 0);
+    }
+    interrupt(&child);
+    let mut note = String::new();
+    stderr.read_line(&mut note).unwrap();
+    assert!(note.contains("interrupted"), "{note}");
+    interrupt(&child);
+    stdout.read_to_string(&mut first).unwrap();
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(130), "{rest}");
+    assert!(rest.contains("cancelling"), "{rest}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // Only the 8 answered requests; nothing for the cancelled ones.
+    let done = records(&first);
+    assert_eq!(done.len(), 8);
+    assert!(done.iter().all(ok));
+
+    // Resume: the slow ones now time out at once and are recorded as failures.
+    std::fs::write(dir.path("out.jsonl"), &first).unwrap();
+    let mut c = with_keys(keypool());
+    c.args([
+        "run",
+        "-q",
+        "-i",
+        &dir.s("in.jsonl"),
+        "-o",
+        &dir.s("out.jsonl"),
+    ])
+    .args([
+        "--base-url",
+        &server.url(),
+        "--max-attempts",
+        "1",
+        "--timeout-ms",
+        "200",
+    ]);
+    let res = run_to_end(c);
+    assert_eq!(res.status.code(), Some(1));
+    let all = read_records(&dir.path("out.jsonl"));
+    let ids: BTreeSet<&str> = all.iter().map(id).collect();
+    assert_eq!((all.len(), ids.len()), (20, 20));
+    assert_eq!(all.iter().filter(|r| !ok(r)).count(), 12);
+    assert!(
+        all.iter()
+            .filter(|r| !ok(r))
+            .all(|r| r["error"]["code"] == "timeout")
+    );
+}
+
+#[test]
+fn quiet_success_prints_nothing_and_retry_failed_reruns_failures() {
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    let dir = Dir::new("quiet");
+    let lines: Vec<String> = (0..30)
+        .map(|i| line(&format!("q-{i}"), body(&format!("{i}"), None)))
+        .collect();
+    write_lines(&dir.path("in.jsonl"), &lines);
+    let mut c = with_keys(keypool());
+    c.args([
+        "run",
+        "--quiet",
+        "-i",
+        &dir.s("in.jsonl"),
+        "-o",
+        &dir.s("out.jsonl"),
+    ])
+    .args(["--base-url", &server.url()]);
+    let out = run_to_end(c);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+    assert_eq!(read_records(&dir.path("out.jsonl")).len(), 30);
+
+    // Now a file whose requests fail once: --retry-failed appends newer records.
+    let dir2 = Dir::new("retry");
+    let lines: Vec<String> = (0..5)
+        .map(|i| line(&format!("f-{i}"), body("x", None)))
+        .collect();
+    write_lines(&dir2.path("in.jsonl"), &lines);
+    server.set_key_rule(
+        KEY_A,
+        keypool_mock::KeyRule {
+            always_status: Some(503),
+            ..Default::default()
+        },
+    );
+    let run = |extra: &[&str]| {
+        let mut c = keypool();
+        c.env("OPENAI_API_KEY", KEY_A)
+            .args([
+                "run",
+                "-q",
+                "-i",
+                &dir2.s("in.jsonl"),
+                "-o",
+                &dir2.s("out.jsonl"),
+            ])
+            .args(["--base-url", &server.url(), "--max-attempts", "1"])
+            .args(extra);
+        run_to_end(c)
+    };
+    assert_eq!(run(&[]).status.code(), Some(1));
+    assert_eq!(read_records(&dir2.path("out.jsonl")).len(), 5);
+    server.set_key_rule(KEY_A, keypool_mock::KeyRule::default());
+    // Without --retry-failed the failures stay (and still count): exit 1, nothing new.
+    assert_eq!(run(&[]).status.code(), Some(1));
+    assert_eq!(read_records(&dir2.path("out.jsonl")).len(), 5);
+    assert_eq!(run(&["--retry-failed"]).status.code(), Some(0));
+    let all = read_records(&dir2.path("out.jsonl"));
+    assert_eq!(all.len(), 10);
+    assert!(all[5..].iter().all(ok));
+    // Nothing left to do.
+    assert_eq!(run(&["--retry-failed"]).status.code(), Some(0));
+    assert_eq!(read_records(&dir2.path("out.jsonl")).len(), 10);
+}
+
+#[test]
+fn env_fallback_and_config_errors() {
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    let dir = Dir::new("env");
+    write_lines(
+        &dir.path("in.jsonl"),
+        &[body("bare", None).to_string(), line("e-1", body("x", None))],
+    );
+    for var in ["OPENAI_API_KEY", "OPENROUTER_API_KEY"] {
+        let out_file = dir.s(&format!("out-{var}.jsonl"));
+        let mut c = keypool();
+        c.env(var, KEY_B)
+            .args(["run", "-i", &dir.s("in.jsonl"), "-o", &out_file])
+            .args(["--base-url", &server.url()]);
+        let out = run_to_end(c);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let recs = read_records(Path::new(&out_file));
+        assert_eq!(recs.len(), 2);
+        assert!(recs.iter().all(|r| r["keypool"]["key"] == "key-0"));
+        assert!(recs.iter().any(|r| id(r) == "line-1"));
+    }
+    assert_eq!(server.stats().keys[KEY_B].requests, 4);
+
+    let usage = |args: &[&str], env: Option<(&str, &str)>, msg: &str| {
+        let mut c = keypool();
+        c.args(["run", "-i", &dir.s("in.jsonl"), "-o", &dir.s("x.jsonl")])
+            .args(args);
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        let out = run_to_end(c);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with(msg), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    };
+    usage(&[], None, "keypool: error: no API keys");
+    let k = Some(("OPENAI_API_KEY", KEY_A));
+    usage(
+        &["--per-key", "0"],
+        k,
+        "keypool: error: --per-key must be between 1 and 1024",
+    );
+    usage(
+        &["--per-key", "5000"],
+        k,
+        "keypool: error: --per-key must be",
+    );
+    usage(&["--strategy", "fastest"], k, "keypool: error: --strategy");
+    usage(
+        &["--base-url", "ftp://x"],
+        k,
+        "keypool: error: invalid config: base_url",
+    );
+    usage(
+        &["--keys-file", "/nonexistent/k"],
+        None,
+        "keypool: error: cannot read --keys-file",
+    );
+    std::fs::write(
+        dir.path("bad.json"),
+        "{\"keys\": [{\"key\": \"sk-SECRET-x\", \"max_concurrent\": 0}]}",
+    )
+    .unwrap();
+    usage(
+        &["--config", &dir.s("bad.json")],
+        None,
+        "keypool: error: invalid config: keys[0].max_concurrent",
+    );
+    let mut c = keypool();
+    c.env("OPENAI_API_KEY", KEY_A).args([
+        "run",
+        "-i",
+        &dir.s("missing.jsonl"),
+        "-o",
+        &dir.s("x.jsonl"),
+    ]);
+    let out = run_to_end(c);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("keypool: error: cannot open --input")
+    );
+}
+
+#[test]
+fn config_file_with_strategy_and_flag_overrides() {
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    let dir = Dir::new("config");
+    let cfg = json!({
+        "base_url": "http://127.0.0.1:9/v1",
+        "strategy": "least_loaded",
+        "keys": [{"key": KEY_A, "label": "acct-a", "max_concurrent": 1},
+                 {"key": KEY_B, "label": "acct-b", "max_concurrent": 1}],
+        "retry": {"max_attempts": 1}
+    });
+    std::fs::write(dir.path("pool.json"), cfg.to_string()).unwrap();
+    let lines: Vec<String> = (0..40)
+        .map(|i| line(&format!("k-{i}"), body("x", None)))
+        .collect();
+    write_lines(&dir.path("in.jsonl"), &lines);
+    let mut c = keypool();
+    c.args(["run", "-c", &dir.s("pool.json"), "-i", &dir.s("in.jsonl")])
+        .args(["-o", &dir.s("out.jsonl"), "--base-url", &server.url()])
+        .args(["--strategy", "round_robin"]);
+    let out = run_to_end(c);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let recs = read_records(&dir.path("out.jsonl"));
+    let a = recs
+        .iter()
+        .filter(|r| r["keypool"]["key"] == "acct-a")
+        .count();
+    assert_eq!(a, 20, "round robin splits evenly");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("acct-a") && stderr.contains("p99"),
+        "{stderr}"
+    );
+    for k in [KEY_A, KEY_B] {
+        assert_eq!(server.stats().keys[k].max_in_flight, 1);
+    }
+}
+
+#[test]
+fn mock_subcommand_serves_until_sigint() {
+    let mut mock = keypool()
+        .args(["mock", "--port", "0", "--latency-ms", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut url = String::new();
+    BufReader::new(mock.stdout.take().unwrap())
+        .read_line(&mut url)
+        .unwrap();
+    let url = url.trim().to_owned();
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.ends_with("/v1"),
+        "{url}"
+    );
+    let dir = Dir::new("mockcmd");
+    let lines: Vec<String> = (0..20)
+        .map(|i| line(&format!("m-{i}"), body("x", None)))
+        .collect();
+    write_lines(&dir.path("in.jsonl"), &lines);
+    let mut c = with_keys(keypool());
+    c.args([
+        "run",
+        "-q",
+        "-i",
+        &dir.s("in.jsonl"),
+        "-o",
+        "-",
+        "--base-url",
+        &url,
+    ]);
+    let out = run_to_end(c);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(records(&String::from_utf8_lossy(&out.stdout)).len(), 20);
+    interrupt(&mock);
+    let mut err = String::new();
+    mock.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(mock.wait().unwrap().code(), Some(0), "{err}");
+    assert!(err.contains("20 requests"), "{err}");
+}
+
+#[test]
+fn demo_runs_fast_and_shows_per_key_limits() {
+    let started = Instant::now();
+    let out = run_to_end({
+        let mut c = keypool();
+        c.args(["demo", "--quiet"]);
+        c
+    });
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("sk-demo"), "{stdout}");
+    assert_eq!(stdout.matches("at most 4 in flight").count(), 4, "{stdout}");
+    assert!(stdout.contains("200 records written"), "{stdout}");
+}
+
+#[test]
+fn help_documents_every_flag_with_its_default() {
+    let out = keypool().args(["run", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--input",
+        "--output",
+        "--config",
+        "--keys-file",
+        "--base-url",
+        "--per-key",
+        "--strategy",
+        "--max-attempts",
+        "--timeout-ms",
+        "--ordered",
+        "--retry-failed",
+        "--quiet",
+        "Exit status",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+    let out = keypool().args(["mock", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("--fail-429-rate") && help.contains("[default: 0]"),
+        "{help}"
+    );
+    let out = keypool().arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("run") && help.contains("mock") && help.contains("demo"));
+    // Unknown flags are usage errors.
+    let out = keypool().args(["run", "--bogus"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let _ = std::io::stderr().flush();
+}
