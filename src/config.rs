@@ -120,6 +120,10 @@ pub struct RetryConfig {
     /// Take a key out of rotation for good when it answers 402 (out of credits).
     /// Defaults to true.
     pub park_on_402: bool,
+    /// Send a key's first request alone and open the key to `max_concurrent` only once
+    /// the server has accepted it (any answer but 401/402/403), so a revoked key costs
+    /// one request instead of a burst. Defaults to true.
+    pub probe_keys: bool,
 }
 
 impl Default for RetryConfig {
@@ -131,6 +135,7 @@ impl Default for RetryConfig {
             max_retry_after_ms: 60_000,
             default_cooldown_ms: 1_000,
             park_on_402: true,
+            probe_keys: true,
         }
     }
 }
@@ -556,6 +561,13 @@ impl ConfigBuilder {
     /// Attempts per request (1 = no retries). Defaults to 3.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.config.retry.max_attempts = n;
+        self
+    }
+
+    /// Whether a key's first request goes alone (see [`RetryConfig::probe_keys`]).
+    /// Defaults to true.
+    pub fn probe_keys(mut self, on: bool) -> Self {
+        self.config.retry.probe_keys = on;
         self
     }
 

@@ -172,6 +172,9 @@ impl Dispatcher {
         let keys = &self.shared.keys;
         let mut wake: Option<Instant> = None;
         let mut usable = Vec::with_capacity(keys.len());
+        // Keys whose first (probe) request is still out: busy, not unusable. A worker
+        // nudges the dispatcher when the probe ends.
+        let mut probing = Vec::new();
         for k in keys {
             if k.is_disabled() {
                 continue;
@@ -186,6 +189,10 @@ impl Dispatcher {
                     continue;
                 }
             }
+            if !k.probe_allows() {
+                probing.push(k.index);
+                continue;
+            }
             usable.push(k.index);
         }
         // Failover: a retry prefers keys it has not tried yet.
@@ -197,6 +204,16 @@ impl Dispatcher {
                 .collect();
             if !fresh.is_empty() {
                 usable = fresh;
+            }
+        }
+        if self.strategy == Strategy::RoundRobin && !probing.is_empty() {
+            // Strict rotation waits for a busy key rather than skipping it.
+            let n = keys.len();
+            let next = (0..n)
+                .map(|off| (self.rr_next + off) % n)
+                .find(|i| usable.contains(i) || probing.contains(i));
+            if next.is_some_and(|i| probing.contains(&i)) {
+                return Err(wake);
             }
         }
         if usable.is_empty() {
@@ -247,6 +264,7 @@ impl Dispatcher {
 
     fn sent(&mut self, key: usize, job_tokens: u64) {
         let k = &self.shared.keys[key];
+        k.note_dispatched();
         if k.has_limits() {
             k.spend(job_tokens);
         }

@@ -91,6 +91,11 @@ pub(crate) struct KeyState {
     cooldown_until: AtomicU64,
     disabled: AtomicBool,
     disabled_reason: Mutex<Option<(String, u64)>>,
+    /// Until the key has answered once with anything but "bad key", it gets one
+    /// request at a time, so a revoked key costs one request, not `max_concurrent`.
+    unproven: AtomicBool,
+    /// A probe request is out on this (unproven) key.
+    probe_out: AtomicBool,
     limits: Option<Mutex<Limits>>,
 }
 
@@ -121,6 +126,8 @@ impl KeyState {
             cooldown_until: AtomicU64::new(0),
             disabled: AtomicBool::new(false),
             disabled_reason: Mutex::new(None),
+            unproven: AtomicBool::new(config.retry.probe_keys),
+            probe_out: AtomicBool::new(false),
             limits,
         }
     }
@@ -162,6 +169,32 @@ impl KeyState {
 
     pub(crate) fn disabled_reason(&self) -> Option<String> {
         self.disabled_reason.lock().as_ref().map(|(r, _)| r.clone())
+    }
+
+    /// Whether the dispatcher may hand this key another request as far as probing
+    /// goes: a proven key always may; an unproven one only while no probe is out.
+    pub(crate) fn probe_allows(&self) -> bool {
+        !self.unproven.load(Relaxed) || !self.probe_out.load(Relaxed)
+    }
+
+    /// The dispatcher handed this key a request.
+    pub(crate) fn note_dispatched(&self) {
+        if self.unproven.load(Relaxed) {
+            self.probe_out.store(true, Relaxed);
+        }
+    }
+
+    /// An attempt on this key ended: `proven` if the server accepted the key (any
+    /// answer but 401/402/403). Returns true if this changed what the dispatcher may do.
+    pub(crate) fn note_attempt_end(&self, proven: bool) -> bool {
+        if !self.unproven.load(Relaxed) {
+            return false;
+        }
+        if proven {
+            self.unproven.store(false, Relaxed);
+        }
+        self.probe_out.store(false, Relaxed);
+        true
     }
 
     // ---- rate limits ----

@@ -41,6 +41,7 @@ pub(crate) fn run(ctx: Arc<KeyWorkerCtx>, rx: Receiver<Job>) {
         // A panic anywhere in handling (a transport bug, a user callback) must not kill
         // the worker: the key would silently lose capacity.
         if let Err(p) = catch_unwind(AssertUnwindSafe(|| handle(&ctx, job))) {
+            release_probe(&ctx);
             log::error!(
                 "keypool: worker of key {} caught a panic: {}",
                 ctx.state().label,
@@ -63,6 +64,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     // The dispatcher chose this key when it was usable; it may have started cooling
     // since. Hand the job back untouched rather than send during a cooldown.
     if ks.is_disabled() || ks.cooling_until(now).is_some() {
+        release_probe(ctx);
         bounce(ctx, job);
         return;
     }
@@ -71,6 +73,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     if let Some(d) = job.deadline {
         let left = d.saturating_duration_since(now);
         if left.is_zero() {
+            release_probe(ctx);
             job.finish_deadline();
             return;
         }
@@ -108,6 +111,10 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     let outcome = catch_unwind(AssertUnwindSafe(|| ctx.transport.send(&http)));
     ks.end(t0.elapsed());
 
+    let proven = matches!(&outcome, Ok(Ok(r)) if !matches!(r.status, 401 | 402 | 403));
+    if ks.note_attempt_end(proven) {
+        ctx.shared.nudge();
+    }
     let label = ks.label.to_string();
     let (err, verdict, class) = match outcome {
         Ok(Ok(resp)) => match judge_response(ctx, &mut job, resp, first_start) {
@@ -268,6 +275,13 @@ fn retry_or_finish(ctx: &KeyWorkerCtx, mut job: Job, err: Error, v: Verdict, cla
     // If the dispatcher is gone (shutdown) the job comes back and drops, answering with
     // its last error.
     let _ = ctx.shared.retry_tx.send(job);
+}
+
+/// A job left this key without an attempt: let the next probe go.
+fn release_probe(ctx: &KeyWorkerCtx) {
+    if ctx.state().note_attempt_end(false) {
+        ctx.shared.nudge();
+    }
 }
 
 fn bounce(ctx: &KeyWorkerCtx, job: Job) {

@@ -13,10 +13,13 @@ use parking_lot::Mutex;
 use support::{factory, gate, keypool_threads, ok};
 
 fn config(keys: usize, per_key: usize, strategy: Strategy) -> Config {
+    // Probing off: these tests hold requests in flight and count on every worker
+    // being usable from the start.
     let mut b = Config::builder()
         .base_url("http://127.0.0.1:9/v1")
         .strategy(strategy)
-        .queue_capacity(64);
+        .queue_capacity(64)
+        .probe_keys(false);
     for i in 0..keys {
         b = b.key(format!("sk-test-{i}"), per_key);
     }
@@ -126,6 +129,7 @@ fn try_submit_reports_busy_and_submit_timeout_times_out() {
         .base_url("http://127.0.0.1:9")
         .key("sk-test-a", 2)
         .queue_capacity(4)
+        .probe_keys(false)
         .build()
         .unwrap();
     let pool = Pool::with_transport(cfg, f).unwrap();
@@ -318,6 +322,7 @@ fn close_with_thousands_queued_answers_every_ticket_and_joins_threads() {
         .key_config(KeyConfig::new("sk-test-a").label("cq-a").max_concurrent(2))
         .key_config(KeyConfig::new("sk-test-b").label("cq-b").max_concurrent(2))
         .queue_capacity(10_000)
+        .probe_keys(false)
         .build()
         .unwrap();
     let pool = Pool::with_transport(cfg, f).unwrap();
@@ -422,6 +427,7 @@ fn least_loaded_picks_the_lowest_relative_load_ties_by_order() {
         .key("sk-test-a", 4)
         .key("sk-test-b", 2)
         .key("sk-test-c", 2)
+        .probe_keys(false)
         .build()
         .unwrap();
     let pool = Pool::with_transport(cfg, f).unwrap();

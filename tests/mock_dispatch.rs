@@ -138,7 +138,8 @@ fn batch_keeps_input_order_with_mixed_failures() {
     let statuses = [200, 500, 200, 404, 200, 503, 400, 200];
     let reqs = (0..400).map(|i| {
         let status = statuses[i % statuses.len()];
-        let mut body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": format!("p{i}")}]});
+        let mut body =
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": format!("p{i}")}]});
         if status != 200 {
             body["mock"] = serde_json::json!({"status": status});
         }
