@@ -1,0 +1,124 @@
+//! The C ABI (`include/keypool.h`, generated from this module by cbindgen in build.rs).
+//!
+//! This is the only module with `unsafe` code. Conventions, stated once here and in the
+//! header banner:
+//!
+//! - Every exported function runs inside [`panic::ffi_panic_boundary`]: a Rust panic
+//!   never unwinds into C; it becomes `KEYPOOL_PANIC` (or the function's NULL/0 value).
+//! - Every pointer argument is NULL-checked; strings are NUL-terminated UTF-8 and copied
+//!   on entry; out-parameters are written only on success.
+//! - Memory the library returns is freed only by the matching `keypool_*_free`, and
+//!   every `_free(NULL)` is a no-op.
+//! - `keypool_last_error()` holds the calling thread's message for its last failed
+//!   call; results carry their own message (`keypool_result_error_message`).
+
+use std::ffi::{CStr, CString, c_char};
+
+mod error;
+mod panic;
+mod pool;
+mod result;
+mod ticket;
+
+use error::{Failure, RawStatus, Status};
+use panic::ffi_panic_boundary;
+
+const VERSION_C: &CStr =
+    match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+        Ok(v) => v,
+        Err(_) => panic!("CARGO_PKG_VERSION contains a NUL byte"),
+    };
+
+/// A shared reference from a C pointer, or `KEYPOOL_INVALID_ARGUMENT` naming `what`.
+///
+/// The caller promises a non-NULL `p` points to a live `T` (the C contract).
+fn arg_ref<'a, T>(p: *const T, what: &str) -> Result<&'a T, Failure> {
+    // SAFETY: non-NULL pointers handed to us by C point to live objects we created
+    // (the documented contract of every function taking a handle).
+    unsafe { p.as_ref() }.ok_or_else(|| Failure::invalid(format!("{what} is NULL")))
+}
+
+/// Like [`arg_ref`], for a handle the call mutates.
+fn arg_mut<'a, T>(p: *mut T, what: &str) -> Result<&'a mut T, Failure> {
+    // SAFETY: as in `arg_ref`; the header forbids using one ticket from two threads
+    // at once, so this is the only reference.
+    unsafe { p.as_mut() }.ok_or_else(|| Failure::invalid(format!("{what} is NULL")))
+}
+
+/// A string argument: NULL-checked and UTF-8-checked. The message never quotes the
+/// contents (a config holds API keys).
+fn arg_str<'a>(p: *const c_char, what: &str) -> Result<&'a str, Failure> {
+    if p.is_null() {
+        return Err(Failure::invalid(format!("{what} is NULL")));
+    }
+    // SAFETY: non-NULL, and the caller promises a NUL-terminated string.
+    let bytes = unsafe { CStr::from_ptr(p) }.to_bytes();
+    std::str::from_utf8(bytes).map_err(|e| {
+        Failure::invalid(format!(
+            "{what} is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
+    })
+}
+
+/// Checks an out-parameter before any work is done.
+fn arg_out<T>(out: *mut *mut T, what: &str) -> Result<(), Failure> {
+    if out.is_null() {
+        Err(Failure::invalid(format!("{what} is NULL")))
+    } else {
+        Ok(())
+    }
+}
+
+/// Writes a new handle to a checked out-parameter.
+fn write_out<T>(out: *mut *mut T, value: T) {
+    // SAFETY: `out` was checked non-NULL by `arg_out`; the caller promises it is
+    // writable.
+    unsafe { out.write(Box::into_raw(Box::new(value))) }
+}
+
+/// The library version, e.g. `"0.1.0"`: the same string as the `KEYPOOL_VERSION`
+/// macro of the header it was built with.
+///
+/// Ownership: a static string; never free it. Never NULL. Thread-safe, non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_version() -> *const c_char {
+    VERSION_C.as_ptr()
+}
+
+/// A short English description of a status code, e.g. "pool is closed". An unknown
+/// code gives "unknown status".
+///
+/// Ownership: a static string; never free it. Never NULL. Thread-safe, non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_status_str(s: RawStatus) -> *const c_char {
+    Status::describe(s).as_ptr()
+}
+
+/// The detail message of this thread's last failed keypool call, e.g.
+/// "invalid config: keys[0].max_concurrent: must be between 1 and 1024, got 0".
+///
+/// Set by every call that fails (returns a status other than `KEYPOOL_OK`, or NULL/0
+/// for bad input); reset to "" by every call returning `keypool_status` that succeeds.
+/// "" if no call has failed. Never contains an API key.
+///
+/// Ownership: owned by the library; valid until the next keypool call on the same
+/// thread; never free it. Never NULL. Thread-local, so thread-safe. Non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_last_error() -> *const c_char {
+    error::last_error_ptr()
+}
+
+/// Frees a string the library returned (from `keypool_pool_stats_json`).
+///
+/// `s` must come from keypool and not be freed twice; NULL is a no-op. Thread-safe,
+/// non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_string_free(s: *mut c_char) {
+    ffi_panic_boundary!((), {
+        if !s.is_null() {
+            // SAFETY: `s` came from `CString::into_raw` in this library (the contract).
+            drop(unsafe { CString::from_raw(s) });
+        }
+    })
+}
