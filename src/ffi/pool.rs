@@ -45,8 +45,8 @@ enum Mode {
     Try,
 }
 
-fn body_request(path: &str, body: *const c_char) -> Result<Request, Failure> {
-    let body = arg_str(body, "body_json")?;
+fn body_request(path: &str, body: *const c_char, what: &str) -> Result<Request, Failure> {
+    let body = arg_str(body, what)?;
     Ok(Request::from_json(path, body)?)
 }
 
@@ -59,7 +59,7 @@ fn submit_ticket(
 ) -> Result<(), Failure> {
     let pool = arg_ref(pool, "pool")?;
     arg_out(out, "out")?;
-    let req = body_request(path, body)?;
+    let req = body_request(path, body, "body_json")?;
     let ticket = match mode {
         Mode::Block => pool.pool.submit(req),
         Mode::Try => pool.pool.try_submit(req),
@@ -236,7 +236,7 @@ pub extern "C" fn keypool_submit_callback(
         finish((|| {
             let pool = arg_ref(pool, "pool")?;
             let cb = cb.ok_or_else(|| Failure::invalid("cb is NULL"))?;
-            let req = body_request(DEFAULT_PATH, body_json)?;
+            let req = body_request(DEFAULT_PATH, body_json, "body_json")?;
             let user_data = UserData(user_data);
             pool.pool.submit_with(req, move |result| {
                 let user_data = user_data.get();
@@ -304,10 +304,14 @@ pub extern "C" fn keypool_batch(
                 .iter()
                 .enumerate()
                 .map(|(i, &b)| {
-                    let req = body_request(DEFAULT_PATH, b).map_err(|mut f| {
-                        f.message = format!("bodies[{i}]: {}", f.message.replace("body_json ", ""));
-                        f
-                    })?;
+                    let req = body_request(DEFAULT_PATH, b, &format!("bodies[{i}]")).map_err(
+                        |mut f| {
+                            if f.status == Status::KEYPOOL_INVALID_REQUEST {
+                                f.message = format!("bodies[{i}]: {}", f.message);
+                            }
+                            f
+                        },
+                    )?;
                     Ok(pool.pool.submit(req)?)
                 })
                 .collect();
