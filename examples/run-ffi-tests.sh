@@ -81,9 +81,11 @@ check "gcc bad_input.c (static)" \
 check "gcc batch.c (shared libkeypool.so)" \
     gcc -std=c11 "${CFLAGS[@]}" examples/c/batch.c -L"$ROOT/target/debug" -lkeypool \
         -Wl,-rpath,"$ROOT/target/debug" -o "$OUT/batch_shared"
-check "g++ header compiles as C++ (-std=c++17 -pedantic)" \
-    bash -c "echo '#include \"keypool.h\"
-int main() { return keypool_version() ? 0 : 1; }' | g++ -std=c++17 ${CFLAGS[*]} -pedantic -x c++ - \"$LIB\" ${LDLIBS[*]} -o \"$OUT/cpp_header\""
+printf '#include "keypool.h"\nint main() { return keypool_version() ? 0 : 1; }\n' >"$OUT/header_cpp.cpp"
+check "g++ keypool.h compiles as C++ (-std=c++17 -pedantic)" \
+    g++ -std=c++17 "${CFLAGS[@]}" -pedantic "$OUT/header_cpp.cpp" "$LIB" "${LDLIBS[@]}" -o "$OUT/header_cpp"
+check "gcc keypool.h compiles as C99 (-pedantic)" \
+    gcc -std=c99 "${CFLAGS[@]}" -pedantic -fsyntax-only -x c "$ROOT/include/keypool.h"
 check "g++ main.cpp (C++17 wrapper)" \
     g++ -std=c++17 "${CFLAGS[@]}" -I"$ROOT/examples/cpp" examples/cpp/main.cpp "$LIB" \
         "${LDLIBS[@]}" -o "$OUT/cpp_main"
