@@ -122,3 +122,124 @@ pub extern "C" fn keypool_string_free(s: *mut c_char) {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CStr;
+    use std::ptr;
+
+    use super::error::{Status, finish, last_error_ptr, set_last_error};
+    use super::panic::ffi_panic_boundary;
+    use super::pool::{FfiPool, keypool_pool_free, keypool_pool_new, keypool_submit};
+    use super::*;
+    use crate::Error;
+
+    fn last_error() -> String {
+        // SAFETY: last_error_ptr never returns NULL and points to a NUL-terminated string.
+        unsafe { CStr::from_ptr(last_error_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn panic_becomes_keypool_panic() {
+        fn boom() -> Status {
+            panic!("boom")
+        }
+        let s: Status = ffi_panic_boundary!(Status::KEYPOOL_PANIC, { boom() });
+        assert_eq!(s, Status::KEYPOOL_PANIC);
+        assert!(last_error().contains("boom"), "{}", last_error());
+        let p: *const u8 = ffi_panic_boundary!(ptr::null(), {
+            std::panic::panic_any(42_u32);
+        });
+        assert!(p.is_null());
+        assert!(last_error().contains("(no message)"));
+    }
+
+    #[test]
+    fn last_error_set_and_cleared() {
+        set_last_error("x\0y");
+        assert_eq!(last_error(), "x\u{FFFD}y");
+        assert_eq!(finish(Ok(())), Status::KEYPOOL_OK);
+        assert_eq!(last_error(), "");
+    }
+
+    #[test]
+    fn status_strings() {
+        // SAFETY: keypool_status_str returns a static NUL-terminated string.
+        let s = |n| {
+            unsafe { CStr::from_ptr(keypool_status_str(n)) }
+                .to_str()
+                .unwrap()
+        };
+        assert_eq!(s(Status::KEYPOOL_CLOSED as u32), "pool is closed");
+        assert_eq!(s(12), "unknown status");
+        assert_eq!(s(u32::MAX), "unknown status");
+        for n in 0..=11 {
+            assert_ne!(s(n), "unknown status");
+        }
+        // SAFETY: as above.
+        let v = unsafe { CStr::from_ptr(keypool_version()) };
+        assert_eq!(v.to_str().unwrap(), crate::VERSION);
+    }
+
+    #[test]
+    fn error_mapping() {
+        assert_eq!(
+            Status::of(&Error::config("keys", "x")),
+            Status::KEYPOOL_CONFIG
+        );
+        assert_eq!(Status::of(&Error::Busy), Status::KEYPOOL_BUSY);
+        assert_eq!(Status::of(&Error::Closed), Status::KEYPOOL_CLOSED);
+        assert_eq!(Status::of(&Error::Cancelled), Status::KEYPOOL_CANCELLED);
+        assert_eq!(
+            Status::of(&Error::ResultTaken),
+            Status::KEYPOOL_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            Status::of(&Error::InvalidRequest("x".into())),
+            Status::KEYPOOL_INVALID_REQUEST
+        );
+    }
+
+    #[test]
+    fn config_errors_never_show_the_key() {
+        let mut pool: *mut FfiPool = ptr::null_mut();
+        let cfg = cr#"{"keys": [{"key": "sk-test-hidden", "label": "sk-test-hidden"}]}"#;
+        assert_eq!(
+            keypool_pool_new(cfg.as_ptr(), &mut pool),
+            Status::KEYPOOL_CONFIG
+        );
+        assert!(pool.is_null());
+        assert!(!last_error().contains("sk-test-hidden"), "{}", last_error());
+        let cfg = cr#"{"keys": "sk-test-hidden"}"#;
+        assert_eq!(
+            keypool_pool_new(cfg.as_ptr(), &mut pool),
+            Status::KEYPOOL_CONFIG
+        );
+        assert!(!last_error().contains("sk-test-hidden"), "{}", last_error());
+    }
+
+    #[test]
+    fn submit_rejects_bad_arguments_before_sending() {
+        let mut pool: *mut FfiPool = ptr::null_mut();
+        let cfg = cr#"{"base_url": "http://127.0.0.1:9/v1", "keys": [{"key": "sk-test-a"}]}"#;
+        assert_eq!(
+            keypool_pool_new(cfg.as_ptr(), &mut pool),
+            Status::KEYPOOL_OK
+        );
+        let mut t = ptr::null_mut();
+        let bad_utf8 = [b'"', 0xff, b'"', 0];
+        assert_eq!(
+            keypool_submit(pool, bad_utf8.as_ptr().cast(), &mut t),
+            Status::KEYPOOL_INVALID_ARGUMENT
+        );
+        assert!(last_error().contains("not valid UTF-8"));
+        assert_eq!(
+            keypool_submit(pool, c"{".as_ptr(), &mut t),
+            Status::KEYPOOL_INVALID_REQUEST
+        );
+        assert!(t.is_null());
+        keypool_pool_free(pool);
+    }
+}
