@@ -11,6 +11,8 @@ fn main() {
     println!("cargo:rerun-if-changed=src/ffi");
     println!("cargo:rerun-if-changed=cbindgen.toml");
     println!("cargo:rerun-if-changed=build.rs");
+    // Regenerate a deleted or hand-edited header too.
+    println!("cargo:rerun-if-changed=include/keypool.h");
 
     let dir = std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR is set by cargo");
     let dir = Path::new(&dir);

@@ -116,6 +116,7 @@ if [ "${SKIP_GO:-0}" != 1 ]; then
     if command -v go >/dev/null 2>&1; then
         export GOTOOLCHAIN=local GOPROXY=off GOFLAGS=-mod=mod CGO_ENABLED=1
         go version
+        check "gofmt" bash -c 'cd examples/go && test -z "$(gofmt -l .)"'
         check "go vet" bash -c 'cd examples/go && go vet ./...'
         check "go test" bash -c 'cd examples/go && go test -count=1 -v ./...'
         check "go test -race" bash -c 'cd examples/go && go test -race -count=1 ./...'

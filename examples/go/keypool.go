@@ -216,7 +216,7 @@ func (p *Pool) Batch(bodies []string) ([]Result, error) {
 	if n == 0 {
 		return results, p.with(func(*C.keypool_pool) error { return nil })
 	}
-	cbodies := (*[1 << 30]*C.char)(C.malloc(C.size_t(n) * C.size_t(unsafe.Sizeof((*C.char)(nil)))))[:n:n]
+	cbodies := unsafe.Slice((**C.char)(C.malloc(C.size_t(n)*C.size_t(unsafe.Sizeof((*C.char)(nil))))), n)
 	defer C.free(unsafe.Pointer(&cbodies[0]))
 	bad := make(map[int]error)
 	for i, b := range bodies {
