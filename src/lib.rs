@@ -32,11 +32,15 @@
 //! ```
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
+#![deny(unsafe_code)]
 
 mod batch;
 mod config;
 mod dispatch;
 mod error;
+// The C ABI: the only module allowed `unsafe` (raw pointers from C).
+#[allow(unsafe_code)]
+mod ffi;
 mod job;
 mod key;
 mod pool;

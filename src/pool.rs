@@ -268,10 +268,17 @@ impl Pool {
 
     /// Wraps a reply so the pool's `completed` counter sees it.
     fn counted(&self, reply: Reply) -> Reply {
+        self.counted_fn(move |r| reply.send(r))
+    }
+
+    /// A reply calling `callback`, counted like [`counted`](Pool::counted). The callback
+    /// is captured bare (not as an inner `Reply`), so a defused reply drops it without
+    /// calling it: a refused `submit_with` never runs its callback.
+    fn counted_fn(&self, callback: impl FnOnce(RequestResult) + Send + 'static) -> Reply {
         let shared = self.inner.shared.clone();
         Reply::new(move |r| {
             shared.completed.fetch_add(1, Relaxed);
-            reply.send(r);
+            callback(r);
         })
     }
 
@@ -308,7 +315,7 @@ impl Pool {
         req: Request,
         callback: impl FnOnce(RequestResult) + Send + 'static,
     ) -> Result<(), Error> {
-        let reply = self.counted(Reply::new(callback));
+        let reply = self.counted_fn(callback);
         self.enqueue(req, reply, Mode::Block)
     }
 
@@ -319,7 +326,7 @@ impl Pool {
         req: Request,
         callback: impl FnOnce(RequestResult) + Send + 'static,
     ) -> Result<(), Error> {
-        let reply = self.counted(Reply::new(callback));
+        let reply = self.counted_fn(callback);
         self.enqueue(req, reply, Mode::Try)
     }
 

@@ -1,0 +1,444 @@
+/*
+ * keypool C ABI bad-input test: every misuse must give the documented status (or
+ * NULL/0) and a specific keypool_last_error() message — never a crash, a leak (run
+ * under valgrind) or an API key in a message.
+ *
+ *   bad_input [base_url]   a mock server's URL; without it an unreachable one is used
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "keypool.h"
+
+#define SECRET "sk-test-secret"
+
+static int passed, failed;
+
+static void report(int ok, const char *name, const char *detail) {
+    if (ok) {
+        passed++;
+    } else {
+        failed++;
+        fprintf(stderr, "FAIL %s: %s\n", name, detail);
+    }
+}
+
+/* The last error must be non-empty, contain `want`, and never the secret key. */
+static int error_ok(const char *want, char *detail, size_t n) {
+    const char *e = keypool_last_error();
+    if (e == NULL) {
+        snprintf(detail, n, "keypool_last_error() is NULL");
+        return 0;
+    }
+    if (e[0] == '\0' || strstr(e, want) == NULL || strstr(e, SECRET) != NULL) {
+        snprintf(detail, n, "last error \"%s\" does not contain \"%s\" (or leaks the key)", e,
+                 want);
+        return 0;
+    }
+    return 1;
+}
+
+static void check_status(const char *name, keypool_status got, keypool_status want,
+                         const char *want_msg) {
+    char detail[1024] = "";
+    int ok;
+    if (got != want) {
+        snprintf(detail, sizeof detail, "status %d (%s), want %d (%s); last error: %s", (int)got,
+                 keypool_status_str(got), (int)want, keypool_status_str(want),
+                 keypool_last_error());
+        ok = 0;
+    } else if (want == KEYPOOL_OK) {
+        ok = keypool_last_error()[0] == '\0';
+        if (!ok) snprintf(detail, sizeof detail, "OK but last error is \"%s\"", keypool_last_error());
+    } else {
+        ok = error_ok(want_msg, detail, sizeof detail);
+    }
+    report(ok, name, detail);
+}
+
+/* For accessors that return NULL/0 on bad input. */
+static void check_failed(const char *name, int returned_bad_value, const char *want_msg) {
+    char detail[1024] = "returned a value other than NULL/0";
+    int ok = returned_bad_value && error_ok(want_msg, detail, sizeof detail);
+    report(ok, name, detail);
+}
+
+static void check(const char *name, int cond, const char *detail) { report(cond, name, detail); }
+
+#define BODY "{\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}"
+
+static int callback_calls;
+static pthread_mutex_t callback_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void count_callback(keypool_result *r, void *user_data) {
+    (void)user_data;
+    pthread_mutex_lock(&callback_mu);
+    callback_calls++;
+    pthread_mutex_unlock(&callback_mu);
+    keypool_result_free(r);
+}
+
+static keypool_pool *make_pool(const char *base_url, int max_concurrent, int queue,
+                               int timeout_ms) {
+    char config[1024];
+    snprintf(config, sizeof config,
+             "{\"base_url\": \"%s\", \"timeout_ms\": %d, \"queue_capacity\": %d,"
+             " \"retry\": {\"max_attempts\": 1},"
+             " \"keys\": [{\"key\": \"" SECRET "-1\", \"label\": \"acct-a\", \"max_concurrent\": %d}]}",
+             base_url, timeout_ms, queue, max_concurrent);
+    keypool_pool *pool = NULL;
+    keypool_status s = keypool_pool_new(config, &pool);
+    if (s != KEYPOOL_OK) {
+        fprintf(stderr, "make_pool: %s: %s\n", keypool_status_str(s), keypool_last_error());
+        exit(1);
+    }
+    return pool;
+}
+
+/* A listening socket that never accepts: connections succeed, requests hang. */
+static int hanging_server(char *url, size_t n) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) != 0 || listen(fd, 64) != 0 ||
+        getsockname(fd, (struct sockaddr *)&a, &len) != 0) {
+        perror("hanging_server");
+        exit(1);
+    }
+    snprintf(url, n, "http://127.0.0.1:%d/v1", ntohs(a.sin_port));
+    return fd;
+}
+
+static void config_cases(void) {
+    static const struct {
+        const char *name, *json, *msg;
+        keypool_status want;
+    } cases[] = {
+        {"config: malformed JSON", "{\"keys\": [", "invalid config", KEYPOOL_CONFIG},
+        {"config: empty string", "", "invalid config", KEYPOOL_CONFIG},
+        {"config: keys is a number", "{\"keys\": 5}", "keys", KEYPOOL_CONFIG},
+        {"config: keys is the secret as a string", "{\"keys\": \"" SECRET "\"}", "keys",
+         KEYPOOL_CONFIG},
+        {"config: max_concurrent is a string",
+         "{\"keys\": [{\"key\": \"" SECRET "\", \"max_concurrent\": \"x\"}]}",
+         "keys[0].max_concurrent", KEYPOOL_CONFIG},
+        {"config: zero keys", "{\"keys\": []}", "at least one key", KEYPOOL_CONFIG},
+        {"config: no keys field", "{}", "at least one key", KEYPOOL_CONFIG},
+        {"config: max_concurrent 0", "{\"keys\": [{\"key\": \"" SECRET "\", \"max_concurrent\": 0}]}",
+         "keys[0].max_concurrent", KEYPOOL_CONFIG},
+        {"config: unknown field", "{\"colour\": 1, \"keys\": [{\"key\": \"" SECRET "\"}]}",
+         "colour", KEYPOOL_CONFIG},
+        {"config: unknown key field",
+         "{\"keys\": [{\"key\": \"" SECRET "\", \"secret\": \"" SECRET "\"}]}", "keys[0]",
+         KEYPOOL_CONFIG},
+        {"config: base_url not a URL", "{\"base_url\": \"not a url\", \"keys\": [{\"key\": \"" SECRET "\"}]}",
+         "base_url", KEYPOOL_CONFIG},
+        {"config: base_url ftp", "{\"base_url\": \"ftp://example.com\", \"keys\": [{\"key\": \"" SECRET "\"}]}",
+         "base_url", KEYPOOL_CONFIG},
+        {"config: label is the key", "{\"keys\": [{\"key\": \"" SECRET "\", \"label\": \"" SECRET "\"}]}",
+         "keys[0].label", KEYPOOL_CONFIG},
+        {"config: key with a space", "{\"keys\": [{\"key\": \"" SECRET " x\"}]}", "keys[0].key",
+         KEYPOOL_CONFIG},
+        {"config: invalid UTF-8", "{\"keys\": [{\"key\": \"\xff\xfe\"}]}", "not valid UTF-8",
+         KEYPOOL_INVALID_ARGUMENT},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        keypool_pool *pool = (keypool_pool *)&cases[i]; /* sentinel: must stay untouched */
+        keypool_status s = keypool_pool_new(cases[i].json, &pool);
+        check_status(cases[i].name, s, cases[i].want, cases[i].msg);
+        check("config: out untouched on failure", pool == (keypool_pool *)&cases[i],
+              cases[i].name);
+    }
+    keypool_pool *pool = NULL;
+    check_status("pool_new: NULL config", keypool_pool_new(NULL, &pool), KEYPOOL_INVALID_ARGUMENT,
+                 "config_json is NULL");
+    check_status("pool_new: NULL out",
+                 keypool_pool_new("{\"keys\": [{\"key\": \"" SECRET "\"}]}", NULL),
+                 KEYPOOL_INVALID_ARGUMENT, "out is NULL");
+}
+
+static void null_handle_cases(void) {
+    keypool_ticket *t = NULL;
+    keypool_result *r = NULL;
+    size_t len = 12345;
+    check_status("shutdown: NULL pool", keypool_pool_shutdown(NULL, 0), KEYPOOL_INVALID_ARGUMENT,
+                 "pool is NULL");
+    check_status("submit: NULL pool", keypool_submit(NULL, BODY, &t), KEYPOOL_INVALID_ARGUMENT,
+                 "pool is NULL");
+    check_status("submit_path: NULL pool", keypool_submit_path(NULL, "/embeddings", BODY, &t),
+                 KEYPOOL_INVALID_ARGUMENT, "pool is NULL");
+    check_status("try_submit: NULL pool", keypool_try_submit(NULL, BODY, &t),
+                 KEYPOOL_INVALID_ARGUMENT, "pool is NULL");
+    check_status("submit_callback: NULL pool",
+                 keypool_submit_callback(NULL, BODY, count_callback, NULL),
+                 KEYPOOL_INVALID_ARGUMENT, "pool is NULL");
+    check_status("batch: NULL pool", keypool_batch(NULL, NULL, 0, NULL), KEYPOOL_INVALID_ARGUMENT,
+                 "pool is NULL");
+    check_status("ticket_wait: NULL ticket", keypool_ticket_wait(NULL, 0, &r),
+                 KEYPOOL_INVALID_ARGUMENT, "ticket is NULL");
+    check_failed("stats_json: NULL pool", keypool_pool_stats_json(NULL) == NULL, "pool is NULL");
+    check_status("result_status: NULL", keypool_result_status(NULL), KEYPOOL_INVALID_ARGUMENT,
+                 "result is NULL");
+    check_failed("result_http_status: NULL", keypool_result_http_status(NULL) == 0,
+                 "result is NULL");
+    check_failed("result_body: NULL result", keypool_result_body(NULL, &len) == NULL && len == 12345,
+                 "result is NULL");
+    check_failed("result_key_label: NULL", keypool_result_key_label(NULL) == NULL, "result is NULL");
+    check_failed("result_attempts: NULL", keypool_result_attempts(NULL) == 0, "result is NULL");
+    check_failed("result_latency_ms: NULL", keypool_result_latency_ms(NULL) == 0, "result is NULL");
+    check_failed("result_error_message: NULL", keypool_result_error_message(NULL) == NULL,
+                 "result is NULL");
+    check_failed("result_error_code: NULL", keypool_result_error_code(NULL) == NULL,
+                 "result is NULL");
+    check("out params untouched", t == NULL && r == NULL, "an out-parameter was written");
+
+    /* _free(NULL) is a no-op for every _free. */
+    keypool_pool_free(NULL);
+    keypool_ticket_free(NULL);
+    keypool_result_free(NULL);
+    keypool_string_free(NULL);
+    check("free(NULL) x4", 1, "");
+
+    /* Status strings. */
+    check("status_str(99)", strcmp(keypool_status_str((keypool_status)99), "unknown status") == 0,
+          keypool_status_str((keypool_status)99));
+    check("status_str(-1)",
+          strcmp(keypool_status_str((keypool_status)-1), "unknown status") == 0, "not unknown");
+    int named = 1;
+    for (int s = KEYPOOL_OK; s <= KEYPOOL_INVALID_REQUEST; s++) {
+        const char *str = keypool_status_str((keypool_status)s);
+        if (str == NULL || str[0] == '\0' || strcmp(str, "unknown status") == 0) named = 0;
+    }
+    check("status_str names 0..11", named, "a known status has no name");
+    check("status numbers fixed",
+          KEYPOOL_OK == 0 && KEYPOOL_INVALID_ARGUMENT == 1 && KEYPOOL_CONFIG == 2 &&
+              KEYPOOL_HTTP == 3 && KEYPOOL_TRANSPORT == 4 && KEYPOOL_TIMEOUT == 5 &&
+              KEYPOOL_BUSY == 6 && KEYPOOL_CLOSED == 7 && KEYPOOL_CANCELLED == 8 &&
+              KEYPOOL_PANIC == 9 && KEYPOOL_NO_USABLE_KEY == 10 && KEYPOOL_INVALID_REQUEST == 11,
+          "a status number changed");
+}
+
+static void argument_cases(keypool_pool *pool) {
+    keypool_ticket *t = NULL;
+    check_status("submit: NULL body", keypool_submit(pool, NULL, &t), KEYPOOL_INVALID_ARGUMENT,
+                 "body_json is NULL");
+    check_status("submit: NULL out", keypool_submit(pool, BODY, NULL), KEYPOOL_INVALID_ARGUMENT,
+                 "out is NULL");
+    check_status("submit: invalid UTF-8 body", keypool_submit(pool, "{\"x\": \"\xc3\x28\"}", &t),
+                 KEYPOOL_INVALID_ARGUMENT, "not valid UTF-8");
+    check_status("submit: malformed JSON body", keypool_submit(pool, "{\"model\": ", &t),
+                 KEYPOOL_INVALID_REQUEST, "not valid JSON");
+    check_status("submit_path: NULL path", keypool_submit_path(pool, NULL, BODY, &t),
+                 KEYPOOL_INVALID_ARGUMENT, "path is NULL");
+    check_status("submit_path: NULL body", keypool_submit_path(pool, "/embeddings", NULL, &t),
+                 KEYPOOL_INVALID_ARGUMENT, "body_json is NULL");
+    check_status("submit_path: NULL out", keypool_submit_path(pool, "/embeddings", BODY, NULL),
+                 KEYPOOL_INVALID_ARGUMENT, "out is NULL");
+    check_status("submit_path: path without /", keypool_submit_path(pool, "embeddings", BODY, &t),
+                 KEYPOOL_INVALID_REQUEST, "path must start with '/'");
+    check_status("submit_path: path with a space", keypool_submit_path(pool, "/a b", BODY, &t),
+                 KEYPOOL_INVALID_REQUEST, "path");
+    check_status("submit_path: invalid UTF-8 path", keypool_submit_path(pool, "/\xff", BODY, &t),
+                 KEYPOOL_INVALID_ARGUMENT, "path is not valid UTF-8");
+    check_status("try_submit: NULL body", keypool_try_submit(pool, NULL, &t),
+                 KEYPOOL_INVALID_ARGUMENT, "body_json is NULL");
+    check_status("try_submit: NULL out", keypool_try_submit(pool, BODY, NULL),
+                 KEYPOOL_INVALID_ARGUMENT, "out is NULL");
+    check_status("try_submit: malformed JSON", keypool_try_submit(pool, "[1,", &t),
+                 KEYPOOL_INVALID_REQUEST, "not valid JSON");
+    check_status("submit_callback: NULL body",
+                 keypool_submit_callback(pool, NULL, count_callback, NULL),
+                 KEYPOOL_INVALID_ARGUMENT, "body_json is NULL");
+    check_status("submit_callback: NULL callback", keypool_submit_callback(pool, BODY, NULL, NULL),
+                 KEYPOOL_INVALID_ARGUMENT, "cb is NULL");
+    check_status("submit_callback: malformed JSON",
+                 keypool_submit_callback(pool, "nope", count_callback, NULL),
+                 KEYPOOL_INVALID_REQUEST, "not valid JSON");
+    check_status("batch: NULL bodies", keypool_batch(pool, NULL, 3, NULL), KEYPOOL_INVALID_ARGUMENT,
+                 "bodies is NULL");
+    const char *one[1] = {BODY};
+    check_status("batch: NULL out_results", keypool_batch(pool, one, 1, NULL),
+                 KEYPOOL_INVALID_ARGUMENT, "out_results is NULL");
+    check_status("batch: n == 0", keypool_batch(pool, NULL, 0, NULL), KEYPOOL_OK, "");
+    check("no ticket written", t == NULL, "an out-parameter was written on failure");
+}
+
+/* A batch with bad bodies: per-index failed results, not a failed batch. */
+static void batch_cases(keypool_pool *pool) {
+    const char *bodies[4] = {BODY, NULL, "{\"content\": \"\xff\"}", "{not json"};
+    keypool_result *out[4] = {NULL, NULL, NULL, NULL};
+    keypool_status s = keypool_batch(pool, bodies, 4, out);
+    check_status("batch: mixed bad bodies", s, KEYPOOL_OK, "");
+    if (s != KEYPOOL_OK) return;
+    check("batch[0] valid body is sent", keypool_result_status(out[0]) == KEYPOOL_OK,
+          keypool_result_error_message(out[0]) ? keypool_result_error_message(out[0]) : "?");
+    static const keypool_status want[4] = {KEYPOOL_OK, KEYPOOL_INVALID_ARGUMENT,
+                                           KEYPOOL_INVALID_ARGUMENT, KEYPOOL_INVALID_REQUEST};
+    static const char *const want_msg[4] = {NULL, "bodies[1] is NULL", "bodies[2] is not valid UTF-8",
+                                            "bodies[3]"};
+    for (int i = 1; i < 4; i++) {
+        const char *m = keypool_result_error_message(out[i]);
+        const char *code = keypool_result_error_code(out[i]);
+        size_t len = 99;
+        const uint8_t *body = keypool_result_body(out[i], &len);
+        char name[64];
+        snprintf(name, sizeof name, "batch[%d] failed result", i);
+        check(name,
+              keypool_result_status(out[i]) == want[i] && m != NULL && strstr(m, want_msg[i]) &&
+                  code != NULL && code[0] && body != NULL && len == 0 &&
+                  keypool_result_http_status(out[i]) == 0 &&
+                  keypool_result_key_label(out[i]) != NULL &&
+                  keypool_result_key_label(out[i])[0] == '\0',
+              m ? m : "(no message)");
+    }
+    for (int i = 0; i < 4; i++) keypool_result_free(out[i]);
+}
+
+/* Ticket lifecycle misuse: wait twice, wait on a ticket of a freed pool. */
+static void ticket_cases(const char *base_url) {
+    keypool_pool *pool = make_pool(base_url, 4, 64, 30000);
+    keypool_ticket *t = NULL;
+    keypool_result *r = NULL;
+    check_status("submit: valid", keypool_submit(pool, BODY, &t), KEYPOOL_OK, "");
+    if (t != NULL) {
+        check_status("ticket_wait: NULL out", keypool_ticket_wait(t, 30000, NULL),
+                     KEYPOOL_INVALID_ARGUMENT, "out is NULL");
+        check_status("ticket_wait: first", keypool_ticket_wait(t, 30000, &r), KEYPOOL_OK, "");
+        keypool_result *r2 = NULL;
+        check_status("ticket_wait: twice", keypool_ticket_wait(t, 0, &r2), KEYPOOL_INVALID_ARGUMENT,
+                     "already taken");
+        check("ticket_wait twice: out untouched", r2 == NULL, "out written");
+        keypool_result_free(r);
+        keypool_ticket_free(t);
+    }
+
+    /* Tickets outlive their pool: free the pool with requests queued, then wait. */
+    keypool_pool *small = make_pool(base_url, 1, 64, 30000);
+    keypool_ticket *ts[8];
+    int n = 0;
+    for (int i = 0; i < 8; i++) {
+        if (keypool_submit(small, BODY, &ts[n]) == KEYPOOL_OK) n++;
+    }
+    check("submit 8 to a small pool", n == 8, keypool_last_error());
+    keypool_pool_free(small);
+    int answered = 0;
+    for (int i = 0; i < n; i++) {
+        keypool_result *res = NULL;
+        keypool_status s = keypool_ticket_wait(ts[i], 0, &res);
+        if (s == KEYPOOL_OK) {
+            keypool_status rs = keypool_result_status(res);
+            if (rs == KEYPOOL_OK || rs == KEYPOOL_CANCELLED) answered++;
+            keypool_result_free(res);
+        }
+        keypool_ticket_free(ts[i]);
+    }
+    check("wait on tickets of a freed pool: all answered (OK or CANCELLED)", answered == n,
+          "a ticket was not answered");
+
+    /* Shutdown twice, then every submit is refused with KEYPOOL_CLOSED. */
+    check_status("shutdown: first", keypool_pool_shutdown(pool, 10000), KEYPOOL_OK, "");
+    check_status("shutdown: second (idempotent)", keypool_pool_shutdown(pool, 0), KEYPOOL_OK, "");
+    keypool_ticket *late = NULL;
+    check_status("submit after shutdown", keypool_submit(pool, BODY, &late), KEYPOOL_CLOSED,
+                 "closed");
+    check_status("try_submit after shutdown", keypool_try_submit(pool, BODY, &late),
+                 KEYPOOL_CLOSED, "closed");
+    check_status("submit_path after shutdown", keypool_submit_path(pool, "/x", BODY, &late),
+                 KEYPOOL_CLOSED, "closed");
+    int before = callback_calls;
+    check_status("submit_callback after shutdown",
+                 keypool_submit_callback(pool, BODY, count_callback, NULL), KEYPOOL_CLOSED,
+                 "closed");
+    const char *one[1] = {BODY};
+    keypool_result *out[1] = {NULL};
+    check_status("batch after shutdown", keypool_batch(pool, one, 1, out), KEYPOOL_CLOSED,
+                 "closed");
+    check("no ticket/result after shutdown", late == NULL && out[0] == NULL, "out written");
+    char *stats = keypool_pool_stats_json(pool);
+    check("stats after shutdown", stats != NULL && strstr(stats, SECRET) == NULL, "no stats");
+    keypool_string_free(stats);
+    keypool_pool_free(pool);
+    pthread_mutex_lock(&callback_mu);
+    check("refused callbacks never called", callback_calls == before, "a callback ran");
+    pthread_mutex_unlock(&callback_mu);
+}
+
+/* A server that never answers: wait timeouts, BUSY, shutdown timeout. */
+static void hanging_cases(void) {
+    char url[128];
+    int fd = hanging_server(url, sizeof url);
+    keypool_pool *pool = make_pool(url, 1, 1, 1500);
+    keypool_ticket *t = NULL;
+    keypool_result *r = NULL;
+    check_status("submit to a hanging server", keypool_submit(pool, BODY, &t), KEYPOOL_OK, "");
+    check_status("ticket_wait: timeout 0", keypool_ticket_wait(t, 0, &r), KEYPOOL_TIMEOUT,
+                 "not ready");
+    check_status("ticket_wait: timeout 20 ms", keypool_ticket_wait(t, 20, &r), KEYPOOL_TIMEOUT,
+                 "still valid");
+    check("ticket_wait timeout: out untouched", r == NULL, "out written");
+
+    keypool_ticket *extra[16];
+    int n = 0;
+    keypool_status s = KEYPOOL_OK;
+    while (n < 16) {
+        s = keypool_try_submit(pool, BODY, &extra[n]);
+        if (s != KEYPOOL_OK) break;
+        n++;
+    }
+    check_status("try_submit: queue full", s, KEYPOOL_BUSY, "busy");
+
+    check_status("shutdown: timeout with a request in flight", keypool_pool_shutdown(pool, 0),
+                 KEYPOOL_TIMEOUT, "call keypool_pool_shutdown again");
+    check_status("shutdown: retried until done", keypool_pool_shutdown(pool, 30000), KEYPOOL_OK, "");
+    check_status("ticket_wait after shutdown", keypool_ticket_wait(t, 30000, &r), KEYPOOL_OK, "");
+    keypool_status rs = keypool_result_status(r);
+    const char *code = keypool_result_error_code(r);
+    check("hung request ends in a timeout/transport result",
+          (rs == KEYPOOL_TIMEOUT || rs == KEYPOOL_TRANSPORT) && code != NULL &&
+              keypool_result_error_message(r) != NULL &&
+              strstr(keypool_result_error_message(r), SECRET) == NULL,
+          keypool_status_str(rs));
+    keypool_result_free(r);
+    keypool_ticket_free(t);
+    int cancelled = 0;
+    for (int i = 0; i < n; i++) {
+        keypool_result *x = NULL;
+        if (keypool_ticket_wait(extra[i], 0, &x) == KEYPOOL_OK) {
+            keypool_status xs = keypool_result_status(x);
+            if (xs == KEYPOOL_CANCELLED || xs == KEYPOOL_TIMEOUT || xs == KEYPOOL_TRANSPORT)
+                cancelled++;
+            keypool_result_free(x);
+        }
+        keypool_ticket_free(extra[i]);
+    }
+    check("queued tickets answered at shutdown", cancelled == n, "a queued ticket was not answered");
+    keypool_pool_free(pool);
+    close(fd);
+}
+
+int main(int argc, char **argv) {
+    const char *base_url = argc > 1 ? argv[1] : "http://127.0.0.1:9/v1";
+
+    config_cases();
+    null_handle_cases();
+    keypool_pool *pool = make_pool(base_url, 4, 64, 30000);
+    argument_cases(pool);
+    if (argc > 1) batch_cases(pool);
+    keypool_pool_free(pool);
+    if (argc > 1) ticket_cases(base_url);
+    hanging_cases();
+
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed == 0 ? 0 : 1;
+}

@@ -1,0 +1,3 @@
+module example.com/keypool
+
+go 1.19

@@ -1,0 +1,351 @@
+// Package keypool wraps the keypool C ABI (include/keypool.h): spread OpenAI-compatible
+// LLM API requests across many API keys.
+//
+// Build the Rust library first (`cargo build` in the repository root); this package
+// links target/debug/libkeypool.a statically.
+//
+//	pool, err := keypool.New(`{"base_url": "https://openrouter.ai/api/v1",
+//	    "keys": [{"key": "sk-...", "label": "acct-a", "max_concurrent": 4}]}`)
+//	if err != nil { ... }
+//	defer pool.Close()
+//	results, err := pool.Batch(bodies)
+//
+// A Pool may be used from any number of goroutines. Close is idempotent; a finalizer
+// closes a forgotten pool, but only as a safety net.
+package keypool
+
+/*
+#cgo CFLAGS: -I${SRCDIR}/../../include
+#cgo LDFLAGS: ${SRCDIR}/../../target/debug/libkeypool.a -lm -ldl -lpthread
+#include <stdint.h>
+#include <stdlib.h>
+#include "keypool.h"
+
+extern void goKeypoolCallback(keypool_result *result, void *user_data);
+
+static inline keypool_status kp_submit_callback(keypool_pool *pool, const char *body, uintptr_t handle) {
+	return keypool_submit_callback(pool, body, goKeypoolCallback, (void *)handle);
+}
+*/
+import "C"
+
+import (
+	"runtime"
+	"runtime/cgo"
+	"strings"
+	"sync"
+	"time"
+	"unsafe"
+)
+
+// Code is a keypool_status: why a call or a request failed.
+type Code int
+
+// The status codes of include/keypool.h. Their numbers never change.
+const (
+	OK              Code = C.KEYPOOL_OK
+	InvalidArgument Code = C.KEYPOOL_INVALID_ARGUMENT
+	Config          Code = C.KEYPOOL_CONFIG
+	HTTP            Code = C.KEYPOOL_HTTP
+	Transport       Code = C.KEYPOOL_TRANSPORT
+	Timeout         Code = C.KEYPOOL_TIMEOUT
+	Busy            Code = C.KEYPOOL_BUSY
+	Closed          Code = C.KEYPOOL_CLOSED
+	Cancelled       Code = C.KEYPOOL_CANCELLED
+	Panic           Code = C.KEYPOOL_PANIC
+	NoUsableKey     Code = C.KEYPOOL_NO_USABLE_KEY
+	InvalidRequest  Code = C.KEYPOOL_INVALID_REQUEST
+)
+
+// String describes the code ("pool is closed", ...; "unknown status" if unknown).
+func (c Code) String() string {
+	return C.GoString(C.keypool_status_str(C.keypool_status(c)))
+}
+
+// Error is a failed keypool call or request.
+type Error struct {
+	code Code
+	msg  string
+}
+
+// Code is the keypool status of the failure.
+func (e *Error) Code() Code { return e.code }
+
+// Error is the library's message; it never contains an API key.
+func (e *Error) Error() string {
+	if e.msg == "" {
+		return "keypool: " + e.code.String()
+	}
+	return "keypool: " + e.msg
+}
+
+// Version is the C library's version (keypool_version()).
+func Version() string { return C.GoString(C.keypool_version()) }
+
+// call runs f on a locked OS thread so that keypool_last_error (thread-local) describes
+// f's failure.
+func call(f func() C.keypool_status) error {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	s := f()
+	if s == C.KEYPOOL_OK {
+		return nil
+	}
+	return &Error{code: Code(s), msg: C.GoString(C.keypool_last_error())}
+}
+
+func cString(what, s string) (*C.char, error) {
+	if strings.IndexByte(s, 0) >= 0 {
+		return nil, &Error{code: InvalidArgument, msg: what + " contains a NUL byte"}
+	}
+	return C.CString(s), nil
+}
+
+// Pool is a pool of API keys. Safe for concurrent use.
+type Pool struct {
+	mu     sync.RWMutex // held for reading by calls, for writing by Close's free
+	ptr    *C.keypool_pool
+	closed sync.Once
+}
+
+// New creates a pool from a JSON config (see include/keypool.h). Errors are *Error with
+// Code Config (rejected config) or InvalidArgument.
+func New(configJSON string) (*Pool, error) {
+	cfg, err := cString("config", configJSON)
+	if err != nil {
+		return nil, err
+	}
+	defer C.free(unsafe.Pointer(cfg))
+	var ptr *C.keypool_pool
+	if err := call(func() C.keypool_status { return C.keypool_pool_new(cfg, &ptr) }); err != nil {
+		return nil, err
+	}
+	p := &Pool{ptr: ptr}
+	runtime.SetFinalizer(p, func(p *Pool) { p.Close() })
+	return p, nil
+}
+
+// with runs f with the live C pool, or returns a Closed error.
+func (p *Pool) with(f func(*C.keypool_pool) error) error {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	if p.ptr == nil {
+		return &Error{code: Closed, msg: "pool is closed"}
+	}
+	err := f(p.ptr)
+	runtime.KeepAlive(p)
+	return err
+}
+
+// Close shuts the pool down: queued requests are answered Cancelled, in-flight ones
+// finish, then the C pool is freed. Idempotent and safe to call concurrently; later
+// calls on the pool return an *Error with Code Closed.
+func (p *Pool) Close() error {
+	p.closed.Do(func() {
+		// Shut down first without the write lock, so blocked Submit/Batch calls return.
+		p.mu.RLock()
+		if p.ptr != nil {
+			C.keypool_pool_shutdown(p.ptr, C.uint64_t(^uint64(0)))
+		}
+		p.mu.RUnlock()
+		p.mu.Lock()
+		if p.ptr != nil {
+			C.keypool_pool_free(p.ptr)
+			p.ptr = nil
+		}
+		p.mu.Unlock()
+		runtime.SetFinalizer(p, nil)
+	})
+	return nil
+}
+
+// Submit sends a chat completion body (POST /chat/completions), blocking while the
+// queue is full.
+func (p *Pool) Submit(body string) (*Ticket, error) {
+	b, err := cString("body", body)
+	if err != nil {
+		return nil, err
+	}
+	defer C.free(unsafe.Pointer(b))
+	var t *C.keypool_ticket
+	err = p.with(func(ptr *C.keypool_pool) error {
+		return call(func() C.keypool_status { return C.keypool_submit(ptr, b, &t) })
+	})
+	if err != nil {
+		return nil, err
+	}
+	tk := &Ticket{ptr: t}
+	runtime.SetFinalizer(tk, func(t *Ticket) { t.Close() })
+	return tk, nil
+}
+
+// SubmitFunc sends a chat completion body; fn is called once with its result, on
+// another goroutine. If SubmitFunc returns an error, fn is never called.
+func (p *Pool) SubmitFunc(body string, fn func(Result)) error {
+	b, err := cString("body", body)
+	if err != nil {
+		return err
+	}
+	defer C.free(unsafe.Pointer(b))
+	h := cgo.NewHandle(fn)
+	err = p.with(func(ptr *C.keypool_pool) error {
+		return call(func() C.keypool_status { return C.kp_submit_callback(ptr, b, C.uintptr_t(h)) })
+	})
+	if err != nil {
+		h.Delete()
+	}
+	return err
+}
+
+//export goKeypoolCallback
+func goKeypoolCallback(r *C.keypool_result, userData unsafe.Pointer) {
+	h := cgo.Handle(uintptr(userData))
+	fn := h.Value().(func(Result))
+	h.Delete()
+	res := copyResult(r)
+	C.keypool_result_free(r)
+	fn(res)
+}
+
+// Batch sends every body (POST /chat/completions) and returns one Result per body, in
+// input order, blocking until all are answered. A bad body gives a failed Result at its
+// index, not an error; the error is for the call itself (e.g. Closed).
+func (p *Pool) Batch(bodies []string) ([]Result, error) {
+	n := len(bodies)
+	results := make([]Result, n)
+	if n == 0 {
+		return results, p.with(func(*C.keypool_pool) error { return nil })
+	}
+	cbodies := unsafe.Slice((**C.char)(C.malloc(C.size_t(n)*C.size_t(unsafe.Sizeof((*C.char)(nil))))), n)
+	defer C.free(unsafe.Pointer(&cbodies[0]))
+	bad := make(map[int]error)
+	for i, b := range bodies {
+		cb, err := cString("body", b)
+		if err != nil {
+			bad[i] = err
+		}
+		cbodies[i] = cb // NULL for a bad body: the library answers it InvalidArgument
+	}
+	defer func() {
+		for _, cb := range cbodies {
+			C.free(unsafe.Pointer(cb))
+		}
+	}()
+	out := make([]*C.keypool_result, n)
+	err := p.with(func(ptr *C.keypool_pool) error {
+		return call(func() C.keypool_status {
+			return C.keypool_batch(ptr, &cbodies[0], C.size_t(n), &out[0])
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	for i, r := range out {
+		results[i] = copyResult(r)
+		C.keypool_result_free(r)
+		if e, ok := bad[i]; ok {
+			results[i].ErrorMessage = e.(*Error).msg
+		}
+	}
+	return results, nil
+}
+
+// Stats returns the pool's counters as JSON (labels only, never keys).
+func (p *Pool) Stats() (string, error) {
+	var out string
+	err := p.with(func(ptr *C.keypool_pool) error {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		s := C.keypool_pool_stats_json(ptr)
+		if s == nil {
+			return &Error{code: InvalidArgument, msg: C.GoString(C.keypool_last_error())}
+		}
+		out = C.GoString(s)
+		C.keypool_string_free(s)
+		return nil
+	})
+	return out, err
+}
+
+// Ticket is a submitted request's result, to wait for. Not safe for concurrent use.
+type Ticket struct {
+	mu  sync.Mutex
+	ptr *C.keypool_ticket
+}
+
+// Wait waits at most timeout (negative: as long as it takes) for the result. If it is
+// not ready yet, returns an *Error with Code Timeout and the ticket stays valid. Once a
+// result has been returned, the ticket is spent: later calls return InvalidArgument.
+// A failed request is a Result whose Err() is non-nil, not an error here.
+func (t *Ticket) Wait(timeout time.Duration) (*Result, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.ptr == nil {
+		return nil, &Error{code: InvalidArgument, msg: "the ticket's result was already taken (or the ticket closed)"}
+	}
+	ms := ^uint64(0)
+	if timeout >= 0 {
+		ms = uint64(timeout / time.Millisecond)
+	}
+	var r *C.keypool_result
+	if err := call(func() C.keypool_status { return C.keypool_ticket_wait(t.ptr, C.uint64_t(ms), &r) }); err != nil {
+		return nil, err
+	}
+	res := copyResult(r)
+	C.keypool_result_free(r)
+	C.keypool_ticket_free(t.ptr)
+	t.ptr = nil
+	runtime.SetFinalizer(t, nil)
+	return &res, nil
+}
+
+// Close discards the ticket (the request still runs). Idempotent.
+func (t *Ticket) Close() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.ptr != nil {
+		C.keypool_ticket_free(t.ptr)
+		t.ptr = nil
+	}
+	runtime.SetFinalizer(t, nil)
+}
+
+// Result is one request's outcome, copied into Go memory.
+type Result struct {
+	Status       Code   // OK, or why the request failed
+	HTTPStatus   int    // 0 if there was no HTTP response
+	Body         []byte // the response body, also for HTTP errors
+	KeyLabel     string // the key that served the request ("" if none)
+	Attempts     int
+	Latency      time.Duration
+	ErrorCode    string // "http", "timeout", ...; "" on success
+	ErrorMessage string // "" on success
+}
+
+// Err is nil if the request succeeded, otherwise an *Error.
+func (r *Result) Err() error {
+	if r.Status == OK {
+		return nil
+	}
+	return &Error{code: r.Status, msg: r.ErrorMessage}
+}
+
+func copyResult(r *C.keypool_result) Result {
+	var n C.size_t
+	body := C.keypool_result_body(r, &n)
+	res := Result{
+		Status:     Code(C.keypool_result_status(r)),
+		HTTPStatus: int(C.keypool_result_http_status(r)),
+		Body:       C.GoBytes(unsafe.Pointer(body), C.int(n)),
+		KeyLabel:   C.GoString(C.keypool_result_key_label(r)),
+		Attempts:   int(C.keypool_result_attempts(r)),
+		Latency:    time.Duration(C.keypool_result_latency_ms(r)) * time.Millisecond,
+	}
+	if m := C.keypool_result_error_message(r); m != nil {
+		res.ErrorMessage = C.GoString(m)
+	}
+	if c := C.keypool_result_error_code(r); c != nil {
+		res.ErrorCode = C.GoString(c)
+	}
+	return res
+}

@@ -1,0 +1,294 @@
+package keypool
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+var mockURL string
+
+// TestMain starts the mock server ($KEYPOOL_MOCK_BIN, default
+// ../../target/debug/keypool-mock), which prints its base URL and runs until its stdin
+// is closed.
+func TestMain(m *testing.M) {
+	bin := os.Getenv("KEYPOOL_MOCK_BIN")
+	if bin == "" {
+		bin = filepath.Join("..", "..", "target", "debug", "keypool-mock")
+	}
+	cmd := exec.Command(bin)
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "mock stdin:", err)
+		os.Exit(1)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "mock stdout:", err)
+		os.Exit(1)
+	}
+	if err := cmd.Start(); err != nil {
+		fmt.Fprintf(os.Stderr, "cannot start the mock server %s: %v (build it with `cargo build -p keypool-mock` or set KEYPOOL_MOCK_BIN)\n", bin, err)
+		os.Exit(1)
+	}
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "mock did not print its URL:", err)
+		os.Exit(1)
+	}
+	mockURL = strings.TrimSpace(line)
+	go func() { _, _ = io.Copy(io.Discard, stdout) }()
+
+	code := m.Run()
+
+	stdin.Close()
+	_ = cmd.Wait()
+	os.Exit(code)
+}
+
+var labels = []string{"acct-a", "acct-b", "acct-c", "acct-d"}
+
+func config(strategy string) string {
+	keys := make([]string, len(labels))
+	for i, l := range labels {
+		keys[i] = fmt.Sprintf(`{"key": "sk-test-%d", "label": %q, "max_concurrent": 4}`, i, l)
+	}
+	return fmt.Sprintf(`{"base_url": %q, "strategy": %q, "keys": [%s]}`, mockURL, strategy, strings.Join(keys, ","))
+}
+
+func body(i int) string {
+	return fmt.Sprintf(`{"model": "m", "messages": [{"role": "user", "content": "go %d"}]}`, i)
+}
+
+func newPool(t *testing.T, strategy string) *Pool {
+	t.Helper()
+	p, err := New(config(strategy))
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
+func TestVersion(t *testing.T) {
+	if v := Version(); v == "" || strings.Count(v, ".") != 2 {
+		t.Fatalf("Version() = %q", v)
+	}
+}
+
+func TestBatchSpreadsOverKeys(t *testing.T) {
+	p := newPool(t, "round_robin")
+	bodies := make([]string, 100)
+	for i := range bodies {
+		bodies[i] = body(i)
+	}
+	results, err := p.Batch(bodies)
+	if err != nil {
+		t.Fatalf("Batch: %v", err)
+	}
+	if len(results) != 100 {
+		t.Fatalf("got %d results", len(results))
+	}
+	perKey := map[string]int{}
+	for i, r := range results {
+		if err := r.Err(); err != nil {
+			t.Fatalf("result %d: %v", i, err)
+		}
+		if r.HTTPStatus != 200 || len(r.Body) == 0 || r.Attempts < 1 {
+			t.Fatalf("result %d: %+v", i, r)
+		}
+		perKey[r.KeyLabel]++
+	}
+	t.Logf("per key: %v", perKey)
+	for _, l := range labels {
+		if perKey[l] != 25 {
+			t.Errorf("key %s served %d of 100, want 25 (round robin)", l, perKey[l])
+		}
+	}
+	stats, err := p.Stats()
+	if err != nil {
+		t.Fatalf("Stats: %v", err)
+	}
+	if !strings.Contains(stats, `"completed":100`) || strings.Contains(stats, "sk-test-") {
+		t.Fatalf("stats: %s", stats)
+	}
+}
+
+func TestBatchBadBodies(t *testing.T) {
+	p := newPool(t, "first_available")
+	results, err := p.Batch([]string{body(0), "{not json", "nul\x00byte"})
+	if err != nil {
+		t.Fatalf("Batch: %v", err)
+	}
+	want := []Code{OK, InvalidRequest, InvalidArgument}
+	for i, r := range results {
+		if r.Status != want[i] {
+			t.Errorf("result %d: status %v (%d), want %v", i, r.Status, r.Status, want[i])
+		}
+	}
+	if results, err := p.Batch(nil); err != nil || len(results) != 0 {
+		t.Fatalf("empty batch: %v, %v", results, err)
+	}
+}
+
+func TestBadConfig(t *testing.T) {
+	for _, cfg := range []string{`{"keys": []}`, `{"keys": 5}`, `not json`,
+		`{"keys": [{"key": "sk-test-secret", "max_concurrent": 0}]}`} {
+		p, err := New(cfg)
+		if p != nil {
+			t.Fatalf("New(%s) returned a pool", cfg)
+		}
+		var ke *Error
+		if !errors.As(err, &ke) || ke.Code() != Config {
+			t.Fatalf("New(%s): %v, want *Error with code Config", cfg, err)
+		}
+		if ke.Error() == "" || strings.Contains(ke.Error(), "sk-test-secret") {
+			t.Fatalf("bad message: %q", ke.Error())
+		}
+	}
+}
+
+func TestSubmitWaitAndClose(t *testing.T) {
+	p := newPool(t, "first_available")
+	tk, err := p.Submit(body(1))
+	if err != nil {
+		t.Fatalf("Submit: %v", err)
+	}
+	r, err := tk.Wait(30 * time.Second)
+	if err != nil || r.Err() != nil || r.HTTPStatus != 200 {
+		t.Fatalf("Wait: %+v, %v", r, err)
+	}
+	var ke *Error
+	if _, err := tk.Wait(0); !errors.As(err, &ke) || ke.Code() != InvalidArgument {
+		t.Fatalf("second Wait: %v", err)
+	}
+
+	done := make(chan Result, 1)
+	if err := p.SubmitFunc(body(2), func(r Result) { done <- r }); err != nil {
+		t.Fatalf("SubmitFunc: %v", err)
+	}
+	select {
+	case r := <-done:
+		if r.Err() != nil {
+			t.Fatalf("callback result: %v", r.Err())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("callback not called")
+	}
+
+	if err := p.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if err := p.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	if _, err := p.Submit(body(3)); !errors.As(err, &ke) || ke.Code() != Closed {
+		t.Fatalf("Submit after Close: %v", err)
+	}
+	if err := p.SubmitFunc(body(3), func(Result) { t.Error("callback of a refused submit ran") }); !errors.As(err, &ke) || ke.Code() != Closed {
+		t.Fatalf("SubmitFunc after Close: %v", err)
+	}
+	if _, err := p.Batch([]string{body(4)}); !errors.As(err, &ke) || ke.Code() != Closed {
+		t.Fatalf("Batch after Close: %v", err)
+	}
+}
+
+func TestTicketOutlivesPool(t *testing.T) {
+	p, err := New(config("first_available"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tickets []*Ticket
+	for i := 0; i < 20; i++ {
+		tk, err := p.Submit(body(i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		tickets = append(tickets, tk)
+	}
+	p.Close()
+	for i, tk := range tickets {
+		r, err := tk.Wait(10 * time.Second)
+		if err != nil {
+			t.Fatalf("ticket %d: %v", i, err)
+		}
+		if r.Status != OK && r.Status != Cancelled {
+			t.Fatalf("ticket %d: %v", i, r.Err())
+		}
+	}
+}
+
+func TestConcurrentSubmit(t *testing.T) {
+	p := newPool(t, "least_loaded")
+	var wg sync.WaitGroup
+	errs := make(chan error, 16*10)
+	for g := 0; g < 16; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			for i := 0; i < 10; i++ {
+				tk, err := p.Submit(body(g*100 + i))
+				if err != nil {
+					errs <- err
+					return
+				}
+				r, err := tk.Wait(30 * time.Second)
+				if err != nil {
+					errs <- err
+					return
+				}
+				if err := r.Err(); err != nil {
+					errs <- err
+				}
+			}
+		}(g)
+	}
+	// Close concurrently with nothing: Stats from another goroutine meanwhile.
+	for i := 0; i < 5; i++ {
+		if _, err := p.Stats(); err != nil {
+			t.Error(err)
+		}
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	stats, _ := p.Stats()
+	if !strings.Contains(stats, `"completed":160`) {
+		t.Fatalf("stats: %s", stats)
+	}
+}
+
+func TestConcurrentClose(t *testing.T) {
+	p, err := New(config("first_available"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 5; i++ {
+				if tk, err := p.Submit(body(i)); err == nil {
+					_, _ = tk.Wait(10 * time.Second)
+				}
+			}
+		}()
+	}
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() { defer wg.Done(); p.Close() }()
+	}
+	wg.Wait()
+}

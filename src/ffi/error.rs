@@ -1,0 +1,160 @@
+//! Status codes, the mapping from [`crate::Error`], and the thread-local last error.
+
+use std::cell::RefCell;
+use std::ffi::{CStr, CString, c_char};
+
+use crate::Error;
+
+/// What a keypool call (or a request) ended in. `KEYPOOL_OK` is 0; every other value
+/// is fixed and never reused for another meaning. `keypool_status_str()` names them.
+#[repr(C)]
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Success.
+    KEYPOOL_OK = 0,
+    /// A NULL pointer, a string that is not UTF-8, a ticket whose result was already
+    /// taken, or another misuse of the API.
+    KEYPOOL_INVALID_ARGUMENT = 1,
+    /// The configuration JSON was rejected (the message names the field).
+    KEYPOOL_CONFIG = 2,
+    /// The server answered with an HTTP error (or an error inside a 200 body); the
+    /// result keeps the status and body.
+    KEYPOOL_HTTP = 3,
+    /// No HTTP response: connection refused/reset, DNS, TLS, a cut-short body.
+    KEYPOOL_TRANSPORT = 4,
+    /// A timeout: of an attempt, the request deadline, or the wait/shutdown call itself.
+    KEYPOOL_TIMEOUT = 5,
+    /// `keypool_try_submit` found the queue full.
+    KEYPOOL_BUSY = 6,
+    /// The pool is shut down and takes no more requests.
+    KEYPOOL_CLOSED = 7,
+    /// The request was still queued when the pool shut down and was never sent.
+    KEYPOOL_CANCELLED = 8,
+    /// keypool panicked; the panic was caught at the API boundary (a bug in keypool).
+    KEYPOOL_PANIC = 9,
+    /// Every key is disabled (revoked, out of credits), so nothing can be sent.
+    KEYPOOL_NO_USABLE_KEY = 10,
+    /// The request could not be built: the body is not valid JSON, or a bad path.
+    KEYPOOL_INVALID_REQUEST = 11,
+}
+
+/// A status as C passes it in: any integer, so an unknown value is not an invalid
+/// Rust enum. C sees this type as `keypool_status`.
+pub type RawStatus = u32;
+
+impl Status {
+    /// The status for an engine error.
+    pub(crate) fn of(e: &Error) -> Status {
+        #[allow(unreachable_patterns)]
+        match e {
+            Error::Config { .. } => Status::KEYPOOL_CONFIG,
+            Error::InvalidRequest(_) => Status::KEYPOOL_INVALID_REQUEST,
+            Error::Http { .. } => Status::KEYPOOL_HTTP,
+            Error::Transport { .. } => Status::KEYPOOL_TRANSPORT,
+            Error::Timeout { .. } => Status::KEYPOOL_TIMEOUT,
+            Error::Busy => Status::KEYPOOL_BUSY,
+            Error::Closed => Status::KEYPOOL_CLOSED,
+            Error::Cancelled => Status::KEYPOOL_CANCELLED,
+            Error::NoUsableKey { .. } => Status::KEYPOOL_NO_USABLE_KEY,
+            Error::Panic(_) => Status::KEYPOOL_PANIC,
+            Error::ResultTaken => Status::KEYPOOL_INVALID_ARGUMENT,
+            // `Error` is #[non_exhaustive]: a variant added later without a status of its
+            // own is reported as an internal failure rather than mislabelled as success.
+            _ => Status::KEYPOOL_PANIC,
+        }
+    }
+
+    /// The static description `keypool_status_str` returns.
+    pub(crate) fn describe(raw: RawStatus) -> &'static CStr {
+        match raw {
+            0 => c"ok",
+            1 => c"invalid argument",
+            2 => c"invalid configuration",
+            3 => c"HTTP error response",
+            4 => c"transport error (no HTTP response)",
+            5 => c"timed out",
+            6 => c"busy: the queue is full",
+            7 => c"pool is closed",
+            8 => c"cancelled: the pool shut down before the request was sent",
+            9 => c"keypool panicked (internal error)",
+            10 => c"no usable key",
+            11 => c"invalid request",
+            _ => c"unknown status",
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's last error message; empty after a successful status-returning call.
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+/// Turns any text into a C string, replacing interior NULs (a server message may hold
+/// `\u0000`).
+pub(crate) fn to_cstring(s: &str) -> CString {
+    CString::new(s.replace('\0', "\u{FFFD}")).unwrap_or_default()
+}
+
+/// Records `msg` as this thread's last error.
+pub(crate) fn set_last_error(msg: &str) {
+    let msg = if msg.is_empty() { "unknown error" } else { msg };
+    let c = to_cstring(msg);
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = c);
+}
+
+/// Clears this thread's last error (a status-returning call succeeded).
+pub(crate) fn clear_last_error() {
+    let _ = LAST_ERROR.try_with(|e| {
+        let mut e = e.borrow_mut();
+        if !e.as_bytes().is_empty() {
+            *e = CString::default();
+        }
+    });
+}
+
+/// A pointer to this thread's last error message (never NULL).
+pub(crate) fn last_error_ptr() -> *const c_char {
+    LAST_ERROR
+        .try_with(|e| e.borrow().as_ptr())
+        .unwrap_or(c"".as_ptr())
+}
+
+/// A failure a C entry point reports: a status and its message.
+pub(crate) struct Failure {
+    pub(crate) status: Status,
+    pub(crate) message: String,
+}
+
+impl Failure {
+    pub(crate) fn invalid(message: impl Into<String>) -> Failure {
+        Failure {
+            status: Status::KEYPOOL_INVALID_ARGUMENT,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        Failure {
+            status: Status::of(&e),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Finishes a status-returning call: clears the last error on success, records it on
+/// failure.
+pub(crate) fn finish(r: Result<(), Failure>) -> Status {
+    match r {
+        Ok(()) => {
+            clear_last_error();
+            Status::KEYPOOL_OK
+        }
+        Err(f) => {
+            set_last_error(&f.message);
+            f.status
+        }
+    }
+}

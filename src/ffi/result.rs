@@ -1,0 +1,218 @@
+//! `keypool_result`: one request's outcome, copied out of the engine's `RequestResult`.
+
+use std::ffi::{CString, c_char};
+use std::ptr;
+
+use super::arg_ref;
+use super::error::{Failure, Status, set_last_error, to_cstring};
+use super::panic::ffi_panic_boundary;
+use crate::{Error, RequestResult};
+
+/// The outcome of one request (C: `keypool_result`). Immutable once built.
+pub struct FfiResult {
+    status: Status,
+    http_status: u16,
+    /// The response body followed by one NUL byte that `len` does not count.
+    body: Vec<u8>,
+    key_label: CString,
+    attempts: u32,
+    latency_ms: u64,
+    error_message: Option<CString>,
+    error_code: Option<CString>,
+}
+
+impl FfiResult {
+    fn new(status: Status) -> FfiResult {
+        FfiResult {
+            status,
+            http_status: 0,
+            body: vec![0],
+            key_label: CString::default(),
+            attempts: 0,
+            latency_ms: 0,
+            error_message: None,
+            error_code: None,
+        }
+    }
+
+    fn with_body(mut self, body: &[u8]) -> FfiResult {
+        self.body = Vec::with_capacity(body.len() + 1);
+        self.body.extend_from_slice(body);
+        self.body.push(0);
+        self
+    }
+
+    /// A failed result that never reached the engine (a bad body in a batch).
+    pub(crate) fn failure(f: Failure) -> FfiResult {
+        let code = match f.status {
+            Status::KEYPOOL_INVALID_REQUEST => "invalid_request",
+            _ => "invalid_argument",
+        };
+        let mut r = FfiResult::new(f.status);
+        r.error_message = Some(to_cstring(&f.message));
+        r.error_code = Some(to_cstring(code));
+        r
+    }
+
+    /// Copies an engine result.
+    pub(crate) fn from_engine(result: RequestResult) -> FfiResult {
+        match result {
+            Ok(resp) => {
+                let mut r = FfiResult::new(Status::KEYPOOL_OK).with_body(resp.body());
+                r.http_status = resp.status();
+                r.key_label = to_cstring(resp.key_label());
+                r.attempts = resp.attempts();
+                r.latency_ms = duration_ms(resp.latency());
+                r
+            }
+            Err(e) => {
+                let mut r = FfiResult::new(Status::of(&e));
+                r.attempts = e.attempts();
+                r.error_message = Some(to_cstring(&e.to_string()));
+                r.error_code = Some(to_cstring(e.code()));
+                match &e {
+                    Error::Http { response, .. } => {
+                        r = r.with_body(response.body());
+                        r.http_status = response.status();
+                        r.key_label = to_cstring(response.key_label());
+                        r.latency_ms = duration_ms(response.latency());
+                    }
+                    Error::Transport { key, .. } => r.key_label = to_cstring(key),
+                    Error::Timeout { key: Some(k), .. } => r.key_label = to_cstring(k),
+                    _ => {}
+                }
+                r
+            }
+        }
+    }
+}
+
+fn duration_ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn get<'a>(r: *const FfiResult) -> Option<&'a FfiResult> {
+    match arg_ref(r, "result") {
+        Ok(r) => Some(r),
+        Err(f) => {
+            set_last_error(&f.message);
+            None
+        }
+    }
+}
+
+/// How the request ended: `KEYPOOL_OK` for a successful HTTP response, otherwise why it
+/// failed (`KEYPOOL_HTTP`, `KEYPOOL_TRANSPORT`, `KEYPOOL_TIMEOUT`, `KEYPOOL_CANCELLED`,
+/// `KEYPOOL_INVALID_REQUEST`, …).
+///
+/// `r` NULL: returns `KEYPOOL_INVALID_ARGUMENT` and sets `keypool_last_error()`.
+/// Thread-safe (results are immutable), non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_result_status(r: *const FfiResult) -> Status {
+    ffi_panic_boundary!(Status::KEYPOOL_PANIC, {
+        get(r).map_or(Status::KEYPOOL_INVALID_ARGUMENT, |r| r.status)
+    })
+}
+
+/// The HTTP status of the response (also for `KEYPOOL_HTTP` failures); 0 if there was
+/// no HTTP response.
+///
+/// `r` NULL: returns 0 and sets `keypool_last_error()`. Thread-safe, non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_result_http_status(r: *const FfiResult) -> u16 {
+    ffi_panic_boundary!(0, { get(r).map_or(0, |r| r.http_status) })
+}
+
+/// The response body (also for `KEYPOOL_HTTP` failures, e.g. a 429's JSON error) and its
+/// length in `*len`. Empty (length 0) when there was no response. The bytes are followed
+/// by a NUL that `*len` does not count, so a text body may be used as a C string.
+///
+/// Ownership: owned by the result; valid until `keypool_result_free(r)`.
+/// `r` or `len` NULL: returns NULL, leaves `*len` alone, sets `keypool_last_error()`.
+/// Thread-safe, non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_result_body(r: *const FfiResult, len: *mut usize) -> *const u8 {
+    ffi_panic_boundary!(ptr::null(), {
+        let Some(r) = get(r) else {
+            return ptr::null();
+        };
+        if len.is_null() {
+            set_last_error("len is NULL");
+            return ptr::null();
+        }
+        // SAFETY: checked non-NULL; the caller promises it is writable.
+        unsafe { len.write(r.body.len() - 1) };
+        r.body.as_ptr()
+    })
+}
+
+/// The label of the key that served (or last tried) the request; "" if none did.
+///
+/// Ownership: owned by the result; valid until `keypool_result_free(r)`.
+/// `r` NULL: returns NULL and sets `keypool_last_error()`. Thread-safe, non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_result_key_label(r: *const FfiResult) -> *const c_char {
+    ffi_panic_boundary!(ptr::null(), {
+        get(r).map_or(ptr::null(), |r| r.key_label.as_ptr())
+    })
+}
+
+/// HTTP attempts made for the request, retries included (0 if none was made).
+///
+/// `r` NULL: returns 0 and sets `keypool_last_error()`. Thread-safe, non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_result_attempts(r: *const FfiResult) -> u32 {
+    ffi_panic_boundary!(0, { get(r).map_or(0, |r| r.attempts) })
+}
+
+/// Milliseconds from the first attempt's start to the final response; 0 if there was
+/// no HTTP response.
+///
+/// `r` NULL: returns 0 and sets `keypool_last_error()`. Thread-safe, non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_result_latency_ms(r: *const FfiResult) -> u64 {
+    ffi_panic_boundary!(0, { get(r).map_or(0, |r| r.latency_ms) })
+}
+
+/// Why the request failed, e.g. "HTTP 429 from key acct-a: rate limited (after 3
+/// attempt(s))"; NULL if it succeeded. Never contains an API key.
+///
+/// Ownership: owned by the result; valid until `keypool_result_free(r)`.
+/// `r` NULL: returns NULL and sets `keypool_last_error()`. Thread-safe, non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_result_error_message(r: *const FfiResult) -> *const c_char {
+    ffi_panic_boundary!(ptr::null(), {
+        get(r)
+            .and_then(|r| r.error_message.as_ref())
+            .map_or(ptr::null(), |m| m.as_ptr())
+    })
+}
+
+/// A short stable code for the failure: "http", "transport", "timeout", "cancelled",
+/// "closed", "no_usable_key", "invalid_request", "invalid_argument", "panic", …; NULL
+/// if the request succeeded.
+///
+/// Ownership: owned by the result; valid until `keypool_result_free(r)`.
+/// `r` NULL: returns NULL and sets `keypool_last_error()`. Thread-safe, non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_result_error_code(r: *const FfiResult) -> *const c_char {
+    ffi_panic_boundary!(ptr::null(), {
+        get(r)
+            .and_then(|r| r.error_code.as_ref())
+            .map_or(ptr::null(), |m| m.as_ptr())
+    })
+}
+
+/// Frees a result and everything it owns (body, label, messages).
+///
+/// NULL is a no-op. Must be called exactly once per result; must not race other calls
+/// on the same result. Non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_result_free(r: *mut FfiResult) {
+    ffi_panic_boundary!((), {
+        if !r.is_null() {
+            // SAFETY: `r` came from `Box::into_raw` in this library (the contract).
+            drop(unsafe { Box::from_raw(r) });
+        }
+    })
+}
