@@ -111,7 +111,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     let outcome = catch_unwind(AssertUnwindSafe(|| ctx.transport.send(&http)));
     ks.end(t0.elapsed());
 
-    let proven = matches!(&outcome, Ok(Ok(r)) if !matches!(r.status, 401 | 402 | 403));
+    let proven = matches!(&outcome, Ok(Ok(r)) if !matches!(r.status, 401..=403));
     if ks.note_attempt_end(proven) {
         ctx.shared.nudge();
     }
