@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use keypool::{Config, Error, KeyConfig, Pool, Request, Strategy, TimeoutPhase};
 use parking_lot::Mutex;
-use support::{factory, gate, keypool_threads, ok};
+use support::{factory, gate, gated_ok, keypool_threads, ok};
 
 fn config(keys: usize, per_key: usize, strategy: Strategy) -> Config {
     // Probing off: these tests hold requests in flight and count on every worker
@@ -120,11 +120,7 @@ fn in_flight_never_exceeds_max_concurrent() {
 
 #[test]
 fn try_submit_reports_busy_and_submit_timeout_times_out() {
-    let (g, mut ctl) = gate();
-    let f = factory(move |label, _| {
-        g.pass(label);
-        Ok(ok())
-    });
+    let (f, mut ctl) = gated_ok();
     let cfg = Config::builder()
         .base_url("http://127.0.0.1:9")
         .key("sk-test-a", 2)
@@ -198,11 +194,7 @@ fn a_panicking_transport_gives_an_error_and_the_worker_survives() {
 
 #[test]
 fn ticket_wait_timeout_try_wait_and_callbacks() {
-    let (g, mut ctl) = gate();
-    let f = factory(move |label, _| {
-        g.pass(label);
-        Ok(ok())
-    });
+    let (f, mut ctl) = gated_ok();
     let pool = Pool::with_transport(config(1, 2, Strategy::FirstAvailable), f).unwrap();
     let mut t = pool.submit(req(0)).unwrap();
     ctl.entered.recv().unwrap();
@@ -312,11 +304,7 @@ fn batch_keeps_input_order_with_failures() {
 
 #[test]
 fn close_with_thousands_queued_answers_every_ticket_and_joins_threads() {
-    let (g, mut ctl) = gate();
-    let f = factory(move |label, _| {
-        g.pass(label);
-        Ok(ok())
-    });
+    let (f, mut ctl) = gated_ok();
     let cfg = Config::builder()
         .base_url("http://127.0.0.1:9")
         .key_config(KeyConfig::new("sk-test-a").label("cq-a").max_concurrent(2))
@@ -374,11 +362,7 @@ fn close_with_thousands_queued_answers_every_ticket_and_joins_threads() {
 
 #[test]
 fn dropping_the_last_clone_shuts_down_and_answers() {
-    let (g, mut ctl) = gate();
-    let f = factory(move |label, _| {
-        g.pass(label);
-        Ok(ok())
-    });
+    let (f, mut ctl) = gated_ok();
     let pool = Pool::with_transport(config(1, 1, Strategy::FirstAvailable), f).unwrap();
     let clone = pool.clone();
     let tickets: Vec<_> = (0..50).map(|i| pool.submit(req(i)).unwrap()).collect();
@@ -416,11 +400,7 @@ fn requests_validate_paths_bodies_and_headers() {
 
 #[test]
 fn least_loaded_picks_the_lowest_relative_load_ties_by_order() {
-    let (g, mut ctl) = gate();
-    let f = factory(move |label, _| {
-        g.pass(label);
-        Ok(ok())
-    });
+    let (f, mut ctl) = gated_ok();
     let cfg = Config::builder()
         .base_url("http://127.0.0.1:9")
         .strategy(Strategy::LeastLoaded)

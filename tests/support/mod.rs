@@ -100,3 +100,17 @@ pub fn keypool_threads() -> Vec<String> {
     }
     out
 }
+
+/// A factory whose transport answers 200 once the gate opens; every call reports on
+/// `entered` first.
+pub fn gated_ok() -> (
+    impl Fn(&TransportSettings) -> Arc<dyn Transport> + Send + Sync + 'static,
+    GateControl,
+) {
+    let (g, ctl) = gate();
+    let f = factory(move |label, _| {
+        g.pass(label);
+        Ok(ok())
+    });
+    (f, ctl)
+}
