@@ -384,7 +384,8 @@ impl Pool {
 
     /// Stops intake, lets in-flight requests finish, answers every queued request
     /// (`Cancelled`), and joins every thread. Idempotent; later submits get
-    /// [`Error::Closed`].
+    /// [`Error::Closed`]. Called from a keypool thread (inside a callback) it starts the
+    /// shutdown but cannot wait for its own thread, so it returns at once.
     pub fn close(&self) {
         self.inner.begin_close();
         self.inner.join(None);
