@@ -318,3 +318,26 @@ impl KeyState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cooldowns_only_lengthen() {
+        let config = Config::builder().key("sk-a", 1).build().unwrap();
+        let epoch = Instant::now();
+        let k = KeyState::new(&config, 0, epoch);
+        let now = epoch + Duration::from_secs(1);
+        assert_eq!(k.cooling_until(now), None);
+        k.cool_down(now, Duration::from_secs(5));
+        let long = k.cooling_until(now).expect("cooling");
+        // A shorter hint later on leaves the longer cooldown in place…
+        k.cool_down(now + Duration::from_secs(1), Duration::from_secs(1));
+        assert_eq!(k.cooling_until(now), Some(long));
+        // …a longer one extends it.
+        k.cool_down(now, Duration::from_secs(9));
+        assert!(k.cooling_until(now).unwrap() > long);
+        assert_eq!(k.cooling_until(now + Duration::from_secs(10)), None);
+    }
+}

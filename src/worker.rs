@@ -111,8 +111,12 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     let outcome = catch_unwind(AssertUnwindSafe(|| ctx.transport.send(&http)));
     ks.end(t0.elapsed());
 
+    // A probe that proved the key opens it at once. One that did not (401/402/403, a
+    // transport error, a panic) lets the next probe go only after its verdict has been
+    // applied: released earlier, the dispatcher could send a second request to a key
+    // that is about to be disabled.
     let proven = matches!(&outcome, Ok(Ok(r)) if !matches!(r.status, 401..=403));
-    if ks.note_attempt_end(proven) {
+    if proven && ks.note_attempt_end(true) {
         ctx.shared.nudge();
     }
     let label = ks.label.to_string();
@@ -166,6 +170,9 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
         }
     };
     retry_or_finish(ctx, job, err, verdict, class);
+    if !proven {
+        release_probe(ctx);
+    }
 }
 
 /// Turns an HTTP response into the job's success, or into an error with its verdict.
@@ -277,7 +284,8 @@ fn retry_or_finish(ctx: &KeyWorkerCtx, mut job: Job, err: Error, v: Verdict, cla
     let _ = ctx.shared.retry_tx.send(job);
 }
 
-/// A job left this key without an attempt: let the next probe go.
+/// A job left this key without an attempt, or its attempt did not prove the key: let
+/// the next probe go.
 fn release_probe(ctx: &KeyWorkerCtx) {
     if ctx.state().note_attempt_end(false) {
         ctx.shared.nudge();
