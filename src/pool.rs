@@ -128,7 +128,6 @@ impl Pool {
             events_tx,
             submitted: AtomicU64::new(0),
             completed: AtomicU64::new(0),
-            epoch,
         });
         let inner = Arc::new(Inner {
             shared: shared.clone(),

@@ -1,7 +1,6 @@
 //! State shared by the pool handle, the dispatcher and every worker.
 
 use std::sync::atomic::AtomicU64;
-use std::time::Instant;
 
 use crossbeam_channel::Sender;
 
@@ -21,8 +20,6 @@ pub(crate) struct Shared {
     pub any_tpm: bool,
     pub submitted: AtomicU64,
     pub completed: AtomicU64,
-    #[allow(dead_code)]
-    pub epoch: Instant,
 }
 
 impl Shared {
