@@ -1,70 +1,98 @@
 //! Streaming batches: results delivered as they complete, tagged with their input
 //! index, with memory bounded by a window of requests in flight.
 
-use std::sync::Arc;
-use std::thread::JoinHandle;
-
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::error::Error;
 use crate::pool::Pool;
 use crate::request::Request;
 use crate::ticket::RequestResult;
 
-enum Msg {
-    Result(usize, RequestResult),
-    /// The feeder is done: this many requests were submitted (or failed to submit).
-    End(usize),
-}
-
 /// An iterator over `(input index, result)` pairs in completion order, created by
 /// [`Pool::stream`]. Every input yields exactly one pair.
 ///
-/// Input is read lazily: at most `window` requests are in flight or waiting to be
-/// read at any time, so a batch of any size runs in bounded memory. Dropping the
-/// stream stops submitting further input (requests already submitted still run).
-pub struct ResultStream {
-    rx: Receiver<Msg>,
-    permits: Sender<()>,
-    received: usize,
-    total: Option<usize>,
-    feeder: Option<JoinHandle<()>>,
+/// Input is read lazily, on the thread that iterates: at most `window` requests are
+/// submitted and not yet yielded at any time, so a batch of any size runs in bounded
+/// memory. Dropping the stream stops reading input (requests already submitted still
+/// run; their results are discarded).
+pub struct ResultStream<I> {
+    pool: Pool,
+    input: Option<I>,
+    /// Taken from the input but refused with `Busy`: submitted first next time.
+    pending: Option<Request>,
+    next_index: usize,
+    window: usize,
+    /// Submitted and not yet yielded.
+    outstanding: usize,
+    tx: Sender<(usize, RequestResult)>,
+    rx: Receiver<(usize, RequestResult)>,
 }
 
-impl Iterator for ResultStream {
-    type Item = (usize, RequestResult);
-
-    fn next(&mut self) -> Option<(usize, RequestResult)> {
-        loop {
-            if self.total == Some(self.received) {
-                if let Some(f) = self.feeder.take() {
-                    let _ = f.join();
+impl<I: Iterator<Item = Request>> ResultStream<I> {
+    /// Submits input until the window is full. It blocks on a full queue only when no
+    /// result is owed to the caller; otherwise it stops and lets `next` wait for one.
+    fn top_up(&mut self) {
+        while self.outstanding < self.window {
+            let req = match self.pending.take() {
+                Some(req) => req,
+                None => match self.input.as_mut().and_then(Iterator::next) {
+                    Some(req) => req,
+                    None => {
+                        self.input = None;
+                        return;
+                    }
+                },
+            };
+            let i = self.next_index;
+            let out = self.tx.clone();
+            let reply = move |r| {
+                let _ = out.send((i, r));
+            };
+            let sent = if self.outstanding == 0 {
+                self.pool.submit_with(req, reply)
+            } else {
+                match self.pool.try_submit_with(req.clone(), reply) {
+                    Err(Error::Busy) => {
+                        self.pending = Some(req);
+                        return;
+                    }
+                    other => other,
                 }
-                return None;
-            }
-            match self.rx.recv() {
-                Ok(Msg::Result(i, r)) => {
-                    self.received += 1;
-                    // Frees a slot in the window (the feeder may be waiting for it).
-                    let _ = self.permits.try_send(());
-                    return Some((i, r));
-                }
-                Ok(Msg::End(n)) => self.total = Some(n),
-                // Cannot happen while the feeder or a reply holds a sender; stop safely.
-                Err(_) => return None,
+            };
+            self.next_index += 1;
+            self.outstanding += 1;
+            if let Err(e) = sent {
+                // Refused (the pool is closed): its callback never runs, so answer here.
+                let _ = self.tx.send((i, Err(e)));
             }
         }
     }
 }
 
+impl<I: Iterator<Item = Request>> Iterator for ResultStream<I> {
+    type Item = (usize, RequestResult);
+
+    fn next(&mut self) -> Option<(usize, RequestResult)> {
+        self.top_up();
+        if self.outstanding == 0 {
+            return None; // input exhausted and every result yielded
+        }
+        // Every outstanding request is answered exactly once (the pool guarantees it),
+        // and `self.tx` keeps the channel open, so this cannot fail or hang.
+        let item = self.rx.recv().expect("the stream holds a sender");
+        self.outstanding -= 1;
+        Some(item)
+    }
+}
+
 impl Pool {
     /// Runs `requests` and yields `(index, result)` as each completes. At most `window`
-    /// results are pending at once (0 means the pool's capacity plus its queue).
-    ///
-    /// The input iterator runs on a separate feeder thread.
-    pub fn stream<I>(&self, requests: I, window: usize) -> ResultStream
+    /// requests are submitted and not yet yielded at once (0 means the pool's capacity
+    /// plus its queue). The input is read on the iterating thread, as results are
+    /// taken: no extra thread, no `Send` bound.
+    pub fn stream<I>(&self, requests: I, window: usize) -> ResultStream<I::IntoIter>
     where
         I: IntoIterator<Item = Request>,
-        I::IntoIter: Send + 'static,
     {
         let window = if window == 0 {
             self.capacity() + self.config().queue_capacity
@@ -72,43 +100,15 @@ impl Pool {
             window
         };
         let (tx, rx) = crossbeam_channel::unbounded();
-        // `permits` holds one token per free slot in the window.
-        let (permit_tx, permit_rx) = crossbeam_channel::bounded::<()>(window);
-        for _ in 0..window {
-            let _ = permit_tx.try_send(());
-        }
-        let pool = self.clone();
-        let iter = requests.into_iter();
-        let feeder = std::thread::Builder::new()
-            .name("keypool-stream".into())
-            .spawn(move || feed(pool, iter, tx, permit_rx))
-            .expect("spawn the stream feeder thread");
         ResultStream {
+            pool: self.clone(),
+            input: Some(requests.into_iter()),
+            pending: None,
+            next_index: 0,
+            window,
+            outstanding: 0,
+            tx,
             rx,
-            permits: permit_tx,
-            received: 0,
-            total: None,
-            feeder: Some(feeder),
         }
     }
-}
-
-fn feed(pool: Pool, iter: impl Iterator<Item = Request>, tx: Sender<Msg>, permits: Receiver<()>) {
-    let tx = Arc::new(tx);
-    let mut n = 0;
-    for req in iter {
-        // Wait for a free slot; if the stream was dropped, stop reading input.
-        if permits.recv().is_err() {
-            break;
-        }
-        let i = n;
-        n += 1;
-        let out = tx.clone();
-        if let Err(e) = pool.submit_with(req, move |r| {
-            let _ = out.send(Msg::Result(i, r));
-        }) {
-            let _ = tx.send(Msg::Result(i, Err(e)));
-        }
-    }
-    let _ = tx.send(Msg::End(n));
 }
