@@ -23,10 +23,25 @@ fn main() {
         cores(),
         if quick { " — quick mode" } else { "" }
     );
-    bench_latency_bound(quick);
-    bench_zero_latency(quick);
-    bench_dispatch_overhead(quick);
-    bench_idle_rss();
+    // `--only N` runs benchmark N alone (1–4).
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1)?.parse::<u32>().ok());
+    let run = |n: u32| only.is_none_or(|o| o == n);
+    if run(1) {
+        bench_latency_bound(quick);
+    }
+    if run(2) {
+        bench_zero_latency(quick);
+    }
+    if run(3) {
+        bench_dispatch_overhead(quick);
+    }
+    if run(4) {
+        bench_idle_rss();
+    }
 }
 
 // ---------------------------------------------------------------------------------
