@@ -281,6 +281,7 @@ fn bench_zero_latency(quick: bool) {
         cpu.as_secs_f64() * 1e6 / base_n as f64
     );
     println!("{transport_line}");
+    pool.close();
     println!(
         "    ratio keypool/baseline: {:.3} (target >= 0.9)",
         rps / base_rps

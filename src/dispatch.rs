@@ -12,10 +12,15 @@
 //! The same `Select` also listens for shutdown, retries coming back from workers, and key
 //! health changes; its only timeout is the next known instant something changes (a
 //! cooldown ending, a rate-limit budget refilling, a backoff or deadline expiring).
+//!
+//! When every usable worker is busy the dispatcher leaves new requests in the queue and
+//! the first worker to free up takes the next one itself (see `worker::self_serve` and
+//! ARCHITECTURE.md): the same choice, without two thread hand-offs per request.
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Select, Sender, TrySendError};
@@ -131,38 +136,89 @@ impl Dispatcher {
     }
 
     /// The next job to place: a due retry first, else a new request. `None` on shutdown.
+    ///
+    /// With self-serve on (every strategy but round-robin), the dispatcher takes new
+    /// requests only while some usable worker is idle; when all are busy it leaves the
+    /// queue to the workers, which take the next request themselves as they free up,
+    /// and waits for a worker to go idle (`wants_idle` + a nudge) instead.
     fn next_job(&mut self) -> Option<Job> {
         loop {
-            self.promote_due(Instant::now());
+            let now = Instant::now();
+            self.promote_due(now);
             if let Some(j) = self.ready.pop_front() {
                 return Some(j);
             }
-            let mut sel = Select::new();
-            let i_shutdown = sel.recv(&self.shutdown_rx);
-            let i_retry = sel.recv(&self.retry_rx);
-            let i_intake = sel.recv(&self.intake);
-            let oper = match self.delayed.peek().map(|d| d.at) {
-                Some(at) => match sel.select_deadline(at) {
-                    Ok(op) => op,
-                    Err(_) => continue, // a backoff ended
-                },
-                None => sel.select(),
-            };
-            match oper.index() {
-                i if i == i_shutdown => {
-                    let _ = oper.recv(&self.shutdown_rx);
-                    return None;
+            // (With every key disabled no worker will ever take a request: the
+            // dispatcher takes it and answers `NoUsableKey`.)
+            let take_intake = !self.shared.self_serve
+                || self.shared.any_usable_idle(now)
+                || self.shared.keys.iter().all(|k| k.is_disabled());
+            let mut wake = self.delayed.peek().map(|d| d.at);
+            if !take_intake {
+                self.shared.wants_idle.store(true, SeqCst);
+                // Re-check after announcing, so a worker going idle in between is seen
+                // either here or by its own nudge.
+                if self.shared.any_usable_idle(Instant::now()) {
+                    self.shared.wants_idle.store(false, SeqCst);
+                    continue;
                 }
-                i if i == i_retry => {
-                    if let Ok(job) = oper.recv(&self.retry_rx) {
-                        self.defer(job);
+                // Idle workers of a cooling key become usable when the cooldown ends.
+                for k in &self.shared.keys {
+                    if k.idle.load(SeqCst) > 0 {
+                        if let Some(until) = k.cooling_until(now) {
+                            wake = Some(wake.map_or(until, |w| w.min(until)));
+                        }
                     }
                 }
-                i if i == i_intake => match oper.recv(&self.intake) {
-                    Ok(job) => return Some(job),
-                    Err(_) => return None,
-                },
-                _ => unreachable!("select returned an index it was not given"),
+            }
+            // What woke us, taken out of the select before acting on it.
+            enum Woke {
+                Shutdown,
+                Retry(Job),
+                Intake(Job),
+                Nothing,
+            }
+            let woke = {
+                let mut sel = Select::new();
+                let i_shutdown = sel.recv(&self.shutdown_rx);
+                let i_retry = sel.recv(&self.retry_rx);
+                let i_events = sel.recv(&self.events_rx);
+                let i_intake = if take_intake {
+                    sel.recv(&self.intake)
+                } else {
+                    usize::MAX
+                };
+                let selected = match wake {
+                    Some(at) => sel.select_deadline(at).ok(),
+                    None => Some(sel.select()),
+                };
+                match selected {
+                    None => Woke::Nothing, // a backoff or cooldown ended
+                    Some(oper) => match oper.index() {
+                        i if i == i_shutdown => {
+                            let _ = oper.recv(&self.shutdown_rx);
+                            Woke::Shutdown
+                        }
+                        i if i == i_retry => {
+                            oper.recv(&self.retry_rx).map_or(Woke::Nothing, Woke::Retry)
+                        }
+                        i if i == i_events => {
+                            let _ = oper.recv(&self.events_rx);
+                            Woke::Nothing
+                        }
+                        i if i == i_intake => {
+                            oper.recv(&self.intake).map_or(Woke::Shutdown, Woke::Intake)
+                        }
+                        _ => unreachable!("select returned an index it was not given"),
+                    },
+                }
+            };
+            self.shared.wants_idle.store(false, SeqCst);
+            match woke {
+                Woke::Shutdown => return None,
+                Woke::Retry(job) => self.defer(job),
+                Woke::Intake(job) => return Some(job),
+                Woke::Nothing => {}
             }
         }
     }
@@ -264,6 +320,9 @@ impl Dispatcher {
 
     fn sent(&mut self, key: usize, job_tokens: u64) {
         let k = &self.shared.keys[key];
+        // A send completes only into a waiting worker: it is idle no more. (Counted
+        // here rather than by the worker, so the next decision never sees it as idle.)
+        k.idle.fetch_sub(1, SeqCst);
         k.note_dispatched();
         if k.has_limits() {
             k.spend(job_tokens);
@@ -312,13 +371,22 @@ impl Dispatcher {
             for &i in &order {
                 sel.send(&self.senders[i]);
             }
+            // While blocked here, workers that free up come to this job rather than
+            // taking newer requests past it.
+            self.shared
+                .dispatcher_waiting
+                .store(!order.is_empty(), SeqCst);
             let oper = match wake {
                 Some(at) => match sel.select_deadline(at) {
                     Ok(op) => op,
-                    Err(_) => continue,
+                    Err(_) => {
+                        self.shared.dispatcher_waiting.store(false, SeqCst);
+                        continue;
+                    }
                 },
                 None => sel.select(),
             };
+            self.shared.dispatcher_waiting.store(false, SeqCst);
             match oper.index() {
                 i if i == i_shutdown => {
                     let _ = oper.recv(&self.shutdown_rx);

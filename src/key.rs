@@ -78,6 +78,8 @@ pub(crate) struct KeyState {
     pub max_concurrent: usize,
     epoch: Instant,
     pub in_flight: AtomicUsize,
+    /// Workers of this key blocked waiting for a job from the dispatcher.
+    pub idle: AtomicUsize,
     max_in_flight: AtomicUsize,
     sent: AtomicU64,
     succeeded: AtomicU64,
@@ -114,6 +116,7 @@ impl KeyState {
             max_concurrent: k.max_concurrent,
             epoch,
             in_flight: AtomicUsize::new(0),
+            idle: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             sent: AtomicU64::new(0),
             succeeded: AtomicU64::new(0),
@@ -175,6 +178,11 @@ impl KeyState {
     /// goes: a proven key always may; an unproven one only while no probe is out.
     pub(crate) fn probe_allows(&self) -> bool {
         !self.unproven.load(Relaxed) || !self.probe_out.load(Relaxed)
+    }
+
+    /// Whether the key is still waiting for its first accepted request.
+    pub(crate) fn is_unproven(&self) -> bool {
+        self.unproven.load(Relaxed)
     }
 
     /// The dispatcher handed this key a request.

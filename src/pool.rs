@@ -120,12 +120,17 @@ impl Pool {
         let keys = (0..config.keys.len())
             .map(|i| KeyState::new(&config, i, epoch))
             .collect();
+        let strategy = config.strategy;
         let shared = Arc::new(Shared {
             any_tpm: config.keys.iter().any(|k| k.tpm.is_some()),
             config,
             keys,
             retry_tx,
             events_tx,
+            self_serve: strategy != crate::config::Strategy::RoundRobin,
+            wants_idle: AtomicBool::new(false),
+            dispatcher_waiting: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             submitted: AtomicU64::new(0),
             completed: AtomicU64::new(0),
         });
@@ -162,6 +167,7 @@ impl Pool {
                 key: k.key.clone(),
                 headers: headers.into_values().collect(),
                 attempt_timeout: settings.timeout,
+                intake: intake_rx.clone(),
             });
             let (tx, rx) = crossbeam_channel::bounded::<Job>(0);
             senders.push(tx);
@@ -410,6 +416,9 @@ impl Pool {
 impl Inner {
     fn begin_close(&self) {
         self.closed.store(true, Relaxed);
+        self.shared
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         drop(self.intake.lock().take());
         drop(self.shutdown.lock().take());
     }

@@ -4,6 +4,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
@@ -27,6 +28,8 @@ pub(crate) struct KeyWorkerCtx {
     /// Pool headers overridden by key headers.
     pub headers: Vec<(String, String)>,
     pub attempt_timeout: Duration,
+    /// The pool's queue, for taking the next request without the dispatcher.
+    pub intake: Receiver<Job>,
 }
 
 impl KeyWorkerCtx {
@@ -37,7 +40,25 @@ impl KeyWorkerCtx {
 
 /// The worker loop: runs until the dispatcher drops the key's sender.
 pub(crate) fn run(ctx: Arc<KeyWorkerCtx>, rx: Receiver<Job>) {
-    while let Ok(job) = rx.recv() {
+    loop {
+        let job = match self_serve(&ctx) {
+            Some(job) => job,
+            None => {
+                let ks = ctx.state();
+                ks.idle.fetch_add(1, SeqCst);
+                if ctx.shared.wants_idle.load(SeqCst) {
+                    ctx.shared.nudge();
+                }
+                // The dispatcher takes this worker off the idle count when it sends.
+                match rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => {
+                        ks.idle.fetch_sub(1, SeqCst);
+                        break; // shutdown: the dispatcher dropped the sender
+                    }
+                }
+            }
+        };
         // A panic anywhere in handling (a transport bug, a user callback) must not kill
         // the worker: the key would silently lose capacity.
         if let Err(p) = catch_unwind(AssertUnwindSafe(|| handle(&ctx, job))) {
@@ -49,6 +70,27 @@ pub(crate) fn run(ctx: Arc<KeyWorkerCtx>, rx: Receiver<Job>) {
             );
         }
     }
+}
+
+/// Takes the next queued request directly when that is what the dispatcher would do:
+/// the pool is saturated (no usable worker anywhere is idle), the dispatcher holds no
+/// job of its own, and this key may take a request now (healthy, proven, no rate
+/// limit). The first worker to free up is `first_available`'s choice when none is
+/// idle, and the least loaded key's when all are full.
+fn self_serve(ctx: &KeyWorkerCtx) -> Option<Job> {
+    let sh = &ctx.shared;
+    if !sh.self_serve || sh.closing.load(SeqCst) || sh.dispatcher_waiting.load(SeqCst) {
+        return None;
+    }
+    let ks = ctx.state();
+    let now = Instant::now();
+    if ks.is_disabled() || ks.is_unproven() || ks.has_limits() || ks.cooling_until(now).is_some() {
+        return None;
+    }
+    if sh.any_usable_idle(now) {
+        return None; // the dispatcher places by strategy while a worker waits
+    }
+    ctx.intake.try_recv().ok()
 }
 
 pub(crate) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
