@@ -400,7 +400,7 @@ pub(crate) async fn handle(
     let parsed: Option<Value> = serde_json::from_slice(&body).ok();
     let plan = plan(&shared, &key, parsed.as_ref());
     if !plan.delay.is_zero() {
-        tokio::time::sleep(plan.delay).await;
+        shared.timer.sleep(plan.delay).await;
     }
     match (&plan.action, &parsed) {
         (Action::Drop, _) => {

@@ -60,6 +60,7 @@ mod cli;
 mod handler;
 mod server;
 mod stats;
+mod timer;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -36,6 +36,7 @@ pub(crate) struct Shared {
     pub(crate) control: Mutex<Control>,
     pub(crate) acc: Arc<Accounting>,
     pub(crate) ids: AtomicU64,
+    pub(crate) timer: crate::timer::PreciseTimer,
 }
 
 /// A running mock server. Stops on [`MockServer::shutdown`] or when dropped.
@@ -98,6 +99,7 @@ impl MockServer {
             }),
             acc: Arc::new(Accounting::new()),
             ids: AtomicU64::new(0),
+            timer: crate::timer::PreciseTimer::start()?,
         });
         let (stop, stopped) = watch::channel(false);
         runtime.spawn(accept_loop(listener, Arc::clone(&shared), stopped));
