@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Select, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Select, Sender};
 
 use crate::config::Strategy;
 use crate::error::Error;
@@ -347,15 +347,21 @@ impl Dispatcher {
                 Ok(order) => (order, None),
                 Err(wake) => (Vec::new(), wake),
             };
-            // Fast path: the first preferred key with an idle worker takes it.
+            // Fast path: the first preferred key with an idle worker takes it. A worker
+            // counts itself idle just before it waits to receive, and only this thread
+            // sends, so a send to a key with idle > 0 completes at once (the worker is
+            // in, or entering, its receive) — no race with a worker still on its way.
             let tokens = job.est_tokens;
             for &i in &order {
-                match self.senders[i].try_send(job) {
+                if self.shared.keys[i].idle.load(SeqCst) == 0 {
+                    continue;
+                }
+                match self.senders[i].send(job) {
                     Ok(()) => {
                         self.sent(i, tokens);
                         return Placed::Done;
                     }
-                    Err(TrySendError::Full(j)) | Err(TrySendError::Disconnected(j)) => job = j,
+                    Err(e) => job = e.into_inner(),
                 }
             }
             // Slow path: block until a candidate's worker frees up, or something changes.

@@ -93,7 +93,7 @@ enum Mode {
 
 impl Pool {
     /// Validates `config`, starts one worker pool per key (with a `ureq` agent each) and
-    /// the dispatcher.
+    /// the dispatcher, and returns once every worker is waiting for work.
     pub fn new(config: Config) -> Result<Pool, Error> {
         Pool::with_transport(config, |s| {
             Arc::new(UreqTransport::new(s)) as Arc<dyn Transport>
@@ -117,6 +117,7 @@ impl Pool {
         let (events_tx, events_rx) = crossbeam_channel::bounded(1);
         let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded::<()>(0);
         let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
+        let (started_tx, started_rx) = crossbeam_channel::unbounded::<()>();
         let keys = (0..config.keys.len())
             .map(|i| KeyState::new(&config, i, epoch))
             .collect();
@@ -173,11 +174,12 @@ impl Pool {
             senders.push(tx);
             for n in 0..k.max_concurrent {
                 let (ctx, rx, alive) = (ctx.clone(), rx.clone(), alive_tx.clone());
+                let started = started_tx.clone();
                 pool.spawn(
                     format!("keypool-{label}-{n}"),
                     cfg.worker_stack_size,
                     move || {
-                        worker::run(ctx, rx);
+                        worker::run(ctx, rx, started);
                         drop(alive);
                     },
                 )?;
@@ -195,6 +197,14 @@ impl Pool {
             dispatcher.run();
             drop(alive_tx);
         })?;
+        // Every worker reports once it waits for its first job (a channel, not a poll).
+        drop(started_tx);
+        let workers: usize = shared.config.keys.iter().map(|k| k.max_concurrent).sum();
+        for _ in 0..workers {
+            if started_rx.recv().is_err() {
+                break; // a worker died before starting: its key just has fewer
+            }
+        }
         Ok(pool)
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::ApiKey;
 use crate::error::{Error, TimeoutPhase};
@@ -39,13 +39,19 @@ impl KeyWorkerCtx {
 }
 
 /// The worker loop: runs until the dispatcher drops the key's sender.
-pub(crate) fn run(ctx: Arc<KeyWorkerCtx>, rx: Receiver<Job>) {
+pub(crate) fn run(ctx: Arc<KeyWorkerCtx>, rx: Receiver<Job>, started: Sender<()>) {
+    // Told once, when this worker first waits for a job: `Pool::new` returns only when
+    // every worker has, so the first requests meet idle workers in config order.
+    let mut started = Some(started);
     loop {
         let job = match self_serve(&ctx) {
             Some(job) => job,
             None => {
                 let ks = ctx.state();
                 ks.idle.fetch_add(1, SeqCst);
+                if let Some(s) = started.take() {
+                    let _ = s.send(());
+                }
                 if ctx.shared.wants_idle.load(SeqCst) {
                     ctx.shared.nudge();
                 }
