@@ -167,7 +167,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     if proven && ks.note_attempt_end(true) {
         ctx.shared.nudge();
     }
-    let label = ks.label.to_string();
+    let label = || ks.label.to_string(); // only error paths need an owned label
     let (err, verdict, class) = match outcome {
         Ok(Ok(resp)) => match judge_response(ctx, &mut job, resp, first_start) {
             Ok(response) => {
@@ -184,7 +184,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
             };
             let err = Error::Timeout {
                 phase,
-                key: Some(label),
+                key: Some(label()),
                 attempts: job.attempts,
             };
             let retry = phase != TimeoutPhase::Deadline;
@@ -199,7 +199,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
         }
         Ok(Err(TransportError::Failed(message))) => {
             let err = Error::Transport {
-                key: label,
+                key: label(),
                 message,
                 attempts: job.attempts,
             };
