@@ -3,7 +3,9 @@
 //!
 //! Each key's workers receive from a zero-capacity (`bounded(0)`) channel. A send on it
 //! completes only when one of the key's workers is idle and waiting, so:
-//! - "does key `i` have an idle worker?" is a non-blocking `try_send`;
+//! - "does key `i` have an idle worker?" is its idle count (raised by a worker just
+//!   before it waits, lowered here when a send completes), and a send to such a key
+//!   completes at once;
 //! - "wait until any of these keys has an idle worker" is a `crossbeam_channel::Select`
 //!   over their senders, which blocks on the channels' wait queues;
 //! - a key can never have more than `max_concurrent` requests in flight, because it has

@@ -1,6 +1,7 @@
 //! Worker threads: each key has exactly `max_concurrent` of them, sharing one transport.
-//! A worker takes one job at a time from its key's rendezvous channel, makes one HTTP
-//! attempt, and either answers the job or hands it back to the dispatcher for a retry.
+//! A worker takes one job at a time — from its key's rendezvous channel, or, when the
+//! pool is saturated, straight from the queue (`self_serve`) — makes one HTTP attempt,
+//! and either answers the job or hands it back to the dispatcher for a retry.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
