@@ -277,16 +277,14 @@ impl Pool {
     }
 
     fn ticket_reply(&self) -> (Reply, Ticket) {
-        let (reply, ticket) = Reply::ticket();
-        (self.counted(reply), ticket)
+        let (tx, ticket) = Ticket::channel();
+        let reply = self.counted_fn(move |r| {
+            let _ = tx.send(r);
+        });
+        (reply, ticket)
     }
 
-    /// Wraps a reply so the pool's `completed` counter sees it.
-    fn counted(&self, reply: Reply) -> Reply {
-        self.counted_fn(move |r| reply.send(r))
-    }
-
-    /// A reply calling `callback`, counted like [`counted`](Pool::counted). The callback
+    /// A reply calling `callback` that the pool's `completed` counter sees. The callback
     /// is captured bare (not as an inner `Reply`), so a defused reply drops it without
     /// calling it: a refused `submit_with` never runs its callback.
     fn counted_fn(&self, callback: impl FnOnce(RequestResult) + Send + 'static) -> Reply {

@@ -27,16 +27,6 @@ impl Reply {
         }
     }
 
-    /// A reply feeding a new [`Ticket`].
-    pub(crate) fn ticket() -> (Reply, Ticket) {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let reply = Reply::new(move |r| {
-            // The receiver may be gone (ticket dropped): nobody is waiting, nothing to do.
-            let _ = tx.send(r);
-        });
-        (reply, Ticket { rx, taken: false })
-    }
-
     /// Delivers the result.
     pub(crate) fn send(mut self, result: RequestResult) {
         if let Some(f) = self.callback.take() {
@@ -71,6 +61,13 @@ pub struct Ticket {
 }
 
 impl Ticket {
+    /// A new ticket and the sender its one result goes to. (The receiver may be gone
+    /// when the result arrives — the ticket was dropped — and then nothing waits.)
+    pub(crate) fn channel() -> (crossbeam_channel::Sender<RequestResult>, Ticket) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        (tx, Ticket { rx, taken: false })
+    }
+
     /// Blocks until the result is ready.
     pub fn wait(mut self) -> RequestResult {
         if self.taken {
