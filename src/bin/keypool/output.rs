@@ -59,10 +59,17 @@ struct Record<'a> {
 }
 
 fn response_json(r: &keypool::Response) -> ResponseJson {
-    let body = serde_json::from_slice(r.body()).unwrap_or_else(|_| Value::String(r.text()));
+    let body: Value = serde_json::from_slice(r.body()).unwrap_or_else(|_| Value::String(r.text()));
+    // The header, else the body's `id` from the parse above (`Response::request_id`
+    // would parse the body a second time).
+    let request_id = r
+        .header("x-request-id")
+        .or_else(|| r.header("request-id"))
+        .or_else(|| body.get("id")?.as_str())
+        .map(str::to_owned);
     ResponseJson {
         status_code: r.status(),
-        request_id: r.request_id(),
+        request_id,
         body,
     }
 }
