@@ -1,19 +1,21 @@
 //! The dispatcher: one thread that takes each job (new or retried) and hands it to a
 //! key's worker according to the strategy — without ever polling.
 //!
-//! Each key's workers receive from a zero-capacity (`bounded(0)`) channel. A send on it
-//! completes only when one of the key's workers is idle and waiting, so:
-//! - "does key `i` have an idle worker?" is its idle count (raised by a worker just
-//!   before it waits, lowered here when a send completes), and a send to such a key
-//!   completes at once;
-//! - "wait until any of these keys has an idle worker" is a `crossbeam_channel::Select`
-//!   over their senders, which blocks on the channels' wait queues;
-//! - a key can never have more than `max_concurrent` requests in flight, because it has
-//!   exactly that many workers and each handles one job at a time.
+//! Each key's workers receive from a zero-capacity (`bounded(0)`) channel. A worker
+//! about to wait on it counts itself idle in its key's [`Gate`](crate::admission::Gate);
+//! the dispatcher asks the gates, in strategy order, to admit the job
+//! (`Gate::try_admit`: idle worker, cooldown, trial, rate budget and disabled state, all
+//! decided and applied in one step, before the hand-off) and sends to the first that
+//! does — a send that completes at once, since the worker it took is waiting. A key can
+//! never have more than `max_concurrent` requests in flight: it has exactly that many
+//! workers and each handles one job at a time.
 //!
-//! The same `Select` also listens for shutdown, retries coming back from workers, and key
-//! health changes; its only timeout is the next known instant something changes (a
-//! cooldown ending, a rate-limit budget refilling, a backoff or deadline expiring).
+//! When no key admits the job, the dispatcher blocks in one biased `Select` over
+//! shutdown, retries coming back from workers, and events (a worker going idle while
+//! `wants_idle` is set, a trial ending, a key cooling or disabled); its only timeout is
+//! the next known instant something changes (a cooldown ending, a rate-limit budget
+//! refilling, a backoff or a deadline expiring). Deadlines of requests still in the
+//! queue are answered here too (`deadline.rs`).
 //!
 //! When every usable worker is busy the dispatcher leaves new requests in the queue and
 //! the first worker to free up takes the next one itself (see `worker::self_serve` and
@@ -21,16 +23,19 @@
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BinaryHeap, VecDeque};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Select, Sender};
 
+use crate::admission::{Admission, Admit, KeyVerdict, Via};
 use crate::config::Strategy;
 use crate::error::Error;
 use crate::job::Job;
 use crate::shared::Shared;
+use crate::worker::panic_message;
 
 /// A retry waiting out its backoff.
 struct Delayed {
@@ -71,6 +76,8 @@ pub(crate) struct Dispatcher {
     delayed: BinaryHeap<Delayed>,
     seq: u64,
     rr_next: usize,
+    /// Scratch space for the strategy's key order.
+    order: Vec<usize>,
 }
 
 /// How `place` ended.
@@ -79,6 +86,24 @@ enum Placed {
     Done,
     /// Shutdown began while the job waited; it has been answered.
     Shutdown,
+}
+
+/// Why no key admitted a job now.
+struct NotNow {
+    /// The next instant a key may admit (cooldown end, budget refill).
+    wake: Option<Instant>,
+    /// Some preferred key is usable but busy: wait for a worker or a trial.
+    busy: bool,
+}
+
+/// Consecutive dispatcher panics after which it gives up (answering everything).
+const MAX_CONSECUTIVE_PANICS: u32 = 3;
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 impl Dispatcher {
@@ -91,6 +116,7 @@ impl Dispatcher {
         senders: Vec<Sender<Job>>,
     ) -> Dispatcher {
         let strategy = shared.config.strategy;
+        let n = senders.len();
         Dispatcher {
             shared,
             intake,
@@ -103,16 +129,47 @@ impl Dispatcher {
             delayed: BinaryHeap::new(),
             seq: 0,
             rr_next: 0,
+            order: Vec::with_capacity(n),
         }
     }
 
+    /// The dispatcher thread. Each step runs under `catch_unwind`: a panic (a bug, never
+    /// a server value) answers the job it held with [`Error::Panic`] (see `Job`'s
+    /// `Drop`) and the loop goes on; after repeated panics in a row the dispatcher gives
+    /// up for good and answers every queued and later request with an error instead of
+    /// leaving them unanswered.
     pub(crate) fn run(mut self) {
-        while let Some(job) = self.next_job() {
-            if let Placed::Shutdown = self.place(job) {
-                break;
+        let mut panics = 0;
+        loop {
+            match catch_unwind(AssertUnwindSafe(|| self.step())) {
+                Ok(true) => panics = 0,
+                Ok(false) => break,
+                Err(p) => {
+                    self.shared.wants_idle.store(false, SeqCst);
+                    self.shared.dispatcher_waiting.store(false, SeqCst);
+                    panics += 1;
+                    let msg = panic_message(&p);
+                    log::error!("keypool: the dispatcher caught a panic: {msg}");
+                    if panics >= MAX_CONSECUTIVE_PANICS {
+                        self.fail(msg);
+                        return;
+                    }
+                }
             }
         }
         self.drain();
+    }
+
+    /// Takes and places one job. False on shutdown.
+    fn step(&mut self) -> bool {
+        match self.next_job() {
+            Some(job) => {
+                #[cfg(test)]
+                self.shared.test_maybe_panic();
+                !matches!(self.place(job), Placed::Shutdown)
+            }
+            None => false,
+        }
     }
 
     /// Queues a job handed back by a worker (a retry, or a bounce off a cooling key).
@@ -142,21 +199,26 @@ impl Dispatcher {
     /// With self-serve on (every strategy but round-robin), the dispatcher takes new
     /// requests only while some usable worker is idle; when all are busy it leaves the
     /// queue to the workers, which take the next request themselves as they free up,
-    /// and waits for a worker to go idle (`wants_idle` + a nudge) instead.
+    /// and waits for a worker to go idle (`wants_idle` + a nudge) instead. While the
+    /// retry backlog is full it takes no new requests at all.
     fn next_job(&mut self) -> Option<Job> {
         loop {
             let now = Instant::now();
+            let mut wake = self.shared.deadlines.expire(now);
             self.promote_due(now);
             if let Some(j) = self.ready.pop_front() {
+                self.shared.backlog.fetch_sub(1, SeqCst);
                 return Some(j);
             }
+            let backlog_full = self.shared.backlog_full();
             // (With every key disabled no worker will ever take a request: the
             // dispatcher takes it and answers `NoUsableKey`.)
-            let take_intake = !self.shared.self_serve
-                || self.shared.any_usable_idle(now)
-                || self.shared.keys.iter().all(|k| k.is_disabled());
-            let mut wake = self.delayed.peek().map(|d| d.at);
-            if !take_intake {
+            let take_intake = !backlog_full
+                && (!self.shared.self_serve
+                    || self.shared.any_usable_idle(now)
+                    || self.shared.keys.iter().all(|k| k.gate.is_disabled()));
+            wake = earliest(wake, self.delayed.peek().map(|d| d.at));
+            if !take_intake && !backlog_full {
                 self.shared.wants_idle.store(true, SeqCst);
                 // Re-check after announcing, so a worker going idle in between is seen
                 // either here or by its own nudge.
@@ -166,10 +228,8 @@ impl Dispatcher {
                 }
                 // Idle workers of a cooling key become usable when the cooldown ends.
                 for k in &self.shared.keys {
-                    if k.idle.load(SeqCst) > 0 {
-                        if let Some(until) = k.cooling_until(now) {
-                            wake = Some(wake.map_or(until, |w| w.min(until)));
-                        }
+                    if k.gate.idle() > 0 {
+                        wake = earliest(wake, k.gate.cooling_until(now));
                     }
                 }
             }
@@ -181,7 +241,8 @@ impl Dispatcher {
                 Nothing,
             }
             let woke = {
-                let mut sel = Select::new();
+                // Biased: shutdown first, then retries (older work) before new requests.
+                let mut sel = Select::new_biased();
                 let i_shutdown = sel.recv(&self.shutdown_rx);
                 let i_retry = sel.recv(&self.retry_rx);
                 let i_events = sel.recv(&self.events_rx);
@@ -195,7 +256,7 @@ impl Dispatcher {
                     None => Some(sel.select()),
                 };
                 match selected {
-                    None => Woke::Nothing, // a backoff or cooldown ended
+                    None => Woke::Nothing, // a backoff, cooldown or deadline came due
                     Some(oper) => match oper.index() {
                         i if i == i_shutdown => {
                             let _ = oper.recv(&self.shutdown_rx);
@@ -225,82 +286,75 @@ impl Dispatcher {
         }
     }
 
-    /// The keys `job` may go to now, in the order the strategy prefers them; or why none.
-    fn candidates(&self, job: &Job, now: Instant) -> Result<Vec<usize>, Option<Instant>> {
+    /// Fills `self.order` with the keys of `pass` in the strategy's preference order.
+    fn order_keys(&mut self, pass: impl Fn(usize) -> bool) {
         let keys = &self.shared.keys;
-        let mut wake: Option<Instant> = None;
-        let mut usable = Vec::with_capacity(keys.len());
-        // Keys whose first (probe) request is still out: busy, not unusable. A worker
-        // nudges the dispatcher when the probe ends.
-        let mut probing = Vec::new();
-        for k in keys {
-            if k.is_disabled() {
-                continue;
-            }
-            if let Some(until) = k.cooling_until(now) {
-                wake = Some(wake.map_or(until, |w| w.min(until)));
-                continue;
-            }
-            if k.has_limits() {
-                if let Some(at) = k.budget_ready_at(job.est_tokens, now) {
-                    wake = Some(wake.map_or(at, |w| w.min(at)));
-                    continue;
-                }
-            }
-            if !k.probe_allows() {
-                probing.push(k.index);
-                continue;
-            }
-            usable.push(k.index);
-        }
-        // Failover: a retry prefers keys it has not tried yet.
-        if !job.tried.is_empty() {
-            let fresh: Vec<usize> = usable
-                .iter()
-                .copied()
-                .filter(|i| !job.tried.contains(i))
-                .collect();
-            if !fresh.is_empty() {
-                usable = fresh;
-            }
-        }
-        if self.strategy == Strategy::RoundRobin && !probing.is_empty() {
-            // Strict rotation waits for a busy key rather than skipping it.
-            let n = keys.len();
-            let next = (0..n)
-                .map(|off| (self.rr_next + off) % n)
-                .find(|i| usable.contains(i) || probing.contains(i));
-            if next.is_some_and(|i| probing.contains(&i)) {
-                return Err(wake);
-            }
-        }
-        if usable.is_empty() {
-            return Err(wake);
-        }
+        let n = keys.len();
+        self.order.clear();
         match self.strategy {
-            Strategy::FirstAvailable => {}
+            Strategy::FirstAvailable => self.order.extend((0..n).filter(|&i| pass(i))),
+            Strategy::RoundRobin => self.order.extend(
+                (0..n)
+                    .map(|off| (self.rr_next + off) % n)
+                    .filter(|&i| pass(i)),
+            ),
             Strategy::LeastLoaded => {
-                // Fewest in flight relative to capacity; stable sort keeps config order on ties.
-                usable.sort_by(|&a, &b| {
+                self.order.extend((0..n).filter(|&i| pass(i)));
+                // Fewest in flight relative to capacity; stable sort keeps config order
+                // on ties.
+                self.order.sort_by(|&a, &b| {
                     let (ka, kb) = (&keys[a], &keys[b]);
-                    let la =
-                        ka.in_flight.load(std::sync::atomic::Ordering::Relaxed) * kb.max_concurrent;
-                    let lb =
-                        kb.in_flight.load(std::sync::atomic::Ordering::Relaxed) * ka.max_concurrent;
+                    let la = ka.in_flight.load(Relaxed) * kb.max_concurrent;
+                    let lb = kb.in_flight.load(Relaxed) * ka.max_concurrent;
                     la.cmp(&lb)
                 });
             }
-            Strategy::RoundRobin => {
-                // Strict rotation: only the next usable key at or after the cursor.
-                let n = keys.len();
-                let next = (0..n)
-                    .map(|off| (self.rr_next + off) % n)
-                    .find(|i| usable.contains(i))
-                    .expect("usable is not empty");
-                usable = vec![next];
+        }
+    }
+
+    /// Asks the keys, in strategy order, to admit `job`; the first that does has taken
+    /// it (idle worker, trial, budget all applied). A retry prefers keys it has not
+    /// tried: the keys it tried are asked only if no untried key is usable at all.
+    fn choose(&mut self, job: &Job, now: Instant) -> Result<(usize, Admission), NotNow> {
+        let mut not_now = NotNow {
+            wake: None,
+            busy: false,
+        };
+        let passes: &[bool] = if job.tried.is_empty() {
+            &[true]
+        } else {
+            &[false, true]
+        };
+        for &tried_pass in passes {
+            if job.tried.is_empty() {
+                self.order_keys(|_| true);
+            } else {
+                self.order_keys(|i| job.tried.contains(&i) == tried_pass);
+            }
+            for idx in 0..self.order.len() {
+                let i = self.order[idx];
+                match self.shared.keys[i]
+                    .gate
+                    .try_admit(Via::Dispatcher, job.est_tokens, now)
+                {
+                    Admit::Yes(adm) => return Ok((i, adm)),
+                    Admit::WakeAt(at) => not_now.wake = earliest(not_now.wake, Some(at)),
+                    Admit::Busy => {
+                        not_now.busy = true;
+                        if self.strategy == Strategy::RoundRobin {
+                            // Strict rotation waits for the next usable key rather
+                            // than skipping it.
+                            return Err(not_now);
+                        }
+                    }
+                    Admit::Never => {}
+                }
+            }
+            if not_now.busy {
+                break; // an untried key is usable, only busy: wait for it
             }
         }
-        Ok(usable)
+        Err(not_now)
     }
 
     fn no_usable_key(&self) -> Error {
@@ -309,116 +363,113 @@ impl Dispatcher {
             .keys
             .iter()
             .map(|k| {
-                format!(
-                    "{}: {}",
-                    k.label,
-                    k.disabled_reason().unwrap_or_else(|| "disabled".into())
-                )
+                let reason = k
+                    .gate
+                    .disabled()
+                    .map_or_else(|| "disabled".to_owned(), |(r, _)| r);
+                format!("{}: {reason}", k.label)
             })
             .collect::<Vec<_>>()
             .join("; ");
         Error::NoUsableKey { detail }
     }
 
-    fn sent(&mut self, key: usize, job_tokens: u64) {
-        let k = &self.shared.keys[key];
-        // A send completes only into a waiting worker: it is idle no more. (Counted
-        // here rather than by the worker, so the next decision never sees it as idle.)
-        k.idle.fetch_sub(1, SeqCst);
-        k.note_dispatched();
-        if k.has_limits() {
-            k.spend(job_tokens);
+    /// Hands an admitted job to key `i`'s idle worker.
+    fn hand_off(&mut self, i: usize, adm: Admission, mut job: Job) {
+        self.rr_next = (i + 1) % self.senders.len();
+        job.admission = Some((i, adm));
+        // The admission took a worker that is waiting (or about to wait) to receive,
+        // so this completes at once.
+        if let Err(e) = self.senders[i].send(job) {
+            // The key's workers are gone (shutdown): settle the admission; dropping the
+            // job answers it.
+            let mut job = e.into_inner();
+            job.admission = None;
+            let gate = &self.shared.keys[i].gate;
+            gate.refund(adm);
+            gate.complete(adm, &KeyVerdict::default(), Instant::now());
         }
-        self.rr_next = (key + 1) % self.senders.len();
     }
 
-    /// Hands `job` to a worker, waiting (without polling) for one to be free.
-    fn place(&mut self, mut job: Job) -> Placed {
+    /// Hands `job` to a worker, waiting (without polling) for a key to admit it.
+    fn place(&mut self, job: Job) -> Placed {
         loop {
+            if job.is_answered() {
+                return Placed::Done; // its deadline passed while it waited
+            }
             let now = Instant::now();
+            let next_deadline = self.shared.deadlines.expire(now);
             if job.deadline.is_some_and(|d| now >= d) {
                 job.finish_deadline();
                 return Placed::Done;
             }
-            if self.shared.keys.iter().all(|k| k.is_disabled()) {
+            if self.shared.keys.iter().all(|k| k.gate.is_disabled()) {
                 let e = self.no_usable_key();
                 job.finish(Err(e));
                 return Placed::Done;
             }
-            let (order, wake) = match self.candidates(&job, now) {
-                Ok(order) => (order, None),
-                Err(wake) => (Vec::new(), wake),
-            };
-            // Fast path: the first preferred key with an idle worker takes it. A worker
-            // counts itself idle just before it waits to receive, and only this thread
-            // sends, so a send to a key with idle > 0 completes at once (the worker is
-            // in, or entering, its receive) — no race with a worker still on its way.
-            let tokens = job.est_tokens;
-            for &i in &order {
-                if self.shared.keys[i].idle.load(SeqCst) == 0 {
-                    continue;
+            let not_now = match self.choose(&job, now) {
+                Ok((i, adm)) => {
+                    self.hand_off(i, adm, job);
+                    return Placed::Done;
                 }
-                match self.senders[i].send(job) {
-                    Ok(()) => {
-                        self.sent(i, tokens);
-                        return Placed::Done;
-                    }
-                    Err(e) => job = e.into_inner(),
+                Err(n) => n,
+            };
+            // Wait for a worker to go idle, a trial to end, a key to change, or the
+            // next known instant. While waiting on a busy key, workers that free up
+            // come to this job rather than taking newer requests past it.
+            self.shared.wants_idle.store(true, SeqCst);
+            self.shared.dispatcher_waiting.store(not_now.busy, SeqCst);
+            // Re-check after announcing: a worker that went idle before it could see
+            // `wants_idle` did not nudge.
+            if let Ok((i, adm)) = self.choose(&job, Instant::now()) {
+                self.shared.wants_idle.store(false, SeqCst);
+                self.shared.dispatcher_waiting.store(false, SeqCst);
+                self.hand_off(i, adm, job);
+                return Placed::Done;
+            }
+            let wake = earliest(earliest(not_now.wake, job.deadline), next_deadline);
+            let wake = earliest(wake, self.delayed.peek().map(|d| d.at));
+            enum Woke {
+                Shutdown,
+                Retry(Job),
+                Nothing,
+            }
+            let woke = {
+                let mut sel = Select::new_biased();
+                let i_shutdown = sel.recv(&self.shutdown_rx);
+                let i_retry = sel.recv(&self.retry_rx);
+                let _i_events = sel.recv(&self.events_rx);
+                let oper = match wake {
+                    Some(at) => sel.select_deadline(at).ok(),
+                    None => Some(sel.select()),
+                };
+                match oper {
+                    None => Woke::Nothing,
+                    Some(oper) => match oper.index() {
+                        i if i == i_shutdown => {
+                            let _ = oper.recv(&self.shutdown_rx);
+                            Woke::Shutdown
+                        }
+                        i if i == i_retry => {
+                            oper.recv(&self.retry_rx).map_or(Woke::Nothing, Woke::Retry)
+                        }
+                        _ => {
+                            let _ = oper.recv(&self.events_rx);
+                            Woke::Nothing
+                        }
+                    },
                 }
-            }
-            // Slow path: block until a candidate's worker frees up, or something changes.
-            let wake = match (wake, job.deadline) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
             };
-            let mut sel = Select::new();
-            let i_shutdown = sel.recv(&self.shutdown_rx);
-            let i_retry = sel.recv(&self.retry_rx);
-            let i_events = sel.recv(&self.events_rx);
-            let base = 3;
-            for &i in &order {
-                sel.send(&self.senders[i]);
-            }
-            // While blocked here, workers that free up come to this job rather than
-            // taking newer requests past it.
-            self.shared
-                .dispatcher_waiting
-                .store(!order.is_empty(), SeqCst);
-            let oper = match wake {
-                Some(at) => match sel.select_deadline(at) {
-                    Ok(op) => op,
-                    Err(_) => {
-                        self.shared.dispatcher_waiting.store(false, SeqCst);
-                        continue;
-                    }
-                },
-                None => sel.select(),
-            };
+            self.shared.wants_idle.store(false, SeqCst);
             self.shared.dispatcher_waiting.store(false, SeqCst);
-            match oper.index() {
-                i if i == i_shutdown => {
-                    let _ = oper.recv(&self.shutdown_rx);
+            match woke {
+                Woke::Shutdown => {
                     drop(job); // answers Cancelled (or its last attempt's error)
                     return Placed::Shutdown;
                 }
-                i if i == i_retry => {
-                    if let Ok(r) = oper.recv(&self.retry_rx) {
-                        self.defer(r);
-                    }
-                }
-                i if i == i_events => {
-                    let _ = oper.recv(&self.events_rx);
-                }
-                i => {
-                    let key = order[i - base];
-                    match oper.send(&self.senders[key], job) {
-                        Ok(()) => {
-                            self.sent(key, tokens);
-                            return Placed::Done;
-                        }
-                        Err(e) => job = e.into_inner(),
-                    }
-                }
+                Woke::Retry(r) => self.defer(r),
+                Woke::Nothing => {}
             }
         }
     }
@@ -444,6 +495,57 @@ impl Dispatcher {
         drop(retry_rx);
         for job in intake.iter() {
             job.finish(Err(Error::Cancelled));
+        }
+    }
+
+    /// The dispatcher gave up after repeated panics: refuse new requests, answer every
+    /// job it holds or will receive with an error, and end at shutdown.
+    fn fail(self, msg: String) {
+        let error = || Error::Panic(format!("the keypool dispatcher failed: {msg}"));
+        *self.shared.broken.lock() = Some(msg.clone());
+        self.shared.closing.store(true, SeqCst);
+        let Dispatcher {
+            intake,
+            retry_rx,
+            shutdown_rx,
+            senders,
+            ready,
+            delayed,
+            ..
+        } = self;
+        // Workers finish their current attempt and exit.
+        drop(senders);
+        for job in ready {
+            job.finish(Err(error()));
+        }
+        for d in delayed {
+            d.job.finish(Err(error()));
+        }
+        loop {
+            let mut sel = Select::new_biased();
+            let i_shutdown = sel.recv(&shutdown_rx);
+            let i_retry = sel.recv(&retry_rx);
+            let _i_intake = sel.recv(&intake);
+            let oper = sel.select();
+            match oper.index() {
+                i if i == i_shutdown => {
+                    let _ = oper.recv(&shutdown_rx);
+                    break;
+                }
+                i if i == i_retry => {
+                    if let Ok(job) = oper.recv(&retry_rx) {
+                        job.finish(Err(error()));
+                    }
+                }
+                _ => match oper.recv(&intake) {
+                    Ok(job) => job.finish(Err(error())),
+                    Err(_) => break,
+                },
+            }
+        }
+        drop(retry_rx);
+        for job in intake.iter() {
+            job.finish(Err(error()));
         }
     }
 }

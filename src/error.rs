@@ -98,6 +98,14 @@ pub enum Error {
     Panic(String),
     /// The ticket's result was already taken.
     ResultTaken,
+    /// The pool could not start one of its threads (the system's thread limit, or not
+    /// enough memory for its stack). Threads already started were stopped.
+    Spawn {
+        /// Name of the thread that could not start (`keypool-<label>-<n>`).
+        thread: String,
+        /// The system's error.
+        message: String,
+    },
 }
 
 impl Error {
@@ -148,6 +156,7 @@ impl Error {
             Error::NoUsableKey { .. } => "no_usable_key",
             Error::Panic(_) => "panic",
             Error::ResultTaken => "result_taken",
+            Error::Spawn { .. } => "spawn",
         }
     }
 
@@ -205,6 +214,9 @@ impl fmt::Display for Error {
             Error::NoUsableKey { detail } => write!(f, "no usable key: {detail}"),
             Error::Panic(m) => write!(f, "a worker panicked while handling the request: {m}"),
             Error::ResultTaken => f.write_str("the ticket's result was already taken"),
+            Error::Spawn { thread, message } => {
+                write!(f, "could not start thread {thread}: {message}")
+            }
         }
     }
 }

@@ -1,16 +1,31 @@
 //! A request in motion: the request, where its answer goes, and its retry history.
 
+use std::sync::Arc;
 use std::time::Instant;
 
+use crate::admission::Admission;
+use crate::deadline::Slot;
 use crate::error::{Error, TimeoutPhase};
 use crate::request::Request;
 use crate::ticket::{Reply, RequestResult};
 
+/// Where the job's one answer goes.
+enum Answer {
+    /// Only the job holds the reply (no deadline).
+    Own(Option<Reply>),
+    /// Shared with the deadline registry, which answers it if the deadline passes
+    /// while the job waits.
+    Shared(Arc<Slot>),
+}
+
 pub(crate) struct Job {
     pub req: Request,
-    reply: Option<Reply>,
-    /// HTTP attempts made so far.
+    answer: Answer,
+    /// HTTP attempts made so far (what records and errors report).
     pub attempts: u32,
+    /// Attempts charged against `retry.max_attempts`: an attempt that failed because of
+    /// the key (401/403, 402) is not the request's fault and is not charged.
+    pub charged: u32,
     /// Keys tried, in order.
     pub tried: Vec<usize>,
     /// When the first attempt started.
@@ -23,31 +38,92 @@ pub(crate) struct Job {
     pub last_error: Option<Error>,
     /// Token estimate for `tpm` limits (0 when no key has one).
     pub est_tokens: u64,
+    /// The key admission this job holds while it is with a worker (see `admission.rs`).
+    pub admission: Option<(usize, Admission)>,
 }
 
 impl Job {
+    /// A job whose reply is owned, or shared with the deadline registry (`slot`).
     pub(crate) fn new(
         req: Request,
         reply: Reply,
         deadline: Option<Instant>,
         est_tokens: u64,
     ) -> Job {
+        Job::with_answer(req, Answer::Own(Some(reply)), deadline, est_tokens)
+    }
+
+    /// A job whose reply lives in `slot`, registered with the deadline registry.
+    pub(crate) fn with_slot(
+        req: Request,
+        slot: Arc<Slot>,
+        deadline: Option<Instant>,
+        est_tokens: u64,
+    ) -> Job {
+        Job::with_answer(req, Answer::Shared(slot), deadline, est_tokens)
+    }
+
+    fn with_answer(
+        req: Request,
+        answer: Answer,
+        deadline: Option<Instant>,
+        est_tokens: u64,
+    ) -> Job {
         Job {
             req,
-            reply: Some(reply),
+            answer,
             attempts: 0,
+            charged: 0,
             tried: Vec::new(),
             first_start: None,
             deadline,
             not_before: None,
             last_error: None,
             est_tokens,
+            admission: None,
         }
     }
 
-    /// Delivers the job's one result.
+    fn take_reply(&mut self) -> Option<Reply> {
+        match &mut self.answer {
+            Answer::Own(r) => r.take(),
+            Answer::Shared(slot) => slot.take(),
+        }
+    }
+
+    /// Whether the job was already answered elsewhere (its deadline passed while it
+    /// waited): it must not be sent.
+    pub(crate) fn is_answered(&self) -> bool {
+        match &self.answer {
+            Answer::Own(r) => r.is_none(),
+            Answer::Shared(slot) => slot.is_answered(),
+        }
+    }
+
+    /// An attempt on `key` (key index `index`) starts now. False if the job was
+    /// already answered (and must not be sent).
+    pub(crate) fn begin_attempt(&mut self, index: usize, key: &Arc<str>, now: Instant) -> bool {
+        if let Answer::Shared(slot) = &self.answer {
+            if !slot.begin_attempt(key) {
+                return false;
+            }
+        }
+        self.attempts += 1;
+        self.tried.push(index);
+        self.first_start.get_or_insert(now);
+        true
+    }
+
+    /// The attempt begun by `begin_attempt` has returned.
+    pub(crate) fn end_attempt(&self) {
+        if let Answer::Shared(slot) = &self.answer {
+            slot.end_attempt();
+        }
+    }
+
+    /// Delivers the job's one result (nothing, if it was already answered).
     pub(crate) fn finish(mut self, result: RequestResult) {
-        if let Some(r) = self.reply.take() {
+        if let Some(r) = self.take_reply() {
             r.send(result);
         }
     }
@@ -71,18 +147,24 @@ impl Job {
 
     /// Disarms the job's reply: `submit` failed and tells the caller itself.
     pub(crate) fn defuse(mut self) {
-        if let Some(r) = self.reply.take() {
+        if let Some(r) = self.take_reply() {
             r.defuse();
         }
     }
 }
 
 impl Drop for Job {
-    /// A job dropped unanswered (shutdown, a torn-down channel) still answers: with its
-    /// last attempt's error if it had one, else `Cancelled`.
+    /// A job dropped unanswered still answers: during a panic with [`Error::Panic`]
+    /// (it may have been sent: "cancelled" would be a lie), else with its last
+    /// attempt's error if it had one, else `Cancelled` (shutdown before it was sent).
     fn drop(&mut self) {
-        if let Some(r) = self.reply.take() {
-            r.send(Err(self.last_error.take().unwrap_or(Error::Cancelled)));
+        if let Some(r) = self.take_reply() {
+            let e = if std::thread::panicking() {
+                Error::Panic("a keypool thread panicked while handling the request".to_owned())
+            } else {
+                self.last_error.take().unwrap_or(Error::Cancelled)
+            };
+            r.send(Err(e));
         }
     }
 }

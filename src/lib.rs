@@ -34,8 +34,10 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(unsafe_code)]
 
+mod admission;
 mod batch;
 mod config;
+mod deadline;
 mod dispatch;
 mod error;
 // The C ABI: the only module allowed `unsafe` (raw pointers from C).

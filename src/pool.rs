@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, Tr
 use parking_lot::Mutex;
 
 use crate::config::Config;
+use crate::deadline::{Deadlines, Slot};
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, TimeoutPhase};
 use crate::job::Job;
@@ -127,13 +128,18 @@ impl Pool {
             config,
             keys,
             retry_tx,
+            backlog: AtomicUsize::new(0),
             events_tx,
+            deadlines: Deadlines::new(),
             self_serve: strategy != crate::config::Strategy::RoundRobin,
             wants_idle: AtomicBool::new(false),
             dispatcher_waiting: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            broken: Mutex::new(None),
             submitted: AtomicU64::new(0),
             completed: AtomicU64::new(0),
+            #[cfg(test)]
+            test_dispatcher_panics: std::sync::atomic::AtomicU32::new(0),
         });
         let inner = Arc::new(Inner {
             shared: shared.clone(),
@@ -145,6 +151,48 @@ impl Pool {
         });
         let pool = Pool { inner };
 
+        // Start every thread. If one cannot start (thread limit, memory), stop those
+        // already running and report it: nothing may be left waiting forever.
+        if let Err(e) = pool.spawn_engine(
+            &shared,
+            &factory,
+            intake_rx,
+            retry_rx,
+            events_rx,
+            shutdown_rx,
+            alive_tx,
+            started_tx,
+        ) {
+            pool.inner.begin_close();
+            // Every started thread ends once its channel disconnects; bounded anyway.
+            pool.inner
+                .join(Some(Instant::now() + Duration::from_secs(30)));
+            return Err(e);
+        }
+        // Every worker reports once it waits for its first job (a channel, not a poll).
+        let workers: usize = shared.config.keys.iter().map(|k| k.max_concurrent).sum();
+        for _ in 0..workers {
+            if started_rx.recv().is_err() {
+                break; // a worker died before starting: its key just has fewer
+            }
+        }
+        Ok(pool)
+    }
+
+    /// Starts the workers and the dispatcher. On error the threads already started
+    /// exit as soon as the channels this returns without drop.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_engine(
+        &self,
+        shared: &Arc<Shared>,
+        factory: &TransportFactory,
+        intake_rx: Receiver<Job>,
+        retry_rx: Receiver<Job>,
+        events_rx: Receiver<()>,
+        shutdown_rx: Receiver<()>,
+        alive_tx: Sender<()>,
+        started_tx: Sender<()>,
+    ) -> Result<(), Error> {
         let cfg = &shared.config;
         let mut senders = Vec::with_capacity(cfg.keys.len());
         for (i, k) in cfg.keys.iter().enumerate() {
@@ -175,7 +223,7 @@ impl Pool {
             for n in 0..k.max_concurrent {
                 let (ctx, rx, alive) = (ctx.clone(), rx.clone(), alive_tx.clone());
                 let started = started_tx.clone();
-                pool.spawn(
+                self.spawn(
                     format!("keypool-{label}-{n}"),
                     cfg.worker_stack_size,
                     move || {
@@ -193,19 +241,11 @@ impl Pool {
             shutdown_rx,
             senders,
         );
-        pool.spawn("keypool-dispatch".to_owned(), 256 * 1024, move || {
+        self.spawn("keypool-dispatch".to_owned(), 256 * 1024, move || {
             dispatcher.run();
             drop(alive_tx);
         })?;
-        // Every worker reports once it waits for its first job (a channel, not a poll).
-        drop(started_tx);
-        let workers: usize = shared.config.keys.iter().map(|k| k.max_concurrent).sum();
-        for _ in 0..workers {
-            if started_rx.recv().is_err() {
-                break; // a worker died before starting: its key just has fewer
-            }
-        }
-        Ok(pool)
+        Ok(())
     }
 
     fn spawn(
@@ -214,17 +254,34 @@ impl Pool {
         stack: usize,
         f: impl FnOnce() + Send + 'static,
     ) -> Result<(), Error> {
+        #[cfg(test)]
+        if test_spawn_should_fail() {
+            return Err(Error::Spawn {
+                thread: name,
+                message: "test: injected spawn failure".to_owned(),
+            });
+        }
+        let name_for_error = name.clone();
         let handle = std::thread::Builder::new()
             .name(name)
             .stack_size(stack)
             .spawn(f)
-            .map_err(|e| Error::config("keys", format!("could not start a worker thread: {e}")))?;
+            .map_err(|e| Error::Spawn {
+                thread: name_for_error,
+                message: e.to_string(),
+            })?;
         self.inner.threads.lock().push(handle);
         Ok(())
     }
 
     fn enqueue(&self, req: Request, reply: Reply, mode: Mode) -> Result<(), Error> {
         let shared = &self.inner.shared;
+        if let Some(msg) = shared.broken.lock().clone() {
+            reply.defuse();
+            return Err(Error::Panic(format!(
+                "the keypool dispatcher failed: {msg}"
+            )));
+        }
         let tx = match (!self.inner.closed.load(Relaxed))
             .then(|| self.inner.intake.lock().clone())
             .flatten()
@@ -245,7 +302,18 @@ impl Pool {
         } else {
             0
         };
-        let job = Job::new(req, reply, deadline, est);
+        let job = match deadline {
+            // The deadline holds wherever the job waits: the dispatcher answers it on
+            // time even while the job sits in the queue (see `deadline.rs`).
+            Some(at) => {
+                let slot = Slot::new(reply);
+                if shared.deadlines.register(at, slot.clone()) {
+                    shared.nudge();
+                }
+                Job::with_slot(req, slot, deadline, est)
+            }
+            None => Job::new(req, reply, deadline, est),
+        };
         let sent = match mode {
             Mode::Block => tx.send(job).map_err(|e| (e.into_inner(), Error::Closed)),
             Mode::Try => tx.try_send(job).map_err(|e| match e {
@@ -460,5 +528,116 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.begin_close();
         self.join(None);
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Test hook: spawns left before `spawn` fails (on the thread building the pool).
+    static SPAWNS_BEFORE_FAILURE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+#[cfg(test)]
+fn test_spawn_should_fail() -> bool {
+    SPAWNS_BEFORE_FAILURE.with(|c| match c.get() {
+        Some(0) => true,
+        Some(n) => {
+            c.set(Some(n - 1));
+            false
+        }
+        None => false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{HttpRequest, HttpResponse, TransportError};
+
+    /// Answers every request 200 with a minimal chat completion, at once.
+    struct Instant200;
+    impl Transport for Instant200 {
+        fn send(&self, _: &HttpRequest<'_>) -> Result<HttpResponse, TransportError> {
+            Ok(HttpResponse {
+                status: 200,
+                headers: Vec::new(),
+                body: br#"{"choices":[{"message":{"role":"assistant","content":"ok"}}]}"#.to_vec(),
+            })
+        }
+    }
+
+    fn config(keys: usize, per_key: usize) -> Config {
+        let mut b = Config::builder().base_url("http://127.0.0.1:9/v1");
+        for i in 0..keys {
+            b = b.key(format!("sk-test-{i}"), per_key);
+        }
+        b.build().unwrap()
+    }
+
+    fn pool(c: Config) -> Result<Pool, Error> {
+        Pool::with_transport(c, |_| Arc::new(Instant200) as Arc<dyn Transport>)
+    }
+
+    /// A thread that cannot start fails `Pool::new` with `Error::Spawn` in bounded time
+    /// (it used to hang forever), and the threads already started are stopped.
+    #[test]
+    fn spawn_failure_is_an_error_not_a_hang() {
+        for fail_at in [0, 1, 5, 8] {
+            SPAWNS_BEFORE_FAILURE.with(|c| c.set(Some(fail_at)));
+            let t0 = Instant::now();
+            let r = pool(config(2, 4));
+            SPAWNS_BEFORE_FAILURE.with(|c| c.set(None));
+            match r {
+                Err(Error::Spawn { thread, message }) => {
+                    assert!(thread.starts_with("keypool-"), "{thread}");
+                    assert!(message.contains("injected"), "{message}");
+                }
+                other => panic!("fail_at {fail_at}: expected Error::Spawn, got {other:?}"),
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "fail_at {fail_at}");
+        }
+        // The pool builds normally afterwards.
+        let p = pool(config(2, 4)).unwrap();
+        assert_eq!(p.batch((0..8).map(|_| Request::chat("m", [("user", "x")]))).len(), 8);
+    }
+
+    /// A panic in the dispatcher answers the job it held with `Error::Panic` (never
+    /// `Cancelled`, never nothing) and the dispatcher keeps serving.
+    #[test]
+    fn dispatcher_survives_a_panic() {
+        let p = pool(config(1, 2)).unwrap();
+        p.inner
+            .shared
+            .test_dispatcher_panics
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        let r = p.submit(Request::chat("m", [("user", "x")])).unwrap().wait();
+        assert!(matches!(r, Err(Error::Panic(_))), "{r:?}");
+        let rs = p.batch((0..20).map(|_| Request::chat("m", [("user", "x")])));
+        assert!(rs.iter().all(|r| r.is_ok()), "{rs:?}");
+        p.close();
+    }
+
+    /// After repeated panics the dispatcher gives up, but every request still gets an
+    /// answer: queued ones an error, later ones a refusal.
+    #[test]
+    fn failed_dispatcher_answers_everything() {
+        let p = pool(config(1, 1)).unwrap();
+        p.inner
+            .shared
+            .test_dispatcher_panics
+            .store(u32::MAX, std::sync::atomic::Ordering::SeqCst);
+        let tickets: Vec<_> = (0..10)
+            .map(|_| p.submit(Request::chat("m", [("user", "x")])))
+            .collect();
+        for t in tickets {
+            match t {
+                Ok(t) => assert!(matches!(t.wait(), Err(Error::Panic(_)))),
+                Err(e) => assert!(matches!(e, Error::Panic(_)), "{e:?}"),
+            }
+        }
+        // Once broken, submits are refused at once.
+        let e = p.submit(Request::chat("m", [("user", "x")])).unwrap_err();
+        assert!(matches!(e, Error::Panic(_)), "{e:?}");
+        p.close();
     }
 }

@@ -1,11 +1,13 @@
 //! State shared by the pool handle, the dispatcher and every worker.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
+use parking_lot::Mutex;
 
 use crate::config::Config;
+use crate::deadline::Deadlines;
 use crate::job::Job;
 use crate::key::KeyState;
 
@@ -14,9 +16,17 @@ pub(crate) struct Shared {
     pub keys: Vec<KeyState>,
     /// Workers hand retries (and jobs bounced off a cooling key) back to the dispatcher
     /// here. Unbounded, so a worker never blocks on it: no retry can deadlock the pool.
+    /// Its size is bounded all the same: see `backlog`.
     pub retry_tx: Sender<Job>,
+    /// Jobs handed back to the dispatcher and not yet placed again (in the retry
+    /// channel, waiting out a backoff, or ready). While it is at `queue_capacity` the
+    /// dispatcher takes no new requests, so the queue fills and `submit` blocks: memory
+    /// stays bounded by configuration during a 5xx storm.
+    pub backlog: AtomicUsize,
     /// Workers nudge the dispatcher when a key's health changes (capacity 1, `try_send`).
     pub events_tx: Sender<()>,
+    /// Deadlines of queued requests, answered by the dispatcher wherever the job waits.
+    pub deadlines: Deadlines,
     /// Whether any key has a `tpm` limit (then jobs carry a token estimate).
     pub any_tpm: bool,
     /// Workers may take the next queued request themselves when they free up and no
@@ -30,16 +40,38 @@ pub(crate) struct Shared {
     pub dispatcher_waiting: AtomicBool,
     /// Shutdown has begun: workers take no more queued requests.
     pub closing: AtomicBool,
+    /// Set if the dispatcher failed for good (repeated panics): every later request is
+    /// refused with this message, every queued one answered with it.
+    pub broken: Mutex<Option<String>>,
     pub submitted: AtomicU64,
     pub completed: AtomicU64,
+    /// Test hook: the dispatcher panics while holding its next this-many jobs.
+    #[cfg(test)]
+    pub test_dispatcher_panics: std::sync::atomic::AtomicU32,
 }
 
 impl Shared {
     /// Whether a worker of a key that is usable now is waiting for the dispatcher.
+    /// (A heuristic for who places the next request; admission is `Gate::try_admit`.)
     pub(crate) fn any_usable_idle(&self, now: Instant) -> bool {
-        self.keys
-            .iter()
-            .any(|k| k.idle.load(SeqCst) > 0 && !k.is_disabled() && k.cooling_until(now).is_none())
+        self.keys.iter().any(|k| k.gate.usable_idle(now))
+    }
+
+    /// Whether the retry backlog is full (see `backlog`).
+    pub(crate) fn backlog_full(&self) -> bool {
+        self.backlog.load(SeqCst) >= self.config.queue_capacity
+    }
+
+    /// Test hook (see `test_dispatcher_panics`).
+    #[cfg(test)]
+    pub(crate) fn test_maybe_panic(&self) {
+        let left = &self.test_dispatcher_panics;
+        if left
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("test: injected dispatcher panic");
+        }
     }
 
     /// Tells the dispatcher to re-evaluate key health.

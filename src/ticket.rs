@@ -27,10 +27,11 @@ impl Reply {
         }
     }
 
-    /// Delivers the result.
+    /// Delivers the result. A panicking user callback is caught and logged: it must
+    /// not take down the keypool thread that runs it (a worker or the dispatcher).
     pub(crate) fn send(mut self, result: RequestResult) {
         if let Some(f) = self.callback.take() {
-            f(result);
+            call(f, result);
         }
     }
 
@@ -44,8 +45,17 @@ impl Reply {
 impl Drop for Reply {
     fn drop(&mut self) {
         if let Some(f) = self.callback.take() {
-            f(Err(Error::Cancelled));
+            call(f, Err(Error::Cancelled));
         }
+    }
+}
+
+fn call(f: Callback, result: RequestResult) {
+    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(result))) {
+        log::error!(
+            "keypool: a completion callback panicked: {}",
+            crate::worker::panic_message(&p)
+        );
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::admission::{Admission, Admit, KeyVerdict, Via};
 use crate::config::ApiKey;
 use crate::error::{Error, TimeoutPhase};
 use crate::job::Job;
@@ -48,28 +49,28 @@ pub(crate) fn run(ctx: Arc<KeyWorkerCtx>, rx: Receiver<Job>, started: Sender<()>
         let job = match self_serve(&ctx) {
             Some(job) => job,
             None => {
-                let ks = ctx.state();
-                ks.idle.fetch_add(1, SeqCst);
+                let gate = &ctx.state().gate;
+                gate.worker_idle();
                 if let Some(s) = started.take() {
                     let _ = s.send(());
                 }
                 if ctx.shared.wants_idle.load(SeqCst) {
                     ctx.shared.nudge();
                 }
-                // The dispatcher takes this worker off the idle count when it sends.
+                // The dispatcher's admission takes this worker off the idle count.
                 match rx.recv() {
                     Ok(job) => job,
                     Err(_) => {
-                        ks.idle.fetch_sub(1, SeqCst);
+                        gate.worker_gone();
                         break; // shutdown: the dispatcher dropped the sender
                     }
                 }
             }
         };
         // A panic anywhere in handling (a transport bug, a user callback) must not kill
-        // the worker: the key would silently lose capacity.
+        // the worker: the key would silently lose capacity. The job, dropped while
+        // unwinding, answers `Error::Panic`; the admission guard settles the key.
         if let Err(p) = catch_unwind(AssertUnwindSafe(|| handle(&ctx, job))) {
-            release_probe(&ctx);
             log::error!(
                 "keypool: worker of key {} caught a panic: {}",
                 ctx.state().label,
@@ -81,23 +82,35 @@ pub(crate) fn run(ctx: Arc<KeyWorkerCtx>, rx: Receiver<Job>, started: Sender<()>
 
 /// Takes the next queued request directly when that is what the dispatcher would do:
 /// the pool is saturated (no usable worker anywhere is idle), the dispatcher holds no
-/// job of its own, and this key may take a request now (healthy, proven, no rate
-/// limit). The first worker to free up is `first_available`'s choice when none is
-/// idle, and the least loaded key's when all are full.
+/// job of its own, the retry backlog has room, and this key's gate admits it. The
+/// first worker to free up is `first_available`'s choice when none is idle, and the
+/// least loaded key's when all are full.
 fn self_serve(ctx: &KeyWorkerCtx) -> Option<Job> {
     let sh = &ctx.shared;
-    if !sh.self_serve || sh.closing.load(SeqCst) || sh.dispatcher_waiting.load(SeqCst) {
+    if !sh.self_serve
+        || sh.closing.load(SeqCst)
+        || sh.dispatcher_waiting.load(SeqCst)
+        || sh.backlog_full()
+    {
         return None;
     }
-    let ks = ctx.state();
+    let gate = &ctx.state().gate;
     let now = Instant::now();
-    if ks.is_disabled() || ks.is_unproven() || ks.has_limits() || ks.cooling_until(now).is_some() {
-        return None;
-    }
-    if sh.any_usable_idle(now) {
+    if !gate.self_serve_allowed(now) || sh.any_usable_idle(now) {
         return None; // the dispatcher places by strategy while a worker waits
     }
-    ctx.intake.try_recv().ok()
+    let mut job = ctx.intake.try_recv().ok()?;
+    match gate.try_admit(Via::SelfServe, job.est_tokens, Instant::now()) {
+        Admit::Yes(adm) => {
+            job.admission = Some((ctx.index, adm));
+            Some(job)
+        }
+        _ => {
+            // The key changed between the check and the take: the dispatcher places it.
+            hand_back(ctx, job);
+            None
+        }
+    }
 }
 
 pub(crate) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
@@ -107,14 +120,57 @@ pub(crate) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".to_owned())
 }
 
+/// Settles a job's admission exactly once: with the attempt's verdict for the key, or,
+/// if the job left unsent or handling panicked, with a neutral one (a trial may go
+/// again). Nudges the dispatcher when the key's state changed.
+struct Settle<'a> {
+    ctx: &'a KeyWorkerCtx,
+    adm: Option<Admission>,
+}
+
+impl Settle<'_> {
+    fn complete(&mut self, v: &KeyVerdict) {
+        if let Some(adm) = self.adm.take() {
+            let ks = self.ctx.state();
+            if let Some(reason) = &v.disable {
+                if !ks.gate.is_disabled() {
+                    ks.log_disabled(reason);
+                }
+            }
+            if ks.gate.complete(adm, v, Instant::now()) {
+                self.ctx.shared.nudge();
+            }
+        }
+    }
+
+    /// The job leaves without an attempt: its budget goes back too.
+    fn unsent(&mut self) {
+        if let Some(adm) = self.adm {
+            self.ctx.state().gate.refund(adm);
+        }
+        self.complete(&KeyVerdict::default());
+    }
+}
+
+impl Drop for Settle<'_> {
+    fn drop(&mut self) {
+        self.complete(&KeyVerdict::default());
+    }
+}
+
 fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     let ks = ctx.state();
+    let adm = match job.admission.take() {
+        Some((i, adm)) if i == ctx.index => Some(adm),
+        _ => None, // cannot happen: every hand-off carries its admission
+    };
+    let mut settle = Settle { ctx, adm };
     let now = Instant::now();
-    // The dispatcher chose this key when it was usable; it may have started cooling
-    // since. Hand the job back untouched rather than send during a cooldown.
-    if ks.is_disabled() || ks.cooling_until(now).is_some() {
-        release_probe(ctx);
-        bounce(ctx, job);
+    // The key was admitted when usable; it may have started cooling in the
+    // microseconds since. Hand the job back untouched rather than send into a cooldown.
+    if ks.gate.is_disabled() || ks.gate.cooling_until(now).is_some() {
+        settle.unsent();
+        hand_back(ctx, job);
         return;
     }
     let mut timeout = ctx.attempt_timeout;
@@ -122,7 +178,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     if let Some(d) = job.deadline {
         let left = d.saturating_duration_since(now);
         if left.is_zero() {
-            release_probe(ctx);
+            settle.unsent();
             job.finish_deadline();
             return;
         }
@@ -131,9 +187,11 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
             deadline_bound = true;
         }
     }
-    job.attempts += 1;
-    job.tried.push(ctx.index);
-    let first_start = *job.first_start.get_or_insert(now);
+    if !job.begin_attempt(ctx.index, &ks.label, now) {
+        settle.unsent();
+        return; // answered already (its deadline passed in the queue)
+    }
+    let first_start = job.first_start.unwrap_or(now);
 
     let url = format!("{}{}", ctx.base_url, job.req.path);
     let extra;
@@ -159,19 +217,16 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     let t0 = Instant::now();
     let outcome = catch_unwind(AssertUnwindSafe(|| ctx.transport.send(&http)));
     ks.end(t0.elapsed());
+    job.end_attempt();
 
-    // A probe that proved the key opens it at once. One that did not (401/402/403, a
-    // transport error, a panic) lets the next probe go only after its verdict has been
-    // applied: released earlier, the dispatcher could send a second request to a key
-    // that is about to be disabled.
-    let proven = matches!(&outcome, Ok(Ok(r)) if !matches!(r.status, 401..=403));
-    if proven && ks.note_attempt_end(true) {
-        ctx.shared.nudge();
-    }
     let label = || ks.label.to_string(); // only error paths need an owned label
     let (err, verdict, class) = match outcome {
         Ok(Ok(resp)) => match judge_response(ctx, &mut job, resp, first_start) {
             Ok(response) => {
+                settle.complete(&KeyVerdict {
+                    accepted: true,
+                    ..KeyVerdict::default()
+                });
                 job.finish(Ok(response));
                 return;
             }
@@ -218,10 +273,18 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
             (err, Verdict::default(), FailClass::Other)
         }
     };
+    // The key's part of the verdict first — a "bad key" verdict disables the key before
+    // its next trial can start — then the request's part.
+    let answered = matches!(
+        class,
+        FailClass::RateLimited | FailClass::ClientError | FailClass::ServerError
+    );
+    settle.complete(&KeyVerdict {
+        accepted: answered && verdict.cooldown.is_none() && verdict.disable.is_none(),
+        cooldown: verdict.cooldown,
+        disable: verdict.disable.clone(),
+    });
     retry_or_finish(ctx, job, err, verdict, class);
-    if !proven {
-        release_probe(ctx);
-    }
 }
 
 /// Turns an HTTP response into the job's success, or into an error with its verdict.
@@ -250,10 +313,10 @@ fn judge_response(
     if (200..300).contains(&response.status) && embedded.is_none() {
         let usage = parse_usage(&response.body).unwrap_or_default();
         ks.record_success(usage.prompt_tokens, usage.completion_tokens);
-        if ks.has_limits() {
-            ks.correct_tokens(
+        if ks.gate.has_limits() {
+            ks.gate.correct_tokens(
                 job.est_tokens,
-                usage.prompt_tokens + usage.completion_tokens,
+                usage.prompt_tokens.saturating_add(usage.completion_tokens),
             );
         }
         return Ok(response);
@@ -287,15 +350,13 @@ fn retry_or_finish(ctx: &KeyWorkerCtx, mut job: Job, err: Error, v: Verdict, cla
     let ks = ctx.state();
     let now = Instant::now();
     let cfg = &ctx.shared.config.retry;
-    if let Some(d) = v.cooldown {
-        ks.cool_down(now, d);
-        ctx.shared.nudge();
+    // A key's fault (revoked, out of credit) is not the request's: that attempt is not
+    // charged against `max_attempts`, and the request moves to another key.
+    let key_fault = v.disable.is_some();
+    if !key_fault {
+        job.charged += 1;
     }
-    if let Some(reason) = v.disable.clone() {
-        ks.disable(reason);
-        ctx.shared.nudge();
-    }
-    let retry = v.retry && job.attempts < cfg.max_attempts;
+    let retry = v.retry && job.charged < cfg.max_attempts;
     ks.record_failure(class, retry);
     if !retry {
         job.finish(Err(err));
@@ -303,13 +364,13 @@ fn retry_or_finish(ctx: &KeyWorkerCtx, mut job: Job, err: Error, v: Verdict, cla
     }
     // A key problem (429, revoked key) fails over at once: the key's own cooldown keeps
     // it out of rotation. Provider trouble (5xx, timeouts) backs off first.
-    let delay = if v.cooldown.is_some() || v.disable.is_some() {
+    let delay = if v.cooldown.is_some() || key_fault {
         Duration::ZERO
     } else {
         let cap = Duration::from_millis(cfg.max_retry_after_ms);
         v.retry_after
             .map(|d| d.min(cap))
-            .unwrap_or_else(|| backoff(job.attempts - 1, cfg))
+            .unwrap_or_else(|| backoff(job.charged.saturating_sub(1), cfg))
     };
     if let Some(d) = job.deadline {
         if now + delay >= d {
@@ -328,21 +389,19 @@ fn retry_or_finish(ctx: &KeyWorkerCtx, mut job: Job, err: Error, v: Verdict, cla
     );
     job.not_before = (!delay.is_zero()).then(|| now + delay);
     job.last_error = Some(err);
-    // If the dispatcher is gone (shutdown) the job comes back and drops, answering with
-    // its last error.
-    let _ = ctx.shared.retry_tx.send(job);
+    hand_back(ctx, job);
 }
 
-/// A job left this key without an attempt, or its attempt did not prove the key: let
-/// the next probe go.
-fn release_probe(ctx: &KeyWorkerCtx) {
-    if ctx.state().note_attempt_end(false) {
-        ctx.shared.nudge();
+/// Hands a job back to the dispatcher (a retry, or a job that left a key unsent). If
+/// the dispatcher is gone (shutdown) the job comes back and drops, answering with its
+/// last error (or `Cancelled`).
+fn hand_back(ctx: &KeyWorkerCtx, job: Job) {
+    // Counted before the send, so the dispatcher's decrement never comes first.
+    ctx.shared.backlog.fetch_add(1, SeqCst);
+    if let Err(e) = ctx.shared.retry_tx.send(job) {
+        ctx.shared.backlog.fetch_sub(1, SeqCst);
+        drop(e.into_inner());
     }
-}
-
-fn bounce(ctx: &KeyWorkerCtx, job: Job) {
-    let _ = ctx.shared.retry_tx.send(job);
 }
 
 /// `{"error": {"code": …, "message": …}}` inside a 2xx body, as OpenRouter sends.

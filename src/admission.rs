@@ -1,0 +1,571 @@
+//! One admission state machine per key: "may this key take a request now?" is decided
+//! here and nowhere else.
+//!
+//! The state (idle workers, trial, cooldown, rate budget, disabled/parked) lives under
+//! one lock. [`Gate::try_admit`] checks every rule and, when it admits, applies the
+//! admission in the same critical section — before the job is handed to a worker — so
+//! two callers can never both take the last slot, the only trial, or the last token.
+//! [`Gate::complete`] is called exactly once per admission, after the attempt (or when
+//! the job left the key unsent), and applies the attempt's verdict for the key.
+//!
+//! Trial ("half-open"): a key whose ability to serve is in doubt takes one request at
+//! a time until one is answered. A key starts in doubt when key probing is on (a
+//! revoked key then costs one request, not `max_concurrent`), and is put in doubt by
+//! every 429: when its cooldown ends, one request goes first and the others follow
+//! only once it was answered without a 429 — not a burst of every worker at once.
+//!
+//! Lock-free mirrors (`idle`, `disabled`, `cooldown_until`, `trial_out`) let the
+//! dispatcher's and workers' heuristics ("is any usable worker idle?") and stats read
+//! the state without the lock; every decision that admits goes through the lock.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+/// The longest wait a rate budget ever asks for: a bucket can owe at most one minute of
+/// its rate, so it refills within a minute whatever a server reported.
+const MAX_BUDGET_WAIT: Duration = Duration::from_secs(60);
+
+/// Converts seconds to a `Duration`, saturating (never panics on NaN, ∞ or huge values).
+pub(crate) fn secs_saturating(secs: f64, max: Duration) -> Duration {
+    if secs.is_nan() || secs <= 0.0 {
+        Duration::ZERO
+    } else if secs >= max.as_secs_f64() {
+        max
+    } else {
+        Duration::from_secs_f64(secs)
+    }
+}
+
+/// A token bucket: `capacity` tokens, refilled at `rate` per second. Its debt (negative
+/// balance, after a response used more tokens than estimated) is bounded by one
+/// minute's worth, so no server-reported usage can park a key for longer than that.
+#[derive(Debug)]
+pub(crate) struct Bucket {
+    capacity: f64,
+    tokens: f64,
+    rate: f64,
+    /// The lowest the balance may go (about minus one minute of refill).
+    floor: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// `per_minute` with a burst of about one second's worth (at least 1): any window of
+    /// `T` seconds sees at most `per_minute·T/60 + burst`.
+    pub(crate) fn per_minute(per_minute: f64, now: Instant) -> Bucket {
+        let capacity = (per_minute / 60.0).ceil().max(1.0);
+        Bucket {
+            capacity,
+            tokens: capacity,
+            rate: per_minute / 60.0,
+            // Owing at most a minute's refill, less the burst: any request fits again
+            // within `MAX_BUDGET_WAIT`.
+            floor: capacity - per_minute,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * self.rate).min(self.capacity);
+        self.last = now;
+    }
+
+    /// `None` if `n` tokens are available now, else when they will be (at most a minute
+    /// away).
+    fn ready_at(&mut self, n: f64, now: Instant) -> Option<Instant> {
+        self.refill(now);
+        let n = n.min(self.capacity);
+        if self.tokens >= n {
+            None
+        } else {
+            Some(now + secs_saturating((n - self.tokens) / self.rate, MAX_BUDGET_WAIT))
+        }
+    }
+
+    fn take(&mut self, n: f64) {
+        self.tokens = (self.tokens - n.min(self.capacity)).max(self.floor);
+    }
+
+    /// Adds back `estimated − actual` tokens (either sign), within the floor and cap.
+    fn correct(&mut self, estimated: u64, actual: u64) {
+        let delta = estimated as f64 - actual as f64;
+        self.tokens = (self.tokens + delta).clamp(self.floor, self.capacity);
+    }
+
+    /// The balance now.
+    fn balance(&mut self, now: Instant) -> f64 {
+        self.refill(now);
+        self.tokens
+    }
+}
+
+/// Where a key stands on trial requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trial {
+    /// Trusted: every idle worker may take a request.
+    Open,
+    /// In doubt: the next admission is a trial, the only request until it is answered.
+    Pending,
+    /// A trial request is out; nothing else is admitted until it completes.
+    Out,
+}
+
+/// Why `try_admit` said no, or that it said yes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// Admitted. The caller hands the job to the key and later calls
+    /// [`Gate::complete`] with this admission exactly once.
+    Yes(Admission),
+    /// Not before this instant (cooldown, rate budget).
+    WakeAt(Instant),
+    /// Usable but busy: no idle worker, or a trial request is out. A worker going idle
+    /// (with `wants_idle` set) or a trial ending nudges the dispatcher.
+    Busy,
+    /// Disabled or parked: never again.
+    Never,
+}
+
+/// Proof of one admission, carried by the job until [`Gate::complete`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Admission {
+    /// This request is the key's trial (probe or half-open).
+    pub trial: bool,
+    /// Tokens taken from the `tpm` bucket (0 when no limit).
+    pub tokens: u64,
+}
+
+/// Who asks for an admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Via {
+    /// The dispatcher, handing the job to an idle worker: takes one off the idle count.
+    Dispatcher,
+    /// A worker that just finished and takes the next queued request itself.
+    SelfServe,
+}
+
+/// What an attempt (or a job leaving unsent) tells the key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct KeyVerdict {
+    /// The server answered without rejecting the key or rate-limiting it: a trial
+    /// succeeds. (Any HTTP answer but 401/402/403/429, a malformed one included.)
+    pub accepted: bool,
+    /// Cool the key down for this long (429): it goes back on trial afterwards.
+    pub cooldown: Option<Duration>,
+    /// Take the key out of rotation for good, with this reason (401/403, 402).
+    pub disable: Option<String>,
+}
+
+#[derive(Debug)]
+struct State {
+    idle: usize,
+    trial: Trial,
+    cooldown_until: Option<Instant>,
+    /// A 429 arrived while a trial was out: that trial, even if answered, must not
+    /// reopen the key (the 429 is the newer news).
+    trial_stale: bool,
+    disabled: Option<(String, u64)>,
+    rpm: Option<Bucket>,
+    tpm: Option<Bucket>,
+}
+
+/// The admission state of one key. See the module docs.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    state: Mutex<State>,
+    epoch: Instant,
+    has_limits: bool,
+    // Lock-free mirrors, written only under the lock.
+    idle: AtomicUsize,
+    disabled: AtomicBool,
+    trial_out: AtomicBool,
+    /// Cooldown end, microseconds since `epoch` (0: none).
+    cooldown_until: AtomicU64,
+}
+
+impl Gate {
+    pub(crate) fn new(probe: bool, rpm: Option<u64>, tpm: Option<u64>, epoch: Instant) -> Gate {
+        Gate {
+            state: Mutex::new(State {
+                idle: 0,
+                trial: if probe { Trial::Pending } else { Trial::Open },
+                cooldown_until: None,
+                trial_stale: false,
+                disabled: None,
+                rpm: rpm.map(|r| Bucket::per_minute(r as f64, epoch)),
+                tpm: tpm.map(|t| Bucket::per_minute(t as f64, epoch)),
+            }),
+            epoch,
+            has_limits: rpm.is_some() || tpm.is_some(),
+            idle: AtomicUsize::new(0),
+            disabled: AtomicBool::new(false),
+            trial_out: AtomicBool::new(false),
+            cooldown_until: AtomicU64::new(0),
+        }
+    }
+
+    fn micros(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn mirror(&self, s: &State) {
+        self.idle.store(s.idle, SeqCst);
+        self.disabled.store(s.disabled.is_some(), SeqCst);
+        self.trial_out.store(s.trial == Trial::Out, SeqCst);
+        self.cooldown_until.store(
+            s.cooldown_until.map_or(0, |u| self.micros(u).max(1)),
+            SeqCst,
+        );
+    }
+
+    /// The rules, in order. `now` is the caller's clock; `tokens` the job's estimate.
+    fn check(&self, s: &mut State, via: Via, tokens: u64, now: Instant) -> Admit {
+        if s.disabled.is_some() {
+            return Admit::Never;
+        }
+        if let Some(until) = s.cooldown_until {
+            if until > now {
+                return Admit::WakeAt(until);
+            }
+            s.cooldown_until = None;
+        }
+        if via == Via::Dispatcher && s.idle == 0 {
+            return Admit::Busy;
+        }
+        if s.trial == Trial::Out {
+            return Admit::Busy;
+        }
+        let a = s.rpm.as_mut().and_then(|b| b.ready_at(1.0, now));
+        let b = s.tpm.as_mut().and_then(|b| b.ready_at(tokens as f64, now));
+        if let Some(at) = a.max(b) {
+            return Admit::WakeAt(at);
+        }
+        Admit::Yes(Admission {
+            trial: s.trial == Trial::Pending,
+            tokens: if s.tpm.is_some() { tokens } else { 0 },
+        })
+    }
+
+    /// Admits one request of `tokens` (estimated) if every rule allows it now, applying
+    /// the admission (idle worker taken, trial out, budget spent) in the same step.
+    pub(crate) fn try_admit(&self, via: Via, tokens: u64, now: Instant) -> Admit {
+        let mut s = self.state.lock();
+        let verdict = self.check(&mut s, via, tokens, now);
+        if let Admit::Yes(adm) = verdict {
+            if via == Via::Dispatcher {
+                s.idle -= 1;
+            }
+            if adm.trial {
+                s.trial = Trial::Out;
+            }
+            if let Some(b) = s.rpm.as_mut() {
+                b.take(1.0);
+            }
+            if let Some(b) = s.tpm.as_mut() {
+                b.take(tokens as f64);
+            }
+        }
+        self.mirror(&s);
+        verdict
+    }
+
+    /// Ends an admission: applies the attempt's verdict for the key (cooldown, disable)
+    /// and settles the trial, all in one step, so the next trial can never start before
+    /// a "bad key" verdict has disabled the key. Returns true if the dispatcher should
+    /// re-evaluate (a trial ended, the key cooled or was disabled).
+    pub(crate) fn complete(&self, adm: Admission, v: &KeyVerdict, now: Instant) -> bool {
+        let mut s = self.state.lock();
+        let mut changed = false;
+        if let Some(d) = v.cooldown {
+            let until = now
+                .checked_add(d)
+                .unwrap_or(now + Duration::from_secs(86_400));
+            if s.cooldown_until.is_none_or(|u| u < until) {
+                s.cooldown_until = Some(until);
+            }
+            // Half-open after the cooldown: one request first. A trial already out
+            // settles it.
+            match s.trial {
+                Trial::Open => s.trial = Trial::Pending,
+                Trial::Out if !adm.trial => s.trial_stale = true,
+                _ => {}
+            }
+            changed = true;
+        }
+        if let Some(reason) = &v.disable {
+            if s.disabled.is_none() {
+                let unix_ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                    .unwrap_or(0);
+                s.disabled = Some((reason.clone(), unix_ms));
+            }
+            changed = true;
+        }
+        if adm.trial && s.trial == Trial::Out {
+            let reopen = v.accepted && v.cooldown.is_none() && !s.trial_stale;
+            s.trial_stale = false;
+            s.trial = if reopen { Trial::Open } else { Trial::Pending };
+            changed = true;
+        }
+        self.mirror(&s);
+        changed
+    }
+
+    /// Gives back the budget of an admission whose job never reached the wire.
+    pub(crate) fn refund(&self, adm: Admission) {
+        if !self.has_limits {
+            return;
+        }
+        let mut s = self.state.lock();
+        if let Some(b) = s.rpm.as_mut() {
+            b.correct(1, 0);
+        }
+        if let Some(b) = s.tpm.as_mut() {
+            b.correct(adm.tokens, 0);
+        }
+    }
+
+    /// Corrects the token bucket once the real usage is known.
+    pub(crate) fn correct_tokens(&self, estimated: u64, actual: u64) {
+        if !self.has_limits {
+            return;
+        }
+        if let Some(b) = self.state.lock().tpm.as_mut() {
+            b.correct(estimated, actual);
+        }
+    }
+
+    /// A worker of this key is about to wait for a job from the dispatcher.
+    pub(crate) fn worker_idle(&self) {
+        let mut s = self.state.lock();
+        s.idle += 1;
+        self.mirror(&s);
+    }
+
+    /// A waiting worker left without a job (shutdown).
+    pub(crate) fn worker_gone(&self) {
+        let mut s = self.state.lock();
+        s.idle = s.idle.saturating_sub(1);
+        self.mirror(&s);
+    }
+
+    // ---- lock-free reads (heuristics and stats; never an admission) ----
+
+    pub(crate) fn idle(&self) -> usize {
+        self.idle.load(SeqCst)
+    }
+
+    pub(crate) fn is_disabled(&self) -> bool {
+        self.disabled.load(SeqCst)
+    }
+
+    pub(crate) fn has_limits(&self) -> bool {
+        self.has_limits
+    }
+
+    /// When the cooldown ends, if the key is cooling at `now`.
+    pub(crate) fn cooling_until(&self, now: Instant) -> Option<Instant> {
+        let until = self.cooldown_until.load(SeqCst);
+        (until > self.micros(now)).then(|| self.epoch + Duration::from_micros(until))
+    }
+
+    /// An idle worker, on a key that is not disabled, cooling, or waiting on a trial.
+    pub(crate) fn usable_idle(&self, now: Instant) -> bool {
+        self.idle() > 0
+            && !self.is_disabled()
+            && !self.trial_out.load(SeqCst)
+            && self.cooling_until(now).is_none()
+    }
+
+    /// Whether a worker of this key may take a queued request itself: healthy, trusted
+    /// (no trial pending or out) and without rate limits, whose pacing is the
+    /// dispatcher's. (`try_admit` still decides.)
+    pub(crate) fn self_serve_allowed(&self, now: Instant) -> bool {
+        !self.has_limits
+            && !self.is_disabled()
+            && self.cooling_until(now).is_none()
+            && self.state.lock().trial == Trial::Open
+    }
+
+    /// The disabled reason and when (Unix ms), if disabled.
+    pub(crate) fn disabled(&self) -> Option<(String, u64)> {
+        self.state.lock().disabled.clone()
+    }
+
+    /// Rate budgets now: (requests, tokens).
+    pub(crate) fn budgets(&self, now: Instant) -> (Option<f64>, Option<f64>) {
+        if !self.has_limits {
+            return (None, None);
+        }
+        let mut s = self.state.lock();
+        (
+            s.rpm.as_mut().map(|b| b.balance(now)),
+            s.tpm.as_mut().map(|b| b.balance(now)),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(probe: bool) -> (Gate, Instant) {
+        let epoch = Instant::now();
+        (Gate::new(probe, None, None, epoch), epoch)
+    }
+
+    fn yes(a: Admit) -> Admission {
+        match a {
+            Admit::Yes(adm) => adm,
+            other => panic!("expected Yes, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn dispatcher_needs_an_idle_worker() {
+        let (g, now) = gate(false);
+        assert_eq!(g.try_admit(Via::Dispatcher, 0, now), Admit::Busy);
+        g.worker_idle();
+        let a = yes(g.try_admit(Via::Dispatcher, 0, now));
+        assert!(!a.trial);
+        assert_eq!(g.idle(), 0);
+        assert_eq!(g.try_admit(Via::Dispatcher, 0, now), Admit::Busy);
+        // A worker serving itself needs no idle count.
+        yes(g.try_admit(Via::SelfServe, 0, now));
+    }
+
+    #[test]
+    fn probe_admits_one_until_answered() {
+        let (g, now) = gate(true);
+        g.worker_idle();
+        g.worker_idle();
+        let a = yes(g.try_admit(Via::Dispatcher, 0, now));
+        assert!(a.trial);
+        assert_eq!(g.try_admit(Via::Dispatcher, 0, now), Admit::Busy);
+        assert!(!g.usable_idle(now));
+        // A transport failure settles nothing: the next trial may go.
+        assert!(g.complete(a, &KeyVerdict::default(), now));
+        let a = yes(g.try_admit(Via::Dispatcher, 0, now));
+        assert!(a.trial);
+        let ok = KeyVerdict {
+            accepted: true,
+            ..KeyVerdict::default()
+        };
+        assert!(g.complete(a, &ok, now));
+        g.worker_idle();
+        g.worker_idle();
+        assert!(!yes(g.try_admit(Via::Dispatcher, 0, now)).trial);
+        assert!(!yes(g.try_admit(Via::Dispatcher, 0, now)).trial);
+    }
+
+    #[test]
+    fn rejected_probe_disables_before_release() {
+        let (g, now) = gate(true);
+        g.worker_idle();
+        g.worker_idle();
+        let a = yes(g.try_admit(Via::Dispatcher, 0, now));
+        let bad = KeyVerdict {
+            disable: Some("HTTP 401".into()),
+            ..KeyVerdict::default()
+        };
+        g.complete(a, &bad, now);
+        assert_eq!(g.try_admit(Via::Dispatcher, 0, now), Admit::Never);
+        assert_eq!(g.disabled().unwrap().0, "HTTP 401");
+    }
+
+    #[test]
+    fn cooldown_then_half_open() {
+        let (g, now) = gate(false);
+        for _ in 0..4 {
+            g.worker_idle();
+        }
+        let a = yes(g.try_admit(Via::Dispatcher, 0, now));
+        let b = yes(g.try_admit(Via::Dispatcher, 0, now));
+        let limited = KeyVerdict {
+            accepted: false,
+            cooldown: Some(Duration::from_secs(2)),
+            disable: None,
+        };
+        g.complete(a, &limited, now);
+        let until = now + Duration::from_secs(2);
+        assert_eq!(g.try_admit(Via::Dispatcher, 0, now), Admit::WakeAt(until));
+        // A request that started before the 429 and succeeds does not reopen the key.
+        let ok = KeyVerdict {
+            accepted: true,
+            ..KeyVerdict::default()
+        };
+        g.complete(b, &ok, now);
+        let later = until + Duration::from_millis(1);
+        let t = yes(g.try_admit(Via::Dispatcher, 0, later));
+        assert!(t.trial, "the first request after a cooldown is a trial");
+        assert_eq!(g.try_admit(Via::Dispatcher, 0, later), Admit::Busy);
+        assert!(!g.self_serve_allowed(later));
+        g.complete(t, &ok, later);
+        g.worker_idle();
+        g.worker_idle();
+        assert!(!yes(g.try_admit(Via::Dispatcher, 0, later)).trial);
+        assert!(!yes(g.try_admit(Via::Dispatcher, 0, later)).trial);
+    }
+
+    #[test]
+    fn cooldowns_only_lengthen() {
+        let (g, now) = gate(false);
+        let adm = Admission {
+            trial: false,
+            tokens: 0,
+        };
+        let cool = |d| KeyVerdict {
+            cooldown: Some(d),
+            ..KeyVerdict::default()
+        };
+        g.complete(adm, &cool(Duration::from_secs(5)), now);
+        let long = g.cooling_until(now).expect("cooling");
+        g.complete(
+            adm,
+            &cool(Duration::from_secs(1)),
+            now + Duration::from_secs(1),
+        );
+        assert_eq!(g.cooling_until(now), Some(long));
+        g.complete(adm, &cool(Duration::from_secs(9)), now);
+        assert!(g.cooling_until(now).unwrap() > long);
+        assert_eq!(g.cooling_until(now + Duration::from_secs(10)), None);
+        // An absurd cooldown saturates instead of overflowing.
+        g.complete(adm, &cool(Duration::MAX), now);
+        assert!(g.cooling_until(now).is_some());
+    }
+
+    #[test]
+    fn token_debt_is_bounded() {
+        let epoch = Instant::now();
+        // tpm below 120 once made the wait computation overflow and panic.
+        for tpm in [1u64, 60, 119, 120, 10_000] {
+            let g = Gate::new(false, None, Some(tpm), epoch);
+            g.worker_idle();
+            let a = yes(g.try_admit(Via::Dispatcher, 1, epoch));
+            // The server reports absurd usage.
+            g.correct_tokens(a.tokens, u64::MAX);
+            g.complete(a, &KeyVerdict::default(), epoch);
+            g.worker_idle();
+            let at = match g.try_admit(Via::Dispatcher, 1, epoch) {
+                Admit::WakeAt(at) => at,
+                other => panic!("tpm {tpm}: expected a wait, got {other:?}"),
+            };
+            assert!(at <= epoch + MAX_BUDGET_WAIT, "tpm {tpm}: waits too long");
+            // When it said, the key is usable again.
+            yes(g.try_admit(Via::Dispatcher, 1, at + Duration::from_millis(1)));
+        }
+    }
+
+    #[test]
+    fn saturating_seconds() {
+        let max = Duration::from_secs(60);
+        assert_eq!(secs_saturating(f64::NAN, max), Duration::ZERO);
+        assert_eq!(secs_saturating(-1.0, max), Duration::ZERO);
+        assert_eq!(secs_saturating(1e300, max), max);
+        assert_eq!(secs_saturating(f64::INFINITY, max), max);
+        assert_eq!(secs_saturating(1.5, max), Duration::from_millis(1500));
+    }
+}
