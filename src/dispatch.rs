@@ -430,6 +430,7 @@ impl Dispatcher {
             }
             let wake = earliest(earliest(not_now.wake, job.deadline), next_deadline);
             let wake = earliest(wake, self.delayed.peek().map(|d| d.at));
+            #[allow(clippy::large_enum_variant)] // lives for one match
             enum Woke {
                 Shutdown,
                 Retry(Job),

@@ -50,12 +50,7 @@ impl KeyState {
             index,
             label: Arc::from(config.key_label(index)),
             max_concurrent: k.max_concurrent,
-            gate: Gate::new(
-                config.retry.probe_keys,
-                k.rpm.map(u64::from),
-                k.tpm.map(u64::from),
-                epoch,
-            ),
+            gate: Gate::new(config.retry.probe_keys, k.rpm.map(u64::from), k.tpm, epoch),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             sent: AtomicU64::new(0),

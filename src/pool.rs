@@ -598,7 +598,11 @@ mod tests {
         }
         // The pool builds normally afterwards.
         let p = pool(config(2, 4)).unwrap();
-        assert_eq!(p.batch((0..8).map(|_| Request::chat("m", [("user", "x")]))).len(), 8);
+        assert_eq!(
+            p.batch((0..8).map(|_| Request::chat("m", [("user", "x")])))
+                .len(),
+            8
+        );
     }
 
     /// A panic in the dispatcher answers the job it held with `Error::Panic` (never
@@ -610,7 +614,10 @@ mod tests {
             .shared
             .test_dispatcher_panics
             .store(1, std::sync::atomic::Ordering::SeqCst);
-        let r = p.submit(Request::chat("m", [("user", "x")])).unwrap().wait();
+        let r = p
+            .submit(Request::chat("m", [("user", "x")]))
+            .unwrap()
+            .wait();
         assert!(matches!(r, Err(Error::Panic(_))), "{r:?}");
         let rs = p.batch((0..20).map(|_| Request::chat("m", [("user", "x")])));
         assert!(rs.iter().all(|r| r.is_ok()), "{rs:?}");
