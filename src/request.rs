@@ -292,7 +292,10 @@ impl Response {
     }
 
     /// The server's retry hint: `retry-after-ms`, or `retry-after` in seconds or as an
-    /// HTTP date.
+    /// HTTP date. Never panics, whatever the server sent: negative or unparsable values
+    /// are `None`, and hints longer than 7 days (including numbers too large to
+    /// represent and far-future dates) are clamped to 7 days. The pool itself honours
+    /// at most `retry.max_retry_after_ms`.
     pub fn retry_after(&self) -> Option<Duration> {
         crate::retry::parse_retry_after(self.header("retry-after-ms"), self.header("retry-after"))
     }
