@@ -258,8 +258,12 @@ impl KeyState {
 
     pub(crate) fn record_success(&self, prompt: u64, completion: u64) {
         self.succeeded.fetch_add(1, Relaxed);
-        self.prompt_tokens.fetch_add(prompt, Relaxed);
-        self.completion_tokens.fetch_add(completion, Relaxed);
+        // Saturating: token counts come from the server.
+        let add = |c: &AtomicU64, n: u64| {
+            let _ = c.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_add(n)));
+        };
+        add(&self.prompt_tokens, prompt);
+        add(&self.completion_tokens, completion);
     }
 
     pub(crate) fn record_failure(&self, class: FailClass, retried: bool) {
@@ -347,5 +351,16 @@ mod tests {
         k.cool_down(now, Duration::from_secs(9));
         assert!(k.cooling_until(now).unwrap() > long);
         assert_eq!(k.cooling_until(now + Duration::from_secs(10)), None);
+    }
+
+    #[test]
+    fn token_counters_saturate() {
+        let config = Config::builder().key("sk-a", 1).build().unwrap();
+        let k = KeyState::new(&config, 0, Instant::now());
+        k.record_success(u64::MAX - 1, 5);
+        k.record_success(u64::MAX, u64::MAX);
+        let s = k.snapshot();
+        assert_eq!((s.prompt_tokens, s.completion_tokens), (u64::MAX, u64::MAX));
+        assert_eq!(s.succeeded, 2);
     }
 }

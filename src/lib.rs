@@ -35,6 +35,7 @@
 #![deny(unsafe_code)]
 
 mod batch;
+mod body;
 mod config;
 mod dispatch;
 mod error;

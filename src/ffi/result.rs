@@ -71,7 +71,7 @@ impl FfiResult {
                 r.error_message = Some(to_cstring(&e.to_string()));
                 r.error_code = Some(to_cstring(e.code()));
                 match &e {
-                    Error::Http { response, .. } => {
+                    Error::Http { response, .. } | Error::InvalidResponse { response, .. } => {
                         r = r.with_body(response.body());
                         r.http_status = response.status();
                         r.key_label = to_cstring(response.key_label());
@@ -188,7 +188,8 @@ pub extern "C" fn keypool_result_error_message(r: *const FfiResult) -> *const c_
     })
 }
 
-/// A short stable code for the failure: "http", "transport", "timeout", "cancelled",
+/// A short stable code for the failure: "http", "invalid_response" (a 2xx whose body is
+/// not a valid response; status `KEYPOOL_HTTP`), "transport", "timeout", "cancelled",
 /// "closed", "no_usable_key", "invalid_request", "invalid_argument", "panic", …; NULL
 /// if the request succeeded.
 ///
