@@ -173,12 +173,11 @@ fn mask_error(e: TransportError, req: &HttpRequest<'_>) -> TransportError {
 }
 
 fn mask_message(m: String, req: &HttpRequest<'_>) -> String {
-    let secrets = std::iter::once((req.key.expose().to_owned(), "[REDACTED]".to_owned()))
-        .chain(
-            crate::body::url_secrets(req.url)
-                .into_iter()
-                .map(|s| (s, "[REDACTED]".to_owned())),
-        );
+    let secrets = std::iter::once((req.key.expose().to_owned(), "[REDACTED]".to_owned())).chain(
+        crate::body::url_secrets(req.url)
+            .into_iter()
+            .map(|s| (s, "[REDACTED]".to_owned())),
+    );
     crate::body::Masker::new(secrets).mask_str(m)
 }
 
