@@ -54,8 +54,9 @@ typedef enum {
    */
   KEYPOOL_CONFIG = 2,
   /*
-   The server answered with an HTTP error (or an error inside a 200 body); the
-   result keeps the status and body.
+   The server answered with an HTTP error (or an error inside a 200 body, or a 200
+   whose body is not a valid response: error code "invalid_response"); the result
+   keeps the status and body.
    */
   KEYPOOL_HTTP = 3,
   /*
@@ -351,7 +352,8 @@ uint64_t keypool_result_latency_ms(const keypool_result *r);
 const char *keypool_result_error_message(const keypool_result *r);
 
 /*
- A short stable code for the failure: "http", "transport", "timeout", "cancelled",
+ A short stable code for the failure: "http", "invalid_response" (a 2xx whose body is
+ not a valid response; status `KEYPOOL_HTTP`), "transport", "timeout", "cancelled",
  "closed", "no_usable_key", "invalid_request", "invalid_argument", "panic", …; NULL
  if the request succeeded.
 

@@ -289,15 +289,22 @@ impl Config {
     /// `keys[0].max_concurrent`.
     pub fn from_json(json: &str) -> Result<Config, Error> {
         let de = &mut serde_json::Deserializer::from_str(json);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let serde_error = |e: serde_path_to_error::Error<serde_json::Error>| {
             let path = e.path().to_string();
             let field = if path == "." {
                 "config".to_owned()
             } else {
                 path
             };
-            Error::config(field, redact_serde_message(&e.into_inner().to_string()))
-        })?;
+            Error::config(
+                redact_path(&field),
+                redact_serde_message(&e.into_inner().to_string()),
+            )
+        };
+        let config: Config = serde_path_to_error::deserialize(&mut *de).map_err(serde_error)?;
+        // Only whitespace may follow the object.
+        de.end()
+            .map_err(|e| Error::config("config", redact_serde_message(&e.to_string())))?;
         config.validate()?;
         Ok(config)
     }
@@ -318,8 +325,23 @@ impl Config {
             .unwrap_or(&self.base_url)
     }
 
-    /// Checks every rule; the error names the first offending field.
+    /// Checks every rule; the error names the first offending field. It never echoes a
+    /// key: every configured key is masked in it, and echoed values are cut at 100
+    /// characters.
     pub fn validate(&self) -> Result<(), Error> {
+        self.check().map_err(|e| match e {
+            Error::Config { field, message } => {
+                let masker = crate::body::Masker::for_config(self);
+                Error::Config {
+                    field: masker.mask_str(field),
+                    message: masker.mask_str(message),
+                }
+            }
+            other => other,
+        })
+    }
+
+    fn check(&self) -> Result<(), Error> {
         if self.keys.is_empty() {
             return Err(Error::config("keys", "at least one key is required"));
         }
@@ -386,10 +408,19 @@ impl Config {
                         "must be at most 64 bytes without control characters",
                     ));
                 }
-                if label == key {
+                // A label is shown everywhere a key must not be.
+                if let Some(j) = self.keys.iter().position(|other| {
+                    let other = other.key.expose();
+                    !other.is_empty() && label.contains(other)
+                }) {
+                    let whose = if j == i {
+                        "its own key".to_owned()
+                    } else {
+                        format!("the key of keys[{j}]")
+                    };
                     return Err(Error::config(
                         format!("keys[{i}].label"),
-                        "must not be the key itself",
+                        format!("must not contain an API key (it contains {whose})"),
                     ));
                 }
             }
@@ -422,46 +453,122 @@ impl Config {
 }
 
 /// serde's messages quote the offending value; for a key that could be the secret.
+///
+/// Drops the contents of every double-quoted string (escape-aware: `\"` inside a value
+/// does not end it), and the backtick-quoted name after `unknown field` / `unknown
+/// variant` unless it looks like a field name (lowercase letters and `_`, at most 40).
+/// The result is at most about 300 characters.
 fn redact_serde_message(msg: &str) -> String {
-    // serde_json quotes values like: invalid type: string "abc", expected …
-    // Only type/shape information is useful here, so drop quoted string contents.
-    let mut out = String::with_capacity(msg.len());
-    let mut in_quote = false;
-    for c in msg.chars() {
+    let mut out = String::with_capacity(msg.len().min(320));
+    let mut chars = msg.chars().peekable();
+    while let Some(c) = chars.next() {
         if c == '"' {
-            if in_quote {
-                out.push_str("\"…\"");
+            // Skip to the closing quote, honouring escapes; an unterminated string
+            // drops everything to the end.
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => {
+                        chars.next();
+                    }
+                    '"' => break,
+                    _ => {}
+                }
             }
-            in_quote = !in_quote;
+            out.push_str("\"…\"");
             continue;
         }
-        if !in_quote {
-            out.push(c);
+        if c == '`' && (out.ends_with("unknown field ") || out.ends_with("unknown variant ")) {
+            let name: String = chars.by_ref().take_while(|&c| c != '`').collect();
+            let plain = !name.is_empty()
+                && name.len() <= 40
+                && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+            out.push('`');
+            out.push_str(if plain { &name } else { "…" });
+            out.push('`');
+            continue;
         }
+        out.push(c);
     }
-    out
+    cap(&out, 300)
+}
+
+/// `s` cut at `max` bytes (on a character boundary) with an ellipsis.
+fn cap(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &s[..cut])
+}
+
+/// A config value quoted in an error: `Debug`-quoted, any URL password masked, and cut
+/// at 100 characters.
+fn echo(value: &str) -> String {
+    let mut v = value.to_owned();
+    for secret in crate::body::url_secrets(value) {
+        v = v.replace(&secret, "[REDACTED]");
+    }
+    let head: String = v.chars().take(100).collect();
+    if head.len() < v.len() {
+        format!("{head:?}…")
+    } else {
+        format!("{head:?}")
+    }
+}
+
+/// A serde field path (`keys[0].lable`, `headers.X-Title`): a segment that is not a
+/// plain name (ASCII letters, `_`, `-`, at most 40; no digits — keys have them) is
+/// shown as `…`, since an unknown field or a map key could be a pasted secret.
+fn redact_path(path: &str) -> String {
+    let segments: Vec<String> = path
+        .split('.')
+        .map(|seg| {
+            let (name, index) = seg.split_at(seg.find('[').unwrap_or(seg.len()));
+            let plain = name.len() <= 40
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphabetic() || b == b'_' || b == b'-');
+            let index_ok = index
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b == b'[' || b == b']');
+            match (plain, index_ok) {
+                (true, true) => seg.to_owned(),
+                (true, false) => format!("{name}[…]"),
+                _ => "…".to_owned(),
+            }
+        })
+        .collect();
+    cap(&segments.join("."), 200)
+}
+
+/// A field path that may hold a user-chosen name (a header name): cut at 200 bytes.
+fn echo_field(field: &str) -> String {
+    cap(field, 200)
 }
 
 fn check_url(field: &str, url: &str) -> Result<(), Error> {
     let uri: ureq::http::Uri = url
         .parse()
-        .map_err(|e| Error::config(field, format!("not a valid URL ({e}): {url:?}")))?;
+        .map_err(|e| Error::config(field, format!("not a valid URL ({e}): {}", echo(url))))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
         _ => {
             return Err(Error::config(
                 field,
-                format!("must start with http:// or https://: {url:?}"),
+                format!("must start with http:// or https://: {}", echo(url)),
             ));
         }
     }
     if uri.host().is_none_or(str::is_empty) {
-        return Err(Error::config(field, format!("has no host: {url:?}")));
+        return Err(Error::config(field, format!("has no host: {}", echo(url))));
     }
     if uri.query().is_some() {
         return Err(Error::config(
             field,
-            format!("must not contain a query string: {url:?}"),
+            format!("must not contain a query string: {}", echo(url)),
         ));
     }
     Ok(())
@@ -471,13 +578,13 @@ fn check_headers(field: &str, headers: &BTreeMap<String, String>) -> Result<(), 
     for (name, value) in headers {
         if ureq::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
             return Err(Error::config(
-                format!("{field}.{name}"),
+                echo_field(&format!("{field}.{name}")),
                 "not a valid header name",
             ));
         }
         if ureq::http::HeaderValue::from_str(value).is_err() {
             return Err(Error::config(
-                format!("{field}.{name}"),
+                echo_field(&format!("{field}.{name}")),
                 "not a valid header value",
             ));
         }

@@ -39,7 +39,10 @@ impl TimeoutPhase {
 
 /// Everything that can go wrong in keypool.
 ///
-/// No variant ever contains an API key: keys are identified by their label.
+/// No variant ever contains an API key: keys are identified by their label, and every
+/// configured key (and base-URL password) is masked as `[REDACTED:<label>]` /
+/// `[REDACTED]` in server-provided text — messages, the kept response's body and
+/// headers — before it reaches an error.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
@@ -62,6 +65,16 @@ pub enum Error {
         /// Human-readable message extracted from the body, if any.
         message: String,
         /// The response as received on the last attempt.
+        response: Box<Response>,
+    },
+    /// The server answered 2xx with a body that is not a success: not valid JSON (a
+    /// truncated body, an HTML page from a proxy), or, for a chat completion, no
+    /// `choices` array. Retried like a 5xx (another key, after backoff); this is the
+    /// last attempt's. [`Error::code`] is `"invalid_response"`.
+    InvalidResponse {
+        /// What is wrong, and the start of the body as text.
+        message: String,
+        /// The response as received on the last attempt (body kept, secrets masked).
         response: Box<Response>,
     },
     /// The request never got an HTTP response: connection refused or reset, DNS, TLS,
@@ -118,16 +131,16 @@ impl Error {
 
     /// The HTTP status behind this error, if it came from an HTTP response.
     pub fn http_status(&self) -> Option<u16> {
-        match self {
-            Error::Http { response, .. } => Some(response.status()),
-            _ => None,
-        }
+        self.response().map(Response::status)
     }
 
-    /// The response behind this error, if it came from an HTTP response.
+    /// The response behind this error, if it came from an HTTP response
+    /// ([`Error::Http`] or [`Error::InvalidResponse`]).
     pub fn response(&self) -> Option<&Response> {
         match self {
-            Error::Http { response, .. } => Some(response),
+            Error::Http { response, .. } | Error::InvalidResponse { response, .. } => {
+                Some(response)
+            }
             _ => None,
         }
     }
@@ -135,7 +148,9 @@ impl Error {
     /// Number of HTTP attempts made before this error (0 when none was made).
     pub fn attempts(&self) -> u32 {
         match self {
-            Error::Http { response, .. } => response.attempts(),
+            Error::Http { response, .. } | Error::InvalidResponse { response, .. } => {
+                response.attempts()
+            }
             Error::Transport { attempts, .. } | Error::Timeout { attempts, .. } => *attempts,
             _ => 0,
         }
@@ -148,6 +163,7 @@ impl Error {
             Error::Config { .. } => "config",
             Error::InvalidRequest(_) => "invalid_request",
             Error::Http { .. } => "http",
+            Error::InvalidResponse { .. } => "invalid_response",
             Error::Transport { .. } => "transport",
             Error::Timeout { .. } => "timeout",
             Error::Busy => "busy",
@@ -182,6 +198,13 @@ impl fmt::Display for Error {
                 }
                 write!(f, " (after {} attempt(s))", response.attempts())
             }
+            Error::InvalidResponse { message, response } => write!(
+                f,
+                "invalid response (HTTP {}) from key {}: {message} (after {} attempt(s))",
+                response.status(),
+                response.key_label(),
+                response.attempts()
+            ),
             Error::Transport {
                 key,
                 message,

@@ -132,7 +132,7 @@ impl Job {
     pub(crate) fn finish_deadline(self) {
         // Name the key of the last attempt, if there was one.
         let key = match &self.last_error {
-            Some(Error::Http { response, .. }) => Some(response.key_label().to_owned()),
+            Some(e) if e.response().is_some() => e.response().map(|r| r.key_label().to_owned()),
             Some(Error::Transport { key, .. }) => Some(key.clone()),
             Some(Error::Timeout { key, .. }) => key.clone(),
             _ => None,

@@ -148,3 +148,19 @@ impl KeyState {
 fn saturating_add(counter: &AtomicU64, n: u64) {
     let _ = counter.fetch_update(Relaxed, Relaxed, |c| Some(c.saturating_add(n)));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_counters_saturate() {
+        let config = Config::builder().key("sk-a", 1).build().unwrap();
+        let k = KeyState::new(&config, 0, Instant::now());
+        k.record_success(u64::MAX - 1, 5);
+        k.record_success(u64::MAX, u64::MAX);
+        let s = k.snapshot();
+        assert_eq!((s.prompt_tokens, s.completion_tokens), (u64::MAX, u64::MAX));
+        assert_eq!(s.succeeded, 2);
+    }
+}

@@ -36,6 +36,7 @@
 
 mod admission;
 mod batch;
+mod body;
 mod config;
 mod deadline;
 mod dispatch;

@@ -152,7 +152,9 @@ impl Request {
     }
 }
 
-/// Token counts from a response's `usage` object.
+/// Token counts from a response's `usage` object, read leniently: each count is
+/// clamped to `0..=u32::MAX`; negative numbers, `null` and non-numeric values read as
+/// 0; fractions are truncated; numeric strings are accepted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Usage {
     /// `usage.prompt_tokens`.
@@ -292,27 +294,15 @@ impl Response {
     }
 
     /// The server's retry hint: `retry-after-ms`, or `retry-after` in seconds or as an
-    /// HTTP date.
+    /// HTTP date. Never panics, whatever the server sent: negative or unparsable values
+    /// are `None`, and hints longer than 7 days (including numbers too large to
+    /// represent and far-future dates) are clamped to 7 days. The pool itself honours
+    /// at most `retry.max_retry_after_ms`.
     pub fn retry_after(&self) -> Option<Duration> {
         crate::retry::parse_retry_after(self.header("retry-after-ms"), self.header("retry-after"))
     }
 }
 
 pub(crate) fn parse_usage(body: &[u8]) -> Option<Usage> {
-    #[derive(serde::Deserialize)]
-    struct U {
-        usage: Option<UsageIn>,
-    }
-    #[derive(serde::Deserialize)]
-    struct UsageIn {
-        #[serde(default)]
-        prompt_tokens: u64,
-        #[serde(default)]
-        completion_tokens: u64,
-    }
-    let u: U = serde_json::from_slice(body).ok()?;
-    u.usage.map(|u| Usage {
-        prompt_tokens: u.prompt_tokens,
-        completion_tokens: u.completion_tokens,
-    })
+    crate::body::parse_usage(body)
 }

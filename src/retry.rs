@@ -53,29 +53,50 @@ pub(crate) fn judge_status(
     v
 }
 
+/// The longest wait keypool ever derives from a server hint or the backoff policy:
+/// 7 days. `Retry-After` values (and HTTP dates) further out saturate here before they
+/// are turned into a [`Duration`], so no server value can overflow a clock.
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Non-negative seconds to a [`Duration`], saturating at [`MAX_WAIT`] (a number too
+/// large for `f64` parses as infinity and saturates too). NaN and negatives are `None`.
+fn bounded_secs(secs: f64) -> Option<Duration> {
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    // `min` first: `Duration::from_secs_f64` panics on values it cannot represent.
+    Some(Duration::from_secs_f64(secs.min(MAX_WAIT.as_secs_f64())))
+}
+
 /// `min(base·2^n, max)` minus up to 25 % jitter, like the official OpenAI client.
+/// Total for every config value: the result never exceeds [`MAX_WAIT`].
 pub(crate) fn backoff(retry_index: u32, cfg: &RetryConfig) -> Duration {
     let base = cfg.base_delay_ms as f64 * 2f64.powi(retry_index.min(30) as i32);
     let capped = base.min(cfg.max_delay_ms as f64);
     let jitter = 1.0 - 0.25 * fastrand::f64();
-    Duration::from_secs_f64(capped * jitter / 1000.0)
+    bounded_secs(capped * jitter / 1000.0).unwrap_or(Duration::ZERO)
 }
 
 /// Reads `retry-after-ms` (milliseconds) or `retry-after` (seconds, or an HTTP date).
+///
+/// Total: never panics for any header text. Negative, NaN or unparsable values are
+/// ignored (`None`); anything longer than [`MAX_WAIT`] (7 days) saturates there. A
+/// date in the past is zero. Callers clamp further to `max_retry_after_ms`.
 pub(crate) fn parse_retry_after(ms: Option<&str>, after: Option<&str>) -> Option<Duration> {
     if let Some(ms) = ms.and_then(|s| s.trim().parse::<f64>().ok()) {
-        if ms.is_finite() && ms >= 0.0 {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
+        if let Some(d) = bounded_secs(ms / 1000.0) {
+            return Some(d);
         }
     }
     let after = after?.trim();
     if let Ok(secs) = after.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return bounded_secs(secs);
     }
     let when = httpdate::parse_http_date(after).ok()?;
     Some(
         when.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_WAIT),
     )
 }
 
@@ -135,6 +156,85 @@ mod tests {
             let d = backoff(n, &c).as_secs_f64();
             let full = (0.5 * 2f64.powi(n as i32)).min(8.0);
             assert!(d <= full + 1e-9 && d >= full * 0.75 - 1e-9, "n={n} d={d}");
+        }
+    }
+
+    #[test]
+    fn retry_after_never_panics_and_is_bounded() {
+        let hostile = [
+            "111111111111111111111",
+            "1e300",
+            "1.7976931348623157e308",
+            "-1e300",
+            "1e-300",
+            "inf",
+            "-inf",
+            "infinity",
+            "NaN",
+            "-0",
+            "18446744073709551615",
+            "18446744073709551616",
+            "9223372036854775807",
+            "0x10",
+            "",
+            "   ",
+            "1 2",
+            "1,5",
+            "+5",
+            "5s",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+            "Thu, 01 Jan 1970 00:00:00 GMT",
+            "Sun, 06 Nov 1994 08:49:37 GMT garbage",
+            "\u{0}",
+            "ééé",
+        ];
+        for a in hostile {
+            for b in hostile {
+                let d = parse_retry_after(Some(a), Some(b));
+                assert!(d.is_none_or(|d| d <= MAX_WAIT), "{a:?} {b:?}: {d:?}");
+                let d = parse_retry_after(None, Some(b));
+                assert!(d.is_none_or(|d| d <= MAX_WAIT), "{b:?}: {d:?}");
+            }
+        }
+        assert_eq!(parse_retry_after(Some("1e300"), None), Some(MAX_WAIT));
+        assert_eq!(
+            parse_retry_after(None, Some("111111111111111111111")),
+            Some(MAX_WAIT)
+        );
+        let far = SystemTime::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        assert_eq!(
+            parse_retry_after(None, Some(&httpdate::fmt_http_date(far))),
+            Some(MAX_WAIT)
+        );
+        assert_eq!(parse_retry_after(Some("-inf"), None), None);
+        assert_eq!(
+            parse_retry_after(Some("NaN"), Some("3")),
+            Some(Duration::from_secs(3))
+        );
+        let long = "9".repeat(100_000);
+        assert_eq!(parse_retry_after(Some(&long), None), Some(MAX_WAIT));
+    }
+
+    #[test]
+    fn backoff_is_total_for_extreme_configs() {
+        for (base, max) in [
+            (u64::MAX, u64::MAX),
+            (u64::MAX, 0),
+            (0, u64::MAX),
+            (1, u64::MAX),
+            (0, 0),
+        ] {
+            let c = RetryConfig {
+                base_delay_ms: base,
+                max_delay_ms: max,
+                ..RetryConfig::default()
+            };
+            for n in [0, 1, 30, 31, u32::MAX] {
+                let d = backoff(n, &c);
+                assert!(d <= MAX_WAIT, "{base} {max} {n}: {d:?}");
+                // The pool adds the delay to `Instant::now()`: that must not overflow.
+                let _ = std::time::Instant::now() + d;
+            }
         }
     }
 }

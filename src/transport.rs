@@ -124,7 +124,9 @@ impl Transport for UreqTransport {
         } else {
             builder
         };
-        let mut resp = builder.send(req.body).map_err(map_ureq_error)?;
+        let mut resp = builder
+            .send(req.body)
+            .map_err(|e| mask_error(map_ureq_error(e), req))?;
         let status = resp.status().as_u16();
         let headers = resp
             .headers()
@@ -137,7 +139,7 @@ impl Transport for UreqTransport {
             .with_config()
             .limit(self.max_response_bytes)
             .read_to_vec()
-            .map_err(map_ureq_error)?;
+            .map_err(|e| mask_error(map_ureq_error(e), req))?;
         Ok(HttpResponse {
             status,
             headers,
@@ -155,8 +157,56 @@ fn map_ureq_error(e: ureq::Error) -> TransportError {
         ureq::Error::BodyExceedsLimit(n) => TransportError::Failed(format!(
             "response body exceeds the {n}-byte limit (max_response_bytes)"
         )),
-        // ureq errors describe the connection or URL, never the headers, so they are
-        // safe to show.
+        // ureq errors describe the connection or the URL (which may carry a password
+        // in its userinfo): `mask_error` scrubs them.
         other => TransportError::Failed(other.to_string()),
+    }
+}
+
+/// Replaces the request's key and its URL's userinfo secret in an error message: an
+/// error text may quote the URL, and nothing guarantees it never quotes a header.
+fn mask_error(e: TransportError, req: &HttpRequest<'_>) -> TransportError {
+    match e {
+        TransportError::Failed(m) => TransportError::Failed(mask_message(m, req)),
+        other => other,
+    }
+}
+
+fn mask_message(m: String, req: &HttpRequest<'_>) -> String {
+    let secrets = std::iter::once((req.key.expose().to_owned(), "[REDACTED]".to_owned())).chain(
+        crate::body::url_secrets(req.url)
+            .into_iter()
+            .map(|s| (s, "[REDACTED]".to_owned())),
+    );
+    crate::body::Masker::new(secrets).mask_str(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_errors_are_masked() {
+        let key = ApiKey::new("sk-hidden-123");
+        let req = HttpRequest {
+            url: "http://user:hunter2%21@127.0.0.1:1/v1/chat/completions",
+            key: &key,
+            headers: &[],
+            body: b"{}",
+            timeout: Duration::from_secs(1),
+        };
+        let m = mask_message(
+            "cannot reach http://user:hunter2%21@127.0.0.1:1 (hunter2!) with sk-hidden-123"
+                .to_owned(),
+            &req,
+        );
+        assert_eq!(
+            m,
+            "cannot reach http://user:[REDACTED]@127.0.0.1:1 ([REDACTED]) with [REDACTED]"
+        );
+        assert_eq!(
+            mask_error(TransportError::Timeout(TimeoutPhase::Connect), &req),
+            TransportError::Timeout(TimeoutPhase::Connect)
+        );
     }
 }

@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::admission::{Admission, Admit, KeyVerdict, Via};
+use crate::body;
 use crate::config::ApiKey;
 use crate::error::{Error, TimeoutPhase};
 use crate::job::Job;
 use crate::key::{FailClass, KeyState};
-use crate::request::{Response, parse_usage};
+use crate::request::Response;
 use crate::retry::{Verdict, backoff, judge_status};
 use crate::shared::Shared;
 use crate::transport::{HttpRequest, HttpResponse, Transport, TransportError};
@@ -288,6 +289,12 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
 }
 
 /// Turns an HTTP response into the job's success, or into an error with its verdict.
+///
+/// A 2xx is a success only if its body is one (`body::inspect_success`): an error
+/// inside it is judged by its code, a body that is not valid JSON (or a chat completion
+/// without `choices`) is an `InvalidResponse`, retried like a 5xx. A success body is
+/// returned untouched (the caller owns the key); on every error path the body, the
+/// kept headers and the message have every configured secret masked first.
 fn judge_response(
     ctx: &KeyWorkerCtx,
     job: &mut Job,
@@ -295,37 +302,78 @@ fn judge_response(
     first_start: Instant,
 ) -> Result<Response, Box<(Error, Verdict, FailClass)>> {
     let ks = ctx.state();
-    let embedded = if (200..300).contains(&resp.status) {
-        embedded_error(&resp.body)
+    let problem = if (200..300).contains(&resp.status) {
+        let content_type = resp
+            .headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            .map(|(_, v)| v.as_str());
+        match body::inspect_success(&resp.body, &job.req.path, content_type) {
+            Ok(usage) => {
+                let usage = usage.unwrap_or_default();
+                ks.record_success(usage.prompt_tokens, usage.completion_tokens);
+                if ks.gate.has_limits() {
+                    ks.gate.correct_tokens(
+                        job.est_tokens,
+                        usage.prompt_tokens.saturating_add(usage.completion_tokens),
+                    );
+                }
+                return Ok(Response {
+                    status: resp.status,
+                    headers: resp.headers,
+                    body: resp.body,
+                    key_label: ks.label.clone(),
+                    key_index: ctx.index,
+                    attempts: job.attempts,
+                    latency: first_start.elapsed(),
+                    keys_tried: job.tried.clone(),
+                });
+            }
+            Err(p) => Some(p),
+        }
     } else {
         None
     };
+    // Error path: nothing the server sent leaves here with a key in it.
+    let masker = body::Masker::for_config(&ctx.shared.config);
+    let mut headers = resp.headers;
+    for (_, v) in &mut headers {
+        *v = masker.mask_str(std::mem::take(v));
+    }
+    let body = masker.mask_bytes(&resp.body).unwrap_or(resp.body);
     let response = Response {
         status: resp.status,
-        headers: resp.headers,
-        body: resp.body,
+        headers,
+        body,
         key_label: ks.label.clone(),
         key_index: ctx.index,
         attempts: job.attempts,
         latency: first_start.elapsed(),
         keys_tried: job.tried.clone(),
     };
-    if (200..300).contains(&response.status) && embedded.is_none() {
-        let usage = parse_usage(&response.body).unwrap_or_default();
-        ks.record_success(usage.prompt_tokens, usage.completion_tokens);
-        if ks.gate.has_limits() {
-            ks.gate.correct_tokens(
-                job.est_tokens,
-                usage.prompt_tokens.saturating_add(usage.completion_tokens),
-            );
+    let status = match problem {
+        Some(body::Problem::Invalid(why)) => {
+            // The message is masked again: the reason or the snippet could hold a key
+            // in a form the body scan missed (decoded JSON escapes).
+            let message = masker.mask_str(format!(
+                "{why}; body: {}",
+                body::text_message(&response.body)
+            ));
+            let err = Error::InvalidResponse {
+                message,
+                response: Box::new(response),
+            };
+            let verdict = Verdict {
+                retry: true,
+                ..Verdict::default()
+            };
+            return Err(Box::new((err, verdict, FailClass::ServerError)));
         }
-        return Ok(response);
-    }
-    let retry_after = response.retry_after();
-    let (status, message) = match embedded {
-        Some((code, message)) => (code.unwrap_or(response.status), message),
-        None => (response.status, error_message(&response.body)),
+        Some(body::Problem::Embedded(code)) => code.unwrap_or(response.status),
+        None => response.status,
     };
+    let message = masker.mask_str(body::error_message(&response.body));
+    let retry_after = response.retry_after();
     let should_retry = response.header("x-should-retry").map(str::to_owned);
     let verdict = judge_status(
         status,
@@ -402,58 +450,4 @@ fn hand_back(ctx: &KeyWorkerCtx, job: Job) {
         ctx.shared.backlog.fetch_sub(1, SeqCst);
         drop(e.into_inner());
     }
-}
-
-/// `{"error": {"code": …, "message": …}}` inside a 2xx body, as OpenRouter sends.
-fn embedded_error(body: &[u8]) -> Option<(Option<u16>, String)> {
-    // Cheap pre-check: most successful bodies never mention "error" as a top-level key.
-    if !body.windows(7).any(|w| w == b"\"error\"") {
-        return None;
-    }
-    #[derive(serde::Deserialize)]
-    struct Top {
-        error: Option<serde_json::Value>,
-    }
-    let top: Top = serde_json::from_slice(body).ok()?;
-    let e = top.error.filter(|e| !e.is_null())?;
-    let code = e
-        .get("code")
-        .and_then(|c| {
-            c.as_u64()
-                .or_else(|| c.as_str().and_then(|s| s.parse().ok()))
-        })
-        .filter(|c| (100..600).contains(c))
-        .map(|c| c as u16);
-    let message = e
-        .get("message")
-        .and_then(|m| m.as_str())
-        .map(str::to_owned)
-        .unwrap_or_else(|| e.to_string());
-    Some((code, truncate(message, 500)))
-}
-
-/// The `error.message` of an error body, or the start of the body as text.
-fn error_message(body: &[u8]) -> String {
-    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
-        if let Some(m) = v
-            .get("error")
-            .and_then(|e| e.get("message").or(Some(e)))
-            .and_then(|m| m.as_str())
-        {
-            return truncate(m.to_owned(), 500);
-        }
-    }
-    truncate(String::from_utf8_lossy(body).trim().to_owned(), 200)
-}
-
-fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push('…');
-    }
-    s
 }

@@ -261,10 +261,15 @@ fn batch_keeps_input_order_with_failures() {
                 body: br#"{"error":{"message":"bad"}}"#.to_vec(),
             })
         } else {
+            // A chat completion (a 2xx without `choices` is an invalid response)
+            // that echoes the request, so the test can check the order.
+            let mut echo = br#"{"choices":[],"echo":"#.to_vec();
+            echo.extend_from_slice(r.body);
+            echo.push(b'}');
             Ok(keypool::HttpResponse {
                 status: 200,
                 headers: vec![],
-                body: r.body.to_vec(),
+                body: echo,
             })
         }
     });

@@ -18,8 +18,9 @@ pub enum Status {
     KEYPOOL_INVALID_ARGUMENT = 1,
     /// The configuration JSON was rejected (the message names the field).
     KEYPOOL_CONFIG = 2,
-    /// The server answered with an HTTP error (or an error inside a 200 body); the
-    /// result keeps the status and body.
+    /// The server answered with an HTTP error (or an error inside a 200 body, or a 200
+    /// whose body is not a valid response: error code "invalid_response"); the result
+    /// keeps the status and body.
     KEYPOOL_HTTP = 3,
     /// No HTTP response: connection refused/reset, DNS, TLS, a cut-short body.
     KEYPOOL_TRANSPORT = 4,
@@ -51,6 +52,9 @@ impl Status {
             Error::Config { .. } => Status::KEYPOOL_CONFIG,
             Error::InvalidRequest(_) => Status::KEYPOOL_INVALID_REQUEST,
             Error::Http { .. } => Status::KEYPOOL_HTTP,
+            // A 2xx whose body is not a success: an HTTP-level failure; the result's
+            // error code ("invalid_response") tells it apart.
+            Error::InvalidResponse { .. } => Status::KEYPOOL_HTTP,
             Error::Transport { .. } => Status::KEYPOOL_TRANSPORT,
             Error::Timeout { .. } => Status::KEYPOOL_TIMEOUT,
             Error::Busy => Status::KEYPOOL_BUSY,

@@ -71,7 +71,7 @@ impl FfiResult {
                 r.error_message = Some(to_cstring(&e.to_string()));
                 r.error_code = Some(to_cstring(e.code()));
                 match &e {
-                    Error::Http { response, .. } => {
+                    Error::Http { response, .. } | Error::InvalidResponse { response, .. } => {
                         r = r.with_body(response.body());
                         r.http_status = response.status();
                         r.key_label = to_cstring(response.key_label());
@@ -188,7 +188,8 @@ pub extern "C" fn keypool_result_error_message(r: *const FfiResult) -> *const c_
     })
 }
 
-/// A short stable code for the failure: "http", "transport", "timeout", "cancelled",
+/// A short stable code for the failure: "http", "invalid_response" (a 2xx whose body is
+/// not a valid response; status `KEYPOOL_HTTP`), "transport", "timeout", "cancelled",
 /// "closed", "no_usable_key", "invalid_request", "invalid_argument", "panic", …; NULL
 /// if the request succeeded.
 ///
@@ -215,4 +216,40 @@ pub extern "C" fn keypool_result_free(r: *mut FfiResult) {
             drop(unsafe { Box::from_raw(r) });
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CStr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::Response;
+
+    #[test]
+    fn an_invalid_response_is_keypool_http_with_its_own_code() {
+        let response = Response {
+            status: 200,
+            headers: vec![],
+            body: b"<html>".to_vec(),
+            key_label: Arc::from("acct-a"),
+            key_index: 0,
+            attempts: 3,
+            latency: Duration::from_millis(5),
+            keys_tried: vec![0, 0, 0],
+        };
+        let e = Error::InvalidResponse {
+            message: "body is not valid JSON".into(),
+            response: Box::new(response),
+        };
+        let r = FfiResult::from_engine(Err(e));
+        assert_eq!(r.status, Status::KEYPOOL_HTTP);
+        assert_eq!(r.http_status, 200);
+        assert_eq!(r.attempts, 3);
+        assert_eq!(&r.body[..r.body.len() - 1], b"<html>");
+        let code = r.error_code.as_deref().map(CStr::to_bytes);
+        assert_eq!(code, Some(&b"invalid_response"[..]));
+        assert_eq!(r.key_label.as_bytes(), b"acct-a");
+    }
 }
