@@ -98,6 +98,13 @@ pub enum Error {
     Panic(String),
     /// The ticket's result was already taken.
     ResultTaken,
+    /// A call that waits for a pool (a blocking submit on a full queue, `batch`,
+    /// `Ticket::wait`, waiting for shutdown) was made on a keypool thread, that is from
+    /// inside a completion callback, where waiting can deadlock the pool. It returned at
+    /// once: nothing was queued and no result was taken. Use the non-blocking form
+    /// (`try_submit`, `Ticket::try_wait`) or hand the work to another thread. Holds what
+    /// would have waited, e.g. `"submit on a full queue"`.
+    WouldDeadlock(&'static str),
 }
 
 impl Error {
@@ -148,6 +155,7 @@ impl Error {
             Error::NoUsableKey { .. } => "no_usable_key",
             Error::Panic(_) => "panic",
             Error::ResultTaken => "result_taken",
+            Error::WouldDeadlock(_) => "would_deadlock",
         }
     }
 
@@ -205,6 +213,10 @@ impl fmt::Display for Error {
             Error::NoUsableKey { detail } => write!(f, "no usable key: {detail}"),
             Error::Panic(m) => write!(f, "a worker panicked while handling the request: {m}"),
             Error::ResultTaken => f.write_str("the ticket's result was already taken"),
+            Error::WouldDeadlock(call) => write!(
+                f,
+                "{call} from a keypool thread (inside a completion callback) would wait for the pool and can deadlock it; use the non-blocking form or another thread"
+            ),
         }
     }
 }

@@ -48,6 +48,7 @@ mod request;
 mod retry;
 mod shared;
 mod stats;
+mod thread_role;
 mod ticket;
 mod transport;
 mod worker;

@@ -42,15 +42,12 @@ impl FfiResult {
         self
     }
 
-    /// A failed result that never reached the engine (a bad body in a batch).
+    /// A failed result that never reached the engine (a bad body in a batch, a refused
+    /// batch element, a panic while building a result). Its code is its status's code.
     pub(crate) fn failure(f: Failure) -> FfiResult {
-        let code = match f.status {
-            Status::KEYPOOL_INVALID_REQUEST => "invalid_request",
-            _ => "invalid_argument",
-        };
         let mut r = FfiResult::new(f.status);
         r.error_message = Some(to_cstring(&f.message));
-        r.error_code = Some(to_cstring(code));
+        r.error_code = Some(to_cstring(f.status.code()));
         r
     }
 
@@ -66,10 +63,11 @@ impl FfiResult {
                 r
             }
             Err(e) => {
-                let mut r = FfiResult::new(Status::of(&e));
+                let status = Status::of(&e);
+                let mut r = FfiResult::new(status);
                 r.attempts = e.attempts();
                 r.error_message = Some(to_cstring(&e.to_string()));
-                r.error_code = Some(to_cstring(e.code()));
+                r.error_code = Some(to_cstring(status.code()));
                 match &e {
                     Error::Http { response, .. } => {
                         r = r.with_body(response.body());
@@ -188,9 +186,11 @@ pub extern "C" fn keypool_result_error_message(r: *const FfiResult) -> *const c_
     })
 }
 
-/// A short stable code for the failure: "http", "transport", "timeout", "cancelled",
-/// "closed", "no_usable_key", "invalid_request", "invalid_argument", "panic", …; NULL
-/// if the request succeeded.
+/// A short stable code for the failure, determined by `keypool_result_status(r)` alone:
+/// "invalid_argument" (`KEYPOOL_INVALID_ARGUMENT`), "config", "http", "transport",
+/// "timeout", "busy", "closed", "cancelled", "panic", "no_usable_key",
+/// "invalid_request", "would_deadlock" (`KEYPOOL_WOULD_DEADLOCK`); NULL if the request
+/// succeeded.
 ///
 /// Ownership: owned by the result; valid until `keypool_result_free(r)`.
 /// `r` NULL: returns NULL and sets `keypool_last_error()`. Thread-safe, non-blocking.
