@@ -101,10 +101,10 @@ static LOGGER: FfiLogger = FfiLogger;
 /// stderr. Panics of other threads go to the previous hook unchanged.
 pub(crate) fn install_panic_hook() {
     static HOOK: Once = Once::new();
+    if HOOK.is_completed() || std::thread::panicking() {
+        return; // set_hook panics on a panicking thread: a later entry point installs it
+    }
     HOOK.call_once(|| {
-        if std::thread::panicking() {
-            return; // set_hook would panic; the next entry point installs it
-        }
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             if !(on_pool_thread() || in_ffi_boundary()) {
