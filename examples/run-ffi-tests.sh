@@ -78,6 +78,13 @@ check "gcc batch.c (static)" \
     gcc -std=c11 "${CFLAGS[@]}" examples/c/batch.c "$LIB" "${LDLIBS[@]}" -o "$OUT/batch"
 check "gcc bad_input.c (static)" \
     gcc -std=c11 "${CFLAGS[@]}" examples/c/bad_input.c "$LIB" "${LDLIBS[@]}" -o "$OUT/bad_input"
+check "gcc callbacks.c (static)" \
+    gcc -std=c11 "${CFLAGS[@]}" examples/c/callbacks.c "$LIB" "${LDLIBS[@]}" -o "$OUT/callbacks"
+# The stress test runs under AddressSanitizer + UBSan (which cannot be combined with
+# valgrind). They instrument the C side and the interface; the Rust library is not.
+check "gcc stress.c (static, -fsanitize=address,undefined)" \
+    gcc -std=c11 "${CFLAGS[@]}" -O1 -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+        -fno-omit-frame-pointer examples/c/stress.c "$LIB" "${LDLIBS[@]}" -o "$OUT/stress"
 check "gcc batch.c (shared libkeypool.so)" \
     gcc -std=c11 "${CFLAGS[@]}" examples/c/batch.c -L"$ROOT/target/debug" -lkeypool \
         -Wl,-rpath,"$ROOT/target/debug" -o "$OUT/batch_shared"
@@ -102,6 +109,11 @@ echo "mock: ${URL:-none}"
 if [ -n "$URL" ]; then
     check "batch (valgrind)" "${VALGRIND[@]}" "$OUT/batch" "$URL"
     check "bad_input (valgrind)" "${VALGRIND[@]}" "$OUT/bad_input" "$URL"
+    check "callbacks (valgrind)" "${VALGRIND[@]}" "$OUT/callbacks" "$URL"
+    [ -x "$OUT/stress" ] && check "stress (ASan + UBSan, 8 threads, shutdown under load)" \
+        env ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=86 \
+        UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+        timeout 120 "$OUT/stress" "$URL" 4
     [ -x "$OUT/batch_shared" ] && check "batch (shared library)" "$OUT/batch_shared" "$URL"
     [ -x "$OUT/cpp_main" ] && check "cpp_main" "$OUT/cpp_main" "$URL"
 fi

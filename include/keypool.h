@@ -16,8 +16,14 @@
    race other calls on that pool. Calls that block take a timeout, except
    keypool_submit (blocks while the queue is full; see keypool_try_submit),
    keypool_batch (blocks until every request is answered) and keypool_pool_free.
+ - Callbacks (keypool_callback) run on keypool threads, never on the submitting or
+   shutting-down thread. From a callback, a call that would wait for a pool returns
+   KEYPOOL_WOULD_DEADLOCK at once instead of blocking (see keypool_callback for what a
+   callback may call).
  - API keys never appear in messages, stats or results: labels stand in for them.
- - A Rust panic never unwinds into C: it becomes KEYPOOL_PANIC.
+ - A Rust panic never unwinds into C: it becomes KEYPOOL_PANIC. keypool never writes
+   to stdout or stderr: caught panics and warnings go to the log callback
+   (keypool_set_log_callback), if one is set.
  */
 
 #ifndef KEYPOOL_H
@@ -34,6 +40,21 @@
 /* MAJOR * 10000 + MINOR * 100 + PATCH */
 #define KEYPOOL_VERSION_NUMBER 100
 #define KEYPOOL_VERSION "0.1.0"
+
+/*
+ Log level of an error: a caught panic, a failure keypool cannot report otherwise.
+ */
+#define KEYPOOL_LOG_ERROR 1
+
+/*
+ Log level of a warning, e.g. a key disabled after HTTP 401/402/403.
+ */
+#define KEYPOOL_LOG_WARN 2
+
+/*
+ Log level of an informational message.
+ */
+#define KEYPOOL_LOG_INFO 3
 
 /*
  What a keypool call (or a request) ended in. `KEYPOOL_OK` is 0; every other value
@@ -91,6 +112,21 @@ typedef enum {
    The request could not be built: the body is not valid JSON, or a bad path.
    */
   KEYPOOL_INVALID_REQUEST = 11,
+  /*
+   A call that would wait for a pool was made from a keypool thread (inside a
+   completion callback), where waiting can deadlock the pool, so it returned at once
+   without doing anything: `keypool_submit`/`keypool_submit_path`/
+   `keypool_submit_callback` on a full queue, `keypool_batch`, `keypool_ticket_wait`
+   with a non-zero timeout on a result not ready yet. `keypool_pool_shutdown` from a
+   callback returns it too, after starting the shutdown (it cannot wait there).
+   */
+  KEYPOOL_WOULD_DEADLOCK = 12,
+  /*
+   The pool could not start one of its threads (the system's thread limit, or no
+   memory for a thread's stack): `keypool_pool_new` failed cleanly, having stopped
+   the threads it had started.
+   */
+  KEYPOOL_SPAWN = 13,
 } keypool_status;
 
 /*
@@ -112,12 +148,37 @@ typedef struct keypool_result keypool_result;
 typedef struct keypool_ticket keypool_ticket;
 
 /*
+ A function receiving keypool's log messages, for `keypool_set_log_callback`.
+
+ `level` is `KEYPOOL_LOG_ERROR`, `KEYPOOL_LOG_WARN` or `KEYPOOL_LOG_INFO`; `message`
+ is a NUL-terminated UTF-8 line without a trailing newline, owned by the library and
+ valid only during the call (copy it to keep it); it never contains an API key.
+ `user_data` is the pointer given to `keypool_set_log_callback`. It may be called on
+ any thread, several at once, including keypool threads: it must be thread-safe and
+ quick, and must not call `keypool_set_log_callback`.
+ */
+typedef void (*keypool_log_callback)(uint32_t level, const char *message, void *user_data);
+
+/*
  A function the pool calls with a request's result, for `keypool_submit_callback`.
 
  It receives ownership of `result` (free it with `keypool_result_free`) and the
- `user_data` given at submit time. It runs on a keypool thread — a worker, the
- dispatcher, or the thread that shuts the pool down — so it must be thread-safe and
- short (the worker serves no other request meanwhile), and must not free the pool.
+ `user_data` given at submit time. It runs on a keypool thread: the worker that
+ finished the request, or the pool's dispatcher thread (for a request it answers
+ without sending: cancelled at shutdown, deadline passed, no usable key) — never on
+ the thread that submitted it or that shuts the pool down. So it must be thread-safe and short (the worker serves no
+ other request meanwhile).
+
+ What a callback may call: it must never wait for a pool (once every worker waits in
+ a callback, nothing serves the queue), so on a keypool thread the calls that would
+ wait return `KEYPOOL_WOULD_DEADLOCK` at once instead: `keypool_submit`,
+ `keypool_submit_path` and `keypool_submit_callback` when the queue is full (with room
+ they succeed), `keypool_batch` (always), `keypool_ticket_wait` with a non-zero
+ timeout on a result not ready yet. Always allowed: `keypool_try_submit`,
+ `keypool_ticket_wait` with timeout 0 or on a ticket already answered,
+ `keypool_pool_stats_json`, the `keypool_result_*` accessors and frees, and
+ `keypool_pool_shutdown`, which from a callback starts the shutdown and returns
+ `KEYPOOL_WOULD_DEADLOCK` without waiting. It must not call `keypool_pool_free`.
  */
 typedef void (*keypool_callback)(keypool_result *result, void *user_data);
 
@@ -163,6 +224,36 @@ const char *keypool_last_error(void);
 void keypool_string_free(char *s);
 
 /*
+ Sets the function that receives keypool's log messages: warnings (e.g. a key
+ disabled after HTTP 401) and errors, including every panic keypool caught (reported
+ as `KEYPOOL_PANIC`). keypool never writes to the host program's stdout or stderr;
+ without a log callback these messages are dropped. NULL `cb` removes the callback.
+
+ Process-wide: one callback for every pool. Once this returns, the previous callback
+ is no longer running and is never called again (so its `user_data` may be freed).
+ If the process already has a Rust `log` logger (a Rust host), keypool's `log`
+ records go to that logger instead and only caught panics reach `cb`.
+
+ Returns `KEYPOOL_OK`; `KEYPOOL_WOULD_DEADLOCK` (nothing changed) if called from
+ inside the log callback. Thread-safe; waits only for log calls in progress.
+ */
+keypool_status keypool_set_log_callback(keypool_log_callback cb, void *user_data);
+
+/*
+ For tests of a host program's panic handling: makes keypool panic on purpose, where
+ a real bug would, and returns once the panic has been caught. `site` 0: inside this
+ call on the calling thread (returns `KEYPOOL_PANIC`, message in
+ `keypool_last_error()`). `site` 1: on one of `pool`'s worker threads, in the
+ completion of a request POSTed to the pool's base URL (returns `KEYPOOL_OK` once the
+ worker caught it and carries on; `KEYPOOL_TIMEOUT` if that took over 30 s). Either
+ way the panic message goes to the log callback (`keypool_set_log_callback`), never
+ to stderr. Other `site` values: `KEYPOOL_INVALID_ARGUMENT`.
+
+ `pool` may be NULL for `site` 0. Not for production use; thread-safe.
+ */
+keypool_status keypool_test_panic(const keypool_pool *pool, uint32_t site);
+
+/*
  Creates a pool from a JSON config (the same fields as the Rust `Config` and the CLI),
  e.g. `{"base_url": "https://openrouter.ai/api/v1", "keys": [{"key": "sk-…",
  "label": "acct-a", "max_concurrent": 4}]}`. Starts the worker threads.
@@ -190,7 +281,13 @@ keypool_status keypool_pool_new(const char *config_json, keypool_pool **out);
 
  The pool handle stays valid; free it with `keypool_pool_free`. `pool` NULL:
  `KEYPOOL_INVALID_ARGUMENT`. Thread-safe. Blocks up to `timeout_ms`. Callbacks of
- cancelled requests run on the calling thread.
+ cancelled requests run on the pool's dispatcher thread, not the calling thread.
+
+ From a callback (on a keypool thread) it cannot wait (a thread cannot wait for
+ itself to exit): it starts the shutdown as above and returns
+ `KEYPOOL_WOULD_DEADLOCK` at once; the threads exit on their own when their in-flight
+ requests finish, and a later `keypool_pool_shutdown` or `keypool_pool_free` on another
+ thread waits for them.
  */
 keypool_status keypool_pool_shutdown(keypool_pool *pool, uint64_t timeout_ms);
 
@@ -210,11 +307,13 @@ void keypool_pool_free(keypool_pool *pool);
 
 /*
  Submits a chat completion: POSTs `body_json` to `/chat/completions` under the key's
- base URL. Blocks while the queue is full (use `keypool_try_submit` not to).
+ base URL. Blocks while the queue is full (use `keypool_try_submit` not to) — except
+ from a callback, where a full queue gives `KEYPOOL_WOULD_DEADLOCK` at once.
 
  Returns `KEYPOOL_OK` and stores a ticket in `*out`; `KEYPOOL_INVALID_REQUEST` if the
  body is not valid JSON; `KEYPOOL_CLOSED` if the pool was shut down;
- `KEYPOOL_INVALID_ARGUMENT` for a NULL argument or a body that is not UTF-8.
+ `KEYPOOL_INVALID_ARGUMENT` for a NULL argument or a body that is not UTF-8;
+ `KEYPOOL_WOULD_DEADLOCK` if called from a callback with the queue full.
 
  Ownership: the body is copied; the caller owns the ticket (`keypool_ticket_free`).
  `*out` is written only on success. Thread-safe: any number of threads may submit to
@@ -243,7 +342,8 @@ keypool_status keypool_try_submit(keypool_pool *pool, const char *body_json, key
 
 /*
  Submits a chat completion (to `/chat/completions`) whose result is handed to `cb`
- instead of a ticket. Blocks while the queue is full.
+ instead of a ticket. Blocks while the queue is full (from a callback: returns
+ `KEYPOOL_WOULD_DEADLOCK` instead, see `keypool_callback`).
 
  If this returns `KEYPOOL_OK`, `cb(result, user_data)` is called exactly once — on a
  keypool thread (see `keypool_callback`), possibly before this call returns — and
@@ -265,10 +365,12 @@ keypool_status keypool_submit_callback(keypool_pool *pool,
 
  A bad body does not fail the batch: a NULL or non-UTF-8 `bodies[i]` gives a result
  with status `KEYPOOL_INVALID_ARGUMENT` at `i`, one that is not JSON
- `KEYPOOL_INVALID_REQUEST`. Returns `KEYPOOL_OK` when `out_results` was filled (check
- each result's status), `KEYPOOL_CLOSED` if the pool was shut down,
- `KEYPOOL_INVALID_ARGUMENT` if `pool`, `bodies` or `out_results` is NULL. `n == 0`
- returns `KEYPOOL_OK` at once (`bodies` and `out_results` may then be NULL).
+ `KEYPOOL_INVALID_REQUEST`; a body refused because the pool shut down during the batch
+ gives `KEYPOOL_CLOSED` at `i`. Returns `KEYPOOL_OK` when `out_results` was filled
+ (check each result's status), `KEYPOOL_CLOSED` if the pool was shut down,
+ `KEYPOOL_INVALID_ARGUMENT` if `pool`, `bodies` or `out_results` is NULL,
+ `KEYPOOL_WOULD_DEADLOCK` (nothing sent) if called from a callback. `n == 0` returns
+ `KEYPOOL_OK` at once (`bodies` and `out_results` may then be NULL).
 
  Ownership: `out_results` is a caller-provided array of `n` pointers, written only on
  success; the caller owns and frees each result with `keypool_result_free`. Bodies are
@@ -352,10 +454,13 @@ uint64_t keypool_result_latency_ms(const keypool_result *r);
 const char *keypool_result_error_message(const keypool_result *r);
 
 /*
- A short stable code for the failure: "http", "invalid_response" (a 2xx whose body is
- not a valid response; status `KEYPOOL_HTTP`), "transport", "timeout", "cancelled",
- "closed", "no_usable_key", "invalid_request", "invalid_argument", "panic", …; NULL
- if the request succeeded.
+ A short stable code for the failure, determined by `keypool_result_status(r)`:
+ "invalid_argument" (`KEYPOOL_INVALID_ARGUMENT`), "config", "http", "transport",
+ "timeout", "busy", "closed", "cancelled", "panic", "no_usable_key",
+ "invalid_request", "would_deadlock" (`KEYPOOL_WOULD_DEADLOCK`), "spawn"
+ (`KEYPOOL_SPAWN`) — with one refinement: a `KEYPOOL_HTTP` result whose 2xx body was
+ not a valid response has the code "invalid_response". NULL if the request
+ succeeded.
 
  Ownership: owned by the result; valid until `keypool_result_free(r)`.
  `r` NULL: returns NULL and sets `keypool_last_error()`. Thread-safe, non-blocking.
@@ -380,6 +485,10 @@ void keypool_result_free(keypool_result *r);
  Returns `KEYPOOL_TIMEOUT` if the result is not ready yet: the ticket stays valid, wait
  again. Returns `KEYPOOL_INVALID_ARGUMENT` if `t` or `out` is NULL or the result was
  already taken by an earlier wait.
+
+ From a callback (on a keypool thread) it never waits: with `timeout_ms` 0 it checks
+ as usual; with any other timeout it returns the result if it is ready and
+ `KEYPOOL_WOULD_DEADLOCK` at once if not (the ticket stays valid).
 
  Ownership: the caller owns `*out` and frees it with `keypool_result_free`; the ticket
  still has to be freed with `keypool_ticket_free`. `*out` is written only on

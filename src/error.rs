@@ -119,6 +119,13 @@ pub enum Error {
         /// The system's error.
         message: String,
     },
+    /// A call that waits for a pool (a blocking submit on a full queue, `batch`,
+    /// `Ticket::wait`, waiting for shutdown) was made on a keypool thread, that is from
+    /// inside a completion callback, where waiting can deadlock the pool. It returned at
+    /// once: nothing was queued and no result was taken. Use the non-blocking form
+    /// (`try_submit`, `Ticket::try_wait`) or hand the work to another thread. Holds what
+    /// would have waited, e.g. `"submit on a full queue"`.
+    WouldDeadlock(&'static str),
 }
 
 impl Error {
@@ -173,6 +180,7 @@ impl Error {
             Error::Panic(_) => "panic",
             Error::ResultTaken => "result_taken",
             Error::Spawn { .. } => "spawn",
+            Error::WouldDeadlock(_) => "would_deadlock",
         }
     }
 
@@ -240,6 +248,10 @@ impl fmt::Display for Error {
             Error::Spawn { thread, message } => {
                 write!(f, "could not start thread {thread}: {message}")
             }
+            Error::WouldDeadlock(call) => write!(
+                f,
+                "{call} from a keypool thread (inside a completion callback) would wait for the pool and can deadlock it; use the non-blocking form or another thread"
+            ),
         }
     }
 }

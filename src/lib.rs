@@ -51,6 +51,7 @@ mod request;
 mod retry;
 mod shared;
 mod stats;
+mod thread_role;
 mod ticket;
 mod transport;
 mod worker;

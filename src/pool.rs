@@ -19,6 +19,7 @@ use crate::key::KeyState;
 use crate::request::Request;
 use crate::shared::Shared;
 use crate::stats::Stats;
+use crate::thread_role::{mark_pool_thread, on_pool_thread};
 use crate::ticket::{Reply, RequestResult, Ticket};
 use crate::transport::{Transport, TransportFactory, TransportSettings, UreqTransport};
 use crate::worker::{self, KeyWorkerCtx};
@@ -90,6 +91,9 @@ enum Mode {
     Block,
     Try,
     Timeout(Duration),
+    /// A blocking mode on a keypool thread: send if there is room, otherwise
+    /// [`Error::WouldDeadlock`] (waiting there can deadlock the pool).
+    NoWait,
 }
 
 impl Pool {
@@ -265,7 +269,10 @@ impl Pool {
         let handle = std::thread::Builder::new()
             .name(name)
             .stack_size(stack)
-            .spawn(f)
+            .spawn(move || {
+                mark_pool_thread();
+                f()
+            })
             .map_err(|e| Error::Spawn {
                 thread: name_for_error,
                 message: e.to_string(),
@@ -314,6 +321,10 @@ impl Pool {
             }
             None => Job::new(req, reply, deadline, est),
         };
+        let mode = match mode {
+            Mode::Block | Mode::Timeout(_) if on_pool_thread() => Mode::NoWait,
+            m => m,
+        };
         let sent = match mode {
             Mode::Block => tx.send(job).map_err(|e| (e.into_inner(), Error::Closed)),
             Mode::Try => tx.try_send(job).map_err(|e| match e {
@@ -330,6 +341,10 @@ impl Pool {
                     },
                 ),
                 SendTimeoutError::Disconnected(j) => (j, Error::Closed),
+            }),
+            Mode::NoWait => tx.try_send(job).map_err(|e| match e {
+                TrySendError::Full(j) => (j, Error::WouldDeadlock("submit on a full queue")),
+                TrySendError::Disconnected(j) => (j, Error::Closed),
             }),
         };
         match sent {
@@ -365,7 +380,9 @@ impl Pool {
 
     /// Submits a request, blocking while the queue is full. The ticket yields its result.
     ///
-    /// Errors: [`Error::Closed`] if the pool is closed.
+    /// Errors: [`Error::Closed`] if the pool is closed; [`Error::WouldDeadlock`] if the
+    /// queue is full and this is called on a keypool thread (from a callback): there it
+    /// never waits (see [`submit_with`](Pool::submit_with) for what callbacks may call).
     pub fn submit(&self, req: Request) -> Result<Ticket, Error> {
         let (reply, ticket) = self.ticket_reply();
         self.enqueue(req, reply, Mode::Block).map(|()| ticket)
@@ -378,7 +395,8 @@ impl Pool {
     }
 
     /// Submits, waiting at most `timeout` for queue space
-    /// ([`Error::Timeout`] with phase `Submit` if there was none).
+    /// ([`Error::Timeout`] with phase `Submit` if there was none). On a keypool thread
+    /// (from a callback) it never waits: [`Error::WouldDeadlock`] if the queue is full.
     pub fn submit_timeout(&self, req: Request, timeout: Duration) -> Result<Ticket, Error> {
         let (reply, ticket) = self.ticket_reply();
         self.enqueue(req, reply, Mode::Timeout(timeout))
@@ -388,9 +406,25 @@ impl Pool {
     /// Submits with a callback instead of a ticket, blocking while the queue is full.
     ///
     /// If this returns `Ok`, `callback` is called exactly once with the result, on a
-    /// keypool thread (a worker, the dispatcher, or the thread that closes the pool).
-    /// If it returns `Err`, `callback` is never called. Keep callbacks short: a worker
-    /// runs no other request meanwhile.
+    /// keypool thread: the worker that finished the request, or the dispatcher (for a
+    /// request it answers without sending: cancelled at shutdown, deadline passed, no
+    /// usable key). Never on the thread that calls `submit_with` or `close`. If it returns `Err`, `callback` is
+    /// never called. Keep callbacks short: a worker runs no other request meanwhile.
+    ///
+    /// # What a callback may call
+    ///
+    /// A callback must never wait for a pool: once every worker waits inside a callback,
+    /// nothing is left to serve the queue. So on a keypool thread the calls that would
+    /// wait return [`Error::WouldDeadlock`] at once instead:
+    /// [`submit`](Pool::submit), [`submit_with`](Pool::submit_with) and
+    /// [`submit_timeout`](Pool::submit_timeout) when the queue is full (with room they
+    /// succeed), [`batch`](Pool::batch) (every element), [`Ticket::wait`] and
+    /// [`Ticket::wait_timeout`] when the result is not ready yet, and
+    /// [`close_timeout`](Pool::close_timeout). Always allowed: [`try_submit`](Pool::try_submit),
+    /// [`try_submit_with`](Pool::try_submit_with), [`Ticket::try_wait`], a ticket whose
+    /// result is ready, [`stats`](Pool::stats) and the other accessors, and
+    /// [`close`](Pool::close), which starts the shutdown and returns without waiting.
+    /// A [`stream`](Pool::stream) must not be iterated in a callback (it waits for results).
     pub fn submit_with(
         &self,
         req: Request,
@@ -413,7 +447,16 @@ impl Pool {
 
     /// Sends every request and returns one result per request, in input order. A
     /// failure never hides or cancels another request's result.
+    ///
+    /// On a keypool thread (from a callback) nothing is sent: every element is
+    /// [`Error::WouldDeadlock`], since waiting for the results there can deadlock the pool.
     pub fn batch(&self, requests: impl IntoIterator<Item = Request>) -> Vec<RequestResult> {
+        if on_pool_thread() {
+            return requests
+                .into_iter()
+                .map(|_| Err(Error::WouldDeadlock("batch")))
+                .collect();
+        }
         let tickets: Vec<Result<Ticket, Error>> =
             requests.into_iter().map(|r| self.submit(r)).collect();
         tickets
@@ -466,7 +509,9 @@ impl Pool {
     /// Stops intake, lets in-flight requests finish, answers every queued request
     /// (`Cancelled`), and joins every thread. Idempotent; later submits get
     /// [`Error::Closed`]. Called from a keypool thread (inside a callback) it starts the
-    /// shutdown but cannot wait for its own thread, so it returns at once.
+    /// shutdown but does not wait (a thread cannot join itself, and waiting for another
+    /// pool there could deadlock): it returns at once and the threads exit on their own
+    /// once their in-flight requests finish; a later `close` on another thread joins them.
     pub fn close(&self) {
         self.inner.begin_close();
         self.inner.join(None);
@@ -474,9 +519,14 @@ impl Pool {
 
     /// Like [`close`](Pool::close) but waits at most `timeout` for the threads; on
     /// timeout returns [`Error::Timeout`] with phase `Shutdown` (the threads finish in
-    /// the background; a later `close` joins them).
+    /// the background; a later `close` joins them). Called from a keypool thread (inside
+    /// a callback) it starts the shutdown and returns [`Error::WouldDeadlock`] at once,
+    /// without waiting.
     pub fn close_timeout(&self, timeout: Duration) -> Result<(), Error> {
         self.inner.begin_close();
+        if on_pool_thread() {
+            return Err(Error::WouldDeadlock("waiting for shutdown"));
+        }
         if self.inner.join(Some(Instant::now() + timeout)) {
             Ok(())
         } else {
@@ -500,12 +550,11 @@ impl Inner {
     }
 
     /// Waits for every engine thread to exit (until `deadline`), then joins them.
-    /// Returns false on timeout. Never joins the calling thread (a callback may drop
-    /// the last `Pool` clone on a worker).
+    /// Returns false on timeout. Never waits on a keypool thread (a callback may drop
+    /// the last `Pool` clone on a worker; it cannot join itself, and waiting for another
+    /// pool from a callback could deadlock).
     fn join(&self, deadline: Option<Instant>) -> bool {
-        let me = std::thread::current().id();
-        let ours = self.threads.lock().iter().any(|h| h.thread().id() == me);
-        if ours {
+        if on_pool_thread() {
             return false;
         }
         let done = match deadline {

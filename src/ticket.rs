@@ -7,6 +7,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 
 use crate::error::{Error, TimeoutPhase};
 use crate::request::Response;
+use crate::thread_role::on_pool_thread;
 
 /// The result type every request ends in.
 pub type RequestResult = Result<Response, Error>;
@@ -79,9 +80,19 @@ impl Ticket {
     }
 
     /// Blocks until the result is ready.
+    ///
+    /// On a keypool thread (inside a completion callback) it never blocks: it returns the
+    /// result if it is ready, otherwise [`Error::WouldDeadlock`] (the ticket is consumed;
+    /// the request still runs and its result is discarded). Use
+    /// [`try_wait`](Ticket::try_wait) there.
     pub fn wait(mut self) -> RequestResult {
         if self.taken {
             return Err(Error::ResultTaken);
+        }
+        if on_pool_thread() {
+            return self
+                .try_wait()
+                .unwrap_or(Err(Error::WouldDeadlock("waiting for a ticket's result")));
         }
         self.taken = true;
         // A disconnected sender without a value cannot happen (Reply's Drop answers),
@@ -91,9 +102,18 @@ impl Ticket {
 
     /// Waits at most `timeout`. If the result is not ready yet, returns
     /// `Err(Error::Timeout { phase: TimeoutPhase::Wait, .. })` and the ticket stays valid.
+    ///
+    /// On a keypool thread (inside a completion callback) it never waits: a result not
+    /// ready yet gives [`Error::WouldDeadlock`] (or the `Wait` timeout if `timeout` is
+    /// zero), and the ticket stays valid.
     pub fn wait_timeout(&mut self, timeout: Duration) -> RequestResult {
         if self.taken {
             return Err(Error::ResultTaken);
+        }
+        if !timeout.is_zero() && on_pool_thread() {
+            return self
+                .try_wait()
+                .unwrap_or(Err(Error::WouldDeadlock("waiting for a ticket's result")));
         }
         match self.rx.recv_timeout(timeout) {
             Ok(r) => {

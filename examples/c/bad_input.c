@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "keypool.h"
@@ -152,11 +153,21 @@ static void config_cases(void) {
          KEYPOOL_CONFIG},
         {"config: invalid UTF-8", "{\"keys\": [{\"key\": \"\xff\xfe\"}]}", "not valid UTF-8",
          KEYPOOL_INVALID_ARGUMENT},
+        /* Malformed JSON is KEYPOOL_CONFIG (as documented for keypool_pool_new). */
+        {"config: trailing garbage after the object",
+         "{\"keys\": [{\"key\": \"" SECRET "\"}]} garbage", "invalid config", KEYPOOL_CONFIG},
+        {"config: a second object after the first",
+         "{\"keys\": [{\"key\": \"" SECRET "\"}]}{}", "invalid config", KEYPOOL_CONFIG},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         keypool_pool *pool = (keypool_pool *)&cases[i]; /* sentinel: must stay untouched */
         keypool_status s = keypool_pool_new(cases[i].json, &pool);
         check_status(cases[i].name, s, cases[i].want, cases[i].msg);
+        if (s == KEYPOOL_OK) { /* wrongly accepted: free it so valgrind reports only that */
+            keypool_pool_free(pool);
+            pool = (keypool_pool *)&cases[i];
+            continue;
+        }
         check("config: out untouched on failure", pool == (keypool_pool *)&cases[i],
               cases[i].name);
     }
@@ -216,16 +227,19 @@ static void null_handle_cases(void) {
     check("status_str(-1)",
           strcmp(keypool_status_str((keypool_status)-1), "unknown status") == 0, "not unknown");
     int named = 1;
-    for (int s = KEYPOOL_OK; s <= KEYPOOL_INVALID_REQUEST; s++) {
+    for (int s = KEYPOOL_OK; s <= KEYPOOL_SPAWN; s++) {
         const char *str = keypool_status_str((keypool_status)s);
         if (str == NULL || str[0] == '\0' || strcmp(str, "unknown status") == 0) named = 0;
     }
-    check("status_str names 0..11", named, "a known status has no name");
+    check("status_str names 0..13", named, "a known status has no name");
+    check("status_str(14) unknown",
+          strcmp(keypool_status_str((keypool_status)14), "unknown status") == 0, "named");
     check("status numbers fixed",
           KEYPOOL_OK == 0 && KEYPOOL_INVALID_ARGUMENT == 1 && KEYPOOL_CONFIG == 2 &&
               KEYPOOL_HTTP == 3 && KEYPOOL_TRANSPORT == 4 && KEYPOOL_TIMEOUT == 5 &&
               KEYPOOL_BUSY == 6 && KEYPOOL_CLOSED == 7 && KEYPOOL_CANCELLED == 8 &&
-              KEYPOOL_PANIC == 9 && KEYPOOL_NO_USABLE_KEY == 10 && KEYPOOL_INVALID_REQUEST == 11,
+              KEYPOOL_PANIC == 9 && KEYPOOL_NO_USABLE_KEY == 10 && KEYPOOL_INVALID_REQUEST == 11 &&
+              KEYPOOL_WOULD_DEADLOCK == 12 && KEYPOOL_SPAWN == 13,
           "a status number changed");
 }
 
@@ -274,6 +288,36 @@ static void argument_cases(keypool_pool *pool) {
     check("no ticket written", t == NULL, "an out-parameter was written on failure");
 }
 
+/* The error code a failed result must carry for its status (keypool_result_error_code). */
+static const char *code_for(keypool_status s) {
+    switch (s) {
+    case KEYPOOL_INVALID_ARGUMENT: return "invalid_argument";
+    case KEYPOOL_CONFIG: return "config";
+    case KEYPOOL_HTTP: return "http";
+    case KEYPOOL_TRANSPORT: return "transport";
+    case KEYPOOL_TIMEOUT: return "timeout";
+    case KEYPOOL_BUSY: return "busy";
+    case KEYPOOL_CLOSED: return "closed";
+    case KEYPOOL_CANCELLED: return "cancelled";
+    case KEYPOOL_PANIC: return "panic";
+    case KEYPOOL_NO_USABLE_KEY: return "no_usable_key";
+    case KEYPOOL_INVALID_REQUEST: return "invalid_request";
+    case KEYPOOL_WOULD_DEADLOCK: return "would_deadlock";
+    default: return NULL;
+    }
+}
+
+/* A result's status, code and message agree: OK has neither code nor message; a
+   failure has the code of its status and a message. */
+static int result_consistent(keypool_result *r) {
+    keypool_status s = keypool_result_status(r);
+    const char *code = keypool_result_error_code(r);
+    const char *msg = keypool_result_error_message(r);
+    if (s == KEYPOOL_OK) return code == NULL && msg == NULL;
+    return code != NULL && code_for(s) != NULL && strcmp(code, code_for(s)) == 0 && msg != NULL &&
+           msg[0] != '\0';
+}
+
 /* A batch with bad bodies: per-index failed results, not a failed batch. */
 static void batch_cases(keypool_pool *pool) {
     const char *bodies[4] = {BODY, NULL, "{\"content\": \"\xff\"}", "{not json"};
@@ -301,6 +345,8 @@ static void batch_cases(keypool_pool *pool) {
                   keypool_result_key_label(out[i]) != NULL &&
                   keypool_result_key_label(out[i])[0] == '\0',
               m ? m : "(no message)");
+        snprintf(name, sizeof name, "batch[%d] code matches status", i);
+        check(name, result_consistent(out[i]), code ? code : "(no code)");
     }
     for (int i = 0; i < 4; i++) keypool_result_free(out[i]);
 }
@@ -427,6 +473,149 @@ static void hanging_cases(void) {
     close(fd);
 }
 
+/* --- A batch whose later elements are refused because the pool shut down meanwhile. */
+struct closer {
+    int listen_fd;
+    keypool_pool *pool;
+};
+
+/* Once the first request reaches the server (the batch is past its closed check and
+   sending), shuts the pool down, then cuts the connection so the request ends. */
+static void *close_during_batch(void *arg) {
+    struct closer *c = arg;
+    int conn = accept(c->listen_fd, NULL, NULL);
+    keypool_pool_shutdown(c->pool, 0);
+    if (conn >= 0) close(conn);
+    return NULL;
+}
+
+static void batch_closed_cases(void) {
+    char url[128];
+    int fd = hanging_server(url, sizeof url);
+    /* One worker, a one-slot queue: at most a few elements are taken before the batch
+       blocks, so the last ones are submitted after the shutdown. */
+    keypool_pool *pool = make_pool(url, 1, 1, 30000);
+    struct closer c = {fd, pool};
+    pthread_t th;
+    if (pthread_create(&th, NULL, close_during_batch, &c) != 0) {
+        perror("pthread_create");
+        exit(1);
+    }
+    enum { N = 8 };
+    const char *bodies[N];
+    keypool_result *out[N];
+    for (int i = 0; i < N; i++) {
+        bodies[i] = BODY;
+        out[i] = NULL;
+    }
+    keypool_status s = keypool_batch(pool, bodies, N, out);
+    pthread_join(th, NULL);
+    check_status("batch: pool shut down during the batch", s, KEYPOOL_OK, "");
+    if (s == KEYPOOL_OK) {
+        int closed = 0, consistent = 0;
+        for (int i = 0; i < N; i++) {
+            closed += keypool_result_status(out[i]) == KEYPOOL_CLOSED;
+            consistent += result_consistent(out[i]);
+        }
+        const char *code = keypool_result_error_code(out[N - 1]);
+        check("batch: the last element was refused KEYPOOL_CLOSED",
+              keypool_result_status(out[N - 1]) == KEYPOOL_CLOSED, keypool_status_str(keypool_result_status(out[N - 1])));
+        check("batch: a CLOSED element's code is \"closed\"",
+              closed > 0 && code != NULL && strcmp(code, "closed") == 0, code ? code : "(no code)");
+        check("batch: every element's status and code agree", consistent == N, "a mismatch");
+        for (int i = 0; i < N; i++) keypool_result_free(out[i]);
+    }
+    check_status("batch: shutdown until done", keypool_pool_shutdown(pool, 30000), KEYPOOL_OK, "");
+    keypool_pool_free(pool);
+    close(fd);
+}
+
+/* --- Panics: never on the host's stderr; reported to the log callback. */
+struct log_seen {
+    pthread_mutex_t mu;
+    int errors, other;
+};
+
+static void log_callback(uint32_t level, const char *message, void *user_data) {
+    struct log_seen *seen = user_data;
+    pthread_mutex_lock(&seen->mu);
+    if (level == KEYPOOL_LOG_ERROR && message != NULL && strstr(message, "deliberate panic") &&
+        strstr(message, SECRET) == NULL)
+        seen->errors++;
+    else
+        seen->other++;
+    pthread_mutex_unlock(&seen->mu);
+}
+
+/* Runs `f` with file descriptor 2 redirected to a temporary file; returns how many bytes
+   were written to it (and copies the start of them into `got`). */
+static long capture_stderr(void (*f)(void *), void *arg, char *got, size_t n) {
+    fflush(stderr);
+    FILE *tmp = tmpfile();
+    int saved = dup(2);
+    if (tmp == NULL || saved < 0 || dup2(fileno(tmp), 2) < 0) {
+        perror("capture_stderr");
+        exit(1);
+    }
+    f(arg);
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    struct stat st;
+    fstat(fileno(tmp), &st);
+    rewind(tmp);
+    size_t r = fread(got, 1, n - 1, tmp);
+    got[r] = '\0';
+    fclose(tmp);
+    return (long)st.st_size;
+}
+
+struct panic_run {
+    keypool_pool *pool;
+    keypool_status on_caller, on_worker;
+    int caller_msg_ok;
+};
+
+static void provoke_panics(void *arg) {
+    struct panic_run *p = arg;
+    p->on_caller = keypool_test_panic(NULL, 0);
+    p->caller_msg_ok = strstr(keypool_last_error(), "deliberate panic") != NULL;
+    p->on_worker = p->pool ? keypool_test_panic(p->pool, 1) : KEYPOOL_OK;
+}
+
+static void panic_cases(const char *base_url) {
+    static struct log_seen seen = {PTHREAD_MUTEX_INITIALIZER, 0, 0};
+    check_status("set_log_callback", keypool_set_log_callback(log_callback, &seen), KEYPOOL_OK, "");
+    struct panic_run run = {make_pool(base_url, 1, 4, 30000), KEYPOOL_OK, KEYPOOL_OK, 0};
+    char got[512];
+    long written = capture_stderr(provoke_panics, &run, got, sizeof got);
+    check("panics: nothing written to stderr", written == 0, got);
+    check("panic on the calling thread -> KEYPOOL_PANIC with its message",
+          run.on_caller == KEYPOOL_PANIC && run.caller_msg_ok, keypool_status_str(run.on_caller));
+    check("panic on a worker caught", run.on_worker == KEYPOOL_OK, keypool_status_str(run.on_worker));
+    keypool_pool_free(run.pool);
+    pthread_mutex_lock(&seen.mu);
+    char detail[128];
+    snprintf(detail, sizeof detail, "%d error message(s) about the panics", seen.errors);
+    /* The hook reports each panic; the worker also logs the one it caught. */
+    check("panics: reported to the log callback at KEYPOOL_LOG_ERROR", seen.errors >= 2, detail);
+    pthread_mutex_unlock(&seen.mu);
+    check_status("set_log_callback(NULL)", keypool_set_log_callback(NULL, NULL), KEYPOOL_OK, "");
+    int before = seen.errors;
+
+    /* Without a log callback the message is dropped, still not printed. */
+    struct panic_run quiet = {NULL, KEYPOOL_OK, KEYPOOL_OK, 0};
+    written = capture_stderr(provoke_panics, &quiet, got, sizeof got);
+    check("panic without a log callback: nothing written to stderr", written == 0, got);
+    check("panic without a log callback -> KEYPOOL_PANIC", quiet.on_caller == KEYPOOL_PANIC,
+          keypool_status_str(quiet.on_caller));
+    check("removed log callback no longer called", seen.errors == before, "it was called");
+    check_status("test_panic: bad site", keypool_test_panic(NULL, 7), KEYPOOL_INVALID_ARGUMENT,
+                 "site must be 0 or 1");
+    check_status("test_panic: site 1 needs a pool", keypool_test_panic(NULL, 1),
+                 KEYPOOL_INVALID_ARGUMENT, "pool is NULL");
+}
+
 int main(int argc, char **argv) {
     const char *base_url = argc > 1 ? argv[1] : "http://127.0.0.1:9/v1";
 
@@ -438,6 +627,8 @@ int main(int argc, char **argv) {
     keypool_pool_free(pool);
     if (argc > 1) ticket_cases(base_url);
     hanging_cases();
+    batch_closed_cases();
+    panic_cases(base_url);
 
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;

@@ -55,6 +55,8 @@ const (
 	Panic           Code = C.KEYPOOL_PANIC
 	NoUsableKey     Code = C.KEYPOOL_NO_USABLE_KEY
 	InvalidRequest  Code = C.KEYPOOL_INVALID_REQUEST
+	WouldDeadlock   Code = C.KEYPOOL_WOULD_DEADLOCK
+	Spawn           Code = C.KEYPOOL_SPAWN
 )
 
 // String describes the code ("pool is closed", ...; "unknown status" if unknown).

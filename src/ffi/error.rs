@@ -38,7 +38,37 @@ pub enum Status {
     KEYPOOL_NO_USABLE_KEY = 10,
     /// The request could not be built: the body is not valid JSON, or a bad path.
     KEYPOOL_INVALID_REQUEST = 11,
+    /// A call that would wait for a pool was made from a keypool thread (inside a
+    /// completion callback), where waiting can deadlock the pool, so it returned at once
+    /// without doing anything: `keypool_submit`/`keypool_submit_path`/
+    /// `keypool_submit_callback` on a full queue, `keypool_batch`, `keypool_ticket_wait`
+    /// with a non-zero timeout on a result not ready yet. `keypool_pool_shutdown` from a
+    /// callback returns it too, after starting the shutdown (it cannot wait there).
+    KEYPOOL_WOULD_DEADLOCK = 12,
+    /// The pool could not start one of its threads (the system's thread limit, or no
+    /// memory for a thread's stack): `keypool_pool_new` failed cleanly, having stopped
+    /// the threads it had started.
+    KEYPOOL_SPAWN = 13,
 }
+
+/// Every status, in numeric order (for tests and exhaustive tables).
+#[cfg(test)]
+pub(crate) const ALL_STATUSES: [Status; 14] = [
+    Status::KEYPOOL_OK,
+    Status::KEYPOOL_INVALID_ARGUMENT,
+    Status::KEYPOOL_CONFIG,
+    Status::KEYPOOL_HTTP,
+    Status::KEYPOOL_TRANSPORT,
+    Status::KEYPOOL_TIMEOUT,
+    Status::KEYPOOL_BUSY,
+    Status::KEYPOOL_CLOSED,
+    Status::KEYPOOL_CANCELLED,
+    Status::KEYPOOL_PANIC,
+    Status::KEYPOOL_NO_USABLE_KEY,
+    Status::KEYPOOL_INVALID_REQUEST,
+    Status::KEYPOOL_WOULD_DEADLOCK,
+    Status::KEYPOOL_SPAWN,
+];
 
 /// A status as C passes it in: any integer, so an unknown value is not an invalid
 /// Rust enum. C sees this type as `keypool_status`.
@@ -63,9 +93,42 @@ impl Status {
             Error::NoUsableKey { .. } => Status::KEYPOOL_NO_USABLE_KEY,
             Error::Panic(_) => Status::KEYPOOL_PANIC,
             Error::ResultTaken => Status::KEYPOOL_INVALID_ARGUMENT,
+            Error::WouldDeadlock(_) => Status::KEYPOOL_WOULD_DEADLOCK,
+            Error::Spawn { .. } => Status::KEYPOOL_SPAWN,
             // `Error` is #[non_exhaustive]: a variant added later without a status of its
             // own is reported as an internal failure rather than mislabelled as success.
             _ => Status::KEYPOOL_PANIC,
+        }
+    }
+
+    /// The short stable code a failed result carries (`keypool_result_error_code`), a
+    /// function of the status alone, so a result's status and code always agree. The
+    /// same strings as `Error::code` for the errors with a status of their own.
+    pub(crate) fn code(self) -> &'static str {
+        match self {
+            Status::KEYPOOL_OK => "ok",
+            Status::KEYPOOL_INVALID_ARGUMENT => "invalid_argument",
+            Status::KEYPOOL_CONFIG => "config",
+            Status::KEYPOOL_HTTP => "http",
+            Status::KEYPOOL_TRANSPORT => "transport",
+            Status::KEYPOOL_TIMEOUT => "timeout",
+            Status::KEYPOOL_BUSY => "busy",
+            Status::KEYPOOL_CLOSED => "closed",
+            Status::KEYPOOL_CANCELLED => "cancelled",
+            Status::KEYPOOL_PANIC => "panic",
+            Status::KEYPOOL_NO_USABLE_KEY => "no_usable_key",
+            Status::KEYPOOL_INVALID_REQUEST => "invalid_request",
+            Status::KEYPOOL_WOULD_DEADLOCK => "would_deadlock",
+            Status::KEYPOOL_SPAWN => "spawn",
+        }
+    }
+
+    /// The code of a failed result from the engine error `e` (whose status is `self`):
+    /// the status's code, except "invalid_response", a refinement of `KEYPOOL_HTTP`.
+    pub(crate) fn code_of(self, e: &Error) -> &'static str {
+        match e {
+            Error::InvalidResponse { .. } => "invalid_response",
+            _ => self.code(),
         }
     }
 
@@ -84,6 +147,8 @@ impl Status {
             9 => c"keypool panicked (internal error)",
             10 => c"no usable key",
             11 => c"invalid request",
+            12 => c"would deadlock: a blocking call from a keypool thread (inside a callback)",
+            13 => c"could not start a thread",
             _ => c"unknown status",
         }
     }

@@ -15,6 +15,7 @@
 use std::ffi::{CStr, CString, c_char};
 
 mod error;
+mod logging;
 mod panic;
 mod pool;
 mod result;
@@ -173,9 +174,9 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(s(Status::KEYPOOL_CLOSED as u32), "pool is closed");
-        assert_eq!(s(12), "unknown status");
+        assert_eq!(s(14), "unknown status");
         assert_eq!(s(u32::MAX), "unknown status");
-        for n in 0..=11 {
+        for n in 0..=13 {
             assert_ne!(s(n), "unknown status");
         }
         // SAFETY: as above.
@@ -200,6 +201,142 @@ mod tests {
             Status::of(&Error::InvalidRequest("x".into())),
             Status::KEYPOOL_INVALID_REQUEST
         );
+        assert_eq!(
+            Status::of(&Error::WouldDeadlock("batch")),
+            Status::KEYPOOL_WOULD_DEADLOCK
+        );
+    }
+
+    /// Every status has a number equal to its place, a name and a unique code; a failed
+    /// result built from a status (bad batch element, refused element, panic) carries
+    /// that status's code; an engine error's result carries `Status::of`, that status's
+    /// code (the engine's own code wherever the error has a status of its own) and the
+    /// error's message.
+    #[test]
+    fn every_status_and_code_agree() {
+        use std::collections::HashSet;
+        use std::time::Duration;
+
+        use super::error::{ALL_STATUSES, Failure};
+        use super::result::{
+            FfiResult, keypool_result_error_code, keypool_result_error_message,
+            keypool_result_free, keypool_result_status,
+        };
+        use crate::{Response, TimeoutPhase};
+
+        let text = |p: *const std::ffi::c_char| {
+            assert!(!p.is_null());
+            // SAFETY: non-NULL, NUL-terminated, owned by a live result.
+            unsafe { CStr::from_ptr(p) }.to_str().unwrap().to_owned()
+        };
+        let mut codes = HashSet::new();
+        for (n, &st) in ALL_STATUSES.iter().enumerate() {
+            assert_eq!(st as usize, n, "{st:?} is out of order");
+            // SAFETY: static NUL-terminated string.
+            let name = unsafe { CStr::from_ptr(keypool_status_str(n as u32)) };
+            assert_ne!(name.to_str().unwrap(), "unknown status", "{st:?}");
+            assert!(
+                codes.insert(st.code()),
+                "{st:?}: duplicate code {}",
+                st.code()
+            );
+            if st == Status::KEYPOOL_OK {
+                continue;
+            }
+            let r = Box::into_raw(Box::new(FfiResult::failure(Failure {
+                status: st,
+                message: "why".into(),
+            })));
+            assert_eq!(keypool_result_status(r), st);
+            assert_eq!(text(keypool_result_error_code(r)), st.code(), "{st:?}");
+            assert_eq!(text(keypool_result_error_message(r)), "why");
+            keypool_result_free(r);
+        }
+        // SAFETY: static NUL-terminated string.
+        let past = unsafe { CStr::from_ptr(keypool_status_str(ALL_STATUSES.len() as u32)) };
+        assert_eq!(past.to_str().unwrap(), "unknown status");
+
+        let response = Response {
+            status: 429,
+            headers: Vec::new(),
+            body: b"{}".to_vec(),
+            key_label: "acct-a".into(),
+            key_index: 0,
+            attempts: 2,
+            latency: Duration::from_millis(5),
+            keys_tried: vec![0],
+        };
+        let errors = vec![
+            (Error::config("keys", "x"), Status::KEYPOOL_CONFIG),
+            (
+                Error::InvalidRequest("x".into()),
+                Status::KEYPOOL_INVALID_REQUEST,
+            ),
+            (
+                Error::Http {
+                    status: 429,
+                    message: "slow down".into(),
+                    response: Box::new(response),
+                },
+                Status::KEYPOOL_HTTP,
+            ),
+            (
+                Error::Transport {
+                    key: "acct-a".into(),
+                    message: "reset".into(),
+                    attempts: 1,
+                },
+                Status::KEYPOOL_TRANSPORT,
+            ),
+            (
+                Error::Timeout {
+                    phase: TimeoutPhase::Attempt,
+                    key: None,
+                    attempts: 1,
+                },
+                Status::KEYPOOL_TIMEOUT,
+            ),
+            (Error::Busy, Status::KEYPOOL_BUSY),
+            (Error::Closed, Status::KEYPOOL_CLOSED),
+            (Error::Cancelled, Status::KEYPOOL_CANCELLED),
+            (
+                Error::NoUsableKey { detail: "x".into() },
+                Status::KEYPOOL_NO_USABLE_KEY,
+            ),
+            (Error::Panic("x".into()), Status::KEYPOOL_PANIC),
+            (Error::ResultTaken, Status::KEYPOOL_INVALID_ARGUMENT),
+            (
+                Error::WouldDeadlock("batch"),
+                Status::KEYPOOL_WOULD_DEADLOCK,
+            ),
+            (
+                Error::Spawn {
+                    thread: "keypool-a-0".into(),
+                    message: "Resource temporarily unavailable".into(),
+                },
+                Status::KEYPOOL_SPAWN,
+            ),
+        ];
+        let mut covered = HashSet::new();
+        for (e, want) in errors {
+            let st = Status::of(&e);
+            assert_eq!(st, want, "{e:?}");
+            covered.insert(st as u32);
+            // ResultTaken shares INVALID_ARGUMENT with other misuse; every other error's
+            // engine code is its status's code.
+            if !matches!(e, Error::ResultTaken) {
+                assert_eq!(e.code(), st.code_of(&e), "{e:?}");
+            }
+            let msg = e.to_string();
+            let code = st.code_of(&e);
+            let r = Box::into_raw(Box::new(FfiResult::from_engine(Err(e))));
+            assert_eq!(keypool_result_status(r), st);
+            assert_eq!(text(keypool_result_error_code(r)), code);
+            assert_eq!(text(keypool_result_error_message(r)), msg);
+            keypool_result_free(r);
+        }
+        // Every failure status is reachable from an engine error.
+        assert_eq!(covered.len(), ALL_STATUSES.len() - 1);
     }
 
     #[test]

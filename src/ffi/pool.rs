@@ -9,6 +9,7 @@ use super::panic::ffi_panic_boundary;
 use super::result::FfiResult;
 use super::ticket::FfiTicket;
 use super::{arg_out, arg_ref, arg_str, write_out};
+use crate::thread_role::on_pool_thread;
 use crate::{Config, DEFAULT_PATH, Error, Pool, Request, TimeoutPhase};
 
 /// A pool of API keys (C: `keypool_pool`).
@@ -19,10 +20,48 @@ pub struct FfiPool {
 /// A function the pool calls with a request's result, for `keypool_submit_callback`.
 ///
 /// It receives ownership of `result` (free it with `keypool_result_free`) and the
-/// `user_data` given at submit time. It runs on a keypool thread — a worker, the
-/// dispatcher, or the thread that shuts the pool down — so it must be thread-safe and
-/// short (the worker serves no other request meanwhile), and must not free the pool.
+/// `user_data` given at submit time. It runs on a keypool thread: the worker that
+/// finished the request, or the pool's dispatcher thread (for a request it answers
+/// without sending: cancelled at shutdown, deadline passed, no usable key) — never on
+/// the thread that submitted it or that shuts the pool down. So it must be thread-safe and short (the worker serves no
+/// other request meanwhile).
+///
+/// What a callback may call: it must never wait for a pool (once every worker waits in
+/// a callback, nothing serves the queue), so on a keypool thread the calls that would
+/// wait return `KEYPOOL_WOULD_DEADLOCK` at once instead: `keypool_submit`,
+/// `keypool_submit_path` and `keypool_submit_callback` when the queue is full (with room
+/// they succeed), `keypool_batch` (always), `keypool_ticket_wait` with a non-zero
+/// timeout on a result not ready yet. Always allowed: `keypool_try_submit`,
+/// `keypool_ticket_wait` with timeout 0 or on a ticket already answered,
+/// `keypool_pool_stats_json`, the `keypool_result_*` accessors and frees, and
+/// `keypool_pool_shutdown`, which from a callback starts the shutdown and returns
+/// `KEYPOOL_WOULD_DEADLOCK` without waiting. It must not call `keypool_pool_free`.
 pub type Callback = Option<unsafe extern "C" fn(result: *mut FfiResult, user_data: *mut c_void)>;
+
+impl FfiPool {
+    /// `keypool_test_panic(pool, 1)`: a request whose completion panics on a worker;
+    /// returns once the worker has caught the panic (a guard dropped while unwinding).
+    pub(crate) fn panic_on_worker(&self) -> Result<(), Failure> {
+        struct Unwound(crossbeam_channel::Sender<()>);
+        impl Drop for Unwound {
+            fn drop(&mut self) {
+                let _ = self.0.send(());
+            }
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let req = Request::from_json(DEFAULT_PATH, r#"{"model": "keypool-test-panic"}"#)?;
+        let guard = Unwound(tx);
+        self.pool.submit_with(req, move |_| {
+            let _guard = guard;
+            panic!("keypool_test_panic: a deliberate panic on a worker thread");
+        })?;
+        rx.recv_timeout(Duration::from_secs(30))
+            .map_err(|_| Failure {
+                status: Status::KEYPOOL_TIMEOUT,
+                message: "keypool_test_panic: the worker did not panic within 30 s".to_owned(),
+            })
+    }
+}
 
 /// The caller's `user_data`, carried to whichever thread runs the callback.
 struct UserData(*mut c_void);
@@ -104,12 +143,25 @@ pub extern "C" fn keypool_pool_new(config_json: *const c_char, out: *mut *mut Ff
 ///
 /// The pool handle stays valid; free it with `keypool_pool_free`. `pool` NULL:
 /// `KEYPOOL_INVALID_ARGUMENT`. Thread-safe. Blocks up to `timeout_ms`. Callbacks of
-/// cancelled requests run on the calling thread.
+/// cancelled requests run on the pool's dispatcher thread, not the calling thread.
+///
+/// From a callback (on a keypool thread) it cannot wait (a thread cannot wait for
+/// itself to exit): it starts the shutdown as above and returns
+/// `KEYPOOL_WOULD_DEADLOCK` at once; the threads exit on their own when their in-flight
+/// requests finish, and a later `keypool_pool_shutdown` or `keypool_pool_free` on another
+/// thread waits for them.
 #[unsafe(no_mangle)]
 pub extern "C" fn keypool_pool_shutdown(pool: *mut FfiPool, timeout_ms: u64) -> Status {
     ffi_panic_boundary!(Status::KEYPOOL_PANIC, {
         finish((|| {
             let pool = arg_ref(pool, "pool")?;
+            if on_pool_thread() {
+                pool.pool.close(); // starts the shutdown; never waits on a keypool thread
+                return Err(Failure {
+                    status: Status::KEYPOOL_WOULD_DEADLOCK,
+                    message: "keypool_pool_shutdown from a keypool thread (inside a callback): the shutdown has started (no new requests, queued ones are cancelled) but this thread cannot wait for the pool's threads; they exit when their in-flight requests finish — call keypool_pool_shutdown or keypool_pool_free on another thread to wait".to_owned(),
+                });
+            }
             let timeout = Duration::from_millis(timeout_ms);
             if Instant::now().checked_add(timeout).is_none() {
                 pool.pool.close();
@@ -154,11 +206,13 @@ pub extern "C" fn keypool_pool_free(pool: *mut FfiPool) {
 }
 
 /// Submits a chat completion: POSTs `body_json` to `/chat/completions` under the key's
-/// base URL. Blocks while the queue is full (use `keypool_try_submit` not to).
+/// base URL. Blocks while the queue is full (use `keypool_try_submit` not to) — except
+/// from a callback, where a full queue gives `KEYPOOL_WOULD_DEADLOCK` at once.
 ///
 /// Returns `KEYPOOL_OK` and stores a ticket in `*out`; `KEYPOOL_INVALID_REQUEST` if the
 /// body is not valid JSON; `KEYPOOL_CLOSED` if the pool was shut down;
-/// `KEYPOOL_INVALID_ARGUMENT` for a NULL argument or a body that is not UTF-8.
+/// `KEYPOOL_INVALID_ARGUMENT` for a NULL argument or a body that is not UTF-8;
+/// `KEYPOOL_WOULD_DEADLOCK` if called from a callback with the queue full.
 ///
 /// Ownership: the body is copied; the caller owns the ticket (`keypool_ticket_free`).
 /// `*out` is written only on success. Thread-safe: any number of threads may submit to
@@ -216,7 +270,8 @@ pub extern "C" fn keypool_try_submit(
 }
 
 /// Submits a chat completion (to `/chat/completions`) whose result is handed to `cb`
-/// instead of a ticket. Blocks while the queue is full.
+/// instead of a ticket. Blocks while the queue is full (from a callback: returns
+/// `KEYPOOL_WOULD_DEADLOCK` instead, see `keypool_callback`).
 ///
 /// If this returns `KEYPOOL_OK`, `cb(result, user_data)` is called exactly once — on a
 /// keypool thread (see `keypool_callback`), possibly before this call returns — and
@@ -267,10 +322,12 @@ pub extern "C" fn keypool_submit_callback(
 ///
 /// A bad body does not fail the batch: a NULL or non-UTF-8 `bodies[i]` gives a result
 /// with status `KEYPOOL_INVALID_ARGUMENT` at `i`, one that is not JSON
-/// `KEYPOOL_INVALID_REQUEST`. Returns `KEYPOOL_OK` when `out_results` was filled (check
-/// each result's status), `KEYPOOL_CLOSED` if the pool was shut down,
-/// `KEYPOOL_INVALID_ARGUMENT` if `pool`, `bodies` or `out_results` is NULL. `n == 0`
-/// returns `KEYPOOL_OK` at once (`bodies` and `out_results` may then be NULL).
+/// `KEYPOOL_INVALID_REQUEST`; a body refused because the pool shut down during the batch
+/// gives `KEYPOOL_CLOSED` at `i`. Returns `KEYPOOL_OK` when `out_results` was filled
+/// (check each result's status), `KEYPOOL_CLOSED` if the pool was shut down,
+/// `KEYPOOL_INVALID_ARGUMENT` if `pool`, `bodies` or `out_results` is NULL,
+/// `KEYPOOL_WOULD_DEADLOCK` (nothing sent) if called from a callback. `n == 0` returns
+/// `KEYPOOL_OK` at once (`bodies` and `out_results` may then be NULL).
 ///
 /// Ownership: `out_results` is a caller-provided array of `n` pointers, written only on
 /// success; the caller owns and frees each result with `keypool_result_free`. Bodies are
@@ -297,6 +354,9 @@ pub extern "C" fn keypool_batch(
             }
             if pool.pool.is_closed() {
                 return Err(Error::Closed.into());
+            }
+            if on_pool_thread() {
+                return Err(Error::WouldDeadlock("keypool_batch").into());
             }
             // SAFETY: non-NULL, and the caller promises `n` readable pointers.
             let bodies = unsafe { std::slice::from_raw_parts(bodies, n) };

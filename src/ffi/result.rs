@@ -42,15 +42,12 @@ impl FfiResult {
         self
     }
 
-    /// A failed result that never reached the engine (a bad body in a batch).
+    /// A failed result that never reached the engine (a bad body in a batch, a refused
+    /// batch element, a panic while building a result). Its code is its status's code.
     pub(crate) fn failure(f: Failure) -> FfiResult {
-        let code = match f.status {
-            Status::KEYPOOL_INVALID_REQUEST => "invalid_request",
-            _ => "invalid_argument",
-        };
         let mut r = FfiResult::new(f.status);
         r.error_message = Some(to_cstring(&f.message));
-        r.error_code = Some(to_cstring(code));
+        r.error_code = Some(to_cstring(f.status.code()));
         r
     }
 
@@ -66,10 +63,11 @@ impl FfiResult {
                 r
             }
             Err(e) => {
-                let mut r = FfiResult::new(Status::of(&e));
+                let status = Status::of(&e);
+                let mut r = FfiResult::new(status);
                 r.attempts = e.attempts();
                 r.error_message = Some(to_cstring(&e.to_string()));
-                r.error_code = Some(to_cstring(e.code()));
+                r.error_code = Some(to_cstring(status.code_of(&e)));
                 match &e {
                     Error::Http { response, .. } | Error::InvalidResponse { response, .. } => {
                         r = r.with_body(response.body());
@@ -188,10 +186,13 @@ pub extern "C" fn keypool_result_error_message(r: *const FfiResult) -> *const c_
     })
 }
 
-/// A short stable code for the failure: "http", "invalid_response" (a 2xx whose body is
-/// not a valid response; status `KEYPOOL_HTTP`), "transport", "timeout", "cancelled",
-/// "closed", "no_usable_key", "invalid_request", "invalid_argument", "panic", …; NULL
-/// if the request succeeded.
+/// A short stable code for the failure, determined by `keypool_result_status(r)`:
+/// "invalid_argument" (`KEYPOOL_INVALID_ARGUMENT`), "config", "http", "transport",
+/// "timeout", "busy", "closed", "cancelled", "panic", "no_usable_key",
+/// "invalid_request", "would_deadlock" (`KEYPOOL_WOULD_DEADLOCK`), "spawn"
+/// (`KEYPOOL_SPAWN`) — with one refinement: a `KEYPOOL_HTTP` result whose 2xx body was
+/// not a valid response has the code "invalid_response". NULL if the request
+/// succeeded.
 ///
 /// Ownership: owned by the result; valid until `keypool_result_free(r)`.
 /// `r` NULL: returns NULL and sets `keypool_last_error()`. Thread-safe, non-blocking.

@@ -26,6 +26,10 @@ pub struct FfiTicket {
 /// again. Returns `KEYPOOL_INVALID_ARGUMENT` if `t` or `out` is NULL or the result was
 /// already taken by an earlier wait.
 ///
+/// From a callback (on a keypool thread) it never waits: with `timeout_ms` 0 it checks
+/// as usual; with any other timeout it returns the result if it is ready and
+/// `KEYPOOL_WOULD_DEADLOCK` at once if not (the ticket stays valid).
+///
 /// Ownership: the caller owns `*out` and frees it with `keypool_result_free`; the ticket
 /// still has to be freed with `keypool_ticket_free`. `*out` is written only on
 /// `KEYPOOL_OK`. Blocks up to `timeout_ms`. A ticket must not be used from two threads
@@ -53,6 +57,12 @@ pub extern "C" fn keypool_ticket_wait(
                     status: Status::KEYPOOL_TIMEOUT,
                     message: format!(
                         "the result is not ready after {timeout_ms} ms; the ticket is still valid"
+                    ),
+                }),
+                Err(e @ Error::WouldDeadlock(_)) => Err(Failure {
+                    status: Status::KEYPOOL_WOULD_DEADLOCK,
+                    message: format!(
+                        "keypool_ticket_wait: {e}; the result is not ready and the ticket is still valid (timeout_ms 0 only checks)"
                     ),
                 }),
                 Err(Error::ResultTaken) => Err(Failure::invalid(
