@@ -341,7 +341,12 @@ impl Dispatcher {
                 return Placed::Done;
             }
             if self.shared.keys.iter().all(|k| k.is_disabled()) {
-                let e = self.no_usable_key();
+                // A job that was already attempted ends with its last attempt's error
+                // (it names the key that answered and the real attempt count).
+                let e = job
+                    .last_error
+                    .take()
+                    .unwrap_or_else(|| self.no_usable_key());
                 job.finish(Err(e));
                 return Placed::Done;
             }
