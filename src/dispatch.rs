@@ -303,7 +303,7 @@ impl Dispatcher {
         Ok(usable)
     }
 
-    fn no_usable_key(&self) -> Error {
+    fn no_usable_key(&self, job: &Job) -> Error {
         let detail = self
             .shared
             .keys
@@ -317,7 +317,18 @@ impl Dispatcher {
             })
             .collect::<Vec<_>>()
             .join("; ");
-        Error::NoUsableKey { detail }
+        // The key that answered the job's last attempt, if it made one.
+        let key = match &job.last_error {
+            Some(Error::Http { response, .. }) => Some(response.key_label().to_owned()),
+            Some(Error::Transport { key, .. }) if !key.is_empty() => Some(key.clone()),
+            Some(Error::Timeout { key, .. }) => key.clone(),
+            _ => None,
+        };
+        Error::NoUsableKey {
+            detail,
+            attempts: job.attempts,
+            key,
+        }
     }
 
     fn sent(&mut self, key: usize, job_tokens: u64) {
@@ -341,12 +352,7 @@ impl Dispatcher {
                 return Placed::Done;
             }
             if self.shared.keys.iter().all(|k| k.is_disabled()) {
-                // A job that was already attempted ends with its last attempt's error
-                // (it names the key that answered and the real attempt count).
-                let e = job
-                    .last_error
-                    .take()
-                    .unwrap_or_else(|| self.no_usable_key());
+                let e = self.no_usable_key(&job);
                 job.finish(Err(e));
                 return Placed::Done;
             }
