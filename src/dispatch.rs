@@ -357,7 +357,7 @@ impl Dispatcher {
         Err(not_now)
     }
 
-    fn no_usable_key(&self) -> Error {
+    fn no_usable_key(&self, job: &Job) -> Error {
         let detail = self
             .shared
             .keys
@@ -371,7 +371,18 @@ impl Dispatcher {
             })
             .collect::<Vec<_>>()
             .join("; ");
-        Error::NoUsableKey { detail }
+        // The key that answered the job's last attempt, if it made one.
+        let key = match &job.last_error {
+            Some(e) if e.response().is_some() => e.response().map(|r| r.key_label().to_owned()),
+            Some(Error::Transport { key, .. }) if !key.is_empty() => Some(key.clone()),
+            Some(Error::Timeout { key, .. }) => key.clone(),
+            _ => None,
+        };
+        Error::NoUsableKey {
+            detail,
+            attempts: job.attempts,
+            key,
+        }
     }
 
     /// Hands an admitted job to key `i`'s idle worker.
@@ -404,7 +415,7 @@ impl Dispatcher {
                 return Placed::Done;
             }
             if self.shared.keys.iter().all(|k| k.gate.is_disabled()) {
-                let e = self.no_usable_key();
+                let e = self.no_usable_key(&job);
                 job.finish(Err(e));
                 return Placed::Done;
             }

@@ -106,6 +106,10 @@ pub enum Error {
     NoUsableKey {
         /// Why each key is unusable, e.g. `"acct-a: disabled (HTTP 401)"`.
         detail: String,
+        /// Attempts the request made before every key was disabled (0 when none).
+        attempts: u32,
+        /// Label of the key that answered its last attempt, if it made one.
+        key: Option<String>,
     },
     /// A worker panicked while handling the request; the worker survived.
     Panic(String),
@@ -158,7 +162,9 @@ impl Error {
             Error::Http { response, .. } | Error::InvalidResponse { response, .. } => {
                 response.attempts()
             }
-            Error::Transport { attempts, .. } | Error::Timeout { attempts, .. } => *attempts,
+            Error::Transport { attempts, .. }
+            | Error::Timeout { attempts, .. }
+            | Error::NoUsableKey { attempts, .. } => *attempts,
             _ => 0,
         }
     }
@@ -242,7 +248,7 @@ impl fmt::Display for Error {
             Error::Cancelled => {
                 f.write_str("request cancelled: the pool shut down before it was sent")
             }
-            Error::NoUsableKey { detail } => write!(f, "no usable key: {detail}"),
+            Error::NoUsableKey { detail, .. } => write!(f, "no usable key: {detail}"),
             Error::Panic(m) => write!(f, "a worker panicked while handling the request: {m}"),
             Error::ResultTaken => f.write_str("the ticket's result was already taken"),
             Error::Spawn { thread, message } => {

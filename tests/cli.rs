@@ -56,7 +56,7 @@ fn keypool() -> Command {
 }
 
 fn with_keys(mut c: Command) -> Command {
-    c.env("KEYPOOL_API_KEYS", format!("alpha={KEY_A},beta={KEY_B}"));
+    c.env("KEYPOOL_API_KEYS", format!("alpha {KEY_A},beta {KEY_B}"));
     c
 }
 
@@ -146,7 +146,7 @@ fn mixed_file_every_custom_id_once_and_exit_1() {
     write_lines(&dir.path("in.jsonl"), &lines);
     std::fs::write(
         dir.path("keys.txt"),
-        format!("# test keys\nalpha={KEY_A}\n\n{KEY_B}\n"),
+        format!("# test keys\nalpha {KEY_A}\n\n{KEY_B}\n"),
     )
     .unwrap();
     let mut c = keypool();

@@ -65,6 +65,7 @@ fn cmd_run(a: &RunArgs) -> Result<ExitCode, String> {
         ordered: a.ordered,
         quiet: a.quiet,
         retry_failed: a.retry_failed,
+        overwrite: a.overwrite,
     };
     let report = match run::run(&pool, &opts, &interrupts) {
         Ok(r) => r,
@@ -76,6 +77,11 @@ fn cmd_run(a: &RunArgs) -> Result<ExitCode, String> {
     };
     if !a.quiet {
         eprint!("{}", report.summary(&a.output));
+    }
+    // Lines without a record are reported even when quiet: the exit status alone
+    // would not say which.
+    if let Some(note) = report.unrecorded_note() {
+        eprint!("{note}");
     }
     match report.interrupted {
         Interrupted::No => {}

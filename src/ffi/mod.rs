@@ -300,7 +300,11 @@ mod tests {
             (Error::Closed, Status::KEYPOOL_CLOSED),
             (Error::Cancelled, Status::KEYPOOL_CANCELLED),
             (
-                Error::NoUsableKey { detail: "x".into() },
+                Error::NoUsableKey {
+                    detail: "x".into(),
+                    attempts: 0,
+                    key: None,
+                },
                 Status::KEYPOOL_NO_USABLE_KEY,
             ),
             (Error::Panic("x".into()), Status::KEYPOOL_PANIC),

@@ -42,7 +42,8 @@ pub struct RunArgs {
     pub input: PathBuf,
 
     /// Output JSONL file, `-` for stdout. Records are appended; when the file exists,
-    /// requests it already answers are skipped (resume). Stdout cannot resume.
+    /// requests it already answers are skipped (resume). An existing file that is not
+    /// keypool output is refused and left untouched. Stdout cannot resume.
     #[arg(long, short = 'o', value_name = "FILE")]
     pub output: PathBuf,
 
@@ -52,9 +53,10 @@ pub struct RunArgs {
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// File with one API key per line, optionally `label=key`; `#` comment lines and
+    /// File with one API key per line: `KEY`, or `LABEL KEY` (a label, spaces, the key;
+    /// `=` is part of a key, never a separator); `#` comment lines and
     /// blank lines are ignored. Replaces the config's keys. Default: the config's keys,
-    /// else $KEYPOOL_API_KEYS (comma-separated, `label=key` allowed), else
+    /// else $KEYPOOL_API_KEYS (comma-separated, each `KEY` or `LABEL KEY`), else
     /// $OPENROUTER_API_KEY, else $OPENAI_API_KEY.
     #[arg(long, value_name = "FILE")]
     pub keys_file: Option<PathBuf>,
@@ -98,6 +100,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub retry_failed: bool,
 
+    /// Replace an existing --output file instead of resuming it. Default: off.
+    #[arg(long)]
+    pub overwrite: bool,
+
     /// Print nothing on stderr (no progress bar, notes or summary); errors that stop
     /// the run are still reported. Default: off. The bar is also off when stderr is not
     /// a terminal.
@@ -114,14 +120,21 @@ Output line (one per input line):
   On failure, \"error\" is {\"code\": \"...\", \"message\": \"...\"} and \"response\" is null or
   holds the HTTP error response. \"key\" is the key's label; keys are never printed.
 
-Resume: run the same command again. Lines whose custom_id already has a successful
-record are skipped, the rest are appended; a truncated last line is repaired first.
+Input: each custom_id must be unique (duplicates are refused, naming the lines), and
+\"stream\": true is refused (not supported yet).
 
-Ctrl-C: the first stops reading input and waits for the requests in flight, the second
-cancels them (after a 2 s grace). Either way the output is a valid file to resume from.
+Resume: run the same command again (it prints \"resuming: N done, M to go\"). Lines
+whose custom_id already has a record are skipped, the rest are appended; a last record
+cut short by a crash is removed first. Only keypool output is resumed: any other
+existing file is refused untouched. --overwrite starts afresh.
 
-Exit status: 0 every line succeeded, 1 some failed (they are in the output),
-2 usage, config or I/O error, 130 interrupted.";
+Ctrl-C: the first stops sending at once (requests read but not sent are left for the
+resume) and waits for the requests in flight; the second abandons them. Either way the
+output is a valid file to resume from.
+
+Exit status: 0 every line has a successful record, 1 some failed (they are in the
+output) or some lines read have no record (named on stderr), 2 usage, config, input or
+I/O error, 130 interrupted.";
 
 impl RunArgs {
     /// The flags that shape the pool.

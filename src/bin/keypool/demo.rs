@@ -81,6 +81,7 @@ pub fn run(a: &DemoArgs) -> Result<ExitCode, String> {
         ordered: false,
         quiet: a.quiet,
         retry_failed: false,
+        overwrite: false,
     };
     let report = run_file(&pool, &opts, &interrupts)?;
     if report.interrupted != crate::run::Interrupted::No {
@@ -94,7 +95,9 @@ pub fn run(a: &DemoArgs) -> Result<ExitCode, String> {
         .unwrap_or_default();
     let mut out = String::new();
     let _ = writeln!(out, "\nfirst output line:\n{first}\n");
-    out += &report.summary(&PathBuf::from("results.jsonl"));
+    // The output is a temporary file, deleted at exit: say so rather than name a path
+    // that will not exist.
+    out += &report.summary(&PathBuf::from("a temporary file (deleted at exit)"));
     let server_stats = server.stats();
     let _ = writeln!(out, "\nserver side (what the mock saw):");
     for (i, label) in LABELS.iter().enumerate() {

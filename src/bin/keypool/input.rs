@@ -60,6 +60,16 @@ impl<R: BufRead> Iterator for Lines<R> {
     }
 }
 
+/// Why a request with `"stream": true` is refused.
+pub const STREAM_REFUSED: &str = "\"stream\": true is not supported by keypool run yet \
+(it would record raw event-stream text); remove it or set it to false";
+
+/// Whether a request body asks for a streamed answer.
+fn is_stream(body: &Value) -> bool {
+    body.get("stream")
+        .is_some_and(|s| s != &Value::Bool(false) && !s.is_null())
+}
+
 /// The id used for a line without a `custom_id`.
 pub fn line_id(line: u64) -> String {
     format!("line-{line}")
@@ -86,7 +96,11 @@ pub fn parse_line(line: u64, text: Result<String, String>, strip_v1: bool) -> In
     };
     let is_envelope = obj.contains_key("custom_id") || obj.contains_key("body");
     if !is_envelope {
-        let req = keypool::Request::new(&Value::Object(obj));
+        let obj = Value::Object(obj);
+        if is_stream(&obj) {
+            return fail(line_id(line), STREAM_REFUSED.into());
+        }
+        let req = keypool::Request::new(&obj);
         return InputItem {
             line,
             custom_id: line_id(line),
@@ -118,6 +132,9 @@ pub fn parse_line(line: u64, text: Result<String, String>, strip_v1: bool) -> In
         Some(_) => return fail(custom_id, "url must be a string".into()),
     };
     let body = match obj.remove("body") {
+        Some(b @ Value::Object(_)) if is_stream(&b) => {
+            return fail(custom_id, STREAM_REFUSED.into());
+        }
         Some(b @ Value::Object(_)) => b,
         Some(_) => return fail(custom_id, "body must be a JSON object".into()),
         None => return fail(custom_id, "missing body".into()),
@@ -130,6 +147,159 @@ pub fn parse_line(line: u64, text: Result<String, String>, strip_v1: bool) -> In
         custom_id,
         request,
     }
+}
+
+/// The id a line is known by, computed the way [`parse_line`] does, without building
+/// the request: its `custom_id` when it is an envelope with a non-empty string one, else
+/// `line-<n>`. Also whether it asks for streaming.
+fn probe_line(line: u64, text: &[u8]) -> (String, bool) {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(default)]
+        custom_id: Option<Value>,
+        #[serde(default)]
+        body: Option<Value>,
+        #[serde(default)]
+        stream: Option<Value>,
+    }
+    let Ok(p) = serde_json::from_slice::<Probe>(text) else {
+        return (line_id(line), false);
+    };
+    let envelope = p.custom_id.is_some() || p.body.is_some();
+    if !envelope {
+        let stream = p
+            .stream
+            .is_some_and(|s| s != Value::Bool(false) && !s.is_null());
+        return (line_id(line), stream);
+    }
+    let id = match p.custom_id {
+        Some(Value::String(s)) if !s.is_empty() => s,
+        _ => line_id(line),
+    };
+    let stream = p.body.as_ref().is_some_and(is_stream);
+    (id, stream)
+}
+
+/// What a pass over an input file found before anything is sent.
+#[derive(Debug, Default)]
+pub struct Prescan {
+    /// Non-blank lines.
+    pub lines: u64,
+    /// Lines already answered by the output being resumed (not to be sent again).
+    pub done: u64,
+    /// Why the input is refused (duplicate ids, streaming requests), if it is.
+    pub refused: Option<String>,
+}
+
+/// How many offending lines or ids an error message lists.
+const LIST_MAX: usize = 10;
+
+/// Reads an input file once, before anything is sent: counts its lines and those the
+/// output already answers (`done(custom_id)`), and refuses duplicate `custom_id`s and
+/// `"stream": true` requests, naming the lines. Memory: one 128-bit fingerprint per id
+/// (16 B plus the set's overhead), as the resume state; a second pass runs only when a
+/// duplicate was found, to name every line of the first few duplicated ids.
+pub fn prescan(path: &std::path::Path, done: impl Fn(&str) -> bool) -> std::io::Result<Prescan> {
+    use std::collections::{BTreeMap, HashSet};
+    let open = || -> std::io::Result<Lines<std::io::BufReader<std::fs::File>>> {
+        Ok(Lines::new(std::io::BufReader::with_capacity(
+            1 << 16,
+            std::fs::File::open(path)?,
+        )))
+    };
+    let mut out = Prescan::default();
+    let mut seen: HashSet<u128> = HashSet::new();
+    let mut dups: HashSet<u128> = HashSet::new();
+    let mut stream_lines: Vec<u64> = Vec::new();
+    let mut stream_count = 0u64;
+    for next in open()? {
+        let (line, text) = next?;
+        out.lines += 1;
+        let (id, stream) = match &text {
+            Ok(t) => probe_line(line, t.as_bytes()),
+            Err(_) => (line_id(line), false),
+        };
+        if stream {
+            stream_count += 1;
+            if stream_lines.len() < LIST_MAX {
+                stream_lines.push(line);
+            }
+        }
+        let fp = crate::resume::fingerprint(&id);
+        if !seen.insert(fp) {
+            dups.insert(fp);
+        } else if done(&id) {
+            out.done += 1;
+        }
+    }
+    drop(seen);
+    let mut problems = Vec::new();
+    if !dups.is_empty() {
+        // Second pass: the lines of the first LIST_MAX duplicated ids, in input order.
+        let mut named: BTreeMap<u64, (String, Vec<u64>)> = BTreeMap::new();
+        let mut order: Vec<u128> = Vec::new();
+        let mut by_fp: std::collections::HashMap<u128, usize> = Default::default();
+        for next in open()? {
+            let (line, text) = next?;
+            let id = match &text {
+                Ok(t) => probe_line(line, t.as_bytes()).0,
+                Err(_) => line_id(line),
+            };
+            let fp = crate::resume::fingerprint(&id);
+            if !dups.contains(&fp) {
+                continue;
+            }
+            let slot = match by_fp.get(&fp) {
+                Some(&s) => s,
+                None if order.len() < LIST_MAX => {
+                    order.push(fp);
+                    by_fp.insert(fp, order.len() - 1);
+                    order.len() - 1
+                }
+                None => continue,
+            };
+            named
+                .entry(slot as u64)
+                .or_insert_with(|| (id, Vec::new()))
+                .1
+                .push(line);
+        }
+        let mut msg = format!(
+            "{} custom_id(s) appear on more than one line (each line needs its own id, \
+             as in the OpenAI Batch API):",
+            dups.len()
+        );
+        for (id, lines) in named.values() {
+            let lines: Vec<String> = lines.iter().map(u64::to_string).collect();
+            msg += &format!(" {id:?} on lines {};", lines.join(", "));
+        }
+        if dups.len() > LIST_MAX {
+            msg += " …";
+        }
+        problems.push(msg.trim_end_matches(';').to_owned());
+    }
+    if stream_count > 0 {
+        let lines: Vec<String> = stream_lines.iter().map(u64::to_string).collect();
+        problems.push(format!(
+            "{stream_count} line(s) ask for \"stream\": true (lines {}{}): not supported \
+             by keypool run yet (it would record raw event-stream text); remove it or set \
+             it to false",
+            lines.join(", "),
+            if stream_count as usize > lines.len() {
+                ", …"
+            } else {
+                ""
+            }
+        ));
+    }
+    if !problems.is_empty() {
+        out.refused = Some(format!(
+            "--input {}: {}",
+            path.display(),
+            problems.join("; and ")
+        ));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::path::Path;
 /// One key read from a keys file or the environment.
 #[derive(Clone, PartialEq, Eq)]
 pub struct KeyEntry {
-    /// Optional label (`label=key`); `None` means the library's default `key-<index>`.
+    /// Optional label (`LABEL KEY`); `None` means the library's default `key-<index>`.
     pub label: Option<String>,
     /// The secret.
     pub key: String,
@@ -22,40 +22,54 @@ impl std::fmt::Debug for KeyEntry {
     }
 }
 
-/// Parses one `key` or `label=key` entry. `what` names its origin for errors.
-fn parse_entry(entry: &str, what: &str) -> Result<KeyEntry, String> {
-    match entry.split_once('=') {
-        Some((label, key)) => {
-            let (label, key) = (label.trim(), key.trim());
-            if label.is_empty() {
-                return Err(format!("{what}: empty label before '='"));
-            }
-            if key.is_empty() {
-                return Err(format!("{what}: empty key after '='"));
-            }
-            if label.chars().any(char::is_whitespace) {
-                return Err(format!("{what}: label must not contain spaces"));
-            }
-            Ok(KeyEntry {
-                label: Some(label.to_owned()),
-                key: key.to_owned(),
-            })
-        }
-        None => {
-            if entry.chars().any(char::is_whitespace) {
-                return Err(format!("{what}: a key must not contain spaces"));
-            }
-            Ok(KeyEntry {
-                label: None,
-                key: entry.to_owned(),
-            })
-        }
+/// Checks one key's text (already stripped of surrounding whitespace) and names the
+/// first problem: an inner newline, other whitespace, or another control character.
+/// Never quotes the key.
+pub fn check_key(key: &str, what: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err(format!("{what}: empty key"));
     }
+    if key.contains(['\n', '\r']) {
+        return Err(format!("{what}: the key contains a newline"));
+    }
+    if key.chars().any(char::is_whitespace) {
+        return Err(format!("{what}: the key contains spaces"));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(format!("{what}: the key contains a control character"));
+    }
+    Ok(())
 }
 
-/// Parses a keys file's text: one key per line, optionally `label=key`; lines whose
-/// first non-blank character is `#` and blank lines are ignored. `name` is the file
-/// name used in errors.
+/// Parses one entry: `KEY`, or `LABEL KEY` (a label, whitespace, then the key).
+///
+/// Keys never contain whitespace (they travel in an HTTP header), so this cannot
+/// mis-split: a key's own characters (`=`, `+`, `/`, `:` …) are never read as a
+/// separator, and a label is never derived from key text. `what` names the entry's
+/// origin for errors; no error quotes the entry.
+fn parse_entry(entry: &str, what: &str) -> Result<KeyEntry, String> {
+    let entry = entry.trim();
+    let mut parts = entry.split_whitespace();
+    let (label, key) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(key), None, _) => (None, key),
+        (Some(label), Some(key), None) => (Some(label), key),
+        (None, _, _) => return Err(format!("{what}: empty key")),
+        _ => {
+            return Err(format!(
+                "{what}: expected `KEY` or `LABEL KEY`, found more than two words"
+            ));
+        }
+    };
+    check_key(key, what)?;
+    Ok(KeyEntry {
+        label: label.map(str::to_owned),
+        key: key.to_owned(),
+    })
+}
+
+/// Parses a keys file's text: one key per line, `KEY` or `LABEL KEY` (separated by
+/// spaces or a tab); lines whose first non-blank character is `#` and blank lines are
+/// ignored; surrounding whitespace is padding. `name` is the file name used in errors.
 pub fn parse_keys_file(text: &str, name: &str) -> Result<Vec<KeyEntry>, String> {
     let mut keys = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -79,10 +93,10 @@ pub fn read_keys_file(path: &Path) -> Result<Vec<KeyEntry>, String> {
     parse_keys_file(&text, &name)
 }
 
-/// Keys from the environment: `KEYPOOL_API_KEYS` (comma-separated, each `key` or
-/// `label=key`), else `OPENROUTER_API_KEY`, else `OPENAI_API_KEY`. `Ok(None)` when none
-/// is set. `get` looks a variable up (a parameter so tests need not touch the process
-/// environment).
+/// Keys from the environment: `KEYPOOL_API_KEYS` (comma-separated, each `KEY` or
+/// `LABEL KEY`), else `OPENROUTER_API_KEY`, else `OPENAI_API_KEY` (one key). Surrounding
+/// whitespace is padding everywhere. `Ok(None)` when none is set. `get` looks a variable
+/// up (a parameter so tests need not touch the process environment).
 pub fn keys_from_env(
     get: impl Fn(&str) -> Option<String>,
 ) -> Result<Option<Vec<KeyEntry>>, String> {
@@ -107,6 +121,7 @@ pub fn keys_from_env(
         if let Some(key) = get(var) {
             let key = key.trim();
             if !key.is_empty() {
+                check_key(key, var)?;
                 return Ok(Some(vec![KeyEntry {
                     label: None,
                     key: key.to_owned(),
@@ -131,7 +146,7 @@ mod tests {
     #[test]
     fn keys_file_lines_labels_comments_blanks() {
         let text =
-            "# my keys\n\nsk-one\n  acct-b = sk-two  \n   # indented comment\r\nsk-three\r\n\n";
+            "# my keys\n\nsk-one\n  acct-b \t sk-two  \n   # indented comment\r\nsk-three\r\n\n";
         let keys = parse_keys_file(text, "keys.txt").unwrap();
         assert_eq!(
             keys,
@@ -145,20 +160,34 @@ mod tests {
 
     #[test]
     fn keys_file_errors_name_the_line_not_the_key() {
-        let err = parse_keys_file("sk-ok\n=sk-secret-1\n", "k.txt").unwrap_err();
-        assert_eq!(err, "k.txt:2: empty label before '='");
-        let err = parse_keys_file("a=\n", "k.txt").unwrap_err();
-        assert_eq!(err, "k.txt:1: empty key after '='");
-        let err = parse_keys_file("sk-secret 2\n", "k.txt").unwrap_err();
+        let err = parse_keys_file("sk-ok\na b sk-secret-1\n", "k.txt").unwrap_err();
+        assert!(err.starts_with("k.txt:2: expected"), "{err}");
+        let err = parse_keys_file("sk-secret\u{7}x\n", "k.txt").unwrap_err();
         assert!(!err.contains("secret"), "{err}");
         let err = parse_keys_file("# only comments\n\n", "k.txt").unwrap_err();
         assert_eq!(err, "k.txt: no keys found");
     }
 
     #[test]
-    fn key_may_contain_equals_after_the_label() {
-        let keys = parse_keys_file("lbl=sk-abc=def\n", "k").unwrap();
-        assert_eq!(keys, vec![entry(Some("lbl"), "sk-abc=def")]);
+    fn equals_signs_are_key_text_never_a_separator() {
+        let keys = parse_keys_file("c2stYWJj==\nlbl sk-abc=def\na=b\n", "k").unwrap();
+        assert_eq!(
+            keys,
+            vec![
+                entry(None, "c2stYWJj=="),
+                entry(Some("lbl"), "sk-abc=def"),
+                entry(None, "a=b"),
+            ]
+        );
+    }
+
+    #[test]
+    fn newline_in_env_key_says_newline_and_padding_is_trimmed() {
+        let err = keys_from_env(|n: &str| (n == "OPENAI_API_KEY").then(|| "sk-a\nsk-b".into()))
+            .unwrap_err();
+        assert_eq!(err, "OPENAI_API_KEY: the key contains a newline");
+        let got = keys_from_env(|n: &str| (n == "OPENAI_API_KEY").then(|| " sk-a\n".into()));
+        assert_eq!(got.unwrap(), Some(vec![entry(None, "sk-a")]));
     }
 
     #[test]
@@ -187,12 +216,12 @@ mod tests {
         assert_eq!(
             keys_from_env(env(&[
                 ("OPENROUTER_API_KEY", "sk-or"),
-                ("KEYPOOL_API_KEYS", "sk-1, b=sk-2,,")
+                ("KEYPOOL_API_KEYS", "sk-1, b sk-2,,")
             ]))
             .unwrap(),
             Some(vec![entry(None, "sk-1"), entry(Some("b"), "sk-2")])
         );
-        assert!(keys_from_env(env(&[("KEYPOOL_API_KEYS", "=x")])).is_err());
+        assert!(keys_from_env(env(&[("KEYPOOL_API_KEYS", "a b c")])).is_err());
         // Blank values fall through.
         assert_eq!(
             keys_from_env(env(&[("KEYPOOL_API_KEYS", " "), ("OPENAI_API_KEY", "k")])).unwrap(),

@@ -108,7 +108,8 @@ pub fn encode(
                 (None, keypool::Error::Transport { key, .. }) if !key.is_empty() => {
                     Some(key.as_str())
                 }
-                (None, keypool::Error::Timeout { key, .. }) => key.as_deref(),
+                (None, keypool::Error::Timeout { key, .. })
+                | (None, keypool::Error::NoUsableKey { key, .. }) => key.as_deref(),
                 _ => None,
             };
             Record {

@@ -97,11 +97,31 @@ fn ms(v: f64) -> String {
     }
 }
 
-/// The per-key table: requests (HTTP attempts), ok, failed, 429s, retries, p50/p99
-/// latency and tokens, plus a total row.
+/// Keys that stopped taking requests, one line each with the reason: disabled (a
+/// rejected key, no credit) or parked (cooling down after rate limits or errors).
+/// Empty when every key is in use.
+pub fn key_states(stats: &keypool::Stats) -> String {
+    let mut out = String::new();
+    for k in &stats.keys {
+        if let Some(why) = &k.disabled_reason {
+            let _ = writeln!(out, "keypool: key {} disabled: {why}", k.label);
+        } else if k.cooldown_remaining_ms > 0 {
+            let _ = writeln!(
+                out,
+                "keypool: key {} parked: cooling down for {} more",
+                k.label,
+                ms(k.cooldown_remaining_ms as f64)
+            );
+        }
+    }
+    out
+}
+
+/// The per-key table, counting HTTP attempts (not records): attempts, ok, failed,
+/// 429s, retries, p50/p99 latency and tokens, plus a total row.
 pub fn key_table(stats: &keypool::Stats) -> String {
     let headers = [
-        "key", "requests", "ok", "failed", "429s", "retries", "p50", "p99", "tokens",
+        "key", "attempts", "ok", "failed", "429s", "retries", "p50", "p99", "tokens",
     ];
     let mut rows: Vec<[String; 9]> = Vec::new();
     let mut total = [0u64; 6];

@@ -27,8 +27,8 @@ pub struct Prior {
     /// Per answered `custom_id`: its fingerprint, with the lowest bit set when its
     /// last record is a success.
     state: HashSet<u128>,
-    /// Lines that were not records (skipped with a warning).
-    pub bad_lines: u64,
+    /// Records read.
+    pub records: u64,
     /// What was done to a last line without its newline, if anything.
     pub repaired: Option<&'static str>,
 }
@@ -55,33 +55,78 @@ impl Prior {
     }
 }
 
+/// Why an existing output file cannot be resumed.
+#[derive(Debug)]
+pub enum ScanError {
+    /// Reading or repairing it failed.
+    Io(std::io::Error),
+    /// It holds a line that is not a keypool output record: it is not ours, and it is
+    /// left untouched.
+    NotOutput {
+        /// 1-based line number of the first such line.
+        line: u64,
+    },
+}
+
+impl From<std::io::Error> for ScanError {
+    fn from(e: std::io::Error) -> ScanError {
+        ScanError::Io(e)
+    }
+}
+
+/// The fields every keypool output record has (see `output.rs`): a `batch_req_` id, a
+/// string `custom_id`, an `error` (null on success), and a `keypool` object with the
+/// input `line`.
 #[derive(Deserialize)]
 struct Seen {
+    id: String,
     custom_id: String,
-    #[serde(default)]
-    error: serde_json::Value,
+    error: Option<serde::de::IgnoredAny>,
+    #[allow(dead_code)] // required: its presence marks a keypool record
+    keypool: SeenMeta,
 }
+
+#[derive(Deserialize)]
+struct SeenMeta {
+    #[allow(dead_code)]
+    line: u64,
+}
+
+/// The first bytes of every record `output.rs` writes (serde keeps field order).
+const RECORD_START: &[u8] = br#"{"id":"batch_req_"#;
 
 fn parse(line: &[u8]) -> Option<Seen> {
-    serde_json::from_slice::<Seen>(line).ok()
+    let seen = serde_json::from_slice::<Seen>(line).ok()?;
+    seen.id.starts_with("batch_req_").then_some(seen)
 }
 
-/// Reads `path` (which exists) and repairs its tail: a complete record missing only its
-/// newline gets one; an incomplete last line (a crash mid-write) is cut off, so its
-/// request runs again.
-pub fn scan(path: &Path) -> std::io::Result<Prior> {
+/// Whether `tail` could be a record cut short while being written: a prefix of a line
+/// `output.rs` writes.
+fn looks_like_cut_record(tail: &[u8]) -> bool {
+    let n = tail.len().min(RECORD_START.len());
+    n > 0 && tail[..n] == RECORD_START[..n]
+}
+
+/// Reads `path` (which exists) and checks that every line is a keypool output record;
+/// if one is not, returns [`ScanError::NotOutput`] without changing a byte. Then
+/// repairs the tail, only when every earlier line is a record: a complete record
+/// missing only its newline gets one; a cut-off record (a crash mid-write) is removed,
+/// so its request runs again. A last line that is neither is refused like any other.
+pub fn scan(path: &Path) -> Result<Prior, ScanError> {
     let mut prior = Prior::default();
     let file = File::open(path)?;
     let mut reader = BufReader::with_capacity(1 << 16, file);
     let mut buf = Vec::new();
     let mut complete_end = 0u64;
     let mut tail: Option<Vec<u8>> = None;
+    let mut line_no = 0u64;
     loop {
         buf.clear();
         let n = reader.read_until(b'\n', &mut buf)?;
         if n == 0 {
             break;
         }
+        line_no += 1;
         if buf.last() != Some(&b'\n') {
             tail = Some(std::mem::take(&mut buf));
             break;
@@ -93,25 +138,31 @@ pub fn scan(path: &Path) -> std::io::Result<Prior> {
         }
         match parse(line) {
             Some(seen) => {
-                prior.set(&seen.custom_id, seen.error.is_null());
+                prior.set(&seen.custom_id, seen.error.is_none());
+                prior.records += 1;
             }
-            None => prior.bad_lines += 1,
+            None => return Err(ScanError::NotOutput { line: line_no }),
         }
     }
     drop(reader);
     if let Some(tail) = tail {
-        let mut f = OpenOptions::new().write(true).open(path)?;
-        match parse(tail.trim_ascii()) {
+        let fix = match parse(tail.trim_ascii()) {
             Some(seen) => {
-                prior.set(&seen.custom_id, seen.error.is_null());
-                f.seek(SeekFrom::End(0))?;
-                f.write_all(b"\n")?;
-                prior.repaired = Some("added the missing newline after its last record");
+                prior.set(&seen.custom_id, seen.error.is_none());
+                prior.records += 1;
+                true
             }
-            None => {
-                f.set_len(complete_end)?;
-                prior.repaired = Some("removed an incomplete last line (it will be re-run)");
-            }
+            None if looks_like_cut_record(&tail) => false,
+            None => return Err(ScanError::NotOutput { line: line_no }),
+        };
+        let mut f = OpenOptions::new().write(true).open(path)?;
+        if fix {
+            f.seek(SeekFrom::End(0))?;
+            f.write_all(b"\n")?;
+            prior.repaired = Some("added the missing newline after its last record");
+        } else {
+            f.set_len(complete_end)?;
+            prior.repaired = Some("removed an incomplete last record (it will be re-run)");
         }
         f.sync_all()?;
     }
@@ -131,16 +182,15 @@ mod tests {
     #[test]
     fn last_record_wins_and_truncated_tail_is_cut() {
         let text = concat!(
-            r#"{"custom_id":"a","error":null}"#,
+            r#"{"id":"batch_req_1","custom_id":"a","error":null,"keypool":{"line":1}}"#,
             "\n",
-            r#"{"custom_id":"b","error":{"code":"http"}}"#,
+            r#"{"id":"batch_req_2","custom_id":"b","error":{"code":"http"},"keypool":{"line":2}}"#,
+            "\n\n",
+            r#"{"id":"batch_req_3","custom_id":"c","error":{"code":"http"},"keypool":{"line":3}}"#,
             "\n",
-            "garbage\n",
-            r#"{"custom_id":"c","error":{"code":"http"}}"#,
+            r#"{"id":"batch_req_4","custom_id":"c","error":null,"keypool":{"line":3}}"#,
             "\n",
-            r#"{"custom_id":"c","error":null}"#,
-            "\n",
-            r#"{"custom_id":"d","err"#
+            r#"{"id":"batch_req_5","custom_id":"d","err"#
         );
         let p = tmp("trunc", text.as_bytes());
         let prior = scan(&p).unwrap();
@@ -148,23 +198,47 @@ mod tests {
         assert_eq!(prior.get("b"), Some(false));
         assert_eq!(prior.get("c"), Some(true));
         assert_eq!(prior.get("d"), None);
-        assert_eq!(prior.bad_lines, 1);
+        assert_eq!(prior.records, 4);
         assert!(prior.repaired.is_some());
         let after = std::fs::read_to_string(&p).unwrap();
-        assert!(after.ends_with("\"error\":null}\n"), "{after}");
+        assert!(after.ends_with("\"line\":3}}\n"), "{after}");
         assert_eq!(after.lines().count(), 5);
         std::fs::remove_file(p).unwrap();
     }
 
     #[test]
     fn complete_tail_gets_newline() {
-        let p = tmp("nl", br#"{"custom_id":"a","error":null}"#);
+        let p = tmp(
+            "nl",
+            br#"{"id":"batch_req_1","custom_id":"a","error":null,"keypool":{"line":1}}"#,
+        );
         let prior = scan(&p).unwrap();
         assert_eq!(prior.get("a"), Some(true));
         assert!(std::fs::read_to_string(&p).unwrap().ends_with("}\n"));
         let again = scan(&p).unwrap();
         assert!(again.repaired.is_none());
         std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn foreign_files_are_refused_untouched() {
+        for (name, text) in [
+            ("keys", &b"sk-one\nsk-two"[..]),
+            ("requests", b"{\"custom_id\":\"a\",\"body\":{}}\n"),
+            (
+                "mixed",
+                b"{\"id\":\"batch_req_1\",\"custom_id\":\"a\",\"error\":null,\"keypool\":{\"line\":1}}\nnotes\n",
+            ),
+            (
+                "partial",
+                b"hello\n{\"id\":\"batch_req_1\",\"custom_id\":\"a",
+            ),
+        ] {
+            let p = tmp(name, text);
+            assert!(matches!(scan(&p), Err(ScanError::NotOutput { .. })), "{name}");
+            assert_eq!(std::fs::read(&p).unwrap(), text, "{name}");
+            std::fs::remove_file(p).unwrap();
+        }
     }
 
     #[test]

@@ -6,25 +6,40 @@
 //! progress, handles Ctrl-C). A window of permits bounds the requests between "read"
 //! and "written", so memory stays flat whatever the input size, and in `--ordered`
 //! mode it also bounds the reorder buffer.
+//!
+//! Accounting: every line taken from the window is entered in a ledger (sequence
+//! number → line and `custom_id`) and leaves it only when its record is written. A line
+//! that leaves without a record (its result was `Cancelled`: the pool shut down before
+//! sending it) or never leaves (a result that never came) is *unrecorded*: the run
+//! names it and does not exit 0, whatever the cause. An unrecorded line has no record,
+//! so a resumed run sends it again.
+//!
+//! Input checks: an input file is read once before anything is sent
+//! ([`crate::input::prescan`]) to refuse duplicate `custom_id`s and streaming requests
+//! and to count what is left to do; stdin cannot be read twice, so there duplicates are
+//! caught as they are read (one 128-bit fingerprint per id) and stop the run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use keypool::Pool;
 
-use crate::input::{InputItem, Lines, parse_line};
+use crate::input::{InputItem, Lines, parse_line, prescan};
 use crate::output::{Outcome, RecordWriter};
 use crate::progress::Progress;
-use crate::resume::{Prior, scan};
+use crate::resume::{Prior, ScanError, fingerprint, scan};
 
-/// How long a second Ctrl-C waits for in-flight requests before giving up on them.
-pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
+/// How many unrecorded `custom_id`s the summary lists.
+const LIST_MAX: usize = 20;
+
+/// Lines taken from the window and not yet written: sequence number → (line, custom_id).
+type Ledger = Arc<Mutex<HashMap<u64, (u64, String)>>>;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -39,6 +54,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Re-run requests whose last record in the output is a failure.
     pub retry_failed: bool,
+    /// Replace an existing output file instead of resuming it.
+    pub overwrite: bool,
 }
 
 /// How a run was interrupted.
@@ -46,9 +63,9 @@ pub struct RunOptions {
 pub enum Interrupted {
     /// It was not.
     No,
-    /// One Ctrl-C: input reading stopped, in-flight requests finished and were written.
+    /// One Ctrl-C: nothing more was sent; in-flight requests finished and were written.
     Stopped,
-    /// Two: in-flight requests were abandoned after a grace period.
+    /// Two: in-flight requests were abandoned.
     Cancelled,
 }
 
@@ -63,6 +80,10 @@ pub struct RunReport {
     pub skipped_ok: u64,
     /// Lines skipped because their last record is a failure (no `--retry-failed`).
     pub skipped_failed: u64,
+    /// Lines read whose request has no record (cancelled, abandoned, or lost).
+    pub unrecorded: u64,
+    /// The first [`LIST_MAX`] of them, `(line, custom_id)`, by line.
+    pub unrecorded_ids: Vec<(u64, String)>,
     /// Whether Ctrl-C cut it short.
     pub interrupted: Interrupted,
     /// Wall time.
@@ -74,7 +95,36 @@ pub struct RunReport {
 impl RunReport {
     /// Whether every input line now has a successful last record.
     pub fn all_ok(&self) -> bool {
-        self.failed == 0 && self.skipped_failed == 0
+        self.failed == 0 && self.skipped_failed == 0 && self.unrecorded == 0
+    }
+
+    /// The lines without a record, as printed whatever `--quiet` says (`None` when
+    /// every line read has one).
+    pub fn unrecorded_note(&self) -> Option<String> {
+        if self.unrecorded == 0 {
+            return None;
+        }
+        let ids: Vec<String> = self
+            .unrecorded_ids
+            .iter()
+            .map(|(line, id)| format!("{id} (line {line})"))
+            .collect();
+        let more = if self.unrecorded > ids.len() as u64 {
+            ", …"
+        } else {
+            ""
+        };
+        let what = if self.interrupted == Interrupted::No {
+            "keypool: error: "
+        } else {
+            "keypool: "
+        };
+        Some(format!(
+            "{what}{} line(s) read have no record (not sent, cancelled or lost): {}{more}; \
+             run the same command again to send them\n",
+            self.unrecorded,
+            ids.join(", ")
+        ))
     }
 
     /// The summary printed at the end: totals, then the per-key table.
@@ -91,6 +141,14 @@ impl RunReport {
             output.display(),
             self.ok,
             self.failed
+        );
+        let (attempts, failed_attempts, retries) =
+            self.stats.keys.iter().fold((0, 0, 0), |(a, f, r), k| {
+                (a + k.sent, f + k.failed, r + k.retries)
+            });
+        s += &format!(
+            "keypool: {attempts} HTTP attempts: {} ok, {failed_attempts} failed ({retries} retried)\n",
+            attempts - failed_attempts.min(attempts)
         );
         if self.skipped_ok + self.skipped_failed > 0 {
             s += &format!(
@@ -112,6 +170,7 @@ impl RunReport {
             }
         }
         s += &crate::progress::key_table(&self.stats);
+        s += &crate::progress::key_states(&self.stats);
         s
     }
 }
@@ -130,22 +189,6 @@ struct ReaderReport {
     skipped_ok: u64,
     skipped_failed: u64,
     error: Option<String>,
-}
-
-/// Counts non-blank lines (for the progress bar's total).
-fn count_lines(path: &Path) -> std::io::Result<u64> {
-    let mut r = BufReader::with_capacity(1 << 16, File::open(path)?);
-    let mut buf = Vec::new();
-    let mut n = 0;
-    loop {
-        buf.clear();
-        if r.read_until(b'\n', &mut buf)? == 0 {
-            return Ok(n);
-        }
-        if !buf.trim_ascii().is_empty() {
-            n += 1;
-        }
-    }
 }
 
 fn is_stdio(p: &Path) -> bool {
@@ -169,42 +212,67 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
             .map_err(|e| format!("cannot open --input {}: {e}", opts.input.display()))?;
         Box::new(BufReader::with_capacity(1 << 16, f))
     };
-    let total = if Progress::would_show(opts.quiet)
-        && !is_stdio(&opts.input)
-        && std::fs::metadata(&opts.input).is_ok_and(|m| m.is_file())
-    {
-        count_lines(&opts.input).ok()
+    let input_is_file =
+        !is_stdio(&opts.input) && std::fs::metadata(&opts.input).is_ok_and(|m| m.is_file());
+    let name = opts.output.display();
+    let prior = if is_stdio(&opts.output) || opts.overwrite || !opts.output.exists() {
+        Prior::default()
+    } else {
+        match scan(&opts.output) {
+            Ok(p) => p,
+            Err(ScanError::Io(e)) => return Err(format!("cannot read --output {name}: {e}")),
+            Err(ScanError::NotOutput { line }) => {
+                return Err(format!(
+                    "--output {name} exists and is not keypool output (line {line} is not an \
+                     output record); it was not touched. Choose another file, or pass \
+                     --overwrite to replace it"
+                ));
+            }
+        }
+    };
+    let retry_failed = opts.retry_failed;
+    let is_done = |id: &str| match prior.get(id) {
+        Some(true) => true,
+        Some(false) => !retry_failed,
+        None => false,
+    };
+    let pre = if input_is_file {
+        let pre = prescan(&opts.input, is_done)
+            .map_err(|e| format!("cannot read --input {}: {e}", opts.input.display()))?;
+        if let Some(why) = pre.refused {
+            return Err(why);
+        }
+        Some((pre.lines, pre.done))
     } else {
         None
     };
-    let progress = Progress::new(total, opts.quiet);
-
-    let (prior, out): (Prior, Box<dyn Write + Send>) = if is_stdio(&opts.output) {
-        (Prior::default(), Box::new(std::io::stdout()))
+    let progress = Progress::new(pre.map(|(lines, _)| lines), opts.quiet);
+    if let Some(what) = prior.repaired {
+        progress.note(&format!("keypool: repaired {name}: {what}"));
+    }
+    if prior.records > 0 {
+        progress.note(&match pre {
+            Some((lines, done)) => format!(
+                "keypool: resuming {name}: {done} done, {} to go",
+                lines - done
+            ),
+            None => format!(
+                "keypool: resuming {name}: {} records already there",
+                prior.records
+            ),
+        });
+    }
+    let out: Box<dyn Write + Send> = if is_stdio(&opts.output) {
+        Box::new(std::io::stdout())
     } else {
-        let name = opts.output.display();
-        let prior = if opts.output.exists() {
-            let prior =
-                scan(&opts.output).map_err(|e| format!("cannot read --output {name}: {e}"))?;
-            if let Some(what) = prior.repaired {
-                progress.note(&format!("keypool: repaired {name}: {what}"));
-            }
-            if prior.bad_lines > 0 {
-                progress.note(&format!(
-                    "keypool: warning: {name}: ignored {} lines that are not output records",
-                    prior.bad_lines
-                ));
-            }
-            prior
-        } else {
-            Prior::default()
-        };
         let f = OpenOptions::new()
             .create(true)
-            .append(true)
+            .append(!opts.overwrite)
+            .write(true)
+            .truncate(opts.overwrite)
             .open(&opts.output)
             .map_err(|e| format!("cannot open --output {name}: {e}"))?;
-        (prior, Box::new(f))
+        Box::new(f)
     };
 
     let capacity = pool.capacity();
@@ -220,6 +288,7 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
     // Lines taken from the window and not yet through the sink. After a stop, the run
     // is over when it drops to zero, even if the reader is still blocked reading input.
     let outstanding = Arc::new(AtomicU64::new(0));
+    let ledger: Ledger = Arc::default();
     let strip_v1 = pool
         .config()
         .base_url
@@ -229,8 +298,9 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
     let reader_thread = {
         let pool = pool.clone();
         let bar = progress.bar();
-        let retry_failed = opts.retry_failed;
         let outstanding = outstanding.clone();
+        let ledger = ledger.clone();
+        let check_dups = !input_is_file;
         std::thread::Builder::new()
             .name("keypool-reader".into())
             .spawn(move || {
@@ -243,6 +313,8 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
                     permits: permit_rx,
                     stop: stop_rx,
                     outstanding,
+                    ledger,
+                    seen: check_dups.then(HashSet::new),
                 };
                 let mut report = ReaderReport::default();
                 ctx.read(Lines::new(reader), &mut report, || bar.dec_length(1));
@@ -262,6 +334,8 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
         failed: 0,
         pool: pool.clone(),
         outstanding: outstanding.clone(),
+        ledger: ledger.clone(),
+        unrecorded: Vec::new(),
     };
     let mut stop = Some(stop_tx);
     let mut interrupted = Interrupted::No;
@@ -282,9 +356,17 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
                 if interrupted == Interrupted::No {
                     interrupted = Interrupted::Stopped;
                     drop(stop.take());
+                    // Stop spending at once: closing the pool answers every request not
+                    // yet on the wire `Cancelled` (queued ones, retries waiting for their
+                    // backoff) and lets only the attempts in flight finish. In the
+                    // background, so a second Ctrl-C is still heard.
+                    let closer = pool.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("keypool-close".into())
+                        .spawn(move || closer.close());
                     sink.progress.note(
-                        "keypool: interrupted: no more input is read; waiting for the requests \
-                         in flight (Ctrl-C again to cancel them)",
+                        "keypool: interrupted: nothing more is sent; waiting for the requests \
+                         in flight (Ctrl-C again to abandon them)",
                     );
                 } else {
                     interrupted = Interrupted::Cancelled;
@@ -296,9 +378,8 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
     }
     let mut reader_report = ReaderReport::default();
     if interrupted == Interrupted::Cancelled {
-        // Queued requests are answered `Cancelled` (not written); in-flight ones get a
-        // short grace period. Whatever has arrived by then is written.
-        let _ = pool.close_timeout(CANCEL_GRACE);
+        // Requests in flight are abandoned (no record: a resumed run sends them again).
+        // Whatever has arrived is written.
         while let Ok(done) = done_rx.try_recv() {
             sink.accept(done)?;
         }
@@ -316,11 +397,25 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
     if let Some(e) = reader_report.error {
         return Err(e);
     }
+    // Whatever is still in the ledger never got a result.
+    let mut unrecorded = std::mem::take(&mut sink.unrecorded);
+    unrecorded.extend(
+        ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, v)| v),
+    );
+    unrecorded.sort_unstable();
+    let count = unrecorded.len() as u64;
+    unrecorded.truncate(LIST_MAX);
     Ok(RunReport {
         ok: sink.ok,
         failed: sink.failed,
         skipped_ok: reader_report.skipped_ok,
         skipped_failed: reader_report.skipped_failed,
+        unrecorded: count,
+        unrecorded_ids: unrecorded,
         interrupted,
         elapsed: start.elapsed(),
         stats: pool.stats(),
@@ -336,6 +431,10 @@ struct ReaderCtx {
     permits: Receiver<()>,
     stop: Receiver<()>,
     outstanding: Arc<AtomicU64>,
+    ledger: Ledger,
+    /// Fingerprints of the ids read so far, when duplicates are caught while reading
+    /// (stdin); `None` when the input file was checked before the run.
+    seen: Option<HashSet<u128>>,
 }
 
 impl ReaderCtx {
@@ -366,7 +465,7 @@ impl ReaderCtx {
     }
 
     fn read<R: BufRead>(
-        self,
+        mut self,
         lines: Lines<R>,
         report: &mut ReaderReport,
         mut skipped: impl FnMut(),
@@ -385,6 +484,15 @@ impl ReaderCtx {
                 custom_id,
                 request,
             } = parse_line(line, text, self.strip_v1);
+            if let Some(seen) = &mut self.seen {
+                if !seen.insert(fingerprint(&custom_id)) {
+                    report.error = Some(format!(
+                        "--input line {line}: custom_id {custom_id:?} was already used by an \
+                         earlier line (each line needs its own id); the run stopped here"
+                    ));
+                    return;
+                }
+            }
             match self.prior.get(&custom_id) {
                 Some(true) => {
                     report.skipped_ok += 1;
@@ -403,6 +511,10 @@ impl ReaderCtx {
             }
             let this = seq;
             seq += 1;
+            self.ledger
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(this, (line, custom_id.clone()));
             let request = match request {
                 Ok(r) => r,
                 Err(msg) => {
@@ -434,7 +546,7 @@ impl ReaderCtx {
                 let _ = self.tx.send(Done {
                     seq: this,
                     line,
-                    custom_id: String::new(),
+                    custom_id: String::new(), // the ledger has it
                     outcome: Outcome::Result(Err(if closed {
                         keypool::Error::Cancelled
                     } else {
@@ -462,6 +574,9 @@ struct Sink {
     failed: u64,
     pool: Pool,
     outstanding: Arc<AtomicU64>,
+    ledger: Ledger,
+    /// Lines whose result came back without a record to write: `(line, custom_id)`.
+    unrecorded: Vec<(u64, String)>,
 }
 
 impl Sink {
@@ -488,7 +603,16 @@ impl Sink {
     fn write(&mut self, d: Done) -> Result<(), String> {
         // The slot is free again whatever happens to the record.
         let _ = self.permits.try_send(());
+        let entry = self
+            .ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&d.seq);
         if d.outcome.is_cancelled() {
+            // Never sent (the pool shut down first): no record, so a resumed run sends
+            // it; counted and named in the report.
+            self.unrecorded
+                .push(entry.unwrap_or_else(|| (d.line, d.custom_id.clone())));
             self.outstanding.fetch_sub(1, SeqCst);
             return Ok(());
         }

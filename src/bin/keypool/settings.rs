@@ -60,6 +60,40 @@ fn key_json(k: &KeyEntry) -> Value {
     Value::Object(o)
 }
 
+/// Normalises and checks the final key list, whatever its source (config JSON, keys
+/// file, environment): surrounding whitespace is padding and is trimmed, an inner
+/// newline or space is an error that says so, and a key listed twice (under any labels)
+/// is refused, naming both labels: it would double one account's concurrency. Messages
+/// never quote a key.
+fn check_keys(root: &mut Map<String, Value>) -> Result<(), String> {
+    let Some(Value::Array(keys)) = root.get_mut("keys") else {
+        return Ok(());
+    };
+    let mut seen: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for (i, k) in keys.iter_mut().enumerate() {
+        let Value::Object(k) = k else { continue };
+        let label = match k.get("label") {
+            Some(Value::String(l)) => l.clone(),
+            _ => format!("key-{i}"),
+        };
+        let Some(Value::String(key)) = k.get_mut("key") else {
+            continue;
+        };
+        let trimmed = key.trim();
+        if trimmed.len() != key.len() {
+            *key = trimmed.to_owned();
+        }
+        crate::keys::check_key(key, &format!("keys[{i}].key"))?;
+        if let Some(first) = seen.insert(key.clone(), label.clone()) {
+            return Err(format!(
+                "the same API key is listed twice, as {first} and {label}: list each key \
+                 once (twice would double that account's requests in flight)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Builds and validates the pool config. `env` looks environment variables up.
 pub fn build_config(
     flags: &PoolFlags,
@@ -105,6 +139,7 @@ pub fn build_config(
     if let Some(keys) = keys {
         root.insert("keys".into(), keys.iter().map(key_json).collect());
     }
+    check_keys(&mut root)?;
     if let Some(url) = &flags.base_url {
         root.insert("base_url".into(), json!(url));
     }
@@ -149,7 +184,7 @@ mod tests {
             max_attempts: Some(1),
             ..PoolFlags::default()
         };
-        let env = |n: &str| (n == "KEYPOOL_API_KEYS").then(|| "a=sk-1,sk-2".to_owned());
+        let env = |n: &str| (n == "KEYPOOL_API_KEYS").then(|| "a sk-1,sk-2".to_owned());
         let c = build_config(&flags, env).unwrap();
         assert_eq!(c.keys.len(), 2);
         assert_eq!(c.key_label(0), "a");
@@ -194,7 +229,7 @@ mod tests {
             ("c", 3)
         );
         let kf = dir.join("keys.txt");
-        std::fs::write(&kf, "x=sk-x\n").unwrap();
+        std::fs::write(&kf, "x sk-x\n").unwrap();
         let flags = PoolFlags {
             config: Some(cfg),
             keys_file: Some(kf),
