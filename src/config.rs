@@ -14,6 +14,18 @@ use crate::error::Error;
 pub const MAX_CONCURRENT_LIMIT: usize = 1024;
 /// Upper bound for the number of keys in one pool.
 pub const MAX_KEYS: usize = 4096;
+/// Upper bound for the worker threads of one pool (the sum of `max_concurrent`).
+pub const MAX_TOTAL_WORKERS: usize = 8192;
+/// Upper bound for [`Config::queue_capacity`]. The queue is allocated up front (about
+/// 250 bytes a slot), so the largest queue costs about 256 MiB.
+pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
+/// Upper bound for [`Config::worker_stack_size`]: 256 MiB.
+pub const MAX_WORKER_STACK_SIZE: usize = 256 << 20;
+/// Upper bound for the length of one API key, in bytes.
+pub const MAX_KEY_BYTES: usize = 8192;
+/// Upper bound for every duration in the config (timeouts, deadline, delays,
+/// cooldowns): 7 days, in milliseconds.
+pub const MAX_DURATION_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// An API key. Its `Debug` and `Display` never show the secret.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -243,7 +255,10 @@ pub struct Config {
     /// Defaults to 0.
     pub deadline_ms: u64,
     /// Requests that may wait for a free worker before `submit` blocks (and
-    /// `try_submit` returns `Busy`). Defaults to 1024.
+    /// `try_submit` returns `Busy`). Retries waiting out a backoff count against it
+    /// too: while `queue_capacity` of them wait, no new request is taken from the
+    /// queue, so at most about twice this many requests (plus one per worker) are held
+    /// at once, whatever a server does. At most [`MAX_QUEUE_CAPACITY`]. Defaults to 1024.
     pub queue_capacity: usize,
     /// Headers sent with every request (e.g. OpenRouter's `HTTP-Referer`, `X-Title`).
     /// Defaults to none.
@@ -251,7 +266,8 @@ pub struct Config {
     /// Largest response body read, in bytes; a larger one is a transport error.
     /// Defaults to 16 MiB.
     pub max_response_bytes: u64,
-    /// Stack size of each worker thread, in bytes. Defaults to 256 KiB.
+    /// Stack size of each worker thread, in bytes, between 64 KiB and
+    /// [`MAX_WORKER_STACK_SIZE`]. Defaults to 256 KiB.
     pub worker_stack_size: usize,
     /// Retry, backoff and key-health policy.
     pub retry: RetryConfig,
@@ -358,16 +374,41 @@ impl Config {
         if self.connect_timeout_ms == 0 {
             return Err(Error::config("connect_timeout_ms", "must be at least 1"));
         }
-        if self.queue_capacity == 0 {
-            return Err(Error::config("queue_capacity", "must be at least 1"));
+        if self.queue_capacity == 0 || self.queue_capacity > MAX_QUEUE_CAPACITY {
+            return Err(Error::config(
+                "queue_capacity",
+                format!(
+                    "must be between 1 and {MAX_QUEUE_CAPACITY}, got {}",
+                    self.queue_capacity
+                ),
+            ));
+        }
+        for (field, ms) in [
+            ("timeout_ms", self.timeout_ms),
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("deadline_ms", self.deadline_ms),
+            ("retry.base_delay_ms", self.retry.base_delay_ms),
+            ("retry.max_delay_ms", self.retry.max_delay_ms),
+            ("retry.max_retry_after_ms", self.retry.max_retry_after_ms),
+            ("retry.default_cooldown_ms", self.retry.default_cooldown_ms),
+        ] {
+            if ms > MAX_DURATION_MS {
+                return Err(Error::config(
+                    field,
+                    format!("must be at most {MAX_DURATION_MS} (7 days), got {ms}"),
+                ));
+            }
         }
         if self.max_response_bytes == 0 {
             return Err(Error::config("max_response_bytes", "must be at least 1"));
         }
-        if self.worker_stack_size < 64 * 1024 {
+        if self.worker_stack_size < 64 * 1024 || self.worker_stack_size > MAX_WORKER_STACK_SIZE {
             return Err(Error::config(
                 "worker_stack_size",
-                "must be at least 65536 bytes",
+                format!(
+                    "must be between 65536 and {MAX_WORKER_STACK_SIZE} bytes, got {}",
+                    self.worker_stack_size
+                ),
             ));
         }
         if self.retry.max_attempts == 0 {
@@ -379,6 +420,12 @@ impl Config {
             let key = k.key.expose();
             if key.trim().is_empty() {
                 return Err(Error::config(format!("keys[{i}].key"), "must not be empty"));
+            }
+            if key.len() > MAX_KEY_BYTES {
+                return Err(Error::config(
+                    format!("keys[{i}].key"),
+                    format!("must be at most {MAX_KEY_BYTES} bytes, got {}", key.len()),
+                ));
             }
             if !key.bytes().all(|b| (0x21..0x7f).contains(&b)) {
                 return Err(Error::config(
@@ -447,6 +494,15 @@ impl Config {
                     "must be at least 1 (omit it for no limit)",
                 ));
             }
+        }
+        let workers: usize = self.keys.iter().map(|k| k.max_concurrent).sum();
+        if workers > MAX_TOTAL_WORKERS {
+            return Err(Error::config(
+                "keys",
+                format!(
+                    "at most {MAX_TOTAL_WORKERS} worker threads in total (the sum of max_concurrent), got {workers}"
+                ),
+            ));
         }
         Ok(())
     }

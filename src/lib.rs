@@ -58,7 +58,8 @@ mod worker;
 
 pub use batch::ResultStream;
 pub use config::{
-    ApiKey, Config, ConfigBuilder, KeyConfig, MAX_CONCURRENT_LIMIT, MAX_KEYS, RetryConfig, Strategy,
+    ApiKey, Config, ConfigBuilder, KeyConfig, MAX_CONCURRENT_LIMIT, MAX_DURATION_MS, MAX_KEY_BYTES,
+    MAX_KEYS, MAX_QUEUE_CAPACITY, MAX_TOTAL_WORKERS, MAX_WORKER_STACK_SIZE, RetryConfig, Strategy,
 };
 pub use error::{Error, TimeoutPhase};
 pub use pool::Pool;

@@ -129,6 +129,7 @@ impl Pool {
         let strategy = config.strategy;
         let shared = Arc::new(Shared {
             any_tpm: config.keys.iter().any(|k| k.tpm.is_some()),
+            masker: crate::body::Masker::for_config(&config),
             config,
             keys,
             retry_tx,
@@ -303,7 +304,9 @@ impl Pool {
             (shared.config.deadline_ms > 0)
                 .then(|| Duration::from_millis(shared.config.deadline_ms))
         });
-        let deadline = limit.map(|d| Instant::now() + d);
+        // A per-request deadline too far away to represent is no deadline at all.
+        let now = Instant::now();
+        let deadline = limit.and_then(|d| now.checked_add(d));
         let est = if shared.any_tpm {
             req.estimated_tokens()
         } else {

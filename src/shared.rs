@@ -27,6 +27,9 @@ pub(crate) struct Shared {
     pub events_tx: Sender<()>,
     /// Deadlines of queued requests, answered by the dispatcher wherever the job waits.
     pub deadlines: Deadlines,
+    /// Masks every configured key (and base-URL password) in server-provided text on
+    /// error paths; built once.
+    pub masker: crate::body::Masker,
     /// Whether any key has a `tpm` limit (then jobs carry a token estimate).
     pub any_tpm: bool,
     /// Workers may take the next queued request themselves when they free up and no

@@ -257,7 +257,8 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
         Ok(Err(TransportError::Failed(message))) => {
             let err = Error::Transport {
                 key: label(),
-                message,
+                // A custom transport's message may quote a key: mask it like server text.
+                message: ctx.shared.masker.mask_str(message),
                 attempts: job.attempts,
             };
             (
@@ -335,7 +336,7 @@ fn judge_response(
         None
     };
     // Error path: nothing the server sent leaves here with a key in it.
-    let masker = body::Masker::for_config(&ctx.shared.config);
+    let masker = &ctx.shared.masker;
     let mut headers = resp.headers;
     for (_, v) in &mut headers {
         *v = masker.mask_str(std::mem::take(v));

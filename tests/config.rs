@@ -165,3 +165,77 @@ fn builder_validates_and_pool_rejects() {
     assert!("round_robin".parse::<Strategy>().is_ok());
     assert!("x".parse::<Strategy>().is_err());
 }
+
+/// Upper bounds: a value that would abort the host process (a queue of 1e9 slots is
+/// allocated up front), exhaust threads or memory, or overflow a clock is rejected at
+/// construction, naming the field.
+#[test]
+fn upper_bounds_are_enforced() {
+    let long_key = "k".repeat(keypool::MAX_KEY_BYTES + 1);
+    let many_workers: String = (0..9)
+        .map(|i| format!(r#"{{"key": "sk-{i}", "max_concurrent": 1024}}"#))
+        .collect::<Vec<_>>()
+        .join(",");
+    let cases: Vec<(String, &str)> = vec![
+        (
+            r#"{"queue_capacity": 1000000000, "keys": [{"key": "sk-a"}]}"#.into(),
+            "queue_capacity",
+        ),
+        (
+            r#"{"worker_stack_size": 1099511627776, "keys": [{"key": "sk-a"}]}"#.into(),
+            "worker_stack_size",
+        ),
+        (
+            format!(r#"{{"keys": [{{"key": "{long_key}"}}]}}"#),
+            "keys[0].key",
+        ),
+        (format!(r#"{{"keys": [{many_workers}]}}"#), "keys"),
+        (
+            r#"{"deadline_ms": 18446744073709551615, "keys": [{"key": "sk-a"}]}"#.into(),
+            "deadline_ms",
+        ),
+        (
+            r#"{"timeout_ms": 18446744073709551615, "keys": [{"key": "sk-a"}]}"#.into(),
+            "timeout_ms",
+        ),
+        (
+            r#"{"retry": {"default_cooldown_ms": 18446744073709551615}, "keys": [{"key": "sk-a"}]}"#
+                .into(),
+            "retry.default_cooldown_ms",
+        ),
+        (
+            r#"{"retry": {"max_retry_after_ms": 18446744073709551615}, "keys": [{"key": "sk-a"}]}"#
+                .into(),
+            "retry.max_retry_after_ms",
+        ),
+    ];
+    for (json, want) in &cases {
+        let (field, message) = field_of(json);
+        assert_eq!(&field, want, "{message}");
+        assert!(message.len() < 300, "{message}");
+    }
+    // The largest allowed values are accepted.
+    let ok = format!(
+        r#"{{"queue_capacity": {}, "deadline_ms": {}, "keys": [{{"key": "sk-a"}}]}}"#,
+        keypool::MAX_QUEUE_CAPACITY,
+        keypool::MAX_DURATION_MS
+    );
+    Config::from_json(&ok).unwrap();
+}
+
+/// A per-request deadline too far away to represent is no deadline, not a panic.
+#[test]
+fn absurd_request_deadline_does_not_panic() {
+    let server = keypool_mock::MockServer::start(keypool_mock::MockConfig::default()).unwrap();
+    let pool = Pool::new(
+        Config::builder()
+            .base_url(server.url())
+            .key("sk-a", 1)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let req = keypool::Request::chat("m", [("user", "x")]).with_deadline(std::time::Duration::MAX);
+    assert!(pool.submit(req).unwrap().wait().is_ok());
+    pool.close();
+}

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use keypool::{Config, Error, HttpResponse, KeyConfig, Pool, Request, RetryConfig, Strategy};
+use keypool::{
+    Config, Error, HttpResponse, KeyConfig, Pool, Request, RetryConfig, Strategy, TransportError,
+};
 use keypool_mock::{MockConfig, MockServer};
 use support::{OK_BODY, factory};
 
@@ -565,4 +567,24 @@ fn trailing_garbage_after_the_config_is_rejected() {
         let (field, _) = config_error(&format!("{good}{tail}"));
         assert_eq!(field, "config", "{tail:?}");
     }
+}
+
+/// A custom transport's error text that quotes the key is masked like server text.
+#[test]
+fn custom_transport_errors_are_masked() {
+    let pool = Pool::with_transport(
+        config(&[("sk-transport-secret-1", "t")], 1),
+        factory(|_, req| {
+            Err(TransportError::Failed(format!(
+                "connect failed for Bearer {}",
+                req.key.expose()
+            )))
+        }),
+    )
+    .unwrap();
+    let e = pool.submit(chat()).unwrap().wait().unwrap_err();
+    let shown = format!("{e} {e:?}");
+    assert!(matches!(e, Error::Transport { .. }), "{shown}");
+    assert!(!shown.contains("sk-transport-secret-1"), "{shown}");
+    assert!(shown.contains("REDACTED"), "{shown}");
 }
