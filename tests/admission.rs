@@ -503,3 +503,51 @@ fn absurd_usage_under_tpm_is_bounded() {
         pool.close();
     }
 }
+
+/// A thread that cannot start (here: the address-space limit leaves no room for the
+/// workers' stacks) makes `Pool::new` fail with `Error::Spawn` in bounded time; it used
+/// to hang forever. Run in a child process (this test binary, re-executed) under
+/// `ulimit -v`, so the limit cannot disturb other tests.
+#[test]
+fn thread_spawn_failure_is_reported_not_hung() {
+    if std::env::var_os("KEYPOOL_SPAWN_CHILD").is_some() {
+        let mut b = Config::builder()
+            .base_url("http://127.0.0.1:9/v1")
+            .worker_stack_size(128 << 20);
+        for k in 0..8 {
+            b = b.key_config(KeyConfig::new(format!("sk-{k}")).max_concurrent(64));
+        }
+        let t0 = Instant::now();
+        match Pool::new(b.build().unwrap()) {
+            Err(e @ Error::Spawn { .. }) => {
+                println!("CHILD-RESULT spawn-error {:?} :: {e}", t0.elapsed())
+            }
+            Err(e) => println!("CHILD-RESULT other-error {e}"),
+            Ok(_) => println!("CHILD-RESULT built"),
+        }
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let t0 = Instant::now();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        // 8 keys × 64 workers × 128 MiB of stack need 64 GiB: far over 8 GiB.
+        .arg(r#"ulimit -v 8388608 && exec "$0" --exact thread_spawn_failure_is_reported_not_hung --nocapture --test-threads=1"#)
+        .arg(&exe)
+        .env("KEYPOOL_SPAWN_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("CHILD-RESULT"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no result from the child: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert!(line.contains("spawn-error"), "{line}");
+    assert!(line.contains("keypool-key-"), "names the thread: {line}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+}
