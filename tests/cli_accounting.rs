@@ -143,8 +143,16 @@ fn lines_without_a_record_fail_the_run_and_are_named() {
         .map(|i| line(i, body("x", Some(huge.clone()))))
         .collect();
     write_lines(&dir.path("in.jsonl"), &lines);
+    // The engine clamps the hint to max_retry_after_ms: keep it short so the keys'
+    // cooldowns do not make the test wait a minute per round.
+    std::fs::write(
+        dir.path("cfg.json"),
+        r#"{"retry": {"max_retry_after_ms": 200}, "keys": [{"key": "sk-placeholder"}]}"#,
+    )
+    .unwrap();
     let mut c = run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url());
-    c.args(["--max-attempts", "1", "--timeout-ms", "5000"]);
+    c.args(["--max-attempts", "1", "--timeout-ms", "5000"])
+        .args(["--config", &dir.s("cfg.json")]);
     let out = run_to_end(c);
     let err = stderr(&out);
     assert_ne!(out.status.code(), Some(0), "{err}");
