@@ -28,6 +28,17 @@ pub struct ResultStream<I> {
     rx: Receiver<(usize, RequestResult)>,
 }
 
+impl<I> std::fmt::Debug for ResultStream<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResultStream")
+            .field("window", &self.window)
+            .field("outstanding", &self.outstanding)
+            .field("next_index", &self.next_index)
+            .field("input_done", &self.input.is_none())
+            .finish()
+    }
+}
+
 impl<I: Iterator<Item = Request>> ResultStream<I> {
     /// Submits input until the window is full. It blocks on a full queue only when no
     /// result is owed to the caller; otherwise it stops and lets `next` wait for one.
@@ -51,12 +62,13 @@ impl<I: Iterator<Item = Request>> ResultStream<I> {
             let sent = if self.outstanding == 0 {
                 self.pool.submit_with(req, reply)
             } else {
-                match self.pool.try_submit_with(req.clone(), reply) {
-                    Err(Error::Busy) => {
-                        self.pending = Some(req);
+                // Refused while busy: the request comes back, to be sent first next time.
+                match self.pool.try_submit_with(req, reply) {
+                    Err(e) if e.is_busy() => {
+                        self.pending = Some(e.into_request());
                         return;
                     }
-                    other => other,
+                    other => other.map_err(Error::from),
                 }
             };
             self.next_index += 1;
@@ -85,19 +97,50 @@ impl<I: Iterator<Item = Request>> Iterator for ResultStream<I> {
     }
 }
 
+/// How many requests a [`Pool::stream`] keeps submitted and not yet yielded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Window {
+    /// Enough to keep every worker busy and the queue full: the pool's capacity plus
+    /// its `queue_capacity`. The default.
+    #[default]
+    Auto,
+    /// At most this many (at least 1).
+    Max(usize),
+}
+
+impl From<usize> for Window {
+    /// `Window::Max(n)`; `0` is [`Window::Auto`] (kept for compatibility).
+    fn from(n: usize) -> Window {
+        if n == 0 { Window::Auto } else { Window::Max(n) }
+    }
+}
+
 impl Pool {
-    /// Runs `requests` and yields `(index, result)` as each completes. At most `window`
-    /// requests are submitted and not yet yielded at once (0 means the pool's capacity
-    /// plus its queue). The input is read on the iterating thread, as results are
-    /// taken: no extra thread, no `Send` bound.
-    pub fn stream<I>(&self, requests: I, window: usize) -> ResultStream<I::IntoIter>
+    /// Runs `requests` and yields `(index, result)` as each completes, keeping at most
+    /// `window` requests submitted and not yet yielded ([`Window::Auto`]: the pool's
+    /// capacity plus its queue; [`Window::Max`]`(n)`, or just `n`). The input is read on
+    /// the iterating thread, as results are taken: no extra thread, no `Send` bound.
+    ///
+    /// ```
+    /// # let server = keypool_mock::MockServer::start(keypool_mock::MockConfig::default()).unwrap();
+    /// # let pool = keypool::Pool::new(keypool::Config::builder().base_url(server.url()).key("sk-a", 4).build()?)?;
+    /// use keypool::{Request, Window};
+    /// let prompts = (0..100).map(|i| Request::chat("m", [("user", format!("q{i}"))]));
+    /// let mut done = 0;
+    /// for (index, result) in pool.stream(prompts, Window::Max(16)) {
+    ///     assert!(index < 100 && result.is_ok());
+    ///     done += 1;
+    /// }
+    /// assert_eq!(done, 100);
+    /// # Ok::<(), keypool::Error>(())
+    /// ```
+    pub fn stream<I>(&self, requests: I, window: impl Into<Window>) -> ResultStream<I::IntoIter>
     where
         I: IntoIterator<Item = Request>,
     {
-        let window = if window == 0 {
-            self.capacity() + self.config().queue_capacity
-        } else {
-            window
+        let window = match window.into() {
+            Window::Auto => self.capacity() + self.config().queue_capacity,
+            Window::Max(n) => n.max(1),
         };
         let (tx, rx) = crossbeam_channel::unbounded();
         ResultStream {

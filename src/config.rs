@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -113,8 +114,20 @@ impl FromStr for Strategy {
 }
 
 /// Retry and key-health policy.
+///
+/// `#[non_exhaustive]`: start from [`RetryConfig::default`] and use the setters (or
+/// assign fields), so new fields never break your code.
+///
+/// ```
+/// use std::time::Duration;
+/// let r = keypool::RetryConfig::default()
+///     .max_attempts(5)
+///     .base_delay(Duration::from_millis(200));
+/// assert_eq!(r.base_delay_ms, 200);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
 pub struct RetryConfig {
     /// Attempts per request, the first included. `1` disables retries. Defaults to 3.
     pub max_attempts: u32,
@@ -152,9 +165,60 @@ impl Default for RetryConfig {
     }
 }
 
-/// One API key and its limits.
+/// Milliseconds of a `Duration`, saturating (the config bounds are far below).
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl RetryConfig {
+    /// Attempts per request, the first included (1 = no retries). Defaults to 3.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// Backoff base. Defaults to 500 ms.
+    pub fn base_delay(mut self, d: Duration) -> Self {
+        self.base_delay_ms = ms(d);
+        self
+    }
+
+    /// Backoff ceiling. Defaults to 8 s.
+    pub fn max_delay(mut self, d: Duration) -> Self {
+        self.max_delay_ms = ms(d);
+        self
+    }
+
+    /// Longest `Retry-After` honoured. Defaults to 60 s.
+    pub fn max_retry_after(mut self, d: Duration) -> Self {
+        self.max_retry_after_ms = ms(d);
+        self
+    }
+
+    /// Cooldown after a 429 without a usable hint. Defaults to 1 s.
+    pub fn default_cooldown(mut self, d: Duration) -> Self {
+        self.default_cooldown_ms = ms(d);
+        self
+    }
+
+    /// Park a key that answers 402 (out of credits). Defaults to true.
+    pub fn park_on_402(mut self, on: bool) -> Self {
+        self.park_on_402 = on;
+        self
+    }
+
+    /// Send a key's first request alone (see the field). Defaults to true.
+    pub fn probe_keys(mut self, on: bool) -> Self {
+        self.probe_keys = on;
+        self
+    }
+}
+
+/// One API key and its limits. Build it with [`KeyConfig::new`] and the setters
+/// (`#[non_exhaustive]`: new fields never break your code).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct KeyConfig {
     /// The secret key, sent as `Authorization: Bearer <key>`. Never shown in output.
     pub key: ApiKey,
@@ -240,14 +304,22 @@ impl KeyConfig {
 /// Everything a [`Pool`](crate::Pool) needs. Load it with [`Config::from_json`] or build it
 /// with [`Config::builder`]; both are validated by [`Config::validate`], which
 /// [`Pool::new`](crate::Pool::new) also calls.
+///
+/// `#[non_exhaustive]`: build it with [`Config::builder`] or [`Config::from_json`] (or
+/// start from [`Config::default`] and assign fields), so new fields never break your
+/// code.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
 pub struct Config {
     /// Base URL requests' paths are appended to. Defaults to `https://openrouter.ai/api/v1`.
     pub base_url: String,
     /// Dispatch strategy. Defaults to `first_available`.
     pub strategy: Strategy,
-    /// Timeout of one HTTP attempt (connect, send, receive). Defaults to 600,000 ms.
+    /// Timeout of each phase of one HTTP attempt: sending the request, waiting for
+    /// the response head, and reading the body are each allowed this long (so an
+    /// attempt that keeps making progress may take up to about three times it). Use
+    /// `deadline_ms` to bound a request as a whole. Defaults to 600,000 ms.
     pub timeout_ms: u64,
     /// Timeout for opening a connection. Defaults to 10,000 ms.
     pub connect_timeout_ms: u64,
@@ -673,10 +745,17 @@ impl ConfigBuilder {
         self
     }
 
-    /// Per-attempt timeout in milliseconds. Defaults to 600,000.
+    /// Timeout of each phase of one attempt (see [`Config::timeout_ms`]), in
+    /// milliseconds. Defaults to 600,000.
     pub fn timeout_ms(mut self, ms: u64) -> Self {
         self.config.timeout_ms = ms;
         self
+    }
+
+    /// Timeout of each phase of one attempt (see [`Config::timeout_ms`]). Defaults to
+    /// 10 minutes.
+    pub fn timeout(self, d: Duration) -> Self {
+        self.timeout_ms(ms(d))
     }
 
     /// Connect timeout in milliseconds. Defaults to 10,000.
@@ -685,10 +764,21 @@ impl ConfigBuilder {
         self
     }
 
+    /// Connect timeout. Defaults to 10 s.
+    pub fn connect_timeout(self, d: Duration) -> Self {
+        self.connect_timeout_ms(ms(d))
+    }
+
     /// Overall per-request deadline in milliseconds; 0 for none. Defaults to 0.
     pub fn deadline_ms(mut self, ms: u64) -> Self {
         self.config.deadline_ms = ms;
         self
+    }
+
+    /// Overall per-request deadline: queueing, every attempt and backoff. Defaults to
+    /// none.
+    pub fn deadline(self, d: Duration) -> Self {
+        self.deadline_ms(ms(d))
     }
 
     /// Queue capacity. Defaults to 1024.

@@ -115,6 +115,9 @@ pub enum Error {
     Panic(String),
     /// The ticket's result was already taken.
     ResultTaken,
+    /// A response body did not fit the type asked of [`Response::json`]; the cause is
+    /// [`source`](std::error::Error::source).
+    Json(serde_json::Error),
     /// The pool could not start one of its threads (the system's thread limit, or not
     /// enough memory for its stack). Threads already started were stopped.
     Spawn {
@@ -185,6 +188,7 @@ impl Error {
             Error::NoUsableKey { .. } => "no_usable_key",
             Error::Panic(_) => "panic",
             Error::ResultTaken => "result_taken",
+            Error::Json(_) => "json",
             Error::Spawn { .. } => "spawn",
             Error::WouldDeadlock(_) => "would_deadlock",
         }
@@ -251,6 +255,7 @@ impl fmt::Display for Error {
             Error::NoUsableKey { detail, .. } => write!(f, "no usable key: {detail}"),
             Error::Panic(m) => write!(f, "a worker panicked while handling the request: {m}"),
             Error::ResultTaken => f.write_str("the ticket's result was already taken"),
+            Error::Json(e) => write!(f, "the response body does not fit the requested type: {e}"),
             Error::Spawn { thread, message } => {
                 write!(f, "could not start thread {thread}: {message}")
             }
@@ -262,4 +267,11 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Json(e) => Some(e),
+            _ => None,
+        }
+    }
+}

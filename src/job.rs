@@ -145,11 +145,14 @@ impl Job {
         }));
     }
 
-    /// Disarms the job's reply: `submit` failed and tells the caller itself.
-    pub(crate) fn defuse(mut self) {
+    /// Disarms the job's reply (`submit` failed and tells the caller itself) and hands
+    /// the request back.
+    pub(crate) fn into_request(mut self) -> Request {
         if let Some(r) = self.take_reply() {
             r.defuse();
         }
+        let empty = Request::chat("", std::iter::empty::<(&str, &str)>());
+        std::mem::replace(&mut self.req, empty)
     }
 }
 

@@ -31,12 +31,14 @@
 //! # Ok::<(), keypool::Error>(())
 //! ```
 #![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(unsafe_code)]
 
 mod admission;
 mod batch;
 mod body;
+mod chat;
 mod config;
 mod deadline;
 mod dispatch;
@@ -56,15 +58,19 @@ mod ticket;
 mod transport;
 mod worker;
 
-pub use batch::ResultStream;
+pub use batch::{ResultStream, Window};
+pub use chat::ChatRequest;
 pub use config::{
     ApiKey, Config, ConfigBuilder, KeyConfig, MAX_CONCURRENT_LIMIT, MAX_DURATION_MS, MAX_KEY_BYTES,
     MAX_KEYS, MAX_QUEUE_CAPACITY, MAX_TOTAL_WORKERS, MAX_WORKER_STACK_SIZE, RetryConfig, Strategy,
 };
 pub use error::{Error, TimeoutPhase};
-pub use pool::Pool;
+pub use pool::{Pool, TrySubmitError};
 pub use request::{DEFAULT_PATH, Request, Response, Usage};
-pub use stats::{FailureCounts, KeyStats, Stats};
+/// The JSON library keypool's API takes and returns: `keypool::serde_json::json!`,
+/// [`Value`] for untyped bodies.
+pub use serde_json::{self, Value};
+pub use stats::{FailureCounts, KeyStats, Stats, Totals};
 pub use ticket::{RequestResult, Ticket};
 pub use transport::{
     HttpRequest, HttpResponse, Transport, TransportError, TransportSettings, UreqTransport,

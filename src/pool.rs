@@ -86,6 +86,46 @@ impl std::fmt::Debug for Pool {
     }
 }
 
+/// [`Pool::try_submit`] refused a request: why, and the request itself, unsent.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct TrySubmitError {
+    /// Why: [`Error::Busy`] (the queue is full), [`Error::Closed`], …
+    pub error: Error,
+    /// The request, unsent.
+    pub request: Request,
+}
+
+impl TrySubmitError {
+    /// Whether the queue was full (try again later).
+    pub fn is_busy(&self) -> bool {
+        matches!(self.error, Error::Busy)
+    }
+
+    /// The request, to submit again.
+    pub fn into_request(self) -> Request {
+        self.request
+    }
+}
+
+impl std::fmt::Display for TrySubmitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for TrySubmitError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl From<TrySubmitError> for Error {
+    fn from(e: TrySubmitError) -> Error {
+        e.error
+    }
+}
+
 /// How `enqueue` waits for queue space.
 enum Mode {
     Block,
@@ -282,13 +322,16 @@ impl Pool {
         Ok(())
     }
 
-    fn enqueue(&self, req: Request, reply: Reply, mode: Mode) -> Result<(), Error> {
+    /// Queues `req`; on refusal the request comes back unsent with the reason.
+    #[allow(clippy::result_large_err)] // the request itself comes back: moved, not boxed
+    fn enqueue(&self, req: Request, reply: Reply, mode: Mode) -> Result<(), TrySubmitError> {
         let shared = &self.inner.shared;
         if let Some(msg) = shared.broken.lock().clone() {
             reply.defuse();
-            return Err(Error::Panic(format!(
-                "the keypool dispatcher failed: {msg}"
-            )));
+            return Err(TrySubmitError {
+                error: Error::Panic(format!("the keypool dispatcher failed: {msg}")),
+                request: req,
+            });
         }
         let tx = match (!self.inner.closed.load(Relaxed))
             .then(|| self.inner.intake.lock().clone())
@@ -297,7 +340,10 @@ impl Pool {
             Some(tx) => tx,
             None => {
                 reply.defuse();
-                return Err(Error::Closed);
+                return Err(TrySubmitError {
+                    error: Error::Closed,
+                    request: req,
+                });
             }
         };
         let limit = req.deadline.or_else(|| {
@@ -355,10 +401,10 @@ impl Pool {
                 shared.submitted.fetch_add(1, Relaxed);
                 Ok(())
             }
-            Err((job, e)) => {
-                job.defuse();
-                Err(e)
-            }
+            Err((job, e)) => Err(TrySubmitError {
+                error: e,
+                request: job.into_request(),
+            }),
         }
     }
 
@@ -388,11 +434,32 @@ impl Pool {
     /// never waits (see [`submit_with`](Pool::submit_with) for what callbacks may call).
     pub fn submit(&self, req: Request) -> Result<Ticket, Error> {
         let (reply, ticket) = self.ticket_reply();
-        self.enqueue(req, reply, Mode::Block).map(|()| ticket)
+        self.enqueue(req, reply, Mode::Block)
+            .map(|()| ticket)
+            .map_err(|e| e.error)
     }
 
-    /// Submits without blocking: [`Error::Busy`] if the queue is full.
-    pub fn try_submit(&self, req: Request) -> Result<Ticket, Error> {
+    /// Submits without blocking. If the queue is full ([`Error::Busy`]) or the pool is
+    /// closed, the request comes back unsent in the error, to retry later without a
+    /// clone (as crossbeam's `TrySendError::Full(T)` does).
+    ///
+    /// ```
+    /// # let server = keypool_mock::MockServer::start(keypool_mock::MockConfig::default()).unwrap();
+    /// # let pool = keypool::Pool::new(keypool::Config::builder().base_url(server.url()).key("sk-a", 1).build()?)?;
+    /// use keypool::{Error, Request, TrySubmitError};
+    /// let mut req = Request::chat("m", [("user", "hi")]);
+    /// let ticket = loop {
+    ///     match pool.try_submit(req) {
+    ///         Ok(t) => break t,
+    ///         Err(TrySubmitError { error: Error::Busy, request, .. }) => req = request,
+    ///         Err(e) => return Err(e.into()),
+    ///     }
+    /// };
+    /// assert!(ticket.wait().is_ok());
+    /// # Ok::<(), keypool::Error>(())
+    /// ```
+    #[allow(clippy::result_large_err)] // the request itself comes back: moved, not boxed
+    pub fn try_submit(&self, req: Request) -> Result<Ticket, TrySubmitError> {
         let (reply, ticket) = self.ticket_reply();
         self.enqueue(req, reply, Mode::Try).map(|()| ticket)
     }
@@ -404,6 +471,7 @@ impl Pool {
         let (reply, ticket) = self.ticket_reply();
         self.enqueue(req, reply, Mode::Timeout(timeout))
             .map(|()| ticket)
+            .map_err(|e| e.error)
     }
 
     /// Submits with a callback instead of a ticket, blocking while the queue is full.
@@ -434,16 +502,18 @@ impl Pool {
         callback: impl FnOnce(RequestResult) + Send + 'static,
     ) -> Result<(), Error> {
         let reply = self.counted_fn(callback);
-        self.enqueue(req, reply, Mode::Block)
+        self.enqueue(req, reply, Mode::Block).map_err(|e| e.error)
     }
 
-    /// Like [`submit_with`](Pool::submit_with) but never blocks: [`Error::Busy`] if the
-    /// queue is full.
+    /// Like [`submit_with`](Pool::submit_with) but never blocks: if the queue is full
+    /// ([`Error::Busy`]) or the pool is closed, the request comes back unsent in the
+    /// error and `callback` is never called.
+    #[allow(clippy::result_large_err)] // the request itself comes back: moved, not boxed
     pub fn try_submit_with(
         &self,
         req: Request,
         callback: impl FnOnce(RequestResult) + Send + 'static,
-    ) -> Result<(), Error> {
+    ) -> Result<(), TrySubmitError> {
         let reply = self.counted_fn(callback);
         self.enqueue(req, reply, Mode::Try)
     }

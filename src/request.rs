@@ -42,21 +42,44 @@ impl Request {
         Request::raw(DEFAULT_PATH, bytes)
     }
 
-    /// A chat completion request for `model` with `(role, content)` messages.
+    /// A chat completion request for `model` with `(role, content)` messages (any
+    /// string types). For parameters (`temperature`, `max_tokens`, …) use
+    /// [`ChatRequest`](crate::ChatRequest).
     ///
     /// ```
-    /// let r = keypool::Request::chat("gpt-4o-mini", [("user", "Say hi")]);
+    /// let n = 3;
+    /// let r = keypool::Request::chat("gpt-4o-mini", [("user", format!("Count to {n}"))]);
     /// assert_eq!(r.path(), "/chat/completions");
     /// ```
-    pub fn chat<'a>(
-        model: &str,
-        messages: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Request {
+    pub fn chat<R, C>(model: &str, messages: impl IntoIterator<Item = (R, C)>) -> Request
+    where
+        R: Into<String>,
+        C: Into<String>,
+    {
         let messages: Vec<serde_json::Value> = messages
             .into_iter()
-            .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
+            .map(|(role, content)| {
+                serde_json::json!({"role": role.into(), "content": content.into()})
+            })
             .collect();
         Request::new(&serde_json::json!({"model": model, "messages": messages}))
+    }
+
+    /// A request whose body is any serializable value, POSTed to [`DEFAULT_PATH`]
+    /// (use [`with_path`](Request::with_path) for another endpoint).
+    ///
+    /// ```
+    /// #[derive(serde::Serialize)]
+    /// struct Embed<'a> { model: &'a str, input: &'a str }
+    /// let r = keypool::Request::json(&Embed { model: "m", input: "hi" })?
+    ///     .with_path("/embeddings")?;
+    /// assert_eq!(r.path(), "/embeddings");
+    /// # Ok::<(), keypool::Error>(())
+    /// ```
+    pub fn json(body: &impl Serialize) -> Result<Request, Error> {
+        let bytes = serde_json::to_vec(body)
+            .map_err(|e| Error::InvalidRequest(format!("body cannot be serialized: {e}")))?;
+        Ok(Request::raw(DEFAULT_PATH, bytes))
     }
 
     /// A request from JSON text, validated here so a malformed body fails at submit
@@ -228,7 +251,13 @@ impl Response {
         self.header("x-request-id")
             .or_else(|| self.header("request-id"))
             .map(str::to_owned)
-            .or_else(|| self.json().ok()?.get("id")?.as_str().map(str::to_owned))
+            .or_else(|| {
+                self.json::<serde_json::Value>()
+                    .ok()?
+                    .get("id")?
+                    .as_str()
+                    .map(str::to_owned)
+            })
     }
 
     /// The raw body.
@@ -246,21 +275,40 @@ impl Response {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
-    /// Parses the body as JSON.
-    pub fn json(&self) -> Result<serde_json::Value, Error> {
-        serde_json::from_slice(&self.body)
-            .map_err(|e| Error::InvalidRequest(format!("response body is not valid JSON: {e}")))
+    /// Parses the body as `T`: any `Deserialize` type, or [`Value`](crate::Value) for
+    /// untyped JSON. A body that does not fit is [`Error::Json`].
+    ///
+    /// ```no_run
+    /// # fn f(response: keypool::Response) -> Result<(), keypool::Error> {
+    /// #[derive(serde::Deserialize)]
+    /// struct Completion { id: String }
+    /// let c: Completion = response.json()?;
+    /// let v: keypool::Value = response.json()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, Error> {
+        serde_json::from_slice(&self.body).map_err(Error::Json)
     }
 
-    /// The first choice's `message.content`, for chat completions.
+    fn first_choice(&self) -> Option<Choice> {
+        #[derive(serde::Deserialize)]
+        struct Top {
+            #[serde(default)]
+            choices: Vec<Choice>,
+        }
+        let top: Top = serde_json::from_slice(&self.body).ok()?;
+        top.choices.into_iter().next()
+    }
+
+    /// The assistant's text: the first choice's `message.content`, for chat
+    /// completions (`None` if absent or not a string).
     pub fn content(&self) -> Option<String> {
-        let v = self.json().ok()?;
-        v.get("choices")?
-            .get(0)?
-            .get("message")?
-            .get("content")?
-            .as_str()
-            .map(str::to_owned)
+        self.first_choice()?.message?.content
+    }
+
+    /// The first choice's `finish_reason` (`"stop"`, `"length"`, `"tool_calls"`, …).
+    pub fn finish_reason(&self) -> Option<String> {
+        self.first_choice()?.finish_reason
     }
 
     /// Token usage from the body's `usage`, if present.
@@ -301,6 +349,31 @@ impl Response {
     pub fn retry_after(&self) -> Option<Duration> {
         crate::retry::parse_retry_after(self.header("retry-after-ms"), self.header("retry-after"))
     }
+}
+
+/// One entry of `choices`, read leniently (wrong types read as absent).
+#[derive(serde::Deserialize)]
+struct Choice {
+    #[serde(default, deserialize_with = "lenient")]
+    message: Option<Message>,
+    #[serde(default, deserialize_with = "lenient")]
+    finish_reason: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct Message {
+    #[serde(default, deserialize_with = "lenient")]
+    content: Option<String>,
+}
+
+/// `Some(T)` if the value fits `T`, else `None` (never an error).
+fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let v = <serde_json::Value as serde::Deserialize>::deserialize(d)?;
+    Ok(serde_json::from_value(v).ok())
 }
 
 pub(crate) fn parse_usage(body: &[u8]) -> Option<Usage> {

@@ -4,6 +4,7 @@ use serde::Serialize;
 
 /// Failures of one key, by class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct FailureCounts {
     /// HTTP 429 responses.
     pub rate_limited: u64,
@@ -21,6 +22,7 @@ pub struct FailureCounts {
 
 /// A snapshot of one key's activity. Holds the label, never the key.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct KeyStats {
     /// Position in the config.
     pub index: usize,
@@ -62,8 +64,35 @@ pub struct KeyStats {
     pub tpm_budget: Option<f64>,
 }
 
+/// Sums over every key of a [`Stats`] snapshot, from [`Stats::totals`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Totals {
+    /// Worker threads over all keys.
+    pub max_concurrent: usize,
+    /// Requests in flight now.
+    pub in_flight: usize,
+    /// HTTP attempts started.
+    pub sent: u64,
+    /// Attempts that succeeded.
+    pub succeeded: u64,
+    /// Attempts that failed.
+    pub failed: u64,
+    /// Failed attempts by class.
+    pub failures: FailureCounts,
+    /// Failed attempts that were retried.
+    pub retries: u64,
+    /// Sum of `usage.prompt_tokens`.
+    pub prompt_tokens: u64,
+    /// Sum of `usage.completion_tokens`.
+    pub completion_tokens: u64,
+    /// Keys taken out of rotation (disabled or parked).
+    pub disabled_keys: usize,
+}
+
 /// A snapshot of the whole pool.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct Stats {
     /// Requests accepted by `submit` and friends.
     pub submitted: u64,
@@ -76,6 +105,41 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Sums over every key (counters saturate rather than wrap).
+    ///
+    /// ```
+    /// # let server = keypool_mock::MockServer::start(keypool_mock::MockConfig::default()).unwrap();
+    /// # let config = keypool::Config::builder().base_url(server.url()).key("sk-a", 2).key("sk-b", 2).build()?;
+    /// # let pool = keypool::Pool::new(config)?;
+    /// pool.batch((0..10).map(|i| keypool::Request::chat("m", [("user", format!("q{i}"))])));
+    /// let t = pool.stats().totals();
+    /// assert_eq!(t.succeeded, 10);
+    /// assert_eq!(t.max_concurrent, 4);
+    /// # Ok::<(), keypool::Error>(())
+    /// ```
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for k in &self.keys {
+            t.max_concurrent += k.max_concurrent;
+            t.in_flight += k.in_flight;
+            t.sent = t.sent.saturating_add(k.sent);
+            t.succeeded = t.succeeded.saturating_add(k.succeeded);
+            t.failed = t.failed.saturating_add(k.failed);
+            t.retries = t.retries.saturating_add(k.retries);
+            t.prompt_tokens = t.prompt_tokens.saturating_add(k.prompt_tokens);
+            t.completion_tokens = t.completion_tokens.saturating_add(k.completion_tokens);
+            let (a, b) = (&mut t.failures, &k.failures);
+            a.rate_limited = a.rate_limited.saturating_add(b.rate_limited);
+            a.client_error = a.client_error.saturating_add(b.client_error);
+            a.server_error = a.server_error.saturating_add(b.server_error);
+            a.transport = a.transport.saturating_add(b.transport);
+            a.timeout = a.timeout.saturating_add(b.timeout);
+            a.other = a.other.saturating_add(b.other);
+            t.disabled_keys += usize::from(k.disabled_reason.is_some());
+        }
+        t
+    }
+
     /// The snapshot as JSON (same field names as the Rust structs).
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("stats serialize")

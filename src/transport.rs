@@ -26,6 +26,23 @@ pub struct HttpRequest<'a> {
     pub timeout: Duration,
 }
 
+impl std::fmt::Debug for HttpRequest<'_> {
+    /// Header values and the body are left out (they may carry secrets); the key is
+    /// redacted by `ApiKey`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpRequest")
+            .field("url", &self.url)
+            .field("key", self.key)
+            .field(
+                "headers",
+                &self.headers.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .field("body_len", &self.body.len())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
 /// What a [`Transport`] got back. Any status is a response, not an error.
 #[derive(Debug, Clone, Default)]
 pub struct HttpResponse {
@@ -78,6 +95,15 @@ pub struct UreqTransport {
     agent: ureq::Agent,
     max_response_bytes: u64,
     attempt_timeout: Duration,
+}
+
+impl std::fmt::Debug for UreqTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UreqTransport")
+            .field("max_response_bytes", &self.max_response_bytes)
+            .field("attempt_timeout", &self.attempt_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl UreqTransport {

@@ -23,11 +23,12 @@ fn chat(i: usize) -> Request {
 }
 
 fn retry(max_attempts: u32) -> RetryConfig {
-    RetryConfig {
-        max_attempts,
-        base_delay_ms: 5,
-        max_delay_ms: 50,
-        ..RetryConfig::default()
+    {
+        let mut r = RetryConfig::default();
+        r.max_attempts = max_attempts;
+        r.base_delay_ms = 5;
+        r.max_delay_ms = 50;
+        r
     }
 }
 
@@ -418,11 +419,12 @@ fn retry_backlog_is_bounded() {
     let config = Config::builder()
         .base_url("http://127.0.0.1:9/v1")
         .queue_capacity(CAP)
-        .retry(RetryConfig {
-            max_attempts: 50,
-            base_delay_ms: 200,
-            max_delay_ms: 200,
-            ..RetryConfig::default()
+        .retry({
+            let mut r = RetryConfig::default();
+            r.max_attempts = 50;
+            r.base_delay_ms = 200;
+            r.max_delay_ms = 200;
+            r
         })
         .key_config(KeyConfig::new("sk-a").max_concurrent(WORKERS))
         .build()
@@ -438,7 +440,7 @@ fn retry_backlog_is_bounded() {
                 accepted.fetch_add(1, SeqCst);
                 tickets.push(t);
             }
-            Err(Error::Busy) => std::thread::yield_now(),
+            Err(e) if e.is_busy() => std::thread::yield_now(),
             Err(e) => panic!("{e}"),
         }
         let outstanding = accepted.load(SeqCst) - pool.stats().completed;

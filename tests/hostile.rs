@@ -17,13 +17,14 @@ use support::{OK_BODY, factory};
 
 /// Fast retries, short clamps: the policy's shape, scaled for tests.
 fn fast_retry(max_attempts: u32) -> RetryConfig {
-    RetryConfig {
-        max_attempts,
-        base_delay_ms: 5,
-        max_delay_ms: 20,
-        max_retry_after_ms: 50,
-        default_cooldown_ms: 20,
-        ..RetryConfig::default()
+    {
+        let mut r = RetryConfig::default();
+        r.max_attempts = max_attempts;
+        r.base_delay_ms = 5;
+        r.max_delay_ms = 20;
+        r.max_retry_after_ms = 50;
+        r.default_cooldown_ms = 20;
+        r
     }
 }
 
@@ -414,10 +415,7 @@ fn a_server_echoing_keys_never_leaks_them() {
             .key_config(KeyConfig::new(KEY_A).label("acct-a").max_concurrent(1))
             .key_config(KeyConfig::new(KEY_B).label("acct-b").max_concurrent(1))
             .strategy(Strategy::FirstAvailable)
-            .retry(RetryConfig {
-                probe_keys: false,
-                ..fast_retry(1)
-            })
+            .retry(fast_retry(1).probe_keys(false))
             .build()
             .unwrap(),
         factory(|_, req| {
@@ -534,11 +532,9 @@ fn config_errors_never_echo_a_key() {
     assert_eq!(field, "base_url");
     assert!(!m.contains("hunter2") && m.contains("[REDACTED]"), "{m}");
     // A key in an invalid header name is masked.
-    let cfg = Config {
-        headers: [("Bearer sk-head-secret".to_owned(), "v".to_owned())].into(),
-        keys: vec![KeyConfig::new("sk-head-secret")],
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.headers = [("Bearer sk-head-secret".to_owned(), "v".to_owned())].into();
+    cfg.keys = vec![KeyConfig::new("sk-head-secret")];
     let e = cfg.validate().unwrap_err();
     assert!(!format!("{e} {e:?}").contains("sk-head-secret"), "{e}");
 }

@@ -33,11 +33,12 @@ fn shared_lock() -> RwLockReadGuard<'static, ()> {
 
 /// A retry policy scaled for tests: same shape as the default, 25× faster.
 fn fast_retry(max_attempts: u32) -> RetryConfig {
-    RetryConfig {
-        max_attempts,
-        base_delay_ms: 20,
-        max_delay_ms: 200,
-        ..RetryConfig::default()
+    {
+        let mut r = RetryConfig::default();
+        r.max_attempts = max_attempts;
+        r.base_delay_ms = 20;
+        r.max_delay_ms = 200;
+        r
     }
 }
 
@@ -951,10 +952,7 @@ fn a_402_parks_the_key_and_the_request_moves_on() {
     );
     let pool = Pool::new(
         builder(&server, &["a", "b"], 2)
-            .retry(RetryConfig {
-                park_on_402: false,
-                ..fast_retry(3)
-            })
+            .retry(fast_retry(3).park_on_402(false))
             .build()
             .unwrap(),
     )

@@ -101,7 +101,7 @@ fn submit_ticket(
     let req = body_request(path, body, "body_json")?;
     let ticket = match mode {
         Mode::Block => pool.pool.submit(req),
-        Mode::Try => pool.pool.try_submit(req),
+        Mode::Try => pool.pool.try_submit(req).map_err(crate::Error::from),
     }?;
     write_out(out, FfiTicket { ticket });
     Ok(())

@@ -42,11 +42,12 @@ pub fn run(a: &DemoArgs) -> Result<ExitCode, String> {
     })
     .map_err(|e| format!("cannot start the mock server: {e}"))?;
 
-    let mut builder = Config::builder().base_url(server.url()).retry(RetryConfig {
-        max_attempts: 5,
-        base_delay_ms: 100,
-        max_delay_ms: 1_000,
-        ..RetryConfig::default()
+    let mut builder = Config::builder().base_url(server.url()).retry({
+        let mut r = RetryConfig::default();
+        r.max_attempts = 5;
+        r.base_delay_ms = 100;
+        r.max_delay_ms = 1_000;
+        r
     });
     for (i, label) in LABELS.iter().enumerate() {
         builder = builder.key_config(

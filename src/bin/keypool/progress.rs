@@ -193,26 +193,19 @@ mod tests {
 
     #[test]
     fn table_has_a_row_per_key_and_a_total() {
-        let stats = keypool::Stats {
-            keys: vec![
-                keypool::KeyStats {
-                    label: "acct-a".into(),
-                    sent: 10,
-                    succeeded: 9,
-                    failed: 1,
-                    latency_p50_ms: 41.6,
-                    latency_p99_ms: 12_345.0,
-                    prompt_tokens: 5,
-                    completion_tokens: 7,
-                    ..Default::default()
-                },
-                keypool::KeyStats {
-                    label: "b".into(),
-                    ..Default::default()
-                },
-            ],
-            ..Default::default()
-        };
+        let mut a = keypool::KeyStats::default();
+        a.label = "acct-a".into();
+        a.sent = 10;
+        a.succeeded = 9;
+        a.failed = 1;
+        a.latency_p50_ms = 41.6;
+        a.latency_p99_ms = 12_345.0;
+        a.prompt_tokens = 5;
+        a.completion_tokens = 7;
+        let mut b = keypool::KeyStats::default();
+        b.label = "b".into();
+        let mut stats = keypool::Stats::default();
+        stats.keys = vec![a, b];
         let t = key_table(&stats);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 4, "{t}");
