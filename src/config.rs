@@ -242,6 +242,10 @@ pub struct Config {
     /// Overall deadline of one request across queueing and retries; 0 means none.
     /// Defaults to 0.
     pub deadline_ms: u64,
+    /// Longest wait for more data on a streamed response ([`Pool::submit_stream`](crate::Pool::submit_stream)),
+    /// including the wait for its headers; 0 means no idle limit (`timeout_ms` and
+    /// `deadline_ms` still bound the whole stream). Defaults to 60,000 ms.
+    pub stream_idle_timeout_ms: u64,
     /// Requests that may wait for a free worker before `submit` blocks (and
     /// `try_submit` returns `Busy`). Defaults to 1024.
     pub queue_capacity: usize,
@@ -267,6 +271,7 @@ impl Default for Config {
             timeout_ms: 600_000,
             connect_timeout_ms: 10_000,
             deadline_ms: 0,
+            stream_idle_timeout_ms: 60_000,
             queue_capacity: 1024,
             headers: BTreeMap::new(),
             max_response_bytes: 16 * 1024 * 1024,
@@ -626,6 +631,12 @@ impl ConfigBuilder {
     /// Connect timeout in milliseconds. Defaults to 10,000.
     pub fn connect_timeout_ms(mut self, ms: u64) -> Self {
         self.config.connect_timeout_ms = ms;
+        self
+    }
+
+    /// Idle limit of streamed responses in milliseconds; 0 for none. Defaults to 60,000.
+    pub fn stream_idle_timeout_ms(mut self, ms: u64) -> Self {
+        self.config.stream_idle_timeout_ms = ms;
         self
     }
 

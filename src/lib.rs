@@ -50,7 +50,9 @@ mod pool;
 mod request;
 mod retry;
 mod shared;
+mod sse;
 mod stats;
+mod stream;
 mod thread_role;
 mod ticket;
 mod transport;
@@ -60,13 +62,15 @@ pub use batch::ResultStream;
 pub use config::{
     ApiKey, Config, ConfigBuilder, KeyConfig, MAX_CONCURRENT_LIMIT, MAX_KEYS, RetryConfig, Strategy,
 };
-pub use error::{Error, TimeoutPhase};
+pub use error::{Error, StreamFailure, TimeoutPhase};
 pub use pool::Pool;
 pub use request::{DEFAULT_PATH, Request, Response, Usage};
 pub use stats::{FailureCounts, KeyStats, Stats};
+pub use stream::{ResponseStream, StreamChunk, StreamEvent};
 pub use ticket::{RequestResult, Ticket};
 pub use transport::{
-    HttpRequest, HttpResponse, Transport, TransportError, TransportSettings, UreqTransport,
+    HttpRequest, HttpResponse, HttpStream, Transport, TransportError, TransportSettings,
+    UreqTransport,
 };
 
 /// The crate version, e.g. `"0.1.0"`.

@@ -265,6 +265,7 @@ mod tests {
             attempts: 2,
             latency: Duration::from_millis(5),
             keys_tried: vec![0],
+            ttft: None,
         };
         let errors = vec![
             (Error::config("keys", "x"), Status::KEYPOOL_CONFIG),

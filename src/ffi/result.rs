@@ -239,6 +239,7 @@ mod tests {
             attempts: 3,
             latency: Duration::from_millis(5),
             keys_tried: vec![0, 0, 0],
+            ttft: None,
         };
         let e = Error::InvalidResponse {
             message: "body is not valid JSON".into(),
