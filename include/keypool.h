@@ -29,6 +29,7 @@
 #ifndef KEYPOOL_H
 #define KEYPOOL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -55,6 +56,16 @@
  Log level of an informational message.
  */
 #define KEYPOOL_LOG_INFO 3
+
+/*
+ `keypool_stream_event_kind` of a chunk.
+ */
+#define KEYPOOL_STREAM_CHUNK 1
+
+/*
+ `keypool_stream_event_kind` of the final event (it carries the result).
+ */
+#define KEYPOOL_STREAM_DONE 2
 
 /*
  What a keypool call (or a request) ended in. `KEYPOOL_OK` is 0; every other value
@@ -127,6 +138,13 @@ typedef enum {
    the threads it had started.
    */
   KEYPOOL_SPAWN = 13,
+  /*
+   A streamed response (`keypool_submit_stream`) failed after its headers: cut short
+   (no `[DONE]`), a malformed event, an error event, idle past
+   `stream_idle_timeout_ms`, a stream timeout, an oversized event. The result's
+   message says how many chunks and bytes of text were delivered first.
+   */
+  KEYPOOL_STREAM = 14,
 } keypool_status;
 
 /*
@@ -138,6 +156,18 @@ typedef struct keypool_pool keypool_pool;
  The outcome of one request (C: `keypool_result`). Immutable once built.
  */
 typedef struct keypool_result keypool_result;
+
+/*
+ A streamed request's events, to pull with `keypool_stream_next` (C: `keypool_stream`).
+
+ Holds only receiving ends of channels: it stays valid after its pool is freed.
+ */
+typedef struct keypool_stream keypool_stream;
+
+/*
+ One event of a stream (C: `keypool_stream_event`): a chunk, or the final result.
+ */
+typedef struct keypool_stream_event keypool_stream_event;
 
 /*
  A submitted request's result, to wait for (C: `keypool_ticket`).
@@ -181,6 +211,18 @@ typedef void (*keypool_log_callback)(uint32_t level, const char *message, void *
  `KEYPOOL_WOULD_DEADLOCK` without waiting. It must not call `keypool_pool_free`.
  */
 typedef void (*keypool_callback)(keypool_result *result, void *user_data);
+
+/*
+ A function the pool calls with each chunk of a stream, for
+ `keypool_submit_stream_callback`. Return `true` to go on, `false` to stop the stream
+ (it then ends with a `KEYPOOL_STREAM` result).
+
+ It runs on the keypool worker thread that reads the stream, once per chunk, in
+ order, before the next chunk is read — so keep it short. `chunk` is borrowed for the
+ call only (do not free it or keep it). It may call what a `keypool_callback` may
+ (see there): never anything that waits for the pool.
+ */
+typedef bool (*keypool_chunk_callback)(const keypool_stream_event *chunk, void *user_data);
 
 #ifdef __cplusplus
 extern "C" {
@@ -474,6 +516,109 @@ const char *keypool_result_error_code(const keypool_result *r);
  on the same result. Non-blocking.
  */
 void keypool_result_free(keypool_result *r);
+
+/*
+ Submits a streamed chat completion: POSTs `body_json` (a JSON object) to
+ `/chat/completions` with `"stream": true` and, unless the body sets it,
+ `"stream_options": {"include_usage": true}`. Blocks while the queue is full (from a
+ callback: `KEYPOOL_WOULD_DEADLOCK` instead).
+
+ Returns `KEYPOOL_OK` and stores a stream in `*out`; read its events with
+ `keypool_stream_next`. Errors as for `keypool_submit` (`KEYPOOL_INVALID_REQUEST` also
+ if the body is not a JSON object).
+
+ A stream holds one of its key's workers until it ends, so it counts against the
+ key's `max_concurrent`. It is retried on another key only while no chunk has been
+ handed over; after that a failure ends it with a `KEYPOOL_STREAM` result.
+
+ Ownership: the body is copied; the caller owns the stream (`keypool_stream_free`).
+ `*out` is written only on success. Thread-safe.
+ */
+keypool_status keypool_submit_stream(keypool_pool *pool,
+                                     const char *body_json,
+                                     keypool_stream **out);
+
+/*
+ Waits at most `timeout_ms` milliseconds (0: just check; `UINT64_MAX`: as long as it
+ takes) for the stream's next event and stores it in `*out`.
+
+ Events come in order: every chunk (`KEYPOOL_STREAM_CHUNK`), then exactly one
+ `KEYPOOL_STREAM_DONE` carrying the result (`keypool_stream_event_result`).
+ Returns `KEYPOOL_OK` with an event; `KEYPOOL_TIMEOUT` if none arrived in time (the
+ stream stays valid); `KEYPOOL_CLOSED` once the final event has been taken;
+ `KEYPOOL_INVALID_ARGUMENT` if `stream` or `out` is NULL; `KEYPOOL_WOULD_DEADLOCK` from a
+ callback (keypool thread) when no event is ready and `timeout_ms` is not 0.
+
+ Ownership: the caller frees each event with `keypool_stream_event_free`. `*out` is
+ written only on `KEYPOOL_OK`. A stream must not be used from two threads at once.
+ */
+keypool_status keypool_stream_next(keypool_stream *stream,
+                                   uint64_t timeout_ms,
+                                   keypool_stream_event **out);
+
+/*
+ Frees a stream. If it has not ended, the request is abandoned: the worker stops
+ reading at its next chunk and closes the connection.
+
+ NULL is a no-op. Must not race other calls on the same stream. Non-blocking.
+ */
+void keypool_stream_free(keypool_stream *stream);
+
+/*
+ `KEYPOOL_STREAM_CHUNK` (1) or `KEYPOOL_STREAM_DONE` (2); 0 if `event` is NULL.
+ Thread-safe (events are immutable), non-blocking.
+ */
+uint32_t keypool_stream_event_kind(const keypool_stream_event *event_);
+
+/*
+ A chunk's text delta (every choice's `delta.content`, concatenated), NUL-terminated
+ UTF-8, with its length in bytes in `*len` if `len` is not NULL. Empty for role-only,
+ finish and usage chunks and for the final event. NULL if `event` is NULL.
+
+ Owned by the event: valid until `keypool_stream_event_free`.
+ */
+const char *keypool_stream_event_delta(const keypool_stream_event *event_, size_t *len);
+
+/*
+ A chunk's JSON (`chat.completion.chunk`) as NUL-terminated text, with its length in
+ `*len` if `len` is not NULL. Empty for the final event. NULL if `event` is NULL.
+
+ Owned by the event: valid until `keypool_stream_event_free`.
+ */
+const char *keypool_stream_event_json(const keypool_stream_event *event_, size_t *len);
+
+/*
+ The final event's result: the assembled `chat.completion` body (with usage) and
+ status `KEYPOOL_OK`, or the error that ended the stream (`KEYPOOL_STREAM`,
+ `KEYPOOL_HTTP`, `KEYPOOL_TIMEOUT`, …). Read it with the `keypool_result_*` accessors.
+ NULL for a chunk or if `event` is NULL.
+
+ Owned by the event: valid until `keypool_stream_event_free` (do not pass it to
+ `keypool_result_free`).
+ */
+const keypool_result *keypool_stream_event_result(const keypool_stream_event *event_);
+
+/*
+ Frees an event (and the result it holds). NULL is a no-op. Must not race other calls
+ on the same event.
+ */
+void keypool_stream_event_free(keypool_stream_event *event_);
+
+/*
+ Submits a streamed chat completion (as `keypool_submit_stream`) whose chunks go to
+ `on_chunk` and whose final result goes to `on_done`, both with `user_data`.
+
+ If this returns `KEYPOOL_OK`, `on_chunk` runs for each chunk on the worker thread
+ reading the stream (see `keypool_chunk_callback`), then `on_done(result, user_data)`
+ exactly once on a keypool thread (see `keypool_callback`; it owns `result`). If it
+ returns anything else, neither is called. Errors as for `keypool_submit_stream`, plus
+ `KEYPOOL_INVALID_ARGUMENT` if a callback is NULL. Thread-safe.
+ */
+keypool_status keypool_submit_stream_callback(keypool_pool *pool,
+                                              const char *body_json,
+                                              keypool_chunk_callback on_chunk,
+                                              keypool_callback on_done,
+                                              void *user_data);
 
 /*
  Waits at most `timeout_ms` milliseconds for the request's result (0: just check;

@@ -105,7 +105,7 @@ pub(crate) fn parse_usage(body: &[u8]) -> Option<Usage> {
     serde_json::from_slice::<Shape>(body).ok()?.usage
 }
 
-fn embedded_code(e: &Value) -> Option<u16> {
+pub(crate) fn embedded_code(e: &Value) -> Option<u16> {
     e.get("code")
         .and_then(|c| {
             c.as_u64()

@@ -326,6 +326,10 @@ pub struct Config {
     /// Overall deadline of one request across queueing and retries; 0 means none.
     /// Defaults to 0.
     pub deadline_ms: u64,
+    /// Longest wait for more data on a streamed response ([`Pool::submit_stream`](crate::Pool::submit_stream)),
+    /// including the wait for its headers; 0 means no idle limit (`timeout_ms` and
+    /// `deadline_ms` still bound the whole stream). Defaults to 60,000 ms.
+    pub stream_idle_timeout_ms: u64,
     /// Requests that may wait for a free worker before `submit` blocks (and
     /// `try_submit` returns `Busy`). Retries waiting out a backoff count against it
     /// too: while `queue_capacity` of them wait, no new request is taken from the
@@ -355,6 +359,7 @@ impl Default for Config {
             timeout_ms: 600_000,
             connect_timeout_ms: 10_000,
             deadline_ms: 0,
+            stream_idle_timeout_ms: 60_000,
             queue_capacity: 1024,
             headers: BTreeMap::new(),
             max_response_bytes: 16 * 1024 * 1024,
@@ -767,6 +772,12 @@ impl ConfigBuilder {
     /// Connect timeout. Defaults to 10 s.
     pub fn connect_timeout(self, d: Duration) -> Self {
         self.connect_timeout_ms(ms(d))
+    }
+
+    /// Idle limit of streamed responses in milliseconds; 0 for none. Defaults to 60,000.
+    pub fn stream_idle_timeout_ms(mut self, ms: u64) -> Self {
+        self.config.stream_idle_timeout_ms = ms;
+        self
     }
 
     /// Overall per-request deadline in milliseconds; 0 for none. Defaults to 0.

@@ -21,6 +21,8 @@ pub enum TimeoutPhase {
     Wait,
     /// `Pool::close_timeout` returned before every thread had finished.
     Shutdown,
+    /// A streamed response sent nothing for longer than `stream_idle_timeout_ms`.
+    StreamIdle,
 }
 
 impl TimeoutPhase {
@@ -33,6 +35,46 @@ impl TimeoutPhase {
             TimeoutPhase::Submit => "submit",
             TimeoutPhase::Wait => "wait",
             TimeoutPhase::Shutdown => "shutdown",
+            TimeoutPhase::StreamIdle => "stream_idle",
+        }
+    }
+}
+
+/// How a streamed response failed ([`Error::Stream`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StreamFailure {
+    /// The stream ended without `data: [DONE]` (the connection closed early).
+    Incomplete,
+    /// An event was not a JSON object, or a chunk was not shaped like one.
+    Malformed,
+    /// The server reported an error inside the stream (`{"error": …}`, `finish_reason:
+    /// "error"` or `event: error`).
+    ErrorEvent,
+    /// No data arrived for `stream_idle_timeout_ms`.
+    Idle,
+    /// The attempt's timeout or the request's deadline passed mid-stream.
+    Timeout,
+    /// A line or an event exceeded `max_response_bytes`.
+    TooLarge,
+    /// Reading the stream failed (connection reset, …).
+    Interrupted,
+    /// The caller dropped the stream, stopped it from a callback, or did not read it.
+    Abandoned,
+}
+
+impl StreamFailure {
+    /// A short lowercase name (`"incomplete"`, `"malformed"`, `"error_event"`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamFailure::Incomplete => "incomplete",
+            StreamFailure::Malformed => "malformed",
+            StreamFailure::ErrorEvent => "error_event",
+            StreamFailure::Idle => "idle",
+            StreamFailure::Timeout => "timeout",
+            StreamFailure::TooLarge => "too_large",
+            StreamFailure::Interrupted => "interrupted",
+            StreamFailure::Abandoned => "abandoned",
         }
     }
 }
@@ -133,6 +175,28 @@ pub enum Error {
     /// (`try_submit`, `Ticket::try_wait`) or hand the work to another thread. Holds what
     /// would have waited, e.g. `"submit on a full queue"`.
     WouldDeadlock(&'static str),
+    /// A streamed response ([`Pool::submit_stream`](crate::Pool::submit_stream)) failed
+    /// after its headers: cut short, malformed, an error event, idle. While nothing had
+    /// reached the caller it was retried like any failure and this is the last attempt's;
+    /// once the caller had chunks it is never retried (that would repeat text), and
+    /// `chunks_delivered`/`text_bytes_delivered` say how much the caller has.
+    /// [`Error::code`] is `"stream"`.
+    Stream {
+        /// What went wrong.
+        kind: StreamFailure,
+        /// Details (server text masked).
+        message: String,
+        /// Label of the key whose stream failed.
+        key: String,
+        /// The error code an error event carried, if any.
+        status: Option<u16>,
+        /// Attempts made in total.
+        attempts: u32,
+        /// Chunks already handed to the caller.
+        chunks_delivered: u64,
+        /// Bytes of text delta already handed to the caller.
+        text_bytes_delivered: u64,
+    },
 }
 
 impl Error {
@@ -167,7 +231,8 @@ impl Error {
             }
             Error::Transport { attempts, .. }
             | Error::Timeout { attempts, .. }
-            | Error::NoUsableKey { attempts, .. } => *attempts,
+            | Error::NoUsableKey { attempts, .. }
+            | Error::Stream { attempts, .. } => *attempts,
             _ => 0,
         }
     }
@@ -191,6 +256,7 @@ impl Error {
             Error::Json(_) => "json",
             Error::Spawn { .. } => "spawn",
             Error::WouldDeadlock(_) => "would_deadlock",
+            Error::Stream { .. } => "stream",
         }
     }
 
@@ -262,6 +328,19 @@ impl fmt::Display for Error {
             Error::WouldDeadlock(call) => write!(
                 f,
                 "{call} from a keypool thread (inside a completion callback) would wait for the pool and can deadlock it; use the non-blocking form or another thread"
+            ),
+            Error::Stream {
+                kind,
+                message,
+                key,
+                attempts,
+                chunks_delivered,
+                text_bytes_delivered,
+                ..
+            } => write!(
+                f,
+                "stream from key {key} failed ({}): {message}; {chunks_delivered} chunk(s) with {text_bytes_delivered} byte(s) of text were delivered before the failure (after {attempts} attempt(s))",
+                kind.as_str()
             ),
         }
     }

@@ -7,6 +7,7 @@ use crate::admission::Admission;
 use crate::deadline::Slot;
 use crate::error::{Error, TimeoutPhase};
 use crate::request::Request;
+use crate::stream::StreamState;
 use crate::ticket::{Reply, RequestResult};
 
 /// Where the job's one answer goes.
@@ -40,6 +41,8 @@ pub(crate) struct Job {
     pub est_tokens: u64,
     /// The key admission this job holds while it is with a worker (see `admission.rs`).
     pub admission: Option<(usize, Admission)>,
+    /// Streamed requests: where chunks go and how much the caller has.
+    pub stream: Option<Box<StreamState>>,
 }
 
 impl Job {
@@ -81,6 +84,7 @@ impl Job {
             last_error: None,
             est_tokens,
             admission: None,
+            stream: None,
         }
     }
 

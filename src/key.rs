@@ -41,6 +41,8 @@ pub(crate) struct KeyState {
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
     latency: Mutex<Histogram>,
+    /// Streams: attempt start to first text delta.
+    ttft: Mutex<Histogram>,
 }
 
 impl KeyState {
@@ -61,6 +63,7 @@ impl KeyState {
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
             latency: Mutex::new(Histogram::new()),
+            ttft: Mutex::new(Histogram::new()),
         }
     }
 
@@ -83,6 +86,12 @@ impl KeyState {
         self.latency.lock().record(us);
     }
 
+    /// A stream's time to first token on this key.
+    pub(crate) fn record_ttft(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.ttft.lock().record(us);
+    }
+
     pub(crate) fn record_success(&self, prompt: u64, completion: u64) {
         self.succeeded.fetch_add(1, Relaxed);
         saturating_add(&self.prompt_tokens, prompt);
@@ -101,6 +110,10 @@ impl KeyState {
         let now = Instant::now();
         let (p50, p99) = {
             let h = self.latency.lock();
+            (h.quantile(0.50), h.quantile(0.99))
+        };
+        let (t50, t99) = {
+            let h = self.ttft.lock();
             (h.quantile(0.50), h.quantile(0.99))
         };
         let f = |c: FailClass| self.fail[c as usize].load(Relaxed);
@@ -126,6 +139,8 @@ impl KeyState {
             retries: self.retries.load(Relaxed),
             latency_p50_ms: p50 as f64 / 1000.0,
             latency_p99_ms: p99 as f64 / 1000.0,
+            ttft_p50_ms: t50 as f64 / 1000.0,
+            ttft_p99_ms: t99 as f64 / 1000.0,
             prompt_tokens: self.prompt_tokens.load(Relaxed),
             completion_tokens: self.completion_tokens.load(Relaxed),
             cooldown_remaining_ms: self

@@ -52,7 +52,9 @@ mod pool;
 mod request;
 mod retry;
 mod shared;
+mod sse;
 mod stats;
+mod stream;
 mod thread_role;
 mod ticket;
 mod transport;
@@ -64,16 +66,18 @@ pub use config::{
     ApiKey, Config, ConfigBuilder, KeyConfig, MAX_CONCURRENT_LIMIT, MAX_DURATION_MS, MAX_KEY_BYTES,
     MAX_KEYS, MAX_QUEUE_CAPACITY, MAX_TOTAL_WORKERS, MAX_WORKER_STACK_SIZE, RetryConfig, Strategy,
 };
-pub use error::{Error, TimeoutPhase};
+pub use error::{Error, StreamFailure, TimeoutPhase};
 pub use pool::{Pool, TrySubmitError};
 pub use request::{DEFAULT_PATH, Request, Response, Usage};
 /// The JSON library keypool's API takes and returns: `keypool::serde_json::json!`,
 /// [`Value`] for untyped bodies.
 pub use serde_json::{self, Value};
 pub use stats::{FailureCounts, KeyStats, Stats, Totals};
+pub use stream::{ResponseStream, StreamChunk, StreamEvent};
 pub use ticket::{RequestResult, Ticket};
 pub use transport::{
-    HttpRequest, HttpResponse, Transport, TransportError, TransportSettings, UreqTransport,
+    HttpRequest, HttpResponse, HttpStream, Transport, TransportError, TransportSettings,
+    UreqTransport,
 };
 
 /// The crate version, e.g. `"0.1.0"`.

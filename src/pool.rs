@@ -19,6 +19,7 @@ use crate::key::KeyState;
 use crate::request::Request;
 use crate::shared::Shared;
 use crate::stats::Stats;
+use crate::stream::{ChunkSink, ResponseStream, StreamChunk, StreamState};
 use crate::thread_role::{mark_pool_thread, on_pool_thread};
 use crate::ticket::{Reply, RequestResult, Ticket};
 use crate::transport::{Transport, TransportFactory, TransportSettings, UreqTransport};
@@ -325,6 +326,17 @@ impl Pool {
     /// Queues `req`; on refusal the request comes back unsent with the reason.
     #[allow(clippy::result_large_err)] // the request itself comes back: moved, not boxed
     fn enqueue(&self, req: Request, reply: Reply, mode: Mode) -> Result<(), TrySubmitError> {
+        self.enqueue_job(req, reply, None, mode)
+    }
+
+    #[allow(clippy::result_large_err)] // the request itself comes back: moved, not boxed
+    fn enqueue_job(
+        &self,
+        req: Request,
+        reply: Reply,
+        stream: Option<Box<StreamState>>,
+        mode: Mode,
+    ) -> Result<(), TrySubmitError> {
         let shared = &self.inner.shared;
         if let Some(msg) = shared.broken.lock().clone() {
             reply.defuse();
@@ -370,6 +382,8 @@ impl Pool {
             }
             None => Job::new(req, reply, deadline, est),
         };
+        let mut job = job;
+        job.stream = stream;
         let mode = match mode {
             Mode::Block | Mode::Timeout(_) if on_pool_thread() => Mode::NoWait,
             m => m,
@@ -516,6 +530,84 @@ impl Pool {
     ) -> Result<(), TrySubmitError> {
         let reply = self.counted_fn(callback);
         self.enqueue(req, reply, Mode::Try)
+    }
+
+    /// Submits a streamed request (`"stream": true` is set, and usage in the final chunk
+    /// is asked for with `stream_options.include_usage` unless the body sets it),
+    /// blocking while the queue is full. Iterate the returned [`ResponseStream`] for
+    /// each chunk as it arrives, then the final outcome: the assembled
+    /// `chat.completion` (full message, `finish_reason`, `usage`) or an error.
+    ///
+    /// A stream is a request like any other: it counts against its key's
+    /// `max_concurrent` for its whole length, honours rate limits, the deadline and
+    /// `stream_idle_timeout_ms`, and is retried on another key while no chunk has
+    /// reached the caller; after that a failure ends it with [`Error::Stream`] saying
+    /// how much was delivered. A server that answers with one JSON body instead of
+    /// events gives no chunks and that body as the outcome.
+    ///
+    /// Errors: [`Error::InvalidRequest`] if the body is not a JSON object; otherwise as
+    /// [`submit`](Pool::submit).
+    ///
+    /// ```
+    /// use keypool::{Config, Pool, Request, StreamEvent};
+    /// # let server = keypool_mock::MockServer::start(keypool_mock::MockConfig::default()).unwrap();
+    /// let pool = Pool::new(Config::builder().base_url(server.url()).key("sk-a", 2).build()?)?;
+    /// let mut text = String::new();
+    /// for event in pool.submit_stream(Request::chat("m", [("user", "Say hi")]))? {
+    ///     match event {
+    ///         StreamEvent::Chunk(c) => text.push_str(c.delta()),
+    ///         StreamEvent::Done(result) => {
+    ///             let response = result?;
+    ///             assert_eq!(response.content().unwrap(), text);
+    ///             assert!(response.usage().is_some());
+    ///         }
+    ///     }
+    /// }
+    /// # Ok::<(), keypool::Error>(())
+    /// ```
+    pub fn submit_stream(&self, req: Request) -> Result<ResponseStream, Error> {
+        self.stream_with_mode(req, Mode::Block)
+    }
+
+    /// Like [`submit_stream`](Pool::submit_stream) but never blocks: [`Error::Busy`] if
+    /// the queue is full.
+    pub fn try_submit_stream(&self, req: Request) -> Result<ResponseStream, Error> {
+        self.stream_with_mode(req, Mode::Try)
+    }
+
+    fn stream_with_mode(&self, req: Request, mode: Mode) -> Result<ResponseStream, Error> {
+        let req = crate::stream::prepare(req)?;
+        let (chunk_tx, chunk_rx) = crossbeam_channel::bounded(crate::stream::CHUNK_BUFFER);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let reply = self.counted_fn(move |r| {
+            let _ = tx.send(r);
+        });
+        let state = StreamState::new(ChunkSink::Channel(chunk_tx));
+        self.enqueue_job(req, reply, Some(state), mode)
+            .map_err(Error::from)?;
+        Ok(ResponseStream::new(chunk_rx, rx))
+    }
+
+    /// Submits a streamed request with callbacks instead of a [`ResponseStream`],
+    /// blocking while the queue is full (see [`submit_stream`](Pool::submit_stream)).
+    ///
+    /// `on_chunk` runs for each chunk, in order, on the keypool worker thread reading the
+    /// stream, before the next chunk is read: keep it short. Returning `false` stops the
+    /// stream (it ends with [`Error::Stream`] of kind `Abandoned`). `on_done` then runs
+    /// exactly once with the final outcome (on that worker, or on the dispatcher for a
+    /// request answered without being sent), and never if this returns `Err`. Both
+    /// callbacks may call what [`submit_with`](Pool::submit_with)'s may.
+    pub fn submit_stream_with(
+        &self,
+        req: Request,
+        mut on_chunk: impl FnMut(&StreamChunk) -> bool + Send + 'static,
+        on_done: impl FnOnce(RequestResult) + Send + 'static,
+    ) -> Result<(), Error> {
+        let req = crate::stream::prepare(req)?;
+        let reply = self.counted_fn(on_done);
+        let state = StreamState::new(ChunkSink::Callback(Box::new(move |c| on_chunk(&c))));
+        self.enqueue_job(req, reply, Some(state), Mode::Block)
+            .map_err(Error::from)
     }
 
     /// Sends every request and returns one result per request, in input order. A

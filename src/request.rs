@@ -211,6 +211,8 @@ pub struct Response {
     pub(crate) attempts: u32,
     pub(crate) latency: Duration,
     pub(crate) keys_tried: Vec<usize>,
+    /// Streams only: first attempt's start to the first text delta.
+    pub(crate) ttft: Option<Duration>,
 }
 
 impl std::fmt::Debug for Response {
@@ -221,6 +223,7 @@ impl std::fmt::Debug for Response {
             .field("key_index", &self.key_index)
             .field("attempts", &self.attempts)
             .field("latency", &self.latency)
+            .field("ttft", &self.ttft)
             .field("body_len", &self.body.len())
             .finish()
     }
@@ -334,6 +337,12 @@ impl Response {
     /// Indices of the keys tried, in order (the last one served this response).
     pub fn keys_tried(&self) -> &[usize] {
         &self.keys_tried
+    }
+
+    /// Streamed responses only: time from the first attempt's start to the first chunk
+    /// with text (`None` for other responses, or a stream without text).
+    pub fn time_to_first_token(&self) -> Option<Duration> {
+        self.ttft
     }
 
     /// Time from the first attempt's start to this response.

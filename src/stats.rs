@@ -48,6 +48,11 @@ pub struct KeyStats {
     pub latency_p50_ms: f64,
     /// 99th-percentile attempt latency, milliseconds.
     pub latency_p99_ms: f64,
+    /// Median time to first token of streamed requests on this key (attempt start to
+    /// the first chunk with text), milliseconds (0 before any).
+    pub ttft_p50_ms: f64,
+    /// 99th-percentile time to first token of streamed requests, milliseconds.
+    pub ttft_p99_ms: f64,
     /// Sum of `usage.prompt_tokens` of successful responses.
     pub prompt_tokens: u64,
     /// Sum of `usage.completion_tokens` of successful responses.

@@ -54,6 +54,28 @@ pub struct HttpResponse {
     pub body: Vec<u8>,
 }
 
+/// A streamed HTTP response ([`Transport::send_stream`]): status and headers now, the
+/// body as it arrives.
+pub struct HttpStream {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers worth keeping, lowercase names.
+    pub headers: Vec<(String, String)>,
+    /// The body, read as it arrives. A read that waits longer than the idle timeout (or
+    /// past the attempt's timeout) must fail with an `io::Error` of kind `TimedOut`.
+    /// Dropping it abandons the response (the connection is not reused).
+    pub body: Box<dyn std::io::Read + Send>,
+}
+
+impl std::fmt::Debug for HttpStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpStream")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Why a transport got no response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransportError {
@@ -84,6 +106,26 @@ pub struct TransportSettings {
 pub trait Transport: Send + Sync {
     /// Performs the request.
     fn send(&self, req: &HttpRequest<'_>) -> Result<HttpResponse, TransportError>;
+
+    /// Performs the request and returns as soon as the response headers arrive, with
+    /// the body to be read as it streams in (server-sent events). `idle_timeout` bounds
+    /// each wait for more data, including the wait for the headers; `req.timeout` bounds
+    /// the whole attempt, body included.
+    ///
+    /// The default implementation refuses: a custom transport that does not override it
+    /// cannot serve [`Pool::submit_stream`](crate::Pool::submit_stream) requests (they
+    /// fail with [`Error::Transport`](crate::Error::Transport) and are not retried
+    /// elsewhere more than any transport failure).
+    fn send_stream(
+        &self,
+        req: &HttpRequest<'_>,
+        idle_timeout: Option<Duration>,
+    ) -> Result<HttpStream, TransportError> {
+        let _ = (req, idle_timeout);
+        Err(TransportError::Failed(
+            "this transport does not support streaming (Transport::send_stream)".to_owned(),
+        ))
+    }
 }
 
 /// Builds one transport per key.
@@ -131,15 +173,16 @@ impl UreqTransport {
 }
 
 impl Transport for UreqTransport {
+    fn send_stream(
+        &self,
+        req: &HttpRequest<'_>,
+        idle_timeout: Option<Duration>,
+    ) -> Result<HttpStream, TransportError> {
+        self.stream(req, idle_timeout)
+    }
+
     fn send(&self, req: &HttpRequest<'_>) -> Result<HttpResponse, TransportError> {
-        let mut builder = self
-            .agent
-            .post(req.url)
-            .header("authorization", format!("Bearer {}", req.key.expose()))
-            .header("content-type", "application/json");
-        for (k, v) in req.headers {
-            builder = builder.header(k.as_str(), v.as_str());
-        }
+        let builder = self.builder(req);
         // Only an attempt cut short by the request's deadline pays for a per-request config.
         let builder = if req.timeout < self.attempt_timeout {
             builder
@@ -174,10 +217,81 @@ impl Transport for UreqTransport {
     }
 }
 
+impl UreqTransport {
+    fn builder(&self, req: &HttpRequest<'_>) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+        let mut builder = self
+            .agent
+            .post(req.url)
+            .header("authorization", format!("Bearer {}", req.key.expose()))
+            .header("content-type", "application/json");
+        for (k, v) in req.headers {
+            builder = builder.header(k.as_str(), v.as_str());
+        }
+        builder
+    }
+}
+
+/// The streaming half of [`UreqTransport`]: `send_stream` is implemented here so the
+/// blocking `send` above stays untouched.
+impl UreqTransport {
+    fn stream(
+        &self,
+        req: &HttpRequest<'_>,
+        idle: Option<Duration>,
+    ) -> Result<HttpStream, TransportError> {
+        let builder = self
+            .builder(req)
+            .header("accept", "text/event-stream")
+            .config()
+            .timeout_recv_response(Some(req.timeout))
+            .timeout_recv_body(Some(req.timeout))
+            .timeout_per_read(idle)
+            .build();
+        let resp = builder
+            .send(req.body)
+            .map_err(|e| mask_error(map_ureq_error(e), req))?;
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .filter(|(k, _)| is_kept_header(k.as_str()))
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
+        let body = resp.into_body().into_reader();
+        Ok(HttpStream {
+            status,
+            headers,
+            body: Box::new(TimeoutsAsTimedOut(body)),
+        })
+    }
+}
+
+/// Turns ureq's timeout errors (wrapped in `io::Error::other`) into `TimedOut` errors,
+/// as [`HttpStream::body`] promises.
+struct TimeoutsAsTimedOut<R>(R);
+
+impl<R: std::io::Read> std::io::Read for TimeoutsAsTimedOut<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf).map_err(|e| {
+            let timed_out = e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<ureq::Error>())
+                .is_some_and(|u| matches!(u, ureq::Error::Timeout(_)));
+            if timed_out {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out reading the stream")
+            } else {
+                e
+            }
+        })
+    }
+}
+
 fn map_ureq_error(e: ureq::Error) -> TransportError {
     match e {
         ureq::Error::Timeout(t) => TransportError::Timeout(match t {
             ureq::Timeout::Connect | ureq::Timeout::Resolve => TimeoutPhase::Connect,
+            // Only streams set a per-read timeout (`stream_idle_timeout_ms`).
+            ureq::Timeout::PerRead => TimeoutPhase::StreamIdle,
             _ => TimeoutPhase::Attempt,
         }),
         ureq::Error::BodyExceedsLimit(n) => TransportError::Failed(format!(

@@ -207,20 +207,46 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
             .collect::<Vec<_>>();
         &extra
     };
+    let body = job.req.body.clone();
     let http = HttpRequest {
         url: &url,
         key: &ctx.key,
         headers,
-        body: &job.req.body,
+        body: &body,
         timeout,
     };
     ks.begin();
     let t0 = Instant::now();
+    if job.stream.is_some() {
+        // A stream holds this worker (and so one of the key's `max_concurrent` slots)
+        // until it ends.
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            crate::stream::attempt(ctx, &mut job, &http, first_start, t0, deadline_bound)
+        }));
+        ks.end(t0.elapsed());
+        job.end_attempt();
+        let (err, verdict, class) = match outcome {
+            Ok(Ok(response)) => {
+                settle.complete(&KeyVerdict {
+                    accepted: true,
+                    ..KeyVerdict::default()
+                });
+                job.finish(Ok(response));
+                return;
+            }
+            Ok(Err(e)) => *e,
+            Err(p) => (
+                Error::Panic(panic_message(&p)),
+                Verdict::default(),
+                FailClass::Other,
+            ),
+        };
+        return conclude(ctx, &mut settle, job, err, verdict, class);
+    }
     let outcome = catch_unwind(AssertUnwindSafe(|| ctx.transport.send(&http)));
     ks.end(t0.elapsed());
     job.end_attempt();
 
-    let label = || ks.label.to_string(); // only error paths need an owned label
     let (err, verdict, class) = match outcome {
         Ok(Ok(resp)) => match judge_response(ctx, &mut job, resp, first_start) {
             Ok(response) => {
@@ -233,7 +259,25 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
             }
             Err(e) => *e,
         },
-        Ok(Err(TransportError::Timeout(phase))) => {
+        Ok(Err(e)) => transport_failure(ctx, &job, e, deadline_bound),
+        Err(p) => {
+            let err = Error::Panic(panic_message(&p));
+            (err, Verdict::default(), FailClass::Other)
+        }
+    };
+    conclude(ctx, &mut settle, job, err, verdict, class);
+}
+
+/// An attempt that got no response: its error, verdict and class.
+pub(crate) fn transport_failure(
+    ctx: &KeyWorkerCtx,
+    job: &Job,
+    e: TransportError,
+    deadline_bound: bool,
+) -> (Error, Verdict, FailClass) {
+    let label = || ctx.state().label.to_string();
+    match e {
+        TransportError::Timeout(phase) => {
             let phase = if deadline_bound && phase == TimeoutPhase::Attempt {
                 TimeoutPhase::Deadline
             } else {
@@ -254,7 +298,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
                 FailClass::Timeout,
             )
         }
-        Ok(Err(TransportError::Failed(message))) => {
+        TransportError::Failed(message) => {
             let err = Error::Transport {
                 key: label(),
                 // A custom transport's message may quote a key: mask it like server text.
@@ -270,11 +314,19 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
                 FailClass::Transport,
             )
         }
-        Err(p) => {
-            let err = Error::Panic(panic_message(&p));
-            (err, Verdict::default(), FailClass::Other)
-        }
-    };
+    }
+}
+
+/// Settles a failed attempt's admission with the key's part of the verdict, then
+/// retries or answers the job.
+fn conclude(
+    ctx: &KeyWorkerCtx,
+    settle: &mut Settle<'_>,
+    job: Job,
+    err: Error,
+    verdict: Verdict,
+    class: FailClass,
+) {
     // The key's part of the verdict first — a "bad key" verdict disables the key before
     // its next trial can start — then the request's part.
     let answered = matches!(
@@ -296,7 +348,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
 /// without `choices`) is an `InvalidResponse`, retried like a 5xx. A success body is
 /// returned untouched (the caller owns the key); on every error path the body, the
 /// kept headers and the message have every configured secret masked first.
-fn judge_response(
+pub(crate) fn judge_response(
     ctx: &KeyWorkerCtx,
     job: &mut Job,
     resp: HttpResponse,
@@ -328,6 +380,7 @@ fn judge_response(
                     attempts: job.attempts,
                     latency: first_start.elapsed(),
                     keys_tried: job.tried.clone(),
+                    ttft: None,
                 });
             }
             Err(p) => Some(p),
@@ -351,6 +404,7 @@ fn judge_response(
         attempts: job.attempts,
         latency: first_start.elapsed(),
         keys_tried: job.tried.clone(),
+        ttft: None,
     };
     let status = match problem {
         Some(body::Problem::Invalid(why)) => {

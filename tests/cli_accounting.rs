@@ -529,10 +529,10 @@ fn summary_separates_failed_attempts_from_failed_records() {
 }
 
 #[test]
-fn stream_true_lines_are_refused_at_input() {
+fn stream_true_lines_run_streamed_and_record_the_assembled_completion() {
     let server = MockServer::start(MockConfig::default()).unwrap();
     let dir = Dir::new("stream");
-    let mut streamed = body("x", None);
+    let mut streamed = body("hello there", None);
     streamed["stream"] = json!(true);
     let lines = vec![
         line("a", body("x", None)),
@@ -542,31 +542,77 @@ fn stream_true_lines_are_refused_at_input() {
     write_lines(&dir.path("in.jsonl"), &lines);
     let out = run_to_end(run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url()));
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("\"stream\": true") && err.contains("lines 2, 3"),
-        "{err}"
-    );
-    assert_eq!(server.stats().total_requests, 0);
-
-    // From stdin: an error record, never a success.
-    let mut c = run_cmd(&dir, "-", "-", &server.url());
-    c.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(lines.join("\n").as_bytes()).unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let recs = records(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let recs = read_records(&dir.path("out.jsonl"));
     assert_eq!(recs.len(), 3);
     for r in recs.iter().filter(|r| id(r) != "a") {
-        assert_eq!(r["error"]["code"], "invalid_request", "{r}");
-        assert!(r["error"]["message"].as_str().unwrap().contains("stream"));
+        assert!(ok(r), "{r}");
+        let b = &r["response"]["body"];
+        // The same record shape as a non-streamed line: a chat.completion with usage.
+        assert_eq!(b["object"], "chat.completion", "{r}");
+        assert_eq!(b["choices"][0]["message"]["content"], "echo: hello there");
+        assert_eq!(b["choices"][0]["finish_reason"], "stop");
+        assert!(b["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(r["response"]["status_code"], 200);
     }
-    assert_eq!(server.stats().total_requests, 1);
+    assert_eq!(server.stats().total_requests, 3);
+}
+
+#[test]
+fn a_broken_stream_is_an_error_record_that_retry_failed_redoes() {
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    let dir = Dir::new("stream-broken");
+    let mut broken = body(
+        "abcdefghijkl",
+        Some(json!({"stream_fault": "truncate", "fault_after": 1})),
+    );
+    broken["stream"] = json!(true);
+    let mut malformed = body(
+        "abcdefghijkl",
+        Some(json!({"stream_fault": "malformed", "fault_after": 1})),
+    );
+    malformed["stream"] = json!(true);
+    write_lines(
+        &dir.path("in.jsonl"),
+        &[line("cut", broken.clone()), line("bad", malformed.clone())],
+    );
+    let out = run_to_end(run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url()));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let recs = read_records(&dir.path("out.jsonl"));
+    assert_eq!(recs.len(), 2);
+    for r in &recs {
+        assert!(!ok(r), "{r}");
+        assert_eq!(r["error"]["code"], "stream", "{r}");
+        let m = r["error"]["message"].as_str().unwrap();
+        assert!(m.contains("delivered"), "{m}");
+        assert!(r["keypool"]["key"].is_string(), "{r}");
+    }
+    assert!(recs.iter().any(|r| {
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("incomplete")
+    }));
+    assert!(recs.iter().any(|r| {
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("malformed")
+    }));
+    // The server heals (the same lines without faults): --retry-failed redoes both.
+    let mut healed = body("abcdefghijkl", None);
+    healed["stream"] = json!(true);
+    write_lines(
+        &dir.path("in.jsonl"),
+        &[line("cut", healed.clone()), line("bad", healed)],
+    );
+    let mut c = run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url());
+    c.arg("--retry-failed");
+    let out = run_to_end(c);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let recs = read_records(&dir.path("out.jsonl"));
+    assert_eq!(recs.len(), 4);
+    assert!(recs[2..].iter().all(ok), "{recs:#?}");
 }
 
 #[test]

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "keypool.h"
@@ -85,6 +86,25 @@ static void count_callback(keypool_result *r, void *user_data) {
     callback_calls++;
     pthread_mutex_unlock(&callback_mu);
     keypool_result_free(r);
+}
+
+static bool keep_chunk(const keypool_stream_event *chunk, void *user_data) {
+    (void)chunk;
+    (void)user_data;
+    return true;
+}
+
+static int stream_chunks_seen;
+
+static bool count_chunk(const keypool_stream_event *chunk, void *user_data) {
+    (void)user_data;
+    size_t n = 0;
+    if (keypool_stream_event_kind(chunk) == KEYPOOL_STREAM_CHUNK && keypool_stream_event_json(chunk, &n) && n > 0) {
+        pthread_mutex_lock(&callback_mu);
+        stream_chunks_seen++;
+        pthread_mutex_unlock(&callback_mu);
+    }
+    return true;
 }
 
 static keypool_pool *make_pool(const char *base_url, int max_concurrent, int queue,
@@ -214,12 +234,34 @@ static void null_handle_cases(void) {
                  "result is NULL");
     check("out params untouched", t == NULL && r == NULL, "an out-parameter was written");
 
+    /* Streams. */
+    keypool_stream *st = NULL;
+    keypool_stream_event *ev = NULL;
+    check_status("submit_stream: NULL pool", keypool_submit_stream(NULL, BODY, &st),
+                 KEYPOOL_INVALID_ARGUMENT, "pool is NULL");
+    check_status("submit_stream_callback: NULL pool",
+                 keypool_submit_stream_callback(NULL, BODY, keep_chunk, count_callback, NULL),
+                 KEYPOOL_INVALID_ARGUMENT, "pool is NULL");
+    check_status("stream_next: NULL stream", keypool_stream_next(NULL, 0, &ev),
+                 KEYPOOL_INVALID_ARGUMENT, "stream is NULL");
+    check_failed("stream_event_kind: NULL", keypool_stream_event_kind(NULL) == 0, "event is NULL");
+    len = 12345;
+    check_failed("stream_event_delta: NULL", keypool_stream_event_delta(NULL, &len) == NULL && len == 12345,
+                 "event is NULL");
+    check_failed("stream_event_json: NULL", keypool_stream_event_json(NULL, &len) == NULL && len == 12345,
+                 "event is NULL");
+    check_failed("stream_event_result: NULL", keypool_stream_event_result(NULL) == NULL,
+                 "event is NULL");
+    check("stream out params untouched", st == NULL && ev == NULL, "an out-parameter was written");
+
     /* _free(NULL) is a no-op for every _free. */
     keypool_pool_free(NULL);
     keypool_ticket_free(NULL);
     keypool_result_free(NULL);
     keypool_string_free(NULL);
-    check("free(NULL) x4", 1, "");
+    keypool_stream_free(NULL);
+    keypool_stream_event_free(NULL);
+    check("free(NULL) x6", 1, "");
 
     /* Status strings. */
     check("status_str(99)", strcmp(keypool_status_str((keypool_status)99), "unknown status") == 0,
@@ -227,19 +269,19 @@ static void null_handle_cases(void) {
     check("status_str(-1)",
           strcmp(keypool_status_str((keypool_status)-1), "unknown status") == 0, "not unknown");
     int named = 1;
-    for (int s = KEYPOOL_OK; s <= KEYPOOL_SPAWN; s++) {
+    for (int s = KEYPOOL_OK; s <= KEYPOOL_STREAM; s++) {
         const char *str = keypool_status_str((keypool_status)s);
         if (str == NULL || str[0] == '\0' || strcmp(str, "unknown status") == 0) named = 0;
     }
-    check("status_str names 0..13", named, "a known status has no name");
-    check("status_str(14) unknown",
-          strcmp(keypool_status_str((keypool_status)14), "unknown status") == 0, "named");
+    check("status_str names 0..14", named, "a known status has no name");
+    check("status_str(15) unknown",
+          strcmp(keypool_status_str((keypool_status)15), "unknown status") == 0, "named");
     check("status numbers fixed",
           KEYPOOL_OK == 0 && KEYPOOL_INVALID_ARGUMENT == 1 && KEYPOOL_CONFIG == 2 &&
               KEYPOOL_HTTP == 3 && KEYPOOL_TRANSPORT == 4 && KEYPOOL_TIMEOUT == 5 &&
               KEYPOOL_BUSY == 6 && KEYPOOL_CLOSED == 7 && KEYPOOL_CANCELLED == 8 &&
               KEYPOOL_PANIC == 9 && KEYPOOL_NO_USABLE_KEY == 10 && KEYPOOL_INVALID_REQUEST == 11 &&
-              KEYPOOL_WOULD_DEADLOCK == 12 && KEYPOOL_SPAWN == 13,
+              KEYPOOL_WOULD_DEADLOCK == 12 && KEYPOOL_SPAWN == 13 && KEYPOOL_STREAM == 14,
           "a status number changed");
 }
 
@@ -319,6 +361,115 @@ static int result_consistent(keypool_result *r) {
 }
 
 /* A batch with bad bodies: per-index failed results, not a failed batch. */
+/* Streams against the mock: the pull form to the end, a stream freed half-read, the
+   callback form, and bad arguments. Everything freed (valgrind checks). */
+static void stream_cases(keypool_pool *pool) {
+    keypool_stream *st = NULL;
+    keypool_stream_event *ev = NULL;
+    check_status("submit_stream: NULL body", keypool_submit_stream(pool, NULL, &st),
+                 KEYPOOL_INVALID_ARGUMENT, "body_json is NULL");
+    check_status("submit_stream: NULL out", keypool_submit_stream(pool, BODY, NULL),
+                 KEYPOOL_INVALID_ARGUMENT, "out is NULL");
+    check_status("submit_stream: body not an object", keypool_submit_stream(pool, "[1]", &st),
+                 KEYPOOL_INVALID_REQUEST, "JSON object");
+    check_status("submit_stream_callback: NULL on_chunk",
+                 keypool_submit_stream_callback(pool, BODY, NULL, count_callback, NULL),
+                 KEYPOOL_INVALID_ARGUMENT, "on_chunk is NULL");
+    check_status("submit_stream_callback: NULL on_done",
+                 keypool_submit_stream_callback(pool, BODY, keep_chunk, NULL, NULL),
+                 KEYPOOL_INVALID_ARGUMENT, "on_done is NULL");
+
+    check_status("submit_stream", keypool_submit_stream(pool, BODY, &st), KEYPOOL_OK, NULL);
+    check_status("stream_next: NULL out", keypool_stream_next(st, 0, NULL),
+                 KEYPOOL_INVALID_ARGUMENT, "out is NULL");
+    char text[256] = "";
+    size_t used = 0;
+    int chunks = 0, done = 0;
+    keypool_status s;
+    while ((s = keypool_stream_next(st, 10000, &ev)) == KEYPOOL_OK) {
+        if (keypool_stream_event_kind(ev) == KEYPOOL_STREAM_CHUNK) {
+            size_t n = 0;
+            const char *d = keypool_stream_event_delta(ev, &n);
+            if (used + n < sizeof text) {
+                memcpy(text + used, d, n);
+                used += n;
+                text[used] = '\0';
+            }
+            chunks++;
+            if (keypool_stream_event_result(ev) != NULL) chunks = -1000;
+        } else {
+            const keypool_result *r = keypool_stream_event_result(ev);
+            size_t blen = 0;
+            const char *body = (const char *)keypool_result_body(r, &blen);
+            done = keypool_result_status(r) == KEYPOOL_OK && strstr(body, "\"chat.completion\"") &&
+                   strstr(body, "\"usage\"") && strstr(body, "echo: hi");
+        }
+        keypool_stream_event_free(ev);
+        ev = NULL;
+    }
+    check("stream: chunks then one done", chunks >= 3 && done, "bad events");
+    check("stream: deltas are the reply", strcmp(text, "echo: hi") == 0, text);
+    check_status("stream_next after done", s, KEYPOOL_CLOSED, "ended");
+    keypool_stream_free(st);
+
+    /* Freed half-read: the request is abandoned, nothing leaks. */
+    st = NULL;
+    check_status("submit_stream (abandoned)",
+                 keypool_submit_stream(pool,
+                                       "{\"model\": \"m\", \"messages\": [{\"role\": \"user\", "
+                                       "\"content\": \"a longer prompt\"}], \"mock\": "
+                                       "{\"chunk_delay_ms\": 20, \"stream_chunks\": 10}}",
+                                       &st),
+                 KEYPOOL_OK, NULL);
+    check_status("stream_next: first event", keypool_stream_next(st, 10000, &ev), KEYPOOL_OK, NULL);
+    keypool_stream_event_free(ev);
+    ev = NULL;
+    keypool_stream_free(st);
+
+    /* A broken stream: a KEYPOOL_STREAM result with its code and message. */
+    st = NULL;
+    keypool_submit_stream(pool,
+                          "{\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": "
+                          "\"abcdefgh\"}], \"mock\": {\"stream_fault\": \"truncate\", \"fault_after\": 1}}",
+                          &st);
+    int broken = 0;
+    while (st && keypool_stream_next(st, 10000, &ev) == KEYPOOL_OK) {
+        if (keypool_stream_event_kind(ev) == KEYPOOL_STREAM_DONE) {
+            const keypool_result *r = keypool_stream_event_result(ev);
+            broken = keypool_result_status(r) == KEYPOOL_STREAM &&
+                     strcmp(keypool_result_error_code(r), "stream") == 0 &&
+                     strstr(keypool_result_error_message(r), "delivered") != NULL &&
+                     strstr(keypool_result_error_message(r), SECRET) == NULL;
+        }
+        keypool_stream_event_free(ev);
+        ev = NULL;
+    }
+    check("stream: truncated is KEYPOOL_STREAM", broken, "not a stream error");
+    keypool_stream_free(st);
+
+    /* The callback form. */
+    pthread_mutex_lock(&callback_mu);
+    int before = callback_calls;
+    pthread_mutex_unlock(&callback_mu);
+    check_status("submit_stream_callback",
+                 keypool_submit_stream_callback(pool, BODY, count_chunk, count_callback, NULL),
+                 KEYPOOL_OK, NULL);
+    int got = 0;
+    for (int i = 0; i < 1000 && !got; i++) {
+        pthread_mutex_lock(&callback_mu);
+        got = callback_calls > before;
+        pthread_mutex_unlock(&callback_mu);
+        if (!got) {
+            struct timespec ten_ms = {0, 10 * 1000 * 1000};
+            nanosleep(&ten_ms, NULL);
+        }
+    }
+    pthread_mutex_lock(&callback_mu);
+    int seen = stream_chunks_seen;
+    pthread_mutex_unlock(&callback_mu);
+    check("submit_stream_callback: chunks then done", got && seen >= 3, "callbacks not called");
+}
+
 static void batch_cases(keypool_pool *pool) {
     const char *bodies[4] = {BODY, NULL, "{\"content\": \"\xff\"}", "{not json"};
     keypool_result *out[4] = {NULL, NULL, NULL, NULL};
@@ -624,6 +775,7 @@ int main(int argc, char **argv) {
     keypool_pool *pool = make_pool(base_url, 4, 64, 30000);
     argument_cases(pool);
     if (argc > 1) batch_cases(pool);
+    if (argc > 1) stream_cases(pool);
     keypool_pool_free(pool);
     if (argc > 1) ticket_cases(base_url);
     hanging_cases();

@@ -137,6 +137,94 @@ class Ticket {
     std::unique_ptr<keypool_ticket, detail::TicketDeleter> t_;
 };
 
+namespace detail {
+struct StreamDeleter {
+    void operator()(keypool_stream *s) const noexcept { keypool_stream_free(s); }
+};
+struct StreamEventDeleter {
+    void operator()(keypool_stream_event *e) const noexcept { keypool_stream_event_free(e); }
+};
+}  // namespace detail
+
+/// One event of a stream: a chunk, or the final outcome. Views it hands out live as
+/// long as the event. Move-only.
+class StreamEvent {
+  public:
+    explicit StreamEvent(keypool_stream_event *e) : e_(e) {}
+
+    /// True for a chunk, false for the final event.
+    bool is_chunk() const noexcept { return keypool_stream_event_kind(e_.get()) == KEYPOOL_STREAM_CHUNK; }
+    /// The chunk's text delta (empty for the final event).
+    std::string_view delta() const noexcept {
+        size_t n = 0;
+        const char *d = keypool_stream_event_delta(e_.get(), &n);
+        return d ? std::string_view(d, n) : std::string_view();
+    }
+    /// The chunk's JSON text (empty for the final event).
+    std::string_view json() const noexcept {
+        size_t n = 0;
+        const char *j = keypool_stream_event_json(e_.get(), &n);
+        return j ? std::string_view(j, n) : std::string_view();
+    }
+    /// Final event: KEYPOOL_OK, or why the stream failed (KEYPOOL_STREAM, ...).
+    keypool_status status() const noexcept {
+        const keypool_result *r = keypool_stream_event_result(e_.get());
+        return r ? keypool_result_status(r) : KEYPOOL_INVALID_ARGUMENT;
+    }
+    /// Final event: the assembled chat.completion body (or the error response's body).
+    std::string_view body() const noexcept {
+        size_t len = 0;
+        const keypool_result *r = keypool_stream_event_result(e_.get());
+        const uint8_t *p = r ? keypool_result_body(r, &len) : nullptr;
+        return p ? std::string_view(reinterpret_cast<const char *>(p), len) : std::string_view();
+    }
+    /// Final event: why the stream failed; empty on success.
+    std::string error() const {
+        const keypool_result *r = keypool_stream_event_result(e_.get());
+        const char *m = r ? keypool_result_error_message(r) : nullptr;
+        return m ? std::string(m) : std::string();
+    }
+
+  private:
+    std::unique_ptr<keypool_stream_event, detail::StreamEventDeleter> e_;
+};
+
+/// A streamed request (Pool::submit_stream), pulled on the caller's thread. Move-only;
+/// destroying it before the end abandons the request.
+class Stream {
+  public:
+    explicit Stream(keypool_stream *s) : s_(s) {}
+
+    /// The next event, waiting at most `timeout`: std::nullopt if none arrived in time
+    /// (the stream stays valid) or if the stream has ended (then `done()` is true).
+    std::optional<StreamEvent> next_for(std::chrono::milliseconds timeout) {
+        return next_ms(detail::to_ms(timeout));
+    }
+    /// The next event, waiting as long as it takes; std::nullopt once the stream ended.
+    std::optional<StreamEvent> next() { return next_ms(UINT64_MAX); }
+    /// True once the final event has been returned.
+    bool done() const noexcept { return done_; }
+
+  private:
+    std::optional<StreamEvent> next_ms(uint64_t ms) {
+        if (done_) return std::nullopt;
+        keypool_stream_event *e = nullptr;
+        keypool_status s = keypool_stream_next(s_.get(), ms, &e);
+        if (s == KEYPOOL_TIMEOUT) return std::nullopt;
+        if (s == KEYPOOL_CLOSED) {
+            done_ = true;
+            return std::nullopt;
+        }
+        detail::check(s);
+        StreamEvent ev(e);
+        if (!ev.is_chunk()) done_ = true;
+        return ev;
+    }
+
+    std::unique_ptr<keypool_stream, detail::StreamDeleter> s_;
+    bool done_ = false;
+};
+
 /// A pool of API keys. Move-only; destroying it shuts it down (see keypool_pool_free).
 class Pool {
   public:
@@ -150,6 +238,13 @@ class Pool {
     Pool &operator=(Pool &&) noexcept = default;
     Pool(const Pool &) = delete;
     Pool &operator=(const Pool &) = delete;
+
+    /// Submits a streamed chat completion (see keypool_submit_stream).
+    Stream submit_stream(const std::string &body_json) {
+        keypool_stream *s = nullptr;
+        detail::check(keypool_submit_stream(handle(), body_json.c_str(), &s));
+        return Stream(s);
+    }
 
     /// Submits a chat completion body; blocks while the queue is full.
     Ticket submit(const std::string &body_json) {

@@ -37,6 +37,24 @@ int main(int argc, char **argv) {
             per_key[std::string(r.key_label())]++;
         }
         std::cout << "batch: " << ok << "/20 OK\n";
+
+        // A stream, pulled on this thread: deltas as they arrive, then the outcome.
+        keypool::Stream stream = pool.submit_stream(bodies[0]);
+        std::string text;
+        bool stream_ok = false;
+        while (auto ev = stream.next()) {
+            if (ev->is_chunk()) {
+                text += ev->delta();
+            } else {
+                stream_ok = ev->status() == KEYPOOL_OK &&
+                            ev->body().find("\"chat.completion\"") != std::string_view::npos;
+            }
+        }
+        if (!stream_ok || text != "echo: cpp 0" || !stream.done()) {
+            std::cerr << "stream failed: " << text << "\n";
+            failures++;
+        }
+        std::cout << "stream: " << text << "\n";
         for (const auto &[label, n] : per_key) std::cout << "  " << label << ": " << n << "\n";
         if (ok != 20) failures++;
 

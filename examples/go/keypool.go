@@ -57,6 +57,7 @@ const (
 	InvalidRequest  Code = C.KEYPOOL_INVALID_REQUEST
 	WouldDeadlock   Code = C.KEYPOOL_WOULD_DEADLOCK
 	Spawn           Code = C.KEYPOOL_SPAWN
+	StreamFailed    Code = C.KEYPOOL_STREAM
 )
 
 // String describes the code ("pool is closed", ...; "unknown status" if unknown).
@@ -350,4 +351,106 @@ func copyResult(r *C.keypool_result) Result {
 		res.ErrorCode = C.GoString(c)
 	}
 	return res
+}
+
+// Chunk is one chunk of a streamed response.
+type Chunk struct {
+	JSON  []byte // the chunk as the server sent it (a chat.completion.chunk)
+	Delta string // the text it adds ("" for role-only, finish and usage chunks)
+}
+
+// Stream is a streamed request (SubmitStream): receive its chunks from Chunks() as they
+// arrive; once that channel is closed, Result() holds the outcome — the assembled
+// chat.completion body (with usage), or the error that ended the stream. Close abandons
+// it. Chunks and Result may be used from any goroutine; Close is idempotent.
+type Stream struct {
+	chunks chan Chunk
+	stop   chan struct{}
+	done   chan struct{}
+	result Result
+	once   sync.Once
+}
+
+// SubmitStream sends a chat completion body (a JSON object) streamed ("stream": true,
+// usage in the final chunk unless the body sets stream_options), blocking while the
+// queue is full. A stream holds one of its key's workers until it ends.
+func (p *Pool) SubmitStream(body string) (*Stream, error) {
+	b, err := cString("body", body)
+	if err != nil {
+		return nil, err
+	}
+	defer C.free(unsafe.Pointer(b))
+	var ptr *C.keypool_stream
+	err = p.with(func(pp *C.keypool_pool) error {
+		return call(func() C.keypool_status { return C.keypool_submit_stream(pp, b, &ptr) })
+	})
+	if err != nil {
+		return nil, err
+	}
+	s := &Stream{
+		chunks: make(chan Chunk, 16),
+		stop:   make(chan struct{}),
+		done:   make(chan struct{}),
+	}
+	go s.pump(ptr)
+	return s, nil
+}
+
+// pump pulls events with keypool_stream_next (waking every 100 ms to notice Close) and
+// owns the C stream: it frees it when the stream ends or is closed.
+func (s *Stream) pump(ptr *C.keypool_stream) {
+	defer close(s.done)
+	defer close(s.chunks)
+	defer C.keypool_stream_free(ptr)
+	s.result = Result{Status: Cancelled, ErrorCode: "cancelled", ErrorMessage: "the stream was closed before it ended"}
+	for {
+		select {
+		case <-s.stop:
+			return
+		default:
+		}
+		var ev *C.keypool_stream_event
+		st := C.keypool_stream_next(ptr, 100, &ev)
+		if st == C.KEYPOOL_TIMEOUT {
+			continue
+		}
+		if st != C.KEYPOOL_OK {
+			s.result = Result{Status: Code(st), ErrorCode: "stream", ErrorMessage: "keypool_stream_next: " + Code(st).String()}
+			return
+		}
+		if C.keypool_stream_event_kind(ev) == C.KEYPOOL_STREAM_DONE {
+			s.result = copyResult(C.keypool_stream_event_result(ev))
+			C.keypool_stream_event_free(ev)
+			return
+		}
+		var jn, dn C.size_t
+		j := C.keypool_stream_event_json(ev, &jn)
+		d := C.keypool_stream_event_delta(ev, &dn)
+		c := Chunk{JSON: C.GoBytes(unsafe.Pointer(j), C.int(jn)), Delta: C.GoStringN(d, C.int(dn))}
+		C.keypool_stream_event_free(ev)
+		select {
+		case s.chunks <- c:
+		case <-s.stop:
+			return
+		}
+	}
+}
+
+// Chunks is closed after the last chunk (or when the stream is closed).
+func (s *Stream) Chunks() <-chan Chunk { return s.chunks }
+
+// Result waits for the stream to end and returns its outcome. Chunks not yet received
+// are discarded.
+func (s *Stream) Result() Result {
+	for range s.chunks {
+	}
+	<-s.done
+	return s.result
+}
+
+// Close abandons the stream if it has not ended (the request stops at its next chunk)
+// and frees it. Idempotent; safe to call concurrently with Chunks and Result.
+func (s *Stream) Close() {
+	s.once.Do(func() { close(s.stop) })
+	<-s.done
 }

@@ -292,3 +292,64 @@ func TestConcurrentClose(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+func TestStream(t *testing.T) {
+	p := newPool(t, "first_available")
+	s, err := p.SubmitStream(`{"model": "m", "messages": [{"role": "user", "content": "stream me"}]}`)
+	if err != nil {
+		t.Fatalf("SubmitStream: %v", err)
+	}
+	defer s.Close()
+	var text strings.Builder
+	n := 0
+	for c := range s.Chunks() {
+		if len(c.JSON) == 0 || c.JSON[0] != '{' {
+			t.Fatalf("chunk JSON: %q", c.JSON)
+		}
+		text.WriteString(c.Delta)
+		n++
+	}
+	r := s.Result()
+	if r.Err() != nil {
+		t.Fatalf("result: %v", r.Err())
+	}
+	if text.String() != "echo: stream me" || n < 3 {
+		t.Fatalf("text %q from %d chunks", text.String(), n)
+	}
+	b := string(r.Body)
+	if !strings.Contains(b, `"chat.completion"`) || !strings.Contains(b, `"usage"`) || !strings.Contains(b, "echo: stream me") {
+		t.Fatalf("body %s", b)
+	}
+}
+
+func TestStreamErrorAndClose(t *testing.T) {
+	p := newPool(t, "first_available")
+	s, err := p.SubmitStream(`{"model": "m", "messages": [{"role": "user", "content": "abcdefgh"}], "mock": {"stream_fault": "truncate", "fault_after": 1}}`)
+	if err != nil {
+		t.Fatalf("SubmitStream: %v", err)
+	}
+	r := s.Result()
+	s.Close()
+	var e *Error
+	if !errors.As(r.Err(), &e) || e.Code() != StreamFailed || r.ErrorCode != "stream" {
+		t.Fatalf("want a Stream error, got %+v", r)
+	}
+	// Closed half-read, from several goroutines at once: no leak, no race, no hang.
+	s, err = p.SubmitStream(`{"model": "m", "messages": [{"role": "user", "content": "a long prompt here"}], "mock": {"chunk_delay_ms": 20, "stream_chunks": 20}}`)
+	if err != nil {
+		t.Fatalf("SubmitStream: %v", err)
+	}
+	<-s.Chunks()
+	var wg sync.WaitGroup
+	for i := 0; i < 4; i++ {
+		wg.Add(1)
+		go func() { defer wg.Done(); s.Close() }()
+	}
+	wg.Wait()
+	if r := s.Result(); r.Status != Cancelled {
+		t.Fatalf("closed stream: %+v", r)
+	}
+	if _, err := p.SubmitStream(`[1]`); err == nil {
+		t.Fatal("a body that is not an object must be refused")
+	}
+}

@@ -10,7 +10,9 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
 
-use crate::body::MockBody;
+use std::collections::VecDeque;
+
+use crate::body::{End, MockBody};
 use crate::server::Shared;
 use crate::stats::InFlight;
 
@@ -178,6 +180,214 @@ fn success_body(ep: Endpoint, n: u64, req: &Value) -> Bytes {
         }
     };
     Bytes::from(v.to_string())
+}
+
+/// The reply text and token counts of a chat or legacy completion.
+fn reply_of(ep: Endpoint, req: &Value) -> (String, u64, u64) {
+    let (all, last) = if ep == Endpoint::Chat {
+        let mut all = 0usize;
+        let mut last = String::new();
+        for m in req
+            .get("messages")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let text = m.get("content").map(content_text).unwrap_or_default();
+            all += text.chars().count();
+            last = text;
+        }
+        (all, last)
+    } else {
+        let prompt = req.get("prompt").map(content_text).unwrap_or_default();
+        (prompt.chars().count(), prompt)
+    };
+    let reply = format!("echo: {last}");
+    let (p, c) = (tokens(all), tokens(reply.chars().count()));
+    (reply, p, c)
+}
+
+/// `text` cut into at most `n` pieces of about equal length (on char boundaries).
+fn pieces(text: &str, n: usize) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let step = chars.len().div_ceil(n.max(1)).max(1);
+    chars.chunks(step).map(|c| c.iter().collect()).collect()
+}
+
+/// A streamed (`"stream": true`) answer: server-sent events shaped like OpenAI's and
+/// OpenRouter's, with the stream directives of the `"mock"` object (see the crate docs).
+fn sse_response(
+    n: u64,
+    ep: Endpoint,
+    key: &str,
+    req: &Value,
+    mut guard: InFlight,
+) -> Response<MockBody> {
+    let d = req
+        .get("mock")
+        .filter(|m| m.is_object())
+        .cloned()
+        .unwrap_or(Value::Null);
+    let num = |k: &str| d.get(k).and_then(Value::as_u64);
+    let nl = if as_bool(&d, "crlf") { "\r\n" } else { "\n" };
+    let multiline = as_bool(&d, "multiline_data");
+    let fields = as_bool(&d, "event_fields");
+    let chunk_delay = Duration::from_millis(num("chunk_delay_ms").unwrap_or(0));
+    let first_delay = Duration::from_millis(num("first_chunk_delay_ms").unwrap_or(0));
+    // `fault_keys`: only these keys (bearer tokens) see the fault, so a retry on
+    // another key succeeds.
+    let faulty_key = match d.get("fault_keys").and_then(Value::as_array) {
+        Some(keys) => keys.iter().any(|k| k.as_str() == Some(key)),
+        None => true,
+    };
+    let fault = d
+        .get("stream_fault")
+        .and_then(Value::as_str)
+        .filter(|_| faulty_key)
+        .unwrap_or("");
+    let fault_after = num("fault_after").unwrap_or(0) as usize;
+    let include_usage = req
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-model");
+    let (reply, p, c) = reply_of(ep, req);
+    let parts = pieces(
+        &reply,
+        num("stream_chunks").unwrap_or(4).clamp(1, 100_000) as usize,
+    );
+    let created = unix_now();
+    let chat = ep == Endpoint::Chat;
+    let id = format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" });
+    let object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let chunk = |choice: Value| json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]});
+    let mut seq = 0u64;
+    let mut event = |data: &str| {
+        let mut e = String::new();
+        if fields {
+            e.push_str(&format!("event: chunk{nl}id: {seq}{nl}"));
+        }
+        seq += 1;
+        if multiline && data.starts_with('{') {
+            // JSON may break between tokens: `{` alone, then the rest.
+            e.push_str(&format!("data: {{{nl}data: {}{nl}", &data[1..]));
+        } else {
+            e.push_str(&format!("data: {data}{nl}"));
+        }
+        e.push_str(nl);
+        Bytes::from(e)
+    };
+    let mut steps: VecDeque<(Duration, Bytes)> = VecDeque::new();
+    for _ in 0..num("comments").unwrap_or(0) {
+        steps.push_back((
+            chunk_delay,
+            Bytes::from(format!(": OPENROUTER PROCESSING{nl}{nl}")),
+        ));
+    }
+    let mut end = End::Finish;
+    let role = if chat {
+        chunk(
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}),
+        )
+    } else {
+        chunk(json!({"index": 0, "text": "", "finish_reason": null}))
+    };
+    let fault_event = |steps: &mut VecDeque<(Duration, Bytes)>,
+                       end: &mut End,
+                       event: &mut dyn FnMut(&str) -> Bytes| {
+        match fault {
+            "truncate" => {}
+            "abort" => *end = End::Abort,
+            "stall" => *end = End::Stall,
+            "malformed" => {
+                steps.push_back((chunk_delay, event("{\"id\": \"broken\", \"choices\": [")))
+            }
+            "huge_line" => {
+                let size = num("huge_line_bytes").unwrap_or(1 << 20) as usize;
+                let mut line = b"data: ".to_vec();
+                line.resize(size + 6, b'a');
+                steps.push_back((chunk_delay, Bytes::from(line)));
+                *end = End::Stall;
+            }
+            _ => {
+                // OpenRouter's mid-stream error: an `error` object and finish_reason "error".
+                let code = num("error_code").unwrap_or(502);
+                let mut v = if chat {
+                    chunk(json!({"index": 0, "delta": {"content": ""}, "finish_reason": "error"}))
+                } else {
+                    chunk(json!({"index": 0, "text": "", "finish_reason": "error"}))
+                };
+                v["error"] = json!({"code": code, "message": "Provider disconnected unexpectedly"});
+                steps.push_back((chunk_delay, event(&v.to_string())));
+                steps.push_back((Duration::ZERO, event("[DONE]")));
+            }
+        }
+    };
+    if !fault.is_empty() && fault_after == 0 {
+        fault_event(&mut steps, &mut end, &mut event);
+    } else {
+        steps.push_back((
+            if steps.is_empty() {
+                Duration::ZERO
+            } else {
+                chunk_delay
+            },
+            event(&role.to_string()),
+        ));
+        let mut faulted = false;
+        for (i, part) in parts.iter().enumerate() {
+            if !fault.is_empty() && i == fault_after {
+                fault_event(&mut steps, &mut end, &mut event);
+                faulted = true;
+                break;
+            }
+            let v = if chat {
+                chunk(json!({"index": 0, "delta": {"content": part}, "finish_reason": null}))
+            } else {
+                chunk(json!({"index": 0, "text": part, "finish_reason": null}))
+            };
+            let delay = if i == 0 {
+                first_delay.max(chunk_delay)
+            } else {
+                chunk_delay
+            };
+            steps.push_back((delay, event(&v.to_string())));
+        }
+        if !fault.is_empty() && !faulted {
+            fault_event(&mut steps, &mut end, &mut event);
+            faulted = true;
+        }
+        if !faulted {
+            let last = if chat {
+                chunk(json!({"index": 0, "delta": {}, "finish_reason": "stop"}))
+            } else {
+                chunk(json!({"index": 0, "text": "", "finish_reason": "stop"}))
+            };
+            steps.push_back((chunk_delay, event(&last.to_string())));
+            if include_usage {
+                let u = json!({"id": id, "object": object, "created": created, "model": model, "choices": [],
+                    "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}});
+                steps.push_back((Duration::ZERO, event(&u.to_string())));
+            }
+            steps.push_back((Duration::ZERO, event("[DONE]")));
+        }
+    }
+    guard.status = 200;
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .header("x-request-id", format!("req-{n}"))
+        .body(MockBody::steps(steps, end, Some(guard)))
+        .unwrap_or_else(|_| Response::new(MockBody::full(error_json(500, "bad header"), None)))
 }
 
 /// Builds a response; the guard records `status` and ends the request when the body is
@@ -435,6 +645,11 @@ pub(crate) async fn handle(
                 json!({"error": {"code": code, "message": "upstream error"}}).to_string(),
             );
             Ok(respond(n, 200, body, Some(&plan), guard))
+        }
+        (Action::Success, Some(v))
+            if as_bool(v, "stream") && matches!(ep, Endpoint::Chat | Endpoint::Completions) =>
+        {
+            Ok(sse_response(n, ep, &key, v, guard))
         }
         (Action::Success, Some(v)) => {
             Ok(respond(n, 200, success_body(ep, n, v), Some(&plan), guard))

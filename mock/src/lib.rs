@@ -27,6 +27,24 @@
 //! in chunks with delays) and `chunk_delay_ms` (u64: the delay between those chunks,
 //! default 50).
 //!
+//! **Streaming.** A chat or legacy completion with `"stream": true` is answered with
+//! server-sent events shaped like OpenAI's (`chat.completion.chunk`s: a role chunk, the
+//! reply in content chunks, a finish chunk, a usage chunk when
+//! `stream_options.include_usage` is true, then `data: [DONE]`). Stream directives:
+//! `stream_chunks` (u64: content chunks, default 4), `chunk_delay_ms` (u64: delay before
+//! each event after the first, default 0), `first_chunk_delay_ms` (u64: delay before
+//! the first content chunk), `comments` (u64: `: OPENROUTER PROCESSING` comment lines
+//! first), `crlf` (bool: CRLF line endings), `multiline_data` (bool: each JSON split
+//! over two `data:` lines), `event_fields` (bool: `event: chunk` and `id: <n>` lines),
+//! and faults: `stream_fault` — `"truncate"` (end without `[DONE]`), `"malformed"` (an
+//! event that is not JSON), `"error_event"` (OpenRouter's mid-stream `{"error": {"code":
+//! error_code, …}}` with `finish_reason: "error"`), `"stall"` (stop sending, keep the
+//! connection open), `"abort"` (reset the connection), `"huge_line"` (a `data:` line of
+//! `huge_line_bytes`, default 1 MiB, without end) — after `fault_after` content chunks
+//! (default 0: before any event), and only for the keys listed in `fault_keys` (an
+//! array of bearer tokens; default all keys), so a retry on another key succeeds.
+//! A stream is in flight until its last event is handed to the connection.
+//!
 //! Error statuses answer `{"error":{"message":"mock <status>","type":"mock_error","code":<status>}}`.
 //! Requests without a bearer token get 401 (recorded under the key `""`), unknown paths
 //! 404, other methods than POST 405, and a body that is not JSON 400.

@@ -49,11 +49,16 @@ pub enum Status {
     /// memory for a thread's stack): `keypool_pool_new` failed cleanly, having stopped
     /// the threads it had started.
     KEYPOOL_SPAWN = 13,
+    /// A streamed response (`keypool_submit_stream`) failed after its headers: cut short
+    /// (no `[DONE]`), a malformed event, an error event, idle past
+    /// `stream_idle_timeout_ms`, a stream timeout, an oversized event. The result's
+    /// message says how many chunks and bytes of text were delivered first.
+    KEYPOOL_STREAM = 14,
 }
 
 /// Every status, in numeric order (for tests and exhaustive tables).
 #[cfg(test)]
-pub(crate) const ALL_STATUSES: [Status; 14] = [
+pub(crate) const ALL_STATUSES: [Status; 15] = [
     Status::KEYPOOL_OK,
     Status::KEYPOOL_INVALID_ARGUMENT,
     Status::KEYPOOL_CONFIG,
@@ -68,6 +73,7 @@ pub(crate) const ALL_STATUSES: [Status; 14] = [
     Status::KEYPOOL_INVALID_REQUEST,
     Status::KEYPOOL_WOULD_DEADLOCK,
     Status::KEYPOOL_SPAWN,
+    Status::KEYPOOL_STREAM,
 ];
 
 /// A status as C passes it in: any integer, so an unknown value is not an invalid
@@ -95,6 +101,7 @@ impl Status {
             Error::ResultTaken => Status::KEYPOOL_INVALID_ARGUMENT,
             Error::WouldDeadlock(_) => Status::KEYPOOL_WOULD_DEADLOCK,
             Error::Spawn { .. } => Status::KEYPOOL_SPAWN,
+            Error::Stream { .. } => Status::KEYPOOL_STREAM,
             // `Error` is #[non_exhaustive]: a variant added later without a status of its
             // own is reported as an internal failure rather than mislabelled as success.
             _ => Status::KEYPOOL_PANIC,
@@ -120,6 +127,7 @@ impl Status {
             Status::KEYPOOL_INVALID_REQUEST => "invalid_request",
             Status::KEYPOOL_WOULD_DEADLOCK => "would_deadlock",
             Status::KEYPOOL_SPAWN => "spawn",
+            Status::KEYPOOL_STREAM => "stream",
         }
     }
 
@@ -149,6 +157,7 @@ impl Status {
             11 => c"invalid request",
             12 => c"would deadlock: a blocking call from a keypool thread (inside a callback)",
             13 => c"could not start a thread",
+            14 => c"streamed response failed",
             _ => c"unknown status",
         }
     }

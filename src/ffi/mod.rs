@@ -19,6 +19,7 @@ mod logging;
 mod panic;
 mod pool;
 mod result;
+mod stream;
 mod ticket;
 
 use error::{Failure, RawStatus, Status};
@@ -174,9 +175,9 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(s(Status::KEYPOOL_CLOSED as u32), "pool is closed");
-        assert_eq!(s(14), "unknown status");
+        assert_eq!(s(15), "unknown status");
         assert_eq!(s(u32::MAX), "unknown status");
-        for n in 0..=13 {
+        for n in 0..=14 {
             assert_ne!(s(n), "unknown status");
         }
         // SAFETY: as above.
@@ -265,6 +266,7 @@ mod tests {
             attempts: 2,
             latency: Duration::from_millis(5),
             keys_tried: vec![0],
+            ttft: None,
         };
         let errors = vec![
             (Error::config("keys", "x"), Status::KEYPOOL_CONFIG),
@@ -319,6 +321,18 @@ mod tests {
                     message: "Resource temporarily unavailable".into(),
                 },
                 Status::KEYPOOL_SPAWN,
+            ),
+            (
+                Error::Stream {
+                    kind: crate::StreamFailure::Incomplete,
+                    message: "x".into(),
+                    key: "acct-a".into(),
+                    status: None,
+                    attempts: 1,
+                    chunks_delivered: 2,
+                    text_bytes_delivered: 5,
+                },
+                Status::KEYPOOL_STREAM,
             ),
         ];
         let mut covered = HashSet::new();

@@ -14,7 +14,7 @@ use crate::{Config, DEFAULT_PATH, Error, Pool, Request, TimeoutPhase};
 
 /// A pool of API keys (C: `keypool_pool`).
 pub struct FfiPool {
-    pool: Pool,
+    pub(super) pool: Pool,
 }
 
 /// A function the pool calls with a request's result, for `keypool_submit_callback`.
@@ -64,7 +64,7 @@ impl FfiPool {
 }
 
 /// The caller's `user_data`, carried to whichever thread runs the callback.
-struct UserData(*mut c_void);
+pub(super) struct UserData(pub(super) *mut c_void);
 
 // SAFETY: keypool never dereferences the pointer; the header tells the caller it is
 // handed to the callback on another thread.
@@ -73,7 +73,12 @@ unsafe impl Send for UserData {}
 impl UserData {
     /// A method, so closures capture the whole `Send` wrapper (edition 2024 closures
     /// would otherwise capture the bare pointer field).
-    fn get(self) -> *mut c_void {
+    pub(super) fn get(self) -> *mut c_void {
+        self.0
+    }
+
+    /// The pointer, for a callback that runs more than once.
+    pub(super) fn ptr(&self) -> *mut c_void {
         self.0
     }
 }
@@ -84,7 +89,11 @@ enum Mode {
     Try,
 }
 
-fn body_request(path: &str, body: *const c_char, what: &str) -> Result<Request, Failure> {
+pub(super) fn body_request(
+    path: &str,
+    body: *const c_char,
+    what: &str,
+) -> Result<Request, Failure> {
     let body = arg_str(body, what)?;
     Ok(Request::from_json(path, body)?)
 }

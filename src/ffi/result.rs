@@ -75,7 +75,9 @@ impl FfiResult {
                         r.key_label = to_cstring(response.key_label());
                         r.latency_ms = duration_ms(response.latency());
                     }
-                    Error::Transport { key, .. } => r.key_label = to_cstring(key),
+                    Error::Transport { key, .. } | Error::Stream { key, .. } => {
+                        r.key_label = to_cstring(key)
+                    }
                     Error::Timeout { key: Some(k), .. } => r.key_label = to_cstring(k),
                     _ => {}
                 }
@@ -239,6 +241,7 @@ mod tests {
             attempts: 3,
             latency: Duration::from_millis(5),
             keys_tried: vec![0, 0, 0],
+            ttft: None,
         };
         let e = Error::InvalidResponse {
             message: "body is not valid JSON".into(),

@@ -120,8 +120,11 @@ Output line (one per input line):
   On failure, \"error\" is {\"code\": \"...\", \"message\": \"...\"} and \"response\" is null or
   holds the HTTP error response. \"key\" is the key's label; keys are never printed.
 
-Input: each custom_id must be unique (duplicates are refused, naming the lines), and
-\"stream\": true is refused (not supported yet).
+Input: each custom_id must be unique (duplicates are refused, naming the lines).
+Lines with \"stream\": true run streamed; their record holds the assembled
+chat.completion body (with usage), like any other line. A stream cut short, malformed
+or ended by an error event is an error record (code \"stream\") that --retry-failed
+redoes.
 
 Resume: run the same command again (it prints \"resuming: N done, M to go\"). Lines
 whose custom_id already has a record are skipped, the rest are appended; a last record

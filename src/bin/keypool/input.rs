@@ -13,6 +13,9 @@ pub struct InputItem {
     pub custom_id: String,
     /// The request to send, or why the line cannot be sent.
     pub request: Result<keypool::Request, String>,
+    /// The body asks for `"stream": true`: the line runs streamed
+    /// (`Pool::submit_stream_with`) and its record holds the assembled completion.
+    pub stream: bool,
 }
 
 /// Reads non-blank lines lazily, one at a time.
@@ -60,10 +63,6 @@ impl<R: BufRead> Iterator for Lines<R> {
     }
 }
 
-/// Why a request with `"stream": true` is refused.
-pub const STREAM_REFUSED: &str = "\"stream\": true is not supported by keypool run yet \
-(it would record raw event-stream text); remove it or set it to false";
-
 /// Whether a request body asks for a streamed answer.
 fn is_stream(body: &Value) -> bool {
     body.get("stream")
@@ -82,6 +81,7 @@ pub fn parse_line(line: u64, text: Result<String, String>, strip_v1: bool) -> In
         line,
         custom_id,
         request: Err(format!("line {line}: {msg}")),
+        stream: false,
     };
     let text = match text {
         Ok(t) => t,
@@ -97,14 +97,12 @@ pub fn parse_line(line: u64, text: Result<String, String>, strip_v1: bool) -> In
     let is_envelope = obj.contains_key("custom_id") || obj.contains_key("body");
     if !is_envelope {
         let obj = Value::Object(obj);
-        if is_stream(&obj) {
-            return fail(line_id(line), STREAM_REFUSED.into());
-        }
         let req = keypool::Request::new(&obj);
         return InputItem {
             line,
             custom_id: line_id(line),
             request: Ok(req),
+            stream: is_stream(&obj),
         };
     }
     let custom_id = match obj.get("custom_id") {
@@ -132,9 +130,6 @@ pub fn parse_line(line: u64, text: Result<String, String>, strip_v1: bool) -> In
         Some(_) => return fail(custom_id, "url must be a string".into()),
     };
     let body = match obj.remove("body") {
-        Some(b @ Value::Object(_)) if is_stream(&b) => {
-            return fail(custom_id, STREAM_REFUSED.into());
-        }
         Some(b @ Value::Object(_)) => b,
         Some(_) => return fail(custom_id, "body must be a JSON object".into()),
         None => return fail(custom_id, "missing body".into()),
@@ -146,38 +141,31 @@ pub fn parse_line(line: u64, text: Result<String, String>, strip_v1: bool) -> In
         line,
         custom_id,
         request,
+        stream: is_stream(&body),
     }
 }
 
 /// The id a line is known by, computed the way [`parse_line`] does, without building
 /// the request: its `custom_id` when it is an envelope with a non-empty string one, else
-/// `line-<n>`. Also whether it asks for streaming.
-fn probe_line(line: u64, text: &[u8]) -> (String, bool) {
+/// `line-<n>`.
+fn probe_line(line: u64, text: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct Probe {
         #[serde(default)]
         custom_id: Option<Value>,
         #[serde(default)]
-        body: Option<Value>,
-        #[serde(default)]
-        stream: Option<Value>,
+        body: Option<serde::de::IgnoredAny>,
     }
     let Ok(p) = serde_json::from_slice::<Probe>(text) else {
-        return (line_id(line), false);
+        return line_id(line);
     };
-    let envelope = p.custom_id.is_some() || p.body.is_some();
-    if !envelope {
-        let stream = p
-            .stream
-            .is_some_and(|s| s != Value::Bool(false) && !s.is_null());
-        return (line_id(line), stream);
+    if p.custom_id.is_none() && p.body.is_none() {
+        return line_id(line);
     }
-    let id = match p.custom_id {
+    match p.custom_id {
         Some(Value::String(s)) if !s.is_empty() => s,
         _ => line_id(line),
-    };
-    let stream = p.body.as_ref().is_some_and(is_stream);
-    (id, stream)
+    }
 }
 
 /// What a pass over an input file found before anything is sent.
@@ -187,7 +175,7 @@ pub struct Prescan {
     pub lines: u64,
     /// Lines already answered by the output being resumed (not to be sent again).
     pub done: u64,
-    /// Why the input is refused (duplicate ids, streaming requests), if it is.
+    /// Why the input is refused (duplicate ids), if it is.
     pub refused: Option<String>,
 }
 
@@ -195,8 +183,8 @@ pub struct Prescan {
 const LIST_MAX: usize = 10;
 
 /// Reads an input file once, before anything is sent: counts its lines and those the
-/// output already answers (`done(custom_id)`), and refuses duplicate `custom_id`s and
-/// `"stream": true` requests, naming the lines. Memory: one 128-bit fingerprint per id
+/// output already answers (`done(custom_id)`), and refuses duplicate `custom_id`s,
+/// naming the lines. Memory: one 128-bit fingerprint per id
 /// (16 B plus the set's overhead), as the resume state; a second pass runs only when a
 /// duplicate was found, to name every line of the first few duplicated ids.
 pub fn prescan(path: &std::path::Path, done: impl Fn(&str) -> bool) -> std::io::Result<Prescan> {
@@ -210,21 +198,13 @@ pub fn prescan(path: &std::path::Path, done: impl Fn(&str) -> bool) -> std::io::
     let mut out = Prescan::default();
     let mut seen: HashSet<u128> = HashSet::new();
     let mut dups: HashSet<u128> = HashSet::new();
-    let mut stream_lines: Vec<u64> = Vec::new();
-    let mut stream_count = 0u64;
     for next in open()? {
         let (line, text) = next?;
         out.lines += 1;
-        let (id, stream) = match &text {
+        let id = match &text {
             Ok(t) => probe_line(line, t.as_bytes()),
-            Err(_) => (line_id(line), false),
+            Err(_) => line_id(line),
         };
-        if stream {
-            stream_count += 1;
-            if stream_lines.len() < LIST_MAX {
-                stream_lines.push(line);
-            }
-        }
         let fp = crate::resume::fingerprint(&id);
         if !seen.insert(fp) {
             dups.insert(fp);
@@ -242,7 +222,7 @@ pub fn prescan(path: &std::path::Path, done: impl Fn(&str) -> bool) -> std::io::
         for next in open()? {
             let (line, text) = next?;
             let id = match &text {
-                Ok(t) => probe_line(line, t.as_bytes()).0,
+                Ok(t) => probe_line(line, t.as_bytes()),
                 Err(_) => line_id(line),
             };
             let fp = crate::resume::fingerprint(&id);
@@ -277,20 +257,6 @@ pub fn prescan(path: &std::path::Path, done: impl Fn(&str) -> bool) -> std::io::
             msg += " …";
         }
         problems.push(msg.trim_end_matches(';').to_owned());
-    }
-    if stream_count > 0 {
-        let lines: Vec<String> = stream_lines.iter().map(u64::to_string).collect();
-        problems.push(format!(
-            "{stream_count} line(s) ask for \"stream\": true (lines {}{}): not supported \
-             by keypool run yet (it would record raw event-stream text); remove it or set \
-             it to false",
-            lines.join(", "),
-            if stream_count as usize > lines.len() {
-                ", …"
-            } else {
-                ""
-            }
-        ));
     }
     if !problems.is_empty() {
         out.refused = Some(format!(

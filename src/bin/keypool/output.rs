@@ -105,7 +105,10 @@ pub fn encode(
             let resp = e.response();
             let key = match (resp, e) {
                 (Some(r), _) => Some(r.key_label()),
-                (None, keypool::Error::Transport { key, .. }) if !key.is_empty() => {
+                (None, keypool::Error::Transport { key, .. })
+                | (None, keypool::Error::Stream { key, .. })
+                    if !key.is_empty() =>
+                {
                     Some(key.as_str())
                 }
                 (None, keypool::Error::Timeout { key, .. })

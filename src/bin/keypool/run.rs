@@ -15,8 +15,7 @@
 //! so a resumed run sends it again.
 //!
 //! Input checks: an input file is read once before anything is sent
-//! ([`crate::input::prescan`]) to refuse duplicate `custom_id`s and streaming requests
-//! and to count what is left to do; stdin cannot be read twice, so there duplicates are
+//! ([`crate::input::prescan`]) to refuse duplicate `custom_id`s and to count what is left to do; stdin cannot be read twice, so there duplicates are
 //! caught as they are read (one 128-bit fingerprint per id) and stop the run.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -483,6 +482,7 @@ impl ReaderCtx {
                 line,
                 custom_id,
                 request,
+                stream,
             } = parse_line(line, text, self.strip_v1);
             if let Some(seen) = &mut self.seen {
                 if !seen.insert(fingerprint(&custom_id)) {
@@ -530,7 +530,7 @@ impl ReaderCtx {
             };
             let tx = self.tx.clone();
             let t0 = Instant::now();
-            let submitted = self.pool.submit_with(request, move |r| {
+            let done = move |r| {
                 let _ = tx.send(Done {
                     seq: this,
                     line,
@@ -538,7 +538,14 @@ impl ReaderCtx {
                     outcome: Outcome::Result(r),
                     elapsed: t0.elapsed(),
                 });
-            });
+            };
+            // A streamed line is recorded like any other: its record holds the
+            // assembled `chat.completion` (with usage), or the error that ended it.
+            let submitted = if stream {
+                self.pool.submit_stream_with(request, |_| true, done)
+            } else {
+                self.pool.submit_with(request, done)
+            };
             if let Err(e) = submitted {
                 let closed = matches!(e, keypool::Error::Closed);
                 // Closed: the run is being cancelled; the line stays unanswered (it
