@@ -130,6 +130,13 @@ pub enum Error {
     /// (`try_submit`, `Ticket::try_wait`) or hand the work to another thread. Holds what
     /// would have waited, e.g. `"submit on a full queue"`.
     WouldDeadlock(&'static str),
+    /// The limits shared with other processes (`Config::shared`) could not be reached
+    /// (Redis down, slow or refusing) and `shared.on_unavailable` is `fail`, so the
+    /// request was not sent. [`Error::code`] is `"shared_unavailable"`.
+    SharedUnavailable {
+        /// What failed (the Redis URL's password masked).
+        message: String,
+    },
 }
 
 impl Error {
@@ -187,6 +194,7 @@ impl Error {
             Error::ResultTaken => "result_taken",
             Error::Spawn { .. } => "spawn",
             Error::WouldDeadlock(_) => "would_deadlock",
+            Error::SharedUnavailable { .. } => "shared_unavailable",
         }
     }
 
@@ -258,6 +266,9 @@ impl fmt::Display for Error {
                 f,
                 "{call} from a keypool thread (inside a completion callback) would wait for the pool and can deadlock it; use the non-blocking form or another thread"
             ),
+            Error::SharedUnavailable { message } => {
+                write!(f, "shared limits unavailable: {message}")
+            }
         }
     }
 }

@@ -50,6 +50,7 @@ mod pool;
 mod request;
 mod retry;
 mod shared;
+mod shared_limits;
 mod stats;
 mod thread_role;
 mod ticket;
@@ -64,6 +65,7 @@ pub use config::{
 pub use error::{Error, TimeoutPhase};
 pub use pool::Pool;
 pub use request::{DEFAULT_PATH, Request, Response, Usage};
+pub use shared_limits::{OnUnavailable, SharedConfig};
 pub use stats::{FailureCounts, KeyStats, Stats};
 pub use ticket::{RequestResult, Ticket};
 pub use transport::{
