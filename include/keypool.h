@@ -127,6 +127,12 @@ typedef enum {
    the threads it had started.
    */
   KEYPOOL_SPAWN = 13,
+  /*
+   The limits shared with other processes (config `shared`) could not be reached
+   (Redis down or slow) and `shared.on_unavailable` is `"fail"`: the request was not
+   sent.
+   */
+  KEYPOOL_SHARED_UNAVAILABLE = 14,
 } keypool_status;
 
 /*

@@ -513,3 +513,54 @@ fn redis_down_falls_back_to_a_local_share_then_recovers() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Two `keypool run --shared` processes on one key of `max_concurrent` 4: the server
+/// never sees more than 4 of their requests at once.
+#[test]
+fn cli_runs_split_one_key_set() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(20);
+    let dir = std::env::temp_dir().join(format!("keypool-shared-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.jsonl");
+    let lines: String = (0..40)
+        .map(|i| {
+            format!(
+                "{{\"custom_id\": \"r{i}\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\", \"body\": {{\"model\": \"m\", \"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}}}\n"
+            )
+        })
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let runs: Vec<(Child, std::path::PathBuf)> = (0..2)
+        .map(|n| {
+            let out = dir.join(format!("out{n}.jsonl"));
+            let child = Command::new(env!("CARGO_BIN_EXE_keypool"))
+                .args(["run", "--quiet", "--per-key", "4", "--shared", &redis.url()])
+                .arg("--base-url")
+                .arg(server.url())
+                .arg("-i")
+                .arg(&input)
+                .arg("-o")
+                .arg(&out)
+                .arg("--overwrite")
+                .env("KEYPOOL_API_KEYS", "sk-shared-0")
+                .env_remove("OPENROUTER_API_KEY")
+                .env_remove("OPENAI_API_KEY")
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap();
+            (child, out)
+        })
+        .collect();
+    for (mut child, out) in runs {
+        assert!(child.wait().unwrap().success());
+        let text = std::fs::read_to_string(out).unwrap();
+        assert_eq!(text.lines().count(), 40);
+    }
+    let k = server.key_stats("sk-shared-0").unwrap();
+    assert_eq!(k.requests, 80);
+    assert!(k.max_in_flight <= 4, "{} in flight", k.max_in_flight);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -57,6 +57,9 @@ const (
 	InvalidRequest  Code = C.KEYPOOL_INVALID_REQUEST
 	WouldDeadlock   Code = C.KEYPOOL_WOULD_DEADLOCK
 	Spawn           Code = C.KEYPOOL_SPAWN
+	// SharedUnavailable: the config's shared limits (Redis) could not be reached and
+	// shared.on_unavailable is "fail".
+	SharedUnavailable Code = C.KEYPOOL_SHARED_UNAVAILABLE
 )
 
 // String describes the code ("pool is closed", ...; "unknown status" if unknown).

@@ -49,11 +49,15 @@ pub enum Status {
     /// memory for a thread's stack): `keypool_pool_new` failed cleanly, having stopped
     /// the threads it had started.
     KEYPOOL_SPAWN = 13,
+    /// The limits shared with other processes (config `shared`) could not be reached
+    /// (Redis down or slow) and `shared.on_unavailable` is `"fail"`: the request was not
+    /// sent.
+    KEYPOOL_SHARED_UNAVAILABLE = 14,
 }
 
 /// Every status, in numeric order (for tests and exhaustive tables).
 #[cfg(test)]
-pub(crate) const ALL_STATUSES: [Status; 14] = [
+pub(crate) const ALL_STATUSES: [Status; 15] = [
     Status::KEYPOOL_OK,
     Status::KEYPOOL_INVALID_ARGUMENT,
     Status::KEYPOOL_CONFIG,
@@ -68,6 +72,7 @@ pub(crate) const ALL_STATUSES: [Status; 14] = [
     Status::KEYPOOL_INVALID_REQUEST,
     Status::KEYPOOL_WOULD_DEADLOCK,
     Status::KEYPOOL_SPAWN,
+    Status::KEYPOOL_SHARED_UNAVAILABLE,
 ];
 
 /// A status as C passes it in: any integer, so an unknown value is not an invalid
@@ -95,6 +100,7 @@ impl Status {
             Error::ResultTaken => Status::KEYPOOL_INVALID_ARGUMENT,
             Error::WouldDeadlock(_) => Status::KEYPOOL_WOULD_DEADLOCK,
             Error::Spawn { .. } => Status::KEYPOOL_SPAWN,
+            Error::SharedUnavailable { .. } => Status::KEYPOOL_SHARED_UNAVAILABLE,
             // `Error` is #[non_exhaustive]: a variant added later without a status of its
             // own is reported as an internal failure rather than mislabelled as success.
             _ => Status::KEYPOOL_PANIC,
@@ -120,6 +126,7 @@ impl Status {
             Status::KEYPOOL_INVALID_REQUEST => "invalid_request",
             Status::KEYPOOL_WOULD_DEADLOCK => "would_deadlock",
             Status::KEYPOOL_SPAWN => "spawn",
+            Status::KEYPOOL_SHARED_UNAVAILABLE => "shared_unavailable",
         }
     }
 
@@ -149,6 +156,7 @@ impl Status {
             11 => c"invalid request",
             12 => c"would deadlock: a blocking call from a keypool thread (inside a callback)",
             13 => c"could not start a thread",
+            14 => c"shared limits unavailable (Redis unreachable)",
             _ => c"unknown status",
         }
     }

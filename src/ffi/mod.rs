@@ -174,9 +174,9 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(s(Status::KEYPOOL_CLOSED as u32), "pool is closed");
-        assert_eq!(s(14), "unknown status");
+        assert_eq!(s(15), "unknown status");
         assert_eq!(s(u32::MAX), "unknown status");
-        for n in 0..=13 {
+        for n in 0..=14 {
             assert_ne!(s(n), "unknown status");
         }
         // SAFETY: as above.
@@ -319,6 +319,12 @@ mod tests {
                     message: "Resource temporarily unavailable".into(),
                 },
                 Status::KEYPOOL_SPAWN,
+            ),
+            (
+                Error::SharedUnavailable {
+                    message: "Redis unreachable".into(),
+                },
+                Status::KEYPOOL_SHARED_UNAVAILABLE,
             ),
         ];
         let mut covered = HashSet::new();
