@@ -564,3 +564,69 @@ fn cli_runs_split_one_key_set() {
     assert!(k.max_in_flight <= 4, "{} in flight", k.max_in_flight);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Benchmark (ignored; `cargo test --features redis --test shared_redis -- --ignored
+/// --nocapture bench`): per-request overhead of shared mode against local mode in the
+/// same run, and throughput of 3 pools sharing 8 keys against the ideal.
+#[test]
+#[ignore]
+fn bench_shared_overhead() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let n = 3000;
+    let server = mock(0);
+    let local = config_json(&server.url(), &redis.url(), 8, 4, "", "");
+    let local = {
+        let mut c = Config::from_json(&local).unwrap();
+        c.shared = None;
+        c
+    };
+    let shared =
+        Config::from_json(&config_json(&server.url(), &redis.url(), 8, 4, "", "")).unwrap();
+    for (name, cfg) in [
+        ("local", local.clone()),
+        ("shared", shared.clone()),
+        ("local", local),
+        ("shared", shared),
+    ] {
+        let pool = Pool::new(cfg).unwrap();
+        let t = Instant::now();
+        assert!(pool.batch((0..n).map(chat)).iter().all(|r| r.is_ok()));
+        let per = t.elapsed() / n as u32;
+        println!(
+            "BENCH {name}: {n} requests, {per:?} per request (0 ms server latency, 32 workers)"
+        );
+    }
+    // 3 pools sharing 8 keys × 4 at 20 ms per request: ideal 32 / 0.02 s = 1600 req/s.
+    let server = mock(20);
+    let json = config_json(&server.url(), &redis.url(), 8, 4, "", "");
+    let pools: Vec<Pool> = (0..3)
+        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
+        .collect();
+    let per_pool = 1000;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for pool in &pools {
+            s.spawn(move || {
+                assert!(
+                    pool.batch((0..per_pool).map(chat))
+                        .iter()
+                        .all(|r| r.is_ok())
+                )
+            });
+        }
+    });
+    let rate = (3 * per_pool) as f64 / t.elapsed().as_secs_f64();
+    let max = server
+        .stats()
+        .keys
+        .values()
+        .map(|k| k.max_in_flight)
+        .max()
+        .unwrap();
+    println!(
+        "BENCH 3 pools sharing 8 keys x 4 (20 ms): {rate:.0} req/s of ideal 1600 ({:.0} %), max in flight per key {max}",
+        rate / 16.0
+    );
+}
