@@ -145,6 +145,12 @@ typedef enum {
    message says how many chunks and bytes of text were delivered first.
    */
   KEYPOOL_STREAM = 14,
+  /*
+   The limits shared with other processes (config `shared`) could not be reached
+   (Redis down or slow) and `shared.on_unavailable` is `"fail"`: the request was not
+   sent.
+   */
+  KEYPOOL_SHARED_UNAVAILABLE = 15,
 } keypool_status;
 
 /*

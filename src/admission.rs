@@ -126,6 +126,9 @@ pub(crate) enum Admit {
     Busy,
     /// Disabled or parked: never again.
     Never,
+    /// The shared limits' store (Redis) is unreachable and configured to fail:
+    /// the request ends with `Error::SharedUnavailable`.
+    Unavailable,
 }
 
 /// Proof of one admission, carried by the job until [`Gate::complete`].
@@ -183,6 +186,8 @@ pub(crate) struct Gate {
     trial_out: AtomicBool,
     /// Cooldown end, microseconds since `epoch` (0: none).
     cooldown_until: AtomicU64,
+    /// Limits shared with other processes (`Config::shared`), asked after the local rules.
+    shared: Option<crate::shared_limits::KeyLink>,
 }
 
 impl Gate {
@@ -203,7 +208,13 @@ impl Gate {
             disabled: AtomicBool::new(false),
             trial_out: AtomicBool::new(false),
             cooldown_until: AtomicU64::new(0),
+            shared: None,
         }
+    }
+
+    /// Makes this gate also ask the limits shared with other processes.
+    pub(crate) fn attach_shared(&mut self, link: crate::shared_limits::KeyLink) {
+        self.shared = Some(link);
     }
 
     fn micros(&self, t: Instant) -> u64 {
@@ -252,7 +263,12 @@ impl Gate {
     /// the admission (idle worker taken, trial out, budget spent) in the same step.
     pub(crate) fn try_admit(&self, via: Via, tokens: u64, now: Instant) -> Admit {
         let mut s = self.state.lock();
-        let verdict = self.check(&mut s, via, tokens, now);
+        let mut verdict = self.check(&mut s, via, tokens, now);
+        if let (Admit::Yes(_), Some(link)) = (verdict, &self.shared) {
+            // One atomic step in the shared store, under this key's lock: the local and
+            // the shared admission are taken together or not at all.
+            verdict = self.apply_shared(&mut s, link.acquire(tokens), verdict);
+        }
         if let Admit::Yes(adm) = verdict {
             if via == Via::Dispatcher {
                 s.idle -= 1;
@@ -269,6 +285,49 @@ impl Gate {
         }
         self.mirror(&s);
         verdict
+    }
+
+    /// The error of a request refused because the shared limits are unreachable.
+    pub(crate) fn shared_unavailable_error(&self) -> crate::Error {
+        match &self.shared {
+            Some(link) => link.unavailable_error(),
+            None => crate::Error::SharedUnavailable {
+                message: "shared limits unavailable".to_owned(),
+            },
+        }
+    }
+
+    /// Folds the shared store's answer into the local state: a key disabled or cooling
+    /// elsewhere is disabled or cooling here too (so stats show it, and a shared
+    /// cooldown ends with a local trial like a local one).
+    fn apply_shared(
+        &self,
+        s: &mut State,
+        shared: crate::shared_limits::SharedAdmit,
+        local: Admit,
+    ) -> Admit {
+        use crate::shared_limits::SharedAdmit;
+        match shared {
+            SharedAdmit::Yes => local,
+            SharedAdmit::WakeAt(at) => Admit::WakeAt(at),
+            SharedAdmit::Cooling(until) => {
+                if s.cooldown_until.is_none_or(|u| u < until) {
+                    s.cooldown_until = Some(until);
+                }
+                if s.trial == Trial::Open {
+                    s.trial = Trial::Pending;
+                }
+                Admit::WakeAt(until)
+            }
+            SharedAdmit::Disabled(reason) => {
+                if s.disabled.is_none() {
+                    log::warn!("keypool: key disabled by another process: {reason}");
+                    s.disabled = Some((format!("{reason} (shared)"), unix_ms_now()));
+                }
+                Admit::Never
+            }
+            SharedAdmit::Unavailable => Admit::Unavailable,
+        }
     }
 
     /// Ends an admission: applies the attempt's verdict for the key (cooldown, disable)
@@ -296,11 +355,7 @@ impl Gate {
         }
         if let Some(reason) = &v.disable {
             if s.disabled.is_none() {
-                let unix_ms = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                    .unwrap_or(0);
-                s.disabled = Some((reason.clone(), unix_ms));
+                s.disabled = Some((reason.clone(), unix_ms_now()));
             }
             changed = true;
         }
@@ -311,6 +366,10 @@ impl Gate {
             changed = true;
         }
         self.mirror(&s);
+        drop(s);
+        if let Some(link) = &self.shared {
+            link.release(v);
+        }
         changed
     }
 
@@ -326,6 +385,10 @@ impl Gate {
         if let Some(b) = s.tpm.as_mut() {
             b.correct(adm.tokens, 0);
         }
+        drop(s);
+        if let Some(link) = &self.shared {
+            link.refund(adm.tokens);
+        }
     }
 
     /// Corrects the token bucket once the real usage is known.
@@ -335,6 +398,9 @@ impl Gate {
         }
         if let Some(b) = self.state.lock().tpm.as_mut() {
             b.correct(estimated, actual);
+        }
+        if let Some(link) = &self.shared {
+            link.correct_tokens(estimated, actual);
         }
     }
 
@@ -406,6 +472,14 @@ impl Gate {
             s.tpm.as_mut().map(|b| b.balance(now)),
         )
     }
+}
+
+/// Now as Unix milliseconds (0 if the clock is before 1970).
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -349,6 +349,11 @@ pub struct Config {
     pub retry: RetryConfig,
     /// The keys. At least one is required.
     pub keys: Vec<KeyConfig>,
+    /// Share each key's limits (`max_concurrent`, `rpm`, `tpm`, cooldowns, disabled
+    /// keys) with every other pool — thread, process or host — configured with the same
+    /// Redis and namespace. Needs the `redis` cargo feature: a build without it rejects
+    /// a config that sets this field. Defaults to `None` (limits are this pool's own).
+    pub shared: Option<crate::shared_limits::SharedConfig>,
 }
 
 impl Default for Config {
@@ -366,6 +371,7 @@ impl Default for Config {
             worker_stack_size: 256 * 1024,
             retry: RetryConfig::default(),
             keys: Vec::new(),
+            shared: None,
         }
     }
 }
@@ -492,6 +498,9 @@ impl Config {
             return Err(Error::config("retry.max_attempts", "must be at least 1"));
         }
         check_headers("headers", &self.headers)?;
+        if let Some(shared) = &self.shared {
+            crate::shared_limits::check(shared)?;
+        }
         let mut labels = std::collections::HashSet::new();
         for (i, k) in self.keys.iter().enumerate() {
             let key = k.key.expose();
@@ -846,6 +855,13 @@ impl ConfigBuilder {
     /// Adds a fully specified key.
     pub fn key_config(mut self, key: KeyConfig) -> Self {
         self.config.keys.push(key);
+        self
+    }
+
+    /// Shares each key's limits with other processes through Redis (needs the `redis`
+    /// cargo feature). Defaults to none.
+    pub fn shared(mut self, shared: crate::shared_limits::SharedConfig) -> Self {
+        self.config.shared = Some(shared);
         self
     }
 

@@ -94,6 +94,8 @@ struct NotNow {
     wake: Option<Instant>,
     /// Some preferred key is usable but busy: wait for a worker or a trial.
     busy: bool,
+    /// A key's shared limits are unreachable and configured to fail (its index).
+    unavailable: Option<usize>,
 }
 
 /// Consecutive dispatcher panics after which it gives up (answering everything).
@@ -319,6 +321,7 @@ impl Dispatcher {
         let mut not_now = NotNow {
             wake: None,
             busy: false,
+            unavailable: None,
         };
         let passes: &[bool] = if job.tried.is_empty() {
             &[true]
@@ -348,6 +351,7 @@ impl Dispatcher {
                         }
                     }
                     Admit::Never => {}
+                    Admit::Unavailable => not_now.unavailable = Some(i),
                 }
             }
             if not_now.busy {
@@ -426,6 +430,11 @@ impl Dispatcher {
                 }
                 Err(n) => n,
             };
+            if let Some(i) = not_now.unavailable {
+                // Shared limits unreachable, `on_unavailable: fail`: a typed error now.
+                job.finish(Err(self.shared.keys[i].gate.shared_unavailable_error()));
+                return Placed::Done;
+            }
             // Wait for a worker to go idle, a trial to end, a key to change, or the
             // next known instant. While waiting on a busy key, workers that free up
             // come to this job rather than taking newer requests past it.

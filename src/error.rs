@@ -197,6 +197,13 @@ pub enum Error {
         /// Bytes of text delta already handed to the caller.
         text_bytes_delivered: u64,
     },
+    /// The limits shared with other processes (`Config::shared`) could not be reached
+    /// (Redis down, slow or refusing) and `shared.on_unavailable` is `fail`, so the
+    /// request was not sent. [`Error::code`] is `"shared_unavailable"`.
+    SharedUnavailable {
+        /// What failed (the Redis URL's password masked).
+        message: String,
+    },
 }
 
 impl Error {
@@ -257,6 +264,7 @@ impl Error {
             Error::Spawn { .. } => "spawn",
             Error::WouldDeadlock(_) => "would_deadlock",
             Error::Stream { .. } => "stream",
+            Error::SharedUnavailable { .. } => "shared_unavailable",
         }
     }
 
@@ -342,6 +350,9 @@ impl fmt::Display for Error {
                 "stream from key {key} failed ({}): {message}; {chunks_delivered} chunk(s) with {text_bytes_delivered} byte(s) of text were delivered before the failure (after {attempts} attempt(s))",
                 kind.as_str()
             ),
+            Error::SharedUnavailable { message } => {
+                write!(f, "shared limits unavailable: {message}")
+            }
         }
     }
 }

@@ -52,6 +52,7 @@ mod pool;
 mod request;
 mod retry;
 mod shared;
+mod shared_limits;
 mod sse;
 mod stats;
 mod stream;
@@ -72,6 +73,7 @@ pub use request::{DEFAULT_PATH, Request, Response, Usage};
 /// The JSON library keypool's API takes and returns: `keypool::serde_json::json!`,
 /// [`Value`] for untyped bodies.
 pub use serde_json::{self, Value};
+pub use shared_limits::{OnUnavailable, SharedConfig};
 pub use stats::{FailureCounts, KeyStats, Stats, Totals};
 pub use stream::{ResponseStream, StreamChunk, StreamEvent};
 pub use ticket::{RequestResult, Ticket};

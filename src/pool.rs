@@ -164,9 +164,15 @@ impl Pool {
         let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded::<()>(0);
         let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
         let (started_tx, started_rx) = crossbeam_channel::unbounded::<()>();
-        let keys = (0..config.keys.len())
+        let mut keys: Vec<KeyState> = (0..config.keys.len())
             .map(|i| KeyState::new(&config, i, epoch))
             .collect();
+        if let Some(limits) = crate::shared_limits::start(&config, events_tx.clone())? {
+            for (i, k) in keys.iter_mut().enumerate() {
+                k.gate
+                    .attach_shared(crate::shared_limits::KeyLink::new(limits.clone(), i));
+            }
+        }
         let strategy = config.strategy;
         let shared = Arc::new(Shared {
             any_tpm: config.keys.iter().any(|k| k.tpm.is_some()),

@@ -58,6 +58,9 @@ const (
 	WouldDeadlock   Code = C.KEYPOOL_WOULD_DEADLOCK
 	Spawn           Code = C.KEYPOOL_SPAWN
 	StreamFailed    Code = C.KEYPOOL_STREAM
+	// SharedUnavailable: the config's shared limits (Redis) could not be reached and
+	// shared.on_unavailable is "fail".
+	SharedUnavailable Code = C.KEYPOOL_SHARED_UNAVAILABLE
 )
 
 // String describes the code ("pool is closed", ...; "unknown status" if unknown).

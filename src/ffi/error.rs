@@ -54,11 +54,15 @@ pub enum Status {
     /// `stream_idle_timeout_ms`, a stream timeout, an oversized event. The result's
     /// message says how many chunks and bytes of text were delivered first.
     KEYPOOL_STREAM = 14,
+    /// The limits shared with other processes (config `shared`) could not be reached
+    /// (Redis down or slow) and `shared.on_unavailable` is `"fail"`: the request was not
+    /// sent.
+    KEYPOOL_SHARED_UNAVAILABLE = 15,
 }
 
 /// Every status, in numeric order (for tests and exhaustive tables).
 #[cfg(test)]
-pub(crate) const ALL_STATUSES: [Status; 15] = [
+pub(crate) const ALL_STATUSES: [Status; 16] = [
     Status::KEYPOOL_OK,
     Status::KEYPOOL_INVALID_ARGUMENT,
     Status::KEYPOOL_CONFIG,
@@ -74,6 +78,7 @@ pub(crate) const ALL_STATUSES: [Status; 15] = [
     Status::KEYPOOL_WOULD_DEADLOCK,
     Status::KEYPOOL_SPAWN,
     Status::KEYPOOL_STREAM,
+    Status::KEYPOOL_SHARED_UNAVAILABLE,
 ];
 
 /// A status as C passes it in: any integer, so an unknown value is not an invalid
@@ -102,6 +107,7 @@ impl Status {
             Error::WouldDeadlock(_) => Status::KEYPOOL_WOULD_DEADLOCK,
             Error::Spawn { .. } => Status::KEYPOOL_SPAWN,
             Error::Stream { .. } => Status::KEYPOOL_STREAM,
+            Error::SharedUnavailable { .. } => Status::KEYPOOL_SHARED_UNAVAILABLE,
             // `Error` is #[non_exhaustive]: a variant added later without a status of its
             // own is reported as an internal failure rather than mislabelled as success.
             _ => Status::KEYPOOL_PANIC,
@@ -128,6 +134,7 @@ impl Status {
             Status::KEYPOOL_WOULD_DEADLOCK => "would_deadlock",
             Status::KEYPOOL_SPAWN => "spawn",
             Status::KEYPOOL_STREAM => "stream",
+            Status::KEYPOOL_SHARED_UNAVAILABLE => "shared_unavailable",
         }
     }
 
@@ -158,6 +165,7 @@ impl Status {
             12 => c"would deadlock: a blocking call from a keypool thread (inside a callback)",
             13 => c"could not start a thread",
             14 => c"streamed response failed",
+            15 => c"shared limits unavailable (Redis unreachable)",
             _ => c"unknown status",
         }
     }

@@ -175,9 +175,9 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(s(Status::KEYPOOL_CLOSED as u32), "pool is closed");
-        assert_eq!(s(15), "unknown status");
+        assert_eq!(s(16), "unknown status");
         assert_eq!(s(u32::MAX), "unknown status");
-        for n in 0..=14 {
+        for n in 0..=15 {
             assert_ne!(s(n), "unknown status");
         }
         // SAFETY: as above.
@@ -333,6 +333,12 @@ mod tests {
                     text_bytes_delivered: 5,
                 },
                 Status::KEYPOOL_STREAM,
+            ),
+            (
+                Error::SharedUnavailable {
+                    message: "Redis unreachable".into(),
+                },
+                Status::KEYPOOL_SHARED_UNAVAILABLE,
             ),
         ];
         let mut covered = HashSet::new();

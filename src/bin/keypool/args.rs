@@ -87,6 +87,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "MS")]
     pub timeout_ms: Option<u64>,
 
+    /// Share every key's limits (max_concurrent, rpm, tpm, cooldowns, disabled keys)
+    /// with every other run using the same Redis, e.g. redis://10.0.0.5:6379/0, so runs
+    /// on several machines split one key set safely. Sets the config's
+    /// shared.redis_url (its other shared fields apply). Needs a keypool built with
+    /// the `redis` feature. Default: the config's shared, else none.
+    #[arg(long, value_name = "REDIS_URL")]
+    pub shared: Option<String>,
+
     /// Write records in input order instead of completion order. Results that finish
     /// early wait in a reorder buffer bounded by the run's window (twice the total
     /// per-key concurrency): when it is full, reading pauses until the oldest request
@@ -150,6 +158,7 @@ impl RunArgs {
             strategy: self.strategy.clone(),
             max_attempts: self.max_attempts,
             timeout_ms: self.timeout_ms,
+            shared: self.shared.clone(),
         }
     }
 }

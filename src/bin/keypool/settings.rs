@@ -25,6 +25,8 @@ pub struct PoolFlags {
     pub max_attempts: Option<u32>,
     /// `--timeout-ms`: per-attempt timeout.
     pub timeout_ms: Option<u64>,
+    /// `--shared`: `shared.redis_url`.
+    pub shared: Option<String>,
 }
 
 /// Checks the flags' own ranges, with messages naming the flag.
@@ -155,6 +157,12 @@ pub fn build_config(
             r.insert("max_attempts".into(), json!(n));
         }
     }
+    if let Some(url) = &flags.shared {
+        let shared = root.entry("shared").or_insert_with(|| json!({}));
+        if let Value::Object(s) = shared {
+            s.insert("redis_url".into(), json!(url));
+        }
+    }
     if let Some(n) = flags.per_key {
         if let Some(Value::Array(keys)) = root.get_mut("keys") {
             for k in keys {
@@ -193,6 +201,25 @@ mod tests {
         assert_eq!(c.strategy, keypool::Strategy::RoundRobin);
         assert_eq!(c.retry.max_attempts, 1);
         assert_eq!(c.base_url, "http://127.0.0.1:9/v1");
+    }
+
+    #[test]
+    fn shared_flag_sets_the_redis_url() {
+        let flags = PoolFlags {
+            shared: Some("redis://127.0.0.1:6379/0".into()),
+            ..PoolFlags::default()
+        };
+        let env = |n: &str| (n == "KEYPOOL_API_KEYS").then(|| "sk-1".to_owned());
+        let r = build_config(&flags, env);
+        if cfg!(feature = "redis") {
+            let c = r.unwrap();
+            let s = c.shared.expect("shared");
+            assert_eq!(s.redis_url, "redis://127.0.0.1:6379/0");
+            assert_eq!(s.namespace, "keypool");
+        } else {
+            let e = r.unwrap_err();
+            assert!(e.contains("shared") && e.contains("redis"), "{e}");
+        }
     }
 
     #[test]

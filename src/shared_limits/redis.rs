@@ -1,0 +1,727 @@
+//! Shared limits over Redis (blocking client, no async runtime).
+//!
+//! Redis keys, per API key (named by `h`, an HMAC-SHA-256 of the key keyed with the
+//! namespace, truncated to 128 bits: never the key, not reversible):
+//! - `kp:{ns}:{h}:leases`: sorted set of lease ids scored by expiry (Redis time, ms);
+//! - `kp:{ns}:{h}:rate`: GCRA "theoretical arrival times" of `rpm` (`r`) and `tpm` (`t`);
+//! - `kp:{ns}:{h}:state`: `cool_until` (ms) and `disabled` (reason), with a TTL.
+//!
+//! Every decision is one Lua script run atomically by Redis, on Redis's clock (`TIME`),
+//! so hosts need no synchronised clocks: scripts answer waits as durations.
+//!
+//! Threads (per pool, only in shared mode):
+//! - `keypool-lease-renew`: renews this process's leases every `lease_ms / 3` while it
+//!   holds any, and sleeps on a channel (no timeout) while it holds none;
+//! - `keypool-shared-sub`: subscribed to `kp:{ns}:released`, nudges the dispatcher when
+//!   a process gives back a lease of a key that was full. Its socket read timeout (1 s)
+//!   only checks for shutdown; admissions never wait for it: a refused admission also
+//!   carries a known instant to ask again (at most [`BUSY_RECHECK`] away) in case a
+//!   message is lost while the subscriber reconnects.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use parking_lot::Mutex;
+use redis::{Script, Value};
+
+use super::{OnUnavailable, SharedAdmit, SharedConfig, SharedLimits, redact_url};
+use crate::admission::KeyVerdict;
+use crate::config::Config;
+use crate::error::Error;
+
+/// The longest a dispatcher waits on a full shared key before asking again, should the
+/// release notification be lost (the subscriber reconnecting).
+const BUSY_RECHECK: Duration = Duration::from_millis(200);
+/// After a failed Redis call, the next attempt to reconnect waits this long (admissions
+/// meanwhile follow `on_unavailable` without paying a connect timeout each).
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+/// A key disabled (401/403) or parked (402) stays so in Redis this long after the last
+/// process saw it fail.
+const DISABLED_TTL_MS: u64 = 3_600_000;
+
+/// Drops expired leases, then admits if the key is not disabled or cooling, has a free
+/// slot and has budget; takes the lease and the budget in the same step.
+/// KEYS: leases, state, rate. ARGV: max, lease id, lease_ms, rpm, tpm, tokens.
+/// Returns {0} admitted, {1, wait_ms} full, {2, wait_ms} cooling, {3, 0, reason}
+/// disabled, {4, wait_ms} out of rate budget.
+const ACQUIRE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local dis = redis.call('HGET', KEYS[2], 'disabled')
+if dis then return {3, 0, dis} end
+local cool = tonumber(redis.call('HGET', KEYS[2], 'cool_until') or '0') or 0
+if cool > now then return {2, cool - now} end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local max = tonumber(ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= max then
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {1, math.max(1, tonumber(first[2]) - now)}
+end
+local rpm, tpm, tokens = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local wait, rtat, ttat = 0, nil, nil
+if rpm > 0 then
+  local T = 60000 / rpm
+  local tat = math.max(tonumber(redis.call('HGET', KEYS[3], 'r') or '0') or 0, now)
+  if tat > now then wait = tat - now else rtat = tat + T end
+end
+if tpm > 0 then
+  local T = 60000 / tpm
+  local cap = math.max(math.ceil(tpm / 60), 1)
+  local tau = cap * T
+  local cost = math.min(tokens, cap) * T
+  local tat = math.max(tonumber(redis.call('HGET', KEYS[3], 't') or '0') or 0, now)
+  if tat + cost - now > tau then wait = math.max(wait, tat + cost - tau - now) else ttat = tat + cost end
+end
+if wait > 0 then return {4, math.max(1, math.ceil(wait))} end
+local lease_ms = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], now + lease_ms, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], lease_ms * 2)
+if rtat then redis.call('HSET', KEYS[3], 'r', tostring(rtat)) end
+if ttat then redis.call('HSET', KEYS[3], 't', tostring(ttat)) end
+if rtat or ttat then redis.call('PEXPIRE', KEYS[3], 180000) end
+return {0}
+"#;
+
+/// Ends an admission or corrects a budget, in one step. KEYS: leases, state, rate.
+/// ARGV: lease id ('' for none), max, cooldown_ms (0 none), disable reason ('' none),
+/// rpm, rpm delta (requests), tpm, tpm delta (tokens), channel, key hash.
+const SETTLE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[1] ~= '' then
+  local full = redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2])
+  local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+  if full and removed == 1 then redis.call('PUBLISH', ARGV[9], ARGV[10]) end
+end
+local cd = tonumber(ARGV[3])
+if cd > 0 then
+  local u = now + cd
+  local cur = tonumber(redis.call('HGET', KEYS[2], 'cool_until') or '0') or 0
+  if u > cur then redis.call('HSET', KEYS[2], 'cool_until', u) end
+  if redis.call('PTTL', KEYS[2]) < cd + 1000 then redis.call('PEXPIRE', KEYS[2], cd + 1000) end
+end
+if ARGV[4] ~= '' then
+  redis.call('HSETNX', KEYS[2], 'disabled', ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[11]))
+end
+local function shift(field, per_min, delta)
+  if per_min > 0 and delta ~= 0 then
+    local tat = tonumber(redis.call('HGET', KEYS[3], field) or '0') or 0
+    if tat > 0 then
+      tat = math.min(tat + delta * 60000 / per_min, now + 60000)
+      redis.call('HSET', KEYS[3], field, tostring(tat))
+    end
+  end
+end
+shift('r', tonumber(ARGV[5]), tonumber(ARGV[6]))
+shift('t', tonumber(ARGV[7]), tonumber(ARGV[8]))
+return 0
+"#;
+
+/// Renews this process's leases of one key (re-adding any Redis lost, e.g. in a
+/// restart: those requests are still running). KEYS: leases. ARGV: lease_ms, ids…
+const RENEW: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease_ms = tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + lease_ms, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], lease_ms * 2)
+return 0
+"#;
+
+/// One admission this process holds on a key.
+#[derive(Debug)]
+enum Held {
+    /// A lease in Redis.
+    Lease(String),
+    /// A slot of the local fallback (Redis was unreachable).
+    Local,
+}
+
+/// Local fallback pacing (Redis down, `on_unavailable: local`): a GCRA of the scaled
+/// limit, in seconds since the pool started.
+#[derive(Debug, Default)]
+struct Pace {
+    tat: f64,
+}
+
+impl Pace {
+    /// Admits `cost` units at `per_min` with a burst of `burst` units, or says when.
+    fn take(&mut self, now: f64, per_min: f64, cost: f64, burst: f64) -> Result<(), f64> {
+        let t = 60.0 / per_min;
+        let tat = self.tat.max(now);
+        let cost = cost.min(burst);
+        if tat + cost * t - now > burst * t + 1e-9 {
+            Err(tat + cost * t - burst * t - now)
+        } else {
+            self.tat = tat + cost * t;
+            Ok(())
+        }
+    }
+}
+
+struct KeyInfo {
+    leases: String,
+    state: String,
+    rate: String,
+    hash: String,
+    max: usize,
+    rpm: u64,
+    tpm: u64,
+}
+
+#[derive(Default)]
+struct KeyLocal {
+    held: Vec<Held>,
+    rpm: Pace,
+    tpm: Pace,
+}
+
+struct Conn {
+    con: Option<redis::Connection>,
+    /// No reconnect attempt before this instant.
+    retry_at: Option<Instant>,
+    /// The last failure, masked.
+    last_error: String,
+}
+
+struct Inner {
+    client: redis::Client,
+    cfg: SharedConfig,
+    keys: Vec<KeyInfo>,
+    local: Vec<Mutex<KeyLocal>>,
+    conn: Mutex<Conn>,
+    acquire: Script,
+    settle: Script,
+    renew: Script,
+    channel: String,
+    /// Unique per pool: prefixes its lease ids.
+    token: String,
+    next_lease: std::sync::atomic::AtomicU64,
+    epoch: Instant,
+}
+
+/// The Redis implementation of [`SharedLimits`].
+pub(crate) struct RedisLimits {
+    inner: Arc<Inner>,
+    renew_tx: Option<Sender<()>>,
+    stop_tx: Option<Sender<()>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// The name of an API key in Redis: HMAC-SHA-256 keyed with the namespace, 128 bits.
+pub(crate) fn key_hash(namespace: &str, api_key: &str) -> String {
+    let k = ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        format!("keypool shared limits v1\0{namespace}").as_bytes(),
+    );
+    let tag = ring::hmac::sign(&k, api_key.as_bytes());
+    tag.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Inner {
+    fn mask(&self, msg: String) -> String {
+        if self.cfg.redis_url.is_empty() {
+            msg
+        } else {
+            msg.replace(&self.cfg.redis_url, &redact_url(&self.cfg.redis_url))
+        }
+    }
+
+    /// Runs `f` on the connection, (re)connecting first if needed. `None` while Redis is
+    /// unreachable (the failure is recorded and the connection dropped).
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Option<T> {
+        let mut c = self.conn.lock();
+        if c.con.is_none() {
+            if c.retry_at.is_some_and(|at| Instant::now() < at) {
+                return None;
+            }
+            let timeout = Duration::from_millis(self.cfg.timeout_ms);
+            let con = self
+                .client
+                .get_connection_with_timeout(timeout)
+                .and_then(|con| {
+                    con.set_read_timeout(Some(timeout))?;
+                    con.set_write_timeout(Some(timeout))?;
+                    Ok(con)
+                });
+            match con {
+                Ok(con) => {
+                    if c.retry_at.is_some() {
+                        log::info!("keypool: shared limits: Redis is reachable again");
+                    }
+                    c.con = Some(con);
+                    c.retry_at = None;
+                }
+                Err(e) => {
+                    self.fail(&mut c, e);
+                    return None;
+                }
+            }
+        }
+        let con = c.con.as_mut()?;
+        match f(con) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.fail(&mut c, e);
+                None
+            }
+        }
+    }
+
+    fn fail(&self, c: &mut Conn, e: redis::RedisError) {
+        let msg = self.mask(format!(
+            "Redis at {} unavailable: {e}",
+            redact_url(&self.cfg.redis_url)
+        ));
+        if c.retry_at.is_none() {
+            log::warn!(
+                "keypool: shared limits: {msg}; {}",
+                match self.cfg.on_unavailable {
+                    OnUnavailable::Local => "using local limits until it is back",
+                    OnUnavailable::Fail => "refusing requests until it is back",
+                }
+            );
+        }
+        c.con = None;
+        c.retry_at = Some(Instant::now() + RECONNECT_AFTER);
+        c.last_error = msg;
+    }
+
+    fn acquire(&self, key: usize, tokens: u64) -> (SharedAdmit, bool) {
+        let k = &self.keys[key];
+        let id = format!(
+            "{}:{}",
+            self.token,
+            self.next_lease
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let reply = self.with_conn(|con| {
+            self.acquire
+                .key(&k.leases)
+                .key(&k.state)
+                .key(&k.rate)
+                .arg(k.max)
+                .arg(&id)
+                .arg(self.cfg.lease_ms)
+                .arg(k.rpm)
+                .arg(k.tpm)
+                .arg(tokens)
+                .invoke::<Vec<Value>>(con)
+        });
+        let now = Instant::now();
+        let Some(reply) = reply else {
+            return (self.fallback(key, tokens, now), false);
+        };
+        let int = |i: usize| match reply.get(i) {
+            Some(Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
+            _ => 0,
+        };
+        let after = |ms: u64| now + Duration::from_millis(ms.min(crate::MAX_DURATION_MS));
+        let admit = match int(0) {
+            0 => {
+                self.local[key].lock().held.push(Held::Lease(id));
+                return (SharedAdmit::Yes, true);
+            }
+            1 => SharedAdmit::WakeAt(after(int(1)).min(now + BUSY_RECHECK)),
+            2 => SharedAdmit::Cooling(after(int(1))),
+            3 => {
+                let reason = match reply.get(2) {
+                    Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                    _ => "disabled by another process".to_owned(),
+                };
+                SharedAdmit::Disabled(reason)
+            }
+            _ => SharedAdmit::WakeAt(after(int(1))),
+        };
+        (admit, false)
+    }
+
+    /// Admission while Redis is unreachable.
+    fn fallback(&self, key: usize, tokens: u64, now: Instant) -> SharedAdmit {
+        if self.cfg.on_unavailable == OnUnavailable::Fail {
+            return SharedAdmit::Unavailable;
+        }
+        let k = &self.keys[key];
+        let share = f64::from(self.cfg.local_share_percent) / 100.0;
+        let scaled = |n: u64| ((n as f64 * share).ceil()).max(1.0);
+        let mut l = self.local[key].lock();
+        if l.held.len() >= scaled(k.max as u64) as usize {
+            return SharedAdmit::WakeAt(now + BUSY_RECHECK);
+        }
+        let t = now.saturating_duration_since(self.epoch).as_secs_f64();
+        // Checked on copies first so a refusal by one budget spends neither.
+        let (mut rpm, mut tpm) = (Pace { tat: l.rpm.tat }, Pace { tat: l.tpm.tat });
+        let mut wait: f64 = 0.0;
+        if k.rpm > 0 {
+            if let Err(w) = rpm.take(t, scaled(k.rpm), 1.0, 1.0) {
+                wait = wait.max(w);
+            }
+        }
+        if k.tpm > 0 {
+            let per_min = scaled(k.tpm);
+            let burst = (per_min / 60.0).ceil().max(1.0);
+            if let Err(w) = tpm.take(t, per_min, tokens as f64, burst) {
+                wait = wait.max(w);
+            }
+        }
+        if wait > 0.0 {
+            return SharedAdmit::WakeAt(
+                now + crate::admission::secs_saturating(wait, Duration::from_secs(60)),
+            );
+        }
+        l.rpm = rpm;
+        l.tpm = tpm;
+        l.held.push(Held::Local);
+        SharedAdmit::Yes
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &self,
+        key: usize,
+        lease: Option<&str>,
+        cooldown_ms: u64,
+        disable: &str,
+        rpm_delta: i64,
+        tpm_delta: i64,
+    ) {
+        let k = &self.keys[key];
+        let _ = self.with_conn(|con| {
+            self.settle
+                .key(&k.leases)
+                .key(&k.state)
+                .key(&k.rate)
+                .arg(lease.unwrap_or(""))
+                .arg(k.max)
+                .arg(cooldown_ms)
+                .arg(disable)
+                .arg(k.rpm)
+                .arg(rpm_delta)
+                .arg(k.tpm)
+                .arg(tpm_delta)
+                .arg(&self.channel)
+                .arg(&k.hash)
+                .arg(DISABLED_TTL_MS)
+                .invoke::<i64>(con)
+        });
+    }
+
+    /// Renews every lease this process holds. Returns whether it holds any.
+    fn renew_all(&self) -> bool {
+        let mut any = false;
+        for (i, k) in self.keys.iter().enumerate() {
+            let ids: Vec<String> = self.local[i]
+                .lock()
+                .held
+                .iter()
+                .filter_map(|h| match h {
+                    Held::Lease(id) => Some(id.clone()),
+                    Held::Local => None,
+                })
+                .collect();
+            any |= !self.local[i].lock().held.is_empty();
+            if ids.is_empty() {
+                continue;
+            }
+            let _ = self.with_conn(|con| {
+                let mut inv = self.renew.key(&k.leases);
+                inv.arg(self.cfg.lease_ms);
+                for id in &ids {
+                    inv.arg(id);
+                }
+                inv.invoke::<i64>(con)
+            });
+        }
+        any
+    }
+
+    fn holds_any(&self) -> bool {
+        self.local.iter().any(|l| !l.lock().held.is_empty())
+    }
+}
+
+impl RedisLimits {
+    pub(crate) fn start(
+        sc: &SharedConfig,
+        config: &Config,
+        events: Sender<()>,
+    ) -> Result<RedisLimits, Error> {
+        let client = redis::Client::open(sc.redis_url.as_str())
+            .map_err(|_| Error::config("shared.redis_url", "not a valid Redis URL"))?;
+        let ns = &sc.namespace;
+        let keys = config
+            .keys
+            .iter()
+            .map(|k| {
+                let hash = key_hash(ns, k.key.expose());
+                KeyInfo {
+                    leases: format!("kp:{ns}:{hash}:leases"),
+                    state: format!("kp:{ns}:{hash}:state"),
+                    rate: format!("kp:{ns}:{hash}:rate"),
+                    hash,
+                    max: k.max_concurrent,
+                    rpm: k.rpm.map_or(0, u64::from),
+                    tpm: k.tpm.unwrap_or(0),
+                }
+            })
+            .collect::<Vec<_>>();
+        let token = format!("{:016x}{:08x}", fastrand::u64(..), std::process::id());
+        let inner = Arc::new(Inner {
+            client: client.clone(),
+            cfg: sc.clone(),
+            local: keys.iter().map(|_| Mutex::default()).collect(),
+            keys,
+            conn: Mutex::new(Conn {
+                con: None,
+                retry_at: None,
+                last_error: String::new(),
+            }),
+            acquire: Script::new(ACQUIRE),
+            settle: Script::new(SETTLE),
+            renew: Script::new(RENEW),
+            channel: format!("kp:{ns}:released"),
+            token: token.clone(),
+            next_lease: std::sync::atomic::AtomicU64::new(0),
+            epoch: Instant::now(),
+        });
+        // Connect now so a reachable Redis is used from the first request; an
+        // unreachable one is not fatal (see `on_unavailable`).
+        let _ = inner.with_conn(|con| redis::cmd("PING").query::<String>(con));
+        let (renew_tx, renew_rx) = crossbeam_channel::bounded(1);
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let mut threads = Vec::new();
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.to_owned())
+                .stack_size(256 * 1024)
+                .spawn(f)
+                .map_err(|e| Error::Spawn {
+                    thread: name.to_owned(),
+                    message: e.to_string(),
+                })
+        };
+        let r = Arc::clone(&inner);
+        threads.push(spawn(
+            "keypool-lease-renew",
+            Box::new(move || renewer(r, renew_rx)),
+        )?);
+        let sub = Subscriber {
+            client,
+            channel: inner.channel.clone(),
+            stop_channel: format!("kp:{ns}:stop:{token}"),
+            stop_rx,
+            events,
+            url: sc.redis_url.clone(),
+        };
+        match spawn("keypool-shared-sub", Box::new(move || sub.run())) {
+            Ok(h) => threads.push(h),
+            Err(e) => {
+                drop(renew_tx);
+                for t in threads {
+                    let _ = t.join();
+                }
+                return Err(e);
+            }
+        }
+        Ok(RedisLimits {
+            inner,
+            renew_tx: Some(renew_tx),
+            stop_tx: Some(stop_tx),
+            threads,
+        })
+    }
+}
+
+/// The lease renewer: waits on `rx` (an admission took a lease) while nothing is held,
+/// else renews every `lease_ms / 3`. Ends when the pool's limits are dropped.
+fn renewer(inner: Arc<Inner>, rx: Receiver<()>) {
+    let interval = Duration::from_millis(inner.cfg.lease_ms / 3);
+    let mut next: Option<Instant> = None;
+    loop {
+        let Some(at) = next else {
+            if !inner.holds_any() && rx.recv().is_err() {
+                return;
+            }
+            next = Some(Instant::now() + interval);
+            continue;
+        };
+        match rx.recv_deadline(at) {
+            Ok(()) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {
+                next = inner.renew_all().then(|| Instant::now() + interval);
+            }
+        }
+    }
+}
+
+struct Subscriber {
+    client: redis::Client,
+    channel: String,
+    stop_channel: String,
+    stop_rx: Receiver<()>,
+    events: Sender<()>,
+    url: String,
+}
+
+impl Subscriber {
+    fn stopped(&self) -> bool {
+        matches!(self.stop_rx.try_recv(), Err(TryRecvError::Disconnected))
+    }
+
+    fn run(self) {
+        while !self.stopped() {
+            if let Err(e) = self.listen() {
+                if self.stopped() {
+                    return;
+                }
+                log::debug!(
+                    "keypool: shared limits subscriber: {}",
+                    e.to_string().replace(&self.url, &redact_url(&self.url))
+                );
+                // Reconnect later, or stop at once.
+                if let Err(RecvTimeoutError::Disconnected) =
+                    self.stop_rx.recv_timeout(RECONNECT_AFTER)
+                {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn listen(&self) -> redis::RedisResult<()> {
+        let mut con = self
+            .client
+            .get_connection_with_timeout(Duration::from_secs(1))?;
+        let mut ps = con.as_pubsub();
+        ps.set_read_timeout(Some(Duration::from_secs(1)))?;
+        ps.subscribe(&self.channel)?;
+        ps.subscribe(&self.stop_channel)?;
+        // Anything released while we were not listening: look again.
+        let _ = self.events.try_send(());
+        loop {
+            match ps.get_message() {
+                Ok(msg) => {
+                    if msg.get_channel_name() == self.stop_channel {
+                        return Ok(());
+                    }
+                    let _ = self.events.try_send(());
+                }
+                Err(e) if e.is_timeout() => {
+                    if self.stopped() {
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl SharedLimits for RedisLimits {
+    fn acquire(&self, key: usize, tokens: u64) -> SharedAdmit {
+        let (admit, leased) = self.inner.acquire(key, tokens);
+        if leased {
+            if let Some(tx) = &self.renew_tx {
+                let _ = tx.try_send(());
+            }
+        }
+        admit
+    }
+
+    fn release(&self, key: usize, v: &KeyVerdict) {
+        let held = self.inner.local[key].lock().held.pop();
+        let lease = match &held {
+            Some(Held::Lease(id)) => Some(id.as_str()),
+            _ => None,
+        };
+        let cooldown_ms = v.cooldown.map_or(0, |d| {
+            u64::try_from(d.as_millis())
+                .unwrap_or(u64::MAX)
+                .clamp(1, crate::MAX_DURATION_MS)
+        });
+        let disable = v.disable.as_deref().unwrap_or("");
+        if lease.is_none() && cooldown_ms == 0 && disable.is_empty() {
+            return;
+        }
+        self.inner.settle(key, lease, cooldown_ms, disable, 0, 0);
+    }
+
+    fn refund(&self, key: usize, tokens: u64) {
+        let k = &self.inner.keys[key];
+        if k.rpm == 0 && k.tpm == 0 {
+            return;
+        }
+        let t = i64::try_from(tokens).unwrap_or(i64::MAX);
+        self.inner.settle(key, None, 0, "", -1, -t);
+    }
+
+    fn correct_tokens(&self, key: usize, estimated: u64, actual: u64) {
+        if self.inner.keys[key].tpm == 0 || estimated == actual {
+            return;
+        }
+        let delta = i128::from(actual) - i128::from(estimated);
+        let delta = i64::try_from(delta).unwrap_or(if delta > 0 { i64::MAX } else { i64::MIN });
+        self.inner.settle(key, None, 0, "", 0, delta);
+    }
+
+    fn unavailable_reason(&self) -> String {
+        let c = self.inner.conn.lock();
+        if c.last_error.is_empty() {
+            "Redis unavailable".to_owned()
+        } else {
+            c.last_error.clone()
+        }
+    }
+}
+
+impl Drop for RedisLimits {
+    fn drop(&mut self) {
+        self.renew_tx = None;
+        self.stop_tx = None;
+        // Wake the subscriber at once rather than at its next read timeout.
+        let stop_channel = format!("kp:{}:stop:{}", self.inner.cfg.namespace, self.inner.token);
+        let _ = self.inner.with_conn(|con| {
+            redis::cmd("PUBLISH")
+                .arg(&stop_channel)
+                .arg(1)
+                .query::<i64>(con)
+        });
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_hash_hides_the_key() {
+        let a = key_hash("team-a", "sk-secret-123");
+        assert_eq!(a.len(), 32);
+        assert!(!a.contains("secret"));
+        assert_eq!(a, key_hash("team-a", "sk-secret-123"));
+        assert_ne!(a, key_hash("team-b", "sk-secret-123"));
+        assert_ne!(a, key_hash("team-a", "sk-secret-124"));
+    }
+
+    #[test]
+    fn local_pace_spaces_requests() {
+        let mut p = Pace::default();
+        assert!(p.take(0.0, 60.0, 1.0, 1.0).is_ok());
+        let w = p.take(0.0, 60.0, 1.0, 1.0).unwrap_err();
+        assert!((w - 1.0).abs() < 1e-6);
+        assert!(p.take(1.0, 60.0, 1.0, 1.0).is_ok());
+    }
+}

@@ -1,0 +1,632 @@
+//! Shared limits across processes through Redis (`Config::shared`, the `redis` feature).
+//!
+//! Every test starts its own `redis-server` on a free loopback port (`--save ''
+//! --appendonly no`) and stops it. Without the binary the tests are skipped with a
+//! message — except in CI (`CI=true`), where a missing `redis-server` fails them.
+//! Concurrency, cooldowns and rates are measured at the mock server, never inferred.
+//! Some "processes" are pools on threads of this process (separate `Pool`s share
+//! nothing in memory); `concurrency_is_shared_across_processes` and
+//! `crashed_process_leases_expire` run real child processes (this test binary re-run
+//! as `child_pool`).
+#![cfg(feature = "redis")]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keypool::{Config, Error, Pool, Request};
+use keypool_mock::{KeyRule, MockConfig, MockServer, RequestRecord};
+
+struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RedisServer {
+    /// Starts `redis-server` on a free port, or `None` (skip) if it is not installed
+    /// outside CI.
+    fn start() -> Option<RedisServer> {
+        RedisServer::start_on(free_port())
+    }
+
+    fn start_on(port: u16) -> Option<RedisServer> {
+        let spawned = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                    panic!("redis-server is not installed, and CI=true: install redis-server");
+                }
+                eprintln!("SKIPPED: redis-server not found (apt-get install redis-server)");
+                return None;
+            }
+            Err(e) => panic!("cannot start redis-server: {e}"),
+        };
+        // Ready when it says so on stdout; keep draining its output afterwards.
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("Ready to accept connections") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("redis-server did not become ready");
+        Some(RedisServer { child, port })
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn chat(i: usize) -> Request {
+    Request::chat("mock-model", [("user", &*format!("p{i}"))])
+}
+
+fn mock(latency_ms: u64) -> MockServer {
+    MockServer::start(MockConfig {
+        latency_ms,
+        threads: 4,
+        ..MockConfig::default()
+    })
+    .unwrap()
+}
+
+/// A config JSON: `keys` keys of `max_concurrent` with extra per-key fields, shared.
+fn config_json(
+    mock_url: &str,
+    redis_url: &str,
+    keys: usize,
+    max_concurrent: usize,
+    key_extra: &str,
+    shared_extra: &str,
+) -> String {
+    let keys = (0..keys)
+        .map(|i| {
+            format!(r#"{{"key": "sk-shared-{i}", "max_concurrent": {max_concurrent}{key_extra}}}"#)
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        r#"{{"base_url": "{mock_url}", "keys": [{keys}],
+            "retry": {{"probe_keys": false, "max_attempts": 5, "base_delay_ms": 5, "max_delay_ms": 50}},
+            "shared": {{"redis_url": "{redis_url}", "namespace": "test", "lease_ms": 1500{shared_extra}}}}}"#
+    )
+}
+
+/// Most requests in flight at once among `log` (server-side arrival/finish times).
+fn max_overlap(log: &[&RequestRecord]) -> usize {
+    let mut ev: Vec<(Duration, i32)> = Vec::new();
+    for r in log {
+        ev.push((r.arrived, 1));
+        ev.push((r.finished, -1));
+    }
+    ev.sort();
+    let (mut cur, mut max) = (0i32, 0i32);
+    for (_, d) in ev {
+        cur += d;
+        max = max.max(cur);
+    }
+    max as usize
+}
+
+/// Entry point of the child processes (`child_pool`): runs the config in
+/// `KEYPOOL_CHILD_CONFIG` for `KEYPOOL_CHILD_REQUESTS` requests and prints how many
+/// succeeded. Without the variables (a normal test run) it does nothing.
+#[test]
+fn child_pool() {
+    let Ok(json) = std::env::var("KEYPOOL_CHILD_CONFIG") else {
+        return;
+    };
+    let n: usize = std::env::var("KEYPOOL_CHILD_REQUESTS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pool = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let results = pool.batch((0..n).map(chat));
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    println!("CHILD-OK {ok}");
+    pool.close();
+}
+
+fn spawn_child(json: &str, requests: usize) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["child_pool", "--exact", "--nocapture", "--test-threads=1"])
+        .env("KEYPOOL_CHILD_CONFIG", json)
+        .env("KEYPOOL_CHILD_REQUESTS", requests.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn concurrency_is_shared_across_pools() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(15);
+    let json = config_json(&server.url(), &redis.url(), 4, 8, "", "");
+    let pools: Vec<Pool> = (0..3)
+        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
+        .collect();
+    std::thread::scope(|s| {
+        for pool in &pools {
+            s.spawn(move || {
+                let results = pool.batch((0..240).map(chat));
+                assert!(results.iter().all(|r| r.is_ok()));
+            });
+        }
+    });
+    let stats = server.stats();
+    for i in 0..4 {
+        let k = &stats.keys[&format!("sk-shared-{i}")];
+        // Three pools of 8 workers each on this key: 24 could be in flight unshared.
+        assert!(
+            k.max_in_flight <= 8,
+            "key {i}: {} in flight",
+            k.max_in_flight
+        );
+        assert!(
+            k.max_in_flight >= 4,
+            "key {i} barely used: {}",
+            k.max_in_flight
+        );
+    }
+    assert_eq!(stats.total_requests, 720);
+    // Every lease came back.
+    let mut con = redis.conn();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("kp:test:*:leases")
+        .query(&mut con)
+        .unwrap();
+    let left: usize = keys
+        .iter()
+        .map(|k| redis::cmd("ZCARD").arg(k).query::<usize>(&mut con).unwrap())
+        .sum();
+    assert_eq!(left, 0, "leases left behind");
+}
+
+#[test]
+fn concurrency_is_shared_across_processes() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(15);
+    let json = config_json(&server.url(), &redis.url(), 4, 8, "", "");
+    let children: Vec<Child> = (0..3).map(|_| spawn_child(&json, 200)).collect();
+    for mut c in children {
+        let mut out = String::new();
+        std::io::Read::read_to_string(c.stdout.as_mut().unwrap(), &mut out).unwrap();
+        assert!(c.wait().unwrap().success(), "child failed: {out}");
+        assert!(out.contains("CHILD-OK 200"), "child output: {out}");
+    }
+    let stats = server.stats();
+    assert_eq!(stats.total_requests, 600);
+    for i in 0..4 {
+        let k = &stats.keys[&format!("sk-shared-{i}")];
+        assert!(
+            k.max_in_flight <= 8,
+            "key {i}: {} in flight",
+            k.max_in_flight
+        );
+        assert!(
+            k.max_in_flight >= 4,
+            "key {i} barely used: {}",
+            k.max_in_flight
+        );
+    }
+}
+
+#[test]
+fn crashed_process_leases_expire() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(0);
+    let key = "sk-shared-0";
+    // The child's requests hang at the server; it holds all 4 leases when killed.
+    server.set_key_rule(
+        key,
+        KeyRule {
+            latency_ms: Some(5_000),
+            ..KeyRule::default()
+        },
+    );
+    let json = config_json(&server.url(), &redis.url(), 1, 4, "", "");
+    let mut child = spawn_child(&json, 4);
+    let t0 = Instant::now();
+    while server.key_stats(key).map_or(0, |k| k.in_flight) < 4 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "child never got going"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // On the server's clock, the kill comes just after the child's last arrival.
+    let killed = server.key_stats(key).unwrap().last_request.unwrap();
+    child.kill().unwrap(); // SIGKILL: no cleanup, leases stay in Redis
+    child.wait().unwrap();
+    server.set_key_rule(
+        key,
+        KeyRule {
+            latency_ms: Some(20),
+            ..KeyRule::default()
+        },
+    );
+    let pool = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let started = Instant::now();
+    let results = pool.batch((0..12).map(chat));
+    assert!(results.iter().all(|r| r.is_ok()));
+    let took = started.elapsed();
+    let stats = server.key_stats(key).unwrap();
+    let ours: Vec<&RequestRecord> = stats.log.iter().filter(|r| r.arrived > killed).collect();
+    assert_eq!(ours.len(), 12);
+    let first = ours.iter().map(|r| r.arrived).min().unwrap();
+    // Renewed every 500 ms, the crashed leases outlive the kill by at least ~1 s…
+    assert!(
+        first >= killed + Duration::from_millis(700),
+        "sent {:?} after the kill, while the dead process's leases were live",
+        first - killed
+    );
+    // …and no longer than lease_ms (1.5 s), plus the recheck interval.
+    assert!(
+        first <= killed + Duration::from_millis(2_500),
+        "waited {:?} for dead leases",
+        first - killed
+    );
+    assert!(max_overlap(&ours) <= 4);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[test]
+fn cooldown_is_shared() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(20);
+    let key = "sk-shared-0";
+    server.set_key_rule(
+        key,
+        KeyRule {
+            always_status: Some(429),
+            retry_after_ms: Some(1_500),
+            fail_first: 1,
+            ..KeyRule::default()
+        },
+    );
+    let json = config_json(&server.url(), &redis.url(), 1, 4, "", "");
+    let pools: Vec<Pool> = (0..2)
+        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
+        .collect();
+    std::thread::scope(|s| {
+        for pool in &pools {
+            s.spawn(move || {
+                let results = pool.batch((0..30).map(chat));
+                assert!(results.iter().all(|r| r.is_ok()));
+            });
+        }
+    });
+    let stats = server.key_stats(key).unwrap();
+    let limited: Vec<&RequestRecord> = stats.log.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(limited.len(), 1);
+    let at = limited[0].finished;
+    let window = (
+        at + Duration::from_millis(100),
+        at + Duration::from_millis(1_400),
+    );
+    let inside: Vec<Duration> = stats
+        .log
+        .iter()
+        .map(|r| r.arrived)
+        .filter(|a| *a > window.0 && *a < window.1)
+        .collect();
+    assert!(
+        inside.is_empty(),
+        "{} request(s) arrived during the shared cooldown",
+        inside.len()
+    );
+    assert_eq!(stats.requests, 61);
+}
+
+#[test]
+fn disabled_key_is_shared() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(5);
+    server.set_key_rule(
+        "sk-shared-0",
+        KeyRule {
+            always_status: Some(401),
+            ..KeyRule::default()
+        },
+    );
+    let json = config_json(&server.url(), &redis.url(), 2, 2, "", "");
+    let a = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let b = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    // A meets the revoked key first and moves on to the other.
+    assert!(a.batch([chat(0)])[0].is_ok());
+    assert_eq!(server.key_stats("sk-shared-0").unwrap().requests, 1);
+    // B never sends to it: A's verdict holds everywhere.
+    assert!(b.batch((0..10).map(chat)).iter().all(|r| r.is_ok()));
+    assert_eq!(server.key_stats("sk-shared-0").unwrap().requests, 1);
+    let st = b.stats();
+    let reason = st.keys[0].disabled_reason.clone().expect("disabled in B");
+    assert!(reason.contains("shared"), "{reason}");
+    assert!(!reason.contains("sk-shared"), "{reason}");
+}
+
+#[test]
+fn rpm_is_shared_exactly() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(5);
+    // 240 rpm = one request per 250 ms across three pools.
+    let json = config_json(&server.url(), &redis.url(), 1, 4, r#", "rpm": 240"#, "");
+    let pools: Vec<Pool> = (0..3)
+        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
+        .collect();
+    std::thread::scope(|s| {
+        for pool in &pools {
+            s.spawn(move || {
+                let results = pool.batch((0..6).map(chat));
+                assert!(results.iter().all(|r| r.is_ok()));
+            });
+        }
+    });
+    let stats = server.key_stats("sk-shared-0").unwrap();
+    let mut arrivals: Vec<Duration> = stats.log.iter().map(|r| r.arrived).collect();
+    arrivals.sort();
+    assert_eq!(arrivals.len(), 18);
+    // Any 2.5 s window (a 2.5 s "minute" of 10 requests) holds at most 10 + 1.
+    for (i, a) in arrivals.iter().enumerate() {
+        let n = arrivals[i..]
+            .iter()
+            .take_while(|b| **b < *a + Duration::from_millis(2_500))
+            .count();
+        assert!(n <= 11, "{n} requests within 2.5 s of arrival {i}");
+    }
+    let span = arrivals[17] - arrivals[0];
+    assert!(span >= Duration::from_millis(17 * 250 - 200), "{span:?}");
+    // Keys are named by a hash, never the key itself.
+    let all: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(!all.is_empty());
+    for k in &all {
+        assert!(!k.contains("sk-shared"), "{k}");
+        let hash = k.split(':').nth(2).unwrap();
+        assert!(
+            hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{k}"
+        );
+    }
+}
+
+#[test]
+fn redis_down_fail_is_a_typed_error() {
+    let server = mock(0);
+    let port = free_port(); // nothing listens there
+    let url = format!("redis://:hunter2@127.0.0.1:{port}/0");
+    let json = config_json(
+        &server.url(),
+        &url,
+        1,
+        2,
+        "",
+        r#", "on_unavailable": "fail", "timeout_ms": 200"#,
+    );
+    let pool = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let t0 = Instant::now();
+    let r = pool.batch([chat(0)]);
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    let e = r[0].as_ref().unwrap_err();
+    assert!(matches!(e, Error::SharedUnavailable { .. }), "{e:?}");
+    assert_eq!(e.code(), "shared_unavailable");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    assert!(!format!("{:?}", pool.config()).contains("hunter2"));
+    assert_eq!(server.stats().total_requests, 0);
+}
+
+#[test]
+fn redis_down_falls_back_to_a_local_share_then_recovers() {
+    let server = mock(20);
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let json = config_json(
+        &server.url(),
+        &url,
+        1,
+        8,
+        "",
+        r#", "on_unavailable": "local", "local_share_percent": 50, "timeout_ms": 200"#,
+    );
+    let pool = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let t0 = Instant::now();
+    assert!(pool.batch((0..40).map(chat)).iter().all(|r| r.is_ok()));
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let k = server.key_stats("sk-shared-0").unwrap();
+    assert!(k.max_in_flight <= 4, "half of 8: {}", k.max_in_flight);
+    assert!(k.max_in_flight >= 2);
+    // Redis comes up: the pool uses it again (it retries the connection after 1 s).
+    let Some(redis) = RedisServer::start_on(port) else {
+        return;
+    };
+    let mut con = redis.conn();
+    let t1 = Instant::now();
+    loop {
+        assert!(pool.batch([chat(0)])[0].is_ok());
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut con)
+            .unwrap();
+        if info.contains("cmdstat_eval") {
+            break; // an admission script ran
+        }
+        assert!(t1.elapsed() < Duration::from_secs(5), "never reconnected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two `keypool run --shared` processes on one key of `max_concurrent` 4: the server
+/// never sees more than 4 of their requests at once.
+#[test]
+fn cli_runs_split_one_key_set() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(20);
+    let dir = std::env::temp_dir().join(format!("keypool-shared-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.jsonl");
+    let lines: String = (0..40)
+        .map(|i| {
+            format!(
+                "{{\"custom_id\": \"r{i}\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\", \"body\": {{\"model\": \"m\", \"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}}}\n"
+            )
+        })
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let runs: Vec<(Child, std::path::PathBuf)> = (0..2)
+        .map(|n| {
+            let out = dir.join(format!("out{n}.jsonl"));
+            let child = Command::new(env!("CARGO_BIN_EXE_keypool"))
+                .args(["run", "--quiet", "--per-key", "4", "--shared", &redis.url()])
+                .arg("--base-url")
+                .arg(server.url())
+                .arg("-i")
+                .arg(&input)
+                .arg("-o")
+                .arg(&out)
+                .arg("--overwrite")
+                .env("KEYPOOL_API_KEYS", "sk-shared-0")
+                .env_remove("OPENROUTER_API_KEY")
+                .env_remove("OPENAI_API_KEY")
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap();
+            (child, out)
+        })
+        .collect();
+    for (mut child, out) in runs {
+        assert!(child.wait().unwrap().success());
+        let text = std::fs::read_to_string(out).unwrap();
+        assert_eq!(text.lines().count(), 40);
+    }
+    let k = server.key_stats("sk-shared-0").unwrap();
+    assert_eq!(k.requests, 80);
+    assert!(k.max_in_flight <= 4, "{} in flight", k.max_in_flight);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Benchmark (ignored; `cargo test --features redis --test shared_redis -- --ignored
+/// --nocapture bench`): per-request overhead of shared mode against local mode in the
+/// same run, and throughput of 3 pools sharing 8 keys against the ideal.
+#[test]
+#[ignore]
+fn bench_shared_overhead() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let n = 3000;
+    let server = mock(0);
+    let local = config_json(&server.url(), &redis.url(), 8, 4, "", "");
+    let local = {
+        let mut c = Config::from_json(&local).unwrap();
+        c.shared = None;
+        c
+    };
+    let shared =
+        Config::from_json(&config_json(&server.url(), &redis.url(), 8, 4, "", "")).unwrap();
+    for (name, cfg) in [
+        ("local", local.clone()),
+        ("shared", shared.clone()),
+        ("local", local),
+        ("shared", shared),
+    ] {
+        let pool = Pool::new(cfg).unwrap();
+        let t = Instant::now();
+        assert!(pool.batch((0..n).map(chat)).iter().all(|r| r.is_ok()));
+        let per = t.elapsed() / n as u32;
+        println!(
+            "BENCH {name}: {n} requests, {per:?} per request (0 ms server latency, 32 workers)"
+        );
+    }
+    // 3 pools sharing 8 keys × 4 at 20 ms per request: ideal 32 / 0.02 s = 1600 req/s.
+    let server = mock(20);
+    let json = config_json(&server.url(), &redis.url(), 8, 4, "", "");
+    let pools: Vec<Pool> = (0..3)
+        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
+        .collect();
+    let per_pool = 1000;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for pool in &pools {
+            s.spawn(move || {
+                assert!(
+                    pool.batch((0..per_pool).map(chat))
+                        .iter()
+                        .all(|r| r.is_ok())
+                )
+            });
+        }
+    });
+    let rate = (3 * per_pool) as f64 / t.elapsed().as_secs_f64();
+    let max = server
+        .stats()
+        .keys
+        .values()
+        .map(|k| k.max_in_flight)
+        .max()
+        .unwrap();
+    println!(
+        "BENCH 3 pools sharing 8 keys x 4 (20 ms): {rate:.0} req/s of ideal 1600 ({:.0} %), max in flight per key {max}",
+        rate / 16.0
+    );
+}
