@@ -40,6 +40,10 @@ pub(crate) struct Job {
     pub est_tokens: u64,
     /// The key admission this job holds while it is with a worker (see `admission.rs`).
     pub admission: Option<(usize, Admission)>,
+    /// The request's `"model"`, read once at submit when routing by model.
+    pub model: Option<Arc<str>>,
+    /// Which keys serve `model` (`None`: every key), see `routing.rs`.
+    pub serves: Option<Arc<[bool]>>,
 }
 
 impl Job {
@@ -81,6 +85,8 @@ impl Job {
             last_error: None,
             est_tokens,
             admission: None,
+            model: None,
+            serves: None,
         }
     }
 

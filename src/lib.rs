@@ -34,6 +34,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(unsafe_code)]
 
+mod adaptive;
 mod admission;
 mod batch;
 mod body;
@@ -44,11 +45,14 @@ mod error;
 // The C ABI: the only module allowed `unsafe` (raw pointers from C).
 #[allow(unsafe_code)]
 mod ffi;
+mod group;
 mod job;
 mod key;
 mod pool;
+mod ratelimit;
 mod request;
 mod retry;
+mod routing;
 mod shared;
 mod stats;
 mod thread_role;
@@ -58,12 +62,13 @@ mod worker;
 
 pub use batch::ResultStream;
 pub use config::{
-    ApiKey, Config, ConfigBuilder, KeyConfig, MAX_CONCURRENT_LIMIT, MAX_KEYS, RetryConfig, Strategy,
+    ApiKey, Config, ConfigBuilder, GroupConfig, KeyConfig, MAX_CONCURRENT_LIMIT, MAX_KEYS,
+    MAX_WEIGHT, RetryConfig, Strategy,
 };
 pub use error::{Error, TimeoutPhase};
 pub use pool::Pool;
 pub use request::{DEFAULT_PATH, Request, Response, Usage};
-pub use stats::{FailureCounts, KeyStats, Stats};
+pub use stats::{FailureCounts, GroupStats, KeyStats, Stats};
 pub use ticket::{RequestResult, Ticket};
 pub use transport::{
     HttpRequest, HttpResponse, Transport, TransportError, TransportSettings, UreqTransport,

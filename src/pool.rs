@@ -14,9 +14,11 @@ use crate::config::Config;
 use crate::deadline::{Deadlines, Slot};
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, TimeoutPhase};
+use crate::group::GroupGate;
 use crate::job::Job;
 use crate::key::KeyState;
 use crate::request::Request;
+use crate::routing::Router;
 use crate::shared::Shared;
 use crate::stats::Stats;
 use crate::thread_role::{mark_pool_thread, on_pool_thread};
@@ -123,9 +125,15 @@ impl Pool {
         let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded::<()>(0);
         let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
         let (started_tx, started_rx) = crossbeam_channel::unbounded::<()>();
-        let keys = (0..config.keys.len())
-            .map(|i| KeyState::new(&config, i, epoch))
+        let groups: Vec<Arc<GroupGate>> = config
+            .groups
+            .iter()
+            .map(|g| Arc::new(GroupGate::new(g, epoch)))
             .collect();
+        let keys = (0..config.keys.len())
+            .map(|i| KeyState::with_groups(&config, i, epoch, &groups))
+            .collect();
+        let router = Router::for_config(&config);
         let strategy = config.strategy;
         let shared = Arc::new(Shared {
             any_tpm: config.keys.iter().any(|k| k.tpm.is_some()),
@@ -140,6 +148,8 @@ impl Pool {
             dispatcher_waiting: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             broken: Mutex::new(None),
+            router,
+            groups,
             submitted: AtomicU64::new(0),
             completed: AtomicU64::new(0),
             #[cfg(test)]
@@ -304,10 +314,25 @@ impl Pool {
                 .then(|| Duration::from_millis(shared.config.deadline_ms))
         });
         let deadline = limit.map(|d| Instant::now() + d);
-        let est = if shared.any_tpm {
+        let est = if shared.any_tpm || shared.groups_tpm() {
             req.estimated_tokens()
         } else {
             0
+        };
+        // Routing by model: read the model once, refuse at once if no key serves it.
+        let route = match &shared.router {
+            Some(router) => {
+                let model = crate::routing::model_of(&req.body);
+                let serves = router.serving(&shared.config, model.as_ref());
+                if !serves.iter().any(|&s| s) {
+                    reply.defuse();
+                    return Err(Error::ModelNotServed {
+                        model: model.map(|m| m.to_string()),
+                    });
+                }
+                Some((model, serves))
+            }
+            None => None,
         };
         let job = match deadline {
             // The deadline holds wherever the job waits: the dispatcher answers it on
@@ -321,6 +346,11 @@ impl Pool {
             }
             None => Job::new(req, reply, deadline, est),
         };
+        let mut job = job;
+        if let Some((model, serves)) = route {
+            job.model = model;
+            job.serves = Some(serves);
+        }
         let mode = match mode {
             Mode::Block | Mode::Timeout(_) if on_pool_thread() => Mode::NoWait,
             m => m,
@@ -473,6 +503,7 @@ impl Pool {
             completed: shared.completed.load(Relaxed),
             queued: self.inner.intake.lock().as_ref().map_or(0, |tx| tx.len()),
             keys: shared.keys.iter().map(KeyState::snapshot).collect(),
+            groups: shared.groups.iter().map(|g| g.snapshot()).collect(),
         }
     }
 
