@@ -21,9 +21,12 @@ use crate::shared::Shared;
 /// Distinct models remembered before the cache starts over.
 const CACHE_MAX: usize = 1024;
 
+/// For each key, whether it serves one model.
+type Serving = Arc<[bool]>;
+
 /// Which keys serve which model, memoised per model name.
 pub(crate) struct Router {
-    cache: Mutex<HashMap<Option<Arc<str>>, Arc<[bool]>>>,
+    cache: Mutex<HashMap<Option<Arc<str>>, Serving>>,
 }
 
 impl Router {

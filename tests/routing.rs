@@ -110,9 +110,11 @@ fn retries_stay_on_keys_that_serve_the_model() {
             ..KeyRule::default()
         },
     );
-    let mut retry = keypool::RetryConfig::default();
-    retry.base_delay_ms = 1;
-    retry.max_attempts = 4;
+    let retry = keypool::RetryConfig {
+        base_delay_ms: 1,
+        max_attempts: 4,
+        ..keypool::RetryConfig::default()
+    };
     let config = Config::builder()
         .base_url(server.url())
         .retry(retry)
@@ -287,9 +289,11 @@ fn group_limit_holds_with_retries_and_cooldowns() {
             ..KeyRule::default()
         },
     );
-    let mut retry = keypool::RetryConfig::default();
-    retry.base_delay_ms = 1;
-    retry.max_attempts = 10;
+    let retry = keypool::RetryConfig {
+        base_delay_ms: 1,
+        max_attempts: 10,
+        ..keypool::RetryConfig::default()
+    };
     let config = Config::builder()
         .base_url(server.url())
         .retry(retry)
