@@ -18,10 +18,14 @@
 //! dispatcher's and workers' heuristics ("is any usable worker idle?") and stats read
 //! the state without the lock; every decision that admits goes through the lock.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
+
+use crate::adaptive::Aimd;
+use crate::group::GroupGate;
 
 /// The longest wait a rate budget ever asks for: a bucket can owe at most one minute of
 /// its rate, so it refills within a minute whatever a server reported.
@@ -75,7 +79,7 @@ impl Bucket {
 
     /// `None` if `n` tokens are available now, else when they will be (at most a minute
     /// away).
-    fn ready_at(&mut self, n: f64, now: Instant) -> Option<Instant> {
+    pub(crate) fn ready_at(&mut self, n: f64, now: Instant) -> Option<Instant> {
         self.refill(now);
         let n = n.min(self.capacity);
         if self.tokens >= n {
@@ -85,18 +89,18 @@ impl Bucket {
         }
     }
 
-    fn take(&mut self, n: f64) {
+    pub(crate) fn take(&mut self, n: f64) {
         self.tokens = (self.tokens - n.min(self.capacity)).max(self.floor);
     }
 
     /// Adds back `estimated − actual` tokens (either sign), within the floor and cap.
-    fn correct(&mut self, estimated: u64, actual: u64) {
+    pub(crate) fn correct(&mut self, estimated: u64, actual: u64) {
         let delta = estimated as f64 - actual as f64;
         self.tokens = (self.tokens + delta).clamp(self.floor, self.capacity);
     }
 
     /// The balance now.
-    fn balance(&mut self, now: Instant) -> f64 {
+    pub(crate) fn balance(&mut self, now: Instant) -> f64 {
         self.refill(now);
         self.tokens
     }
@@ -138,6 +142,9 @@ pub(crate) struct Admission {
     pub trial: bool,
     /// Tokens taken from the `tpm` bucket (0 when no limit).
     pub tokens: u64,
+    /// The learned limit's cut count when admitted (0 when not adaptive): a 429 cuts
+    /// the limit only if no cut happened since.
+    pub cuts: u64,
 }
 
 /// Who asks for an admission.
@@ -159,6 +166,11 @@ pub(crate) struct KeyVerdict {
     pub cooldown: Option<Duration>,
     /// Take the key out of rotation for good, with this reason (401/403, 402).
     pub disable: Option<String>,
+    /// The server answered 429: a learned limit is cut.
+    pub rate_limited: bool,
+    /// Cool the key's whole group (account) for this long: a 429 its rule attributes to
+    /// the account.
+    pub group_cooldown: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -172,6 +184,10 @@ struct State {
     disabled: Option<(String, u64)>,
     rpm: Option<Bucket>,
     tpm: Option<Bucket>,
+    /// Admissions not yet completed.
+    out: usize,
+    /// The learned concurrency limit (`adaptive` keys).
+    aimd: Option<Aimd>,
 }
 
 /// The admission state of one key. See the module docs.
@@ -180,8 +196,14 @@ pub(crate) struct Gate {
     state: Mutex<State>,
     epoch: Instant,
     has_limits: bool,
+    /// The key's account: its limits are checked and taken with the key's, in one step.
+    group: Option<Arc<GroupGate>>,
     // Lock-free mirrors, written only under the lock.
     idle: AtomicUsize,
+    /// The learned limit is used up.
+    at_limit: AtomicBool,
+    /// The learned limit (0: not adaptive).
+    limit: AtomicUsize,
     disabled: AtomicBool,
     trial_out: AtomicBool,
     /// Cooldown end, microseconds since `epoch` (0: none).
@@ -201,10 +223,15 @@ impl Gate {
                 disabled: None,
                 rpm: rpm.map(|r| Bucket::per_minute(r as f64, epoch)),
                 tpm: tpm.map(|t| Bucket::per_minute(t as f64, epoch)),
+                out: 0,
+                aimd: None,
             }),
             epoch,
             has_limits: rpm.is_some() || tpm.is_some(),
+            group: None,
             idle: AtomicUsize::new(0),
+            at_limit: AtomicBool::new(false),
+            limit: AtomicUsize::new(0),
             disabled: AtomicBool::new(false),
             trial_out: AtomicBool::new(false),
             cooldown_until: AtomicU64::new(0),
@@ -217,6 +244,28 @@ impl Gate {
         self.shared = Some(link);
     }
 
+    /// Makes the key a member of `group`, whose limits it then also obeys.
+    pub(crate) fn with_group(mut self, group: Arc<GroupGate>) -> Gate {
+        self.has_limits |= group.has_limits;
+        self.group = Some(group);
+        self
+    }
+
+    /// Makes the key's concurrency learned (AIMD), up to `max`.
+    pub(crate) fn with_adaptive(self, max: usize) -> Gate {
+        {
+            let mut s = self.state.lock();
+            s.aimd = Some(Aimd::new(max));
+            self.mirror(&s);
+        }
+        self
+    }
+
+    /// The key's group, if it has one.
+    pub(crate) fn group(&self) -> Option<&Arc<GroupGate>> {
+        self.group.as_ref()
+    }
+
     fn micros(&self, t: Instant) -> u64 {
         u64::try_from(t.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
     }
@@ -225,6 +274,10 @@ impl Gate {
         self.idle.store(s.idle, SeqCst);
         self.disabled.store(s.disabled.is_some(), SeqCst);
         self.trial_out.store(s.trial == Trial::Out, SeqCst);
+        if let Some(a) = &s.aimd {
+            self.at_limit.store(s.out >= a.limit(), SeqCst);
+            self.limit.store(a.limit(), SeqCst);
+        }
         self.cooldown_until.store(
             s.cooldown_until.map_or(0, |u| self.micros(u).max(1)),
             SeqCst,
@@ -232,7 +285,15 @@ impl Gate {
     }
 
     /// The rules, in order. `now` is the caller's clock; `tokens` the job's estimate.
-    fn check(&self, s: &mut State, via: Via, tokens: u64, now: Instant) -> Admit {
+    fn check(
+        &self,
+        s: &mut State,
+        g: Option<&mut crate::group::GroupState>,
+        via: Via,
+        tokens: u64,
+        now: Instant,
+    ) -> Admit {
+        let group_tpm = g.as_ref().is_some_and(|g| g.tpm.is_some());
         if s.disabled.is_some() {
             return Admit::Never;
         }
@@ -248,14 +309,27 @@ impl Gate {
         if s.trial == Trial::Out {
             return Admit::Busy;
         }
+        if s.aimd.as_ref().is_some_and(|a| s.out >= a.limit()) {
+            return Admit::Busy;
+        }
         let a = s.rpm.as_mut().and_then(|b| b.ready_at(1.0, now));
         let b = s.tpm.as_mut().and_then(|b| b.ready_at(tokens as f64, now));
         if let Some(at) = a.max(b) {
             return Admit::WakeAt(at);
         }
+        if let (Some(group), Some(g)) = (&self.group, g) {
+            if let Some(no) = group.check(g, tokens, now) {
+                return no;
+            }
+        }
         Admit::Yes(Admission {
             trial: s.trial == Trial::Pending,
-            tokens: if s.tpm.is_some() { tokens } else { 0 },
+            tokens: if s.tpm.is_some() || group_tpm {
+                tokens
+            } else {
+                0
+            },
+            cuts: s.aimd.as_ref().map_or(0, Aimd::cuts),
         })
     }
 
@@ -263,7 +337,9 @@ impl Gate {
     /// the admission (idle worker taken, trial out, budget spent) in the same step.
     pub(crate) fn try_admit(&self, via: Via, tokens: u64, now: Instant) -> Admit {
         let mut s = self.state.lock();
-        let mut verdict = self.check(&mut s, via, tokens, now);
+        // The key's lock, then the group's: the only order either is ever taken in.
+        let mut g = self.group.as_ref().map(|g| g.state.lock());
+        let mut verdict = self.check(&mut s, g.as_deref_mut(), via, tokens, now);
         if let (Admit::Yes(_), Some(link)) = (verdict, &self.shared) {
             // One atomic step in the shared store, under this key's lock: the local and
             // the shared admission are taken together or not at all.
@@ -272,6 +348,10 @@ impl Gate {
         if let Admit::Yes(adm) = verdict {
             if via == Via::Dispatcher {
                 s.idle -= 1;
+            }
+            s.out += 1;
+            if let (Some(group), Some(g)) = (&self.group, g.as_deref_mut()) {
+                group.take(g, adm.tokens);
             }
             if adm.trial {
                 s.trial = Trial::Out;
@@ -337,6 +417,21 @@ impl Gate {
     pub(crate) fn complete(&self, adm: Admission, v: &KeyVerdict, now: Instant) -> bool {
         let mut s = self.state.lock();
         let mut changed = false;
+        let busy = s.aimd.as_ref().is_some_and(|a| s.out >= a.limit());
+        s.out = s.out.saturating_sub(1);
+        if let Some(a) = s.aimd.as_mut() {
+            if v.rate_limited {
+                a.on_429(adm.cuts);
+            } else if v.accepted {
+                a.on_success(busy);
+            }
+            // A slot freed (or the limit moved): a waiting job may fit now.
+            changed |= busy || v.rate_limited;
+        }
+        if let Some(group) = &self.group {
+            let mut g = group.state.lock();
+            changed |= group.release(&mut g, v.group_cooldown, now);
+        }
         if let Some(d) = v.cooldown {
             let until = now
                 .checked_add(d)
@@ -385,6 +480,15 @@ impl Gate {
         if let Some(b) = s.tpm.as_mut() {
             b.correct(adm.tokens, 0);
         }
+        if let Some(group) = &self.group {
+            let mut g = group.state.lock();
+            if let Some(b) = g.rpm.as_mut() {
+                b.correct(1, 0);
+            }
+            if let Some(b) = g.tpm.as_mut() {
+                b.correct(adm.tokens, 0);
+            }
+        }
         drop(s);
         if let Some(link) = &self.shared {
             link.refund(adm.tokens);
@@ -396,8 +500,14 @@ impl Gate {
         if !self.has_limits {
             return;
         }
-        if let Some(b) = self.state.lock().tpm.as_mut() {
+        let mut s = self.state.lock();
+        if let Some(b) = s.tpm.as_mut() {
             b.correct(estimated, actual);
+        }
+        if let Some(group) = &self.group {
+            if let Some(b) = group.state.lock().tpm.as_mut() {
+                b.correct(estimated, actual);
+            }
         }
         if let Some(link) = &self.shared {
             link.correct_tokens(estimated, actual);
@@ -432,17 +542,30 @@ impl Gate {
         self.has_limits
     }
 
-    /// When the cooldown ends, if the key is cooling at `now`.
+    /// When the cooldown ends, if the key (or its whole account) is cooling at `now`.
     pub(crate) fn cooling_until(&self, now: Instant) -> Option<Instant> {
         let until = self.cooldown_until.load(SeqCst);
-        (until > self.micros(now)).then(|| self.epoch + Duration::from_micros(until))
+        let own = (until > self.micros(now)).then(|| self.epoch + Duration::from_micros(until));
+        let group = self.group.as_ref().and_then(|g| g.cooling_until(now));
+        own.max(group)
     }
 
-    /// An idle worker, on a key that is not disabled, cooling, or waiting on a trial.
+    /// The learned concurrency limit, if the key is adaptive.
+    pub(crate) fn learned_limit(&self) -> Option<usize> {
+        match self.limit.load(SeqCst) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    /// An idle worker, on a key that is not disabled, cooling, waiting on a trial, at
+    /// its learned limit, or in a full group.
     pub(crate) fn usable_idle(&self, now: Instant) -> bool {
         self.idle() > 0
             && !self.is_disabled()
             && !self.trial_out.load(SeqCst)
+            && !self.at_limit.load(SeqCst)
+            && !self.group.as_ref().is_some_and(|g| g.is_full())
             && self.cooling_until(now).is_none()
     }
 
@@ -561,7 +684,7 @@ mod tests {
         let limited = KeyVerdict {
             accepted: false,
             cooldown: Some(Duration::from_secs(2)),
-            disable: None,
+            ..KeyVerdict::default()
         };
         g.complete(a, &limited, now);
         let until = now + Duration::from_secs(2);
@@ -590,6 +713,7 @@ mod tests {
         let adm = Admission {
             trial: false,
             tokens: 0,
+            cuts: 0,
         };
         let cool = |d| KeyVerdict {
             cooldown: Some(d),

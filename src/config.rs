@@ -27,6 +27,8 @@ pub const MAX_KEY_BYTES: usize = 8192;
 /// Upper bound for every duration in the config (timeouts, deadline, delays,
 /// cooldowns): 7 days, in milliseconds.
 pub const MAX_DURATION_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Upper bound for [`KeyConfig::weight`].
+pub const MAX_WEIGHT: u32 = 1_000_000;
 
 /// An API key. Its `Debug` and `Display` never show the secret.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -244,6 +246,112 @@ pub struct KeyConfig {
     /// response's `usage`). Defaults to unlimited.
     #[serde(default)]
     pub tpm: Option<u64>,
+    /// The models this key serves: exact names or simple patterns with `*` (`"openai/*"`,
+    /// `"*"`). A request goes only to keys that serve its `"model"`; names in
+    /// `model_map` are served too. Defaults to none (every model).
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// Per-key model names: a request for a logical name (the map's key) is sent to this
+    /// key with `"model"` rewritten to the value (the id this key's provider expects).
+    /// Defaults to none.
+    #[serde(default)]
+    pub model_map: BTreeMap<String, String>,
+    /// Share of requests under `round_robin` (smooth weighted round-robin, as nginx
+    /// does it). Defaults to 1.
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// The name of the account (`groups[].name`) whose limits this key shares.
+    /// Defaults to none.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Learn this key's real concurrency (AIMD): start low, grow by about one per
+    /// round trip on success, cut to 80 % on a 429, never above `max_concurrent` nor
+    /// below 1. A 429 without `Retry-After` then cuts the limit instead of cooling the
+    /// key. Defaults to false.
+    #[serde(default)]
+    pub adaptive: bool,
+}
+
+/// An account whose limits bind all its keys together (`keys[].group`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// The name keys refer to with `group`.
+    pub name: String,
+    /// Requests in flight over all the group's keys. Defaults to unlimited.
+    #[serde(default)]
+    pub max_concurrent: Option<usize>,
+    /// Requests per minute over all the group's keys. Defaults to unlimited.
+    #[serde(default)]
+    pub rpm: Option<u32>,
+    /// Tokens per minute over all the group's keys. Defaults to unlimited.
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    /// Which 429s of a member key are the account's, cooling the whole group: `"*"`
+    /// for every 429, otherwise a text that, found (ignoring case) in the 429's error
+    /// message or in one of its headers written `name: value`, marks it as the
+    /// account's (e.g. `"x-ratelimit-scope: account"`, or a phrase of the provider's
+    /// account-level message). Defaults to none: a 429 cools only its key.
+    #[serde(default)]
+    pub account_429: Option<String>,
+}
+
+impl GroupConfig {
+    /// A group without limits.
+    pub fn new(name: impl Into<String>) -> GroupConfig {
+        GroupConfig {
+            name: name.into(),
+            max_concurrent: None,
+            rpm: None,
+            tpm: None,
+            account_429: None,
+        }
+    }
+
+    /// Limits the group's requests in flight. Defaults to unlimited.
+    pub fn max_concurrent(mut self, n: usize) -> GroupConfig {
+        self.max_concurrent = Some(n);
+        self
+    }
+
+    /// Limits the group's requests per minute. Defaults to unlimited.
+    pub fn rpm(mut self, rpm: u32) -> GroupConfig {
+        self.rpm = Some(rpm);
+        self
+    }
+
+    /// Limits the group's tokens per minute. Defaults to unlimited.
+    pub fn tpm(mut self, tpm: u64) -> GroupConfig {
+        self.tpm = Some(tpm);
+        self
+    }
+
+    /// Sets which 429s cool the whole group (see the field). Defaults to none.
+    pub fn account_429(mut self, rule: impl Into<String>) -> GroupConfig {
+        self.account_429 = Some(rule.into());
+        self
+    }
+}
+
+/// Whether `model` matches `pattern`: `*` matches any run of characters (none included),
+/// everything else itself.
+pub(crate) fn model_matches(pattern: &str, model: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = model.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty(); // no `*`: exact
+    };
+    for p in middle {
+        match rest.find(p) {
+            Some(i) => rest = &rest[i + p.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 fn default_max_concurrent() -> usize {
@@ -261,7 +369,54 @@ impl KeyConfig {
             headers: BTreeMap::new(),
             rpm: None,
             tpm: None,
+            models: None,
+            model_map: BTreeMap::new(),
+            weight: None,
+            group: None,
+            adaptive: false,
         }
+    }
+
+    /// Whether this key serves `model` (`None`: a request without a model, served by
+    /// keys without a `models` list).
+    pub fn serves(&self, model: Option<&str>) -> bool {
+        let Some(list) = &self.models else {
+            return true;
+        };
+        let Some(m) = model else {
+            return false;
+        };
+        self.model_map.contains_key(m) || list.iter().any(|p| model_matches(p, m))
+    }
+
+    /// Restricts the models this key serves (patterns with `*`). Defaults to every model.
+    pub fn models<S: Into<String>>(mut self, models: impl IntoIterator<Item = S>) -> KeyConfig {
+        self.models = Some(models.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Sends requests for `logical` to this key as `actual`. Defaults to none.
+    pub fn map_model(mut self, logical: impl Into<String>, actual: impl Into<String>) -> KeyConfig {
+        self.model_map.insert(logical.into(), actual.into());
+        self
+    }
+
+    /// Sets the round-robin weight. Defaults to 1.
+    pub fn weight(mut self, weight: u32) -> KeyConfig {
+        self.weight = Some(weight);
+        self
+    }
+
+    /// Puts the key in the account `group` (see [`GroupConfig`]). Defaults to none.
+    pub fn group(mut self, group: impl Into<String>) -> KeyConfig {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// Learns the key's concurrency (AIMD) up to `max_concurrent`. Defaults to false.
+    pub fn adaptive(mut self, on: bool) -> KeyConfig {
+        self.adaptive = on;
+        self
     }
 
     /// Sets the label. Defaults to `key-<index>`.
@@ -354,6 +509,9 @@ pub struct Config {
     /// Redis and namespace. Needs the `redis` cargo feature: a build without it rejects
     /// a config that sets this field. Defaults to `None` (limits are this pool's own).
     pub shared: Option<crate::shared_limits::SharedConfig>,
+    /// Accounts whose limits bind their keys together (`keys[].group`).
+    /// Defaults to none.
+    pub groups: Vec<GroupConfig>,
 }
 
 impl Default for Config {
@@ -372,6 +530,7 @@ impl Default for Config {
             retry: RetryConfig::default(),
             keys: Vec::new(),
             shared: None,
+            groups: Vec::new(),
         }
     }
 }
@@ -578,6 +737,78 @@ impl Config {
                 return Err(Error::config(
                     format!("keys[{i}].tpm"),
                     "must be at least 1 (omit it for no limit)",
+                ));
+            }
+            if let Some(models) = &k.models {
+                if models.iter().any(|m| m.is_empty() || m.len() > 256) {
+                    return Err(Error::config(
+                        format!("keys[{i}].models"),
+                        "every entry must be 1 to 256 bytes",
+                    ));
+                }
+            }
+            if k.model_map
+                .iter()
+                .any(|(a, b)| a.is_empty() || b.is_empty() || b.len() > 256)
+            {
+                return Err(Error::config(
+                    format!("keys[{i}].model_map"),
+                    "names must be 1 to 256 bytes",
+                ));
+            }
+            if let Some(w) = k.weight {
+                if w == 0 || w > MAX_WEIGHT {
+                    return Err(Error::config(
+                        format!("keys[{i}].weight"),
+                        format!("must be between 1 and {MAX_WEIGHT}, got {w}"),
+                    ));
+                }
+            }
+            if let Some(g) = &k.group {
+                if !self.groups.iter().any(|x| &x.name == g) {
+                    return Err(Error::config(
+                        format!("keys[{i}].group"),
+                        format!("no group named {} in groups", echo(g)),
+                    ));
+                }
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, g) in self.groups.iter().enumerate() {
+            if g.name.is_empty() || g.name.len() > 64 || g.name.chars().any(char::is_control) {
+                return Err(Error::config(
+                    format!("groups[{i}].name"),
+                    "must be 1 to 64 bytes without control characters",
+                ));
+            }
+            if !names.insert(g.name.as_str()) {
+                return Err(Error::config(
+                    format!("groups[{i}].name"),
+                    format!("duplicate group {}", echo(&g.name)),
+                ));
+            }
+            if g.max_concurrent == Some(0) {
+                return Err(Error::config(
+                    format!("groups[{i}].max_concurrent"),
+                    "must be at least 1 (omit it for no limit)",
+                ));
+            }
+            if g.rpm == Some(0) {
+                return Err(Error::config(
+                    format!("groups[{i}].rpm"),
+                    "must be at least 1 (omit it for no limit)",
+                ));
+            }
+            if g.tpm == Some(0) {
+                return Err(Error::config(
+                    format!("groups[{i}].tpm"),
+                    "must be at least 1 (omit it for no limit)",
+                ));
+            }
+            if g.account_429.as_deref() == Some("") {
+                return Err(Error::config(
+                    format!("groups[{i}].account_429"),
+                    "must not be empty (omit it for key-only 429s)",
                 ));
             }
         }
@@ -862,6 +1093,12 @@ impl ConfigBuilder {
     /// cargo feature). Defaults to none.
     pub fn shared(mut self, shared: crate::shared_limits::SharedConfig) -> Self {
         self.config.shared = Some(shared);
+        self
+    }
+
+    /// Adds an account whose limits bind its keys together. Defaults to none.
+    pub fn group(mut self, group: GroupConfig) -> Self {
+        self.config.groups.push(group);
         self
     }
 

@@ -34,6 +34,7 @@ use crate::admission::{Admission, Admit, KeyVerdict, Via};
 use crate::config::Strategy;
 use crate::error::Error;
 use crate::job::Job;
+use crate::routing;
 use crate::shared::Shared;
 use crate::worker::panic_message;
 
@@ -78,6 +79,13 @@ pub(crate) struct Dispatcher {
     rr_next: usize,
     /// Scratch space for the strategy's key order.
     order: Vec<usize>,
+    /// Smooth weighted round-robin (`keys[].weight`): each key's weight, or `None`
+    /// when no key has one (plain rotation).
+    weights: Option<Vec<i64>>,
+    /// Smooth weighted round-robin: each key's current score.
+    current: Vec<i64>,
+    /// Scratch: keys `choose` skipped (cannot admit now) in this round.
+    skipped: Vec<usize>,
 }
 
 /// How `place` ended.
@@ -119,6 +127,19 @@ impl Dispatcher {
     ) -> Dispatcher {
         let strategy = shared.config.strategy;
         let n = senders.len();
+        let weights = shared
+            .config
+            .keys
+            .iter()
+            .any(|k| k.weight.is_some())
+            .then(|| {
+                shared
+                    .config
+                    .keys
+                    .iter()
+                    .map(|k| i64::from(k.weight.unwrap_or(1)))
+                    .collect()
+            });
         Dispatcher {
             shared,
             intake,
@@ -132,6 +153,9 @@ impl Dispatcher {
             seq: 0,
             rr_next: 0,
             order: Vec::with_capacity(n),
+            weights,
+            current: vec![0; n],
+            skipped: Vec::new(),
         }
     }
 
@@ -295,11 +319,22 @@ impl Dispatcher {
         self.order.clear();
         match self.strategy {
             Strategy::FirstAvailable => self.order.extend((0..n).filter(|&i| pass(i))),
-            Strategy::RoundRobin => self.order.extend(
-                (0..n)
-                    .map(|off| (self.rr_next + off) % n)
-                    .filter(|&i| pass(i)),
-            ),
+            Strategy::RoundRobin => match &self.weights {
+                None => self.order.extend(
+                    (0..n)
+                        .map(|off| (self.rr_next + off) % n)
+                        .filter(|&i| pass(i)),
+                ),
+                Some(w) => {
+                    // Smooth weighted round-robin (nginx): the key whose score would
+                    // be highest after this round's increase goes first; ties to config
+                    // order.
+                    self.order.extend((0..n).filter(|&i| pass(i)));
+                    let cur = &self.current;
+                    self.order
+                        .sort_by_key(|&i| std::cmp::Reverse(cur[i].saturating_add(w[i])));
+                }
+            },
             Strategy::LeastLoaded => {
                 self.order.extend((0..n).filter(|&i| pass(i)));
                 // Fewest in flight relative to capacity; stable sort keeps config order
@@ -334,14 +369,20 @@ impl Dispatcher {
             } else {
                 self.order_keys(|i| job.tried.contains(&i) == tried_pass);
             }
+            self.skipped.clear();
             for idx in 0..self.order.len() {
                 let i = self.order[idx];
-                match self.shared.keys[i]
-                    .gate
-                    .try_admit(Via::Dispatcher, job.est_tokens, now)
-                {
-                    Admit::Yes(adm) => return Ok((i, adm)),
-                    Admit::WakeAt(at) => not_now.wake = earliest(not_now.wake, Some(at)),
+                match routing::admit(&self.shared, i, job, Via::Dispatcher, now) {
+                    Admit::Yes(adm) => {
+                        if self.strategy == Strategy::RoundRobin {
+                            self.swrr_pick(i);
+                        }
+                        return Ok((i, adm));
+                    }
+                    Admit::WakeAt(at) => {
+                        not_now.wake = earliest(not_now.wake, Some(at));
+                        self.skipped.push(i);
+                    }
                     Admit::Busy => {
                         not_now.busy = true;
                         if self.strategy == Strategy::RoundRobin {
@@ -350,7 +391,7 @@ impl Dispatcher {
                             return Err(not_now);
                         }
                     }
-                    Admit::Never => {}
+                    Admit::Never => self.skipped.push(i),
                     Admit::Unavailable => not_now.unavailable = Some(i),
                 }
             }
@@ -359,6 +400,23 @@ impl Dispatcher {
             }
         }
         Err(not_now)
+    }
+
+    /// Smooth weighted round-robin's step for a pick of `i`: every key that could
+    /// take requests this round (those ordered and not skipped) gains its weight, and
+    /// the picked one gives back the round's total.
+    fn swrr_pick(&mut self, i: usize) {
+        let Some(w) = &self.weights else {
+            return;
+        };
+        let mut total: i64 = 0;
+        for &j in &self.order {
+            if !self.skipped.contains(&j) {
+                self.current[j] = self.current[j].saturating_add(w[j]);
+                total = total.saturating_add(w[j]);
+            }
+        }
+        self.current[i] = self.current[i].saturating_sub(total);
     }
 
     fn no_usable_key(&self, job: &Job) -> Error {
@@ -418,7 +476,13 @@ impl Dispatcher {
                 job.finish_deadline();
                 return Placed::Done;
             }
-            if self.shared.keys.iter().all(|k| k.gate.is_disabled()) {
+            let all_disabled = self
+                .shared
+                .keys
+                .iter()
+                .enumerate()
+                .all(|(i, k)| !routing::serves(&job, i) || k.gate.is_disabled());
+            if all_disabled {
                 let e = self.no_usable_key(&job);
                 job.finish(Err(e));
                 return Placed::Done;

@@ -153,6 +153,12 @@ pub enum Error {
         /// Label of the key that answered its last attempt, if it made one.
         key: Option<String>,
     },
+    /// No key serves the request's model (`keys[].models`): refused at submit, before
+    /// any round trip.
+    ModelNotServed {
+        /// The request's `"model"` (`None`: the body has none).
+        model: Option<String>,
+    },
     /// A worker panicked while handling the request; the worker survived.
     Panic(String),
     /// The ticket's result was already taken.
@@ -258,6 +264,7 @@ impl Error {
             Error::Closed => "closed",
             Error::Cancelled => "cancelled",
             Error::NoUsableKey { .. } => "no_usable_key",
+            Error::ModelNotServed { .. } => "model_not_served",
             Error::Panic(_) => "panic",
             Error::ResultTaken => "result_taken",
             Error::Json(_) => "json",
@@ -327,6 +334,12 @@ impl fmt::Display for Error {
                 f.write_str("request cancelled: the pool shut down before it was sent")
             }
             Error::NoUsableKey { detail, .. } => write!(f, "no usable key: {detail}"),
+            Error::ModelNotServed { model: Some(m) } => {
+                write!(f, "no key serves model {m:?}")
+            }
+            Error::ModelNotServed { model: None } => {
+                f.write_str("no key serves a request without a \"model\"")
+            }
             Error::Panic(m) => write!(f, "a worker panicked while handling the request: {m}"),
             Error::ResultTaken => f.write_str("the ticket's result was already taken"),
             Error::Json(e) => write!(f, "the response body does not fit the requested type: {e}"),

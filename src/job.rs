@@ -43,6 +43,10 @@ pub(crate) struct Job {
     pub admission: Option<(usize, Admission)>,
     /// Streamed requests: where chunks go and how much the caller has.
     pub stream: Option<Box<StreamState>>,
+    /// The request's `"model"`, read once at submit when routing by model.
+    pub model: Option<Arc<str>>,
+    /// Which keys serve `model` (`None`: every key), see `routing.rs`.
+    pub serves: Option<Arc<[bool]>>,
 }
 
 impl Job {
@@ -85,6 +89,8 @@ impl Job {
             est_tokens,
             admission: None,
             stream: None,
+            model: None,
+            serves: None,
         }
     }
 

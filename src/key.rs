@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 
 use crate::admission::Gate;
 use crate::config::{Config, KeyConfig};
+use crate::group::GroupGate;
 use crate::stats::{FailureCounts, Histogram, KeyStats};
 
 /// Failure classes counted per key.
@@ -46,13 +47,33 @@ pub(crate) struct KeyState {
 }
 
 impl KeyState {
+    #[cfg(test)]
     pub(crate) fn new(config: &Config, index: usize, epoch: Instant) -> KeyState {
+        KeyState::with_groups(config, index, epoch, &[])
+    }
+
+    /// Key `index` of `config`; `groups` are the gates of `config.groups`, in order.
+    pub(crate) fn with_groups(
+        config: &Config,
+        index: usize,
+        epoch: Instant,
+        groups: &[Arc<GroupGate>],
+    ) -> KeyState {
         let k: &KeyConfig = &config.keys[index];
+        let mut gate = Gate::new(config.retry.probe_keys, k.rpm.map(u64::from), k.tpm, epoch);
+        if let Some(name) = &k.group {
+            if let Some(g) = groups.iter().find(|g| &*g.name == name.as_str()) {
+                gate = gate.with_group(Arc::clone(g));
+            }
+        }
+        if k.adaptive {
+            gate = gate.with_adaptive(k.max_concurrent);
+        }
         KeyState {
             index,
             label: Arc::from(config.key_label(index)),
             max_concurrent: k.max_concurrent,
-            gate: Gate::new(config.retry.probe_keys, k.rpm.map(u64::from), k.tpm, epoch),
+            gate,
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             sent: AtomicU64::new(0),
@@ -154,6 +175,8 @@ impl KeyState {
             disabled_reason: disabled.map(|(r, _)| r),
             rpm_budget,
             tpm_budget,
+            group: self.gate.group().map(|g| g.name.to_string()),
+            learned_limit: self.gate.learned_limit(),
         }
     }
 }

@@ -35,6 +35,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(unsafe_code)]
 
+mod adaptive;
 mod admission;
 mod batch;
 mod body;
@@ -46,11 +47,14 @@ mod error;
 // The C ABI: the only module allowed `unsafe` (raw pointers from C).
 #[allow(unsafe_code)]
 mod ffi;
+mod group;
 mod job;
 mod key;
 mod pool;
+mod ratelimit;
 mod request;
 mod retry;
+mod routing;
 mod shared;
 mod shared_limits;
 mod sse;
@@ -64,8 +68,9 @@ mod worker;
 pub use batch::{ResultStream, Window};
 pub use chat::ChatRequest;
 pub use config::{
-    ApiKey, Config, ConfigBuilder, KeyConfig, MAX_CONCURRENT_LIMIT, MAX_DURATION_MS, MAX_KEY_BYTES,
-    MAX_KEYS, MAX_QUEUE_CAPACITY, MAX_TOTAL_WORKERS, MAX_WORKER_STACK_SIZE, RetryConfig, Strategy,
+    ApiKey, Config, ConfigBuilder, GroupConfig, KeyConfig, MAX_CONCURRENT_LIMIT, MAX_DURATION_MS,
+    MAX_KEY_BYTES, MAX_KEYS, MAX_QUEUE_CAPACITY, MAX_TOTAL_WORKERS, MAX_WEIGHT,
+    MAX_WORKER_STACK_SIZE, RetryConfig, Strategy,
 };
 pub use error::{Error, StreamFailure, TimeoutPhase};
 pub use pool::{Pool, TrySubmitError};
@@ -74,7 +79,7 @@ pub use request::{DEFAULT_PATH, Request, Response, Usage};
 /// [`Value`] for untyped bodies.
 pub use serde_json::{self, Value};
 pub use shared_limits::{OnUnavailable, SharedConfig};
-pub use stats::{FailureCounts, KeyStats, Stats, Totals};
+pub use stats::{FailureCounts, GroupStats, KeyStats, Stats, Totals};
 pub use stream::{ResponseStream, StreamChunk, StreamEvent};
 pub use ticket::{RequestResult, Ticket};
 pub use transport::{

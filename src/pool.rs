@@ -14,9 +14,11 @@ use crate::config::Config;
 use crate::deadline::{Deadlines, Slot};
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, TimeoutPhase};
+use crate::group::GroupGate;
 use crate::job::Job;
 use crate::key::KeyState;
 use crate::request::Request;
+use crate::routing::Router;
 use crate::shared::Shared;
 use crate::stats::Stats;
 use crate::stream::{ChunkSink, ResponseStream, StreamChunk, StreamState};
@@ -164,8 +166,13 @@ impl Pool {
         let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded::<()>(0);
         let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
         let (started_tx, started_rx) = crossbeam_channel::unbounded::<()>();
+        let groups: Vec<Arc<GroupGate>> = config
+            .groups
+            .iter()
+            .map(|g| Arc::new(GroupGate::new(g, epoch)))
+            .collect();
         let mut keys: Vec<KeyState> = (0..config.keys.len())
-            .map(|i| KeyState::new(&config, i, epoch))
+            .map(|i| KeyState::with_groups(&config, i, epoch, &groups))
             .collect();
         if let Some(limits) = crate::shared_limits::start(&config, events_tx.clone())? {
             for (i, k) in keys.iter_mut().enumerate() {
@@ -173,6 +180,7 @@ impl Pool {
                     .attach_shared(crate::shared_limits::KeyLink::new(limits.clone(), i));
             }
         }
+        let router = Router::for_config(&config);
         let strategy = config.strategy;
         let shared = Arc::new(Shared {
             any_tpm: config.keys.iter().any(|k| k.tpm.is_some()),
@@ -188,6 +196,8 @@ impl Pool {
             dispatcher_waiting: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             broken: Mutex::new(None),
+            router,
+            groups,
             submitted: AtomicU64::new(0),
             completed: AtomicU64::new(0),
             #[cfg(test)]
@@ -371,10 +381,28 @@ impl Pool {
         // A per-request deadline too far away to represent is no deadline at all.
         let now = Instant::now();
         let deadline = limit.and_then(|d| now.checked_add(d));
-        let est = if shared.any_tpm {
+        let est = if shared.any_tpm || shared.groups_tpm() {
             req.estimated_tokens()
         } else {
             0
+        };
+        // Routing by model: read the model once, refuse at once if no key serves it.
+        let route = match &shared.router {
+            Some(router) => {
+                let model = crate::routing::model_of(&req.body);
+                let serves = router.serving(&shared.config, model.as_ref());
+                if !serves.iter().any(|&s| s) {
+                    reply.defuse();
+                    return Err(TrySubmitError {
+                        error: Error::ModelNotServed {
+                            model: model.map(|m| m.to_string()),
+                        },
+                        request: req,
+                    });
+                }
+                Some((model, serves))
+            }
+            None => None,
         };
         let job = match deadline {
             // The deadline holds wherever the job waits: the dispatcher answers it on
@@ -390,6 +418,10 @@ impl Pool {
         };
         let mut job = job;
         job.stream = stream;
+        if let Some((model, serves)) = route {
+            job.model = model;
+            job.serves = Some(serves);
+        }
         let mode = match mode {
             Mode::Block | Mode::Timeout(_) if on_pool_thread() => Mode::NoWait,
             m => m,
@@ -644,6 +676,7 @@ impl Pool {
             completed: shared.completed.load(Relaxed),
             queued: self.inner.intake.lock().as_ref().map_or(0, |tx| tx.len()),
             keys: shared.keys.iter().map(KeyState::snapshot).collect(),
+            groups: shared.groups.iter().map(|g| g.snapshot()).collect(),
         }
     }
 

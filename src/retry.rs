@@ -15,6 +15,8 @@ pub(crate) struct Verdict {
     pub cooldown: Option<Duration>,
     /// Take the key out of rotation, with this reason (401, 403, 402).
     pub disable: Option<String>,
+    /// Cool the key's whole group (a 429 attributed to the account).
+    pub group_cooldown: Option<Duration>,
 }
 
 /// Judges an HTTP status (with its `x-should-retry` and retry-after hints).

@@ -46,6 +46,10 @@ pub(crate) struct Shared {
     /// Set if the dispatcher failed for good (repeated panics): every later request is
     /// refused with this message, every queued one answered with it.
     pub broken: Mutex<Option<String>>,
+    /// Which keys serve which model (`None`: every key serves every model).
+    pub router: Option<crate::routing::Router>,
+    /// The account groups' gates, in config order (each also held by its keys' gates).
+    pub groups: Vec<std::sync::Arc<crate::group::GroupGate>>,
     pub submitted: AtomicU64,
     pub completed: AtomicU64,
     /// Test hook: the dispatcher panics while holding its next this-many jobs.
@@ -58,6 +62,11 @@ impl Shared {
     /// (A heuristic for who places the next request; admission is `Gate::try_admit`.)
     pub(crate) fn any_usable_idle(&self, now: Instant) -> bool {
         self.keys.iter().any(|k| k.gate.usable_idle(now))
+    }
+
+    /// Whether any group has a `tpm` limit (then jobs carry a token estimate).
+    pub(crate) fn groups_tpm(&self) -> bool {
+        self.config.groups.iter().any(|g| g.tpm.is_some())
     }
 
     /// Whether the retry backlog is full (see `backlog`).

@@ -67,6 +67,29 @@ pub struct KeyStats {
     pub rpm_budget: Option<f64>,
     /// Tokens the key may still use now under its `tpm` limit (`None`: no limit).
     pub tpm_budget: Option<f64>,
+    /// The key's account (`group`), if it has one.
+    pub group: Option<String>,
+    /// The learned concurrency limit now (`adaptive` keys; `None` otherwise).
+    pub learned_limit: Option<usize>,
+}
+
+/// A snapshot of one account group's shared limits.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct GroupStats {
+    /// The group's name.
+    pub name: String,
+    /// Its in-flight limit (`None`: none).
+    pub max_concurrent: Option<usize>,
+    /// Requests of its keys in flight now (admitted, not yet completed).
+    pub in_flight: usize,
+    /// Most requests of its keys ever in flight at once.
+    pub max_in_flight: usize,
+    /// Milliseconds until the account's cooldown ends (0 when not cooling).
+    pub cooldown_remaining_ms: u64,
+    /// Requests its keys may still send now under the group's `rpm` (`None`: no limit).
+    pub rpm_budget: Option<f64>,
+    /// Tokens its keys may still use now under the group's `tpm` (`None`: no limit).
+    pub tpm_budget: Option<f64>,
 }
 
 /// Sums over every key of a [`Stats`] snapshot, from [`Stats::totals`].
@@ -107,6 +130,8 @@ pub struct Stats {
     pub queued: usize,
     /// Per key, in config order.
     pub keys: Vec<KeyStats>,
+    /// Per account group, in config order.
+    pub groups: Vec<GroupStats>,
 }
 
 impl Stats {

@@ -101,7 +101,9 @@ fn self_serve(ctx: &KeyWorkerCtx) -> Option<Job> {
         return None; // the dispatcher places by strategy while a worker waits
     }
     let mut job = ctx.intake.try_recv().ok()?;
-    match gate.try_admit(Via::SelfServe, job.est_tokens, Instant::now()) {
+    // The same admission as the dispatcher's: the key must serve the job's model, and
+    // its gate and group must admit, in one step.
+    match crate::routing::admit(sh, ctx.index, &job, Via::SelfServe, Instant::now()) {
         Admit::Yes(adm) => {
             job.admission = Some((ctx.index, adm));
             Some(job)
@@ -208,11 +210,13 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
         &extra
     };
     let body = job.req.body.clone();
+    // A mapped model: a per-attempt copy of the body with this key's model id.
+    let mapped = crate::routing::body_for(&ctx.shared.config.keys[ctx.index], &job);
     let http = HttpRequest {
         url: &url,
         key: &ctx.key,
         headers,
-        body: &body,
+        body: mapped.as_deref().unwrap_or(&body),
         timeout,
     };
     ks.begin();
@@ -250,8 +254,15 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     let (err, verdict, class) = match outcome {
         Ok(Ok(resp)) => match judge_response(ctx, &mut job, resp, first_start) {
             Ok(response) => {
+                let cfg = &ctx.shared.config.retry;
                 settle.complete(&KeyVerdict {
                     accepted: true,
+                    // A spent budget announced in the headers: pause before a 429.
+                    cooldown: crate::ratelimit::pause(
+                        &response.headers,
+                        Duration::from_millis(cfg.default_cooldown_ms),
+                        Duration::from_millis(cfg.max_retry_after_ms),
+                    ),
                     ..KeyVerdict::default()
                 });
                 job.finish(Ok(response));
@@ -337,6 +348,8 @@ fn conclude(
         accepted: answered && verdict.cooldown.is_none() && verdict.disable.is_none(),
         cooldown: verdict.cooldown,
         disable: verdict.disable.clone(),
+        rate_limited: class == FailClass::RateLimited,
+        group_cooldown: verdict.group_cooldown,
     });
     retry_or_finish(ctx, job, err, verdict, class);
 }
@@ -430,12 +443,30 @@ pub(crate) fn judge_response(
     let message = masker.mask_str(body::error_message(&response.body));
     let retry_after = response.retry_after();
     let should_retry = response.header("x-should-retry").map(str::to_owned);
-    let verdict = judge_status(
-        status,
-        should_retry.as_deref(),
-        retry_after,
-        &ctx.shared.config.retry,
-    );
+    let cfg = &ctx.shared.config.retry;
+    let mut verdict = judge_status(status, should_retry.as_deref(), retry_after, cfg);
+    if status == 429 {
+        if ctx.shared.config.keys[ctx.index].adaptive && retry_after.is_none() {
+            // A learning key answers a bare 429 by cutting its limit (in `complete`),
+            // not by cooling: the request is retried at once within the new limit.
+            verdict.cooldown = None;
+            verdict.retry_after = Some(Duration::ZERO);
+        }
+        if let Some(group) = ks.gate.group() {
+            if group.is_account_429(&message, &response.headers) {
+                let d = retry_after.unwrap_or(Duration::from_millis(cfg.default_cooldown_ms));
+                verdict.group_cooldown = Some(d.min(Duration::from_millis(cfg.max_retry_after_ms)));
+            }
+        }
+    }
+    // Spent budgets announced in the headers pause the key too.
+    if let Some(p) = crate::ratelimit::pause(
+        &response.headers,
+        Duration::from_millis(cfg.default_cooldown_ms),
+        Duration::from_millis(cfg.max_retry_after_ms),
+    ) {
+        verdict.cooldown = verdict.cooldown.max(Some(p));
+    }
     let class = match status {
         429 => FailClass::RateLimited,
         500..=599 => FailClass::ServerError,

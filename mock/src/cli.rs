@@ -29,6 +29,7 @@ options (VALUE may also be given as --option=VALUE):
   --malformed-rate F      fraction answered 200 with invalid JSON
   --error-in-200-rate F   fraction answered 200 with an error object
   --seed N                seed of the fault random generator
+  --key-capacity N        answer 429 to a key's requests above N in flight
   --threads N             server worker threads (default 2)
   --ignore-stdin          do not stop at stdin end-of-file; run until killed
   -h, --help              print this help
@@ -87,6 +88,7 @@ pub fn parse_args(args: &[String]) -> Result<(Option<u16>, MockConfig), String> 
         match name {
             "--port" => port = Some(int(name, &value()?)?),
             "--latency-ms" => cfg.latency_ms = int(name, &value()?)?,
+            "--key-capacity" => cfg.key_capacity = Some(int::<usize>(name, &value()?)?),
             "--jitter-ms" => cfg.jitter_ms = int(name, &value()?)?,
             "--fail-429-rate" => cfg.fail_429_rate = rate(name, &value()?)?,
             "--retry-after-ms" => {

@@ -81,6 +81,8 @@ struct Plan {
     should_retry: Option<bool>,
     /// Delay between body chunks, if the body is sent slowly.
     slow_body: Option<Duration>,
+    /// Rate-limit headers to send (name, value).
+    ratelimit: Vec<(String, String)>,
 }
 
 /// The body of an injected error status.
@@ -416,6 +418,9 @@ fn respond(
         if let Some(raw) = &p.retry_after_raw {
             b = b.header("retry-after", raw.as_str());
         }
+        for (k, v) in &p.ratelimit {
+            b = b.header(k.as_str(), v.as_str());
+        }
         if let Some(sr) = p.should_retry {
             b = b.header("x-should-retry", if sr { "true" } else { "false" });
         }
@@ -472,6 +477,7 @@ fn plan(shared: &Shared, key: &str, req: Option<&Value>) -> Plan {
         retry_after_raw: None,
         should_retry: None,
         slow_body: None,
+        ratelimit: Vec::new(),
     };
     if let Some(s) = rule_status {
         p.action = Action::Status(s);
@@ -489,6 +495,21 @@ fn plan(shared: &Shared, key: &str, req: Option<&Value>) -> Plan {
             _ => None,
         });
         p.should_retry = d.get("should_retry").and_then(Value::as_bool);
+        if let Some(rl) = d.get("ratelimit").and_then(Value::as_object) {
+            for (field, header) in [
+                ("remaining_requests", "x-ratelimit-remaining-requests"),
+                ("reset_requests", "x-ratelimit-reset-requests"),
+                ("remaining_tokens", "x-ratelimit-remaining-tokens"),
+                ("reset_tokens", "x-ratelimit-reset-tokens"),
+            ] {
+                let v = match rl.get(field) {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Number(n)) => n.to_string(),
+                    _ => continue,
+                };
+                p.ratelimit.push((header.to_owned(), v));
+            }
+        }
         p.action = if as_bool(d, "drop") {
             Action::Drop
         } else if as_bool(d, "malformed") {
@@ -608,6 +629,20 @@ pub(crate) async fn handle(
         }
     };
     let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    let mut guard = guard;
+    guard.model = parsed
+        .as_ref()
+        .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_owned));
+    let cap = shared.control.lock().cfg.key_capacity;
+    if cap.is_some_and(|c| guard.key_in_flight > c) {
+        return Ok(respond(
+            n,
+            429,
+            error_json(429, "mock 429: over the key's capacity"),
+            None,
+            guard,
+        ));
+    }
     let plan = plan(&shared, &key, parsed.as_ref());
     if !plan.delay.is_zero() {
         shared.timer.sleep(plan.delay).await;

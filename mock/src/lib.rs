@@ -25,7 +25,10 @@
 //! with `{"error":{"code":502,"message":"upstream error"}}`), `error_code` (u16: the code
 //! inside `error_in_200`, default 502), `slow_body` (bool: send the headers, then the body
 //! in chunks with delays) and `chunk_delay_ms` (u64: the delay between those chunks,
-//! default 50).
+//! default 50), `ratelimit` (object: sends OpenAI rate-limit headers
+//! `x-ratelimit-{remaining,reset}-{requests,tokens}` from its fields
+//! `remaining_requests`, `reset_requests`, `remaining_tokens`, `reset_tokens`, each a
+//! number or a string sent as is).
 //!
 //! **Streaming.** A chat or legacy completion with `"stream": true` is answered with
 //! server-sent events shaped like OpenAI's (`chat.completion.chunk`s: a role chunk, the
@@ -131,6 +134,10 @@ pub struct MockConfig {
     pub seed: Option<u64>,
     /// Number of tokio worker threads. Defaults to 2. Only used at start.
     pub threads: usize,
+    /// A capacity per key hidden from the client: a request arriving while its key
+    /// already has this many in flight is answered 429 at once (no retry headers).
+    /// Defaults to `None` (no limit).
+    pub key_capacity: Option<usize>,
 }
 
 impl Default for MockConfig {
@@ -151,6 +158,7 @@ impl Default for MockConfig {
             error_in_200_rate: 0.0,
             seed: None,
             threads: 2,
+            key_capacity: None,
         }
     }
 }
@@ -220,4 +228,6 @@ pub struct RequestRecord {
     pub status: u16,
     /// The `retry-after-ms` value sent, if any.
     pub retry_after_ms: Option<u64>,
+    /// The request body's `"model"`, if it had a string one.
+    pub model: Option<String>,
 }

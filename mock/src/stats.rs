@@ -92,11 +92,15 @@ impl Accounting {
                 finished: arrived,
                 status: 0,
                 retry_after_ms: None,
+                model: None,
             },
             done: false,
         });
         let index = ks.log.len() - 1;
+        let key_in_flight = ks.in_flight;
         InFlight {
+            key_in_flight,
+            model: None,
             acc: Arc::clone(self),
             key: key.to_owned(),
             epoch,
@@ -151,6 +155,10 @@ pub(crate) struct InFlight {
     pub(crate) status: u16,
     /// The `retry-after-ms` value sent.
     pub(crate) retry_after_ms: Option<u64>,
+    /// The request's model, recorded when it finishes.
+    pub(crate) model: Option<String>,
+    /// This key's requests in flight when this one arrived (itself included).
+    pub(crate) key_in_flight: usize,
 }
 
 impl Drop for InFlight {
@@ -171,6 +179,7 @@ impl Drop for InFlight {
             e.record.finished = finished;
             e.record.status = self.status;
             e.record.retry_after_ms = self.retry_after_ms;
+            e.record.model = self.model.take();
             e.done = true;
         }
     }

@@ -92,6 +92,7 @@ impl Status {
         match e {
             Error::Config { .. } => Status::KEYPOOL_CONFIG,
             Error::InvalidRequest(_) => Status::KEYPOOL_INVALID_REQUEST,
+            Error::ModelNotServed { .. } => Status::KEYPOOL_INVALID_REQUEST,
             Error::Http { .. } => Status::KEYPOOL_HTTP,
             // A 2xx whose body is not a success: an HTTP-level failure; the result's
             // error code ("invalid_response") tells it apart.
