@@ -62,8 +62,8 @@ trap stop_mock EXIT
 
 # --- Rust library and the generated header -------------------------------------------
 check "cargo build --locked" cargo build --locked
-check "header up to date (git diff --exit-code include/)" \
-    bash -c 'git diff --exit-code -- include/ && test -z "$(git ls-files --others --exclude-standard -- include/)"'
+check "header up to date (cargo run -p xtask -- header --check)" \
+    cargo run --locked -q -p xtask -- header --check
 if [ "$KEYPOOL_MOCK_BIN" = "$ROOT/target/debug/keypool-mock" ]; then
     check "cargo build -p keypool-mock" cargo build --locked -p keypool-mock
 fi
