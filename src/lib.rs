@@ -32,8 +32,7 @@
 //! ```
 #![deny(missing_docs)]
 #![deny(missing_debug_implementations)]
-#![deny(unsafe_op_in_unsafe_fn)]
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 mod adaptive;
 mod admission;
@@ -44,9 +43,6 @@ mod config;
 mod deadline;
 mod dispatch;
 mod error;
-// The C ABI: the only module allowed `unsafe` (raw pointers from C).
-#[allow(unsafe_code)]
-mod ffi;
 mod group;
 mod job;
 mod key;
@@ -89,6 +85,66 @@ pub use transport::{
 
 /// The crate version, e.g. `"0.1.0"`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Engine internals for the C ABI crate (`keypool-capi`, `capi/`).
+///
+/// **Not part of the stable API**: hidden from the docs, may change in any release
+/// without notice. Only `keypool-capi` (same version, same repository) may use it.
+#[doc(hidden)]
+pub mod __capi {
+    /// Which threads belong to a pool (see `src/thread_role.rs`).
+    pub mod thread_role {
+        /// Whether the calling thread is one of a pool's threads (dispatcher or
+        /// worker), where waiting for a pool would deadlock.
+        pub fn on_pool_thread() -> bool {
+            crate::thread_role::on_pool_thread()
+        }
+    }
+
+    /// An `Error::Config` naming `field` (for the C ABI's status-mapping tests).
+    pub fn config_error(field: impl Into<String>, message: impl Into<String>) -> crate::Error {
+        crate::Error::config(field, message)
+    }
+
+    /// Every field of a [`crate::Response`], to build one outside the engine (for the C
+    /// ABI's result-mapping tests).
+    #[derive(Debug, Clone)]
+    pub struct ResponseParts {
+        /// HTTP status.
+        pub status: u16,
+        /// Kept response headers.
+        pub headers: Vec<(String, String)>,
+        /// Response body.
+        pub body: Vec<u8>,
+        /// Label of the key that answered.
+        pub key_label: std::sync::Arc<str>,
+        /// Index of the key that answered.
+        pub key_index: usize,
+        /// Attempts made.
+        pub attempts: u32,
+        /// Latency of the last attempt.
+        pub latency: std::time::Duration,
+        /// Keys tried, in order.
+        pub keys_tried: Vec<usize>,
+    }
+
+    impl ResponseParts {
+        /// The `Response` with these fields.
+        pub fn build(self) -> crate::Response {
+            crate::Response {
+                status: self.status,
+                headers: self.headers,
+                body: self.body,
+                key_label: self.key_label,
+                key_index: self.key_index,
+                attempts: self.attempts,
+                latency: self.latency,
+                keys_tried: self.keys_tried,
+                ttft: None,
+            }
+        }
+    }
+}
 
 /// The README's Rust examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -17,12 +17,12 @@ import (
 var mockURL string
 
 // TestMain starts the mock server ($KEYPOOL_MOCK_BIN, default
-// ../../target/debug/keypool-mock), which prints its base URL and runs until its stdin
+// ../target/debug/keypool-mock), which prints its base URL and runs until its stdin
 // is closed.
 func TestMain(m *testing.M) {
 	bin := os.Getenv("KEYPOOL_MOCK_BIN")
 	if bin == "" {
-		bin = filepath.Join("..", "..", "target", "debug", "keypool-mock")
+		bin = filepath.Join("..", "target", "debug", "keypool-mock")
 	}
 	cmd := exec.Command(bin)
 	cmd.Stderr = os.Stderr

@@ -1,8 +1,10 @@
 // Package keypool wraps the keypool C ABI (include/keypool.h): spread OpenAI-compatible
 // LLM API requests across many API keys.
 //
-// Build the Rust library first (`cargo build` in the repository root); this package
-// links target/debug/libkeypool.a statically.
+// The package links the installed C library through pkg-config (keypool.pc):
+// install it first with `scripts/install.sh PREFIX` from the repository root, then
+// build with PKG_CONFIG_PATH=PREFIX/lib/pkgconfig (and, for the shared library
+// outside the loader's path, LD_LIBRARY_PATH=PREFIX/lib).
 //
 //	pool, err := keypool.New(`{"base_url": "https://openrouter.ai/api/v1",
 //	    "keys": [{"key": "sk-...", "label": "acct-a", "max_concurrent": 4}]}`)
@@ -15,8 +17,7 @@
 package keypool
 
 /*
-#cgo CFLAGS: -I${SRCDIR}/../../include
-#cgo LDFLAGS: ${SRCDIR}/../../target/debug/libkeypool.a -lm -ldl -lpthread
+#cgo pkg-config: keypool
 #include <stdint.h>
 #include <stdlib.h>
 #include "keypool.h"

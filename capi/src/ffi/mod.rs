@@ -188,7 +188,7 @@ mod tests {
     #[test]
     fn error_mapping() {
         assert_eq!(
-            Status::of(&Error::config("keys", "x")),
+            Status::of(&keypool::__capi::config_error("keys", "x")),
             Status::KEYPOOL_CONFIG
         );
         assert_eq!(Status::of(&Error::Busy), Status::KEYPOOL_BUSY);
@@ -223,7 +223,7 @@ mod tests {
             FfiResult, keypool_result_error_code, keypool_result_error_message,
             keypool_result_free, keypool_result_status,
         };
-        use crate::{Response, TimeoutPhase};
+        use crate::TimeoutPhase;
 
         let text = |p: *const std::ffi::c_char| {
             assert!(!p.is_null());
@@ -257,7 +257,7 @@ mod tests {
         let past = unsafe { CStr::from_ptr(keypool_status_str(ALL_STATUSES.len() as u32)) };
         assert_eq!(past.to_str().unwrap(), "unknown status");
 
-        let response = Response {
+        let response = keypool::__capi::ResponseParts {
             status: 429,
             headers: Vec::new(),
             body: b"{}".to_vec(),
@@ -266,10 +266,13 @@ mod tests {
             attempts: 2,
             latency: Duration::from_millis(5),
             keys_tried: vec![0],
-            ttft: None,
-        };
+        }
+        .build();
         let errors = vec![
-            (Error::config("keys", "x"), Status::KEYPOOL_CONFIG),
+            (
+                keypool::__capi::config_error("keys", "x"),
+                Status::KEYPOOL_CONFIG,
+            ),
             (
                 Error::InvalidRequest("x".into()),
                 Status::KEYPOOL_INVALID_REQUEST,

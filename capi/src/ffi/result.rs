@@ -228,11 +228,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::Response;
 
     #[test]
     fn an_invalid_response_is_keypool_http_with_its_own_code() {
-        let response = Response {
+        let response = keypool::__capi::ResponseParts {
             status: 200,
             headers: vec![],
             body: b"<html>".to_vec(),
@@ -241,8 +240,8 @@ mod tests {
             attempts: 3,
             latency: Duration::from_millis(5),
             keys_tried: vec![0, 0, 0],
-            ttft: None,
-        };
+        }
+        .build();
         let e = Error::InvalidResponse {
             message: "body is not valid JSON".into(),
             response: Box::new(response),

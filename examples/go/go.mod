@@ -1,3 +1,0 @@
-module example.com/keypool
-
-go 1.19

@@ -1,0 +1,3 @@
+module github.com/keypool/keypool/go
+
+go 1.19
