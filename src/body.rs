@@ -66,7 +66,12 @@ pub(crate) fn inspect_success(
     }) {
         return Ok(None);
     }
-    let shape: Shape = match serde_json::from_slice(body) {
+    // JSON is UTF-8, and the caller parses the whole body later: `from_slice` alone
+    // would not check the strings it skips (found by the `body_success` fuzz target).
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Err(Problem::Invalid("body is not valid UTF-8".into()));
+    };
+    let shape: Shape = match serde_json::from_str(text) {
         Ok(s) => s,
         Err(e) => {
             return Err(Problem::Invalid(format!("body is not valid JSON ({e})")));
@@ -836,6 +841,10 @@ mod tests {
             b"<html><body>502</body></html>",
             br#"{"id":"x","choices":[{"message":"#,
             b"{\"choices\":[]} trailing",
+            // Invalid UTF-8 in a string the one-pass reader skips (fuzz corpus
+            // body_success/invalid-utf8-in-skipped-string).
+            b"{\"choices\":[],\"x\":{\"a\xff\x91\":1}}",
+            b"{\"choices\":[\"\xc3\"]}",
         ] {
             assert!(
                 matches!(inspect_success(bad, CHAT, None), Err(Problem::Invalid(_))),
