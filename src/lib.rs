@@ -56,6 +56,12 @@ mod ticket;
 mod transport;
 mod worker;
 
+/// Entry points for the `fuzz/` targets. Not part of the stable API: hidden, exempt
+/// from semver, may change in any release.
+#[doc(hidden)]
+#[path = "fuzz_api.rs"]
+pub mod __fuzz;
+
 pub use batch::ResultStream;
 pub use config::{
     ApiKey, Config, ConfigBuilder, KeyConfig, MAX_CONCURRENT_LIMIT, MAX_KEYS, RetryConfig, Strategy,
