@@ -66,7 +66,12 @@ pub(crate) fn inspect_success(
     }) {
         return Ok(None);
     }
-    let shape: Shape = match serde_json::from_slice(body) {
+    // JSON is UTF-8, and the caller parses the whole body later: `from_slice` alone
+    // would not check the strings it skips (found by the `body_success` fuzz target).
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Err(Problem::Invalid("body is not valid UTF-8".into()));
+    };
+    let shape: Shape = match serde_json::from_str(text) {
         Ok(s) => s,
         Err(e) => {
             return Err(Problem::Invalid(format!("body is not valid JSON ({e})")));
@@ -660,7 +665,17 @@ impl Masker {
         let mut secrets = Vec::with_capacity(config.keys.len() + 2);
         for (i, k) in config.keys.iter().enumerate() {
             let key = k.key.expose();
-            let rep = format!("[REDACTED:{}]", config.key_label(i));
+            // Validation rejects a label holding a key, but it masks its own error with
+            // this masker: such a label must not stand in for anything.
+            let label = config.key_label(i);
+            let rep = if config.keys.iter().any(|o| {
+                let o = o.key.expose();
+                !o.is_empty() && label.contains(o)
+            }) {
+                "[REDACTED]".to_owned()
+            } else {
+                format!("[REDACTED:{label}]")
+            };
             // As a JSON string may carry it: `"` and `\` escaped, `/` maybe as `\/`.
             let json = serde_json::to_string(key).unwrap_or_default();
             let json = json.get(1..json.len().saturating_sub(1)).unwrap_or("");
@@ -836,6 +851,10 @@ mod tests {
             b"<html><body>502</body></html>",
             br#"{"id":"x","choices":[{"message":"#,
             b"{\"choices\":[]} trailing",
+            // Invalid UTF-8 in a string the one-pass reader skips (fuzz corpus
+            // body_success/invalid-utf8-in-skipped-string).
+            b"{\"choices\":[],\"x\":{\"a\xff\x91\":1}}",
+            b"{\"choices\":[\"\xc3\"]}",
         ] {
             assert!(
                 matches!(inspect_success(bad, CHAT, None), Err(Problem::Invalid(_))),
@@ -1012,6 +1031,25 @@ mod tests {
         let m = Masker::new(many);
         let text = format!("x sk-or-v1-{:060} y sk-or-v1-{:059}", 4095, 1);
         assert_eq!(m.mask_str(text), format!("x [K4095] y sk-or-v1-{:059}", 1));
+    }
+
+    #[test]
+    fn masker_never_uses_a_label_holding_a_key() {
+        // Found by the `config_keys` fuzz target: key 1's label is key 0, and
+        // `Config::validate` masked its base_url error with that label.
+        let mut config = Config::default();
+        config.keys.push(crate::KeyConfig::new("sk-s0"));
+        config
+            .keys
+            .push(crate::KeyConfig::new("sk-t1").label("sk-s0"));
+        let m = Masker::for_config(&config);
+        assert_eq!(
+            m.mask_str("a sk-t1 b sk-s0".to_owned()),
+            "a [REDACTED] b [REDACTED:key-0]"
+        );
+        config.base_url = "sk-t1".to_owned();
+        let e = config.validate().unwrap_err().to_string();
+        assert!(!e.contains("sk-t1") && !e.contains("sk-s0"), "{e}");
     }
 
     #[test]

@@ -833,7 +833,7 @@ impl Config {
 /// The result is at most about 300 characters.
 fn redact_serde_message(msg: &str) -> String {
     let mut out = String::with_capacity(msg.len().min(320));
-    let mut chars = msg.chars().peekable();
+    let mut chars = msg.chars();
     while let Some(c) = chars.next() {
         if c == '"' {
             // Skip to the closing quote, honouring escapes; an unterminated string
@@ -851,12 +851,21 @@ fn redact_serde_message(msg: &str) -> String {
             continue;
         }
         if c == '`' && (out.ends_with("unknown field ") || out.ends_with("unknown variant ")) {
-            let name: String = chars.by_ref().take_while(|&c| c != '`').collect();
+            // The name may hold backticks itself (found by the config_keys fuzz
+            // target). serde goes on with "`, expected …" or "`, there are no …",
+            // and the list of names after that holds neither: the last one ends it.
+            let rest = chars.as_str();
+            let end = ["`, expected ", "`, there are no "]
+                .iter()
+                .filter_map(|d| rest.rfind(d))
+                .max();
+            let name = &rest[..end.unwrap_or(rest.len())];
+            chars = rest[end.map_or(rest.len(), |e| e + 1)..].chars();
             let plain = !name.is_empty()
                 && name.len() <= 40
                 && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
             out.push('`');
-            out.push_str(if plain { &name } else { "…" });
+            out.push_str(if plain { name } else { "…" });
             out.push('`');
             continue;
         }
@@ -1106,5 +1115,33 @@ impl ConfigBuilder {
     pub fn build(self) -> Result<Config, Error> {
         self.config.validate()?;
         Ok(self.config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_names_with_backticks_are_not_echoed() {
+        // Found by the config_keys fuzz target: the name ended at its own backtick
+        // and the rest of it, a key, was shown.
+        let key = "sk-live-0123456789";
+        for json in [
+            format!(r#"{{"strategy":"x`y {key}","keys":[{{"key":"{key}"}}]}}"#),
+            format!(r#"{{"x`, expected {key}":1,"keys":[{{"key":"{key}"}}]}}"#),
+            format!(r#"{{"strategy":"`, there are no {key}`, expected ","keys":[]}}"#),
+        ] {
+            let e = Config::from_json(&json).unwrap_err().to_string();
+            assert!(!e.contains(key), "{e}");
+            assert!(e.contains("unknown"), "{e}");
+        }
+        let e = Config::from_json(r#"{"stratgy":1,"keys":[]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown field `stratgy`, expected one of"),
+            "{e}"
+        );
     }
 }

@@ -61,6 +61,12 @@ mod ticket;
 mod transport;
 mod worker;
 
+/// Entry points for the `fuzz/` targets. Not part of the stable API: hidden, exempt
+/// from semver, may change in any release.
+#[doc(hidden)]
+#[path = "fuzz_api.rs"]
+pub mod __fuzz;
+
 pub use batch::{ResultStream, Window};
 pub use chat::ChatRequest;
 pub use config::{

@@ -148,22 +148,18 @@ pub fn parse_line(line: u64, text: Result<String, String>, strip_v1: bool) -> In
 /// The id a line is known by, computed the way [`parse_line`] does, without building
 /// the request: its `custom_id` when it is an envelope with a non-empty string one, else
 /// `line-<n>`.
-fn probe_line(line: u64, text: &[u8]) -> String {
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        #[serde(default)]
-        custom_id: Option<Value>,
-        #[serde(default)]
-        body: Option<serde::de::IgnoredAny>,
-    }
-    let Ok(p) = serde_json::from_slice::<Probe>(text) else {
+pub fn probe_line(line: u64, text: &[u8]) -> String {
+    // A map, as `parse_line` reads it: only an object, and the last of duplicate
+    // fields wins (a derived struct would accept an array and refuse duplicates,
+    // giving such lines another id than the one they run under).
+    let Ok(obj) = serde_json::from_slice::<serde_json::Map<String, Value>>(text) else {
         return line_id(line);
     };
-    if p.custom_id.is_none() && p.body.is_none() {
+    if !obj.contains_key("custom_id") && !obj.contains_key("body") {
         return line_id(line);
     }
-    match p.custom_id {
-        Some(Value::String(s)) if !s.is_empty() => s,
+    match obj.get("custom_id") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
         _ => line_id(line),
     }
 }
@@ -319,6 +315,27 @@ mod tests {
             assert!(
                 err.starts_with("line 7: ") && err.contains(msg),
                 "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn probe_gives_the_id_parse_gives() {
+        // Found by the `cli_input` fuzz target (duplicate fields); an array is read
+        // positionally by a derived struct.
+        for text in [
+            r#"{"custom_id":"a","custom_id":"b","body":{}}"#,
+            r#"["x", {"stream": true}]"#,
+            r#"{"custom_id":"x","body":{"stream":1}}"#,
+            r#"{"custom_id":"","body":{}}"#,
+        ] {
+            let (id, stream) = probe_line(7, text.as_bytes());
+            let item = parse(text, true);
+            assert_eq!(id, item.custom_id, "{text}");
+            assert_eq!(
+                stream,
+                item.request.is_err_and(|e| e.ends_with(STREAM_REFUSED)),
+                "{text}"
             );
         }
     }

@@ -96,7 +96,9 @@ struct SeenMeta {
 const RECORD_START: &[u8] = br#"{"id":"batch_req_"#;
 
 fn parse(line: &[u8]) -> Option<Seen> {
-    let seen = serde_json::from_slice::<Seen>(line).ok()?;
+    // UTF-8 first: `from_slice` does not check strings it skips (the `error` object),
+    // so a corrupted line would pass for a record (found by the cli_resume fuzz target).
+    let seen = serde_json::from_str::<Seen>(std::str::from_utf8(line).ok()?).ok()?;
     seen.id.starts_with("batch_req_").then_some(seen)
 }
 
@@ -228,6 +230,10 @@ mod tests {
             (
                 "mixed",
                 b"{\"id\":\"batch_req_1\",\"custom_id\":\"a\",\"error\":null,\"keypool\":{\"line\":1}}\nnotes\n",
+            ),
+            (
+                "not-utf8",
+                b"{\"id\":\"batch_req_1\",\"custom_id\":\"a\",\"error\":{\"code\":\"h\xff\"},\"keypool\":{\"line\":1}}\n",
             ),
             (
                 "partial",

@@ -1,0 +1,90 @@
+//! 2xx bodies and usage: token counts never exceed `MAX_USAGE_TOKENS` (so their sum
+//! cannot overflow), embedded error codes are plausible HTTP statuses, the streaming
+//! and lenient paths agree, and a chat completion is accepted only with a `choices`
+//! array.
+//!
+//! Input: the first byte picks the request path and content type; the rest is the body.
+#![no_main]
+
+use keypool::__fuzz::{MAX_USAGE_TOKENS, Rejected, inspect_success, parse_usage};
+use libfuzzer_sys::fuzz_target;
+
+const PATHS: [&str; 4] = [
+    "/chat/completions",
+    "/v1/chat/completions?x=1",
+    "/embeddings",
+    "/completions",
+];
+const TYPES: [Option<&str>; 5] = [
+    None,
+    Some("application/json"),
+    Some("text/event-stream"),
+    Some(" TEXT/EVENT-STREAM; charset=utf-8"),
+    Some("text/event-strea"),
+];
+
+fn bounded(u: &keypool::Usage) {
+    assert!(u.prompt_tokens <= MAX_USAGE_TOKENS, "{u:?}");
+    assert!(u.completion_tokens <= MAX_USAGE_TOKENS, "{u:?}");
+    assert!(u.prompt_tokens.checked_add(u.completion_tokens).is_some());
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&sel, body)) = data.split_first() else {
+        return;
+    };
+    let path = PATHS[(sel as usize) % PATHS.len()];
+    let ctype = TYPES[(sel as usize / PATHS.len()) % TYPES.len()];
+    let stream = matches!((sel as usize / PATHS.len()) % TYPES.len(), 2 | 3);
+
+    let lenient = parse_usage(body);
+    if let Some(u) = &lenient {
+        bounded(u);
+    }
+    let judged = inspect_success(body, path, ctype);
+    if stream {
+        assert_eq!(judged, Ok(None), "a stream is passed through");
+        return;
+    }
+    let value = serde_json::from_slice::<serde_json::Value>(body).ok();
+    match &judged {
+        Ok(usage) => {
+            assert!(
+                std::str::from_utf8(body).is_ok(),
+                "accepted a body that is not UTF-8"
+            );
+            // serde_json's `Value` also refuses numbers beyond f64 (`1e600`), which
+            // are valid JSON; the one-pass reader skips them.
+            serde_json::from_slice::<serde::de::IgnoredAny>(body)
+                .expect("accepted a body that is not JSON");
+            let Some(v) = value.as_ref() else {
+                return;
+            };
+            if let Some(u) = usage {
+                bounded(u);
+                assert_eq!(lenient.as_ref(), Some(u), "the two usage readers disagree");
+            }
+            if path.contains("/chat/completions") {
+                assert!(
+                    v.get("choices").is_some_and(|c| c.is_array()),
+                    "accepted a chat completion without a choices array"
+                );
+            }
+            assert!(
+                v.get("error")
+                    .is_none_or(|e| e.is_null() || e == &serde_json::Value::Bool(false)),
+                "accepted a body with an error"
+            );
+        }
+        Err(Rejected::Embedded(code)) => {
+            assert!(code.is_none_or(|c| (100..600).contains(&c)), "{code:?}");
+            let v = value
+                .as_ref()
+                .expect("an embedded error in a non-JSON body");
+            assert!(v.get("error").is_some());
+        }
+        Err(Rejected::Invalid(why)) => {
+            assert!(!why.is_empty());
+        }
+    }
+});
