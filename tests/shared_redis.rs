@@ -217,17 +217,38 @@ fn concurrency_is_shared_across_pools() {
         );
     }
     assert_eq!(stats.total_requests, 720);
-    // Every lease came back.
+    // Every lease came back: released at once (a release whose Redis call failed under
+    // load leaves its lease to expire), so none is live after at most `lease_ms`.
     let mut con = redis.conn();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("kp:test:*:leases")
-        .query(&mut con)
-        .unwrap();
-    let left: usize = keys
-        .iter()
-        .map(|k| redis::cmd("ZCARD").arg(k).query::<usize>(&mut con).unwrap())
-        .sum();
-    assert_eq!(left, 0, "leases left behind");
+    let live = |con: &mut redis::Connection| -> usize {
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query(con).unwrap();
+        let now_ms = secs * 1000 + micros / 1000;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("kp:test:*:leases")
+            .query(con)
+            .unwrap();
+        keys.iter()
+            .map(|k| {
+                redis::cmd("ZCOUNT")
+                    .arg(k)
+                    .arg(format!("({now_ms}"))
+                    .arg("+inf")
+                    .query::<usize>(con)
+                    .unwrap()
+            })
+            .sum()
+    };
+    let at_end = live(&mut con);
+    let deadline = Instant::now() + Duration::from_millis(1500 + 1000);
+    let mut left = at_end;
+    while left > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        left = live(&mut con);
+    }
+    assert_eq!(
+        left, 0,
+        "leases still live after lease_ms ({at_end} at the end)"
+    );
 }
 
 #[test]
