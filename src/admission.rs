@@ -534,6 +534,18 @@ impl Gate {
         self.idle.load(SeqCst)
     }
 
+    /// Parks the key outside an admission (a credit check found it at its floor).
+    /// Returns true if this call parked it (it was not disabled already).
+    pub(crate) fn park(&self, reason: String) -> bool {
+        let mut s = self.state.lock();
+        if s.disabled.is_some() {
+            return false;
+        }
+        s.disabled = Some((reason, unix_ms_now()));
+        self.mirror(&s);
+        true
+    }
+
     pub(crate) fn is_disabled(&self) -> bool {
         self.disabled.load(SeqCst)
     }

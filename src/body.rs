@@ -54,17 +54,28 @@ pub(crate) enum Problem {
 ///
 /// One streaming pass with `IgnoredAny` for everything but `usage` (and `error`, only
 /// when present): no `serde_json::Value` is built for a success.
+#[cfg(test)]
 pub(crate) fn inspect_success(
     body: &[u8],
     path: &str,
     content_type: Option<&str>,
 ) -> Result<Option<Usage>, Problem> {
+    inspect_success_billed(body, path, content_type).map(|(u, _)| u)
+}
+
+/// [`inspect_success`] and the `usage.cost` (dollars, OpenRouter) of a success, when
+/// present and sane (finite, non-negative, at most `credits::MAX_DOLLARS`).
+pub(crate) fn inspect_success_billed(
+    body: &[u8],
+    path: &str,
+    content_type: Option<&str>,
+) -> Result<(Option<Usage>, Option<f64>), Problem> {
     if content_type.is_some_and(|c| {
         c.trim_start()
             .get(..17)
             .is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream"))
     }) {
-        return Ok(None);
+        return Ok((None, None));
     }
     // JSON is UTF-8, and the caller parses the whole body later: `from_slice` alone
     // would not check the strings it skips (found by the `body_success` fuzz target).
@@ -101,7 +112,7 @@ pub(crate) fn inspect_success(
             }
         }
     }
-    Ok(shape.usage)
+    Ok((shape.usage, shape.cost))
 }
 
 /// The `usage` of a body, leniently (see [`Usage`]); `None` if the body is not JSON or
@@ -134,6 +145,8 @@ struct Shape {
     object: bool,
     choices: Kind,
     usage: Option<Usage>,
+    /// `usage.cost`, when a sane number.
+    cost: Option<f64>,
     /// A top-level `error` that is not `null` or `false`.
     error: Option<Value>,
 }
@@ -218,7 +231,10 @@ impl<'de> Visitor<'de> for ShapeVisitor {
         while let Some(k) = map.next_key::<Field>()? {
             match k {
                 Field::Choices => s.choices = map.next_value::<KindOf>()?.0,
-                Field::Usage => s.usage = map.next_value::<LenientUsage>()?.0,
+                Field::Usage => {
+                    let u = map.next_value::<LenientUsage>()?;
+                    (s.usage, s.cost) = (u.0, u.1);
+                }
                 Field::Error => {
                     let v: Value = map.next_value()?;
                     s.error = (!matches!(v, Value::Null | Value::Bool(false))).then_some(v);
@@ -258,7 +274,7 @@ impl<'de> Deserialize<'de> for KindOf {
 }
 
 /// A `usage` value: an object with lenient counts, or anything else (ignored).
-struct LenientUsage(Option<Usage>);
+struct LenientUsage(Option<Usage>, Option<f64>);
 
 impl<'de> Deserialize<'de> for LenientUsage {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<LenientUsage, D::Error> {
@@ -268,25 +284,33 @@ impl<'de> Deserialize<'de> for LenientUsage {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("any JSON value")
             }
-            scalars_are!(LenientUsage(None));
+            scalars_are!(LenientUsage(None, None));
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<LenientUsage, A::Error> {
                 while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(LenientUsage(None))
+                Ok(LenientUsage(None, None))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<LenientUsage, A::Error> {
                 let mut u = Usage::default();
+                let mut cost = None;
                 while let Some(k) = map.next_key::<UsageField>()? {
                     match k {
                         UsageField::Prompt => u.prompt_tokens = map.next_value::<Count>()?.0,
                         UsageField::Completion => {
                             u.completion_tokens = map.next_value::<Count>()?.0
                         }
+                        UsageField::Cost => {
+                            // Anything but a sane number is ignored.
+                            cost = match map.next_value::<Value>()? {
+                                Value::Number(n) => n.as_f64().and_then(crate::credits::dollars),
+                                _ => None,
+                            };
+                        }
                         UsageField::Other => {
                             map.next_value::<IgnoredAny>()?;
                         }
                     }
                 }
-                Ok(LenientUsage(Some(u)))
+                Ok(LenientUsage(Some(u), cost))
             }
         }
         d.deserialize_any(V)
@@ -296,6 +320,7 @@ impl<'de> Deserialize<'de> for LenientUsage {
 enum UsageField {
     Prompt,
     Completion,
+    Cost,
     Other,
 }
 
@@ -311,6 +336,7 @@ impl<'de> Deserialize<'de> for UsageField {
                 Ok(match s {
                     "prompt_tokens" => UsageField::Prompt,
                     "completion_tokens" => UsageField::Completion,
+                    "cost" => UsageField::Cost,
                     _ => UsageField::Other,
                 })
             }

@@ -512,6 +512,8 @@ pub struct Config {
     /// Accounts whose limits bind their keys together (`keys[].group`).
     /// Defaults to none.
     pub groups: Vec<GroupConfig>,
+    /// Credit checks at `GET {base_url}/key` (OpenRouter). Defaults to off.
+    pub credits: crate::credits::CreditsConfig,
 }
 
 impl Default for Config {
@@ -531,6 +533,7 @@ impl Default for Config {
             keys: Vec::new(),
             shared: None,
             groups: Vec::new(),
+            credits: crate::credits::CreditsConfig::default(),
         }
     }
 }
@@ -657,6 +660,9 @@ impl Config {
             return Err(Error::config("retry.max_attempts", "must be at least 1"));
         }
         check_headers("headers", &self.headers)?;
+        if let Some((field, message)) = self.credits.problem() {
+            return Err(Error::config(field, message));
+        }
         if let Some(shared) = &self.shared {
             crate::shared_limits::check(shared)?;
         }
@@ -1102,6 +1108,13 @@ impl ConfigBuilder {
     /// cargo feature). Defaults to none.
     pub fn shared(mut self, shared: crate::shared_limits::SharedConfig) -> Self {
         self.config.shared = Some(shared);
+        self
+    }
+
+    /// Credit checks at `GET {base_url}/key` (see [`CreditsConfig`](crate::CreditsConfig)).
+    /// Defaults to off.
+    pub fn credits(mut self, credits: crate::credits::CreditsConfig) -> Self {
+        self.config.credits = credits;
         self
     }
 

@@ -44,6 +44,8 @@ pub(crate) struct KeyState {
     latency: Mutex<Histogram>,
     /// Streams: attempt start to first text delta.
     ttft: Mutex<Histogram>,
+    /// Balance at the last credit check, summed `usage.cost` (`credits.rs`).
+    pub credit: crate::credits::KeyCredit,
 }
 
 impl KeyState {
@@ -85,6 +87,7 @@ impl KeyState {
             completion_tokens: AtomicU64::new(0),
             latency: Mutex::new(Histogram::new()),
             ttft: Mutex::new(Histogram::new()),
+            credit: Default::default(),
         }
     }
 
@@ -177,6 +180,8 @@ impl KeyState {
             tpm_budget,
             group: self.gate.group().map(|g| g.name.to_string()),
             learned_limit: self.gate.learned_limit(),
+            credit_remaining: self.credit.remaining(),
+            cost: self.credit.cost(),
         }
     }
 }

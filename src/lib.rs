@@ -40,6 +40,7 @@ mod batch;
 mod body;
 mod chat;
 mod config;
+mod credits;
 mod deadline;
 mod dispatch;
 mod error;
@@ -74,6 +75,7 @@ pub use config::{
     MAX_KEY_BYTES, MAX_KEYS, MAX_QUEUE_CAPACITY, MAX_TOTAL_WORKERS, MAX_WEIGHT,
     MAX_WORKER_STACK_SIZE, RetryConfig, Strategy,
 };
+pub use credits::CreditsConfig;
 pub use error::{Error, StreamFailure, TimeoutPhase};
 pub use pool::{Pool, TrySubmitError};
 pub use request::{DEFAULT_PATH, Request, Response, Usage};

@@ -71,6 +71,12 @@ pub struct KeyStats {
     pub group: Option<String>,
     /// The learned concurrency limit now (`adaptive` keys; `None` otherwise).
     pub learned_limit: Option<usize>,
+    /// Dollars left on the key at its last credit check (`credits.check`; `None` when
+    /// never checked, the check failed, or the key has no cap).
+    pub credit_remaining: Option<f64>,
+    /// Dollars spent: the sum of the `usage.cost` its responses reported (0 when the
+    /// provider reports none).
+    pub cost: f64,
 }
 
 /// A snapshot of one account group's shared limits.

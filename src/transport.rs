@@ -126,6 +126,19 @@ pub trait Transport: Send + Sync {
             "this transport does not support streaming (Transport::send_stream)".to_owned(),
         ))
     }
+
+    /// Performs a `GET` of `req.url` (the body is ignored) with the key as a bearer
+    /// token and reads at most `max_bytes` of the answer. Used for the credit check
+    /// (`credits.check`, `GET {base_url}/key`).
+    ///
+    /// The default implementation refuses: with a custom transport that does not
+    /// override it, credit checks are skipped (never park a key).
+    fn get(&self, req: &HttpRequest<'_>, max_bytes: u64) -> Result<HttpResponse, TransportError> {
+        let _ = (req, max_bytes);
+        Err(TransportError::Failed(
+            "this transport does not support GET (Transport::get)".to_owned(),
+        ))
+    }
 }
 
 /// Builds one transport per key.
@@ -173,6 +186,35 @@ impl UreqTransport {
 }
 
 impl Transport for UreqTransport {
+    fn get(&self, req: &HttpRequest<'_>, max_bytes: u64) -> Result<HttpResponse, TransportError> {
+        let mut builder = self
+            .agent
+            .get(req.url)
+            .header("authorization", format!("Bearer {}", req.key.expose()));
+        for (k, v) in req.headers {
+            builder = builder.header(k.as_str(), v.as_str());
+        }
+        let mut resp = builder
+            .config()
+            .timeout_recv_response(Some(req.timeout))
+            .timeout_recv_body(Some(req.timeout))
+            .build()
+            .call()
+            .map_err(|e| mask_error(map_ureq_error(e), req))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(max_bytes.min(self.max_response_bytes))
+            .read_to_vec()
+            .map_err(|e| mask_error(map_ureq_error(e), req))?;
+        Ok(HttpResponse {
+            status,
+            headers: Vec::new(),
+            body,
+        })
+    }
+
     fn send_stream(
         &self,
         req: &HttpRequest<'_>,

@@ -46,6 +46,9 @@ pub(crate) fn run(ctx: Arc<KeyWorkerCtx>, rx: Receiver<Job>, started: Sender<()>
     // Told once, when this worker first waits for a job: `Pool::new` returns only when
     // every worker has, so the first requests meet idle workers in config order.
     let mut started = Some(started);
+    // The key's first worker checks its balance before anyone can submit (`Pool::new`
+    // waits for `started`), so a key at its floor gets no request.
+    crate::credits::check_at_start(&ctx);
     loop {
         let job = match self_serve(&ctx) {
             Some(job) => job,
@@ -266,6 +269,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
                     ..KeyVerdict::default()
                 });
                 job.finish(Ok(response));
+                crate::credits::recheck_if_due(ctx);
                 return;
             }
             Err(e) => *e,
@@ -340,6 +344,7 @@ fn conclude(
 ) {
     // The key's part of the verdict first — a "bad key" verdict disables the key before
     // its next trial can start — then the request's part.
+    let out_of_credit = matches!(err, Error::Http { status: 402, .. });
     let answered = matches!(
         class,
         FailClass::RateLimited | FailClass::ClientError | FailClass::ServerError
@@ -352,6 +357,11 @@ fn conclude(
         group_cooldown: verdict.group_cooldown,
     });
     retry_or_finish(ctx, job, err, verdict, class);
+    if out_of_credit {
+        // After the job moved on: the balance, for stats, and a park at the floor
+        // even when `retry.park_on_402` is off.
+        crate::credits::check(ctx);
+    }
 }
 
 /// Turns an HTTP response into the job's success, or into an error with its verdict.
@@ -374,9 +384,14 @@ pub(crate) fn judge_response(
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
             .map(|(_, v)| v.as_str());
-        match body::inspect_success(&resp.body, &job.req.path, content_type) {
-            Ok(usage) => {
+        match body::inspect_success_billed(&resp.body, &job.req.path, content_type) {
+            Ok((usage, cost)) => {
                 let usage = usage.unwrap_or_default();
+                if let Some(c) = cost {
+                    // Marks a re-check due (done after the reply, `recheck_if_due`).
+                    ks.credit
+                        .add_cost(c, ctx.shared.config.credits.recheck_cost);
+                }
                 ks.record_success(usage.prompt_tokens, usage.completion_tokens);
                 if ks.gate.has_limits() {
                     ks.gate.correct_tokens(

@@ -667,3 +667,40 @@ fn help_documents_every_flag_with_its_default() {
     assert_eq!(out.status.code(), Some(2));
     let _ = std::io::stderr().flush();
 }
+
+#[test]
+fn adaptive_run_learns_a_hidden_capacity_and_shows_credit() {
+    let server = MockServer::start(MockConfig {
+        latency_ms: 5,
+        key_capacity: Some(3),
+        cost_per_request: 0.125,
+        ..MockConfig::default()
+    })
+    .unwrap();
+    server.set_credit(KEY_A, Some(1000.0));
+    let dir = Dir::new("adaptive");
+    let lines: Vec<String> = (0..150)
+        .map(|i| line(&format!("r{i}"), body(&format!("p{i}"), None)))
+        .collect();
+    write_lines(&dir.path("in.jsonl"), &lines);
+    let mut c = with_keys(keypool());
+    c.args(["run", "-i", &dir.s("in.jsonl"), "-o", &dir.s("out.jsonl")])
+        .args(["--base-url", &server.url(), "--per-key", "16", "--adaptive"])
+        .args(["--credits-floor", "0.5", "--max-attempts", "10"]);
+    let out = run_to_end(c);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(read_records(&dir.path("out.jsonl")).iter().all(ok));
+    assert!(
+        stderr.contains("keypool: key alpha: learned limit "),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("keypool: key beta: learned limit "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("credit left $"), "{stderr}");
+    assert!(stderr.contains(" of 16"), "{stderr}");
+    assert_eq!(server.credit(KEY_A).unwrap().checks, 1);
+    assert!(server.stats().keys.values().all(|k| k.max_in_flight <= 4));
+}

@@ -50,6 +50,65 @@ fn route(path: &str) -> Option<Endpoint> {
     }
 }
 
+/// Whether `path` is OpenRouter's key-info route, `{,/v1,/api/v1}/key`.
+fn is_key_info(path: &str) -> bool {
+    ["/api/v1/key", "/v1/key", "/key"].contains(&path)
+}
+
+/// `GET …/key`: the key's credit in OpenRouter's shape, not counted as a request.
+fn key_info(shared: &Shared, key: &str) -> Response<MockBody> {
+    let (status, body) = if key.is_empty() {
+        (401, request_error(401, "missing API key"))
+    } else {
+        let mut c = shared.control.lock();
+        let credit = c.credits.entry(key.to_owned()).or_default();
+        credit.checks += 1;
+        match &credit.key_body {
+            Some(raw) => (200, Bytes::from(raw.clone())),
+            None => (
+                200,
+                Bytes::from(
+                    json!({"data": {
+                        "label": "mock",
+                        "limit": credit.limit,
+                        "limit_remaining": credit.remaining(),
+                        "usage": credit.spent,
+                        "is_free_tier": false,
+                        "limit_reset": null,
+                    }})
+                    .to_string(),
+                ),
+            ),
+        }
+    };
+    let mut r = Response::new(MockBody::full(body, None));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    if let Ok(v) = hyper::header::HeaderValue::from_str("application/json") {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// Whether the key has a cap and nothing left (it gets 402).
+fn out_of_credit(shared: &Shared, key: &str) -> bool {
+    let c = shared.control.lock();
+    c.credits
+        .get(key)
+        .and_then(crate::MockCredit::remaining)
+        .is_some_and(|r| r <= 0.0)
+}
+
+/// Debits a success's cost and returns it (`None` when costs are off).
+fn charge(shared: &Shared, key: &str) -> Option<f64> {
+    let mut c = shared.control.lock();
+    let cost = c.cfg.cost_per_request;
+    if !(cost.is_finite() && cost > 0.0) {
+        return None;
+    }
+    c.credits.entry(key.to_owned()).or_default().spent += cost;
+    Some(cost)
+}
+
 fn bearer(req: &Request<Incoming>) -> String {
     req.headers()
         .get(hyper::header::AUTHORIZATION)
@@ -448,7 +507,9 @@ fn as_bool(v: &Value, k: &str) -> bool {
 /// Decides what to do with a request of `key` carrying the body `req` (if it parsed).
 fn plan(shared: &Shared, key: &str, req: Option<&Value>) -> Plan {
     let mut c = shared.control.lock();
-    let crate::server::Control { cfg, rng, rules } = &mut *c;
+    let crate::server::Control {
+        cfg, rng, rules, ..
+    } = &mut *c;
     let mut delay = cfg.latency_ms;
     let mut rule_status = None;
     let mut rule_retry = None;
@@ -587,6 +648,9 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<MockBody>, Dropped> {
     let key = bearer(&req);
+    if req.method() == Method::GET && is_key_info(req.uri().path()) {
+        return Ok(key_info(&shared, &key));
+    }
     let guard = shared.acc.begin(&key);
     let n = shared.ids.fetch_add(1, Ordering::Relaxed) + 1;
     let Some(ep) = route(req.uri().path()) else {
@@ -643,6 +707,15 @@ pub(crate) async fn handle(
             guard,
         ));
     }
+    if out_of_credit(&shared, &key) {
+        return Ok(respond(
+            n,
+            402,
+            error_json(402, "mock 402: insufficient credits"),
+            None,
+            guard,
+        ));
+    }
     let plan = plan(&shared, &key, parsed.as_ref());
     if !plan.delay.is_zero() {
         shared.timer.sleep(plan.delay).await;
@@ -687,7 +760,14 @@ pub(crate) async fn handle(
             Ok(sse_response(n, ep, &key, v, guard))
         }
         (Action::Success, Some(v)) => {
-            Ok(respond(n, 200, success_body(ep, n, v), Some(&plan), guard))
+            let mut body = success_body(ep, n, v);
+            if let Some(cost) = charge(&shared, &key)
+                && let Ok(mut b) = serde_json::from_slice::<Value>(&body)
+            {
+                b["usage"]["cost"] = json!(cost);
+                body = Bytes::from(b.to_string());
+            }
+            Ok(respond(n, 200, body, Some(&plan), guard))
         }
     }
 }

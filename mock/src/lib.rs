@@ -52,7 +52,12 @@
 //! Requests without a bearer token get 401 (recorded under the key `""`), unknown paths
 //! 404, other methods than POST 405, and a body that is not JSON 400.
 //!
-//! Routes: `POST {,/v1,/api/v1}/chat/completions`, `…/completions` and `…/embeddings`.
+//! Routes: `POST {,/v1,/api/v1}/chat/completions`, `…/completions` and `…/embeddings`;
+//! `GET {,/v1,/api/v1}/key` answers OpenRouter's key info (`{"data": {"label", "limit",
+//! "limit_remaining", "usage", "is_free_tier", "limit_reset"}}`) from the key's
+//! [`MockCredit`] (not counted as a request). A key with a cap and nothing left gets
+//! 402 for every request; with [`MockConfig::cost_per_request`] each success reports
+//! `usage.cost` and is debited.
 //!
 //! The `keypool-mock` binary ([`run_cli`], options in [`USAGE`]) prints its base URL as
 //! one line on stdout and serves until stdin reaches end-of-file, for tests in other
@@ -138,6 +143,10 @@ pub struct MockConfig {
     /// already has this many in flight is answered 429 at once (no retry headers).
     /// Defaults to `None` (no limit).
     pub key_capacity: Option<usize>,
+    /// Dollars each successful (non-streamed) completion or embedding costs: when
+    /// above 0 the answer carries `usage.cost` and the amount is debited from the key's
+    /// balance ([`MockServer::set_credit`]). Defaults to 0.
+    pub cost_per_request: f64,
 }
 
 impl Default for MockConfig {
@@ -159,6 +168,7 @@ impl Default for MockConfig {
             seed: None,
             threads: 2,
             key_capacity: None,
+            cost_per_request: 0.0,
         }
     }
 }
@@ -179,6 +189,28 @@ pub struct KeyRule {
     pub fail_first: u32,
     /// Latency for this key's requests, replacing [`MockConfig::latency_ms`].
     pub latency_ms: Option<u64>,
+}
+
+/// One key's credit at the mock: the balance `GET {base}/key` reports (OpenRouter's
+/// shape), from [`MockServer::credit`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MockCredit {
+    /// The key's cap in dollars (`None`: no cap, `limit: null`).
+    pub limit: Option<f64>,
+    /// Dollars debited so far (the sum of the `usage.cost` sent for this key).
+    pub spent: f64,
+    /// `GET …/key` requests answered for this key (not counted in [`KeyRecord`]).
+    pub checks: u64,
+    /// When set, `GET …/key` answers exactly this body (status 200), for hostile-input
+    /// tests.
+    pub key_body: Option<String>,
+}
+
+impl MockCredit {
+    /// Dollars left (`limit - spent`, at least 0), or `None` without a cap.
+    pub fn remaining(&self) -> Option<f64> {
+        self.limit.map(|l| (l - self.spent).max(0.0))
+    }
 }
 
 /// A snapshot of the server's accounting, from [`MockServer::stats`].

@@ -29,6 +29,8 @@ pub(crate) struct Control {
     pub(crate) cfg: MockConfig,
     pub(crate) rng: fastrand::Rng,
     pub(crate) rules: HashMap<String, RuleState>,
+    /// Per-key credit (`GET …/key`, 402 when spent, `usage.cost`).
+    pub(crate) credits: HashMap<String, crate::MockCredit>,
 }
 
 /// State shared by the handle and every connection task.
@@ -96,6 +98,7 @@ impl MockServer {
                 rng: rng_for(cfg.seed),
                 cfg,
                 rules: HashMap::new(),
+                credits: HashMap::new(),
             }),
             acc: Arc::new(Accounting::new()),
             ids: AtomicU64::new(0),
@@ -143,6 +146,36 @@ impl MockServer {
                 rule,
             },
         );
+    }
+
+    /// Gives the key `key` a cap of `limit` dollars (`None`: no cap), keeping what it
+    /// spent so far.
+    pub fn set_credit(&self, key: &str, limit: Option<f64>) {
+        self.shared
+            .control
+            .lock()
+            .credits
+            .entry(key.to_owned())
+            .or_default()
+            .limit = limit;
+    }
+
+    /// Makes `GET …/key` answer exactly `body` (status 200) for the key `key`; `None`
+    /// restores the normal answer.
+    pub fn set_key_body(&self, key: &str, body: Option<String>) {
+        self.shared
+            .control
+            .lock()
+            .credits
+            .entry(key.to_owned())
+            .or_default()
+            .key_body = body;
+    }
+
+    /// The key's credit record, or `None` if it has none (no cap set, nothing spent,
+    /// never checked).
+    pub fn credit(&self, key: &str) -> Option<crate::MockCredit> {
+        self.shared.control.lock().credits.get(key).cloned()
     }
 
     /// A snapshot of all accounting.

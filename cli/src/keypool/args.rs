@@ -95,6 +95,17 @@ pub struct RunArgs {
     #[arg(long, value_name = "REDIS_URL")]
     pub shared: Option<String>,
 
+    /// Learn each key's concurrency (sets `adaptive: true` on every key): start at 1,
+    /// grow while answered, cut on 429, never above the key's max_concurrent.
+    #[arg(long)]
+    pub adaptive: bool,
+
+    /// Check each key's balance at GET <base>/key (OpenRouter) before its first request
+    /// and after a 402, and park a key whose credit left is at or below this many
+    /// dollars (sets credits.check and credits.floor).
+    #[arg(long, value_name = "DOLLARS")]
+    pub credits_floor: Option<f64>,
+
     /// Write records in input order instead of completion order. Results that finish
     /// early wait in a reorder buffer bounded by the run's window (twice the total
     /// per-key concurrency): when it is full, reading pauses until the oldest request
@@ -159,6 +170,8 @@ impl RunArgs {
             max_attempts: self.max_attempts,
             timeout_ms: self.timeout_ms,
             shared: self.shared.clone(),
+            adaptive: self.adaptive,
+            credits_floor: self.credits_floor,
         }
     }
 }
@@ -216,6 +229,13 @@ pub struct MockArgs {
     /// Server worker threads.
     #[arg(long, default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=256))]
     pub threads: u64,
+    /// Answer 429 to a key's requests above N in flight (a hidden capacity).
+    #[arg(long, value_name = "N")]
+    pub key_capacity: Option<usize>,
+    /// Dollars each success costs: reported as usage.cost and debited from the key's
+    /// balance at GET /v1/key.
+    #[arg(long, default_value_t = 0.0, value_name = "DOLLARS")]
+    pub cost_per_request: f64,
 }
 
 fn rate(s: &str) -> Result<f64, String> {

@@ -25,6 +25,8 @@ pub fn config(a: &MockArgs) -> MockConfig {
         error_in_200_rate: a.error_in_200_rate,
         seed: a.seed,
         threads: a.threads as usize,
+        key_capacity: a.key_capacity,
+        cost_per_request: a.cost_per_request,
         ..MockConfig::default()
     }
 }

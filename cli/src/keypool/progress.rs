@@ -117,6 +117,28 @@ pub fn key_states(stats: &keypool::Stats) -> String {
     out
 }
 
+/// Learned limits, credit left and spend, one line per key that has any. Empty when
+/// no key learns its concurrency, checks credits or reports costs.
+pub fn key_capacity(stats: &keypool::Stats) -> String {
+    let mut out = String::new();
+    for k in &stats.keys {
+        let mut parts = Vec::new();
+        if let Some(n) = k.learned_limit {
+            parts.push(format!("learned limit {n} of {}", k.max_concurrent));
+        }
+        if let Some(c) = k.credit_remaining {
+            parts.push(format!("credit left ${c:.4}"));
+        }
+        if k.cost > 0.0 {
+            parts.push(format!("spent ${:.4}", k.cost));
+        }
+        if !parts.is_empty() {
+            let _ = writeln!(out, "keypool: key {}: {}", k.label, parts.join(", "));
+        }
+    }
+    out
+}
+
 /// The per-key table, counting HTTP attempts (not records): attempts, ok, failed,
 /// 429s, retries, p50/p99 latency and tokens, plus a total row.
 pub fn key_table(stats: &keypool::Stats) -> String {
@@ -213,5 +235,13 @@ mod tests {
         assert!(lines[1].starts_with("acct-a") && lines[1].contains("42ms"));
         assert!(lines[1].contains("12.3s") && lines[1].ends_with("12"));
         assert!(lines[3].starts_with("total"));
+        assert_eq!(key_capacity(&stats), "");
+        stats.keys[1].learned_limit = Some(5);
+        stats.keys[1].max_concurrent = 8;
+        stats.keys[1].credit_remaining = Some(1.5);
+        assert_eq!(
+            key_capacity(&stats),
+            "keypool: key b: learned limit 5 of 8, credit left $1.5000\n"
+        );
     }
 }

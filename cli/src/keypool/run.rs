@@ -169,6 +169,7 @@ impl RunReport {
             }
         }
         s += &crate::progress::key_table(&self.stats);
+        s += &crate::progress::key_capacity(&self.stats);
         s += &crate::progress::key_states(&self.stats);
         s
     }

@@ -27,6 +27,10 @@ pub struct PoolFlags {
     pub timeout_ms: Option<u64>,
     /// `--shared`: `shared.redis_url`.
     pub shared: Option<String>,
+    /// `--adaptive`: `adaptive: true` on every key.
+    pub adaptive: bool,
+    /// `--credits-floor`: `credits.check` on, `credits.floor` this.
+    pub credits_floor: Option<f64>,
 }
 
 /// Checks the flags' own ranges, with messages naming the flag.
@@ -39,6 +43,9 @@ fn check_flags(f: &PoolFlags) -> Result<(), String> {
     }
     if f.max_attempts == Some(0) {
         return Err("--max-attempts must be at least 1".into());
+    }
+    if f.credits_floor.is_some_and(|x| !x.is_finite() || x < 0.0) {
+        return Err("--credits-floor must be a number of dollars, 0 or more".into());
     }
     if f.timeout_ms == Some(0) {
         return Err("--timeout-ms must be at least 1".into());
@@ -163,11 +170,21 @@ pub fn build_config(
             s.insert("redis_url".into(), json!(url));
         }
     }
-    if let Some(n) = flags.per_key {
-        if let Some(Value::Array(keys)) = root.get_mut("keys") {
-            for k in keys {
-                if let Value::Object(k) = k {
+    if let Some(floor) = flags.credits_floor {
+        let credits = root.entry("credits").or_insert_with(|| json!({}));
+        if let Value::Object(c) = credits {
+            c.insert("check".into(), json!(true));
+            c.insert("floor".into(), json!(floor));
+        }
+    }
+    if let Some(Value::Array(keys)) = root.get_mut("keys") {
+        for k in keys {
+            if let Value::Object(k) = k {
+                if let Some(n) = flags.per_key {
                     k.insert("max_concurrent".into(), json!(n));
+                }
+                if flags.adaptive {
+                    k.insert("adaptive".into(), json!(true));
                 }
             }
         }
@@ -181,6 +198,29 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    #[test]
+    fn adaptive_and_credit_flags() {
+        let flags = PoolFlags {
+            adaptive: true,
+            credits_floor: Some(0.5),
+            ..PoolFlags::default()
+        };
+        let env = |n: &str| (n == "KEYPOOL_API_KEYS").then(|| "a sk-1,sk-2".to_owned());
+        let c = build_config(&flags, env).unwrap();
+        assert!(c.keys.iter().all(|k| k.adaptive));
+        assert!(c.credits.check);
+        assert_eq!(c.credits.floor, 0.5);
+        let bad = PoolFlags {
+            credits_floor: Some(-1.0),
+            ..PoolFlags::default()
+        };
+        assert!(
+            build_config(&bad, env)
+                .unwrap_err()
+                .contains("--credits-floor")
+        );
     }
 
     #[test]

@@ -1,0 +1,299 @@
+//! Credits (OpenRouter): the optional balance check of `GET {base_url}/key`, and the
+//! per-key sum of the `usage.cost` responses report.
+//!
+//! No polling loop: a key is checked once before its first request (by one of its own
+//! workers, before `Pool::new` returns), after a 402 on it, and — when
+//! `credits.recheck_cost` is set — after that many dollars of summed `usage.cost`. A
+//! check that finds `limit_remaining` at or below `credits.floor` parks the key (the
+//! same "disabled" state as a 402). The `/key` answer is hostile input: anything that is
+//! not a well-formed, finite, non-negative, plausible number is ignored, never parks a
+//! key and never panics.
+
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::transport::HttpRequest;
+use crate::worker::KeyWorkerCtx;
+
+/// The largest dollar amount believed from a server (per `usage.cost` and per balance):
+/// larger values are ignored as garbage.
+pub(crate) const MAX_DOLLARS: f64 = 1e9;
+
+/// Largest `/key` body read, in bytes.
+const MAX_KEY_BODY: u64 = 64 * 1024;
+
+/// Credit checks for providers that report a key's balance at `GET {base_url}/key`
+/// (OpenRouter). Off by default.
+///
+/// JSON: `"credits": {"check": true, "floor": 0.5, "recheck_cost": 1.0}`.
+///
+/// `#[non_exhaustive]`: start from [`CreditsConfig::default`] and use the setters.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct CreditsConfig {
+    /// Check each key's balance before its first request and after a 402 on it.
+    /// Defaults to false.
+    pub check: bool,
+    /// A key whose `limit_remaining` (dollars) is at or below this is parked.
+    /// Defaults to 0.
+    pub floor: f64,
+    /// Check a key again after this many dollars of summed `usage.cost` since its last
+    /// check; 0 means never. Defaults to 0.
+    pub recheck_cost: f64,
+}
+
+// Validation keeps both numbers finite, so equality is reflexive.
+impl Eq for CreditsConfig {}
+
+impl Default for CreditsConfig {
+    fn default() -> CreditsConfig {
+        CreditsConfig {
+            check: false,
+            floor: 0.0,
+            recheck_cost: 0.0,
+        }
+    }
+}
+
+impl CreditsConfig {
+    /// Checks enabled, with this floor in dollars.
+    pub fn with_floor(floor: f64) -> CreditsConfig {
+        CreditsConfig {
+            check: true,
+            floor,
+            recheck_cost: 0.0,
+        }
+    }
+
+    /// Turns the checks on or off.
+    pub fn check(mut self, on: bool) -> CreditsConfig {
+        self.check = on;
+        self
+    }
+
+    /// The floor in dollars at or below which a key is parked.
+    pub fn floor(mut self, floor: f64) -> CreditsConfig {
+        self.floor = floor;
+        self
+    }
+
+    /// Re-check after this many dollars of summed `usage.cost` (0: never).
+    pub fn recheck_cost(mut self, dollars: f64) -> CreditsConfig {
+        self.recheck_cost = dollars;
+        self
+    }
+
+    /// The rule the config validation applies; `Err` says what is wrong.
+    pub(crate) fn problem(&self) -> Option<(&'static str, String)> {
+        for (field, v) in [
+            ("credits.floor", self.floor),
+            ("credits.recheck_cost", self.recheck_cost),
+        ] {
+            if !v.is_finite() || !(0.0..=MAX_DOLLARS).contains(&v) {
+                return Some((field, format!("must be between 0 and {MAX_DOLLARS}")));
+            }
+        }
+        None
+    }
+}
+
+/// A sane dollar amount from a server, or `None`: finite, non-negative, plausible.
+pub(crate) fn dollars(v: f64) -> Option<f64> {
+    (v.is_finite() && (0.0..=MAX_DOLLARS).contains(&v)).then_some(v)
+}
+
+/// What a `/key` answer says about the balance.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Balance {
+    /// `limit` is null: no cap.
+    Unlimited,
+    /// Dollars left.
+    Remaining(f64),
+}
+
+/// Reads `{"data": {"limit": …, "limit_remaining": …}}`; `None` for anything else
+/// (not JSON, missing or non-numeric fields, NaN-like, negative or absurd numbers).
+pub(crate) fn parse_key_info(body: &[u8]) -> Option<Balance> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let data = v.get("data")?.as_object()?;
+    match data.get("limit")? {
+        Value::Null => return Some(Balance::Unlimited),
+        Value::Number(n) => {
+            dollars(n.as_f64()?)?;
+        }
+        _ => return None,
+    }
+    let remaining = dollars(data.get("limit_remaining")?.as_f64()?)?;
+    Some(Balance::Remaining(remaining))
+}
+
+/// Per-key credit state.
+#[derive(Debug, Default)]
+pub(crate) struct KeyCredit {
+    inner: Mutex<Inner>,
+    /// Taken by the first worker of the key, which checks before its first request.
+    start_claimed: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    remaining: Option<f64>,
+    cost: f64,
+    cost_at_check: f64,
+    checking: bool,
+    /// `recheck_cost` dollars were spent since the last check.
+    due: bool,
+}
+
+impl KeyCredit {
+    /// Adds a response's `usage.cost` (already sanitised); returns true (and marks it
+    /// due) when a re-check is due: `recheck` dollars since the last check.
+    pub(crate) fn add_cost(&self, cost: f64, recheck: f64) -> bool {
+        let mut s = self.inner.lock();
+        s.cost = (s.cost + cost).min(f64::MAX);
+        if recheck > 0.0 && !s.checking && s.cost - s.cost_at_check >= recheck {
+            s.due = true;
+        }
+        s.due
+    }
+
+    /// Dollars of `usage.cost` summed over the key's responses.
+    pub(crate) fn cost(&self) -> f64 {
+        self.inner.lock().cost
+    }
+
+    /// The balance at the last check (`None`: never checked, failed or unlimited).
+    pub(crate) fn remaining(&self) -> Option<f64> {
+        self.inner.lock().remaining
+    }
+}
+
+/// Checks the key's balance if checks are on and this worker is the key's first.
+pub(crate) fn check_at_start(ctx: &KeyWorkerCtx) {
+    let credit = &ctx.shared.keys[ctx.index].credit;
+    if ctx.shared.config.credits.check && !credit.start_claimed.swap(true, SeqCst) {
+        check(ctx);
+    }
+}
+
+/// Checks the key's balance if `recheck_cost` dollars were spent since the last check.
+pub(crate) fn recheck_if_due(ctx: &KeyWorkerCtx) {
+    let due = ctx.shared.keys[ctx.index].credit.inner.lock().due;
+    if due {
+        check(ctx);
+    }
+}
+
+/// Checks the key's balance now (checks on, no other check of this key running), and
+/// parks the key if it is at or below the floor.
+pub(crate) fn check(ctx: &KeyWorkerCtx) {
+    let cfg = &ctx.shared.config.credits;
+    if !cfg.check {
+        return;
+    }
+    let ks = &ctx.shared.keys[ctx.index];
+    {
+        let mut s = ks.credit.inner.lock();
+        if s.checking {
+            return;
+        }
+        s.checking = true;
+        s.due = false;
+        s.cost_at_check = s.cost;
+    }
+    let url = format!("{}/key", ctx.base_url);
+    let req = HttpRequest {
+        url: &url,
+        key: &ctx.key,
+        headers: &ctx.headers,
+        body: b"",
+        timeout: ctx.attempt_timeout.min(std::time::Duration::from_millis(
+            ctx.shared.config.connect_timeout_ms.max(1000),
+        )),
+    };
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        ctx.transport.get(&req, MAX_KEY_BODY)
+    }));
+    let balance = match outcome {
+        Ok(Ok(resp)) if (200..300).contains(&resp.status) => parse_key_info(&resp.body),
+        Ok(Ok(resp)) => {
+            log::debug!(
+                "keypool: credit check of key {} answered HTTP {}",
+                ks.label,
+                resp.status
+            );
+            None
+        }
+        Ok(Err(e)) => {
+            log::debug!("keypool: credit check of key {} failed: {e:?}", ks.label);
+            None
+        }
+        Err(_) => None,
+    };
+    {
+        let mut s = ks.credit.inner.lock();
+        s.checking = false;
+        match balance {
+            Some(Balance::Remaining(r)) => s.remaining = Some(r),
+            Some(Balance::Unlimited) => s.remaining = None,
+            None => {}
+        }
+    }
+    if let Some(Balance::Remaining(r)) = balance {
+        if r <= cfg.floor {
+            let reason = format!("credit {r} at or below floor {}", cfg.floor);
+            if ks.gate.park(reason.clone()) {
+                ks.log_disabled(&reason);
+                ctx.shared.nudge();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_info_is_read_leniently() {
+        let ok = br#"{"data":{"label":"x","limit":10,"limit_remaining":2.5,"usage":7.5,"is_free_tier":false,"limit_reset":null}}"#;
+        assert_eq!(parse_key_info(ok), Some(Balance::Remaining(2.5)));
+        assert_eq!(
+            parse_key_info(br#"{"data":{"limit":null,"limit_remaining":null}}"#),
+            Some(Balance::Unlimited)
+        );
+        for bad in [
+            &b"not json"[..],
+            b"[]",
+            b"{}",
+            b"{\"data\":null}",
+            b"{\"data\":{\"limit\":10}}",
+            b"{\"data\":{\"limit\":10,\"limit_remaining\":-1}}",
+            b"{\"data\":{\"limit\":10,\"limit_remaining\":1e308}}",
+            b"{\"data\":{\"limit\":10,\"limit_remaining\":\"0\"}}",
+            b"{\"data\":{\"limit\":\"x\",\"limit_remaining\":0}}",
+            b"{\"data\":{\"limit\":1e999,\"limit_remaining\":0}}",
+        ] {
+            assert_eq!(
+                parse_key_info(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn cost_sums_and_asks_for_a_recheck() {
+        let c = KeyCredit::default();
+        assert!(!c.add_cost(0.4, 1.0));
+        assert!(c.add_cost(0.7, 1.0));
+        assert!((c.cost() - 1.1).abs() < 1e-9);
+        let never = KeyCredit::default();
+        assert!(!never.add_cost(5.0, 0.0), "recheck_cost 0: never due");
+    }
+}
