@@ -34,10 +34,12 @@ pub fn inspect_success(
     path: &str,
     content_type: Option<&str>,
 ) -> Result<Option<Usage>, Rejected> {
-    crate::body::inspect_success(body, path, content_type).map_err(|p| match p {
-        crate::body::Problem::Embedded(c) => Rejected::Embedded(c),
-        crate::body::Problem::Invalid(m) => Rejected::Invalid(m),
-    })
+    crate::body::inspect_success_billed(body, path, content_type)
+        .map(|(usage, _cost)| usage)
+        .map_err(|p| match p {
+            crate::body::Problem::Embedded(c) => Rejected::Embedded(c),
+            crate::body::Problem::Invalid(m) => Rejected::Invalid(m),
+        })
 }
 
 /// `body::parse_usage`: the lenient `usage` of any body.
