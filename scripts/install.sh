@@ -13,7 +13,8 @@
 # Builds `cargo build --release --locked -p keypool-capi` first unless --no-build is
 # given (then the release artifacts must already exist). Finds artifacts through
 # `cargo metadata`, so CARGO_TARGET_DIR and .cargo/config.toml are honoured.
-# Environment: DESTDIR (staged installs, as with make install).
+# Environment: DESTDIR (staged installs, as with make install); KEYPOOL_PROFILE=debug
+# installs the debug build instead (the tests do, to skip a second, release, build).
 set -euo pipefail
 
 build=1
@@ -34,15 +35,21 @@ esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
+profile="${KEYPOOL_PROFILE:-release}"
+case "$profile" in
+release) profile_flag=(--release) ;;
+debug) profile_flag=() ;;
+*) echo "KEYPOOL_PROFILE must be release or debug, got $profile" >&2; exit 2 ;;
+esac
 if [ "$build" = 1 ]; then
-    cargo build --release --locked -p keypool-capi
+    cargo build "${profile_flag[@]}" --locked -p keypool-capi
 fi
 
 target_dir="$(cargo metadata --format-version 1 --no-deps --offline |
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
 version="$(sed -n '/^\[workspace\.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml)"
 major="${version%%.*}"
-rel="$target_dir/release"
+rel="$target_dir/$profile"
 for f in "$rel/libkeypool.a" "$rel/libkeypool.so"; do
     [ -f "$f" ] || { echo "missing $f (run without --no-build)" >&2; exit 1; }
 done
