@@ -42,11 +42,15 @@ fuzz_target!(|data: &[u8]| {
         let Some(rest) = rest.trim_start().strip_prefix('"') else {
             continue;
         };
-        keys.push(
-            rest.chars()
-                .take_while(|c| !matches!(c, '"' | '\\'))
-                .collect(),
-        );
+        // Only a key written without escapes (up to its closing quote): one with an
+        // escape decodes to other text, and a prefix of it is not a key.
+        let raw: String = rest
+            .chars()
+            .take_while(|c| !matches!(c, '"' | '\\'))
+            .collect();
+        if rest[raw.len()..].starts_with('"') {
+            keys.push(raw);
+        }
     }
     keys.retain(|k| keyish(k) && text.contains(k.as_str()));
 

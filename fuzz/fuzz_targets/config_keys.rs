@@ -118,7 +118,10 @@ fuzz_target!(|input: Input| {
             m.insert("rpm".into(), json!(n));
         }
         if let Some((n, v)) = &k.extra {
-            m.insert(render(n, &keys), Value::String(render(v, &keys)));
+            // An unknown field; never one that replaces `key` (the property is about
+            // the keys actually configured).
+            m.entry(render(n, &keys))
+                .or_insert_with(|| Value::String(render(v, &keys)));
         }
         ks.push(Value::Object(m));
     }
