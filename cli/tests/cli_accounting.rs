@@ -5,92 +5,14 @@
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use keypool_mock::{KeyRule, MockConfig, MockServer};
-use serde_json::{Value, json};
+use serde_json::json;
 
-const SECRET: &str = "SECRET";
-const KEY_A: &str = "sk-test-SECRET-alpha";
-const KEY_B: &str = "sk-test-SECRET-beta";
-
-/// A fresh directory for one test, removed when dropped.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!("keypool-acct-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-    fn s(&self, f: &str) -> String {
-        self.path(f).display().to_string()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `keypool` with a clean key environment.
-fn keypool() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_keypool"));
-    c.env_remove("KEYPOOL_API_KEYS")
-        .env_remove("OPENROUTER_API_KEY")
-        .env_remove("OPENAI_API_KEY")
-        .stdin(Stdio::null());
-    c
-}
-
-fn with_keys(mut c: Command) -> Command {
-    c.env("KEYPOOL_API_KEYS", format!("alpha {KEY_A},beta {KEY_B}"));
-    c
-}
-
-fn body(content: &str, mock: Option<Value>) -> Value {
-    let mut b = json!({"model": "m", "messages": [{"role": "user", "content": content}]});
-    if let Some(m) = mock {
-        b["mock"] = m;
-    }
-    b
-}
-
-fn line(id: &str, body: Value) -> String {
-    json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions", "body": body})
-        .to_string()
-}
-
-fn write_lines(path: &Path, lines: &[String]) {
-    let mut text = lines.join("\n");
-    text.push('\n');
-    std::fs::write(path, text).unwrap();
-}
-
-fn records(text: &str) -> Vec<Value> {
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad record {l:?}: {e}")))
-        .collect()
-}
-
-fn read_records(path: &Path) -> Vec<Value> {
-    records(&std::fs::read_to_string(path).unwrap())
-}
-
-fn id(r: &Value) -> &str {
-    r["custom_id"].as_str().unwrap()
-}
-
-fn ok(r: &Value) -> bool {
-    r["error"].is_null()
-}
+mod support;
+use support::*;
 
 fn run_to_end(mut c: Command) -> Output {
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
