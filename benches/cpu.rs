@@ -1,0 +1,351 @@
+//! CPU per request: keypool (`Pool::batch`) against an async reference client, same
+//! mock, same run. A program that prints figures and ratios; it never fails on timing.
+//!
+//! Run: `cargo bench --bench cpu` (release profile). Options:
+//! `--requests N` (default 40000), `--callgrind N` (runs only keypool for N requests,
+//! for `valgrind --tool=callgrind`).
+//!
+//! Scenario (issue 14): 16 keys × 16 workers, mock latency 20 ms. The mock runs in a
+//! child process (this program re-executed with `KEYPOOL_BENCH_ROLE=mock`), so the
+//! figures are this process's own: `getrusage(RUSAGE_SELF)` deltas (user and system
+//! CPU, voluntary + involuntary context switches, minor + major page faults), summed
+//! over every thread including exited ones.
+//!
+//! The reference: one tokio thread (current-thread runtime), 256 keep-alive
+//! connections, a minimal HTTP/1.1 client (request written in one buffer, response
+//! read by `Content-Length` into a per-connection buffer), the same bodies and keys.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use keypool::{Config, Pool, Request, Strategy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const KEYS: usize = 16;
+const PER_KEY: usize = 16;
+const LATENCY_MS: u64 = 20;
+
+fn main() {
+    if std::env::var("KEYPOOL_BENCH_ROLE").as_deref() == Ok("mock") {
+        return run_mock();
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let opt = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1)?.parse::<usize>().ok())
+    };
+    let mock = MockProcess::start(LATENCY_MS, 2);
+    if let Some(n) = opt("--callgrind") {
+        let pool = Pool::new(config(&mock.url)).unwrap();
+        let failures = pool
+            .batch((0..n).map(prompt))
+            .iter()
+            .filter(|r| r.is_err())
+            .count();
+        println!("callgrind run: keypool, {n} requests, failures {failures}");
+        return;
+    }
+    let n = opt("--requests").unwrap_or(40_000);
+    println!(
+        "CPU per request: {KEYS} keys x {PER_KEY} workers, mock latency {LATENCY_MS} ms, {n} requests, {} cores",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+
+    // Warm-up for both (connections, allocator), not measured.
+    {
+        let pool = Pool::new(config(&mock.url)).unwrap();
+        let _ = pool.batch((0..2 * KEYS * PER_KEY).map(prompt));
+    }
+
+    let pool = Pool::new(config(&mock.url)).unwrap();
+    let _ = pool.batch((0..KEYS * PER_KEY).map(prompt)); // connections open
+    let u0 = Usage::now();
+    let t0 = Instant::now();
+    let failures = pool
+        .batch((0..n).map(prompt))
+        .iter()
+        .filter(|r| r.is_err())
+        .count();
+    let kp = Usage::now().minus(&u0, t0.elapsed(), n);
+    drop(pool);
+    kp.print("keypool  Pool::batch", failures);
+
+    let (asy, afail) = async_reference(&mock.url, n);
+    asy.print("async ref (tokio, 1 thread, 256 conns)", afail);
+
+    println!(
+        "ratios keypool/async: CPU {:.2}x (target <= 2), throughput {:.3} (target >= 0.98); keypool ctx switches {:.2}/req (target <= 1.1), page faults {:.3}/req (target <= 0.05)",
+        kp.cpu_us() / asy.cpu_us(),
+        kp.rps / asy.rps,
+        kp.csw,
+        kp.faults
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// measurement
+
+#[derive(Clone, Copy)]
+struct Usage {
+    user: Duration,
+    sys: Duration,
+    csw: f64,
+    faults: f64,
+}
+
+impl Usage {
+    fn now() -> Usage {
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `ru` is a valid, writable rusage; RUSAGE_SELF is a valid target.
+        let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        assert_eq!(rc, 0, "getrusage");
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+        };
+        Usage {
+            user: tv(ru.ru_utime),
+            sys: tv(ru.ru_stime),
+            csw: (ru.ru_nvcsw + ru.ru_nivcsw) as f64,
+            faults: (ru.ru_minflt + ru.ru_majflt) as f64,
+        }
+    }
+
+    fn minus(&self, before: &Usage, wall: Duration, n: usize) -> Figures {
+        let n = n as f64;
+        Figures {
+            rps: n / wall.as_secs_f64(),
+            user_us: (self.user - before.user).as_secs_f64() * 1e6 / n,
+            sys_us: (self.sys - before.sys).as_secs_f64() * 1e6 / n,
+            csw: (self.csw - before.csw) / n,
+            faults: (self.faults - before.faults) / n,
+        }
+    }
+}
+
+struct Figures {
+    rps: f64,
+    user_us: f64,
+    sys_us: f64,
+    csw: f64,
+    faults: f64,
+}
+
+impl Figures {
+    fn cpu_us(&self) -> f64 {
+        self.user_us + self.sys_us
+    }
+
+    fn print(&self, name: &str, failures: usize) {
+        println!(
+            "  {name:<40} {:>7.0} req/s  CPU {:>5.1} µs/req (user {:.1}, sys {:.1})  ctx switches {:.2}/req  page faults {:.3}/req  failures {failures}",
+            self.rps,
+            self.cpu_us(),
+            self.user_us,
+            self.sys_us,
+            self.csw,
+            self.faults
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// keypool
+
+fn config(url: &str) -> Config {
+    let mut b = Config::builder()
+        .base_url(url)
+        .strategy(Strategy::FirstAvailable)
+        .queue_capacity(4096)
+        .max_attempts(1);
+    for i in 0..KEYS {
+        b = b.key(format!("sk-bench-{i}"), PER_KEY);
+    }
+    b.build().unwrap()
+}
+
+fn prompt(i: usize) -> Request {
+    Request::chat(
+        "bench",
+        [("user", &*format!("benchmark prompt number {i}"))],
+    )
+}
+
+// ---------------------------------------------------------------------------------
+// the async reference
+
+fn async_reference(url: &str, n: usize) -> (Figures, usize) {
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (addr, prefix) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let addr = addr.to_owned();
+    let path = format!("{prefix}/chat/completions");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let conns = KEYS * PER_KEY;
+        let mut streams = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            let s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            streams.push(s);
+        }
+        let mut conns_state: Vec<Conn> = streams.into_iter().map(Conn::new).collect();
+        // Warm-up: one request per connection.
+        for (i, c) in conns_state.iter_mut().enumerate() {
+            c.call(&addr, &path, i % KEYS, i).await.unwrap();
+        }
+        let next = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(AtomicUsize::new(0));
+        let u0 = Usage::now();
+        let t0 = Instant::now();
+        let mut tasks = Vec::with_capacity(conns);
+        for (ci, mut c) in conns_state.into_iter().enumerate() {
+            let (next, failures, addr, path) =
+                (next.clone(), failures.clone(), addr.clone(), path.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    if c.call(&addr, &path, ci % KEYS, i).await.is_err() {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let f = Usage::now().minus(&u0, t0.elapsed(), n);
+        (f, failures.load(Ordering::Relaxed))
+    })
+}
+
+struct Conn {
+    s: tokio::net::TcpStream,
+    out: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    fn new(s: tokio::net::TcpStream) -> Conn {
+        Conn {
+            s,
+            out: Vec::with_capacity(1024),
+            buf: Vec::with_capacity(8192),
+        }
+    }
+
+    /// One request on this keep-alive connection: status 200 and the whole body read.
+    async fn call(&mut self, host: &str, path: &str, key: usize, i: usize) -> Result<(), ()> {
+        let body = serde_json::to_vec(&serde_json::json!({"model": "bench", "messages": [{"role": "user", "content": format!("benchmark prompt number {i}")}]})).unwrap();
+        self.out.clear();
+        write!(
+            self.out,
+            "POST {path} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer sk-bench-{key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        self.out.extend_from_slice(&body);
+        self.s.write_all(&self.out).await.map_err(|_| ())?;
+        self.buf.clear();
+        let (head_end, len) = loop {
+            let mut chunk = [0u8; 4096];
+            let r = self.s.read(&mut chunk).await.map_err(|_| ())?;
+            if r == 0 {
+                return Err(());
+            }
+            self.buf.extend_from_slice(&chunk[..r]);
+            if let Some(p) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..p]).map_err(|_| ())?;
+                if !head.starts_with("HTTP/1.1 200") {
+                    return Err(());
+                }
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .ok_or(())?;
+                break (p + 4, len);
+            }
+        };
+        while self.buf.len() < head_end + len {
+            let mut chunk = [0u8; 4096];
+            let r = self.s.read(&mut chunk).await.map_err(|_| ())?;
+            if r == 0 {
+                return Err(());
+            }
+            self.buf.extend_from_slice(&chunk[..r]);
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// the mock, in a child process
+
+struct MockProcess {
+    child: Child,
+    url: String,
+}
+
+impl MockProcess {
+    fn start(latency_ms: u64, threads: usize) -> MockProcess {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env("KEYPOOL_BENCH_ROLE", "mock")
+            .env("MOCK_LATENCY_MS", latency_ms.to_string())
+            .env("MOCK_THREADS", threads.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the mock process");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        MockProcess {
+            child,
+            url: line.trim().to_owned(),
+        }
+    }
+}
+
+impl Drop for MockProcess {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take()); // EOF: the mock exits
+        let _ = self.child.wait();
+    }
+}
+
+fn run_mock() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let cfg = keypool_mock::MockConfig {
+        latency_ms: env("MOCK_LATENCY_MS", 0),
+        threads: env("MOCK_THREADS", 2) as usize,
+        ..keypool_mock::MockConfig::default()
+    };
+    let server = keypool_mock::MockServer::start(cfg).unwrap();
+    println!("{}", server.url());
+    std::io::stdout().flush().unwrap();
+    let mut sink = String::new();
+    while std::io::stdin()
+        .read_line(&mut sink)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {}
+    server.shutdown();
+}
