@@ -144,6 +144,11 @@ pub trait Transport: Send + Sync {
 /// Builds one transport per key.
 pub type TransportFactory = Arc<dyn Fn(&TransportSettings) -> Arc<dyn Transport> + Send + Sync>;
 
+/// ureq's per-connection read buffer (also the largest response header accepted).
+const INPUT_BUFFER: usize = 64 * 1024;
+/// ureq's per-connection write buffer.
+const OUTPUT_BUFFER: usize = 16 * 1024;
+
 /// The default transport: one `ureq::Agent` with keep-alive, HTTP statuses returned as
 /// responses, a body size limit, connect and per-attempt timeouts.
 pub struct UreqTransport {
@@ -176,6 +181,14 @@ impl UreqTransport {
             .max_idle_connections_per_host(s.max_concurrent.max(1))
             .max_idle_connections(s.max_concurrent.max(1) * 2)
             .user_agent(concat!("keypool/", env!("CARGO_PKG_VERSION")))
+            // ureq's defaults are 128 KiB each, per connection: allocations at glibc's
+            // mmap threshold, zeroed, faulted in page by page (benches/cpu.rs). The
+            // input buffer must hold a whole response header (`max_response_header_size`,
+            // 64 KiB); the output buffer only stages the request (bodies larger than it
+            // go out in pieces).
+            .input_buffer_size(INPUT_BUFFER)
+            .max_response_header_size(INPUT_BUFFER)
+            .output_buffer_size(OUTPUT_BUFFER)
             .build();
         UreqTransport {
             agent: config.into(),
