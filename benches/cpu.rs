@@ -71,6 +71,9 @@ fn main() {
         .filter(|r| r.is_err())
         .count();
     let kp = Usage::now().minus(&u0, t0.elapsed(), n);
+    if std::env::var_os("CPU_BENCH_THREADS").is_some() {
+        thread_switches();
+    }
     drop(pool);
     kp.print("keypool  Pool::batch", failures);
 
@@ -149,6 +152,30 @@ impl Figures {
             self.csw,
             self.faults
         );
+    }
+}
+
+/// Context switches by thread kind, since each thread started (`CPU_BENCH_THREADS=1`).
+fn thread_switches() {
+    let mut by_kind = std::collections::BTreeMap::<String, (u64, u64)>::new();
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map_or(0, |v| v.trim().parse::<u64>().unwrap_or(0))
+        };
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let kind = comm
+            .trim()
+            .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
+        let e = by_kind.entry(kind.to_owned()).or_default();
+        e.0 += field("voluntary_ctxt_switches:");
+        e.1 += field("nonvoluntary_ctxt_switches:");
+    }
+    for (k, (v, nv)) in by_kind {
+        println!("    thread {k:<24} voluntary {v:>8}  involuntary {nv:>8}");
     }
 }
 
