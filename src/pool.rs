@@ -275,6 +275,11 @@ impl Pool {
                 index: i,
                 transport: factory(&settings),
                 base_url: cfg.key_base_url(i).trim_end_matches('/').to_owned(),
+                default_url: format!(
+                    "{}{}",
+                    cfg.key_base_url(i).trim_end_matches('/'),
+                    crate::request::DEFAULT_PATH
+                ),
                 key: k.key.clone(),
                 headers: headers.into_values().collect(),
                 attempt_timeout: settings.timeout,
