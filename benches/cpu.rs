@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use keypool::{Config, Pool, Request, Strategy};
+use keypool::{Config, Pool, Request, Strategy, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEYS: usize = 16;
@@ -96,6 +96,11 @@ fn main() {
     drop(pool);
     kd.print("keypool  submit_with, results dropped", dfail);
 
+    // The floor of a blocking design on this transport: 256 threads each looping
+    // `UreqTransport::send` (one transport per key), no pool around them.
+    let (fl, ffail) = transport_alone(&mock.url, n);
+    fl.print("floor: 256 threads x UreqTransport::send", ffail);
+
     let (asy, afail) = async_reference(&mock.url, n);
     asy.print("async ref (tokio, 1 thread, 256 conns)", afail);
 
@@ -113,6 +118,73 @@ fn main() {
         kd.csw,
         kd.faults
     );
+    println!(
+        "ratios transport floor/async: CPU {:.2}x, throughput {:.3}; keypool batch/floor: CPU {:.2}x",
+        fl.cpu_us() / asy.cpu_us(),
+        fl.rps / asy.rps,
+        kp.cpu_us() / fl.cpu_us()
+    );
+}
+
+fn transport_alone(url: &str, n: usize) -> (Figures, usize) {
+    let settings = keypool::TransportSettings {
+        label: "floor".into(),
+        max_concurrent: PER_KEY,
+        timeout: Duration::from_secs(60),
+        connect_timeout: Duration::from_secs(10),
+        max_response_bytes: 1 << 24,
+    };
+    let transports: Vec<keypool::UreqTransport> = (0..KEYS)
+        .map(|_| keypool::UreqTransport::new(&settings))
+        .collect();
+    let keys: Vec<keypool::ApiKey> = (0..KEYS)
+        .map(|i| keypool::ApiKey::new(format!("sk-bench-{i}")))
+        .collect();
+    let url = format!("{url}/chat/completions");
+    let next = AtomicUsize::new(0);
+    let failures = AtomicUsize::new(0);
+    let barrier = std::sync::Barrier::new(KEYS * PER_KEY + 1);
+    let mut figures = None;
+    std::thread::scope(|s| {
+        let mut threads = Vec::new();
+        for (t, key) in transports.iter().zip(&keys) {
+            for _ in 0..PER_KEY {
+                let (url, next, failures, barrier) = (&url, &next, &failures, &barrier);
+                threads.push(s.spawn(move || {
+                    let send = |i: usize| {
+                        let body = prompt(i).body().to_vec();
+                        let r = keypool::HttpRequest {
+                            url,
+                            key,
+                            headers: &[],
+                            body: &body,
+                            timeout: Duration::from_secs(60),
+                        };
+                        matches!(t.send(&r), Ok(resp) if resp.status == 200)
+                    };
+                    send(0); // connection open
+                    barrier.wait();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        if !send(i) {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }));
+            }
+        }
+        barrier.wait();
+        let u0 = Usage::now();
+        let t0 = Instant::now();
+        for t in threads {
+            t.join().unwrap();
+        }
+        figures = Some(Usage::now().minus(&u0, t0.elapsed(), n));
+    });
+    (figures.unwrap(), failures.load(Ordering::Relaxed))
 }
 
 // ---------------------------------------------------------------------------------
