@@ -275,6 +275,11 @@ impl Pool {
                 index: i,
                 transport: factory(&settings),
                 base_url: cfg.key_base_url(i).trim_end_matches('/').to_owned(),
+                default_url: format!(
+                    "{}{}",
+                    cfg.key_base_url(i).trim_end_matches('/'),
+                    crate::request::DEFAULT_PATH
+                ),
                 key: k.key.clone(),
                 headers: headers.into_values().collect(),
                 attempt_timeout: settings.timeout,
@@ -660,11 +665,42 @@ impl Pool {
                 .map(|_| Err(Error::WouldDeadlock("batch")))
                 .collect();
         }
-        let tickets: Vec<Result<Ticket, Error>> =
-            requests.into_iter().map(|r| self.submit(r)).collect();
-        tickets
+        // Results land in one shared sink (no channel per request), and the caller's
+        // thread sleeps until a number of them arrived, not for each: while the queue is
+        // full it waits for `step` more completions (a blocked send would wake at every
+        // slot freed), at the end for all of them (benches/cpu.rs).
+        let step = (self.inner.shared.config.queue_capacity / 8).max(1);
+        let sink = Arc::new(BatchSink::default());
+        let mut sent = 0;
+        for mut req in requests {
+            let i = sink.open();
+            loop {
+                let s = sink.clone();
+                match self.try_submit_with(req, move |r| s.put(i, r)) {
+                    Ok(()) => sent += 1,
+                    Err(e) if e.is_busy() && sink.done() < sent => {
+                        req = e.request;
+                        sink.wait_for((sink.done() + step).min(sent));
+                        continue;
+                    }
+                    Err(e) if e.is_busy() => {
+                        // Nothing of ours outstanding: wait for a slot.
+                        let s = sink.clone();
+                        match self.submit_with(e.request, move |r| s.put(i, r)) {
+                            Ok(()) => sent += 1,
+                            Err(e) => sink.refused(i, e),
+                        }
+                    }
+                    Err(e) => sink.refused(i, e.error),
+                }
+                break;
+            }
+        }
+        sink.wait_for(sent);
+        let mut st = sink.state.lock();
+        std::mem::take(&mut st.results)
             .into_iter()
-            .map(|t| t.and_then(Ticket::wait))
+            .map(|r| r.unwrap_or(Err(Error::Cancelled)))
             .collect()
     }
 
@@ -800,6 +836,59 @@ fn test_spawn_should_fail() -> bool {
         }
         None => false,
     })
+}
+
+/// Where [`Pool::batch`]'s results land, in input order, and how many have.
+#[derive(Default)]
+struct BatchSink {
+    state: Mutex<BatchState>,
+    arrived: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct BatchState {
+    results: Vec<Option<RequestResult>>,
+    /// Results put by callbacks (not counting refused submissions).
+    done: usize,
+    /// The waiter wants waking when `done` reaches this.
+    wake_at: usize,
+}
+
+impl BatchSink {
+    /// A slot for the next request; its index.
+    fn open(&self) -> usize {
+        let mut st = self.state.lock();
+        st.results.push(None);
+        st.results.len() - 1
+    }
+
+    /// A submitted request's result (runs on a pool thread, once per request).
+    fn put(&self, i: usize, r: RequestResult) {
+        let mut st = self.state.lock();
+        st.results[i] = Some(r);
+        st.done += 1;
+        if st.done == st.wake_at {
+            self.arrived.notify_one();
+        }
+    }
+
+    /// A request the pool refused: its result now, never counted as done.
+    fn refused(&self, i: usize, e: Error) {
+        self.state.lock().results[i] = Some(Err(e));
+    }
+
+    fn done(&self) -> usize {
+        self.state.lock().done
+    }
+
+    /// Sleeps until `n` submitted requests have their results.
+    fn wait_for(&self, n: usize) {
+        let mut st = self.state.lock();
+        st.wake_at = n;
+        while st.done < n {
+            self.arrived.wait(&mut st);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! connection pool sized to the key's worker count). Tests and benchmarks can plug in
 //! a transport that never touches the network with [`Pool::with_transport`](crate::Pool::with_transport).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::config::ApiKey;
@@ -144,12 +144,22 @@ pub trait Transport: Send + Sync {
 /// Builds one transport per key.
 pub type TransportFactory = Arc<dyn Fn(&TransportSettings) -> Arc<dyn Transport> + Send + Sync>;
 
+/// ureq's per-connection read buffer (also the largest response header accepted).
+const INPUT_BUFFER: usize = 64 * 1024;
+/// ureq's per-connection write buffer.
+const OUTPUT_BUFFER: usize = 16 * 1024;
+
 /// The default transport: one `ureq::Agent` with keep-alive, HTTP statuses returned as
 /// responses, a body size limit, connect and per-attempt timeouts.
 pub struct UreqTransport {
     agent: ureq::Agent,
     max_response_bytes: u64,
     attempt_timeout: Duration,
+    /// The first URL sent to, parsed once (a key's requests nearly always share it).
+    uri: OnceLock<(String, ureq::http::Uri)>,
+    /// The first key's `Authorization` value, built once (marked sensitive). The key
+    /// text is kept to check later requests against; it is never printed.
+    auth: OnceLock<(String, ureq::http::HeaderValue)>,
 }
 
 impl std::fmt::Debug for UreqTransport {
@@ -176,12 +186,51 @@ impl UreqTransport {
             .max_idle_connections_per_host(s.max_concurrent.max(1))
             .max_idle_connections(s.max_concurrent.max(1) * 2)
             .user_agent(concat!("keypool/", env!("CARGO_PKG_VERSION")))
+            // ureq's defaults are 128 KiB each, per connection: allocations at glibc's
+            // mmap threshold, zeroed, faulted in page by page (benches/cpu.rs). The
+            // input buffer must hold a whole response header (`max_response_header_size`,
+            // 64 KiB); the output buffer only stages the request (bodies larger than it
+            // go out in pieces).
+            .input_buffer_size(INPUT_BUFFER)
+            .max_response_header_size(INPUT_BUFFER)
+            .output_buffer_size(OUTPUT_BUFFER)
             .build();
         UreqTransport {
             agent: config.into(),
             max_response_bytes: s.max_response_bytes,
             attempt_timeout: s.timeout,
+            uri: OnceLock::new(),
+            auth: OnceLock::new(),
         }
+    }
+
+    /// `req.url`, parsed once per transport while it stays the same URL.
+    fn uri(&self, url: &str) -> Result<ureq::http::Uri, TransportError> {
+        if let Some((u, uri)) = self.uri.get() {
+            if u == url {
+                return Ok(uri.clone());
+            }
+        }
+        let uri: ureq::http::Uri = url
+            .parse()
+            .map_err(|_| TransportError::Failed("the request URL is not a valid URI".into()))?;
+        let _ = self.uri.set((url.to_owned(), uri.clone()));
+        Ok(uri)
+    }
+
+    /// `Bearer <key>`, built once per transport while it stays the same key.
+    fn authorization(&self, key: &ApiKey) -> Result<ureq::http::HeaderValue, TransportError> {
+        if let Some((k, v)) = self.auth.get() {
+            if k == key.expose() {
+                return Ok(v.clone());
+            }
+        }
+        let mut v = ureq::http::HeaderValue::try_from(format!("Bearer {}", key.expose())).map_err(
+            |_| TransportError::Failed("the API key is not a valid header value".into()),
+        )?;
+        v.set_sensitive(true);
+        let _ = self.auth.set((key.expose().to_owned(), v.clone()));
+        Ok(v)
     }
 }
 
@@ -224,7 +273,7 @@ impl Transport for UreqTransport {
     }
 
     fn send(&self, req: &HttpRequest<'_>) -> Result<HttpResponse, TransportError> {
-        let builder = self.builder(req);
+        let builder = self.builder(req)?;
         // Only an attempt cut short by the request's deadline pays for a per-request config.
         let builder = if req.timeout < self.attempt_timeout {
             builder
@@ -245,12 +294,23 @@ impl Transport for UreqTransport {
             .filter(|(k, _)| is_kept_header(k.as_str()))
             .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect();
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(self.max_response_bytes)
-            .read_to_vec()
-            .map_err(|e| mask_error(map_ureq_error(e), req))?;
+        // Sized from Content-Length (within the limit): no regrowth while reading.
+        let hint = resp
+            .body()
+            .content_length()
+            .unwrap_or(0)
+            .min(self.max_response_bytes)
+            .min(1 << 20);
+        let mut body = Vec::with_capacity(usize::try_from(hint).unwrap_or(0));
+        std::io::Read::read_to_end(
+            &mut resp
+                .body_mut()
+                .with_config()
+                .limit(self.max_response_bytes)
+                .reader(),
+            &mut body,
+        )
+        .map_err(|e| mask_error(map_io_error(e), req))?;
         Ok(HttpResponse {
             status,
             headers,
@@ -260,16 +320,25 @@ impl Transport for UreqTransport {
 }
 
 impl UreqTransport {
-    fn builder(&self, req: &HttpRequest<'_>) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+    fn builder(
+        &self,
+        req: &HttpRequest<'_>,
+    ) -> Result<ureq::RequestBuilder<ureq::typestate::WithBody>, TransportError> {
         let mut builder = self
             .agent
-            .post(req.url)
-            .header("authorization", format!("Bearer {}", req.key.expose()))
-            .header("content-type", "application/json");
+            .post(self.uri(req.url)?)
+            .header(
+                ureq::http::header::AUTHORIZATION,
+                self.authorization(req.key)?,
+            )
+            .header(
+                ureq::http::header::CONTENT_TYPE,
+                ureq::http::HeaderValue::from_static("application/json"),
+            );
         for (k, v) in req.headers {
             builder = builder.header(k.as_str(), v.as_str());
         }
-        builder
+        Ok(builder)
     }
 }
 
@@ -282,7 +351,7 @@ impl UreqTransport {
         idle: Option<Duration>,
     ) -> Result<HttpStream, TransportError> {
         let builder = self
-            .builder(req)
+            .builder(req)?
             .header("accept", "text/event-stream")
             .config()
             .timeout_recv_response(Some(req.timeout))
@@ -328,6 +397,12 @@ impl<R: std::io::Read> std::io::Read for TimeoutsAsTimedOut<R> {
     }
 }
 
+/// A body read error, as `read_to_vec` would have returned it: ureq's own error when
+/// it wraps one (timeouts, the size limit).
+fn map_io_error(e: std::io::Error) -> TransportError {
+    map_ureq_error(ureq::Error::from(e))
+}
+
 fn map_ureq_error(e: ureq::Error) -> TransportError {
     match e {
         ureq::Error::Timeout(t) => TransportError::Timeout(match t {
@@ -366,6 +441,91 @@ fn mask_message(m: String, req: &HttpRequest<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A loopback HTTP/1.1 server: answers `/big` with 2,000 bytes, anything else with
+    /// `{}`, and reports each request's `authorization` header.
+    fn tiny_server() -> (String, std::sync::mpsc::Receiver<String>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(conn.try_clone().unwrap());
+                    let mut w = conn;
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let big = line.contains("/big");
+                        let (mut len, mut auth) = (0usize, String::new());
+                        loop {
+                            let mut h = String::new();
+                            r.read_line(&mut h).unwrap();
+                            if h == "\r\n" {
+                                break;
+                            }
+                            let (k, v) = h.split_once(':').unwrap();
+                            match k.to_ascii_lowercase().as_str() {
+                                "content-length" => len = v.trim().parse().unwrap(),
+                                "authorization" => auth = v.trim().to_owned(),
+                                _ => {}
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        r.read_exact(&mut body).unwrap();
+                        let _ = tx.send(auth);
+                        let reply = if big { "x".repeat(2000) } else { "{}".into() };
+                        write!(
+                            w,
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{reply}",
+                            reply.len()
+                        )
+                        .unwrap();
+                    }
+                });
+            }
+        });
+        (url, rx)
+    }
+
+    #[test]
+    fn cached_url_and_key_follow_the_request_and_the_limit_holds() {
+        let (url, seen) = tiny_server();
+        let t = UreqTransport::new(&TransportSettings {
+            label: "t".into(),
+            max_concurrent: 1,
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            max_response_bytes: 1000,
+        });
+        let send = |path: &str, key: &ApiKey| {
+            t.send(&HttpRequest {
+                url: &format!("{url}{path}"),
+                key,
+                headers: &[],
+                body: b"{}",
+                timeout: Duration::from_secs(10),
+            })
+        };
+        let (a, b) = (ApiKey::new("sk-first"), ApiKey::new("sk-second"));
+        for key in [&a, &b, &a] {
+            let r = send("/v1/chat/completions", key).unwrap();
+            assert_eq!((r.status, &r.body[..]), (200, &b"{}"[..]));
+            assert_eq!(seen.recv().unwrap(), format!("Bearer {}", key.expose()));
+        }
+        // Another URL on the same transport, then a body over the limit.
+        assert!(send("/v1/embeddings", &b).is_ok());
+        assert_eq!(seen.recv().unwrap(), "Bearer sk-second");
+        match send("/big", &a) {
+            Err(TransportError::Failed(m)) => assert!(m.contains("max_response_bytes"), "{m}"),
+            other => panic!("expected the size limit, got {:?}", other.map(|r| r.status)),
+        }
+    }
 
     #[test]
     fn transport_errors_are_masked() {

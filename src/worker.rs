@@ -27,6 +27,8 @@ pub(crate) struct KeyWorkerCtx {
     pub index: usize,
     pub transport: Arc<dyn Transport>,
     pub base_url: String,
+    /// `base_url` + [`DEFAULT_PATH`](crate::request::DEFAULT_PATH), built once.
+    pub default_url: String,
     pub key: ApiKey,
     /// Pool headers overridden by key headers.
     pub headers: Vec<(String, String)>,
@@ -199,7 +201,13 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     }
     let first_start = job.first_start.unwrap_or(now);
 
-    let url = format!("{}{}", ctx.base_url, job.req.path);
+    let other_url;
+    let url: &str = if &*job.req.path == crate::request::DEFAULT_PATH {
+        &ctx.default_url
+    } else {
+        other_url = format!("{}{}", ctx.base_url, job.req.path);
+        &other_url
+    };
     let extra;
     let headers: &[(String, String)] = if job.req.headers.is_empty() {
         &ctx.headers
@@ -216,7 +224,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     // A mapped model: a per-attempt copy of the body with this key's model id.
     let mapped = crate::routing::body_for(&ctx.shared.config.keys[ctx.index], &job);
     let http = HttpRequest {
-        url: &url,
+        url,
         key: &ctx.key,
         headers,
         body: mapped.as_deref().unwrap_or(&body),

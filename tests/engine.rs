@@ -307,6 +307,48 @@ fn batch_keeps_input_order_with_failures() {
     }
 }
 
+/// `batch` waits for results whenever the queue is full (here at every request:
+/// queue capacity 1) and answers out-of-order completions in input order; on a closed
+/// pool every element is `Closed` at once.
+#[test]
+fn batch_keeps_input_order_through_a_full_queue() {
+    let f = factory(|_, r| {
+        let body = std::str::from_utf8(r.body).unwrap().to_owned();
+        // Uneven latencies, so completions come back out of order.
+        std::thread::sleep(Duration::from_micros((body.len() as u64 * 37) % 900));
+        let mut echo = br#"{"choices":[],"echo":"#.to_vec();
+        echo.extend_from_slice(body.as_bytes());
+        echo.push(b'}');
+        Ok(keypool::HttpResponse {
+            status: 200,
+            headers: vec![],
+            body: echo,
+        })
+    });
+    let mut cfg = config(2, 3, Strategy::FirstAvailable);
+    cfg.queue_capacity = 1;
+    let pool = Pool::with_transport(cfg, f).unwrap();
+    let n = 400;
+    let results = pool.batch(
+        (0..n).map(|i| Request::chat("m", [("user", format!("{}q{i}", "x".repeat(i % 23)))])),
+    );
+    assert_eq!(results.len(), n);
+    for (i, r) in results.iter().enumerate() {
+        let body = r.as_ref().unwrap().text();
+        assert!(
+            body.contains(&format!("q{i}\"")),
+            "result {i} out of order: {body}"
+        );
+    }
+    pool.close();
+    let closed = pool.batch((0..3).map(req));
+    assert_eq!(closed.len(), 3);
+    assert!(
+        closed.iter().all(|r| matches!(r, Err(Error::Closed))),
+        "{closed:?}"
+    );
+}
+
 #[test]
 fn close_with_thousands_queued_answers_every_ticket_and_joins_threads() {
     let (f, mut ctl) = gated_ok();

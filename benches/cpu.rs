@@ -1,0 +1,476 @@
+//! CPU per request: keypool (`Pool::batch`) against an async reference client, same
+//! mock, same run. A program that prints figures and ratios; it never fails on timing.
+//!
+//! Run: `cargo bench --bench cpu` (release profile). Options:
+//! `--requests N` (default 40000), `--callgrind N` (runs only keypool for N requests,
+//! for `valgrind --tool=callgrind`).
+//!
+//! Scenario (issue 14): 16 keys × 16 workers, mock latency 20 ms. The mock runs in a
+//! child process (this program re-executed with `KEYPOOL_BENCH_ROLE=mock`), so the
+//! figures are this process's own: `getrusage(RUSAGE_SELF)` deltas (user and system
+//! CPU, voluntary + involuntary context switches, minor + major page faults), summed
+//! over every thread including exited ones.
+//!
+//! The reference: one tokio thread (current-thread runtime), 256 keep-alive
+//! connections, a minimal HTTP/1.1 client (request written in one buffer, response
+//! read by `Content-Length` into a per-connection buffer), the same bodies and keys.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use keypool::{Config, Pool, Request, Strategy, Transport};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const KEYS: usize = 16;
+const PER_KEY: usize = 16;
+const LATENCY_MS: u64 = 20;
+
+fn main() {
+    if std::env::var("KEYPOOL_BENCH_ROLE").as_deref() == Ok("mock") {
+        return run_mock();
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let opt = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1)?.parse::<usize>().ok())
+    };
+    let mock = MockProcess::start(LATENCY_MS, 2);
+    if let Some(n) = opt("--callgrind") {
+        let pool = Pool::new(config(&mock.url)).unwrap();
+        let failures = pool
+            .batch((0..n).map(prompt))
+            .iter()
+            .filter(|r| r.is_err())
+            .count();
+        println!("callgrind run: keypool, {n} requests, failures {failures}");
+        return;
+    }
+    let n = opt("--requests").unwrap_or(40_000);
+    println!(
+        "CPU per request: {KEYS} keys x {PER_KEY} workers, mock latency {LATENCY_MS} ms, {n} requests, {} cores",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+
+    // Warm-up for both (connections, allocator), not measured.
+    {
+        let pool = Pool::new(config(&mock.url)).unwrap();
+        let _ = pool.batch((0..2 * KEYS * PER_KEY).map(prompt));
+    }
+
+    let pool = Pool::new(config(&mock.url)).unwrap();
+    let _ = pool.batch((0..KEYS * PER_KEY).map(prompt)); // connections open
+    let u0 = Usage::now();
+    let t0 = Instant::now();
+    let failures = pool
+        .batch((0..n).map(prompt))
+        .iter()
+        .filter(|r| r.is_err())
+        .count();
+    let kp = Usage::now().minus(&u0, t0.elapsed(), n);
+    if std::env::var_os("CPU_BENCH_THREADS").is_some() {
+        thread_switches();
+    }
+    drop(pool);
+    kp.print("keypool  Pool::batch", failures);
+
+    // The same requests, results dropped as they arrive (as the reference does): what
+    // remains is per-request cost, not the 40,000 results `batch` keeps.
+    let pool = Pool::new(config(&mock.url)).unwrap();
+    let _ = pool.batch((0..KEYS * PER_KEY).map(prompt));
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<bool>();
+    let u0 = Usage::now();
+    let t0 = Instant::now();
+    for i in 0..n {
+        let tx = done_tx.clone();
+        pool.submit_with(prompt(i), move |r| {
+            let _ = tx.send(r.is_err());
+        })
+        .unwrap();
+    }
+    let dfail = done_rx.iter().take(n).filter(|&e| e).count();
+    let kd = Usage::now().minus(&u0, t0.elapsed(), n);
+    drop(pool);
+    kd.print("keypool  submit_with, results dropped", dfail);
+
+    // The floor of a blocking design on this transport: 256 threads each looping
+    // `UreqTransport::send` (one transport per key), no pool around them.
+    let (fl, ffail) = transport_alone(&mock.url, n);
+    fl.print("floor: 256 threads x UreqTransport::send", ffail);
+
+    let (asy, afail) = async_reference(&mock.url, n);
+    asy.print("async ref (tokio, 1 thread, 256 conns)", afail);
+
+    println!(
+        "ratios keypool batch/async: CPU {:.2}x (target <= 2), throughput {:.3} (target >= 0.98); keypool ctx switches {:.2}/req (target <= 1.1), page faults {:.3}/req (target <= 0.05)",
+        kp.cpu_us() / asy.cpu_us(),
+        kp.rps / asy.rps,
+        kp.csw,
+        kp.faults
+    );
+    println!(
+        "ratios keypool submit_with/async: CPU {:.2}x, throughput {:.3}; ctx switches {:.2}/req, page faults {:.3}/req",
+        kd.cpu_us() / asy.cpu_us(),
+        kd.rps / asy.rps,
+        kd.csw,
+        kd.faults
+    );
+    println!(
+        "ratios transport floor/async: CPU {:.2}x, throughput {:.3}; keypool batch/floor: CPU {:.2}x",
+        fl.cpu_us() / asy.cpu_us(),
+        fl.rps / asy.rps,
+        kp.cpu_us() / fl.cpu_us()
+    );
+}
+
+fn transport_alone(url: &str, n: usize) -> (Figures, usize) {
+    let settings = keypool::TransportSettings {
+        label: "floor".into(),
+        max_concurrent: PER_KEY,
+        timeout: Duration::from_secs(60),
+        connect_timeout: Duration::from_secs(10),
+        max_response_bytes: 1 << 24,
+    };
+    let transports: Vec<keypool::UreqTransport> = (0..KEYS)
+        .map(|_| keypool::UreqTransport::new(&settings))
+        .collect();
+    let keys: Vec<keypool::ApiKey> = (0..KEYS)
+        .map(|i| keypool::ApiKey::new(format!("sk-bench-{i}")))
+        .collect();
+    let url = format!("{url}/chat/completions");
+    let next = AtomicUsize::new(0);
+    let failures = AtomicUsize::new(0);
+    let barrier = std::sync::Barrier::new(KEYS * PER_KEY + 1);
+    let mut figures = None;
+    std::thread::scope(|s| {
+        let mut threads = Vec::new();
+        for (t, key) in transports.iter().zip(&keys) {
+            for _ in 0..PER_KEY {
+                let (url, next, failures, barrier) = (&url, &next, &failures, &barrier);
+                threads.push(s.spawn(move || {
+                    let send = |i: usize| {
+                        let body = prompt(i).body().to_vec();
+                        let r = keypool::HttpRequest {
+                            url,
+                            key,
+                            headers: &[],
+                            body: &body,
+                            timeout: Duration::from_secs(60),
+                        };
+                        matches!(t.send(&r), Ok(resp) if resp.status == 200)
+                    };
+                    send(0); // connection open
+                    barrier.wait();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        if !send(i) {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }));
+            }
+        }
+        barrier.wait();
+        let u0 = Usage::now();
+        let t0 = Instant::now();
+        for t in threads {
+            t.join().unwrap();
+        }
+        figures = Some(Usage::now().minus(&u0, t0.elapsed(), n));
+    });
+    (figures.unwrap(), failures.load(Ordering::Relaxed))
+}
+
+// ---------------------------------------------------------------------------------
+// measurement
+
+#[derive(Clone, Copy)]
+struct Usage {
+    user: Duration,
+    sys: Duration,
+    csw: f64,
+    faults: f64,
+}
+
+impl Usage {
+    fn now() -> Usage {
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `ru` is a valid, writable rusage; RUSAGE_SELF is a valid target.
+        let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        assert_eq!(rc, 0, "getrusage");
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+        };
+        Usage {
+            user: tv(ru.ru_utime),
+            sys: tv(ru.ru_stime),
+            csw: (ru.ru_nvcsw + ru.ru_nivcsw) as f64,
+            faults: (ru.ru_minflt + ru.ru_majflt) as f64,
+        }
+    }
+
+    fn minus(&self, before: &Usage, wall: Duration, n: usize) -> Figures {
+        let n = n as f64;
+        Figures {
+            rps: n / wall.as_secs_f64(),
+            user_us: (self.user - before.user).as_secs_f64() * 1e6 / n,
+            sys_us: (self.sys - before.sys).as_secs_f64() * 1e6 / n,
+            csw: (self.csw - before.csw) / n,
+            faults: (self.faults - before.faults) / n,
+        }
+    }
+}
+
+struct Figures {
+    rps: f64,
+    user_us: f64,
+    sys_us: f64,
+    csw: f64,
+    faults: f64,
+}
+
+impl Figures {
+    fn cpu_us(&self) -> f64 {
+        self.user_us + self.sys_us
+    }
+
+    fn print(&self, name: &str, failures: usize) {
+        println!(
+            "  {name:<40} {:>7.0} req/s  CPU {:>5.1} µs/req (user {:.1}, sys {:.1})  ctx switches {:.2}/req  page faults {:.3}/req  failures {failures}",
+            self.rps,
+            self.cpu_us(),
+            self.user_us,
+            self.sys_us,
+            self.csw,
+            self.faults
+        );
+    }
+}
+
+/// Context switches by thread kind, since each thread started (`CPU_BENCH_THREADS=1`).
+fn thread_switches() {
+    let mut by_kind = std::collections::BTreeMap::<String, (u64, u64)>::new();
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map_or(0, |v| v.trim().parse::<u64>().unwrap_or(0))
+        };
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let kind = comm
+            .trim()
+            .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
+        let e = by_kind.entry(kind.to_owned()).or_default();
+        e.0 += field("voluntary_ctxt_switches:");
+        e.1 += field("nonvoluntary_ctxt_switches:");
+    }
+    for (k, (v, nv)) in by_kind {
+        println!("    thread {k:<24} voluntary {v:>8}  involuntary {nv:>8}");
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// keypool
+
+fn config(url: &str) -> Config {
+    let mut b = Config::builder()
+        .base_url(url)
+        .strategy(Strategy::FirstAvailable)
+        .queue_capacity(4096)
+        .max_attempts(1);
+    for i in 0..KEYS {
+        b = b.key(format!("sk-bench-{i}"), PER_KEY);
+    }
+    b.build().unwrap()
+}
+
+fn prompt(i: usize) -> Request {
+    Request::chat(
+        "bench",
+        [("user", &*format!("benchmark prompt number {i}"))],
+    )
+}
+
+// ---------------------------------------------------------------------------------
+// the async reference
+
+fn async_reference(url: &str, n: usize) -> (Figures, usize) {
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (addr, prefix) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let addr = addr.to_owned();
+    let path = format!("{prefix}/chat/completions");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let conns = KEYS * PER_KEY;
+        let mut streams = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            let s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            streams.push(s);
+        }
+        let mut conns_state: Vec<Conn> = streams.into_iter().map(Conn::new).collect();
+        // Warm-up: one request per connection.
+        for (i, c) in conns_state.iter_mut().enumerate() {
+            c.call(&addr, &path, i % KEYS, i).await.unwrap();
+        }
+        let next = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(AtomicUsize::new(0));
+        let u0 = Usage::now();
+        let t0 = Instant::now();
+        let mut tasks = Vec::with_capacity(conns);
+        for (ci, mut c) in conns_state.into_iter().enumerate() {
+            let (next, failures, addr, path) =
+                (next.clone(), failures.clone(), addr.clone(), path.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    if c.call(&addr, &path, ci % KEYS, i).await.is_err() {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let f = Usage::now().minus(&u0, t0.elapsed(), n);
+        (f, failures.load(Ordering::Relaxed))
+    })
+}
+
+struct Conn {
+    s: tokio::net::TcpStream,
+    out: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    fn new(s: tokio::net::TcpStream) -> Conn {
+        Conn {
+            s,
+            out: Vec::with_capacity(1024),
+            buf: Vec::with_capacity(8192),
+        }
+    }
+
+    /// One request on this keep-alive connection: status 200 and the whole body read.
+    async fn call(&mut self, host: &str, path: &str, key: usize, i: usize) -> Result<(), ()> {
+        let body = serde_json::to_vec(&serde_json::json!({"model": "bench", "messages": [{"role": "user", "content": format!("benchmark prompt number {i}")}]})).unwrap();
+        self.out.clear();
+        write!(
+            self.out,
+            "POST {path} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer sk-bench-{key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        self.out.extend_from_slice(&body);
+        self.s.write_all(&self.out).await.map_err(|_| ())?;
+        self.buf.clear();
+        let (head_end, len) = loop {
+            let mut chunk = [0u8; 4096];
+            let r = self.s.read(&mut chunk).await.map_err(|_| ())?;
+            if r == 0 {
+                return Err(());
+            }
+            self.buf.extend_from_slice(&chunk[..r]);
+            if let Some(p) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..p]).map_err(|_| ())?;
+                if !head.starts_with("HTTP/1.1 200") {
+                    return Err(());
+                }
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .ok_or(())?;
+                break (p + 4, len);
+            }
+        };
+        while self.buf.len() < head_end + len {
+            let mut chunk = [0u8; 4096];
+            let r = self.s.read(&mut chunk).await.map_err(|_| ())?;
+            if r == 0 {
+                return Err(());
+            }
+            self.buf.extend_from_slice(&chunk[..r]);
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// the mock, in a child process
+
+struct MockProcess {
+    child: Child,
+    url: String,
+}
+
+impl MockProcess {
+    fn start(latency_ms: u64, threads: usize) -> MockProcess {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env("KEYPOOL_BENCH_ROLE", "mock")
+            .env("MOCK_LATENCY_MS", latency_ms.to_string())
+            .env("MOCK_THREADS", threads.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the mock process");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        MockProcess {
+            child,
+            url: line.trim().to_owned(),
+        }
+    }
+}
+
+impl Drop for MockProcess {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take()); // EOF: the mock exits
+        let _ = self.child.wait();
+    }
+}
+
+fn run_mock() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let cfg = keypool_mock::MockConfig {
+        latency_ms: env("MOCK_LATENCY_MS", 0),
+        threads: env("MOCK_THREADS", 2) as usize,
+        ..keypool_mock::MockConfig::default()
+    };
+    let server = keypool_mock::MockServer::start(cfg).unwrap();
+    println!("{}", server.url());
+    std::io::stdout().flush().unwrap();
+    let mut sink = String::new();
+    while std::io::stdin()
+        .read_line(&mut sink)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {}
+    server.shutdown();
+}
