@@ -546,11 +546,18 @@ fn keypool_bin() -> Option<std::path::PathBuf> {
             let exe = std::env::current_exe().ok()?;
             Some(exe.parent()?.parent()?.join("keypool"))
         })
-        .filter(|p| p.exists());
+        .filter(|p| p.exists())
+        // Built with the feature? (`keypool --version` names it.)
+        .filter(|p| {
+            Command::new(p)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("redis"))
+        });
     if found.is_none() {
         assert!(
             !std::env::var("CI").is_ok_and(|v| v == "true"),
-            "the keypool binary is not built, and CI=true"
+            "no keypool binary built with the redis feature, and CI=true"
         );
         eprintln!("skipped: build `cargo build -p keypool-cli --features redis` first");
     }

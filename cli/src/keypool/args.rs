@@ -11,8 +11,15 @@ use crate::settings::PoolFlags;
 /// keypool runs a JSONL file of OpenAI-style requests across all your keys at once,
 /// each key limited to its own number of requests in flight, with retries, resume and
 /// per-key statistics.
+/// `keypool --version`: the version, and the optional features this binary was built
+/// with (`redis`: `--shared`).
+#[cfg(feature = "redis")]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (features: redis)");
+#[cfg(not(feature = "redis"))]
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 #[derive(Debug, Parser)]
-#[command(name = "keypool", version, propagate_version = true)]
+#[command(name = "keypool", version = VERSION, propagate_version = true)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
