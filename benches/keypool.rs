@@ -4,8 +4,10 @@
 //! The mock server runs in a child process (this program re-executed with
 //! `KEYPOOL_BENCH_ROLE=mock`) so that client CPU time is the process's own.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+#[path = "common/mod.rs"]
+mod common;
+use common::{MockProcess, run_mock};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,63 +70,6 @@ fn rss_kib(pid: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-struct MockProcess {
-    child: Child,
-    url: String,
-}
-
-impl MockProcess {
-    fn start(latency_ms: u64, threads: usize) -> MockProcess {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .env("KEYPOOL_BENCH_ROLE", "mock")
-            .env("MOCK_LATENCY_MS", latency_ms.to_string())
-            .env("MOCK_THREADS", threads.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the mock process");
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        MockProcess {
-            child,
-            url: line.trim().to_owned(),
-        }
-    }
-}
-
-impl Drop for MockProcess {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take()); // EOF: the mock exits
-        let _ = self.child.wait();
-    }
-}
-
-fn run_mock() {
-    let env = |k: &str, d: u64| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
-    let cfg = keypool_mock::MockConfig {
-        latency_ms: env("MOCK_LATENCY_MS", 0),
-        threads: env("MOCK_THREADS", 2) as usize,
-        ..keypool_mock::MockConfig::default()
-    };
-    let server = keypool_mock::MockServer::start(cfg).unwrap();
-    println!("{}", server.url());
-    std::io::stdout().flush().unwrap();
-    let mut sink = String::new();
-    while std::io::stdin()
-        .read_line(&mut sink)
-        .map(|n| n > 0)
-        .unwrap_or(false)
-    {}
-    server.shutdown();
 }
 
 fn config(url: &str, keys: usize, per_key: usize) -> Config {
