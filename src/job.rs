@@ -161,7 +161,9 @@ impl Job {
         if let Some(r) = self.take_reply() {
             r.defuse();
         }
-        let empty = Request::chat("", std::iter::empty::<(&str, &str)>());
+        // A placeholder for the field the job still owns (no JSON built: this runs on
+        // every `Busy` refusal).
+        let empty = Request::raw("/", Vec::new());
         std::mem::replace(&mut self.req, empty)
     }
 }

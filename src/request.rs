@@ -90,7 +90,7 @@ impl Request {
         Request::raw(DEFAULT_PATH, body.as_bytes().to_vec()).with_path(path)
     }
 
-    fn raw(path: &str, body: Vec<u8>) -> Request {
+    pub(crate) fn raw(path: &str, body: Vec<u8>) -> Request {
         Request {
             path: Arc::from(path),
             body: Arc::from(body),
