@@ -116,7 +116,52 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
+/// What woke the dispatcher, taken out of the select before acting on it.
+#[allow(clippy::large_enum_variant)] // lives for one match
+enum Woke {
+    Shutdown,
+    Retry(Job),
+    Intake(Job),
+    /// A backoff, cooldown or deadline came due, or a key's state changed.
+    Nothing,
+}
+
 impl Dispatcher {
+    /// Blocks until the shutdown signal, a retry, a key event, a new request (only
+    /// when `take_intake`) or the instant `wake`. Biased: shutdown first, then
+    /// retries (older work) before new requests.
+    fn wait(&self, take_intake: bool, wake: Option<Instant>) -> Woke {
+        let mut sel = Select::new_biased();
+        let i_shutdown = sel.recv(&self.shutdown_rx);
+        let i_retry = sel.recv(&self.retry_rx);
+        let i_events = sel.recv(&self.events_rx);
+        let i_intake = if take_intake {
+            sel.recv(&self.intake)
+        } else {
+            usize::MAX
+        };
+        let selected = match wake {
+            Some(at) => sel.select_deadline(at).ok(),
+            None => Some(sel.select()),
+        };
+        let Some(oper) = selected else {
+            return Woke::Nothing;
+        };
+        match oper.index() {
+            i if i == i_shutdown => {
+                let _ = oper.recv(&self.shutdown_rx);
+                Woke::Shutdown
+            }
+            i if i == i_retry => oper.recv(&self.retry_rx).map_or(Woke::Nothing, Woke::Retry),
+            i if i == i_events => {
+                let _ = oper.recv(&self.events_rx);
+                Woke::Nothing
+            }
+            i if i == i_intake => oper.recv(&self.intake).map_or(Woke::Shutdown, Woke::Intake),
+            _ => unreachable!("select returned an index it was not given"),
+        }
+    }
+
     pub(crate) fn new(
         shared: Arc<Shared>,
         intake: Receiver<Job>,
@@ -259,49 +304,7 @@ impl Dispatcher {
                     }
                 }
             }
-            // What woke us, taken out of the select before acting on it.
-            enum Woke {
-                Shutdown,
-                Retry(Job),
-                Intake(Job),
-                Nothing,
-            }
-            let woke = {
-                // Biased: shutdown first, then retries (older work) before new requests.
-                let mut sel = Select::new_biased();
-                let i_shutdown = sel.recv(&self.shutdown_rx);
-                let i_retry = sel.recv(&self.retry_rx);
-                let i_events = sel.recv(&self.events_rx);
-                let i_intake = if take_intake {
-                    sel.recv(&self.intake)
-                } else {
-                    usize::MAX
-                };
-                let selected = match wake {
-                    Some(at) => sel.select_deadline(at).ok(),
-                    None => Some(sel.select()),
-                };
-                match selected {
-                    None => Woke::Nothing, // a backoff, cooldown or deadline came due
-                    Some(oper) => match oper.index() {
-                        i if i == i_shutdown => {
-                            let _ = oper.recv(&self.shutdown_rx);
-                            Woke::Shutdown
-                        }
-                        i if i == i_retry => {
-                            oper.recv(&self.retry_rx).map_or(Woke::Nothing, Woke::Retry)
-                        }
-                        i if i == i_events => {
-                            let _ = oper.recv(&self.events_rx);
-                            Woke::Nothing
-                        }
-                        i if i == i_intake => {
-                            oper.recv(&self.intake).map_or(Woke::Shutdown, Woke::Intake)
-                        }
-                        _ => unreachable!("select returned an index it was not given"),
-                    },
-                }
-            };
+            let woke = self.wait(take_intake, wake);
             self.shared.wants_idle.store(false, SeqCst);
             match woke {
                 Woke::Shutdown => return None,
@@ -514,38 +517,7 @@ impl Dispatcher {
             }
             let wake = earliest(earliest(not_now.wake, job.deadline), next_deadline);
             let wake = earliest(wake, self.delayed.peek().map(|d| d.at));
-            #[allow(clippy::large_enum_variant)] // lives for one match
-            enum Woke {
-                Shutdown,
-                Retry(Job),
-                Nothing,
-            }
-            let woke = {
-                let mut sel = Select::new_biased();
-                let i_shutdown = sel.recv(&self.shutdown_rx);
-                let i_retry = sel.recv(&self.retry_rx);
-                let _i_events = sel.recv(&self.events_rx);
-                let oper = match wake {
-                    Some(at) => sel.select_deadline(at).ok(),
-                    None => Some(sel.select()),
-                };
-                match oper {
-                    None => Woke::Nothing,
-                    Some(oper) => match oper.index() {
-                        i if i == i_shutdown => {
-                            let _ = oper.recv(&self.shutdown_rx);
-                            Woke::Shutdown
-                        }
-                        i if i == i_retry => {
-                            oper.recv(&self.retry_rx).map_or(Woke::Nothing, Woke::Retry)
-                        }
-                        _ => {
-                            let _ = oper.recv(&self.events_rx);
-                            Woke::Nothing
-                        }
-                    },
-                }
-            };
+            let woke = self.wait(false, wake);
             self.shared.wants_idle.store(false, SeqCst);
             self.shared.dispatcher_waiting.store(false, SeqCst);
             match woke {
@@ -554,6 +526,7 @@ impl Dispatcher {
                     return Placed::Shutdown;
                 }
                 Woke::Retry(r) => self.defer(r),
+                Woke::Intake(_) => unreachable!("wait(false, …) never takes from the intake"),
                 Woke::Nothing => {}
             }
         }
@@ -585,49 +558,28 @@ impl Dispatcher {
 
     /// The dispatcher gave up after repeated panics: refuse new requests, answer every
     /// job it holds or will receive with an error, and end at shutdown.
-    fn fail(self, msg: String) {
+    fn fail(mut self, msg: String) {
         let error = || Error::Panic(format!("the keypool dispatcher failed: {msg}"));
         *self.shared.broken.lock() = Some(msg.clone());
         self.shared.closing.store(true, SeqCst);
-        let Dispatcher {
-            intake,
-            retry_rx,
-            shutdown_rx,
-            senders,
-            ready,
-            delayed,
-            ..
-        } = self;
         // Workers finish their current attempt and exit.
-        drop(senders);
-        for job in ready {
+        self.senders.clear();
+        for job in std::mem::take(&mut self.ready) {
             job.finish(Err(error()));
         }
-        for d in delayed {
+        for d in std::mem::take(&mut self.delayed) {
             d.job.finish(Err(error()));
         }
         loop {
-            let mut sel = Select::new_biased();
-            let i_shutdown = sel.recv(&shutdown_rx);
-            let i_retry = sel.recv(&retry_rx);
-            let _i_intake = sel.recv(&intake);
-            let oper = sel.select();
-            match oper.index() {
-                i if i == i_shutdown => {
-                    let _ = oper.recv(&shutdown_rx);
-                    break;
-                }
-                i if i == i_retry => {
-                    if let Ok(job) = oper.recv(&retry_rx) {
-                        job.finish(Err(error()));
-                    }
-                }
-                _ => match oper.recv(&intake) {
-                    Ok(job) => job.finish(Err(error())),
-                    Err(_) => break,
-                },
+            match self.wait(true, None) {
+                Woke::Shutdown => break,
+                Woke::Retry(job) | Woke::Intake(job) => job.finish(Err(error())),
+                Woke::Nothing => {}
             }
         }
+        let Dispatcher {
+            intake, retry_rx, ..
+        } = self;
         drop(retry_rx);
         for job in intake.iter() {
             job.finish(Err(error()));

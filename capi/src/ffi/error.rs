@@ -220,6 +220,14 @@ impl Failure {
             message: message.into(),
         }
     }
+
+    /// `KEYPOOL_TIMEOUT` with `message` (what was waited for, and what is still valid).
+    pub(crate) fn timeout(message: impl Into<String>) -> Failure {
+        Failure {
+            status: Status::KEYPOOL_TIMEOUT,
+            message: message.into(),
+        }
+    }
 }
 
 impl From<Error> for Failure {

@@ -55,11 +55,9 @@ impl FfiPool {
             let _guard = guard;
             panic!("keypool_test_panic: a deliberate panic on a worker thread");
         })?;
-        rx.recv_timeout(Duration::from_secs(30))
-            .map_err(|_| Failure {
-                status: Status::KEYPOOL_TIMEOUT,
-                message: "keypool_test_panic: the worker did not panic within 30 s".to_owned(),
-            })
+        rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
+            Failure::timeout("keypool_test_panic: the worker did not panic within 30 s".to_owned())
+        })
     }
 }
 
@@ -181,12 +179,9 @@ pub extern "C" fn keypool_pool_shutdown(pool: *mut FfiPool, timeout_ms: u64) -> 
                 Err(Error::Timeout {
                     phase: TimeoutPhase::Shutdown,
                     ..
-                }) => Err(Failure {
-                    status: Status::KEYPOOL_TIMEOUT,
-                    message: format!(
-                        "shutdown: threads still finishing in-flight requests after {timeout_ms} ms; call keypool_pool_shutdown again to keep waiting"
-                    ),
-                }),
+                }) => Err(Failure::timeout(format!(
+                    "shutdown: threads still finishing in-flight requests after {timeout_ms} ms; call keypool_pool_shutdown again to keep waiting"
+                ))),
                 Err(e) => Err(e.into()),
             }
         })())

@@ -146,12 +146,9 @@ pub extern "C" fn keypool_stream_next(
                 Err(Error::Timeout {
                     phase: TimeoutPhase::Wait,
                     ..
-                }) => Err(Failure {
-                    status: Status::KEYPOOL_TIMEOUT,
-                    message: format!(
-                        "no stream event after {timeout_ms} ms; the stream is still valid"
-                    ),
-                }),
+                }) => Err(Failure::timeout(format!(
+                    "no stream event after {timeout_ms} ms; the stream is still valid"
+                ))),
                 Err(e) => Err(e.into()),
             }
         })())
@@ -182,6 +179,24 @@ fn event<'a>(e: *const FfiStreamEvent) -> Option<&'a FfiStreamEvent> {
     }
 }
 
+/// One of an event's texts (chosen by `field`) with its length written to `*len` when
+/// `len` is not NULL; NULL if `event_` is NULL.
+fn text_out(
+    event_: *const FfiStreamEvent,
+    len: *mut usize,
+    field: impl Fn(&FfiStreamEvent) -> (&CString, usize),
+) -> *const c_char {
+    let Some(e) = event(event_) else {
+        return ptr::null();
+    };
+    let (text, n) = field(e);
+    if !len.is_null() {
+        // SAFETY: non-NULL, and the caller promises it is writable.
+        unsafe { len.write(n) };
+    }
+    text.as_ptr()
+}
+
 /// `KEYPOOL_STREAM_CHUNK` (1) or `KEYPOOL_STREAM_DONE` (2); 0 if `event` is NULL.
 /// Thread-safe (events are immutable), non-blocking.
 #[unsafe(no_mangle)]
@@ -200,16 +215,7 @@ pub extern "C" fn keypool_stream_event_delta(
     len: *mut usize,
 ) -> *const c_char {
     ffi_panic_boundary!(ptr::null(), {
-        match event(event_) {
-            Some(e) => {
-                if !len.is_null() {
-                    // SAFETY: non-NULL, and the caller promises it is writable.
-                    unsafe { len.write(e.delta_len) };
-                }
-                e.delta.as_ptr()
-            }
-            None => ptr::null(),
-        }
+        text_out(event_, len, |e| (&e.delta, e.delta_len))
     })
 }
 
@@ -223,16 +229,7 @@ pub extern "C" fn keypool_stream_event_json(
     len: *mut usize,
 ) -> *const c_char {
     ffi_panic_boundary!(ptr::null(), {
-        match event(event_) {
-            Some(e) => {
-                if !len.is_null() {
-                    // SAFETY: non-NULL, and the caller promises it is writable.
-                    unsafe { len.write(e.json_len) };
-                }
-                e.json.as_ptr()
-            }
-            None => ptr::null(),
-        }
+        text_out(event_, len, |e| (&e.json, e.json_len))
     })
 }
 

@@ -53,12 +53,9 @@ pub extern "C" fn keypool_ticket_wait(
                 Err(Error::Timeout {
                     phase: TimeoutPhase::Wait,
                     ..
-                }) => Err(Failure {
-                    status: Status::KEYPOOL_TIMEOUT,
-                    message: format!(
-                        "the result is not ready after {timeout_ms} ms; the ticket is still valid"
-                    ),
-                }),
+                }) => Err(Failure::timeout(format!(
+                    "the result is not ready after {timeout_ms} ms; the ticket is still valid"
+                ))),
                 Err(e @ Error::WouldDeadlock(_)) => Err(Failure {
                     status: Status::KEYPOOL_WOULD_DEADLOCK,
                     message: format!(
