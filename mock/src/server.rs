@@ -31,6 +31,8 @@ pub(crate) struct Control {
     pub(crate) rules: HashMap<String, RuleState>,
     /// Per-key credit (`GET …/key`, 402 when spent, `usage.cost`).
     pub(crate) credits: HashMap<String, crate::MockCredit>,
+    /// Per-key request budget use ([`MockConfig::request_budget`]): (window, used).
+    pub(crate) budgets: HashMap<String, (u128, u64)>,
 }
 
 /// State shared by the handle and every connection task.
@@ -99,6 +101,7 @@ impl MockServer {
                 cfg,
                 rules: HashMap::new(),
                 credits: HashMap::new(),
+                budgets: HashMap::new(),
             }),
             acc: Arc::new(Accounting::new()),
             ids: AtomicU64::new(0),
