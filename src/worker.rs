@@ -244,6 +244,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
             Ok(Ok(response)) => {
                 settle.complete(&success_verdict(ctx, &response.headers));
                 job.finish(Ok(response));
+                crate::credits::recheck_if_due(ctx);
                 return;
             }
             Ok(Err(e)) => *e,
