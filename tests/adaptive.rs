@@ -169,13 +169,7 @@ fn a_key_without_headers_is_not_slowed_by_a_learned_one() {
         ..MockConfig::default()
     })
     .unwrap();
-    server.set_key_rule(
-        "sk-paced",
-        keypool_mock::KeyRule {
-            request_budget: Some((limit, window_ms)),
-            ..Default::default()
-        },
-    );
+    server.set_request_budget("sk-paced", Some((limit, window_ms)));
     let config = Config::builder()
         .base_url(server.url())
         .key_config(KeyConfig::new("sk-paced").max_concurrent(2))

@@ -135,9 +135,10 @@ enum Action {
 /// rate-limit headers to send, and whether it is over the budget (answer 429).
 fn spend_budget(shared: &Shared, key: &str, arrived: Duration) -> (Vec<(String, String)>, bool) {
     let mut c = shared.control.lock();
-    let budget = (c.rules.get(key))
-        .and_then(|r| r.rule.request_budget)
-        .or(c.cfg.request_budget);
+    let budget = match c.key_budgets.get(key) {
+        Some(b) => *b,
+        None => c.cfg.request_budget,
+    };
     let Some((limit, window_ms)) = budget.filter(|b| b.1 > 0) else {
         return (Vec::new(), false);
     };

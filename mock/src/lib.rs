@@ -59,8 +59,8 @@
 //! 402 for every request; with [`MockConfig::cost_per_request`] each success reports
 //! `usage.cost` (a stream in its usage chunk) and is debited.
 //!
-//! **Request budgets.** With [`MockConfig::request_budget`] (or a key's
-//! [`KeyRule::request_budget`]) each key may make `limit` requests per fixed window;
+//! **Request budgets.** With [`MockConfig::request_budget`] (or one key's, from
+//! [`MockServer::set_request_budget`]) each key may make `limit` requests per fixed window;
 //! every answer says so in OpenAI's `x-ratelimit-{limit,remaining,reset}-requests`
 //! headers, and a request beyond the limit gets 429.
 //!
@@ -206,9 +206,6 @@ pub struct KeyRule {
     pub fail_first: u32,
     /// Latency for this key's requests, replacing [`MockConfig::latency_ms`].
     pub latency_ms: Option<u64>,
-    /// This key's request budget `(limit, window_ms)`, replacing
-    /// [`MockConfig::request_budget`] for it.
-    pub request_budget: Option<(u64, u64)>,
 }
 
 /// One key's credit at the mock: the balance `GET {base}/key` reports (OpenRouter's

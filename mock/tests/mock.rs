@@ -635,16 +635,18 @@ fn request_budget_counts_per_key_window_and_answers_429_beyond() {
             .map(|(s, r)| (s, r.to_owned()))
             .to_vec()
     );
-    // Per key: another key has its own budget; a rule overrides the global one.
+    // Per key: another key has its own budget; a key's own replaces the global one.
     let r = chat(&server, "sk-b", body.clone()).unwrap();
     assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("2"));
-    server.set_key_rule(
-        "sk-c",
-        KeyRule {
-            request_budget: Some((1, 60_000)),
-            ..KeyRule::default()
-        },
-    );
+    server.set_request_budget("sk-c", Some((1, 60_000)));
     assert_eq!(chat(&server, "sk-c", body.clone()).unwrap().status, 200);
-    assert_eq!(chat(&server, "sk-c", body).unwrap().status, 429);
+    assert_eq!(chat(&server, "sk-c", body.clone()).unwrap().status, 429);
+    server.set_request_budget("sk-d", None);
+    for _ in 0..5 {
+        let r = chat(&server, "sk-d", body.clone()).unwrap();
+        assert_eq!(
+            (r.status, r.header("x-ratelimit-limit-requests")),
+            (200, None)
+        );
+    }
 }
