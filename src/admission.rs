@@ -104,6 +104,79 @@ impl Bucket {
         self.refill(now);
         self.tokens
     }
+
+    /// `limit` per `window` (at least [`MIN_WINDOW`](crate::ratelimit::MIN_WINDOW)),
+    /// with a burst of a sixtieth of the limit (at least 1) — for a per-minute budget
+    /// about one second's worth, like a configured one — and a debt of at most one
+    /// window. Starts with `level` tokens (at most the burst).
+    fn learned(limit: u64, window: Duration, level: f64, now: Instant) -> Bucket {
+        let mut b = Bucket {
+            capacity: 1.0,
+            tokens: 0.0,
+            rate: 1.0,
+            floor: 0.0,
+            last: now,
+        };
+        b.set_rate(limit, window);
+        b.tokens = level.clamp(0.0, b.capacity);
+        b
+    }
+
+    /// Changes the rate to `limit` per `window` (refill up to now at the old rate first).
+    fn set_rate(&mut self, limit: u64, window: Duration) {
+        let limit = limit.clamp(1, crate::ratelimit::MAX_COUNT) as f64;
+        let window = window.max(crate::ratelimit::MIN_WINDOW).as_secs_f64();
+        self.capacity = (limit / 60.0).ceil().max(1.0);
+        self.rate = limit / window;
+        self.floor = self.capacity - limit;
+        self.tokens = self.tokens.clamp(self.floor, self.capacity);
+    }
+}
+
+/// A budget learned from a key's rate-limit headers (`ratelimit.rs`): `limit` per
+/// `window`, the window being the longest reset seen. Only for a key without a
+/// configured `rpm` (requests) or `tpm` (tokens): a configured budget always wins.
+#[derive(Debug)]
+pub(crate) struct Learned {
+    limit: u64,
+    window: Duration,
+    bucket: Bucket,
+}
+
+impl Learned {
+    /// Folds one response's report into `slot` (creating the budget on the first
+    /// `limit`), and lowers the bucket to the server's `remaining` (never raises it: a
+    /// response may be older than requests admitted since).
+    fn observe(slot: &mut Option<Learned>, b: &crate::ratelimit::Budget, now: Instant) {
+        let reset = b.reset.unwrap_or(Duration::ZERO);
+        match (slot.as_mut(), b.limit) {
+            (Some(l), limit) => {
+                if let Some(limit) = limit {
+                    l.limit = limit;
+                }
+                l.window = l.window.max(reset);
+                l.bucket.refill(now);
+                l.bucket.set_rate(l.limit, l.window);
+            }
+            (None, Some(limit)) => {
+                let window = reset.max(crate::ratelimit::MIN_WINDOW);
+                *slot = Some(Learned {
+                    limit,
+                    window,
+                    bucket: Bucket::learned(limit, window, f64::INFINITY, now),
+                });
+            }
+            (None, None) => return,
+        }
+        if let (Some(l), Some(r)) = (slot.as_mut(), b.remaining) {
+            l.bucket.tokens = l.bucket.tokens.min(r as f64).max(l.bucket.floor);
+        }
+    }
+
+    /// The budget as a per-minute rate.
+    fn per_minute(&self) -> f64 {
+        self.limit as f64 * 60.0 / self.window.max(crate::ratelimit::MIN_WINDOW).as_secs_f64()
+    }
 }
 
 /// Where a key stands on trial requests.
@@ -168,6 +241,10 @@ pub(crate) struct KeyVerdict {
     pub disable: Option<String>,
     /// The server answered 429: a learned limit is cut.
     pub rate_limited: bool,
+    /// The response's rate-limit headers, if it had any: a key without a configured
+    /// `rpm`/`tpm` learns its budgets from them, and a learned concurrency limit does
+    /// not grow while they say little is left.
+    pub limits: Option<crate::ratelimit::Observed>,
     /// Cool the key's whole group (account) for this long: a 429 its rule attributes to
     /// the account.
     pub group_cooldown: Option<Duration>,
@@ -188,6 +265,9 @@ struct State {
     out: usize,
     /// The learned concurrency limit (`adaptive` keys).
     aimd: Option<Aimd>,
+    /// Budgets learned from rate-limit headers (keys without `rpm` / `tpm`).
+    learned_rpm: Option<Learned>,
+    learned_tpm: Option<Learned>,
 }
 
 /// The admission state of one key. See the module docs.
@@ -204,6 +284,8 @@ pub(crate) struct Gate {
     at_limit: AtomicBool,
     /// The learned limit (0: not adaptive).
     limit: AtomicUsize,
+    /// A budget was learned from rate-limit headers.
+    learned: AtomicBool,
     disabled: AtomicBool,
     trial_out: AtomicBool,
     /// Cooldown end, microseconds since `epoch` (0: none).
@@ -225,6 +307,8 @@ impl Gate {
                 tpm: tpm.map(|t| Bucket::per_minute(t as f64, epoch)),
                 out: 0,
                 aimd: None,
+                learned_rpm: None,
+                learned_tpm: None,
             }),
             epoch,
             has_limits: rpm.is_some() || tpm.is_some(),
@@ -232,6 +316,7 @@ impl Gate {
             idle: AtomicUsize::new(0),
             at_limit: AtomicBool::new(false),
             limit: AtomicUsize::new(0),
+            learned: AtomicBool::new(false),
             disabled: AtomicBool::new(false),
             trial_out: AtomicBool::new(false),
             cooldown_until: AtomicU64::new(0),
@@ -274,6 +359,8 @@ impl Gate {
         self.idle.store(s.idle, SeqCst);
         self.disabled.store(s.disabled.is_some(), SeqCst);
         self.trial_out.store(s.trial == Trial::Out, SeqCst);
+        self.learned
+            .store(s.learned_rpm.is_some() || s.learned_tpm.is_some(), SeqCst);
         if let Some(a) = &s.aimd {
             self.at_limit.store(s.out >= a.limit(), SeqCst);
             self.limit.store(a.limit(), SeqCst);
@@ -314,7 +401,9 @@ impl Gate {
         }
         let a = s.rpm.as_mut().and_then(|b| b.ready_at(1.0, now));
         let b = s.tpm.as_mut().and_then(|b| b.ready_at(tokens as f64, now));
-        if let Some(at) = a.max(b) {
+        let c = (s.learned_rpm.as_mut()).and_then(|l| l.bucket.ready_at(1.0, now));
+        let d = (s.learned_tpm.as_mut()).and_then(|l| l.bucket.ready_at(tokens as f64, now));
+        if let Some(at) = a.max(b).max(c).max(d) {
             return Admit::WakeAt(at);
         }
         if let (Some(group), Some(g)) = (&self.group, g) {
@@ -324,7 +413,7 @@ impl Gate {
         }
         Admit::Yes(Admission {
             trial: s.trial == Trial::Pending,
-            tokens: if s.tpm.is_some() || group_tpm {
+            tokens: if s.tpm.is_some() || s.learned_tpm.is_some() || group_tpm {
                 tokens
             } else {
                 0
@@ -361,6 +450,12 @@ impl Gate {
             }
             if let Some(b) = s.tpm.as_mut() {
                 b.take(tokens as f64);
+            }
+            if let Some(l) = s.learned_rpm.as_mut() {
+                l.bucket.take(1.0);
+            }
+            if let Some(l) = s.learned_tpm.as_mut() {
+                l.bucket.take(tokens as f64);
             }
         }
         self.mirror(&s);
@@ -423,10 +518,21 @@ impl Gate {
             if v.rate_limited {
                 a.on_429(adm.cuts);
             } else if v.accepted {
-                a.on_success(busy);
+                // No growth while the server says its budget is nearly spent: more
+                // concurrency would only reach the pause sooner.
+                a.on_success(busy && !v.limits.is_some_and(|o| o.low()));
             }
             // A slot freed (or the limit moved): a waiting job may fit now.
             changed |= busy || v.rate_limited;
+        }
+        if let Some(o) = &v.limits {
+            // A configured budget always wins: learn only what is not configured.
+            if s.rpm.is_none() {
+                Learned::observe(&mut s.learned_rpm, &o.requests, now);
+            }
+            if s.tpm.is_none() {
+                Learned::observe(&mut s.learned_tpm, &o.tokens, now);
+            }
         }
         if let Some(group) = &self.group {
             let mut g = group.state.lock();
@@ -470,7 +576,7 @@ impl Gate {
 
     /// Gives back the budget of an admission whose job never reached the wire.
     pub(crate) fn refund(&self, adm: Admission) {
-        if !self.has_limits {
+        if !self.has_limits() {
             return;
         }
         let mut s = self.state.lock();
@@ -479,6 +585,12 @@ impl Gate {
         }
         if let Some(b) = s.tpm.as_mut() {
             b.correct(adm.tokens, 0);
+        }
+        if let Some(l) = s.learned_rpm.as_mut() {
+            l.bucket.correct(1, 0);
+        }
+        if let Some(l) = s.learned_tpm.as_mut() {
+            l.bucket.correct(adm.tokens, 0);
         }
         if let Some(group) = &self.group {
             let mut g = group.state.lock();
@@ -497,12 +609,15 @@ impl Gate {
 
     /// Corrects the token bucket once the real usage is known.
     pub(crate) fn correct_tokens(&self, estimated: u64, actual: u64) {
-        if !self.has_limits {
+        if !self.has_limits() {
             return;
         }
         let mut s = self.state.lock();
         if let Some(b) = s.tpm.as_mut() {
             b.correct(estimated, actual);
+        }
+        if let Some(l) = s.learned_tpm.as_mut() {
+            l.bucket.correct(estimated, actual);
         }
         if let Some(group) = &self.group {
             if let Some(b) = group.state.lock().tpm.as_mut() {
@@ -550,8 +665,9 @@ impl Gate {
         self.disabled.load(SeqCst)
     }
 
+    /// Configured or learned rate budgets (the key's or its group's).
     pub(crate) fn has_limits(&self) -> bool {
-        self.has_limits
+        self.has_limits || self.learned.load(SeqCst)
     }
 
     /// When the cooldown ends, if the key (or its whole account) is cooling at `now`.
@@ -585,7 +701,7 @@ impl Gate {
     /// (no trial pending or out) and without rate limits, whose pacing is the
     /// dispatcher's. (`try_admit` still decides.)
     pub(crate) fn self_serve_allowed(&self, now: Instant) -> bool {
-        !self.has_limits
+        !self.has_limits()
             && !self.is_disabled()
             && self.cooling_until(now).is_none()
             && self.state.lock().trial == Trial::Open
@@ -596,15 +712,32 @@ impl Gate {
         self.state.lock().disabled.clone()
     }
 
-    /// Rate budgets now: (requests, tokens).
+    /// Rate budgets now: (requests, tokens) — the configured ones, else the learned.
     pub(crate) fn budgets(&self, now: Instant) -> (Option<f64>, Option<f64>) {
-        if !self.has_limits {
+        if !self.has_limits() {
             return (None, None);
         }
         let mut s = self.state.lock();
+        let s = &mut *s;
         (
-            s.rpm.as_mut().map(|b| b.balance(now)),
-            s.tpm.as_mut().map(|b| b.balance(now)),
+            (s.rpm.as_mut())
+                .or(s.learned_rpm.as_mut().map(|l| &mut l.bucket))
+                .map(|b| b.balance(now)),
+            (s.tpm.as_mut())
+                .or(s.learned_tpm.as_mut().map(|l| &mut l.bucket))
+                .map(|b| b.balance(now)),
+        )
+    }
+
+    /// Budgets learned from rate-limit headers, per minute: (requests, tokens).
+    pub(crate) fn learned_budgets(&self) -> (Option<f64>, Option<f64>) {
+        if !self.learned.load(SeqCst) {
+            return (None, None);
+        }
+        let s = self.state.lock();
+        (
+            s.learned_rpm.as_ref().map(Learned::per_minute),
+            s.learned_tpm.as_ref().map(Learned::per_minute),
         )
     }
 }
@@ -767,6 +900,170 @@ mod tests {
             // When it said, the key is usable again.
             yes(g.try_admit(Via::Dispatcher, 1, at + Duration::from_millis(1)));
         }
+    }
+
+    fn observed(limit: &str, remaining: &str, reset: &str) -> crate::ratelimit::Observed {
+        let h: Vec<(String, String)> = [
+            ("x-ratelimit-limit-requests", limit),
+            ("x-ratelimit-remaining-requests", remaining),
+            ("x-ratelimit-reset-requests", reset),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        crate::ratelimit::observe(&h, Duration::from_secs(60)).unwrap()
+    }
+
+    fn learn(g: &Gate, o: crate::ratelimit::Observed, now: Instant) {
+        let v = KeyVerdict {
+            accepted: true,
+            limits: Some(o),
+            ..KeyVerdict::default()
+        };
+        let adm = Admission {
+            trial: false,
+            tokens: 0,
+            cuts: 0,
+        };
+        g.state.lock().out += 1;
+        g.complete(adm, &v, now);
+    }
+
+    /// Admits as many requests as the gate allows over `span`, asking every `step`;
+    /// returns the admission instants (offsets from `t0`).
+    fn admit_over(g: &Gate, t0: Instant, span: Duration, step: Duration) -> Vec<Duration> {
+        let mut out = Vec::new();
+        let mut t = Duration::ZERO;
+        while t < span {
+            if let Admit::Yes(_) = g.try_admit(Via::SelfServe, 0, t0 + t) {
+                out.push(t);
+                // Answered without headers: nothing new learned.
+                g.complete(
+                    Admission {
+                        trial: false,
+                        tokens: 0,
+                        cuts: 0,
+                    },
+                    &KeyVerdict::default(),
+                    t0 + t,
+                );
+            } else {
+                t += step;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn learned_request_budget_spaces_requests() {
+        let (g, t0) = gate(false);
+        assert!(!g.has_limits());
+        // 10 requests per second, 4 left in this window.
+        learn(&g, observed("10", "4", "1s"), t0);
+        assert!(g.has_limits(), "a learned budget makes the key paced");
+        assert!(!g.self_serve_allowed(t0), "pacing is the dispatcher's");
+        let (rpm, _) = g.learned_budgets();
+        assert!((rpm.unwrap() - 600.0).abs() < 1e-6, "{rpm:?}");
+        assert_eq!(g.budgets(t0).0, Some(1.0), "burst: one request");
+        let at = admit_over(&g, t0, Duration::from_secs(2), Duration::from_millis(5));
+        // Spaced by about a tenth of a second, never more than 10 + 1 in a second.
+        assert!((19..=22).contains(&at.len()), "{at:?}");
+        for w in at.windows(2) {
+            assert!(w[1] - w[0] >= Duration::from_millis(95), "{at:?}");
+        }
+        // The window only grows: a shorter reset keeps it, a longer one widens it.
+        learn(&g, observed("10", "9", "100ms"), t0);
+        assert!((g.learned_budgets().0.unwrap() - 600.0).abs() < 1e-6);
+        learn(&g, observed("10", "9", "2s"), t0);
+        assert!((g.learned_budgets().0.unwrap() - 300.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn remaining_seeds_the_level() {
+        let (g, t0) = gate(false);
+        // 600 per minute: a burst of 10; nothing left now.
+        learn(&g, observed("600", "0", "60s"), t0);
+        assert!(matches!(
+            g.try_admit(Via::SelfServe, 0, t0),
+            Admit::WakeAt(_)
+        ));
+        // A later report of plenty never raises the level above what refilled.
+        learn(&g, observed("600", "500", "60s"), t0);
+        assert!(matches!(
+            g.try_admit(Via::SelfServe, 0, t0),
+            Admit::WakeAt(_)
+        ));
+        yes(g.try_admit(Via::SelfServe, 0, t0 + Duration::from_millis(150)));
+    }
+
+    #[test]
+    fn configured_budget_wins_over_learned() {
+        let epoch = Instant::now();
+        let g = Gate::new(false, Some(60), None, epoch);
+        learn(&g, observed("100000", "99999", "1s"), epoch);
+        assert_eq!(g.learned_budgets(), (None, None));
+        // Still one request per second, as configured (a burst of 1).
+        let at = admit_over(&g, epoch, Duration::from_secs(3), Duration::from_millis(10));
+        assert!(at.len() <= 4, "{at:?}");
+    }
+
+    #[test]
+    fn hostile_learned_budgets_never_park_for_good() {
+        // limit 0 with a reset far away: one request per window, the window clamped to
+        // the longest believed (60 s here).
+        let (g, t0) = gate(false);
+        learn(&g, observed("0", "0", "99999999999999"), t0);
+        let (rpm, _) = g.learned_budgets();
+        assert!((rpm.unwrap() - 1.0).abs() < 1e-9, "{rpm:?}");
+        let wake = match g.try_admit(Via::SelfServe, 0, t0) {
+            Admit::WakeAt(at) => at,
+            other => panic!("{other:?}"),
+        };
+        assert!(wake <= t0 + Duration::from_secs(60));
+        yes(g.try_admit(Via::SelfServe, 0, t0 + Duration::from_secs(61)));
+        // Huge limits: no overflow, no panic, effectively unlimited.
+        let (g, t0) = gate(false);
+        learn(&g, observed("1e300", "1e300", "0"), t0);
+        for _ in 0..100 {
+            yes(g.try_admit(Via::SelfServe, u64::MAX, t0));
+        }
+        g.correct_tokens(0, u64::MAX);
+        assert!(g.budgets(t0).0.unwrap().is_finite());
+    }
+
+    #[test]
+    fn adaptive_limit_holds_while_budget_is_low() {
+        let (g, t0) = gate(false);
+        let g = g.with_adaptive(8);
+        let run = |g: &Gate, o: Option<crate::ratelimit::Observed>| {
+            for _ in 0..50 {
+                let n = g.learned_limit().unwrap();
+                let adms: Vec<_> = (0..n)
+                    .map(|_| yes(g.try_admit(Via::SelfServe, 0, t0)))
+                    .collect();
+                for adm in adms {
+                    let v = KeyVerdict {
+                        accepted: true,
+                        limits: o,
+                        ..KeyVerdict::default()
+                    };
+                    g.complete(adm, &v, t0);
+                }
+            }
+            g.learned_limit().unwrap()
+        };
+        // A token budget (these admissions ask for no tokens, so it never stops them):
+        // 50 of 1000 left is low, no growth; 500 of 1000 is not.
+        let tokens = |remaining: u64| crate::ratelimit::Observed {
+            tokens: crate::ratelimit::Budget {
+                limit: Some(1000),
+                remaining: Some(remaining),
+                reset: Some(Duration::from_secs(1)),
+            },
+            ..Default::default()
+        };
+        assert_eq!(run(&g, Some(tokens(50))), 1);
+        assert_eq!(run(&g, Some(tokens(500))), 8);
     }
 
     #[test]

@@ -142,6 +142,7 @@ impl KeyState {
         };
         let f = |c: FailClass| self.fail[c as usize].load(Relaxed);
         let (rpm_budget, tpm_budget) = self.gate.budgets(now);
+        let (learned_rpm, learned_tpm) = self.gate.learned_budgets();
         let disabled = self.gate.disabled();
         KeyStats {
             index: self.index,
@@ -178,6 +179,8 @@ impl KeyState {
             disabled_reason: disabled.map(|(r, _)| r),
             rpm_budget,
             tpm_budget,
+            learned_rpm,
+            learned_tpm,
             group: self.gate.group().map(|g| g.name.to_string()),
             learned_limit: self.gate.learned_limit(),
             credit_remaining: self.credit.remaining(),

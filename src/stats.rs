@@ -63,10 +63,18 @@ pub struct KeyStats {
     pub disabled_reason: Option<String>,
     /// When it was taken out, as milliseconds since the Unix epoch.
     pub disabled_at_unix_ms: Option<u64>,
-    /// Requests the key may still send now under its `rpm` limit (`None`: no limit).
+    /// Requests the key may still send now under its `rpm` limit, or else under the
+    /// request budget learned from rate-limit headers (`None`: neither).
     pub rpm_budget: Option<f64>,
-    /// Tokens the key may still use now under its `tpm` limit (`None`: no limit).
+    /// Tokens the key may still use now under its `tpm` limit, or else under the token
+    /// budget learned from rate-limit headers (`None`: neither).
     pub tpm_budget: Option<f64>,
+    /// The request budget learned from the key's `x-ratelimit-*-requests` headers, as
+    /// requests per minute (`None`: none learned, or `rpm` is configured).
+    pub learned_rpm: Option<f64>,
+    /// The token budget learned from the key's `x-ratelimit-*-tokens` headers, as
+    /// tokens per minute (`None`: none learned, or `tpm` is configured).
+    pub learned_tpm: Option<f64>,
     /// The key's account (`group`), if it has one.
     pub group: Option<String>,
     /// The learned concurrency limit now (`adaptive` keys; `None` otherwise).

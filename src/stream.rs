@@ -525,6 +525,12 @@ impl Run<'_> {
 
         let ks = &self.ctx.shared.keys[self.ctx.index];
         let usage = asm.usage_counts();
+        if let Some(c) = asm.cost() {
+            // OpenRouter's `usage.cost`, in the last chunk: summed like a plain answer's
+            // (a re-check it makes due runs after the reply, `credits::recheck_if_due`).
+            ks.credit
+                .add_cost(c, self.ctx.shared.config.credits.recheck_cost);
+        }
         ks.record_success(usage.prompt_tokens, usage.completion_tokens);
         if ks.gate.has_limits() {
             ks.gate.correct_tokens(
@@ -812,6 +818,14 @@ impl Assembler {
         body::parse_usage(wrapped.to_string().as_bytes()).unwrap_or_default()
     }
 
+    /// The stream's `usage.cost` (dollars), when a sane number (`credits::dollars`).
+    fn cost(&self) -> Option<f64> {
+        self.usage
+            .get("cost")
+            .and_then(Value::as_f64)
+            .and_then(crate::credits::dollars)
+    }
+
     fn finish(self) -> Value {
         let text_mode = !self.chat
             && (self.object.as_deref() == Some("text_completion")
@@ -894,6 +908,7 @@ mod tests {
         let deltas: Vec<String> = chunks.iter().map(|c| a.add(c).unwrap()).collect();
         assert_eq!(deltas, ["", "Hel", "lo", "", ""]);
         assert_eq!(a.usage_counts().completion_tokens, 2);
+        assert_eq!(a.cost(), None);
         let v = a.finish();
         assert_eq!(v["object"], "chat.completion");
         assert_eq!(v["choices"][0]["message"]["content"], "Hello");
@@ -903,6 +918,32 @@ mod tests {
             "{\"a\":1}"
         );
         assert_eq!(v["usage"]["total_tokens"], 5);
+    }
+
+    #[test]
+    fn stream_cost_is_read_from_the_last_usage_and_distrusted() {
+        let cost_of = |usage: Value| {
+            let mut a = Assembler::new(true, 1 << 20);
+            a.add(&serde_json::json!({"choices":[{"index":0,"delta":{"content":"x"}}]}))
+                .unwrap();
+            a.add(&serde_json::json!({"choices": [], "usage": usage}))
+                .unwrap();
+            a.cost()
+        };
+        assert_eq!(
+            cost_of(serde_json::json!({"prompt_tokens": 1, "cost": 0.25})),
+            Some(0.25)
+        );
+        for bad in [
+            serde_json::json!({"cost": "0.25"}),
+            serde_json::json!({"cost": -1}),
+            serde_json::json!({"cost": 1e300}),
+            serde_json::json!({"cost": null}),
+            serde_json::json!({"cost": {"total": 1}}),
+            serde_json::json!({}),
+        ] {
+            assert_eq!(cost_of(bad.clone()), None, "{bad}");
+        }
     }
 
     #[test]

@@ -242,11 +242,9 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
         job.end_attempt();
         let (err, verdict, class) = match outcome {
             Ok(Ok(response)) => {
-                settle.complete(&KeyVerdict {
-                    accepted: true,
-                    ..KeyVerdict::default()
-                });
+                settle.complete(&success_verdict(ctx, &response.headers));
                 job.finish(Ok(response));
+                crate::credits::recheck_if_due(ctx);
                 return;
             }
             Ok(Err(e)) => *e,
@@ -265,17 +263,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     let (err, verdict, class) = match outcome {
         Ok(Ok(resp)) => match judge_response(ctx, &mut job, resp, first_start) {
             Ok(response) => {
-                let cfg = &ctx.shared.config.retry;
-                settle.complete(&KeyVerdict {
-                    accepted: true,
-                    // A spent budget announced in the headers: pause before a 429.
-                    cooldown: crate::ratelimit::pause(
-                        &response.headers,
-                        Duration::from_millis(cfg.default_cooldown_ms),
-                        Duration::from_millis(cfg.max_retry_after_ms),
-                    ),
-                    ..KeyVerdict::default()
-                });
+                settle.complete(&success_verdict(ctx, &response.headers));
                 job.finish(Ok(response));
                 crate::credits::recheck_if_due(ctx);
                 return;
@@ -289,6 +277,23 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
         }
     };
     conclude(ctx, &mut settle, job, err, verdict, class);
+}
+
+/// The key's part of a success: a spent budget announced in the headers pauses the key
+/// before a 429; the budgets they announce are learned (`ratelimit.rs`).
+fn success_verdict(ctx: &KeyWorkerCtx, headers: &[(String, String)]) -> KeyVerdict {
+    let cfg = &ctx.shared.config.retry;
+    let max = Duration::from_millis(cfg.max_retry_after_ms);
+    KeyVerdict {
+        accepted: true,
+        cooldown: crate::ratelimit::pause(
+            headers,
+            Duration::from_millis(cfg.default_cooldown_ms),
+            max,
+        ),
+        limits: crate::ratelimit::observe(headers, max),
+        ..KeyVerdict::default()
+    }
 }
 
 /// An attempt that got no response: its error, verdict and class.
@@ -357,12 +362,21 @@ fn conclude(
         class,
         FailClass::RateLimited | FailClass::ClientError | FailClass::ServerError
     );
+    // An answer's rate-limit headers teach the key's budgets, a 429's included.
+    let limits = match &err {
+        Error::Http { response, .. } | Error::InvalidResponse { response, .. } => {
+            let max = Duration::from_millis(ctx.shared.config.retry.max_retry_after_ms);
+            crate::ratelimit::observe(&response.headers, max)
+        }
+        _ => None,
+    };
     settle.complete(&KeyVerdict {
         accepted: answered && verdict.cooldown.is_none() && verdict.disable.is_none(),
         cooldown: verdict.cooldown,
         disable: verdict.disable.clone(),
         rate_limited: class == FailClass::RateLimited,
         group_cooldown: verdict.group_cooldown,
+        limits,
     });
     retry_or_finish(ctx, job, err, verdict, class);
     if out_of_credit {

@@ -87,3 +87,117 @@ fn a_spent_rate_limit_pauses_the_key_before_a_429() {
     );
     assert_eq!(server.key_stats("sk-b").unwrap().requests, 5);
 }
+
+/// Arrivals per fixed window of `window_ms` (the mock's windows, from its start).
+fn per_window(
+    rec: &keypool_mock::KeyRecord,
+    window_ms: u64,
+) -> std::collections::BTreeMap<u128, u64> {
+    let mut counts = std::collections::BTreeMap::new();
+    for r in &rec.log {
+        *counts
+            .entry(r.arrived.as_millis() / u128::from(window_ms))
+            .or_insert(0) += 1;
+    }
+    counts
+}
+
+#[test]
+fn a_key_learns_its_request_budget_from_headers_and_paces_itself() {
+    let (limit, window_ms) = (10u64, 400u64);
+    let server = MockServer::start(MockConfig {
+        latency_ms: 2,
+        request_budget: Some((limit, window_ms)),
+        ..MockConfig::default()
+    })
+    .unwrap();
+    // No configured rpm: the budget is the server's, learned from its headers.
+    let config = Config::builder()
+        .base_url(server.url())
+        .key_config(KeyConfig::new("sk-paced").max_concurrent(4))
+        .build()
+        .unwrap();
+    let pool = Pool::new(config).unwrap();
+    assert_eq!(pool.stats().keys[0].learned_rpm, None);
+    let n = 50;
+    let results = pool.batch((0..n).map(|i| Request::chat("m", [("user", &*format!("p{i}"))])));
+    assert!(results.iter().all(Result::is_ok));
+    let rec = server.key_stats("sk-paced").unwrap();
+    let rejected = rec.statuses.get(&429).copied().unwrap_or(0);
+    // Only the first responses can be beaten to the budget (the probe teaches it).
+    assert!(rejected <= 1, "{rejected} 429s: {:?}", rec.statuses);
+    for (w, count) in per_window(&rec, window_ms) {
+        assert!(count <= limit + 1, "window {w}: {count} requests");
+    }
+    // Spaced, not bursting to 0 and pausing: in the windows after the first, the
+    // requests spread over most of the window.
+    let mut spans = std::collections::BTreeMap::<u128, (u128, u128)>::new();
+    for r in rec.log.iter().filter(|r| r.status == 200) {
+        let t = r.arrived.as_millis();
+        let e = spans.entry(t / u128::from(window_ms)).or_insert((t, t));
+        e.0 = e.0.min(t);
+        e.1 = e.1.max(t);
+    }
+    let full: Vec<u128> = spans
+        .iter()
+        .skip(1)
+        .take(spans.len().saturating_sub(2))
+        .map(|(_, (a, b))| b - a)
+        .collect();
+    assert!(!full.is_empty());
+    for span in &full {
+        assert!(
+            *span >= u128::from(window_ms) / 2,
+            "a window's requests came in a burst of {span} ms: {full:?}"
+        );
+    }
+    let s = pool.stats();
+    let rpm = s.keys[0].learned_rpm.expect("a learned request budget");
+    // 10 per 400 ms is 1500 a minute; the window is learned from below (the longest
+    // reset seen), so at most a little faster.
+    assert!((1500.0..=1700.0).contains(&rpm), "learned {rpm} rpm");
+    assert!(s.keys[0].rpm_budget.is_some());
+    assert!(s.to_json().contains("\"learned_rpm\":"));
+    assert_eq!(s.keys[0].learned_tpm, None, "no token headers");
+}
+
+#[test]
+fn a_key_without_headers_is_not_slowed_by_a_learned_one() {
+    let (limit, window_ms) = (5u64, 500u64);
+    let server = MockServer::start(MockConfig {
+        latency_ms: 2,
+        ..MockConfig::default()
+    })
+    .unwrap();
+    server.set_request_budget("sk-paced", Some((limit, window_ms)));
+    let config = Config::builder()
+        .base_url(server.url())
+        .key_config(KeyConfig::new("sk-paced").max_concurrent(2))
+        .key_config(KeyConfig::new("sk-free").max_concurrent(2))
+        .build()
+        .unwrap();
+    let pool = Pool::new(config).unwrap();
+    let n = 300;
+    let t0 = Instant::now();
+    let results = pool.batch((0..n).map(|i| Request::chat("m", [("user", &*format!("p{i}"))])));
+    let elapsed = t0.elapsed();
+    assert!(results.iter().all(Result::is_ok));
+    let paced = server.key_stats("sk-paced").unwrap();
+    let free = server.key_stats("sk-free").unwrap();
+    assert!(paced.statuses.get(&429).copied().unwrap_or(0) <= 1);
+    for (w, count) in per_window(&paced, window_ms) {
+        assert!(count <= limit + 1, "window {w}: {count} requests");
+    }
+    // The paced key alone would need 300 / 5 × 0.5 s = 30 s.
+    assert!(
+        elapsed.as_secs_f64() < 10.0,
+        "{elapsed:?}: {} paced, {} free",
+        paced.requests,
+        free.requests
+    );
+    assert!(free.requests as f64 >= 0.8 * n as f64, "{}", free.requests);
+    let s = pool.stats();
+    assert!(s.keys[0].learned_rpm.is_some());
+    assert_eq!(s.keys[1].learned_rpm, None);
+    assert_eq!(s.keys[1].rpm_budget, None);
+}

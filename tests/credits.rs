@@ -188,3 +188,46 @@ fn credits_config_from_json_and_validation() {
     assert!(e.to_string().contains("credits.floor"), "{e}");
     assert!(Config::from_json(r#"{"keys":[{"key":"sk-x"}],"credits":{"flor":1}}"#).is_err());
 }
+
+#[test]
+fn streamed_costs_are_summed_and_recheck_parks_before_a_402() {
+    // The mock reports `usage.cost` in a stream's usage chunk (OpenRouter's place).
+    let server = server(0.125);
+    server.set_credit("sk-a", Some(1.0));
+    let config = Config::builder()
+        .base_url(server.url())
+        .strategy(Strategy::RoundRobin)
+        .key_config(KeyConfig::new("sk-a").label("a").max_concurrent(1))
+        .key_config(KeyConfig::new("sk-b").label("b").max_concurrent(1))
+        .credits(CreditsConfig::with_floor(0.25).recheck_cost(0.25))
+        .build()
+        .unwrap();
+    let pool = Pool::new(config).unwrap();
+    for req in chats(30) {
+        let r = pool.submit_stream(req).unwrap().wait();
+        assert!(r.is_ok(), "{r:?}");
+    }
+    // A stream without a usage chunk reports no cost (and the mock charges none).
+    let no_usage = Request::from_json(
+        "/chat/completions",
+        r#"{"model":"m","messages":[],"stream_options":{"include_usage":false}}"#,
+    )
+    .unwrap();
+    assert!(pool.submit_stream(no_usage).unwrap().wait().is_ok());
+    let a = server.key_stats("sk-a").unwrap();
+    // Re-checked after every 0.25 of streamed cost: parked at 0.25 left, before a 402.
+    assert_eq!(a.statuses.get(&402), None, "parked before it failed");
+    assert_eq!(a.requests, 6);
+    let s = pool.stats();
+    assert!(s.keys[0].disabled_reason.is_some());
+    assert_eq!(s.keys[0].credit_remaining, Some(0.25));
+    for (i, k) in ["sk-a", "sk-b"].iter().enumerate() {
+        let spent = server.credit(k).unwrap().spent;
+        assert!(spent > 0.0, "{k}: the mock charged streams");
+        assert!(
+            (s.keys[i].cost - spent).abs() < 1e-9,
+            "{k}: summed {} vs charged {spent}",
+            s.keys[i].cost
+        );
+    }
+}

@@ -393,3 +393,58 @@ fn config_fields_from_json() {
         }
     }
 }
+
+/// The JSON block under README.md's "Routing, accounts and learned capacity" heading.
+fn readme_routing_example() -> String {
+    let readme = include_str!("../README.md");
+    let section = readme
+        .split("\n## Routing, accounts and learned capacity")
+        .nth(1)
+        .expect("README has the routing section");
+    let start = section.find("```json\n").expect("a JSON block") + "```json\n".len();
+    let len = section[start..].find("```").expect("the block ends");
+    section[start..start + len].to_owned()
+}
+
+#[test]
+fn readme_worked_example_parses_and_routes_at_the_mock() {
+    let mut config = Config::from_json(&readme_routing_example()).unwrap();
+    // Three keys on two accounts (one group, one key on its own), one key limited to
+    // one model family.
+    assert_eq!(config.keys.len(), 3);
+    assert_eq!(config.groups.len(), 1);
+    assert_eq!(config.strategy, Strategy::RoundRobin);
+    let grouped: Vec<_> = config.keys.iter().map(|k| k.group.as_deref()).collect();
+    assert_eq!(grouped, [Some("team-a"), Some("team-a"), None]);
+    assert!(config.keys[2].models.is_some() && config.keys[2].adaptive);
+    // Run it against the mock (the keys are placeholders, the URL is loopback).
+    let server = server(0);
+    config.base_url = server.url();
+    let pool = Pool::new(config).unwrap();
+    // Another family: never the openai-only key. Its own family: its share, mapped.
+    let models = ["anthropic/claude-3.5-sonnet", "openai/gpt-4o", "fast"];
+    let results = pool.batch((0..24).map(|i| chat(models[i % 3], i)));
+    for (i, r) in results.into_iter().enumerate() {
+        let label = r.unwrap().key_label().to_owned();
+        if i % 3 == 0 {
+            assert_ne!(label, "openai", "request {i}");
+        }
+    }
+    let oa = server
+        .key_stats("sk-oa")
+        .expect("the openai key served its family");
+    for rec in &oa.log {
+        let m = rec.model.as_deref();
+        assert!(m == Some("gpt-4o") || m == Some("gpt-4o-mini"), "{m:?}");
+    }
+    let or: u64 = ["sk-or-1", "sk-or-2"]
+        .iter()
+        .map(|k| server.key_stats(k).map_or(0, |r| r.requests))
+        .sum();
+    assert_eq!(or + oa.requests, 24);
+    assert!(server.key_stats("sk-or-1").is_some_and(|r| {
+        r.log
+            .iter()
+            .all(|l| l.model.as_deref() != Some("gpt-4o-mini"))
+    }));
+}

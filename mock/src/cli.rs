@@ -30,6 +30,8 @@ options (VALUE may also be given as --option=VALUE):
   --error-in-200-rate F   fraction answered 200 with an error object
   --seed N                seed of the fault random generator
   --key-capacity N        answer 429 to a key's requests above N in flight
+  --request-budget N/MS   N requests per key per MS-millisecond window, with
+                          x-ratelimit-{limit,remaining,reset}-requests; 429 beyond
   --threads N             server worker threads (default 2)
   --ignore-stdin          do not stop at stdin end-of-file; run until killed
   -h, --help              print this help
@@ -61,6 +63,8 @@ fn int<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, String> {
 /// let (port, cfg) = keypool_mock::parse_args(&args).unwrap();
 /// assert_eq!(port, Some(0));
 /// assert_eq!(cfg.fail_429_rate, 0.5);
+/// let args: Vec<String> = ["--request-budget", "10/1000"].map(String::from).to_vec();
+/// assert_eq!(keypool_mock::parse_args(&args).unwrap().1.request_budget, Some((10, 1000)));
 /// ```
 pub fn parse_args(args: &[String]) -> Result<(Option<u16>, MockConfig), String> {
     let mut cfg = MockConfig::default();
@@ -90,6 +94,17 @@ pub fn parse_args(args: &[String]) -> Result<(Option<u16>, MockConfig), String> 
             "--latency-ms" => cfg.latency_ms = int(name, &value()?)?,
             "--key-capacity" => cfg.key_capacity = Some(int::<usize>(name, &value()?)?),
             "--jitter-ms" => cfg.jitter_ms = int(name, &value()?)?,
+            "--request-budget" => {
+                let v = value()?;
+                let (n, ms) = v
+                    .split_once('/')
+                    .ok_or_else(|| format!("{name}: expected N/MS, got {v:?}"))?;
+                let (n, ms) = (int::<u64>(name, n)?, int::<u64>(name, ms)?);
+                if ms == 0 {
+                    return Err(format!("{name}: the window must be at least 1 ms"));
+                }
+                cfg.request_budget = Some((n, ms));
+            }
             "--fail-429-rate" => cfg.fail_429_rate = rate(name, &value()?)?,
             "--retry-after-ms" => {
                 let v = value()?;

@@ -131,6 +131,43 @@ enum Action {
     ErrorIn200(u16),
 }
 
+/// Counts a request against its key's [`crate::MockConfig::request_budget`]: the
+/// rate-limit headers to send, and whether it is over the budget (answer 429).
+fn spend_budget(shared: &Shared, key: &str, arrived: Duration) -> (Vec<(String, String)>, bool) {
+    let mut c = shared.control.lock();
+    let budget = match c.key_budgets.get(key) {
+        Some(b) => *b,
+        None => c.cfg.request_budget,
+    };
+    let Some((limit, window_ms)) = budget.filter(|b| b.1 > 0) else {
+        return (Vec::new(), false);
+    };
+    let window = u128::from(window_ms) * 1000;
+    let at = arrived.as_micros();
+    let index = at / window;
+    let reset_ms = ((index + 1) * window - at).div_ceil(1000);
+    let used = c.budgets.entry(key.to_owned()).or_insert((index, 0));
+    if used.0 != index {
+        *used = (index, 0);
+    }
+    let over = used.1 >= limit;
+    if !over {
+        used.1 += 1;
+    }
+    let headers = vec![
+        ("x-ratelimit-limit-requests".to_owned(), limit.to_string()),
+        (
+            "x-ratelimit-remaining-requests".to_owned(),
+            (limit - used.1).to_string(),
+        ),
+        (
+            "x-ratelimit-reset-requests".to_owned(),
+            format!("{reset_ms}ms"),
+        ),
+    ];
+    (headers, over)
+}
+
 /// The full decision for one request.
 struct Plan {
     delay: Duration,
@@ -278,10 +315,12 @@ fn pieces(text: &str, n: usize) -> Vec<String> {
 /// A streamed (`"stream": true`) answer: server-sent events shaped like OpenAI's and
 /// OpenRouter's, with the stream directives of the `"mock"` object (see the crate docs).
 fn sse_response(
+    shared: &Shared,
     n: u64,
     ep: Endpoint,
     key: &str,
     req: &Value,
+    extra_headers: &[(String, String)],
     mut guard: InFlight,
 ) -> Response<MockBody> {
     let d = req
@@ -434,20 +473,27 @@ fn sse_response(
             };
             steps.push_back((chunk_delay, event(&last.to_string())));
             if include_usage {
-                let u = json!({"id": id, "object": object, "created": created, "model": model, "choices": [],
+                let mut u = json!({"id": id, "object": object, "created": created, "model": model, "choices": [],
                     "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}});
+                // OpenRouter reports the cost in the last chunk's usage.
+                if let Some(cost) = charge(shared, key) {
+                    u["usage"]["cost"] = json!(cost);
+                }
                 steps.push_back((Duration::ZERO, event(&u.to_string())));
             }
             steps.push_back((Duration::ZERO, event("[DONE]")));
         }
     }
     guard.status = 200;
-    Response::builder()
+    let mut b = Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
-        .header("x-request-id", format!("req-{n}"))
-        .body(MockBody::steps(steps, end, Some(guard)))
+        .header("x-request-id", format!("req-{n}"));
+    for (k, v) in extra_headers {
+        b = b.header(k.as_str(), v.as_str());
+    }
+    b.body(MockBody::steps(steps, end, Some(guard)))
         .unwrap_or_else(|_| Response::new(MockBody::full(error_json(500, "bad header"), None)))
 }
 
@@ -707,6 +753,25 @@ pub(crate) async fn handle(
             guard,
         ));
     }
+    let (budget_headers, over_budget) = spend_budget(&shared, &key, guard.arrived);
+    if over_budget {
+        let plan = Plan {
+            delay: Duration::ZERO,
+            action: Action::Status(429),
+            retry_after_ms: None,
+            retry_after_raw: None,
+            should_retry: None,
+            slow_body: None,
+            ratelimit: budget_headers,
+        };
+        return Ok(respond(
+            n,
+            429,
+            error_json(429, "mock 429: over the key's request budget"),
+            Some(&plan),
+            guard,
+        ));
+    }
     if out_of_credit(&shared, &key) {
         return Ok(respond(
             n,
@@ -716,7 +781,8 @@ pub(crate) async fn handle(
             guard,
         ));
     }
-    let plan = plan(&shared, &key, parsed.as_ref());
+    let mut plan = plan(&shared, &key, parsed.as_ref());
+    plan.ratelimit.extend(budget_headers);
     if !plan.delay.is_zero() {
         shared.timer.sleep(plan.delay).await;
     }
@@ -757,7 +823,15 @@ pub(crate) async fn handle(
         (Action::Success, Some(v))
             if as_bool(v, "stream") && matches!(ep, Endpoint::Chat | Endpoint::Completions) =>
         {
-            Ok(sse_response(n, ep, &key, v, guard))
+            Ok(sse_response(
+                &shared,
+                n,
+                ep,
+                &key,
+                v,
+                &plan.ratelimit,
+                guard,
+            ))
         }
         (Action::Success, Some(v)) => {
             let mut body = success_body(ep, n, v);

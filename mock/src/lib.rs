@@ -57,7 +57,12 @@
 //! "limit_remaining", "usage", "is_free_tier", "limit_reset"}}`) from the key's
 //! [`MockCredit`] (not counted as a request). A key with a cap and nothing left gets
 //! 402 for every request; with [`MockConfig::cost_per_request`] each success reports
-//! `usage.cost` and is debited.
+//! `usage.cost` (a stream in its usage chunk) and is debited.
+//!
+//! **Request budgets.** With [`MockConfig::request_budget`] (or one key's, from
+//! [`MockServer::set_request_budget`]) each key may make `limit` requests per fixed window;
+//! every answer says so in OpenAI's `x-ratelimit-{limit,remaining,reset}-requests`
+//! headers, and a request beyond the limit gets 429.
 //!
 //! The `keypool-mock` binary ([`run_cli`], options in [`USAGE`]) prints its base URL as
 //! one line on stdout and serves until stdin reaches end-of-file, for tests in other
@@ -143,10 +148,21 @@ pub struct MockConfig {
     /// already has this many in flight is answered 429 at once (no retry headers).
     /// Defaults to `None` (no limit).
     pub key_capacity: Option<usize>,
-    /// Dollars each successful (non-streamed) completion or embedding costs: when
-    /// above 0 the answer carries `usage.cost` and the amount is debited from the key's
-    /// balance ([`MockServer::set_credit`]). Defaults to 0.
+    /// Dollars each successful completion or embedding costs: when above 0 the answer
+    /// carries `usage.cost` (a stream: in its usage chunk, sent when
+    /// `stream_options.include_usage` is true and the stream has no fault) and the
+    /// amount is debited from the key's balance ([`MockServer::set_credit`]). Defaults
+    /// to 0.
     pub cost_per_request: f64,
+    /// A real per-key request budget, `(limit, window_ms)`: each key may make `limit`
+    /// requests per fixed window of `window_ms` (windows counted from server start, the
+    /// clock of [`RequestRecord::arrived`]). Every answer carries OpenAI's
+    /// `x-ratelimit-limit-requests`, `x-ratelimit-remaining-requests` (after this
+    /// request) and `x-ratelimit-reset-requests` (the time left in the window, as
+    /// `<n>ms`, rounded up); a request beyond the limit is answered 429 (with those
+    /// headers, no retry headers) and does not count. Defaults to `None` (no budget;
+    /// a `window_ms` of 0 is none too).
+    pub request_budget: Option<(u64, u64)>,
 }
 
 impl Default for MockConfig {
@@ -169,6 +185,7 @@ impl Default for MockConfig {
             threads: 2,
             key_capacity: None,
             cost_per_request: 0.0,
+            request_budget: None,
         }
     }
 }

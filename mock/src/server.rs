@@ -31,6 +31,10 @@ pub(crate) struct Control {
     pub(crate) rules: HashMap<String, RuleState>,
     /// Per-key credit (`GET …/key`, 402 when spent, `usage.cost`).
     pub(crate) credits: HashMap<String, crate::MockCredit>,
+    /// Per-key request budget use ([`MockConfig::request_budget`]): (window, used).
+    pub(crate) budgets: HashMap<String, (u128, u64)>,
+    /// Per-key request budgets replacing the global one ([`MockServer::set_request_budget`]).
+    pub(crate) key_budgets: HashMap<String, Option<(u64, u64)>>,
 }
 
 /// State shared by the handle and every connection task.
@@ -99,6 +103,8 @@ impl MockServer {
                 cfg,
                 rules: HashMap::new(),
                 credits: HashMap::new(),
+                budgets: HashMap::new(),
+                key_budgets: HashMap::new(),
             }),
             acc: Arc::new(Accounting::new()),
             ids: AtomicU64::new(0),
@@ -146,6 +152,16 @@ impl MockServer {
                 rule,
             },
         );
+    }
+
+    /// Gives the key `key` its own request budget `(limit, window_ms)` (`None`: none),
+    /// replacing [`MockConfig::request_budget`] for it.
+    pub fn set_request_budget(&self, key: &str, budget: Option<(u64, u64)>) {
+        self.shared
+            .control
+            .lock()
+            .key_budgets
+            .insert(key.to_owned(), budget);
     }
 
     /// Gives the key `key` a cap of `limit` dollars (`None`: no cap), keeping what it

@@ -99,6 +99,7 @@ impl Accounting {
         let index = ks.log.len() - 1;
         let key_in_flight = ks.in_flight;
         InFlight {
+            arrived,
             key_in_flight,
             model: None,
             acc: Arc::clone(self),
@@ -159,6 +160,8 @@ pub(crate) struct InFlight {
     pub(crate) model: Option<String>,
     /// This key's requests in flight when this one arrived (itself included).
     pub(crate) key_in_flight: usize,
+    /// When its headers were parsed, since server start (as in its log record).
+    pub(crate) arrived: Duration,
 }
 
 impl Drop for InFlight {

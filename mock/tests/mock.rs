@@ -605,3 +605,48 @@ fn drop_inside_an_async_context_does_not_panic_or_hang() {
     });
     assert!(t.elapsed() < Duration::from_secs(3));
 }
+
+#[test]
+fn request_budget_counts_per_key_window_and_answers_429_beyond() {
+    // A long window, so the test's few requests fall in one.
+    let server = MockServer::start(MockConfig {
+        request_budget: Some((3, 60_000)),
+        ..MockConfig::default()
+    })
+    .unwrap();
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let r = chat(&server, "sk-a", body.clone()).unwrap();
+        assert_eq!(r.header("x-ratelimit-limit-requests"), Some("3"));
+        let reset = r.header("x-ratelimit-reset-requests").unwrap();
+        let ms: u64 = reset.strip_suffix("ms").unwrap().parse().unwrap();
+        assert!((1..=60_000).contains(&ms), "{reset}");
+        seen.push((
+            r.status,
+            r.header("x-ratelimit-remaining-requests")
+                .unwrap()
+                .to_owned(),
+        ));
+    }
+    assert_eq!(
+        seen,
+        [(200, "2"), (200, "1"), (200, "0"), (429, "0")]
+            .map(|(s, r)| (s, r.to_owned()))
+            .to_vec()
+    );
+    // Per key: another key has its own budget; a key's own replaces the global one.
+    let r = chat(&server, "sk-b", body.clone()).unwrap();
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("2"));
+    server.set_request_budget("sk-c", Some((1, 60_000)));
+    assert_eq!(chat(&server, "sk-c", body.clone()).unwrap().status, 200);
+    assert_eq!(chat(&server, "sk-c", body.clone()).unwrap().status, 429);
+    server.set_request_budget("sk-d", None);
+    for _ in 0..5 {
+        let r = chat(&server, "sk-d", body.clone()).unwrap();
+        assert_eq!(
+            (r.status, r.header("x-ratelimit-limit-requests")),
+            (200, None)
+        );
+    }
+}

@@ -117,14 +117,21 @@ pub fn key_states(stats: &keypool::Stats) -> String {
     out
 }
 
-/// Learned limits, credit left and spend, one line per key that has any. Empty when
-/// no key learns its concurrency, checks credits or reports costs.
+/// Learned limits and budgets, credit left and spend, one line per key that has any.
+/// Empty when no key learns its concurrency or a rate budget, checks credits or
+/// reports costs.
 pub fn key_capacity(stats: &keypool::Stats) -> String {
     let mut out = String::new();
     for k in &stats.keys {
         let mut parts = Vec::new();
         if let Some(n) = k.learned_limit {
             parts.push(format!("learned limit {n} of {}", k.max_concurrent));
+        }
+        if let Some(r) = k.learned_rpm {
+            parts.push(format!("learned budget {r:.0} requests/min"));
+        }
+        if let Some(t) = k.learned_tpm {
+            parts.push(format!("learned budget {t:.0} tokens/min"));
         }
         if let Some(c) = k.credit_remaining {
             parts.push(format!("credit left ${c:.4}"));
@@ -242,6 +249,14 @@ mod tests {
         assert_eq!(
             key_capacity(&stats),
             "keypool: key b: learned limit 5 of 8, credit left $1.5000\n"
+        );
+        stats.keys[0].learned_rpm = Some(1500.0);
+        stats.keys[0].learned_tpm = Some(200_000.4);
+        assert_eq!(
+            key_capacity(&stats).lines().next(),
+            Some(
+                "keypool: key acct-a: learned budget 1500 requests/min, learned budget 200000 tokens/min"
+            )
         );
     }
 }
