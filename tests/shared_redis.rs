@@ -617,3 +617,200 @@ fn cli_runs_split_one_key_set() {
     assert!(k.max_in_flight <= 4, "{} in flight", k.max_in_flight);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Live (unexpired) leases of every key in namespace `test`, counted by Redis.
+fn live_leases(con: &mut redis::Connection) -> usize {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(con).unwrap();
+    let now_ms = secs * 1000 + micros / 1000;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("kp:test:*:leases")
+        .query(con)
+        .unwrap();
+    keys.iter()
+        .map(|k| {
+            redis::cmd("ZCOUNT")
+                .arg(k)
+                .arg(format!("({now_ms}"))
+                .arg("+inf")
+                .query::<usize>(con)
+                .unwrap()
+        })
+        .sum()
+}
+
+/// Waits (polling an observable outside the code under test) until `f` holds.
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < within, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// What a feeder saw: requests submitted and each one's single result.
+#[derive(Debug, Default)]
+struct Fed {
+    submitted: usize,
+    ok: usize,
+    unavailable: usize,
+    other: Vec<String>,
+}
+
+/// Keeps up to 8 requests outstanding on `pool` until `stop`, then waits for every
+/// result. `errors` counts `SharedUnavailable` results as they come.
+fn feeder(
+    pool: Pool,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    errors: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> std::thread::JoinHandle<Fed> {
+    use std::sync::atomic::Ordering::SeqCst;
+    std::thread::spawn(move || {
+        let mut fed = Fed::default();
+        let mut out = std::collections::VecDeque::new();
+        let take = |r: keypool::RequestResult, fed: &mut Fed| match r {
+            Ok(_) => fed.ok += 1,
+            Err(Error::SharedUnavailable { .. }) => {
+                fed.unavailable += 1;
+                errors.fetch_add(1, SeqCst);
+            }
+            Err(e) => fed.other.push(format!("{e:?}")),
+        };
+        while !stop.load(SeqCst) {
+            while out.len() < 8 {
+                out.push_back(pool.submit(chat(fed.submitted)).unwrap());
+                fed.submitted += 1;
+            }
+            let t = out.pop_front().unwrap();
+            take(t.wait(), &mut fed);
+        }
+        for t in out {
+            take(t.wait(), &mut fed);
+        }
+        pool.close();
+        fed
+    })
+}
+
+/// `kill -9` of Redis while a pool holds leases with requests in flight, then Redis
+/// started again (empty) on the same port. `local`: the run goes on with local limits
+/// during the outage and returns to shared mode (leases in Redis again); `fail`: the
+/// requests of the outage end with `SharedUnavailable` and none reaches the server.
+/// Both: every request ends in exactly one result, nothing hangs, the key's
+/// `max_concurrent` never exceeded at the server and fully usable again afterwards.
+fn redis_restarted_mid_run(mode: &str) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    let port = free_port();
+    let Some(mut redis) = RedisServer::start_on(port) else {
+        return;
+    };
+    let server = mock(0);
+    let key = "sk-shared-0";
+    server.set_key_rule(
+        key,
+        KeyRule {
+            latency_ms: Some(40),
+            ..KeyRule::default()
+        },
+    );
+    let json = config_json(
+        &server.url(),
+        &redis.url(),
+        1,
+        4,
+        "",
+        &format!(r#", "on_unavailable": "{mode}", "timeout_ms": 200"#),
+    );
+    let started = Instant::now();
+    let pool = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let (stop, errors) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let feed = feeder(pool, stop.clone(), errors.clone());
+    let requests = || server.key_stats(key).map_or(0, |k| k.requests);
+    // Leases held, requests in flight.
+    let mut con = redis.conn();
+    wait_for("4 in flight", Duration::from_secs(10), || {
+        server.key_stats(key).is_some_and(|k| k.in_flight == 4) && requests() >= 12
+    });
+    assert_eq!(live_leases(&mut con), 4);
+    redis.child.kill().unwrap(); // SIGKILL
+    redis.child.wait().unwrap();
+    drop(con);
+    if mode == "local" {
+        // The run goes on at the server on local limits.
+        let before = requests();
+        wait_for(
+            "progress during the outage",
+            Duration::from_secs(10),
+            || requests() >= before + 40,
+        );
+    } else {
+        wait_for("typed errors", Duration::from_secs(10), || {
+            errors.load(SeqCst) >= 1
+        });
+        // What was admitted before the kill drains; then nothing reaches the server.
+        wait_for("drain", Duration::from_secs(5), || {
+            server.key_stats(key).is_some_and(|k| k.in_flight == 0)
+        });
+        let before = requests();
+        let e0 = errors.load(SeqCst);
+        wait_for("more typed errors", Duration::from_secs(10), || {
+            errors.load(SeqCst) >= e0 + 20
+        });
+        assert_eq!(
+            requests(),
+            before,
+            "a request reached the server while Redis was down"
+        );
+    }
+    // Redis is back, empty.
+    let redis = RedisServer::start_on(port).expect("restart redis-server");
+    let mut con = redis.conn();
+    // Back in shared mode: running requests hold leases in Redis again.
+    wait_for("leases in the new Redis", Duration::from_secs(5), || {
+        live_leases(&mut con) > 0
+    });
+    let back = requests() as usize;
+    wait_for(
+        "60 requests after recovery",
+        Duration::from_secs(10),
+        || requests() as usize >= back + 60,
+    );
+    stop.store(true, SeqCst);
+    let fed = feed.join().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(40));
+    // Exactly one result per request, each a response or the typed error.
+    assert_eq!(fed.ok + fed.unavailable + fed.other.len(), fed.submitted);
+    assert!(fed.other.is_empty(), "{:?}", fed.other);
+    if mode == "local" {
+        assert_eq!(fed.unavailable, 0);
+    } else {
+        assert!(fed.unavailable >= 21);
+    }
+    let stats = server.key_stats(key).unwrap();
+    assert_eq!(stats.log.len(), fed.ok, "one server request per success");
+    assert!(
+        stats.max_in_flight <= 4,
+        "{} in flight",
+        stats.max_in_flight
+    );
+    // After recovery the full max_concurrent is usable again: no slot stays leased.
+    let after: Vec<&RequestRecord> = stats.log[back..].iter().collect();
+    assert_eq!(max_overlap(&after), 4, "after recovery");
+    // And every lease was given back.
+    wait_for("leases released", Duration::from_millis(1_000), || {
+        live_leases(&mut con) == 0
+    });
+}
+
+#[test]
+fn redis_restarted_mid_run_local() {
+    redis_restarted_mid_run("local");
+}
+
+#[test]
+fn redis_restarted_mid_run_fail() {
+    redis_restarted_mid_run("fail");
+}

@@ -131,14 +131,30 @@ redis.call('PEXPIRE', KEYS[1], lease_ms * 2)
 return 0
 "#;
 
-/// One admission this process holds on a key.
+/// One admission this process holds on a key: a lease id. A slot of the local fallback
+/// (taken while Redis was unreachable) has an id too, registered as a lease when Redis
+/// answers again, so the requests still running then count against the shared limit.
 #[derive(Debug)]
-enum Held {
-    /// A lease in Redis.
-    Lease(String),
-    /// A slot of the local fallback (Redis was unreachable).
-    Local,
+struct Held {
+    id: String,
+    /// Registered in Redis (as far as this process knows): its release must reach Redis.
+    in_redis: bool,
 }
+
+/// A release (and the attempt's verdict) whose Redis call failed, retried when Redis
+/// answers again (see [`Conn::pending`]).
+#[derive(Debug)]
+struct Pending {
+    key: usize,
+    lease: Option<String>,
+    /// Cool the key until this instant (429), if still ahead when retried.
+    cool_until: Option<Instant>,
+    disable: String,
+}
+
+/// At most this many releases wait for Redis to come back; beyond, the oldest is
+/// dropped (its lease still expires within `lease_ms`).
+const PENDING_CAP: usize = 4096;
 
 /// Local fallback pacing (Redis down, `on_unavailable: local`): a GCRA of the scaled
 /// limit, in seconds since the pool started.
@@ -185,6 +201,12 @@ struct Conn {
     retry_at: Option<Instant>,
     /// The last failure, masked.
     last_error: String,
+    /// Releases whose Redis call failed, oldest first, retried (in order) right after
+    /// the next successful reconnection. Bounded by [`PENDING_CAP`]. Pushed only under
+    /// this lock and while `con` is `None`, so every entry meets the next reconnection.
+    pending: std::collections::VecDeque<Pending>,
+    /// Releases dropped because the queue was full (logged once per outage).
+    dropped: u64,
 }
 
 struct Inner {
@@ -239,7 +261,29 @@ impl Inner {
         &self,
         f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Option<T> {
+        self.with_conn_else(f, |_| {})
+    }
+
+    /// [`Inner::with_conn`], running `on_fail` under the connection's lock (with the
+    /// connection dropped) when Redis is unreachable or the call fails.
+    fn with_conn_else<T>(
+        &self,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+        on_fail: impl FnOnce(&mut Conn),
+    ) -> Option<T> {
         let mut c = self.conn.lock();
+        let r = self.with_locked_conn(&mut c, f);
+        if r.is_none() {
+            on_fail(&mut c);
+        }
+        r
+    }
+
+    fn with_locked_conn<T>(
+        &self,
+        c: &mut Conn,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Option<T> {
         if c.con.is_none() {
             if c.retry_at.is_some_and(|at| Instant::now() < at) {
                 return None;
@@ -254,15 +298,23 @@ impl Inner {
                     Ok(con)
                 });
             match con {
-                Ok(con) => {
+                Ok(mut con) => {
                     if c.retry_at.is_some() {
                         log::info!("keypool: shared limits: Redis is reachable again");
                     }
+                    // Before anything else on the new connection (Redis may have been
+                    // restarted empty): register every request still running here,
+                    // then the releases that failed meanwhile, in order.
+                    if let Err(e) = self.recover(&mut con, c) {
+                        self.fail(c, e);
+                        return None;
+                    }
                     c.con = Some(con);
                     c.retry_at = None;
+                    c.dropped = 0;
                 }
                 Err(e) => {
-                    self.fail(&mut c, e);
+                    self.fail(c, e);
                     return None;
                 }
             }
@@ -271,10 +323,54 @@ impl Inner {
         match f(con) {
             Ok(v) => Some(v),
             Err(e) => {
-                self.fail(&mut c, e);
+                self.fail(c, e);
                 None
             }
         }
+    }
+
+    /// On a fresh connection: re-registers this process's running requests as leases
+    /// (leases lost in a Redis restart, fallback slots taken during the outage), then
+    /// replays the releases queued while Redis was unreachable. An entry leaves the
+    /// queue only once Redis has taken it.
+    fn recover(&self, con: &mut redis::Connection, c: &mut Conn) -> redis::RedisResult<()> {
+        for (i, k) in self.keys.iter().enumerate() {
+            let ids: Vec<String> = {
+                let mut l = self.local[i].lock();
+                l.held
+                    .iter_mut()
+                    .map(|h| {
+                        h.in_redis = true;
+                        h.id.clone()
+                    })
+                    .collect()
+            };
+            if !ids.is_empty() {
+                let mut inv = self.renew.key(&k.leases);
+                inv.arg(self.cfg.lease_ms);
+                for id in &ids {
+                    inv.arg(id);
+                }
+                inv.invoke::<i64>(con)?;
+            }
+        }
+        while let Some(p) = c.pending.front() {
+            let now = Instant::now();
+            let cooldown_ms = p.cool_until.map_or(0, |u| {
+                u64::try_from(u.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
+            });
+            self.settle_on(
+                con,
+                p.key,
+                p.lease.as_deref(),
+                cooldown_ms,
+                &p.disable,
+                0,
+                0,
+            )?;
+            c.pending.pop_front();
+        }
+        Ok(())
     }
 
     fn fail(&self, c: &mut Conn, e: redis::RedisError) {
@@ -296,14 +392,19 @@ impl Inner {
         c.last_error = msg;
     }
 
-    fn acquire(&self, key: usize, tokens: u64) -> (SharedAdmit, bool) {
-        let k = &self.keys[key];
-        let id = format!(
+    /// A lease id unique to this pool.
+    fn lease_id(&self) -> String {
+        format!(
             "{}:{}",
             self.token,
             self.next_lease
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
+        )
+    }
+
+    fn acquire(&self, key: usize, tokens: u64) -> (SharedAdmit, bool) {
+        let k = &self.keys[key];
+        let id = self.lease_id();
         let reply = self.with_conn(|con| {
             self.acquire
                 .key(&k.leases)
@@ -328,7 +429,10 @@ impl Inner {
         let after = |ms: u64| now + Duration::from_millis(ms.min(crate::MAX_DURATION_MS));
         let admit = match int(0) {
             0 => {
-                self.local[key].lock().held.push(Held::Lease(id));
+                self.local[key]
+                    .lock()
+                    .held
+                    .push(Held { id, in_redis: true });
                 return (SharedAdmit::Yes, true);
             }
             1 => SharedAdmit::WakeAt(after(int(1)).min(now + BUSY_RECHECK)),
@@ -380,22 +484,79 @@ impl Inner {
         }
         l.rpm = rpm;
         l.tpm = tpm;
-        l.held.push(Held::Local);
+        let id = self.lease_id();
+        l.held.push(Held {
+            id,
+            in_redis: false,
+        });
         SharedAdmit::Yes
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn settle(
+    /// Ends an admission (gives `lease` back, publishes the verdict) in Redis; if Redis
+    /// cannot take it now, queues it for the next reconnection (bounded: the oldest
+    /// entry is dropped when full, its lease then expires within `lease_ms`).
+    fn release(
         &self,
+        key: usize,
+        lease: Option<String>,
+        cooldown: Option<Duration>,
+        disable: &str,
+    ) {
+        let cooldown_ms = cooldown.map_or(0, |d| {
+            u64::try_from(d.as_millis())
+                .unwrap_or(u64::MAX)
+                .clamp(1, crate::MAX_DURATION_MS)
+        });
+        let queued_at = Instant::now();
+        let lease_ref = lease.clone();
+        self.with_conn_else(
+            |con| self.settle_on(con, key, lease_ref.as_deref(), cooldown_ms, disable, 0, 0),
+            |c| {
+                if c.pending.len() >= PENDING_CAP {
+                    c.pending.pop_front();
+                    if c.dropped == 0 {
+                        log::warn!(
+                            "keypool: shared limits: {PENDING_CAP} releases wait for Redis; \
+                             dropping the oldest (their leases expire within lease_ms)"
+                        );
+                    }
+                    c.dropped += 1;
+                }
+                c.pending.push_back(Pending {
+                    key,
+                    lease,
+                    cool_until: cooldown.and_then(|d| queued_at.checked_add(d)),
+                    disable: disable.to_owned(),
+                });
+            },
+        );
+    }
+
+    /// Releases waiting for Redis (queued after a failed release call).
+    fn pending(&self) -> usize {
+        self.conn.lock().pending.len()
+    }
+
+    /// Corrects a key's shared rate budgets; not retried if Redis is unreachable (a
+    /// budget shift is not idempotent, and a lost one errs by at most that request).
+    fn shift(&self, key: usize, rpm_delta: i64, tpm_delta: i64) {
+        let _ = self.with_conn(|con| self.settle_on(con, key, None, 0, "", rpm_delta, tpm_delta));
+    }
+
+    /// The release/correction script on `con`.
+    #[allow(clippy::too_many_arguments)]
+    fn settle_on(
+        &self,
+        con: &mut redis::Connection,
         key: usize,
         lease: Option<&str>,
         cooldown_ms: u64,
         disable: &str,
         rpm_delta: i64,
         tpm_delta: i64,
-    ) {
+    ) -> redis::RedisResult<i64> {
         let k = &self.keys[key];
-        let _ = self.with_conn(|con| {
+        {
             self.settle
                 .key(&k.leases)
                 .key(&k.state)
@@ -412,23 +573,25 @@ impl Inner {
                 .arg(&k.hash)
                 .arg(DISABLED_TTL_MS)
                 .invoke::<i64>(con)
-        });
+        }
     }
 
     /// Renews every lease this process holds. Returns whether it holds any.
     fn renew_all(&self) -> bool {
         let mut any = false;
         for (i, k) in self.keys.iter().enumerate() {
-            let ids: Vec<String> = self.local[i]
-                .lock()
-                .held
-                .iter()
-                .filter_map(|h| match h {
-                    Held::Lease(id) => Some(id.clone()),
-                    Held::Local => None,
-                })
-                .collect();
-            any |= !self.local[i].lock().held.is_empty();
+            let ids: Vec<String> = {
+                let mut l = self.local[i].lock();
+                l.held
+                    .iter_mut()
+                    .map(|h| {
+                        // Fallback slots too: renewing registers them.
+                        h.in_redis = true;
+                        h.id.clone()
+                    })
+                    .collect()
+            };
+            any |= !ids.is_empty();
             if ids.is_empty() {
                 continue;
             }
@@ -484,6 +647,8 @@ impl RedisLimits {
                 con: None,
                 retry_at: None,
                 last_error: String::new(),
+                pending: std::collections::VecDeque::new(),
+                dropped: 0,
             }),
             acquire: Script::new(ACQUIRE),
             settle: Script::new(SETTLE),
@@ -541,24 +706,43 @@ impl RedisLimits {
     }
 }
 
-/// The lease renewer: waits on `rx` (an admission took a lease) while nothing is held,
-/// else renews every `lease_ms / 3`. Ends when the pool's limits are dropped.
+/// The lease renewer: waits on `rx` (an admission took a lease, or a release was
+/// queued) while nothing is held or queued, else renews every `lease_ms / 3` — and,
+/// while releases wait for Redis, tries to reconnect every [`RECONNECT_AFTER`] (a
+/// reconnection replays them). Ends when the pool's limits are dropped.
 fn renewer(inner: Arc<Inner>, rx: Receiver<()>) {
     let interval = Duration::from_millis(inner.cfg.lease_ms / 3);
+    let next_tick = |inner: &Inner| {
+        if inner.pending() > 0 {
+            Some(Instant::now() + interval.min(RECONNECT_AFTER))
+        } else if inner.holds_any() {
+            Some(Instant::now() + interval)
+        } else {
+            None
+        }
+    };
     let mut next: Option<Instant> = None;
     loop {
         let Some(at) = next else {
-            if !inner.holds_any() && rx.recv().is_err() {
+            if !inner.holds_any() && inner.pending() == 0 && rx.recv().is_err() {
                 return;
             }
-            next = Some(Instant::now() + interval);
+            next = next_tick(&inner).or(Some(Instant::now() + interval));
             continue;
         };
         match rx.recv_deadline(at) {
-            Ok(()) => {}
+            Ok(()) => {
+                if inner.pending() > 0 {
+                    next = Some(at.min(Instant::now() + RECONNECT_AFTER));
+                }
+            }
             Err(RecvTimeoutError::Disconnected) => return,
             Err(RecvTimeoutError::Timeout) => {
-                next = inner.renew_all().then(|| Instant::now() + interval);
+                if !inner.renew_all() && inner.pending() > 0 {
+                    // Nothing to renew: just reconnect, which replays the queue.
+                    let _ = inner.with_conn(|con| redis::cmd("PING").query::<String>(con));
+                }
+                next = next_tick(&inner);
             }
         }
     }
@@ -640,20 +824,18 @@ impl SharedLimits for RedisLimits {
 
     fn release(&self, key: usize, v: &KeyVerdict) {
         let held = self.inner.local[key].lock().held.pop();
-        let lease = match &held {
-            Some(Held::Lease(id)) => Some(id.as_str()),
-            _ => None,
-        };
-        let cooldown_ms = v.cooldown.map_or(0, |d| {
-            u64::try_from(d.as_millis())
-                .unwrap_or(u64::MAX)
-                .clamp(1, crate::MAX_DURATION_MS)
-        });
+        // A fallback slot never registered in Redis has nothing to give back there.
+        let lease = held.filter(|h| h.in_redis).map(|h| h.id);
         let disable = v.disable.as_deref().unwrap_or("");
-        if lease.is_none() && cooldown_ms == 0 && disable.is_empty() {
+        if lease.is_none() && v.cooldown.is_none() && disable.is_empty() {
             return;
         }
-        self.inner.settle(key, lease, cooldown_ms, disable, 0, 0);
+        self.inner.release(key, lease, v.cooldown, disable);
+        if self.inner.pending() > 0 {
+            if let Some(tx) = &self.renew_tx {
+                let _ = tx.try_send(());
+            }
+        }
     }
 
     fn refund(&self, key: usize, tokens: u64) {
@@ -662,7 +844,7 @@ impl SharedLimits for RedisLimits {
             return;
         }
         let t = i64::try_from(tokens).unwrap_or(i64::MAX);
-        self.inner.settle(key, None, 0, "", -1, -t);
+        self.inner.shift(key, -1, -t);
     }
 
     fn correct_tokens(&self, key: usize, estimated: u64, actual: u64) {
@@ -671,7 +853,7 @@ impl SharedLimits for RedisLimits {
         }
         let delta = i128::from(actual) - i128::from(estimated);
         let delta = i64::try_from(delta).unwrap_or(if delta > 0 { i64::MAX } else { i64::MIN });
-        self.inner.settle(key, None, 0, "", 0, delta);
+        self.inner.shift(key, 0, delta);
     }
 
     fn unavailable_reason(&self) -> String {
