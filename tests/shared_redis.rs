@@ -814,3 +814,123 @@ fn redis_restarted_mid_run_local() {
 fn redis_restarted_mid_run_fail() {
     redis_restarted_mid_run("fail");
 }
+
+/// A loopback TCP proxy in front of Redis that can be cut (every connection closed,
+/// new ones dropped) and restored, with Redis's data intact.
+struct Proxy {
+    port: u16,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (d, c) = (down.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                if d.load(SeqCst) {
+                    continue; // dropped: the connection closes at once
+                }
+                let Ok(up) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let mut list = c.lock().unwrap();
+                list.push(client.try_clone().unwrap());
+                list.push(up.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, down, conns }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+        if down {
+            for s in self.conns.lock().unwrap().drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// A release whose Redis call fails (Redis unreachable when the request ends, its data
+/// intact) does not hold the slot until `lease_ms` (20 s here): it is queued and
+/// replayed when Redis answers again, with no new request needed, and another pool then
+/// gets the key's full `max_concurrent` at once.
+#[test]
+fn failed_release_is_replayed_not_held_until_lease_ms() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let proxy = Proxy::start(redis.port);
+    let server = mock(0);
+    let key = "sk-shared-0";
+    server.set_key_rule(
+        key,
+        KeyRule {
+            latency_ms: Some(300),
+            ..KeyRule::default()
+        },
+    );
+    let extra = r#", "timeout_ms": 200, "on_unavailable": "fail""#;
+    let json_a = config_json(&server.url(), &proxy.url(), 1, 2, "", extra)
+        .replace(r#""lease_ms": 1500"#, r#""lease_ms": 20000"#);
+    let a = Pool::new(Config::from_json(&json_a).unwrap()).unwrap();
+    let tickets: Vec<_> = (0..2).map(|i| a.submit(chat(i)).unwrap()).collect();
+    wait_for("2 in flight", Duration::from_secs(10), || {
+        server.key_stats(key).is_some_and(|k| k.in_flight == 2)
+    });
+    let mut con = redis.conn();
+    assert_eq!(live_leases(&mut con), 2);
+    proxy.set_down(true);
+    for t in tickets {
+        assert!(t.wait().is_ok());
+    }
+    // The releases could not reach Redis: both leases are still live there.
+    assert_eq!(live_leases(&mut con), 2);
+    let cut_at = Instant::now();
+    proxy.set_down(false);
+    // No request through A: its renewer reconnects and replays the releases, long
+    // before the leases would expire (20 s).
+    wait_for("the queued releases", Duration::from_secs(4), || {
+        live_leases(&mut con) == 0
+    });
+    assert!(cut_at.elapsed() < Duration::from_secs(4));
+    // Another pool gets both slots at once.
+    let json_b = config_json(&server.url(), &redis.url(), 1, 2, "", extra);
+    let b = Pool::new(Config::from_json(&json_b).unwrap()).unwrap();
+    server.set_key_rule(
+        key,
+        KeyRule {
+            latency_ms: Some(100),
+            ..KeyRule::default()
+        },
+    );
+    let t = Instant::now();
+    assert!(b.batch((0..4).map(chat)).iter().all(|r| r.is_ok()));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let stats = server.key_stats(key).unwrap();
+    let ours: Vec<&RequestRecord> = stats.log[2..].iter().collect();
+    assert_eq!(ours.len(), 4);
+    assert_eq!(max_overlap(&ours), 2);
+    assert!(stats.max_in_flight <= 2);
+    drop(a);
+}
