@@ -934,3 +934,65 @@ fn failed_release_is_replayed_not_held_until_lease_ms() {
     assert!(stats.max_in_flight <= 2);
     drop(a);
 }
+
+/// `tpm` shared by three pools on one key: every request costs exactly its estimate
+/// (40 prompt characters + `max_tokens` 11 = 21 tokens, the mock's usage too), and
+/// `tpm` 1260 is 21 tokens a second with a one-second (21-token) burst. At the server,
+/// any window of W seconds holds at most tpm·W/60 + 21 tokens (the GCRA's bound: the
+/// burst is one request's tokens here), and the 6 requests take at least 5 s (one pool
+/// alone would be allowed that much; three unshared would finish in about 2 s).
+#[test]
+fn tpm_is_shared_exactly() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(5);
+    let json = config_json(&server.url(), &redis.url(), 1, 4, r#", "tpm": 1260"#, "");
+    let req = |i: usize| {
+        let prompt = format!("{i:0>40}");
+        Request::new(&serde_json::json!({
+            "model": "mock-model",
+            "max_tokens": 11,
+            "messages": [{"role": "user", "content": prompt}],
+        }))
+    };
+    assert_eq!(req(0).estimated_tokens(), 21);
+    let pools: Vec<Pool> = (0..3)
+        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
+        .collect();
+    let used = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for pool in &pools {
+            let used = &used;
+            s.spawn(move || {
+                for r in pool.batch((0..2).map(req)) {
+                    let u = r.unwrap().usage().unwrap();
+                    let total = u.prompt_tokens + u.completion_tokens;
+                    assert_eq!(total, 21, "the mock's count is the estimate");
+                    used.fetch_add(total, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    assert_eq!(used.into_inner(), 6 * 21);
+    let stats = server.key_stats("sk-shared-0").unwrap();
+    let mut arrivals: Vec<Duration> = stats.log.iter().map(|r| r.arrived).collect();
+    arrivals.sort();
+    assert_eq!(arrivals.len(), 6);
+    for w in [1_000u64, 2_000, 3_000] {
+        let allowed = 1260 * w / 60_000 + 21;
+        for (i, a) in arrivals.iter().enumerate() {
+            let n = arrivals[i..]
+                .iter()
+                .take_while(|b| **b < *a + Duration::from_millis(w))
+                .count() as u64;
+            assert!(
+                n * 21 <= allowed,
+                "{} tokens within {w} ms of arrival {i} (allowed {allowed})",
+                n * 21
+            );
+        }
+    }
+    let span = arrivals[5] - arrivals[0];
+    assert!(span >= Duration::from_millis(5 * 1000 - 100), "{span:?}");
+}

@@ -59,6 +59,9 @@ if redis.call('ZCARD', KEYS[1]) >= max then
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   return {1, math.max(1, tonumber(first[2]) - now)}
 end
+-- tpm: a request bigger than the one-second burst may start once the budget is clear
+-- (it could never start otherwise) but is charged in full: the key goes into debt, at
+-- most one minute's worth, like the local bucket.
 local rpm, tpm, tokens = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local wait, rtat, ttat = 0, nil, nil
 if rpm > 0 then
@@ -70,9 +73,10 @@ if tpm > 0 then
   local T = 60000 / tpm
   local cap = math.max(math.ceil(tpm / 60), 1)
   local tau = cap * T
-  local cost = math.min(tokens, cap) * T
+  local need = math.min(tokens, cap) * T
   local tat = math.max(tonumber(redis.call('HGET', KEYS[3], 't') or '0') or 0, now)
-  if tat + cost - now > tau then wait = math.max(wait, tat + cost - tau - now) else ttat = tat + cost end
+  if tat + need - now > tau then wait = math.max(wait, tat + need - tau - now)
+  else ttat = math.min(tat + tokens * T, now + 60000) end
 end
 if wait > 0 then return {4, math.max(1, math.ceil(wait))} end
 local lease_ms = tonumber(ARGV[3])
