@@ -996,3 +996,40 @@ fn tpm_is_shared_exactly() {
     let span = arrivals[5] - arrivals[0];
     assert!(span >= Duration::from_millis(5 * 1000 - 100), "{span:?}");
 }
+
+/// A credit check that finds a key at its floor in one pool parks the key in every
+/// pool: B, which checks no credits itself, never sends to it.
+#[test]
+fn credit_floor_park_is_shared() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(5);
+    server.set_credit("sk-shared-0", Some(0.5));
+    server.set_credit("sk-shared-1", Some(100.0));
+    let json = config_json(&server.url(), &redis.url(), 2, 2, "", "");
+    let with_credits = json.replacen(
+        r#""keys":"#,
+        r#""credits": {"check": true, "floor": 0.5}, "keys":"#,
+        1,
+    );
+    let a = Pool::new(Config::from_json(&with_credits).unwrap()).unwrap();
+    wait_for("A parks the key", Duration::from_secs(5), || {
+        a.stats().keys[0].disabled_reason.is_some()
+    });
+    assert_eq!(server.credit("sk-shared-0").unwrap().checks, 1);
+    let b = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    assert!(b.batch((0..20).map(chat)).iter().all(|r| r.is_ok()));
+    assert_eq!(server.key_stats("sk-shared-0").map_or(0, |k| k.requests), 0);
+    assert_eq!(server.key_stats("sk-shared-1").unwrap().requests, 20);
+    // B checked no credit itself: the park came through Redis.
+    assert_eq!(server.credit("sk-shared-0").unwrap().checks, 1);
+    let reason = b.stats().keys[0]
+        .disabled_reason
+        .clone()
+        .expect("parked in B");
+    assert!(
+        reason.contains("floor") && reason.contains("shared"),
+        "{reason}"
+    );
+}

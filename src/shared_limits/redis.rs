@@ -842,6 +842,10 @@ impl SharedLimits for RedisLimits {
         }
     }
 
+    fn disable(&self, key: usize, reason: &str) {
+        self.inner.release(key, None, None, reason);
+    }
+
     fn refund(&self, key: usize, tokens: u64) {
         let k = &self.inner.keys[key];
         if k.rpm == 0 && k.tpm == 0 {
