@@ -1033,3 +1033,80 @@ fn credit_floor_park_is_shared() {
         "{reason}"
     );
 }
+
+/// The learned limit of an `adaptive` key is shared, and moved in Lua: three pools
+/// learning together never have more in flight at the mock than the one shared limit
+/// allows (each pool's own limit would let three times as many through), the shared
+/// limit grows with their successes, and a 429 seen by any of them cuts it for all.
+#[test]
+fn learned_limit_is_shared() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(20);
+    let json = config_json(
+        &server.url(),
+        &redis.url(),
+        1,
+        32,
+        r#", "adaptive": true"#,
+        "",
+    )
+    .replace(r#""max_attempts": 5"#, r#""max_attempts": 20"#);
+    let pools: Vec<Pool> = (0..3)
+        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
+        .collect();
+    let run = |n: usize| {
+        std::thread::scope(|s| {
+            for pool in &pools {
+                s.spawn(move || {
+                    let results = pool.batch((0..n).map(chat));
+                    assert!(results.iter().all(|r| r.is_ok()));
+                });
+            }
+        })
+    };
+    let mut con = redis.conn();
+    let mut learned = |con: &mut redis::Connection| -> (f64, u64) {
+        let keys: Vec<String> = redis::cmd("KEYS").arg("kp:test:*:aimd").query(con).unwrap();
+        assert_eq!(keys.len(), 1);
+        let (l, c): (Option<f64>, Option<u64>) = redis::cmd("HMGET")
+            .arg(&keys[0])
+            .arg("limit")
+            .arg("cuts")
+            .query(con)
+            .unwrap();
+        (l.unwrap_or(1.0), c.unwrap_or(0))
+    };
+    // No 429s: the shared limit only grows, so its final value bounds every moment.
+    run(40);
+    let (limit, cuts) = learned(&mut con);
+    assert_eq!(cuts, 0);
+    let k = server.key_stats("sk-shared-0").unwrap();
+    assert_eq!(k.requests, 120);
+    assert!(limit >= 3.0, "the shared limit grew only to {limit}");
+    assert!(limit < 32.0, "{limit}");
+    assert!(
+        k.max_in_flight <= limit.floor() as usize,
+        "{} in flight, shared limit {limit}",
+        k.max_in_flight
+    );
+    assert!(k.max_in_flight >= 3, "{}", k.max_in_flight);
+    // A hidden capacity of 2: the 429s (bare, so no cooldown) cut the shared limit.
+    server.set_config(MockConfig {
+        latency_ms: 20,
+        key_capacity: Some(2),
+        threads: 4,
+        ..MockConfig::default()
+    });
+    run(20);
+    let (after, cuts) = learned(&mut con);
+    let k = server.key_stats("sk-shared-0").unwrap();
+    let limited = k.statuses.get(&429).copied().unwrap_or(0);
+    assert!(limited >= 1);
+    assert!(
+        cuts >= 1 && cuts <= limited,
+        "{cuts} cuts for {limited} 429s"
+    );
+    assert!(after < limit, "{after} after the 429s, {limit} before");
+}

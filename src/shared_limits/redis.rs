@@ -43,8 +43,10 @@ const DISABLED_TTL_MS: u64 = 3_600_000;
 
 /// Drops expired leases, then admits if the key is not disabled or cooling, has a free
 /// slot and has budget; takes the lease and the budget in the same step.
-/// KEYS: leases, state, rate. ARGV: max, lease id, lease_ms, rpm, tpm, tokens.
-/// Returns {0} admitted, {1, wait_ms} full, {2, wait_ms} cooling, {3, 0, reason}
+/// With `adaptive` ('1'), the key's slots are capped at its shared learned limit
+/// (`kp:{ns}:{h}:aimd`: `limit`, a float ≥ 1, and `cuts`, the number of cuts so far).
+/// KEYS: leases, state, rate, aimd. ARGV: max, lease id, lease_ms, rpm, tpm, tokens,
+/// adaptive. Returns {0, cuts} admitted (cuts: the learned limit's cut count now), {1, wait_ms} full, {2, wait_ms} cooling, {3, 0, reason}
 /// disabled, {4, wait_ms} out of rate budget.
 const ACQUIRE: &str = r#"
 local t = redis.call('TIME')
@@ -55,6 +57,12 @@ local cool = tonumber(redis.call('HGET', KEYS[2], 'cool_until') or '0') or 0
 if cool > now then return {2, cool - now} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local max = tonumber(ARGV[1])
+local cuts = 0
+if ARGV[7] == '1' then
+  local lim = tonumber(redis.call('HGET', KEYS[4], 'limit') or '1') or 1
+  cuts = tonumber(redis.call('HGET', KEYS[4], 'cuts') or '0') or 0
+  max = math.min(max, math.max(1, math.floor(lim)))
+end
 if redis.call('ZCARD', KEYS[1]) >= max then
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   return {1, math.max(1, tonumber(first[2]) - now)}
@@ -85,19 +93,37 @@ redis.call('PEXPIRE', KEYS[1], lease_ms * 2)
 if rtat then redis.call('HSET', KEYS[3], 'r', tostring(rtat)) end
 if ttat then redis.call('HSET', KEYS[3], 't', tostring(ttat)) end
 if rtat or ttat then redis.call('PEXPIRE', KEYS[3], 180000) end
-return {0}
+return {0, cuts}
 "#;
 
-/// Ends an admission or corrects a budget, in one step. KEYS: leases, state, rate.
+/// Ends an admission or corrects a budget, in one step. KEYS: leases, state, rate, aimd.
 /// ARGV: lease id ('' for none), max, cooldown_ms (0 none), disable reason ('' none),
-/// rpm, rpm delta (requests), tpm, tpm delta (tokens), channel, key hash.
+/// rpm, rpm delta (requests), tpm, tpm delta (tokens), channel, key hash, disabled TTL,
+/// adaptive ('1'), outcome ('r' a 429, 's' a success, '' neither), the admission's cut
+/// count. The shared learned limit (AIMD, as `adaptive.rs` without its probe pacing):
+/// a success while the key used its whole limit adds 1/limit (up to max); a 429 of an
+/// admission made since the last cut multiplies it by 0.8 (at least 1) — once per
+/// overshoot, whichever process sees the 429s.
 const SETTLE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[1] ~= '' then
-  local full = redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2])
+  local max = tonumber(ARGV[2])
+  local count = redis.call('ZCARD', KEYS[1])
+  local lim = max
+  if ARGV[12] == '1' then
+    local l = tonumber(redis.call('HGET', KEYS[4], 'limit') or '1') or 1
+    local cuts = tonumber(redis.call('HGET', KEYS[4], 'cuts') or '0') or 0
+    lim = math.min(max, math.max(1, math.floor(l)))
+    if ARGV[13] == 'r' and tonumber(ARGV[14]) >= cuts then
+      redis.call('HSET', KEYS[4], 'limit', tostring(math.max(1, l * 0.8)), 'cuts', cuts + 1)
+    elseif ARGV[13] == 's' and count >= lim and l < max then
+      redis.call('HSET', KEYS[4], 'limit', tostring(math.min(max, l + 1 / lim)))
+    end
+    redis.call('PEXPIRE', KEYS[4], 86400000)
+  end
   local removed = redis.call('ZREM', KEYS[1], ARGV[1])
-  if full and removed == 1 then redis.call('PUBLISH', ARGV[9], ARGV[10]) end
+  if count >= lim and removed == 1 then redis.call('PUBLISH', ARGV[9], ARGV[10]) end
 end
 local cd = tonumber(ARGV[3])
 if cd > 0 then
@@ -143,6 +169,8 @@ struct Held {
     id: String,
     /// Registered in Redis (as far as this process knows): its release must reach Redis.
     in_redis: bool,
+    /// The shared learned limit's cut count when admitted (adaptive keys).
+    cuts: u64,
 }
 
 /// A release (and the attempt's verdict) whose Redis call failed, retried when Redis
@@ -182,8 +210,26 @@ impl Pace {
     }
 }
 
+/// What a release tells the shared learned limit (adaptive keys).
+#[derive(Debug, Clone, Copy)]
+struct Aimd {
+    /// "r": a 429; "s": a success; "": neither.
+    outcome: &'static str,
+    /// The admission's cut count.
+    cuts: u64,
+}
+
+impl Aimd {
+    const NONE: Aimd = Aimd {
+        outcome: "",
+        cuts: 0,
+    };
+}
+
 struct KeyInfo {
     leases: String,
+    aimd: String,
+    adaptive: bool,
     state: String,
     rate: String,
     hash: String,
@@ -371,6 +417,7 @@ impl Inner {
                 &p.disable,
                 0,
                 0,
+                Aimd::NONE,
             )?;
             c.pending.pop_front();
         }
@@ -414,12 +461,14 @@ impl Inner {
                 .key(&k.leases)
                 .key(&k.state)
                 .key(&k.rate)
+                .key(&k.aimd)
                 .arg(k.max)
                 .arg(&id)
                 .arg(self.cfg.lease_ms)
                 .arg(k.rpm)
                 .arg(k.tpm)
                 .arg(tokens)
+                .arg(if k.adaptive { "1" } else { "0" })
                 .invoke::<Vec<Value>>(con)
         });
         let now = Instant::now();
@@ -433,10 +482,12 @@ impl Inner {
         let after = |ms: u64| now + Duration::from_millis(ms.min(crate::MAX_DURATION_MS));
         let admit = match int(0) {
             0 => {
-                self.local[key]
-                    .lock()
-                    .held
-                    .push(Held { id, in_redis: true });
+                let cuts = int(1);
+                self.local[key].lock().held.push(Held {
+                    id,
+                    in_redis: true,
+                    cuts,
+                });
                 return (SharedAdmit::Yes, true);
             }
             1 => SharedAdmit::WakeAt(after(int(1)).min(now + BUSY_RECHECK)),
@@ -492,6 +543,7 @@ impl Inner {
         l.held.push(Held {
             id,
             in_redis: false,
+            cuts: 0,
         });
         SharedAdmit::Yes
     }
@@ -499,12 +551,15 @@ impl Inner {
     /// Ends an admission (gives `lease` back, publishes the verdict) in Redis; if Redis
     /// cannot take it now, queues it for the next reconnection (bounded: the oldest
     /// entry is dropped when full, its lease then expires within `lease_ms`).
+    /// A release queued for a later reconnection carries no learned-limit outcome: the
+    /// shared limit then misses that one step.
     fn release(
         &self,
         key: usize,
         lease: Option<String>,
         cooldown: Option<Duration>,
         disable: &str,
+        aimd: Aimd,
     ) {
         let cooldown_ms = cooldown.map_or(0, |d| {
             u64::try_from(d.as_millis())
@@ -514,7 +569,18 @@ impl Inner {
         let queued_at = Instant::now();
         let lease_ref = lease.clone();
         self.with_conn_else(
-            |con| self.settle_on(con, key, lease_ref.as_deref(), cooldown_ms, disable, 0, 0),
+            |con| {
+                self.settle_on(
+                    con,
+                    key,
+                    lease_ref.as_deref(),
+                    cooldown_ms,
+                    disable,
+                    0,
+                    0,
+                    aimd,
+                )
+            },
             |c| {
                 if c.pending.len() >= PENDING_CAP {
                     c.pending.pop_front();
@@ -544,7 +610,9 @@ impl Inner {
     /// Corrects a key's shared rate budgets; not retried if Redis is unreachable (a
     /// budget shift is not idempotent, and a lost one errs by at most that request).
     fn shift(&self, key: usize, rpm_delta: i64, tpm_delta: i64) {
-        let _ = self.with_conn(|con| self.settle_on(con, key, None, 0, "", rpm_delta, tpm_delta));
+        let _ = self.with_conn(|con| {
+            self.settle_on(con, key, None, 0, "", rpm_delta, tpm_delta, Aimd::NONE)
+        });
     }
 
     /// The release/correction script on `con`.
@@ -558,6 +626,7 @@ impl Inner {
         disable: &str,
         rpm_delta: i64,
         tpm_delta: i64,
+        aimd: Aimd,
     ) -> redis::RedisResult<i64> {
         let k = &self.keys[key];
         {
@@ -565,6 +634,7 @@ impl Inner {
                 .key(&k.leases)
                 .key(&k.state)
                 .key(&k.rate)
+                .key(&k.aimd)
                 .arg(lease.unwrap_or(""))
                 .arg(k.max)
                 .arg(cooldown_ms)
@@ -576,6 +646,9 @@ impl Inner {
                 .arg(&self.channel)
                 .arg(&k.hash)
                 .arg(DISABLED_TTL_MS)
+                .arg(if k.adaptive { "1" } else { "0" })
+                .arg(aimd.outcome)
+                .arg(aimd.cuts)
                 .invoke::<i64>(con)
         }
     }
@@ -634,6 +707,8 @@ impl RedisLimits {
                     leases: format!("kp:{ns}:{hash}:leases"),
                     state: format!("kp:{ns}:{hash}:state"),
                     rate: format!("kp:{ns}:{hash}:rate"),
+                    aimd: format!("kp:{ns}:{hash}:aimd"),
+                    adaptive: k.adaptive,
                     hash,
                     max: k.max_concurrent,
                     rpm: k.rpm.map_or(0, u64::from),
@@ -827,14 +902,36 @@ impl SharedLimits for RedisLimits {
     }
 
     fn release(&self, key: usize, v: &KeyVerdict) {
-        let held = self.inner.local[key].lock().held.pop();
+        let held = {
+            let mut l = self.inner.local[key].lock();
+            // Held leases are interchangeable but for their cut counts: a 429 takes the
+            // oldest count (the most likely to be a stale overshoot, which must not cut
+            // again), anything else the newest.
+            let pick = if v.rate_limited {
+                l.held.iter().enumerate().min_by_key(|(_, h)| h.cuts)
+            } else {
+                l.held.iter().enumerate().max_by_key(|(_, h)| h.cuts)
+            }
+            .map(|(i, _)| i);
+            pick.map(|i| l.held.swap_remove(i))
+        };
+        let aimd = Aimd {
+            outcome: if v.rate_limited {
+                "r"
+            } else if v.accepted {
+                "s"
+            } else {
+                ""
+            },
+            cuts: held.as_ref().map_or(0, |h| h.cuts),
+        };
         // A fallback slot never registered in Redis has nothing to give back there.
         let lease = held.filter(|h| h.in_redis).map(|h| h.id);
         let disable = v.disable.as_deref().unwrap_or("");
         if lease.is_none() && v.cooldown.is_none() && disable.is_empty() {
             return;
         }
-        self.inner.release(key, lease, v.cooldown, disable);
+        self.inner.release(key, lease, v.cooldown, disable, aimd);
         if self.inner.pending() > 0 {
             if let Some(tx) = &self.renew_tx {
                 let _ = tx.try_send(());
@@ -843,7 +940,7 @@ impl SharedLimits for RedisLimits {
     }
 
     fn disable(&self, key: usize, reason: &str) {
-        self.inner.release(key, None, None, reason);
+        self.inner.release(key, None, None, reason, Aimd::NONE);
     }
 
     fn refund(&self, key: usize, tokens: u64) {
