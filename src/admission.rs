@@ -509,6 +509,7 @@ impl Gate {
                 b.correct(estimated, actual);
             }
         }
+        drop(s); // the Redis round trip outside the key's lock
         if let Some(link) = &self.shared {
             link.correct_tokens(estimated, actual);
         }

@@ -1067,7 +1067,7 @@ fn learned_limit_is_shared() {
         })
     };
     let mut con = redis.conn();
-    let mut learned = |con: &mut redis::Connection| -> (f64, u64) {
+    let learned = |con: &mut redis::Connection| -> (f64, u64) {
         let keys: Vec<String> = redis::cmd("KEYS").arg("kp:test:*:aimd").query(con).unwrap();
         assert_eq!(keys.len(), 1);
         let (l, c): (Option<f64>, Option<u64>) = redis::cmd("HMGET")
