@@ -624,6 +624,7 @@ impl Gate {
                 b.correct(estimated, actual);
             }
         }
+        drop(s); // the Redis round trip outside the key's lock
         if let Some(link) = &self.shared {
             link.correct_tokens(estimated, actual);
         }
@@ -656,8 +657,13 @@ impl Gate {
         if s.disabled.is_some() {
             return false;
         }
+        let shared = self.shared.as_ref().map(|link| (link, reason.clone()));
         s.disabled = Some((reason, unix_ms_now()));
         self.mirror(&s);
+        drop(s);
+        if let Some((link, reason)) = shared {
+            link.disable(&reason); // parked in every process sharing the key
+        }
         true
     }
 

@@ -618,68 +618,495 @@ fn cli_runs_split_one_key_set() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Benchmark (ignored; `cargo test --features redis --test shared_redis -- --ignored
-/// --nocapture bench`): per-request overhead of shared mode against local mode in the
-/// same run, and throughput of 3 pools sharing 8 keys against the ideal.
+/// Live (unexpired) leases of every key in namespace `test`, counted by Redis.
+fn live_leases(con: &mut redis::Connection) -> usize {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(con).unwrap();
+    let now_ms = secs * 1000 + micros / 1000;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("kp:test:*:leases")
+        .query(con)
+        .unwrap();
+    keys.iter()
+        .map(|k| {
+            redis::cmd("ZCOUNT")
+                .arg(k)
+                .arg(format!("({now_ms}"))
+                .arg("+inf")
+                .query::<usize>(con)
+                .unwrap()
+        })
+        .sum()
+}
+
+/// Waits (polling an observable outside the code under test) until `f` holds.
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < within, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// What a feeder saw: requests submitted and each one's single result.
+#[derive(Debug, Default)]
+struct Fed {
+    submitted: usize,
+    ok: usize,
+    unavailable: usize,
+    other: Vec<String>,
+}
+
+/// Keeps up to 8 requests outstanding on `pool` until `stop`, then waits for every
+/// result. `errors` counts `SharedUnavailable` results as they come.
+fn feeder(
+    pool: Pool,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    errors: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> std::thread::JoinHandle<Fed> {
+    use std::sync::atomic::Ordering::SeqCst;
+    std::thread::spawn(move || {
+        let mut fed = Fed::default();
+        let mut out = std::collections::VecDeque::new();
+        let take = |r: keypool::RequestResult, fed: &mut Fed| match r {
+            Ok(_) => fed.ok += 1,
+            Err(Error::SharedUnavailable { .. }) => {
+                fed.unavailable += 1;
+                errors.fetch_add(1, SeqCst);
+            }
+            Err(e) => fed.other.push(format!("{e:?}")),
+        };
+        while !stop.load(SeqCst) {
+            while out.len() < 8 {
+                out.push_back(pool.submit(chat(fed.submitted)).unwrap());
+                fed.submitted += 1;
+            }
+            let t = out.pop_front().unwrap();
+            take(t.wait(), &mut fed);
+        }
+        for t in out {
+            take(t.wait(), &mut fed);
+        }
+        pool.close();
+        fed
+    })
+}
+
+/// `kill -9` of Redis while a pool holds leases with requests in flight, then Redis
+/// started again (empty) on the same port. `local`: the run goes on with local limits
+/// during the outage and returns to shared mode (leases in Redis again); `fail`: the
+/// requests of the outage end with `SharedUnavailable` and none reaches the server.
+/// Both: every request ends in exactly one result, nothing hangs, the key's
+/// `max_concurrent` never exceeded at the server and fully usable again afterwards.
+fn redis_restarted_mid_run(mode: &str) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    let port = free_port();
+    let Some(mut redis) = RedisServer::start_on(port) else {
+        return;
+    };
+    let server = mock(0);
+    let key = "sk-shared-0";
+    server.set_key_rule(
+        key,
+        KeyRule {
+            latency_ms: Some(40),
+            ..KeyRule::default()
+        },
+    );
+    let json = config_json(
+        &server.url(),
+        &redis.url(),
+        1,
+        4,
+        "",
+        &format!(r#", "on_unavailable": "{mode}", "timeout_ms": 200"#),
+    );
+    let started = Instant::now();
+    let pool = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let (stop, errors) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let feed = feeder(pool, stop.clone(), errors.clone());
+    let requests = || server.key_stats(key).map_or(0, |k| k.requests);
+    // Leases held, requests in flight.
+    let mut con = redis.conn();
+    wait_for("4 in flight", Duration::from_secs(10), || {
+        server.key_stats(key).is_some_and(|k| k.in_flight == 4) && requests() >= 12
+    });
+    assert_eq!(live_leases(&mut con), 4);
+    redis.child.kill().unwrap(); // SIGKILL
+    redis.child.wait().unwrap();
+    drop(con);
+    if mode == "local" {
+        // The run goes on at the server on local limits.
+        let before = requests();
+        wait_for(
+            "progress during the outage",
+            Duration::from_secs(10),
+            || requests() >= before + 40,
+        );
+    } else {
+        wait_for("typed errors", Duration::from_secs(10), || {
+            errors.load(SeqCst) >= 1
+        });
+        // What was admitted before the kill drains; then nothing reaches the server.
+        wait_for("drain", Duration::from_secs(5), || {
+            server.key_stats(key).is_some_and(|k| k.in_flight == 0)
+        });
+        let before = requests();
+        let e0 = errors.load(SeqCst);
+        wait_for("more typed errors", Duration::from_secs(10), || {
+            errors.load(SeqCst) >= e0 + 20
+        });
+        assert_eq!(
+            requests(),
+            before,
+            "a request reached the server while Redis was down"
+        );
+    }
+    // Redis is back, empty.
+    let redis = RedisServer::start_on(port).expect("restart redis-server");
+    let mut con = redis.conn();
+    // Back in shared mode: running requests hold leases in Redis again.
+    wait_for("leases in the new Redis", Duration::from_secs(5), || {
+        live_leases(&mut con) > 0
+    });
+    let back = requests() as usize;
+    wait_for(
+        "60 requests after recovery",
+        Duration::from_secs(10),
+        || requests() as usize >= back + 60,
+    );
+    stop.store(true, SeqCst);
+    let fed = feed.join().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(40));
+    // Exactly one result per request, each a response or the typed error.
+    assert_eq!(fed.ok + fed.unavailable + fed.other.len(), fed.submitted);
+    assert!(fed.other.is_empty(), "{:?}", fed.other);
+    if mode == "local" {
+        assert_eq!(fed.unavailable, 0);
+    } else {
+        assert!(fed.unavailable >= 21);
+    }
+    let stats = server.key_stats(key).unwrap();
+    assert_eq!(stats.log.len(), fed.ok, "one server request per success");
+    assert!(
+        stats.max_in_flight <= 4,
+        "{} in flight",
+        stats.max_in_flight
+    );
+    // After recovery the full max_concurrent is usable again: no slot stays leased.
+    let after: Vec<&RequestRecord> = stats.log[back..].iter().collect();
+    assert_eq!(max_overlap(&after), 4, "after recovery");
+    // And every lease was given back.
+    wait_for("leases released", Duration::from_millis(1_000), || {
+        live_leases(&mut con) == 0
+    });
+}
+
 #[test]
-#[ignore]
-fn bench_shared_overhead() {
+fn redis_restarted_mid_run_local() {
+    redis_restarted_mid_run("local");
+}
+
+#[test]
+fn redis_restarted_mid_run_fail() {
+    redis_restarted_mid_run("fail");
+}
+
+/// A loopback TCP proxy in front of Redis that can be cut (every connection closed,
+/// new ones dropped) and restored, with Redis's data intact.
+struct Proxy {
+    port: u16,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (d, c) = (down.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                if d.load(SeqCst) {
+                    continue; // dropped: the connection closes at once
+                }
+                let Ok(up) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let mut list = c.lock().unwrap();
+                list.push(client.try_clone().unwrap());
+                list.push(up.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, down, conns }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+        if down {
+            for s in self.conns.lock().unwrap().drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// A release whose Redis call fails (Redis unreachable when the request ends, its data
+/// intact) does not hold the slot until `lease_ms` (20 s here): it is queued and
+/// replayed when Redis answers again, with no new request needed, and another pool then
+/// gets the key's full `max_concurrent` at once.
+#[test]
+fn failed_release_is_replayed_not_held_until_lease_ms() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let n = 3000;
+    let proxy = Proxy::start(redis.port);
     let server = mock(0);
-    let local = config_json(&server.url(), &redis.url(), 8, 4, "", "");
-    let local = {
-        let mut c = Config::from_json(&local).unwrap();
-        c.shared = None;
-        c
-    };
-    let shared =
-        Config::from_json(&config_json(&server.url(), &redis.url(), 8, 4, "", "")).unwrap();
-    for (name, cfg) in [
-        ("local", local.clone()),
-        ("shared", shared.clone()),
-        ("local", local),
-        ("shared", shared),
-    ] {
-        let pool = Pool::new(cfg).unwrap();
-        let t = Instant::now();
-        assert!(pool.batch((0..n).map(chat)).iter().all(|r| r.is_ok()));
-        let per = t.elapsed() / n as u32;
-        println!(
-            "BENCH {name}: {n} requests, {per:?} per request (0 ms server latency, 32 workers)"
-        );
+    let key = "sk-shared-0";
+    server.set_key_rule(
+        key,
+        KeyRule {
+            latency_ms: Some(300),
+            ..KeyRule::default()
+        },
+    );
+    let extra = r#", "timeout_ms": 200, "on_unavailable": "fail""#;
+    let json_a = config_json(&server.url(), &proxy.url(), 1, 2, "", extra)
+        .replace(r#""lease_ms": 1500"#, r#""lease_ms": 20000"#);
+    let a = Pool::new(Config::from_json(&json_a).unwrap()).unwrap();
+    let tickets: Vec<_> = (0..2).map(|i| a.submit(chat(i)).unwrap()).collect();
+    wait_for("2 in flight", Duration::from_secs(10), || {
+        server.key_stats(key).is_some_and(|k| k.in_flight == 2)
+    });
+    let mut con = redis.conn();
+    assert_eq!(live_leases(&mut con), 2);
+    proxy.set_down(true);
+    for t in tickets {
+        assert!(t.wait().is_ok());
     }
-    // 3 pools sharing 8 keys × 4 at 20 ms per request: ideal 32 / 0.02 s = 1600 req/s.
-    let server = mock(20);
-    let json = config_json(&server.url(), &redis.url(), 8, 4, "", "");
+    // The releases could not reach Redis: both leases are still live there.
+    assert_eq!(live_leases(&mut con), 2);
+    let cut_at = Instant::now();
+    proxy.set_down(false);
+    // No request through A: its renewer reconnects and replays the releases, long
+    // before the leases would expire (20 s).
+    wait_for("the queued releases", Duration::from_secs(4), || {
+        live_leases(&mut con) == 0
+    });
+    assert!(cut_at.elapsed() < Duration::from_secs(4));
+    // Another pool gets both slots at once.
+    let json_b = config_json(&server.url(), &redis.url(), 1, 2, "", extra);
+    let b = Pool::new(Config::from_json(&json_b).unwrap()).unwrap();
+    server.set_key_rule(
+        key,
+        KeyRule {
+            latency_ms: Some(100),
+            ..KeyRule::default()
+        },
+    );
+    let t = Instant::now();
+    assert!(b.batch((0..4).map(chat)).iter().all(|r| r.is_ok()));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let stats = server.key_stats(key).unwrap();
+    let ours: Vec<&RequestRecord> = stats.log[2..].iter().collect();
+    assert_eq!(ours.len(), 4);
+    assert_eq!(max_overlap(&ours), 2);
+    assert!(stats.max_in_flight <= 2);
+    drop(a);
+}
+
+/// `tpm` shared by three pools on one key: every request costs exactly its estimate
+/// (40 prompt characters + `max_tokens` 11 = 21 tokens, the mock's usage too), and
+/// `tpm` 1260 is 21 tokens a second with a one-second (21-token) burst. At the server,
+/// any window of W seconds holds at most tpm·W/60 + 21 tokens (the GCRA's bound: the
+/// burst is one request's tokens here), and the 6 requests take at least 5 s (one pool
+/// alone would be allowed that much; three unshared would finish in about 2 s).
+#[test]
+fn tpm_is_shared_exactly() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(5);
+    let json = config_json(&server.url(), &redis.url(), 1, 4, r#", "tpm": 1260"#, "");
+    let req = |i: usize| {
+        let prompt = format!("{i:0>40}");
+        Request::new(&serde_json::json!({
+            "model": "mock-model",
+            "max_tokens": 11,
+            "messages": [{"role": "user", "content": prompt}],
+        }))
+    };
+    assert_eq!(req(0).estimated_tokens(), 21);
     let pools: Vec<Pool> = (0..3)
         .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
         .collect();
-    let per_pool = 1000;
-    let t = Instant::now();
+    let used = std::sync::atomic::AtomicU64::new(0);
     std::thread::scope(|s| {
         for pool in &pools {
+            let used = &used;
             s.spawn(move || {
-                assert!(
-                    pool.batch((0..per_pool).map(chat))
-                        .iter()
-                        .all(|r| r.is_ok())
-                )
+                for r in pool.batch((0..2).map(req)) {
+                    let u = r.unwrap().usage().unwrap();
+                    let total = u.prompt_tokens + u.completion_tokens;
+                    assert_eq!(total, 21, "the mock's count is the estimate");
+                    used.fetch_add(total, std::sync::atomic::Ordering::SeqCst);
+                }
             });
         }
     });
-    let rate = (3 * per_pool) as f64 / t.elapsed().as_secs_f64();
-    let max = server
-        .stats()
-        .keys
-        .values()
-        .map(|k| k.max_in_flight)
-        .max()
-        .unwrap();
-    println!(
-        "BENCH 3 pools sharing 8 keys x 4 (20 ms): {rate:.0} req/s of ideal 1600 ({:.0} %), max in flight per key {max}",
-        rate / 16.0
+    assert_eq!(used.into_inner(), 6 * 21);
+    let stats = server.key_stats("sk-shared-0").unwrap();
+    let mut arrivals: Vec<Duration> = stats.log.iter().map(|r| r.arrived).collect();
+    arrivals.sort();
+    assert_eq!(arrivals.len(), 6);
+    for w in [1_000u64, 2_000, 3_000] {
+        let allowed = 1260 * w / 60_000 + 21;
+        for (i, a) in arrivals.iter().enumerate() {
+            let n = arrivals[i..]
+                .iter()
+                .take_while(|b| **b < *a + Duration::from_millis(w))
+                .count() as u64;
+            assert!(
+                n * 21 <= allowed,
+                "{} tokens within {w} ms of arrival {i} (allowed {allowed})",
+                n * 21
+            );
+        }
+    }
+    let span = arrivals[5] - arrivals[0];
+    assert!(span >= Duration::from_millis(5 * 1000 - 100), "{span:?}");
+}
+
+/// A credit check that finds a key at its floor in one pool parks the key in every
+/// pool: B, which checks no credits itself, never sends to it.
+#[test]
+fn credit_floor_park_is_shared() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(5);
+    server.set_credit("sk-shared-0", Some(0.5));
+    server.set_credit("sk-shared-1", Some(100.0));
+    let json = config_json(&server.url(), &redis.url(), 2, 2, "", "");
+    let with_credits = json.replacen(
+        r#""keys":"#,
+        r#""credits": {"check": true, "floor": 0.5}, "keys":"#,
+        1,
     );
+    let a = Pool::new(Config::from_json(&with_credits).unwrap()).unwrap();
+    wait_for("A parks the key", Duration::from_secs(5), || {
+        a.stats().keys[0].disabled_reason.is_some()
+    });
+    assert_eq!(server.credit("sk-shared-0").unwrap().checks, 1);
+    let b = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    assert!(b.batch((0..20).map(chat)).iter().all(|r| r.is_ok()));
+    assert_eq!(server.key_stats("sk-shared-0").map_or(0, |k| k.requests), 0);
+    assert_eq!(server.key_stats("sk-shared-1").unwrap().requests, 20);
+    // B checked no credit itself: the park came through Redis.
+    assert_eq!(server.credit("sk-shared-0").unwrap().checks, 1);
+    let reason = b.stats().keys[0]
+        .disabled_reason
+        .clone()
+        .expect("parked in B");
+    assert!(
+        reason.contains("floor") && reason.contains("shared"),
+        "{reason}"
+    );
+}
+
+/// The learned limit of an `adaptive` key is shared, and moved in Lua: three pools
+/// learning together never have more in flight at the mock than the one shared limit
+/// allows (each pool's own limit would let three times as many through), the shared
+/// limit grows with their successes, and a 429 seen by any of them cuts it for all.
+#[test]
+fn learned_limit_is_shared() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(20);
+    let json = config_json(
+        &server.url(),
+        &redis.url(),
+        1,
+        32,
+        r#", "adaptive": true"#,
+        "",
+    )
+    .replace(r#""max_attempts": 5"#, r#""max_attempts": 20"#);
+    let pools: Vec<Pool> = (0..3)
+        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
+        .collect();
+    let run = |n: usize| {
+        std::thread::scope(|s| {
+            for pool in &pools {
+                s.spawn(move || {
+                    let results = pool.batch((0..n).map(chat));
+                    assert!(results.iter().all(|r| r.is_ok()));
+                });
+            }
+        })
+    };
+    let mut con = redis.conn();
+    let learned = |con: &mut redis::Connection| -> (f64, u64) {
+        let keys: Vec<String> = redis::cmd("KEYS").arg("kp:test:*:aimd").query(con).unwrap();
+        assert_eq!(keys.len(), 1);
+        let (l, c): (Option<f64>, Option<u64>) = redis::cmd("HMGET")
+            .arg(&keys[0])
+            .arg("limit")
+            .arg("cuts")
+            .query(con)
+            .unwrap();
+        (l.unwrap_or(1.0), c.unwrap_or(0))
+    };
+    // No 429s: the shared limit only grows, so its final value bounds every moment.
+    run(40);
+    let (limit, cuts) = learned(&mut con);
+    assert_eq!(cuts, 0);
+    let k = server.key_stats("sk-shared-0").unwrap();
+    assert_eq!(k.requests, 120);
+    assert!(limit >= 3.0, "the shared limit grew only to {limit}");
+    assert!(limit < 32.0, "{limit}");
+    assert!(
+        k.max_in_flight <= limit.floor() as usize,
+        "{} in flight, shared limit {limit}",
+        k.max_in_flight
+    );
+    assert!(k.max_in_flight >= 3, "{}", k.max_in_flight);
+    // A hidden capacity of 2: the 429s (bare, so no cooldown) cut the shared limit.
+    server.set_config(MockConfig {
+        latency_ms: 20,
+        key_capacity: Some(2),
+        threads: 4,
+        ..MockConfig::default()
+    });
+    run(20);
+    let (after, cuts) = learned(&mut con);
+    let k = server.key_stats("sk-shared-0").unwrap();
+    let limited = k.statuses.get(&429).copied().unwrap_or(0);
+    assert!(limited >= 1);
+    assert!(
+        cuts >= 1 && cuts <= limited,
+        "{cuts} cuts for {limited} 429s"
+    );
+    assert!(after < limit, "{after} after the 429s, {limit} before");
 }

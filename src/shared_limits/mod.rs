@@ -229,6 +229,9 @@ pub(crate) trait SharedLimits: Send + Sync {
     /// Ends one admission of key `key`: gives a lease back, publishing the attempt's
     /// cooldown or disable verdict to every process.
     fn release(&self, key: usize, verdict: &KeyVerdict);
+    /// Disables (parks) key `key` in every process with this reason, outside an
+    /// admission (a credit check found it at its floor).
+    fn disable(&self, key: usize, reason: &str);
     /// Gives back the budget of an admission that never reached the wire.
     fn refund(&self, key: usize, tokens: u64);
     /// Corrects the shared `tpm` budget once the real usage is known.
@@ -263,6 +266,10 @@ impl KeyLink {
 
     pub(crate) fn release(&self, verdict: &KeyVerdict) {
         self.limits.release(self.index, verdict)
+    }
+
+    pub(crate) fn disable(&self, reason: &str) {
+        self.limits.disable(self.index, reason)
     }
 
     pub(crate) fn refund(&self, tokens: u64) {

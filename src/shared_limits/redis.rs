@@ -43,8 +43,10 @@ const DISABLED_TTL_MS: u64 = 3_600_000;
 
 /// Drops expired leases, then admits if the key is not disabled or cooling, has a free
 /// slot and has budget; takes the lease and the budget in the same step.
-/// KEYS: leases, state, rate. ARGV: max, lease id, lease_ms, rpm, tpm, tokens.
-/// Returns {0} admitted, {1, wait_ms} full, {2, wait_ms} cooling, {3, 0, reason}
+/// With `adaptive` ('1'), the key's slots are capped at its shared learned limit
+/// (`kp:{ns}:{h}:aimd`: `limit`, a float ≥ 1, and `cuts`, the number of cuts so far).
+/// KEYS: leases, state, rate, aimd. ARGV: max, lease id, lease_ms, rpm, tpm, tokens,
+/// adaptive. Returns {0, cuts} admitted (cuts: the learned limit's cut count now), {1, wait_ms} full, {2, wait_ms} cooling, {3, 0, reason}
 /// disabled, {4, wait_ms} out of rate budget.
 const ACQUIRE: &str = r#"
 local t = redis.call('TIME')
@@ -55,10 +57,19 @@ local cool = tonumber(redis.call('HGET', KEYS[2], 'cool_until') or '0') or 0
 if cool > now then return {2, cool - now} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local max = tonumber(ARGV[1])
+local cuts = 0
+if ARGV[7] == '1' then
+  local lim = tonumber(redis.call('HGET', KEYS[4], 'limit') or '1') or 1
+  cuts = tonumber(redis.call('HGET', KEYS[4], 'cuts') or '0') or 0
+  max = math.min(max, math.max(1, math.floor(lim)))
+end
 if redis.call('ZCARD', KEYS[1]) >= max then
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   return {1, math.max(1, tonumber(first[2]) - now)}
 end
+-- tpm: a request bigger than the one-second burst may start once the budget is clear
+-- (it could never start otherwise) but is charged in full: the key goes into debt, at
+-- most one minute's worth, like the local bucket.
 local rpm, tpm, tokens = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local wait, rtat, ttat = 0, nil, nil
 if rpm > 0 then
@@ -70,9 +81,10 @@ if tpm > 0 then
   local T = 60000 / tpm
   local cap = math.max(math.ceil(tpm / 60), 1)
   local tau = cap * T
-  local cost = math.min(tokens, cap) * T
+  local need = math.min(tokens, cap) * T
   local tat = math.max(tonumber(redis.call('HGET', KEYS[3], 't') or '0') or 0, now)
-  if tat + cost - now > tau then wait = math.max(wait, tat + cost - tau - now) else ttat = tat + cost end
+  if tat + need - now > tau then wait = math.max(wait, tat + need - tau - now)
+  else ttat = math.min(tat + tokens * T, now + 60000) end
 end
 if wait > 0 then return {4, math.max(1, math.ceil(wait))} end
 local lease_ms = tonumber(ARGV[3])
@@ -81,19 +93,37 @@ redis.call('PEXPIRE', KEYS[1], lease_ms * 2)
 if rtat then redis.call('HSET', KEYS[3], 'r', tostring(rtat)) end
 if ttat then redis.call('HSET', KEYS[3], 't', tostring(ttat)) end
 if rtat or ttat then redis.call('PEXPIRE', KEYS[3], 180000) end
-return {0}
+return {0, cuts}
 "#;
 
-/// Ends an admission or corrects a budget, in one step. KEYS: leases, state, rate.
+/// Ends an admission or corrects a budget, in one step. KEYS: leases, state, rate, aimd.
 /// ARGV: lease id ('' for none), max, cooldown_ms (0 none), disable reason ('' none),
-/// rpm, rpm delta (requests), tpm, tpm delta (tokens), channel, key hash.
+/// rpm, rpm delta (requests), tpm, tpm delta (tokens), channel, key hash, disabled TTL,
+/// adaptive ('1'), outcome ('r' a 429, 's' a success, '' neither), the admission's cut
+/// count. The shared learned limit (AIMD, as `adaptive.rs` without its probe pacing):
+/// a success while the key used its whole limit adds 1/limit (up to max); a 429 of an
+/// admission made since the last cut multiplies it by 0.8 (at least 1) — once per
+/// overshoot, whichever process sees the 429s.
 const SETTLE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[1] ~= '' then
-  local full = redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2])
+  local max = tonumber(ARGV[2])
+  local count = redis.call('ZCARD', KEYS[1])
+  local lim = max
+  if ARGV[12] == '1' then
+    local l = tonumber(redis.call('HGET', KEYS[4], 'limit') or '1') or 1
+    local cuts = tonumber(redis.call('HGET', KEYS[4], 'cuts') or '0') or 0
+    lim = math.min(max, math.max(1, math.floor(l)))
+    if ARGV[13] == 'r' and tonumber(ARGV[14]) >= cuts then
+      redis.call('HSET', KEYS[4], 'limit', tostring(math.max(1, l * 0.8)), 'cuts', cuts + 1)
+    elseif ARGV[13] == 's' and count >= lim and l < max then
+      redis.call('HSET', KEYS[4], 'limit', tostring(math.min(max, l + 1 / lim)))
+    end
+    redis.call('PEXPIRE', KEYS[4], 86400000)
+  end
   local removed = redis.call('ZREM', KEYS[1], ARGV[1])
-  if full and removed == 1 then redis.call('PUBLISH', ARGV[9], ARGV[10]) end
+  if count >= lim and removed == 1 then redis.call('PUBLISH', ARGV[9], ARGV[10]) end
 end
 local cd = tonumber(ARGV[3])
 if cd > 0 then
@@ -131,14 +161,32 @@ redis.call('PEXPIRE', KEYS[1], lease_ms * 2)
 return 0
 "#;
 
-/// One admission this process holds on a key.
+/// One admission this process holds on a key: a lease id. A slot of the local fallback
+/// (taken while Redis was unreachable) has an id too, registered as a lease when Redis
+/// answers again, so the requests still running then count against the shared limit.
 #[derive(Debug)]
-enum Held {
-    /// A lease in Redis.
-    Lease(String),
-    /// A slot of the local fallback (Redis was unreachable).
-    Local,
+struct Held {
+    id: String,
+    /// Registered in Redis (as far as this process knows): its release must reach Redis.
+    in_redis: bool,
+    /// The shared learned limit's cut count when admitted (adaptive keys).
+    cuts: u64,
 }
+
+/// A release (and the attempt's verdict) whose Redis call failed, retried when Redis
+/// answers again (see [`Conn::pending`]).
+#[derive(Debug)]
+struct Pending {
+    key: usize,
+    lease: Option<String>,
+    /// Cool the key until this instant (429), if still ahead when retried.
+    cool_until: Option<Instant>,
+    disable: String,
+}
+
+/// At most this many releases wait for Redis to come back; beyond, the oldest is
+/// dropped (its lease still expires within `lease_ms`).
+const PENDING_CAP: usize = 4096;
 
 /// Local fallback pacing (Redis down, `on_unavailable: local`): a GCRA of the scaled
 /// limit, in seconds since the pool started.
@@ -162,8 +210,26 @@ impl Pace {
     }
 }
 
+/// What a release tells the shared learned limit (adaptive keys).
+#[derive(Debug, Clone, Copy)]
+struct Aimd {
+    /// "r": a 429; "s": a success; "": neither.
+    outcome: &'static str,
+    /// The admission's cut count.
+    cuts: u64,
+}
+
+impl Aimd {
+    const NONE: Aimd = Aimd {
+        outcome: "",
+        cuts: 0,
+    };
+}
+
 struct KeyInfo {
     leases: String,
+    aimd: String,
+    adaptive: bool,
     state: String,
     rate: String,
     hash: String,
@@ -185,6 +251,12 @@ struct Conn {
     retry_at: Option<Instant>,
     /// The last failure, masked.
     last_error: String,
+    /// Releases whose Redis call failed, oldest first, retried (in order) right after
+    /// the next successful reconnection. Bounded by [`PENDING_CAP`]. Pushed only under
+    /// this lock and while `con` is `None`, so every entry meets the next reconnection.
+    pending: std::collections::VecDeque<Pending>,
+    /// Releases dropped because the queue was full (logged once per outage).
+    dropped: u64,
 }
 
 struct Inner {
@@ -239,7 +311,29 @@ impl Inner {
         &self,
         f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Option<T> {
+        self.with_conn_else(f, |_| {})
+    }
+
+    /// [`Inner::with_conn`], running `on_fail` under the connection's lock (with the
+    /// connection dropped) when Redis is unreachable or the call fails.
+    fn with_conn_else<T>(
+        &self,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+        on_fail: impl FnOnce(&mut Conn),
+    ) -> Option<T> {
         let mut c = self.conn.lock();
+        let r = self.with_locked_conn(&mut c, f);
+        if r.is_none() {
+            on_fail(&mut c);
+        }
+        r
+    }
+
+    fn with_locked_conn<T>(
+        &self,
+        c: &mut Conn,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Option<T> {
         if c.con.is_none() {
             if c.retry_at.is_some_and(|at| Instant::now() < at) {
                 return None;
@@ -254,15 +348,23 @@ impl Inner {
                     Ok(con)
                 });
             match con {
-                Ok(con) => {
+                Ok(mut con) => {
                     if c.retry_at.is_some() {
                         log::info!("keypool: shared limits: Redis is reachable again");
                     }
+                    // Before anything else on the new connection (Redis may have been
+                    // restarted empty): register every request still running here,
+                    // then the releases that failed meanwhile, in order.
+                    if let Err(e) = self.recover(&mut con, c) {
+                        self.fail(c, e);
+                        return None;
+                    }
                     c.con = Some(con);
                     c.retry_at = None;
+                    c.dropped = 0;
                 }
                 Err(e) => {
-                    self.fail(&mut c, e);
+                    self.fail(c, e);
                     return None;
                 }
             }
@@ -271,10 +373,55 @@ impl Inner {
         match f(con) {
             Ok(v) => Some(v),
             Err(e) => {
-                self.fail(&mut c, e);
+                self.fail(c, e);
                 None
             }
         }
+    }
+
+    /// On a fresh connection: re-registers this process's running requests as leases
+    /// (leases lost in a Redis restart, fallback slots taken during the outage), then
+    /// replays the releases queued while Redis was unreachable. An entry leaves the
+    /// queue only once Redis has taken it.
+    fn recover(&self, con: &mut redis::Connection, c: &mut Conn) -> redis::RedisResult<()> {
+        for (i, k) in self.keys.iter().enumerate() {
+            let ids: Vec<String> = {
+                let mut l = self.local[i].lock();
+                l.held
+                    .iter_mut()
+                    .map(|h| {
+                        h.in_redis = true;
+                        h.id.clone()
+                    })
+                    .collect()
+            };
+            if !ids.is_empty() {
+                let mut inv = self.renew.key(&k.leases);
+                inv.arg(self.cfg.lease_ms);
+                for id in &ids {
+                    inv.arg(id);
+                }
+                inv.invoke::<i64>(con)?;
+            }
+        }
+        while let Some(p) = c.pending.front() {
+            let now = Instant::now();
+            let cooldown_ms = p.cool_until.map_or(0, |u| {
+                u64::try_from(u.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
+            });
+            self.settle_on(
+                con,
+                p.key,
+                p.lease.as_deref(),
+                cooldown_ms,
+                &p.disable,
+                0,
+                0,
+                Aimd::NONE,
+            )?;
+            c.pending.pop_front();
+        }
+        Ok(())
     }
 
     fn fail(&self, c: &mut Conn, e: redis::RedisError) {
@@ -296,25 +443,32 @@ impl Inner {
         c.last_error = msg;
     }
 
-    fn acquire(&self, key: usize, tokens: u64) -> (SharedAdmit, bool) {
-        let k = &self.keys[key];
-        let id = format!(
+    /// A lease id unique to this pool.
+    fn lease_id(&self) -> String {
+        format!(
             "{}:{}",
             self.token,
             self.next_lease
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
+        )
+    }
+
+    fn acquire(&self, key: usize, tokens: u64) -> (SharedAdmit, bool) {
+        let k = &self.keys[key];
+        let id = self.lease_id();
         let reply = self.with_conn(|con| {
             self.acquire
                 .key(&k.leases)
                 .key(&k.state)
                 .key(&k.rate)
+                .key(&k.aimd)
                 .arg(k.max)
                 .arg(&id)
                 .arg(self.cfg.lease_ms)
                 .arg(k.rpm)
                 .arg(k.tpm)
                 .arg(tokens)
+                .arg(if k.adaptive { "1" } else { "0" })
                 .invoke::<Vec<Value>>(con)
         });
         let now = Instant::now();
@@ -328,7 +482,12 @@ impl Inner {
         let after = |ms: u64| now + Duration::from_millis(ms.min(crate::MAX_DURATION_MS));
         let admit = match int(0) {
             0 => {
-                self.local[key].lock().held.push(Held::Lease(id));
+                let cuts = int(1);
+                self.local[key].lock().held.push(Held {
+                    id,
+                    in_redis: true,
+                    cuts,
+                });
                 return (SharedAdmit::Yes, true);
             }
             1 => SharedAdmit::WakeAt(after(int(1)).min(now + BUSY_RECHECK)),
@@ -380,26 +539,102 @@ impl Inner {
         }
         l.rpm = rpm;
         l.tpm = tpm;
-        l.held.push(Held::Local);
+        let id = self.lease_id();
+        l.held.push(Held {
+            id,
+            in_redis: false,
+            cuts: 0,
+        });
         SharedAdmit::Yes
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn settle(
+    /// Ends an admission (gives `lease` back, publishes the verdict) in Redis; if Redis
+    /// cannot take it now, queues it for the next reconnection (bounded: the oldest
+    /// entry is dropped when full, its lease then expires within `lease_ms`).
+    /// A release queued for a later reconnection carries no learned-limit outcome: the
+    /// shared limit then misses that one step.
+    fn release(
         &self,
+        key: usize,
+        lease: Option<String>,
+        cooldown: Option<Duration>,
+        disable: &str,
+        aimd: Aimd,
+    ) {
+        let cooldown_ms = cooldown.map_or(0, |d| {
+            u64::try_from(d.as_millis())
+                .unwrap_or(u64::MAX)
+                .clamp(1, crate::MAX_DURATION_MS)
+        });
+        let queued_at = Instant::now();
+        let lease_ref = lease.clone();
+        self.with_conn_else(
+            |con| {
+                self.settle_on(
+                    con,
+                    key,
+                    lease_ref.as_deref(),
+                    cooldown_ms,
+                    disable,
+                    0,
+                    0,
+                    aimd,
+                )
+            },
+            |c| {
+                if c.pending.len() >= PENDING_CAP {
+                    c.pending.pop_front();
+                    if c.dropped == 0 {
+                        log::warn!(
+                            "keypool: shared limits: {PENDING_CAP} releases wait for Redis; \
+                             dropping the oldest (their leases expire within lease_ms)"
+                        );
+                    }
+                    c.dropped += 1;
+                }
+                c.pending.push_back(Pending {
+                    key,
+                    lease,
+                    cool_until: cooldown.and_then(|d| queued_at.checked_add(d)),
+                    disable: disable.to_owned(),
+                });
+            },
+        );
+    }
+
+    /// Releases waiting for Redis (queued after a failed release call).
+    fn pending(&self) -> usize {
+        self.conn.lock().pending.len()
+    }
+
+    /// Corrects a key's shared rate budgets; not retried if Redis is unreachable (a
+    /// budget shift is not idempotent, and a lost one errs by at most that request).
+    fn shift(&self, key: usize, rpm_delta: i64, tpm_delta: i64) {
+        let _ = self.with_conn(|con| {
+            self.settle_on(con, key, None, 0, "", rpm_delta, tpm_delta, Aimd::NONE)
+        });
+    }
+
+    /// The release/correction script on `con`.
+    #[allow(clippy::too_many_arguments)]
+    fn settle_on(
+        &self,
+        con: &mut redis::Connection,
         key: usize,
         lease: Option<&str>,
         cooldown_ms: u64,
         disable: &str,
         rpm_delta: i64,
         tpm_delta: i64,
-    ) {
+        aimd: Aimd,
+    ) -> redis::RedisResult<i64> {
         let k = &self.keys[key];
-        let _ = self.with_conn(|con| {
+        {
             self.settle
                 .key(&k.leases)
                 .key(&k.state)
                 .key(&k.rate)
+                .key(&k.aimd)
                 .arg(lease.unwrap_or(""))
                 .arg(k.max)
                 .arg(cooldown_ms)
@@ -411,24 +646,29 @@ impl Inner {
                 .arg(&self.channel)
                 .arg(&k.hash)
                 .arg(DISABLED_TTL_MS)
+                .arg(if k.adaptive { "1" } else { "0" })
+                .arg(aimd.outcome)
+                .arg(aimd.cuts)
                 .invoke::<i64>(con)
-        });
+        }
     }
 
     /// Renews every lease this process holds. Returns whether it holds any.
     fn renew_all(&self) -> bool {
         let mut any = false;
         for (i, k) in self.keys.iter().enumerate() {
-            let ids: Vec<String> = self.local[i]
-                .lock()
-                .held
-                .iter()
-                .filter_map(|h| match h {
-                    Held::Lease(id) => Some(id.clone()),
-                    Held::Local => None,
-                })
-                .collect();
-            any |= !self.local[i].lock().held.is_empty();
+            let ids: Vec<String> = {
+                let mut l = self.local[i].lock();
+                l.held
+                    .iter_mut()
+                    .map(|h| {
+                        // Fallback slots too: renewing registers them.
+                        h.in_redis = true;
+                        h.id.clone()
+                    })
+                    .collect()
+            };
+            any |= !ids.is_empty();
             if ids.is_empty() {
                 continue;
             }
@@ -467,6 +707,8 @@ impl RedisLimits {
                     leases: format!("kp:{ns}:{hash}:leases"),
                     state: format!("kp:{ns}:{hash}:state"),
                     rate: format!("kp:{ns}:{hash}:rate"),
+                    aimd: format!("kp:{ns}:{hash}:aimd"),
+                    adaptive: k.adaptive,
                     hash,
                     max: k.max_concurrent,
                     rpm: k.rpm.map_or(0, u64::from),
@@ -484,6 +726,8 @@ impl RedisLimits {
                 con: None,
                 retry_at: None,
                 last_error: String::new(),
+                pending: std::collections::VecDeque::new(),
+                dropped: 0,
             }),
             acquire: Script::new(ACQUIRE),
             settle: Script::new(SETTLE),
@@ -541,24 +785,43 @@ impl RedisLimits {
     }
 }
 
-/// The lease renewer: waits on `rx` (an admission took a lease) while nothing is held,
-/// else renews every `lease_ms / 3`. Ends when the pool's limits are dropped.
+/// The lease renewer: waits on `rx` (an admission took a lease, or a release was
+/// queued) while nothing is held or queued, else renews every `lease_ms / 3` — and,
+/// while releases wait for Redis, tries to reconnect every [`RECONNECT_AFTER`] (a
+/// reconnection replays them). Ends when the pool's limits are dropped.
 fn renewer(inner: Arc<Inner>, rx: Receiver<()>) {
     let interval = Duration::from_millis(inner.cfg.lease_ms / 3);
+    let next_tick = |inner: &Inner| {
+        if inner.pending() > 0 {
+            Some(Instant::now() + interval.min(RECONNECT_AFTER))
+        } else if inner.holds_any() {
+            Some(Instant::now() + interval)
+        } else {
+            None
+        }
+    };
     let mut next: Option<Instant> = None;
     loop {
         let Some(at) = next else {
-            if !inner.holds_any() && rx.recv().is_err() {
+            if !inner.holds_any() && inner.pending() == 0 && rx.recv().is_err() {
                 return;
             }
-            next = Some(Instant::now() + interval);
+            next = next_tick(&inner).or(Some(Instant::now() + interval));
             continue;
         };
         match rx.recv_deadline(at) {
-            Ok(()) => {}
+            Ok(()) => {
+                if inner.pending() > 0 {
+                    next = Some(at.min(Instant::now() + RECONNECT_AFTER));
+                }
+            }
             Err(RecvTimeoutError::Disconnected) => return,
             Err(RecvTimeoutError::Timeout) => {
-                next = inner.renew_all().then(|| Instant::now() + interval);
+                if !inner.renew_all() && inner.pending() > 0 {
+                    // Nothing to renew: just reconnect, which replays the queue.
+                    let _ = inner.with_conn(|con| redis::cmd("PING").query::<String>(con));
+                }
+                next = next_tick(&inner);
             }
         }
     }
@@ -639,21 +902,45 @@ impl SharedLimits for RedisLimits {
     }
 
     fn release(&self, key: usize, v: &KeyVerdict) {
-        let held = self.inner.local[key].lock().held.pop();
-        let lease = match &held {
-            Some(Held::Lease(id)) => Some(id.as_str()),
-            _ => None,
+        let held = {
+            let mut l = self.inner.local[key].lock();
+            // Held leases are interchangeable but for their cut counts: a 429 takes the
+            // oldest count (the most likely to be a stale overshoot, which must not cut
+            // again), anything else the newest.
+            let pick = if v.rate_limited {
+                l.held.iter().enumerate().min_by_key(|(_, h)| h.cuts)
+            } else {
+                l.held.iter().enumerate().max_by_key(|(_, h)| h.cuts)
+            }
+            .map(|(i, _)| i);
+            pick.map(|i| l.held.swap_remove(i))
         };
-        let cooldown_ms = v.cooldown.map_or(0, |d| {
-            u64::try_from(d.as_millis())
-                .unwrap_or(u64::MAX)
-                .clamp(1, crate::MAX_DURATION_MS)
-        });
+        let aimd = Aimd {
+            outcome: if v.rate_limited {
+                "r"
+            } else if v.accepted {
+                "s"
+            } else {
+                ""
+            },
+            cuts: held.as_ref().map_or(0, |h| h.cuts),
+        };
+        // A fallback slot never registered in Redis has nothing to give back there.
+        let lease = held.filter(|h| h.in_redis).map(|h| h.id);
         let disable = v.disable.as_deref().unwrap_or("");
-        if lease.is_none() && cooldown_ms == 0 && disable.is_empty() {
+        if lease.is_none() && v.cooldown.is_none() && disable.is_empty() {
             return;
         }
-        self.inner.settle(key, lease, cooldown_ms, disable, 0, 0);
+        self.inner.release(key, lease, v.cooldown, disable, aimd);
+        if self.inner.pending() > 0 {
+            if let Some(tx) = &self.renew_tx {
+                let _ = tx.try_send(());
+            }
+        }
+    }
+
+    fn disable(&self, key: usize, reason: &str) {
+        self.inner.release(key, None, None, reason, Aimd::NONE);
     }
 
     fn refund(&self, key: usize, tokens: u64) {
@@ -662,7 +949,7 @@ impl SharedLimits for RedisLimits {
             return;
         }
         let t = i64::try_from(tokens).unwrap_or(i64::MAX);
-        self.inner.settle(key, None, 0, "", -1, -t);
+        self.inner.shift(key, -1, -t);
     }
 
     fn correct_tokens(&self, key: usize, estimated: u64, actual: u64) {
@@ -671,7 +958,7 @@ impl SharedLimits for RedisLimits {
         }
         let delta = i128::from(actual) - i128::from(estimated);
         let delta = i64::try_from(delta).unwrap_or(if delta > 0 { i64::MAX } else { i64::MIN });
-        self.inner.settle(key, None, 0, "", 0, delta);
+        self.inner.shift(key, 0, delta);
     }
 
     fn unavailable_reason(&self) -> String {
