@@ -863,3 +863,504 @@ fn read_chunked<S: Source>(src: &mut S, rb: &mut ReadBuf, limit: u64) -> Result<
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ApiKey;
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const LIMIT: u64 = 1000;
+
+    fn parse(data: &[u8], step: usize) -> Result<Parsed, String> {
+        let mut rb = ReadBuf::new();
+        read_response(&mut SliceSource { data, step }, &mut rb, LIMIT).map_err(|f| match f.err {
+            TransportError::Failed(m) => m,
+            other => format!("{other:?}"),
+        })
+    }
+
+    /// Every read size from 1 byte up gives the same answer.
+    fn parse_all_steps(data: &[u8]) -> Result<Parsed, String> {
+        let whole = parse(data, usize::MAX);
+        for step in [1, 2, 3, 7, 64] {
+            let r = parse(data, step);
+            assert_eq!(
+                format!("{:?}", r.as_ref().map(|p| (&p.status, &p.body, p.reusable))),
+                format!(
+                    "{:?}",
+                    whole.as_ref().map(|p| (&p.status, &p.body, p.reusable))
+                ),
+                "step {step}"
+            );
+        }
+        whole
+    }
+
+    #[test]
+    fn content_length_body_and_kept_headers() {
+        let p = parse_all_steps(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-RateLimit-Remaining-Requests: 7\r\n\
+              Content-Type: application/json\r\nServer: x\r\nretry-after: \xff\r\n\r\nhello",
+        )
+        .unwrap();
+        assert_eq!(
+            (p.status, &p.body[..], p.reusable),
+            (200, &b"hello"[..], true)
+        );
+        assert_eq!(
+            p.headers,
+            vec![
+                ("x-ratelimit-remaining-requests".into(), "7".into()),
+                ("content-type".into(), "application/json".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn chunked_with_extensions_and_trailers() {
+        let p = parse_all_steps(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5;name=value;x\r\nhello\r\n1 ; ext\r\n!\r\n0\r\nX-Trailer: 1\r\nY: 2\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!((&p.body[..], p.reusable), (&b"hello!"[..], true));
+    }
+
+    #[test]
+    fn close_delimited_and_http10() {
+        let p = parse_all_steps(b"HTTP/1.1 200 OK\r\n\r\nuntil the end").unwrap();
+        assert_eq!((&p.body[..], p.reusable), (&b"until the end"[..], false));
+        let p = parse_all_steps(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx").unwrap();
+        assert!(!p.reusable, "HTTP/1.0 without keep-alive");
+        let p = parse_all_steps(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nx",
+        )
+        .unwrap();
+        assert!(p.reusable, "HTTP/1.0 with keep-alive");
+        let p =
+            parse_all_steps(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+                .unwrap();
+        assert!(!p.reusable, "Connection: close");
+        // More bytes than the response, already received: the connection is not reused.
+        let p = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxy", 99).unwrap();
+        assert!(!p.reusable);
+    }
+
+    #[test]
+    fn interim_responses_are_skipped_and_204_304_have_no_body() {
+        let p = parse_all_steps(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n\
+              HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}",
+        )
+        .unwrap();
+        assert_eq!((p.status, &p.body[..]), (201, &b"{}"[..]));
+        for status in [204, 304] {
+            let head = format!("HTTP/1.1 {status} X\r\nContent-Length: 9\r\n\r\n");
+            let p = parse_all_steps(head.as_bytes()).unwrap();
+            assert_eq!((p.status, p.body.len(), p.reusable), (status, 0, true));
+        }
+        assert!(parse(b"HTTP/1.1 101 Switching\r\n\r\n", 99).is_err());
+    }
+
+    #[test]
+    fn oversized_heads_and_bodies_are_refused() {
+        let mut big = b"HTTP/1.1 200 OK\r\n".to_vec();
+        while big.len() <= HEAD_LIMIT {
+            big.extend_from_slice(b"X-Filler: 0123456789012345678901234567890123456789\r\n");
+        }
+        let e = parse(&big, 4096).unwrap_err();
+        assert!(e.contains("malformed") || e.contains("exceeds"), "{e}");
+        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for _ in 0..=MAX_HEADERS {
+            many.extend_from_slice(b"a: b\r\n");
+        }
+        many.extend_from_slice(b"\r\n");
+        assert!(parse(&many, 999).unwrap_err().contains("too many headers"));
+        let mut long = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+        long.resize(HEAD_LIMIT + 10, b'a');
+        assert!(parse(&long, 8192).unwrap_err().contains("exceeds"));
+
+        let want = format!("response body exceeds the {LIMIT}-byte limit (max_response_bytes)");
+        let cl = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", LIMIT + 1);
+        assert_eq!(parse(cl.as_bytes(), 99).unwrap_err(), want);
+        let mut close = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+        close.resize(close.len() + LIMIT as usize + 1, b'x');
+        assert_eq!(parse(&close, 99).unwrap_err(), want);
+        let mut chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..3 {
+            chunked.extend_from_slice(format!("{:x}\r\n", 400).as_bytes());
+            chunked.resize(chunked.len() + 400, b'x');
+            chunked.extend_from_slice(b"\r\n");
+        }
+        assert_eq!(parse(&chunked, 99).unwrap_err(), want);
+        // Exactly at the limit is fine.
+        let mut at = format!("HTTP/1.1 200 OK\r\nContent-Length: {LIMIT}\r\n\r\n").into_bytes();
+        at.resize(at.len() + LIMIT as usize, b'x');
+        assert_eq!(parse(&at, 99).unwrap().body.len(), LIMIT as usize);
+    }
+
+    #[test]
+    fn invalid_framing_is_refused() {
+        for head in [
+            "Content-Length: 1\r\nContent-Length: 1",
+            "Content-Length: 1\r\nContent-Length: 2",
+            "Content-Length: 1, 1",
+            "Content-Length: -1",
+            "Content-Length: +1",
+            "Content-Length: 0x10",
+            "Content-Length: ",
+            "Content-Length: 99999999999999999999999",
+            "Transfer-Encoding: gzip, chunked",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+            "Transfer-Encoding: chunked\r\nContent-Length: 3",
+        ] {
+            let r = format!("HTTP/1.1 200 OK\r\n{head}\r\n\r\nabc");
+            assert!(parse(r.as_bytes(), 99).is_err(), "{head:?} accepted");
+        }
+        for chunks in [
+            "10000000000000000\r\nx\r\n0\r\n\r\n", // 2^64: overflow
+            "ffffffffffffffffff\r\n",
+            "zz\r\n",
+            "\r\n",
+            "3\r\nabcd\r\n0\r\n\r\n", // data longer than its size
+            "3\r\nab",                // cut short
+        ] {
+            let r = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{chunks}");
+            assert!(parse(r.as_bytes(), 5).is_err(), "{chunks:?} accepted");
+        }
+        let long_ext = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;{}\r\nx\r\n0\r\n\r\n",
+            "e".repeat(CHUNK_LINE_LIMIT + 1)
+        );
+        assert!(
+            parse(long_ext.as_bytes(), 1000)
+                .unwrap_err()
+                .contains("longer")
+        );
+        let cut = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", 99).unwrap_err();
+        assert!(cut.contains("closed the connection"), "{cut}");
+        assert!(parse(b"HTTP/1.1 200", 99).is_err());
+        assert!(parse(b"", 99).unwrap_err().contains("without a response"));
+        assert!(
+            parse(b"garbage\r\n\r\n", 99)
+                .unwrap_err()
+                .contains("malformed")
+        );
+    }
+
+    // ---- against scripted loopback servers ----
+
+    /// Reads one request (head + Content-Length body); `None` when the client closed.
+    fn read_request(r: &mut BufReader<TcpStream>) -> Option<String> {
+        let mut head = String::new();
+        let mut len = 0;
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).ok()?;
+        Some(head + &String::from_utf8(body).unwrap())
+    }
+
+    struct Server {
+        target: Target,
+        connections: Arc<AtomicUsize>,
+        requests: Arc<AtomicUsize>,
+    }
+
+    /// Runs `script(connection index, reader, writer)` for every accepted connection
+    /// (each on its own thread); counts connections and requests read by `read`.
+    fn server(
+        script: impl Fn(usize, &mut dyn FnMut() -> Option<String>, &mut TcpStream)
+        + Send
+        + Sync
+        + 'static,
+    ) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/chat", listener.local_addr().unwrap());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (c, q) = (connections.clone(), requests.clone());
+        let script = Arc::new(script);
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut w) = conn else { return };
+                let i = c.fetch_add(1, Ordering::SeqCst);
+                let (script, q) = (script.clone(), q.clone());
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(w.try_clone().unwrap());
+                    let mut read = || {
+                        let req = read_request(&mut r);
+                        if req.is_some() {
+                            q.fetch_add(1, Ordering::SeqCst);
+                        }
+                        req
+                    };
+                    script(i, &mut read, &mut w);
+                });
+            }
+        });
+        Server {
+            target: Target::from_uri(&url.parse().unwrap()).unwrap(),
+            connections,
+            requests,
+        }
+    }
+
+    const KEY: &str = "sk-secret-key-42";
+
+    fn send(
+        c: &Http1,
+        s: &Server,
+        headers: &[(String, String)],
+        timeout: Duration,
+    ) -> Result<HttpResponse, TransportError> {
+        c.send(
+            &s.target,
+            &HttpRequest {
+                url: "http://unused",
+                key: &ApiKey::new(KEY),
+                headers,
+                body: b"{\"a\":1}",
+                timeout,
+            },
+        )
+    }
+
+    fn client() -> Http1 {
+        Http1::new(4, Duration::from_secs(5), LIMIT)
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+    const T: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn keep_alive_reuses_one_connection_and_sends_the_request_once() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = parking_lot::Mutex::new(tx);
+        let s = server(move |_, read, w| {
+            while let Some(req) = read() {
+                tx.lock().send(req).unwrap();
+                w.write_all(OK).unwrap();
+            }
+        });
+        let c = client();
+        let h = [("X-Title".to_owned(), "t".to_owned())];
+        for _ in 0..3 {
+            assert_eq!(send(&c, &s, &h, T).unwrap().body, b"{}");
+        }
+        assert_eq!(s.connections.load(Ordering::SeqCst), 1);
+        let req = rx.recv().unwrap();
+        assert!(req.starts_with("POST /v1/chat HTTP/1.1\r\n"), "{req}");
+        for line in [
+            format!("Host: {}\r\n", s.target.authority),
+            format!("Authorization: Bearer {KEY}\r\n"),
+            "Content-Type: application/json\r\n".into(),
+            "Content-Length: 7\r\n".into(),
+            "X-Title: t\r\n".into(),
+            concat!("User-Agent: keypool/", env!("CARGO_PKG_VERSION"), "\r\n").into(),
+        ] {
+            assert!(req.contains(&line), "{line:?} missing in {req}");
+        }
+        assert!(req.ends_with("\r\n\r\n{\"a\":1}"), "{req}");
+    }
+
+    #[test]
+    fn an_idle_connection_the_server_closed_is_replaced_once() {
+        // Every connection answers one request, then closes (without saying so).
+        let (closed_tx, closed) = std::sync::mpsc::channel();
+        let closed_tx = parking_lot::Mutex::new(closed_tx);
+        let s = server(move |_, read, w| {
+            if read().is_some() {
+                w.write_all(OK).unwrap();
+                w.shutdown(std::net::Shutdown::Both).unwrap();
+                closed_tx.lock().send(()).unwrap();
+            }
+        });
+        let c = client();
+        send(&c, &s, &[], T).unwrap();
+        closed.recv().unwrap();
+        send(&c, &s, &[], T).unwrap();
+        assert_eq!(s.connections.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            s.requests.load(Ordering::SeqCst),
+            2,
+            "the second request arrived once"
+        );
+    }
+
+    #[test]
+    fn a_server_closing_without_answering_is_an_error_not_a_retry_loop() {
+        let s = server(|_, read, _| {
+            let _ = read();
+        });
+        let c = client();
+        let e = send(&c, &s, &[], T).unwrap_err();
+        assert!(
+            matches!(&e, TransportError::Failed(m) if m.contains("without a response")),
+            "{e:?}"
+        );
+        assert_eq!(s.requests.load(Ordering::SeqCst), 1);
+        assert_eq!(s.connections.load(Ordering::SeqCst), 1);
+
+        // On a reused connection: one retry on a fresh connection, never more.
+        let s = server(|i, read, w| {
+            if read().is_some() && i == 0 {
+                w.write_all(OK).unwrap();
+                let _ = read(); // the second request: swallowed, then close
+            }
+        });
+        send(&c, &s, &[], T).unwrap();
+        assert!(send(&c, &s, &[], T).is_err());
+        assert_eq!(s.connections.load(Ordering::SeqCst), 2);
+        assert_eq!(s.requests.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_partial_response_is_never_retried() {
+        // The first request is answered; the second gets half a response and a close.
+        let s = server(|_, read, w| {
+            if read().is_some() {
+                w.write_all(OK).unwrap();
+            }
+            if read().is_some() {
+                w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{")
+                    .unwrap();
+            }
+        });
+        let c = client();
+        send(&c, &s, &[], T).unwrap();
+        let e = send(&c, &s, &[], T).unwrap_err();
+        assert!(format!("{e:?}").contains("closed the connection"), "{e:?}");
+        assert_eq!(s.requests.load(Ordering::SeqCst), 2);
+        assert_eq!(s.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_trickling_server_is_bounded_by_the_attempt_timeout() {
+        let s = server(|_, read, w| {
+            let _ = read();
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 900\r\n\r\n");
+            while w.write_all(b"x").is_ok() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let c = client();
+        let t0 = Instant::now();
+        let e = send(&c, &s, &[], Duration::from_millis(400)).unwrap_err();
+        let took = t0.elapsed();
+        assert_eq!(e, TransportError::Timeout(TimeoutPhase::Attempt));
+        assert!(took >= Duration::from_millis(400), "{took:?}");
+        assert!(took < Duration::from_millis(900), "{took:?}");
+    }
+
+    #[test]
+    fn connection_close_is_honoured() {
+        let s = server(|_, read, w| {
+            while read().is_some() {
+                w.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}")
+                    .unwrap();
+            }
+        });
+        let c = client();
+        send(&c, &s, &[], T).unwrap();
+        send(&c, &s, &[], T).unwrap();
+        assert_eq!(s.connections.load(Ordering::SeqCst), 2);
+        assert_eq!(s.requests.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn header_injection_is_refused_before_connecting_and_the_key_never_shows() {
+        let s = server(|_, read, _| while read().is_some() {});
+        let c = client();
+        for h in [
+            ("X-A".to_owned(), "v\r\nX-Injected: 1".to_owned()),
+            ("X-A".to_owned(), "v\nx".to_owned()),
+            ("X-A\r\nB".to_owned(), "v".to_owned()),
+            ("X A".to_owned(), "v".to_owned()),
+            (String::new(), "v".to_owned()),
+        ] {
+            let e = send(&c, &s, std::slice::from_ref(&h), T).unwrap_err();
+            assert!(
+                matches!(&e, TransportError::Failed(m) if !m.contains(KEY)),
+                "{e:?}"
+            );
+        }
+        let bad_key = ApiKey::new("sk-a\r\nX: y");
+        let e = c
+            .send(
+                &s.target,
+                &HttpRequest {
+                    url: "http://unused",
+                    key: &bad_key,
+                    headers: &[],
+                    body: b"",
+                    timeout: T,
+                },
+            )
+            .unwrap_err();
+        assert!(!format!("{e:?}").contains("sk-a"), "{e:?}");
+        assert_eq!(s.connections.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn refused_connections_fail_with_a_masked_message() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://user:pw-secret@{}/v1", l.local_addr().unwrap());
+        drop(l);
+        let t = super::super::UreqTransport::new(&super::super::TransportSettings {
+            label: "t".into(),
+            max_concurrent: 1,
+            timeout: T,
+            connect_timeout: T,
+            max_response_bytes: LIMIT,
+        });
+        let key = ApiKey::new(KEY);
+        let e = super::super::Transport::send(
+            &t,
+            &HttpRequest {
+                url: &url,
+                key: &key,
+                headers: &[],
+                body: b"{}",
+                timeout: T,
+            },
+        )
+        .unwrap_err();
+        let m = format!("{e:?}");
+        assert!(matches!(e, TransportError::Failed(_)), "{m}");
+        assert!(!m.contains(KEY) && !m.contains("pw-secret"), "{m}");
+        assert!(m.contains("connection to 127.0.0.1:"), "{m}");
+    }
+
+    #[test]
+    fn ipv6_literal_and_userinfo_targets() {
+        let t = Target::from_uri(&"http://u:p@[::1]:8080/a?b=1".parse().unwrap()).unwrap();
+        assert_eq!(
+            (
+                t.authority.as_str(),
+                t.host.as_str(),
+                t.port,
+                t.path.as_str()
+            ),
+            ("[::1]:8080", "::1", 8080, "/a?b=1")
+        );
+        let t = Target::from_uri(&"http://example.com".parse().unwrap()).unwrap();
+        assert_eq!((t.port, t.path.as_str()), (80, "/"));
+        assert!(Target::from_uri(&"https://example.com/".parse().unwrap()).is_none());
+    }
+}
