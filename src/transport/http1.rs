@@ -717,6 +717,12 @@ fn read_head<S: Source>(src: &mut S, rb: &mut ReadBuf) -> Result<Head, Fail> {
 
 fn head_of(resp: &httparse::Response<'_, '_>) -> Result<Head, Fail> {
     let status = resp.code.unwrap_or(0);
+    // httparse takes any three digits; below 100 is no HTTP status (found by fuzzing).
+    if !(100..=999).contains(&status) {
+        return Err(Fail::failed(format!(
+            "invalid status code {status} in the response"
+        )));
+    }
     let version = resp.version.unwrap_or(0);
     let mut length: Option<u64> = None;
     let mut chunked = false;
@@ -1044,6 +1050,7 @@ mod tests {
         let cut = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", 99).unwrap_err();
         assert!(cut.contains("closed the connection"), "{cut}");
         assert!(parse(b"HTTP/1.1 200", 99).is_err());
+        assert!(parse(b"HTTP/1.1 020 OK\r\nContent-Length: 0\r\n\r\n", 99).is_err());
         assert!(parse(b"", 99).unwrap_err().contains("without a response"));
         assert!(
             parse(b"garbage\r\n\r\n", 99)
