@@ -98,10 +98,15 @@ fn main() {
     drop(pool);
     kd.print("keypool  submit_with, results dropped", dfail);
 
-    // The floor of a blocking design on this transport: 256 threads each looping
-    // `UreqTransport::send` (one transport per key), no pool around them.
-    let (fl, ffail) = transport_alone(&mock.url, n);
+    // The floor of a blocking design on the default transport: 256 threads each
+    // looping `UreqTransport::send` (one transport per key; plain http:// goes through
+    // its lean HTTP/1.1 client), no pool around them.
+    let (fl, ffail) = transport_alone(&mock.url, n, |s| Box::new(keypool::UreqTransport::new(s)));
     fl.print("floor: 256 threads x UreqTransport::send", ffail);
+    // The same with ureq alone (the default transport before the lean client): the
+    // before/after of the transport in one run.
+    let (ur, ufail) = transport_alone(&mock.url, n, |s| Box::new(UreqOnly::new(s)));
+    ur.print("256 threads x ureq 3 (the old transport)", ufail);
 
     let (asy, afail) = async_reference(&mock.url, n);
     asy.print("async ref (tokio, 1 thread, 256 conns)", afail);
@@ -121,14 +126,19 @@ fn main() {
         kd.faults
     );
     println!(
-        "ratios transport floor/async: CPU {:.2}x, throughput {:.3}; keypool batch/floor: CPU {:.2}x",
+        "ratios transport floor/async: CPU {:.2}x, throughput {:.3}; keypool batch/floor: CPU {:.2}x; ureq alone/floor: CPU {:.2}x",
         fl.cpu_us() / asy.cpu_us(),
         fl.rps / asy.rps,
-        kp.cpu_us() / fl.cpu_us()
+        kp.cpu_us() / fl.cpu_us(),
+        ur.cpu_us() / fl.cpu_us()
     );
 }
 
-fn transport_alone(url: &str, n: usize) -> (Figures, usize) {
+fn transport_alone(
+    url: &str,
+    n: usize,
+    make: impl Fn(&keypool::TransportSettings) -> Box<dyn Transport>,
+) -> (Figures, usize) {
     let settings = keypool::TransportSettings {
         label: "floor".into(),
         max_concurrent: PER_KEY,
@@ -136,9 +146,7 @@ fn transport_alone(url: &str, n: usize) -> (Figures, usize) {
         connect_timeout: Duration::from_secs(10),
         max_response_bytes: 1 << 24,
     };
-    let transports: Vec<keypool::UreqTransport> = (0..KEYS)
-        .map(|_| keypool::UreqTransport::new(&settings))
-        .collect();
+    let transports: Vec<Box<dyn Transport>> = (0..KEYS).map(|_| make(&settings)).collect();
     let keys: Vec<keypool::ApiKey> = (0..KEYS)
         .map(|i| keypool::ApiKey::new(format!("sk-bench-{i}")))
         .collect();
@@ -187,6 +195,63 @@ fn transport_alone(url: &str, n: usize) -> (Figures, usize) {
         figures = Some(Usage::now().minus(&u0, t0.elapsed(), n));
     });
     (figures.unwrap(), failures.load(Ordering::Relaxed))
+}
+
+/// `UreqTransport::send` as it was before the lean HTTP/1.1 client: one `ureq::Agent`
+/// per key, configured the same way (buffers, timeouts, pool size).
+struct UreqOnly {
+    agent: ureq::Agent,
+    limit: u64,
+}
+
+impl UreqOnly {
+    fn new(s: &keypool::TransportSettings) -> UreqOnly {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(s.connect_timeout))
+            .timeout_send_request(Some(s.timeout))
+            .timeout_send_body(Some(s.timeout))
+            .timeout_recv_response(Some(s.timeout))
+            .timeout_recv_body(Some(s.timeout))
+            .max_idle_connections_per_host(s.max_concurrent.max(1))
+            .max_idle_connections(s.max_concurrent.max(1) * 2)
+            .input_buffer_size(64 * 1024)
+            .max_response_header_size(64 * 1024)
+            .output_buffer_size(16 * 1024)
+            .build();
+        UreqOnly {
+            agent: config.into(),
+            limit: s.max_response_bytes,
+        }
+    }
+}
+
+impl Transport for UreqOnly {
+    fn send(
+        &self,
+        req: &keypool::HttpRequest<'_>,
+    ) -> Result<keypool::HttpResponse, keypool::TransportError> {
+        let fail = |e: ureq::Error| keypool::TransportError::Failed(e.to_string());
+        let mut resp = self
+            .agent
+            .post(req.url)
+            .header("authorization", format!("Bearer {}", req.key.expose()))
+            .header("content-type", "application/json")
+            .send(req.body)
+            .map_err(fail)?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(self.limit)
+            .read_to_vec()
+            .map_err(fail)?;
+        Ok(keypool::HttpResponse {
+            status,
+            headers: Vec::new(),
+            body,
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------
