@@ -1313,3 +1313,61 @@ fn group_slot_freed_elsewhere_wakes_a_waiting_pool() {
         );
     }
 }
+
+#[test]
+fn crashed_process_group_slots_come_back() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(0);
+    let hang = |ms| {
+        for k in GROUP_KEYS {
+            server.set_key_rule(
+                k,
+                KeyRule {
+                    latency_ms: Some(ms),
+                    ..KeyRule::default()
+                },
+            );
+        }
+    };
+    // The child's requests hang at the server: it holds both of the group's slots.
+    hang(6_000);
+    let json = group_json(&server.url(), &redis.url(), r#", "max_concurrent": 2"#);
+    let mut child = spawn_child(&json, 2);
+    wait_for("the child's two requests", Duration::from_secs(20), || {
+        server.stats().in_flight_total == 2
+    });
+    // Held past lease_ms (1.5 s): only renewal keeps the group's leases live now.
+    std::thread::sleep(Duration::from_millis(2_000));
+    // On the server's clock, the kill comes (just) after this.
+    let last = GROUP_KEYS
+        .iter()
+        .filter_map(|k| server.key_stats(k)?.last_request)
+        .max()
+        .unwrap();
+    let killed = last + Duration::from_millis(2_000);
+    child.kill().unwrap(); // SIGKILL: no cleanup, leases stay in Redis
+    child.wait().unwrap();
+    hang(20);
+    let pool = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let results = pool.batch((0..8).map(chat));
+    assert!(results.iter().all(|r| r.is_ok()));
+    let log = group_log(&server);
+    let ours: Vec<&RequestRecord> = log.iter().filter(|r| r.arrived > last).collect();
+    assert_eq!(ours.len(), 8);
+    let first = ours.iter().map(|r| r.arrived).min().unwrap();
+    // The per-key slots were free (a key holds 4): only the group's leases held us back,
+    // renewed until the kill, then expired within lease_ms (plus the recheck interval).
+    assert!(
+        first >= killed + Duration::from_millis(700),
+        "sent {:?} after the kill, while the dead process's group leases were live",
+        first - killed
+    );
+    assert!(
+        first <= killed + Duration::from_millis(2_700),
+        "waited {:?} for dead group leases",
+        first - killed
+    );
+    assert!(max_overlap(&ours) <= 2);
+}

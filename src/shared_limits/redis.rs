@@ -83,11 +83,10 @@ end
 local w = full(KEYS[1], max)
 if w then return {1, w} end
 if grp then
+  -- Pruned even without a limit: a crashed process's leases leave the set.
   local gmax = tonumber(ARGV[8])
-  if gmax > 0 then
-    w = full(KEYS[5], gmax)
-    if w then return {1, w} end
-  end
+  w = full(KEYS[5], gmax > 0 and gmax or math.huge)
+  if w then return {1, w} end
 end
 -- tpm: a request bigger than the one-second burst may start once the budget is clear
 -- (it could never start otherwise) but is charged in full: the key goes into debt, at
