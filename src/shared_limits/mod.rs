@@ -1,6 +1,7 @@
 //! Per-key limits shared by many processes (issue 13): `max_concurrent`, `rpm`, `tpm`,
-//! cooldowns and disabled keys, kept in Redis so several pools — threads, processes or
-//! hosts — that use the same keys respect one budget together.
+//! cooldowns and disabled keys — and the same for each key's group (account):
+//! `max_concurrent`, `rpm`, `tpm` and cooldown — kept in Redis so several pools —
+//! threads, processes or hosts — that use the same keys respect one budget together.
 //!
 //! The local [`Gate`](crate::admission::Gate) still decides first (idle worker, local
 //! cooldown, trial, local budget); when it would admit, it asks its [`KeyLink`] once —

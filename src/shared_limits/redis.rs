@@ -6,6 +6,11 @@
 //! - `kp:{ns}:{h}:rate`: GCRA "theoretical arrival times" of `rpm` (`r`) and `tpm` (`t`);
 //! - `kp:{ns}:{h}:state`: `cool_until` (ms) and `disabled` (reason), with a TTL.
 //!
+//! Per group (account), named by `gh`, an HMAC of the group's name under its own label
+//! (see `GroupInfo`): `kp:{ns}:{gh}:leases` (its member keys' leases, same ids),
+//! `kp:{ns}:{gh}:state` (`cool_until`) and `kp:{ns}:{gh}:rate` (its GCRA), checked and
+//! taken in the same scripts as the member key's.
+//!
 //! Every decision is one Lua script run atomically by Redis, on Redis's clock (`TIME`),
 //! so hosts need no synchronised clocks: scripts answer waits as durations.
 //!
