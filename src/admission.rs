@@ -432,7 +432,14 @@ impl Gate {
         if let (Admit::Yes(_), Some(link)) = (verdict, &self.shared) {
             // One atomic step in the shared store, under this key's lock: the local and
             // the shared admission are taken together or not at all.
-            verdict = self.apply_shared(&mut s, link.acquire(tokens), verdict);
+            let shared = link.acquire(tokens);
+            if let (crate::shared_limits::SharedAdmit::GroupCooling(until), Some(group), Some(g)) =
+                (&shared, &self.group, g.as_deref_mut())
+            {
+                // The account cools elsewhere: here too, for all its keys.
+                group.cool_until(g, *until);
+            }
+            verdict = self.apply_shared(&mut s, shared, verdict);
         }
         if let Admit::Yes(adm) = verdict {
             if via == Via::Dispatcher {
@@ -484,7 +491,7 @@ impl Gate {
         use crate::shared_limits::SharedAdmit;
         match shared {
             SharedAdmit::Yes => local,
-            SharedAdmit::WakeAt(at) => Admit::WakeAt(at),
+            SharedAdmit::WakeAt(at) | SharedAdmit::GroupCooling(at) => Admit::WakeAt(at),
             SharedAdmit::Cooling(until) => {
                 if s.cooldown_until.is_none_or(|u| u < until) {
                     s.cooldown_until = Some(until);

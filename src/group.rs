@@ -125,6 +125,15 @@ impl GroupGate {
         was_full || cooldown.is_some()
     }
 
+    /// Cools the account until `until` (a cooldown another process sharing the group
+    /// published), unless it already cools longer.
+    pub(crate) fn cool_until(&self, g: &mut GroupState, until: Instant) {
+        if g.cooldown_until.is_none_or(|u| u < until) {
+            g.cooldown_until = Some(until);
+        }
+        self.mirror(g);
+    }
+
     /// Whether a 429 (its error message and headers) is the account's, by the
     /// configured `account_429` rule.
     pub(crate) fn is_account_429(&self, message: &str, headers: &[(String, String)]) -> bool {

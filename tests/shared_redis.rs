@@ -1110,3 +1110,264 @@ fn learned_limit_is_shared() {
     );
     assert!(after < limit, "{after} after the 429s, {limit} before");
 }
+
+// ---- groups (accounts) shared across processes ----
+
+/// The key names of the group tests.
+const GROUP_KEYS: [&str; 3] = ["sk-shared-0", "sk-shared-1", "sk-shared-2"];
+
+/// A config JSON: the three `GROUP_KEYS` (per-key `max_concurrent` 4) in one group
+/// `acct-shared` with the given group fields, shared through `redis_url`.
+fn group_json(mock_url: &str, redis_url: &str, group_fields: &str) -> String {
+    let keys = GROUP_KEYS
+        .iter()
+        .map(|k| format!(r#"{{"key": "{k}", "max_concurrent": 4, "group": "acct-shared"}}"#))
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        r#"{{"base_url": "{mock_url}", "keys": [{keys}],
+            "groups": [{{"name": "acct-shared"{group_fields}}}],
+            "retry": {{"probe_keys": false, "max_attempts": 5, "base_delay_ms": 5, "max_delay_ms": 50}},
+            "shared": {{"redis_url": "{redis_url}", "namespace": "test", "lease_ms": 1500}}}}"#
+    )
+}
+
+/// Every request the mock saw on the group's keys (server-side records).
+fn group_log(server: &MockServer) -> Vec<RequestRecord> {
+    GROUP_KEYS
+        .iter()
+        .filter_map(|k| server.key_stats(k))
+        .flat_map(|s| s.log)
+        .collect()
+}
+
+/// Runs `per_pool` requests on each of `pools` at once; every result must be a success.
+fn run_pools(pools: &[Pool], per_pool: usize) {
+    std::thread::scope(|s| {
+        for pool in pools {
+            s.spawn(move || {
+                let results = pool.batch((0..per_pool).map(chat));
+                assert!(results.iter().all(|r| r.is_ok()));
+            });
+        }
+    });
+}
+
+#[test]
+fn group_concurrency_is_shared_across_pools() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(15);
+    let json = group_json(&server.url(), &redis.url(), r#", "max_concurrent": 4"#);
+    let pools: Vec<Pool> = (0..3)
+        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
+        .collect();
+    run_pools(&pools, 60);
+    let log = group_log(&server);
+    assert_eq!(log.len(), 180);
+    // Three pools, each holding its group to 4: 12 could be in flight unshared.
+    let refs: Vec<&RequestRecord> = log.iter().collect();
+    let group = max_overlap(&refs);
+    assert!(group <= 4, "the group had {group} in flight at the server");
+    assert_eq!(group, 4, "the group never used its 4 slots");
+    // Every group lease came back too (released, or expired within lease_ms).
+    let mut con = redis.conn();
+    wait_for("no live lease", Duration::from_millis(1500 + 1000), || {
+        live_leases(&mut con) == 0
+    });
+}
+
+#[test]
+fn group_cooldown_is_shared() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(20);
+    // The first request on sk-shared-0 is a 429 that the group attributes to the
+    // account ("*"): the whole account cools for 1.5 s, in every pool.
+    server.set_key_rule(
+        "sk-shared-0",
+        KeyRule {
+            always_status: Some(429),
+            retry_after_ms: Some(1_500),
+            fail_first: 1,
+            ..KeyRule::default()
+        },
+    );
+    let json = group_json(
+        &server.url(),
+        &redis.url(),
+        r#", "max_concurrent": 6, "account_429": "*""#,
+    );
+    let pools: Vec<Pool> = (0..3)
+        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
+        .collect();
+    run_pools(&pools, 30);
+    let log = group_log(&server);
+    let limited: Vec<&RequestRecord> = log.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(limited.len(), 1);
+    let at = limited[0].finished;
+    let window = (
+        at + Duration::from_millis(100),
+        at + Duration::from_millis(1_400),
+    );
+    // No pool sent anything to any key of the account while it cooled.
+    let inside = log
+        .iter()
+        .filter(|r| r.arrived > window.0 && r.arrived < window.1)
+        .count();
+    assert_eq!(
+        inside, 0,
+        "requests arrived during the shared group cooldown"
+    );
+    assert_eq!(log.len(), 91);
+    // The pools did run before the 429 and after the cooldown.
+    assert!(log.iter().any(|r| r.arrived >= window.1));
+}
+
+#[test]
+fn group_rpm_is_shared_exactly() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(5);
+    // 240 rpm on the account = one request per 250 ms across its keys and three pools.
+    let json = group_json(&server.url(), &redis.url(), r#", "rpm": 240"#);
+    let pools: Vec<Pool> = (0..3)
+        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
+        .collect();
+    run_pools(&pools, 6);
+    let mut arrivals: Vec<Duration> = group_log(&server).iter().map(|r| r.arrived).collect();
+    arrivals.sort();
+    assert_eq!(arrivals.len(), 18);
+    // Any 2.5 s window (a 2.5 s "minute" of 10 requests) holds at most 10 + 1.
+    for (i, a) in arrivals.iter().enumerate() {
+        let n = arrivals[i..]
+            .iter()
+            .take_while(|b| **b < *a + Duration::from_millis(2_500))
+            .count();
+        assert!(n <= 11, "{n} requests within 2.5 s of arrival {i}");
+    }
+    let span = arrivals[17] - arrivals[0];
+    assert!(span >= Duration::from_millis(17 * 250 - 200), "{span:?}");
+    // The group is named by a hash in Redis, in the keys' scheme.
+    let all: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query(&mut redis.conn())
+        .unwrap();
+    // The keys have no rpm of their own: the one rate budget is the group's.
+    assert_eq!(
+        all.iter().filter(|k| k.ends_with(":rate")).count(),
+        1,
+        "{all:?}"
+    );
+    for k in &all {
+        assert!(!k.contains("acct") && !k.contains("sk-shared"), "{k}");
+        let hash = k.split(':').nth(2).unwrap();
+        assert!(
+            hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{k}"
+        );
+    }
+}
+
+#[test]
+fn group_slot_freed_elsewhere_wakes_a_waiting_pool() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(0);
+    let json = group_json(&server.url(), &redis.url(), r#", "max_concurrent": 1"#);
+    let a = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let b = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let slow = || {
+        Request::from_json(
+            "/chat/completions",
+            r#"{"model":"m","messages":[],"mock":{"delay_ms":300}}"#,
+        )
+        .unwrap()
+    };
+    // A holds the group's only slot for 300 ms; B asks meanwhile and must wait. When A
+    // releases, the notification wakes B at once: its request arrives within a few ms
+    // of A's finishing. (The 200 ms fallback recheck alone would put it ~100 ms later.)
+    for round in 0..3 {
+        let seen = server.stats().total_requests;
+        let ta = a.submit(slow()).unwrap();
+        wait_for("A's request at the server", Duration::from_secs(5), || {
+            server.stats().total_requests > seen
+        });
+        let tb = b.submit(chat(round)).unwrap();
+        assert!(ta.wait().is_ok());
+        assert!(tb.wait().is_ok());
+        let mut log = group_log(&server);
+        log.sort_by_key(|r| r.arrived);
+        let [.., first, second] = &log[..] else {
+            panic!("{log:?}")
+        };
+        assert!(second.arrived >= first.finished, "B overlapped A: {log:?}");
+        let gap = second.arrived - first.finished;
+        assert!(
+            gap < Duration::from_millis(50),
+            "round {round}: B started {gap:?} after A released"
+        );
+    }
+}
+
+#[test]
+fn crashed_process_group_slots_come_back() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(0);
+    let hang = |ms| {
+        for k in GROUP_KEYS {
+            server.set_key_rule(
+                k,
+                KeyRule {
+                    latency_ms: Some(ms),
+                    ..KeyRule::default()
+                },
+            );
+        }
+    };
+    // The child's requests hang at the server: it holds both of the group's slots.
+    hang(6_000);
+    let json = group_json(&server.url(), &redis.url(), r#", "max_concurrent": 2"#);
+    let mut child = spawn_child(&json, 2);
+    wait_for("the child's two requests", Duration::from_secs(20), || {
+        server.stats().in_flight_total == 2
+    });
+    // Held past lease_ms (1.5 s): only renewal keeps the group's leases live now.
+    std::thread::sleep(Duration::from_millis(2_000));
+    // On the server's clock, the kill comes (just) after this.
+    let last = GROUP_KEYS
+        .iter()
+        .filter_map(|k| server.key_stats(k)?.last_request)
+        .max()
+        .unwrap();
+    let killed = last + Duration::from_millis(2_000);
+    child.kill().unwrap(); // SIGKILL: no cleanup, leases stay in Redis
+    child.wait().unwrap();
+    hang(20);
+    let pool = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let results = pool.batch((0..8).map(chat));
+    assert!(results.iter().all(|r| r.is_ok()));
+    let log = group_log(&server);
+    let ours: Vec<&RequestRecord> = log.iter().filter(|r| r.arrived > last).collect();
+    assert_eq!(ours.len(), 8);
+    let first = ours.iter().map(|r| r.arrived).min().unwrap();
+    // The per-key slots were free (a key holds 4): only the group's leases held us back,
+    // renewed until the kill, then expired within lease_ms (plus the recheck interval).
+    assert!(
+        first >= killed + Duration::from_millis(700),
+        "sent {:?} after the kill, while the dead process's group leases were live",
+        first - killed
+    );
+    assert!(
+        first <= killed + Duration::from_millis(2_700),
+        "waited {:?} for dead group leases",
+        first - killed
+    );
+    assert!(max_overlap(&ours) <= 2);
+}

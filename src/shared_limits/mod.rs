@@ -1,6 +1,7 @@
 //! Per-key limits shared by many processes (issue 13): `max_concurrent`, `rpm`, `tpm`,
-//! cooldowns and disabled keys, kept in Redis so several pools — threads, processes or
-//! hosts — that use the same keys respect one budget together.
+//! cooldowns and disabled keys — and the same for each key's group (account):
+//! `max_concurrent`, `rpm`, `tpm` and cooldown — kept in Redis so several pools —
+//! threads, processes or hosts — that use the same keys respect one budget together.
 //!
 //! The local [`Gate`](crate::admission::Gate) still decides first (idle worker, local
 //! cooldown, trial, local budget); when it would admit, it asks its [`KeyLink`] once —
@@ -215,6 +216,9 @@ pub(crate) enum SharedAdmit {
     WakeAt(Instant),
     /// The key cools down everywhere until this instant (a 429 seen by some process).
     Cooling(Instant),
+    /// The key's group (account) cools down everywhere until this instant (a 429 some
+    /// process attributed to the account).
+    GroupCooling(Instant),
     /// Some process disabled the key (401/403) or parked it (402), with this reason.
     Disabled(String),
     /// Redis is unreachable and `on_unavailable` is `fail`.
@@ -223,11 +227,12 @@ pub(crate) enum SharedAdmit {
 
 /// Shared per-key limits, implemented over Redis (`redis.rs`).
 pub(crate) trait SharedLimits: Send + Sync {
-    /// Takes a lease and the rate budget (`tokens` for `tpm`) of key `key`, or says why
-    /// not. One atomic step.
+    /// Takes a lease and the rate budget (`tokens` for `tpm`) of key `key` — and of its
+    /// group, if it has one — or says why not. One atomic step: all or nothing.
     fn acquire(&self, key: usize, tokens: u64) -> SharedAdmit;
-    /// Ends one admission of key `key`: gives a lease back, publishing the attempt's
-    /// cooldown or disable verdict to every process.
+    /// Ends one admission of key `key`: gives its lease (and its group's) back,
+    /// publishing the attempt's cooldown (the key's, the group's) or disable verdict to
+    /// every process.
     fn release(&self, key: usize, verdict: &KeyVerdict);
     /// Disables (parks) key `key` in every process with this reason, outside an
     /// admission (a credit check found it at its floor).

@@ -6,6 +6,11 @@
 //! - `kp:{ns}:{h}:rate`: GCRA "theoretical arrival times" of `rpm` (`r`) and `tpm` (`t`);
 //! - `kp:{ns}:{h}:state`: `cool_until` (ms) and `disabled` (reason), with a TTL.
 //!
+//! Per group (account), named by `gh`, an HMAC of the group's name under its own label
+//! (see `GroupInfo`): `kp:{ns}:{gh}:leases` (its member keys' leases, same ids),
+//! `kp:{ns}:{gh}:state` (`cool_until`) and `kp:{ns}:{gh}:rate` (its GCRA), checked and
+//! taken in the same scripts as the member key's.
+//!
 //! Every decision is one Lua script run atomically by Redis, on Redis's clock (`TIME`),
 //! so hosts need no synchronised clocks: scripts answer waits as durations.
 //!
@@ -42,20 +47,37 @@ const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 const DISABLED_TTL_MS: u64 = 3_600_000;
 
 /// Drops expired leases, then admits if the key is not disabled or cooling, has a free
-/// slot and has budget; takes the lease and the budget in the same step.
+/// slot and has budget — and, for a key of a group (account), if the group is not
+/// cooling, has a free slot and has budget too; takes the key's lease and budget and
+/// the group's (the same lease id in the group's set) in the same step, or nothing.
 /// With `adaptive` ('1'), the key's slots are capped at its shared learned limit
 /// (`kp:{ns}:{h}:aimd`: `limit`, a float ≥ 1, and `cuts`, the number of cuts so far).
-/// KEYS: leases, state, rate, aimd. ARGV: max, lease id, lease_ms, rpm, tpm, tokens,
-/// adaptive. Returns {0, cuts} admitted (cuts: the learned limit's cut count now), {1, wait_ms} full, {2, wait_ms} cooling, {3, 0, reason}
-/// disabled, {4, wait_ms} out of rate budget.
+/// KEYS: leases, state, rate, aimd[, group leases, group state, group rate].
+/// ARGV: max, lease id, lease_ms, rpm, tpm, tokens, adaptive[, group max (0: none),
+/// group rpm, group tpm]. Returns {0, cuts} admitted (cuts: the learned limit's cut
+/// count now), {1, wait_ms} full (key or group), {2, wait_ms} cooling, {3, 0, reason}
+/// disabled, {4, wait_ms} out of rate budget (key or group), {5, wait_ms} the group
+/// (account) cooling.
 const ACQUIRE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local grp = #KEYS >= 7
 local dis = redis.call('HGET', KEYS[2], 'disabled')
 if dis then return {3, 0, dis} end
 local cool = tonumber(redis.call('HGET', KEYS[2], 'cool_until') or '0') or 0
 if cool > now then return {2, cool - now} end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if grp then
+  local gcool = tonumber(redis.call('HGET', KEYS[6], 'cool_until') or '0') or 0
+  if gcool > now then return {5, gcool - now} end
+end
+local function full(leases, max)
+  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+  if redis.call('ZCARD', leases) >= max then
+    local first = redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')
+    return math.max(1, (tonumber(first[2]) or now) - now)
+  end
+  return nil
+end
 local max = tonumber(ARGV[1])
 local cuts = 0
 if ARGV[7] == '1' then
@@ -63,50 +85,69 @@ if ARGV[7] == '1' then
   cuts = tonumber(redis.call('HGET', KEYS[4], 'cuts') or '0') or 0
   max = math.min(max, math.max(1, math.floor(lim)))
 end
-if redis.call('ZCARD', KEYS[1]) >= max then
-  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return {1, math.max(1, tonumber(first[2]) - now)}
+local w = full(KEYS[1], max)
+if w then return {1, w} end
+if grp then
+  -- Pruned even without a limit: a crashed process's leases leave the set.
+  local gmax = tonumber(ARGV[8])
+  w = full(KEYS[5], gmax > 0 and gmax or math.huge)
+  if w then return {1, w} end
 end
 -- tpm: a request bigger than the one-second burst may start once the budget is clear
 -- (it could never start otherwise) but is charged in full: the key goes into debt, at
 -- most one minute's worth, like the local bucket.
-local rpm, tpm, tokens = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local wait, rtat, ttat = 0, nil, nil
-if rpm > 0 then
-  local T = 60000 / rpm
-  local tat = math.max(tonumber(redis.call('HGET', KEYS[3], 'r') or '0') or 0, now)
-  if tat > now then wait = tat - now else rtat = tat + T end
+local tokens = tonumber(ARGV[6])
+local function budget(rate, rpm, tpm)
+  local wait, rtat, ttat = 0, nil, nil
+  if rpm > 0 then
+    local T = 60000 / rpm
+    local tat = math.max(tonumber(redis.call('HGET', rate, 'r') or '0') or 0, now)
+    if tat > now then wait = tat - now else rtat = tat + T end
+  end
+  if tpm > 0 then
+    local T = 60000 / tpm
+    local cap = math.max(math.ceil(tpm / 60), 1)
+    local tau = cap * T
+    local need = math.min(tokens, cap) * T
+    local tat = math.max(tonumber(redis.call('HGET', rate, 't') or '0') or 0, now)
+    if tat + need - now > tau then wait = math.max(wait, tat + need - tau - now)
+    else ttat = math.min(tat + tokens * T, now + 60000) end
+  end
+  return wait, rtat, ttat
 end
-if tpm > 0 then
-  local T = 60000 / tpm
-  local cap = math.max(math.ceil(tpm / 60), 1)
-  local tau = cap * T
-  local need = math.min(tokens, cap) * T
-  local tat = math.max(tonumber(redis.call('HGET', KEYS[3], 't') or '0') or 0, now)
-  if tat + need - now > tau then wait = math.max(wait, tat + need - tau - now)
-  else ttat = math.min(tat + tokens * T, now + 60000) end
-end
+local wait, rtat, ttat = budget(KEYS[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+local gwait, grtat, gttat = 0, nil, nil
+if grp then gwait, grtat, gttat = budget(KEYS[7], tonumber(ARGV[9]), tonumber(ARGV[10])) end
+wait = math.max(wait, gwait)
 if wait > 0 then return {4, math.max(1, math.ceil(wait))} end
 local lease_ms = tonumber(ARGV[3])
-redis.call('ZADD', KEYS[1], now + lease_ms, ARGV[2])
-redis.call('PEXPIRE', KEYS[1], lease_ms * 2)
-if rtat then redis.call('HSET', KEYS[3], 'r', tostring(rtat)) end
-if ttat then redis.call('HSET', KEYS[3], 't', tostring(ttat)) end
-if rtat or ttat then redis.call('PEXPIRE', KEYS[3], 180000) end
+local function take(leases, rate, r, tt)
+  redis.call('ZADD', leases, now + lease_ms, ARGV[2])
+  redis.call('PEXPIRE', leases, lease_ms * 2)
+  if r then redis.call('HSET', rate, 'r', tostring(r)) end
+  if tt then redis.call('HSET', rate, 't', tostring(tt)) end
+  if r or tt then redis.call('PEXPIRE', rate, 180000) end
+end
+take(KEYS[1], KEYS[3], rtat, ttat)
+if grp then take(KEYS[5], KEYS[7], grtat, gttat) end
 return {0, cuts}
 "#;
 
-/// Ends an admission or corrects a budget, in one step. KEYS: leases, state, rate, aimd.
+/// Ends an admission or corrects a budget, in one step. KEYS: leases, state, rate,
+/// aimd[, group leases, group state, group rate].
 /// ARGV: lease id ('' for none), max, cooldown_ms (0 none), disable reason ('' none),
 /// rpm, rpm delta (requests), tpm, tpm delta (tokens), channel, key hash, disabled TTL,
 /// adaptive ('1'), outcome ('r' a 429, 's' a success, '' neither), the admission's cut
-/// count. The shared learned limit (AIMD, as `adaptive.rs` without its probe pacing):
+/// count[, group max (0 none), group cooldown_ms (0 none), group rpm, group tpm, group
+/// hash]. The shared learned limit (AIMD, as `adaptive.rs` without its probe pacing):
 /// a success while the key used its whole limit adds 1/limit (up to max); a 429 of an
 /// admission made since the last cut multiplies it by 0.8 (at least 1) — once per
-/// overshoot, whichever process sees the 429s.
+/// overshoot, whichever process sees the 429s. A lease given back to a full key or a
+/// full group is published on the channel (processes waiting for a slot look again).
 const SETTLE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local grp = #KEYS >= 7
 if ARGV[1] ~= '' then
   local max = tonumber(ARGV[2])
   local count = redis.call('ZCARD', KEYS[1])
@@ -124,40 +165,58 @@ if ARGV[1] ~= '' then
   end
   local removed = redis.call('ZREM', KEYS[1], ARGV[1])
   if count >= lim and removed == 1 then redis.call('PUBLISH', ARGV[9], ARGV[10]) end
+  if grp then
+    local gmax = tonumber(ARGV[15])
+    local gcount = redis.call('ZCARD', KEYS[5])
+    local gremoved = redis.call('ZREM', KEYS[5], ARGV[1])
+    if gmax > 0 and gcount >= gmax and gremoved == 1 then
+      redis.call('PUBLISH', ARGV[9], ARGV[19])
+    end
+  end
 end
-local cd = tonumber(ARGV[3])
-if cd > 0 then
-  local u = now + cd
-  local cur = tonumber(redis.call('HGET', KEYS[2], 'cool_until') or '0') or 0
-  if u > cur then redis.call('HSET', KEYS[2], 'cool_until', u) end
-  if redis.call('PTTL', KEYS[2]) < cd + 1000 then redis.call('PEXPIRE', KEYS[2], cd + 1000) end
+local function cool(state, cd)
+  if cd > 0 then
+    local u = now + cd
+    local cur = tonumber(redis.call('HGET', state, 'cool_until') or '0') or 0
+    if u > cur then redis.call('HSET', state, 'cool_until', u) end
+    if redis.call('PTTL', state) < cd + 1000 then redis.call('PEXPIRE', state, cd + 1000) end
+  end
 end
+cool(KEYS[2], tonumber(ARGV[3]))
+if grp then cool(KEYS[6], tonumber(ARGV[16])) end
 if ARGV[4] ~= '' then
   redis.call('HSETNX', KEYS[2], 'disabled', ARGV[4])
   redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[11]))
 end
-local function shift(field, per_min, delta)
+local function shift(rate, field, per_min, delta)
   if per_min > 0 and delta ~= 0 then
-    local tat = tonumber(redis.call('HGET', KEYS[3], field) or '0') or 0
+    local tat = tonumber(redis.call('HGET', rate, field) or '0') or 0
     if tat > 0 then
       tat = math.min(tat + delta * 60000 / per_min, now + 60000)
-      redis.call('HSET', KEYS[3], field, tostring(tat))
+      redis.call('HSET', rate, field, tostring(tat))
     end
   end
 end
-shift('r', tonumber(ARGV[5]), tonumber(ARGV[6]))
-shift('t', tonumber(ARGV[7]), tonumber(ARGV[8]))
+shift(KEYS[3], 'r', tonumber(ARGV[5]), tonumber(ARGV[6]))
+shift(KEYS[3], 't', tonumber(ARGV[7]), tonumber(ARGV[8]))
+if grp then
+  shift(KEYS[7], 'r', tonumber(ARGV[17]), tonumber(ARGV[6]))
+  shift(KEYS[7], 't', tonumber(ARGV[18]), tonumber(ARGV[8]))
+end
 return 0
 "#;
 
 /// Renews this process's leases of one key (re-adding any Redis lost, e.g. in a
-/// restart: those requests are still running). KEYS: leases. ARGV: lease_ms, ids…
+/// restart: those requests are still running) in every set of KEYS: the key's leases
+/// and, for a key of a group, the group's. ARGV: lease_ms, ids…
 const RENEW: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease_ms = tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + lease_ms, ARGV[i]) end
-redis.call('PEXPIRE', KEYS[1], lease_ms * 2)
+for k = 1, #KEYS do
+  for i = 2, #ARGV do redis.call('ZADD', KEYS[k], now + lease_ms, ARGV[i]) end
+  redis.call('PEXPIRE', KEYS[k], lease_ms * 2)
+end
 return 0
 "#;
 
@@ -181,6 +240,8 @@ struct Pending {
     lease: Option<String>,
     /// Cool the key until this instant (429), if still ahead when retried.
     cool_until: Option<Instant>,
+    /// Cool the key's group (account) until this instant, if still ahead when retried.
+    group_cool_until: Option<Instant>,
     disable: String,
 }
 
@@ -236,6 +297,23 @@ struct KeyInfo {
     max: usize,
     rpm: u64,
     tpm: u64,
+    /// The key's group (account), an index into `Inner::groups`.
+    group: Option<usize>,
+}
+
+/// A group (account) in Redis, named by `gh`, an HMAC of its name keyed with the
+/// namespace (a domain label apart from keys': the two never collide):
+/// `kp:{ns}:{gh}:leases` (the leases of all its keys, same ids as theirs),
+/// `kp:{ns}:{gh}:state` (`cool_until`) and `kp:{ns}:{gh}:rate` (GCRA of its rpm/tpm).
+struct GroupInfo {
+    leases: String,
+    state: String,
+    rate: String,
+    hash: String,
+    /// 0: no concurrency limit.
+    max: usize,
+    rpm: u64,
+    tpm: u64,
 }
 
 #[derive(Default)]
@@ -263,6 +341,7 @@ struct Inner {
     client: redis::Client,
     cfg: SharedConfig,
     keys: Vec<KeyInfo>,
+    groups: Vec<GroupInfo>,
     local: Vec<Mutex<KeyLocal>>,
     conn: Mutex<Conn>,
     acquire: Script,
@@ -290,6 +369,19 @@ pub(crate) fn key_hash(namespace: &str, api_key: &str) -> String {
         format!("keypool shared limits v1\0{namespace}").as_bytes(),
     );
     let tag = ring::hmac::sign(&k, api_key.as_bytes());
+    tag.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The name of a group (account) in Redis: like [`key_hash`], under its own label.
+pub(crate) fn group_hash(namespace: &str, group: &str) -> String {
+    let k = ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        format!("keypool shared groups v1\0{namespace}").as_bytes(),
+    );
+    let tag = ring::hmac::sign(&k, group.as_bytes());
     tag.as_ref()[..16]
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -397,6 +489,9 @@ impl Inner {
             };
             if !ids.is_empty() {
                 let mut inv = self.renew.key(&k.leases);
+                if let Some(g) = k.group {
+                    inv.key(&self.groups[g].leases);
+                }
                 inv.arg(self.cfg.lease_ms);
                 for id in &ids {
                     inv.arg(id);
@@ -406,14 +501,17 @@ impl Inner {
         }
         while let Some(p) = c.pending.front() {
             let now = Instant::now();
-            let cooldown_ms = p.cool_until.map_or(0, |u| {
-                u64::try_from(u.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
-            });
+            let left = |at: Option<Instant>| {
+                at.map_or(0, |u| {
+                    u64::try_from(u.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
+                })
+            };
+            let (cooldown_ms, group_cooldown_ms) = (left(p.cool_until), left(p.group_cool_until));
             self.settle_on(
                 con,
                 p.key,
                 p.lease.as_deref(),
-                cooldown_ms,
+                (cooldown_ms, group_cooldown_ms),
                 &p.disable,
                 0,
                 0,
@@ -457,9 +555,8 @@ impl Inner {
         let k = &self.keys[key];
         let id = self.lease_id();
         let reply = self.with_conn(|con| {
-            self.acquire
-                .key(&k.leases)
-                .key(&k.state)
+            let mut inv = self.acquire.key(&k.leases);
+            inv.key(&k.state)
                 .key(&k.rate)
                 .key(&k.aimd)
                 .arg(k.max)
@@ -468,8 +565,16 @@ impl Inner {
                 .arg(k.rpm)
                 .arg(k.tpm)
                 .arg(tokens)
-                .arg(if k.adaptive { "1" } else { "0" })
-                .invoke::<Vec<Value>>(con)
+                .arg(if k.adaptive { "1" } else { "0" });
+            if let Some(g) = k.group.map(|g| &self.groups[g]) {
+                inv.key(&g.leases)
+                    .key(&g.state)
+                    .key(&g.rate)
+                    .arg(g.max)
+                    .arg(g.rpm)
+                    .arg(g.tpm);
+            }
+            inv.invoke::<Vec<Value>>(con)
         });
         let now = Instant::now();
         let Some(reply) = reply else {
@@ -499,6 +604,7 @@ impl Inner {
                 };
                 SharedAdmit::Disabled(reason)
             }
+            5 => SharedAdmit::GroupCooling(after(int(1))),
             _ => SharedAdmit::WakeAt(after(int(1))),
         };
         (admit, false)
@@ -557,15 +663,18 @@ impl Inner {
         &self,
         key: usize,
         lease: Option<String>,
-        cooldown: Option<Duration>,
+        (cooldown, group_cooldown): (Option<Duration>, Option<Duration>),
         disable: &str,
         aimd: Aimd,
     ) {
-        let cooldown_ms = cooldown.map_or(0, |d| {
-            u64::try_from(d.as_millis())
-                .unwrap_or(u64::MAX)
-                .clamp(1, crate::MAX_DURATION_MS)
-        });
+        let ms = |c: Option<Duration>| {
+            c.map_or(0, |d| {
+                u64::try_from(d.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .clamp(1, crate::MAX_DURATION_MS)
+            })
+        };
+        let cooldown_ms = (ms(cooldown), ms(group_cooldown));
         let queued_at = Instant::now();
         let lease_ref = lease.clone();
         self.with_conn_else(
@@ -596,6 +705,7 @@ impl Inner {
                     key,
                     lease,
                     cool_until: cooldown.and_then(|d| queued_at.checked_add(d)),
+                    group_cool_until: group_cooldown.and_then(|d| queued_at.checked_add(d)),
                     disable: disable.to_owned(),
                 });
             },
@@ -611,7 +721,7 @@ impl Inner {
     /// budget shift is not idempotent, and a lost one errs by at most that request).
     fn shift(&self, key: usize, rpm_delta: i64, tpm_delta: i64) {
         let _ = self.with_conn(|con| {
-            self.settle_on(con, key, None, 0, "", rpm_delta, tpm_delta, Aimd::NONE)
+            self.settle_on(con, key, None, (0, 0), "", rpm_delta, tpm_delta, Aimd::NONE)
         });
     }
 
@@ -622,35 +732,42 @@ impl Inner {
         con: &mut redis::Connection,
         key: usize,
         lease: Option<&str>,
-        cooldown_ms: u64,
+        (cooldown_ms, group_cooldown_ms): (u64, u64),
         disable: &str,
         rpm_delta: i64,
         tpm_delta: i64,
         aimd: Aimd,
     ) -> redis::RedisResult<i64> {
         let k = &self.keys[key];
-        {
-            self.settle
-                .key(&k.leases)
-                .key(&k.state)
-                .key(&k.rate)
-                .key(&k.aimd)
-                .arg(lease.unwrap_or(""))
-                .arg(k.max)
-                .arg(cooldown_ms)
-                .arg(disable)
-                .arg(k.rpm)
-                .arg(rpm_delta)
-                .arg(k.tpm)
-                .arg(tpm_delta)
-                .arg(&self.channel)
-                .arg(&k.hash)
-                .arg(DISABLED_TTL_MS)
-                .arg(if k.adaptive { "1" } else { "0" })
-                .arg(aimd.outcome)
-                .arg(aimd.cuts)
-                .invoke::<i64>(con)
+        let mut inv = self.settle.key(&k.leases);
+        inv.key(&k.state)
+            .key(&k.rate)
+            .key(&k.aimd)
+            .arg(lease.unwrap_or(""))
+            .arg(k.max)
+            .arg(cooldown_ms)
+            .arg(disable)
+            .arg(k.rpm)
+            .arg(rpm_delta)
+            .arg(k.tpm)
+            .arg(tpm_delta)
+            .arg(&self.channel)
+            .arg(&k.hash)
+            .arg(DISABLED_TTL_MS)
+            .arg(if k.adaptive { "1" } else { "0" })
+            .arg(aimd.outcome)
+            .arg(aimd.cuts);
+        if let Some(g) = k.group.map(|g| &self.groups[g]) {
+            inv.key(&g.leases)
+                .key(&g.state)
+                .key(&g.rate)
+                .arg(g.max)
+                .arg(group_cooldown_ms)
+                .arg(g.rpm)
+                .arg(g.tpm)
+                .arg(&g.hash);
         }
+        inv.invoke::<i64>(con)
     }
 
     /// Renews every lease this process holds. Returns whether it holds any.
@@ -674,6 +791,9 @@ impl Inner {
             }
             let _ = self.with_conn(|con| {
                 let mut inv = self.renew.key(&k.leases);
+                if let Some(g) = k.group {
+                    inv.key(&self.groups[g].leases);
+                }
                 inv.arg(self.cfg.lease_ms);
                 for id in &ids {
                     inv.arg(id);
@@ -698,6 +818,22 @@ impl RedisLimits {
         let client = redis::Client::open(sc.redis_url.as_str())
             .map_err(|_| Error::config("shared.redis_url", "not a valid Redis URL"))?;
         let ns = &sc.namespace;
+        let groups = config
+            .groups
+            .iter()
+            .map(|g| {
+                let hash = group_hash(ns, &g.name);
+                GroupInfo {
+                    leases: format!("kp:{ns}:{hash}:leases"),
+                    state: format!("kp:{ns}:{hash}:state"),
+                    rate: format!("kp:{ns}:{hash}:rate"),
+                    hash,
+                    max: g.max_concurrent.unwrap_or(0),
+                    rpm: g.rpm.map_or(0, u64::from),
+                    tpm: g.tpm.unwrap_or(0),
+                }
+            })
+            .collect::<Vec<_>>();
         let keys = config
             .keys
             .iter()
@@ -713,6 +849,10 @@ impl RedisLimits {
                     max: k.max_concurrent,
                     rpm: k.rpm.map_or(0, u64::from),
                     tpm: k.tpm.unwrap_or(0),
+                    group: k
+                        .group
+                        .as_ref()
+                        .and_then(|name| config.groups.iter().position(|g| &g.name == name)),
                 }
             })
             .collect::<Vec<_>>();
@@ -722,6 +862,7 @@ impl RedisLimits {
             cfg: sc.clone(),
             local: keys.iter().map(|_| Mutex::default()).collect(),
             keys,
+            groups,
             conn: Mutex::new(Conn {
                 con: None,
                 retry_at: None,
@@ -928,10 +1069,15 @@ impl SharedLimits for RedisLimits {
         // A fallback slot never registered in Redis has nothing to give back there.
         let lease = held.filter(|h| h.in_redis).map(|h| h.id);
         let disable = v.disable.as_deref().unwrap_or("");
-        if lease.is_none() && v.cooldown.is_none() && disable.is_empty() {
+        if lease.is_none()
+            && v.cooldown.is_none()
+            && v.group_cooldown.is_none()
+            && disable.is_empty()
+        {
             return;
         }
-        self.inner.release(key, lease, v.cooldown, disable, aimd);
+        let cooldowns = (v.cooldown, v.group_cooldown);
+        self.inner.release(key, lease, cooldowns, disable, aimd);
         if self.inner.pending() > 0 {
             if let Some(tx) = &self.renew_tx {
                 let _ = tx.try_send(());
@@ -940,12 +1086,14 @@ impl SharedLimits for RedisLimits {
     }
 
     fn disable(&self, key: usize, reason: &str) {
-        self.inner.release(key, None, None, reason, Aimd::NONE);
+        self.inner
+            .release(key, None, (None, None), reason, Aimd::NONE);
     }
 
     fn refund(&self, key: usize, tokens: u64) {
         let k = &self.inner.keys[key];
-        if k.rpm == 0 && k.tpm == 0 {
+        let g = k.group.map(|g| &self.inner.groups[g]);
+        if k.rpm == 0 && k.tpm == 0 && g.is_none_or(|g| g.rpm == 0 && g.tpm == 0) {
             return;
         }
         let t = i64::try_from(tokens).unwrap_or(i64::MAX);
@@ -953,7 +1101,9 @@ impl SharedLimits for RedisLimits {
     }
 
     fn correct_tokens(&self, key: usize, estimated: u64, actual: u64) {
-        if self.inner.keys[key].tpm == 0 || estimated == actual {
+        let k = &self.inner.keys[key];
+        let group_tpm = k.group.is_some_and(|g| self.inner.groups[g].tpm > 0);
+        if (k.tpm == 0 && !group_tpm) || estimated == actual {
             return;
         }
         let delta = i128::from(actual) - i128::from(estimated);
