@@ -56,13 +56,17 @@ impl Request {
         R: Into<String>,
         C: Into<String>,
     {
-        let messages: Vec<serde_json::Value> = messages
-            .into_iter()
-            .map(|(role, content)| {
-                serde_json::json!({"role": role.into(), "content": content.into()})
-            })
-            .collect();
-        Request::new(&serde_json::json!({"model": model, "messages": messages}))
+        // Written straight to bytes (no `serde_json::Value` built, then serialised):
+        // `{"model":…,"messages":[{"role":…,"content":…},…]}`.
+        let mut out = Vec::with_capacity(64 + model.len());
+        out.extend_from_slice(b"{\"model\":");
+        write_json_str(&mut out, model);
+        out.extend_from_slice(b",\"messages\":[");
+        for (i, (role, content)) in messages.into_iter().enumerate() {
+            write_message(&mut out, i, &role.into(), &content.into());
+        }
+        out.extend_from_slice(b"]}");
+        Request::raw(DEFAULT_PATH, out)
     }
 
     /// A request whose body is any serializable value, POSTed to [`DEFAULT_PATH`]
@@ -92,7 +96,12 @@ impl Request {
 
     pub(crate) fn raw(path: &str, body: Vec<u8>) -> Request {
         Request {
-            path: Arc::from(path),
+            path: if path == DEFAULT_PATH {
+                // Shared by every request to the default endpoint: no allocation.
+                default_path()
+            } else {
+                Arc::from(path)
+            },
             body: Arc::from(body),
             headers: Vec::new(),
             deadline: None,
@@ -173,6 +182,32 @@ impl Request {
             .unwrap_or(0);
         (chars / 4) as u64 + max
     }
+}
+
+/// [`DEFAULT_PATH`] as one shared `Arc`, allocated once per process.
+fn default_path() -> Arc<str> {
+    static PATH: std::sync::LazyLock<Arc<str>> =
+        std::sync::LazyLock::new(|| Arc::from(DEFAULT_PATH));
+    PATH.clone()
+}
+
+/// Appends `s` as a JSON string (quoted, escaped).
+pub(crate) fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a `&str` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// Appends the `i`-th element of a `messages` array: `{"role":…,"content":…}`.
+pub(crate) fn write_message(out: &mut Vec<u8>, i: usize, role: &str, content: &str) {
+    if i > 0 {
+        out.push(b',');
+    }
+    out.reserve(28 + role.len() + content.len());
+    out.extend_from_slice(b"{\"role\":");
+    write_json_str(out, role);
+    out.extend_from_slice(b",\"content\":");
+    write_json_str(out, content);
+    out.push(b'}');
 }
 
 /// Token counts from a response's `usage` object, read leniently: each count is
