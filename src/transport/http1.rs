@@ -18,6 +18,7 @@
 //! [`Transport::send`]: super::Transport::send
 
 use std::io::{self, Read, Write};
+use std::mem::MaybeUninit;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
@@ -683,9 +684,14 @@ pub(crate) fn read_response<S: Source>(
 fn read_head<S: Source>(src: &mut S, rb: &mut ReadBuf) -> Result<Head, Fail> {
     loop {
         if !rb.avail().is_empty() {
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut resp = httparse::Response::new(&mut slots);
-            match resp.parse(rb.avail()) {
+            // Uninitialised slots: `[EMPTY_HEADER; 128]` would write 4 KiB per parse.
+            let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut []);
+            match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut resp,
+                rb.avail(),
+                &mut slots,
+            ) {
                 Ok(httparse::Status::Complete(n)) => {
                     let head = head_of(&resp)?;
                     rb.consume(n);
