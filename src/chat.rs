@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::request::{Request, write_json_str, write_message};
+use crate::request::{Request, with_scratch, write_json_str, write_message};
 
 /// A chat completion request, built step by step; [`build`](ChatRequest::build) (or
 /// `Request::from`) turns it into a [`Request`].
@@ -110,23 +110,24 @@ impl ChatRequest {
     pub fn build(self) -> Request {
         // Written straight to bytes (no `serde_json::Value` tree built, then
         // serialised): `model`, `messages`, then the parameters by name.
-        let mut out = Vec::with_capacity(64 + self.model.len());
-        out.extend_from_slice(b"{\"model\":");
-        write_json_str(&mut out, &self.model);
-        out.extend_from_slice(b",\"messages\":[");
-        for (i, (role, content)) in self.messages.iter().enumerate() {
-            write_message(&mut out, i, role, content);
-        }
-        out.push(b']');
-        for (name, value) in &self.params {
-            out.push(b',');
-            write_json_str(&mut out, name);
-            out.push(b':');
-            // A `Value` always serialises (map keys are strings).
-            let _ = serde_json::to_writer(&mut out, value);
-        }
-        out.push(b'}');
-        Request::raw(crate::request::DEFAULT_PATH, out)
+        with_scratch(|out| {
+            out.extend_from_slice(b"{\"model\":");
+            write_json_str(out, &self.model);
+            out.extend_from_slice(b",\"messages\":[");
+            for (i, (role, content)) in self.messages.iter().enumerate() {
+                write_message(out, i, role, content);
+            }
+            out.push(b']');
+            for (name, value) in &self.params {
+                out.push(b',');
+                write_json_str(out, name);
+                out.push(b':');
+                // A `Value` always serialises (map keys are strings).
+                let _ = serde_json::to_writer(&mut *out, value);
+            }
+            out.push(b'}');
+            Request::raw(crate::request::DEFAULT_PATH, out)
+        })
     }
 }
 
@@ -178,5 +179,33 @@ mod tests {
             ], "seed": 7, "z\"weird": {"a": [1.5, null, true]}, "stop": ["\n"]})
         );
         assert_eq!(r.path(), crate::request::DEFAULT_PATH);
+    }
+
+    /// A conversion that builds a request itself, while the outer body is being written
+    /// in the thread's scratch buffer, gets a buffer of its own: both bodies are whole.
+    #[test]
+    fn a_body_built_inside_another_is_not_mixed_into_it() {
+        struct Nested;
+        impl From<Nested> for String {
+            fn from(_: Nested) -> String {
+                let inner = Request::chat("inner", [("user", "x".repeat(100))]);
+                String::from_utf8(inner.body().to_vec()).unwrap()
+            }
+        }
+        let outer = Request::chat("outer", [("user", Nested)]);
+        let v: Value = serde_json::from_slice(outer.body()).unwrap();
+        let inner: Value =
+            serde_json::from_str(v["messages"][0]["content"].as_str().unwrap()).unwrap();
+        assert_eq!(v["model"], "outer");
+        assert_eq!(
+            inner,
+            json!({"model": "inner", "messages": [{"role": "user", "content": "x".repeat(100)}]})
+        );
+        // The scratch buffer is reused afterwards, emptied.
+        let again = Request::chat("m", [("user", "y")]);
+        assert_eq!(
+            again.body(),
+            br#"{"model":"m","messages":[{"role":"user","content":"y"}]}"#
+        );
     }
 }

@@ -441,7 +441,8 @@ pub(crate) fn judge_response(
                     key_index: ctx.index,
                     attempts: job.attempts,
                     latency: first_start.elapsed(),
-                    keys_tried: job.tried.clone(),
+                    // The job ends with this success: its list moves, no copy.
+                    keys_tried: std::mem::take(&mut job.tried),
                     ttft: None,
                 });
             }
