@@ -162,12 +162,12 @@ fn transport_alone(
                 let (url, next, failures, barrier) = (&url, &next, &failures, &barrier);
                 threads.push(s.spawn(move || {
                     let send = |i: usize| {
-                        let body = prompt(i).body().to_vec();
+                        let req = prompt(i);
                         let r = keypool::HttpRequest {
                             url,
                             key,
                             headers: &[],
-                            body: &body,
+                            body: req.body(),
                             timeout: Duration::from_secs(60),
                         };
                         matches!(t.send(&r), Ok(resp) if resp.status == 200)
@@ -419,6 +419,18 @@ fn async_reference(url: &str, n: usize) -> (Figures, usize) {
     })
 }
 
+#[derive(serde::Serialize)]
+struct ChatBody<'a> {
+    model: &'a str,
+    messages: [Message<'a>; 1],
+}
+
+#[derive(serde::Serialize)]
+struct Message<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
 struct Conn {
     s: tokio::net::TcpStream,
     out: Vec<u8>,
@@ -436,7 +448,17 @@ impl Conn {
 
     /// One request on this keep-alive connection: status 200 and the whole body read.
     async fn call(&mut self, host: &str, path: &str, key: usize, i: usize) -> Result<(), ()> {
-        let body = serde_json::to_vec(&serde_json::json!({"model": "bench", "messages": [{"role": "user", "content": format!("benchmark prompt number {i}")}]})).unwrap();
+        // The same body from the same inputs as `prompt(i)`, serialised straight to
+        // bytes as keypool's `Request::chat` does (no `serde_json::Value` tree).
+        let content = format!("benchmark prompt number {i}");
+        let body = serde_json::to_vec(&ChatBody {
+            model: "bench",
+            messages: [Message {
+                role: "user",
+                content: &content,
+            }],
+        })
+        .unwrap();
         self.out.clear();
         write!(
             self.out,

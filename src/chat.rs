@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::request::Request;
+use crate::request::{Request, with_scratch, write_json_str, write_message};
 
 /// A chat completion request, built step by step; [`build`](ChatRequest::build) (or
 /// `Request::from`) turns it into a [`Request`].
@@ -26,7 +26,8 @@ use crate::request::Request;
 #[derive(Debug, Clone)]
 pub struct ChatRequest {
     model: String,
-    messages: Vec<Value>,
+    /// `(role, content)`, in order.
+    messages: Vec<(String, String)>,
     params: Map<String, Value>,
 }
 
@@ -42,10 +43,7 @@ impl ChatRequest {
 
     /// Appends a message with any `role`.
     pub fn message(mut self, role: impl Into<String>, content: impl Into<String>) -> Self {
-        let mut m = Map::new();
-        m.insert("role".into(), Value::String(role.into()));
-        m.insert("content".into(), Value::String(content.into()));
-        self.messages.push(Value::Object(m));
+        self.messages.push((role.into(), content.into()));
         self
     }
 
@@ -110,16 +108,104 @@ impl ChatRequest {
 
     /// The request.
     pub fn build(self) -> Request {
-        let mut body = Map::new();
-        body.insert("model".into(), Value::String(self.model));
-        body.insert("messages".into(), Value::Array(self.messages));
-        body.extend(self.params);
-        Request::new(&Value::Object(body))
+        // Written straight to bytes (no `serde_json::Value` tree built, then
+        // serialised): `model`, `messages`, then the parameters by name.
+        with_scratch(|out| {
+            out.extend_from_slice(b"{\"model\":");
+            write_json_str(out, &self.model);
+            out.extend_from_slice(b",\"messages\":[");
+            for (i, (role, content)) in self.messages.iter().enumerate() {
+                write_message(out, i, role, content);
+            }
+            out.push(b']');
+            for (name, value) in &self.params {
+                out.push(b',');
+                write_json_str(out, name);
+                out.push(b':');
+                // A `Value` always serialises (map keys are strings).
+                let _ = serde_json::to_writer(&mut *out, value);
+            }
+            out.push(b'}');
+            Request::raw(crate::request::DEFAULT_PATH, out)
+        })
     }
 }
 
 impl From<ChatRequest> for Request {
     fn from(c: ChatRequest) -> Request {
         c.build()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The bodies written straight to bytes are the JSON the `Value` trees gave, escapes
+    /// and all (compared as values: key order is free in JSON).
+    #[test]
+    fn bodies_written_directly_are_the_same_json() {
+        let hard = "quote \" backslash \\ newline \n tab \t nul \u{0} ctrl \u{1f} é 😀 </script>";
+        let r = Request::chat("m\"odel", [("user", hard), ("assistant", "")]);
+        let v: Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(
+            v,
+            json!({"model": "m\"odel", "messages": [
+                {"role": "user", "content": hard},
+                {"role": "assistant", "content": ""}
+            ]})
+        );
+        let empty = Request::chat("m", Vec::<(String, String)>::new());
+        let v: Value = serde_json::from_slice(empty.body()).unwrap();
+        assert_eq!(v, json!({"model": "m", "messages": []}));
+
+        let r = ChatRequest::new("m")
+            .system(hard)
+            .user(String::from("u"))
+            .param("seed", 1)
+            .param("seed", 7)
+            .param("model", "ignored")
+            .param("messages", "ignored")
+            .param("z\"weird", json!({"a": [1.5, null, true]}))
+            .stop(["\n"])
+            .build();
+        let v: Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(
+            v,
+            json!({"model": "m", "messages": [
+                {"role": "system", "content": hard},
+                {"role": "user", "content": "u"}
+            ], "seed": 7, "z\"weird": {"a": [1.5, null, true]}, "stop": ["\n"]})
+        );
+        assert_eq!(r.path(), crate::request::DEFAULT_PATH);
+    }
+
+    /// A conversion that builds a request itself, while the outer body is being written
+    /// in the thread's scratch buffer, gets a buffer of its own: both bodies are whole.
+    #[test]
+    fn a_body_built_inside_another_is_not_mixed_into_it() {
+        struct Nested;
+        impl From<Nested> for String {
+            fn from(_: Nested) -> String {
+                let inner = Request::chat("inner", [("user", "x".repeat(100))]);
+                String::from_utf8(inner.body().to_vec()).unwrap()
+            }
+        }
+        let outer = Request::chat("outer", [("user", Nested)]);
+        let v: Value = serde_json::from_slice(outer.body()).unwrap();
+        let inner: Value =
+            serde_json::from_str(v["messages"][0]["content"].as_str().unwrap()).unwrap();
+        assert_eq!(v["model"], "outer");
+        assert_eq!(
+            inner,
+            json!({"model": "inner", "messages": [{"role": "user", "content": "x".repeat(100)}]})
+        );
+        // The scratch buffer is reused afterwards, emptied.
+        let again = Request::chat("m", [("user", "y")]);
+        assert_eq!(
+            again.body(),
+            br#"{"model":"m","messages":[{"role":"user","content":"y"}]}"#
+        );
     }
 }

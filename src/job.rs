@@ -163,7 +163,7 @@ impl Job {
         }
         // A placeholder for the field the job still owns (no JSON built: this runs on
         // every `Busy` refusal).
-        let empty = Request::raw("/", Vec::new());
+        let empty = Request::raw("/", &[]);
         std::mem::replace(&mut self.req, empty)
     }
 }

@@ -38,8 +38,11 @@ impl std::fmt::Debug for Request {
 impl Request {
     /// A request with `body` POSTed to [`DEFAULT_PATH`].
     pub fn new(body: &serde_json::Value) -> Request {
-        let bytes = serde_json::to_vec(body).expect("serializing a serde_json::Value cannot fail");
-        Request::raw(DEFAULT_PATH, bytes)
+        with_scratch(|out| {
+            serde_json::to_writer(&mut *out, body)
+                .expect("serializing a serde_json::Value cannot fail");
+            Request::raw(DEFAULT_PATH, out)
+        })
     }
 
     /// A chat completion request for `model` with `(role, content)` messages (any
@@ -56,13 +59,18 @@ impl Request {
         R: Into<String>,
         C: Into<String>,
     {
-        let messages: Vec<serde_json::Value> = messages
-            .into_iter()
-            .map(|(role, content)| {
-                serde_json::json!({"role": role.into(), "content": content.into()})
-            })
-            .collect();
-        Request::new(&serde_json::json!({"model": model, "messages": messages}))
+        // Written straight to bytes (no `serde_json::Value` built, then serialised):
+        // `{"model":…,"messages":[{"role":…,"content":…},…]}`.
+        with_scratch(|out| {
+            out.extend_from_slice(b"{\"model\":");
+            write_json_str(out, model);
+            out.extend_from_slice(b",\"messages\":[");
+            for (i, (role, content)) in messages.into_iter().enumerate() {
+                write_message(out, i, &role.into(), &content.into());
+            }
+            out.extend_from_slice(b"]}");
+            Request::raw(DEFAULT_PATH, out)
+        })
     }
 
     /// A request whose body is any serializable value, POSTed to [`DEFAULT_PATH`]
@@ -77,9 +85,11 @@ impl Request {
     /// # Ok::<(), keypool::Error>(())
     /// ```
     pub fn json(body: &impl Serialize) -> Result<Request, Error> {
-        let bytes = serde_json::to_vec(body)
-            .map_err(|e| Error::InvalidRequest(format!("body cannot be serialized: {e}")))?;
-        Ok(Request::raw(DEFAULT_PATH, bytes))
+        with_scratch(|out| {
+            serde_json::to_writer(&mut *out, body)
+                .map_err(|e| Error::InvalidRequest(format!("body cannot be serialized: {e}")))?;
+            Ok(Request::raw(DEFAULT_PATH, out))
+        })
     }
 
     /// A request from JSON text, validated here so a malformed body fails at submit
@@ -87,12 +97,18 @@ impl Request {
     pub fn from_json(path: &str, body: &str) -> Result<Request, Error> {
         serde_json::from_str::<serde::de::IgnoredAny>(body)
             .map_err(|e| Error::InvalidRequest(format!("body is not valid JSON: {e}")))?;
-        Request::raw(DEFAULT_PATH, body.as_bytes().to_vec()).with_path(path)
+        Request::raw(DEFAULT_PATH, body.as_bytes()).with_path(path)
     }
 
-    pub(crate) fn raw(path: &str, body: Vec<u8>) -> Request {
+    /// A request POSTing a copy of `body` to `path` (one allocation for the body).
+    pub(crate) fn raw(path: &str, body: &[u8]) -> Request {
         Request {
-            path: Arc::from(path),
+            path: if path == DEFAULT_PATH {
+                // Shared by every request to the default endpoint: no allocation.
+                default_path()
+            } else {
+                Arc::from(path)
+            },
             body: Arc::from(body),
             headers: Vec::new(),
             deadline: None,
@@ -173,6 +189,62 @@ impl Request {
             .unwrap_or(0);
         (chars / 4) as u64 + max
     }
+}
+
+/// [`DEFAULT_PATH`] as one shared `Arc`, allocated once per process.
+fn default_path() -> Arc<str> {
+    static PATH: std::sync::LazyLock<Arc<str>> =
+        std::sync::LazyLock::new(|| Arc::from(DEFAULT_PATH));
+    PATH.clone()
+}
+
+/// Bodies above this size do not keep their scratch buffer for the thread's next one.
+const SCRATCH_KEEP: usize = 64 * 1024;
+
+/// Runs `f` with this thread's scratch buffer, emptied (a fresh one when it is in use
+/// further up the stack or the thread is exiting). Bodies are written there and then
+/// copied into the request's shared `Arc<[u8]>`: one allocation per body, not a
+/// growing `Vec` plus the copy.
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let mut f = Some(f);
+    let done = SCRATCH.try_with(|s| {
+        let mut buf = s.try_borrow_mut().ok()?;
+        let f = f.take()?;
+        buf.clear();
+        let r = f(&mut buf);
+        if buf.capacity() > SCRATCH_KEEP {
+            *buf = Vec::new();
+        }
+        Some(r)
+    });
+    match (done, f) {
+        (Ok(Some(r)), _) => r,
+        (_, Some(f)) => f(&mut Vec::new()),
+        // `f` ran and returned: the first arm matched.
+        (_, None) => unreachable!("the scratch closure ran without a result"),
+    }
+}
+
+/// Appends `s` as a JSON string (quoted, escaped).
+pub(crate) fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a `&str` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// Appends the `i`-th element of a `messages` array: `{"role":…,"content":…}`.
+pub(crate) fn write_message(out: &mut Vec<u8>, i: usize, role: &str, content: &str) {
+    if i > 0 {
+        out.push(b',');
+    }
+    out.reserve(28 + role.len() + content.len());
+    out.extend_from_slice(b"{\"role\":");
+    write_json_str(out, role);
+    out.extend_from_slice(b",\"content\":");
+    write_json_str(out, content);
+    out.push(b'}');
 }
 
 /// Token counts from a response's `usage` object, read leniently: each count is

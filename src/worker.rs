@@ -282,6 +282,18 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
 /// The key's part of a success: a spent budget announced in the headers pauses the key
 /// before a 429; the budgets they announce are learned (`ratelimit.rs`).
 fn success_verdict(ctx: &KeyWorkerCtx, headers: &[(String, String)]) -> KeyVerdict {
+    // Both readers look only at `x-ratelimit-*` headers (and build their names per
+    // call): most responses have none.
+    let ratelimit = headers.iter().any(|(k, _)| {
+        k.get(..12)
+            .is_some_and(|p| p.eq_ignore_ascii_case("x-ratelimit-"))
+    });
+    if !ratelimit {
+        return KeyVerdict {
+            accepted: true,
+            ..KeyVerdict::default()
+        };
+    }
     let cfg = &ctx.shared.config.retry;
     let max = Duration::from_millis(cfg.max_retry_after_ms);
     KeyVerdict {
@@ -429,7 +441,8 @@ pub(crate) fn judge_response(
                     key_index: ctx.index,
                     attempts: job.attempts,
                     latency: first_start.elapsed(),
-                    keys_tried: job.tried.clone(),
+                    // The job ends with this success: its list moves, no copy.
+                    keys_tried: std::mem::take(&mut job.tried),
                     ttft: None,
                 });
             }

@@ -18,6 +18,7 @@
 //! [`Transport::send`]: super::Transport::send
 
 use std::io::{self, Read, Write};
+use std::mem::MaybeUninit;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
@@ -322,7 +323,9 @@ fn write_request(out: &mut Vec<u8>, target: &Target, req: &HttpRequest<'_>) {
     if !has("content-type") {
         out.extend_from_slice(b"Content-Type: application/json\r\n");
     }
-    let _ = write!(out, "Content-Length: {}\r\n", req.body.len());
+    out.extend_from_slice(b"Content-Length: ");
+    push_decimal(out, req.body.len());
+    out.extend_from_slice(b"\r\n");
     for (i, (k, v)) in req.headers.iter().enumerate() {
         let overridden = req.headers[i + 1..]
             .iter()
@@ -340,6 +343,21 @@ fn write_request(out: &mut Vec<u8>, target: &Target, req: &HttpRequest<'_>) {
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(req.body);
+}
+
+/// Appends `n` in decimal (what `write!` does, without the formatting machinery).
+fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// One keep-alive connection.
@@ -683,9 +701,14 @@ pub(crate) fn read_response<S: Source>(
 fn read_head<S: Source>(src: &mut S, rb: &mut ReadBuf) -> Result<Head, Fail> {
     loop {
         if !rb.avail().is_empty() {
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut resp = httparse::Response::new(&mut slots);
-            match resp.parse(rb.avail()) {
+            // Uninitialised slots: `[EMPTY_HEADER; 128]` would write 4 KiB per parse.
+            let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut []);
+            match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut resp,
+                rb.avail(),
+                &mut slots,
+            ) {
                 Ok(httparse::Status::Complete(n)) => {
                     let head = head_of(&resp)?;
                     rb.consume(n);
@@ -872,6 +895,15 @@ fn read_chunked<S: Source>(src: &mut S, rb: &mut ReadBuf, limit: u64) -> Result<
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn decimal_lengths_are_written_like_display() {
+        for n in [0, 1, 9, 10, 99, 100, 12_345, usize::MAX] {
+            let mut out = b"x".to_vec();
+            push_decimal(&mut out, n);
+            assert_eq!(out, format!("x{n}").into_bytes());
+        }
+    }
     use super::*;
     use crate::config::ApiKey;
     use std::io::{BufRead, BufReader};
