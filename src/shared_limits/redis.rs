@@ -362,30 +362,27 @@ pub(crate) struct RedisLimits {
     threads: Vec<JoinHandle<()>>,
 }
 
-/// The name of an API key in Redis: HMAC-SHA-256 keyed with the namespace, 128 bits.
-pub(crate) fn key_hash(namespace: &str, api_key: &str) -> String {
+/// HMAC-SHA-256 of `value` keyed with `label` and the namespace, 128 bits in hex.
+fn hmac_hex(label: &str, namespace: &str, value: &str) -> String {
     let k = ring::hmac::Key::new(
         ring::hmac::HMAC_SHA256,
-        format!("keypool shared limits v1\0{namespace}").as_bytes(),
+        format!("{label}\0{namespace}").as_bytes(),
     );
-    let tag = ring::hmac::sign(&k, api_key.as_bytes());
+    let tag = ring::hmac::sign(&k, value.as_bytes());
     tag.as_ref()[..16]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
 }
 
+/// The name of an API key in Redis: HMAC-SHA-256 keyed with the namespace, 128 bits.
+pub(crate) fn key_hash(namespace: &str, api_key: &str) -> String {
+    hmac_hex("keypool shared limits v1", namespace, api_key)
+}
+
 /// The name of a group (account) in Redis: like [`key_hash`], under its own label.
 pub(crate) fn group_hash(namespace: &str, group: &str) -> String {
-    let k = ring::hmac::Key::new(
-        ring::hmac::HMAC_SHA256,
-        format!("keypool shared groups v1\0{namespace}").as_bytes(),
-    );
-    let tag = ring::hmac::sign(&k, group.as_bytes());
-    tag.as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hmac_hex("keypool shared groups v1", namespace, group)
 }
 
 impl Inner {

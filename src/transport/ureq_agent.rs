@@ -193,12 +193,7 @@ impl Transport for UreqTransport {
             .send(req.body)
             .map_err(|e| mask_error(map_ureq_error(e), req))?;
         let status = resp.status().as_u16();
-        let headers = resp
-            .headers()
-            .iter()
-            .filter(|(k, _)| is_kept_header(k.as_str()))
-            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-            .collect();
+        let headers = kept_headers(resp.headers());
         // Sized from Content-Length (within the limit): no regrowth while reading.
         let hint = resp
             .body()
@@ -267,12 +262,7 @@ impl UreqTransport {
             .send(req.body)
             .map_err(|e| mask_error(map_ureq_error(e), req))?;
         let status = resp.status().as_u16();
-        let headers = resp
-            .headers()
-            .iter()
-            .filter(|(k, _)| is_kept_header(k.as_str()))
-            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-            .collect();
+        let headers = kept_headers(resp.headers());
         let body = resp.into_body().into_reader();
         Ok(HttpStream {
             status,
@@ -323,4 +313,13 @@ fn map_ureq_error(e: ureq::Error) -> TransportError {
         // in its userinfo): `mask_error` scrubs them.
         other => TransportError::Failed(other.to_string()),
     }
+}
+
+/// The response headers worth keeping (`is_kept_header`), lowercase names; values that
+/// are not visible ASCII are dropped.
+fn kept_headers(h: &ureq::http::HeaderMap) -> Vec<(String, String)> {
+    h.iter()
+        .filter(|(k, _)| is_kept_header(k.as_str()))
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect()
 }
