@@ -11,6 +11,11 @@
 //! CPU, voluntary + involuntary context switches, minor + major page faults), summed
 //! over every thread including exited ones.
 //!
+//! The C ABI line runs `examples/c/bench_batch.c` (the same scenario through
+//! `keypool_batch`), compiled here with `cc -O2` against `target/release/libkeypool.a`
+//! (`cargo build --release --locked -p keypool-capi` first; `KEYPOOL_LIB_DIR` picks
+//! another directory); without the library or `cc` the line is skipped.
+//!
 //! The reference: one tokio thread (current-thread runtime), 256 keep-alive
 //! connections, a minimal HTTP/1.1 client (request written in one buffer, response
 //! read by `Content-Length` into a per-connection buffer), the same bodies and keys.
@@ -132,6 +137,108 @@ fn main() {
         kp.cpu_us() / fl.cpu_us(),
         ur.cpu_us() / fl.cpu_us()
     );
+
+    // The C ABI: examples/c/bench_batch.c (the same scenario through `keypool_batch`),
+    // built here against the release static library and run against the same mock.
+    match c_abi_batch(&mock.url, n) {
+        Ok((c, cfail)) => {
+            c.print("keypool  keypool_batch (C ABI)", cfail);
+            println!(
+                "ratios keypool_batch (C ABI)/async: CPU {:.2}x, throughput {:.3}; ctx switches {:.2}/req, page faults {:.3}/req; C ABI/Pool::batch: CPU {:.2}x",
+                c.cpu_us() / asy.cpu_us(),
+                c.rps / asy.rps,
+                c.csw,
+                c.faults,
+                c.cpu_us() / kp.cpu_us()
+            );
+        }
+        Err(why) => println!("  keypool  keypool_batch (C ABI): skipped: {why}"),
+    }
+}
+
+/// Builds `examples/c/bench_batch.c` with `cc -O2` against `libkeypool.a` (from
+/// `KEYPOOL_LIB_DIR`, else the release profile of this target directory), runs it for
+/// `n` requests against the mock at `url` and reads its figures. `Err` says why the
+/// line is skipped; nothing here fails the bench.
+fn c_abi_batch(url: &str, n: usize) -> Result<(Figures, usize), String> {
+    use std::process::Command;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    // This program is <target>/release/deps/cpu-<hash>.
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .ok_or("cannot find the target directory")?
+        .to_path_buf();
+    let lib_dir = std::env::var_os("KEYPOOL_LIB_DIR")
+        .map_or_else(|| target.join("release"), std::path::PathBuf::from);
+    let lib = lib_dir.join("libkeypool.a");
+    let how =
+        "build it with `cargo build --release --locked -p keypool-capi` (or set KEYPOOL_LIB_DIR)";
+    let lib_time = std::fs::metadata(&lib)
+        .and_then(|m| m.modified())
+        .map_err(|_| format!("no {}; {how}", lib.display()))?;
+    if Command::new("cc").arg("--version").output().is_err() {
+        return Err("no C compiler (`cc`) on PATH".into());
+    }
+    // A library older than the sources measures old code: say so (the line still runs).
+    let newest_source = ["src", "capi/src", "capi/src/ffi"]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(root.join(d)).ok())
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .max();
+    if newest_source.is_some_and(|t| t > lib_time) {
+        println!("  note: {} is older than the sources; {how}", lib.display());
+    }
+    let bin = target.join("bench_batch");
+    let cc = Command::new("cc")
+        .args(["-std=c11", "-O2", "-I"])
+        .arg(root.join("include"))
+        .arg(root.join("examples/c/bench_batch.c"))
+        .arg(&lib)
+        .args(["-lpthread", "-ldl", "-lm", "-o"])
+        .arg(&bin)
+        .output()
+        .map_err(|e| format!("cc: {e}"))?;
+    if !cc.status.success() {
+        return Err(format!(
+            "cc failed: {}",
+            String::from_utf8_lossy(&cc.stderr).trim()
+        ));
+    }
+    let run = Command::new(&bin)
+        .arg(url)
+        .arg(n.to_string())
+        .output()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("bench_batch "))
+        .ok_or_else(|| {
+            format!(
+                "bench_batch printed no figures ({}): {}",
+                run.status,
+                String::from_utf8_lossy(&run.stderr).trim()
+            )
+        })?;
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| format!("bench_batch: no {name} in {line:?}"))
+    };
+    let (wall, per) = (field("wall_s")?, field("requests")?);
+    let figures = Figures {
+        rps: per / wall,
+        user_us: field("user_us")? / per,
+        sys_us: field("sys_us")? / per,
+        csw: field("csw")? / per,
+        faults: field("faults")? / per,
+    };
+    Ok((figures, field("failures")? as usize))
 }
 
 fn transport_alone(

@@ -90,6 +90,10 @@ check "gcc bad_input.c (static)" \
     gcc -std=c11 "${CFLAGS[@]}" examples/c/bad_input.c "$LIB" "${LDLIBS[@]}" -o "$OUT/bad_input"
 check "gcc callbacks.c (static)" \
     gcc -std=c11 "${CFLAGS[@]}" examples/c/callbacks.c "$LIB" "${LDLIBS[@]}" -o "$OUT/callbacks"
+# benches/cpu.rs builds this one itself (-O2, release library); here it is only kept
+# compiling and working.
+check "gcc bench_batch.c (static)" \
+    gcc -std=c11 "${CFLAGS[@]}" examples/c/bench_batch.c "$LIB" "${LDLIBS[@]}" -o "$OUT/bench_batch"
 # The stress test runs under AddressSanitizer + UBSan (which cannot be combined with
 # valgrind). They instrument the C side and the interface; the Rust library is not.
 check "gcc stress.c (static, -fsanitize=address,undefined)" \
@@ -142,6 +146,8 @@ if [ -n "$URL" ]; then
     check "batch (valgrind)" "${VALGRIND[@]}" "$OUT/batch" "$URL"
     check "bad_input (valgrind)" "${VALGRIND[@]}" "$OUT/bad_input" "$URL"
     check "callbacks (valgrind)" "${VALGRIND[@]}" "$OUT/callbacks" "$URL"
+    [ -x "$OUT/bench_batch" ] && check "bench_batch 200 requests (valgrind)" \
+        "${VALGRIND[@]}" "$OUT/bench_batch" "$URL" 200
     # Installed library, as a user runs it (shared: LD_LIBRARY_PATH; suppressions from
     # the prefix).
     [ -x "$OUT/batch_pc" ] && check "batch (installed libkeypool.so, valgrind + installed keypool.supp)" \

@@ -49,7 +49,8 @@ fn arg_mut<'a, T>(p: *mut T, what: &str) -> Result<&'a mut T, Failure> {
 
 /// A string argument: NULL-checked and UTF-8-checked. The message never quotes the
 /// contents (a config holds API keys).
-fn arg_str<'a>(p: *const c_char, what: &str) -> Result<&'a str, Failure> {
+/// `what` names the argument in the failure's message (formatted only on failure).
+fn arg_str<'a>(p: *const c_char, what: impl std::fmt::Display) -> Result<&'a str, Failure> {
     if p.is_null() {
         return Err(Failure::invalid(format!("{what} is NULL")));
     }

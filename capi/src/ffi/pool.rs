@@ -90,7 +90,7 @@ enum Mode {
 pub(super) fn body_request(
     path: &str,
     body: *const c_char,
-    what: &str,
+    what: impl std::fmt::Display,
 ) -> Result<Request, Failure> {
     let body = arg_str(body, what)?;
     Ok(Request::from_json(path, body)?)
@@ -364,27 +364,41 @@ pub extern "C" fn keypool_batch(
             }
             // SAFETY: non-NULL, and the caller promises `n` readable pointers.
             let bodies = unsafe { std::slice::from_raw_parts(bodies, n) };
-            let pending: Vec<Result<crate::Ticket, Failure>> = bodies
-                .iter()
-                .enumerate()
-                .map(|(i, &b)| {
-                    let req = body_request(DEFAULT_PATH, b, &format!("bodies[{i}]")).map_err(
-                        |mut f| {
+            // Through `Pool::batch` (results in one shared sink, the caller woken once per
+            // `queue_capacity / 8` completions while the queue is full, not once per
+            // request): each body is parsed as the batch takes it; a bad one is set
+            // aside with its index and never reaches the pool.
+            let mut bad: Vec<(usize, Failure)> = Vec::new();
+            let engine =
+                pool.pool.batch(bodies.iter().enumerate().filter_map(
+                    |(i, &b)| match body_request(DEFAULT_PATH, b, format_args!("bodies[{i}]")) {
+                        Ok(req) => Some(req),
+                        Err(mut f) => {
                             if f.status == Status::KEYPOOL_INVALID_REQUEST {
                                 f.message = format!("bodies[{i}]: {}", f.message);
                             }
-                            f
-                        },
-                    )?;
-                    Ok(pool.pool.submit(req)?)
-                })
-                .collect();
-            let results: Vec<*mut FfiResult> = pending
-                .into_iter()
-                .map(|p| {
-                    let r = match p {
-                        Ok(ticket) => FfiResult::from_engine(ticket.wait()),
-                        Err(f) => FfiResult::failure(f),
+                            bad.push((i, f));
+                            None
+                        }
+                    },
+                ));
+            let mut engine = engine.into_iter();
+            let mut bad = bad.into_iter().peekable();
+            let results: Vec<*mut FfiResult> = (0..n)
+                .map(|i| {
+                    let r = match bad.next_if(|(j, _)| *j == i) {
+                        Some((_, f)) => FfiResult::failure(f),
+                        // `Pool::batch` answers every request it took, so this always
+                        // has one; were it short, a failure, never a missing result.
+                        None => engine.next().map_or_else(
+                            || {
+                                FfiResult::failure(Failure {
+                                    status: Status::KEYPOOL_PANIC,
+                                    message: "keypool_batch: no result from the engine".into(),
+                                })
+                            },
+                            FfiResult::from_engine,
+                        ),
                     };
                     Box::into_raw(Box::new(r))
                 })
