@@ -1366,3 +1366,65 @@ fn assert_paced_at_240_rpm(arrivals: &mut [Duration]) {
     let span = arrivals[17] - arrivals[0];
     assert!(span >= Duration::from_millis(17 * 250 - 200), "{span:?}");
 }
+
+/// Redis unreachable from the start with `on_unavailable: local`: each of two pools
+/// holds the group (`max_concurrent` 4) to its 50 % share, 2, so together they never
+/// have more than the account's 4 in flight at the server — and do reach 4. (Unscaled,
+/// each pool would hold the group to 4: 8 together. The keys' own scaled limits, 2 of
+/// 4 each, would allow 6 per pool.)
+#[test]
+fn redis_down_scales_group_limits_to_the_local_share() {
+    let server = mock(40);
+    let port = free_port(); // nothing listens there (yet)
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let json = group_json(&server.url(), &url, r#", "max_concurrent": 4"#).replace(
+        r#""lease_ms": 1500}"#,
+        r#""lease_ms": 1500, "on_unavailable": "local", "local_share_percent": 50, "timeout_ms": 200}"#,
+    );
+    assert!(json.contains("local_share_percent"));
+    let pools: Vec<Pool> = (0..2)
+        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
+        .collect();
+    let t0 = Instant::now();
+    run_pools(&pools, 30);
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    let log = group_log(&server);
+    assert_eq!(log.len(), 60);
+    let refs: Vec<&RequestRecord> = log.iter().collect();
+    let group = max_overlap(&refs);
+    assert!(group <= 4, "the group had {group} in flight at the server");
+    assert_eq!(
+        group, 4,
+        "the pools never used the group's 4 slots together"
+    );
+    // Redis comes up: the share is lifted, and one pool alone gets all 4 of the
+    // group's (shared) slots.
+    let Some(redis) = RedisServer::start_on(port) else {
+        return;
+    };
+    let mut con = redis.conn();
+    let t1 = Instant::now();
+    loop {
+        assert!(pools[0].batch([chat(0)])[0].is_ok());
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut con)
+            .unwrap();
+        if info.contains("cmdstat_eval") {
+            break; // an admission script ran
+        }
+        assert!(t1.elapsed() < Duration::from_secs(5), "never reconnected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = group_log(&server).len();
+    run_pools(&pools[..1], 30);
+    let mut log = group_log(&server);
+    log.sort_by_key(|r| r.arrived);
+    let ours: Vec<&RequestRecord> = log[seen..].iter().collect();
+    assert_eq!(ours.len(), 30);
+    assert_eq!(
+        max_overlap(&ours),
+        4,
+        "one pool on Redis: the group's full 4"
+    );
+}
