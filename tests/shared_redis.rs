@@ -937,24 +937,36 @@ fn tpm_is_shared_exactly() {
     };
     let server = mock(5);
     let json = config_json(&server.url(), &redis.url(), 1, 4, r#", "tpm": 1260"#, "");
-    let req = |i: usize| {
-        let prompt = format!("{i:0>40}");
-        Request::new(&serde_json::json!({
-            "model": "mock-model",
-            "max_tokens": 11,
-            "messages": [{"role": "user", "content": prompt}],
-        }))
-    };
-    assert_eq!(req(0).estimated_tokens(), 21);
     let pools: Vec<Pool> = (0..3)
         .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
         .collect();
+    run_21_token_requests(&pools);
+    let stats = server.key_stats("sk-shared-0").unwrap();
+    let mut arrivals: Vec<Duration> = stats.log.iter().map(|r| r.arrived).collect();
+    assert_paced_at_1260_tpm(&mut arrivals);
+}
+
+/// A request of exactly 21 tokens (40 prompt characters + `max_tokens` 11), estimated
+/// and counted by the mock alike.
+fn req_21_tokens(i: usize) -> Request {
+    let prompt = format!("{i:0>40}");
+    Request::new(&serde_json::json!({
+        "model": "mock-model",
+        "max_tokens": 11,
+        "messages": [{"role": "user", "content": prompt}],
+    }))
+}
+
+/// Two 21-token requests on each of three pools at once; all must succeed with the
+/// mock's usage equal to the estimate.
+fn run_21_token_requests(pools: &[Pool]) {
+    assert_eq!(req_21_tokens(0).estimated_tokens(), 21);
     let used = std::sync::atomic::AtomicU64::new(0);
     std::thread::scope(|s| {
-        for pool in &pools {
+        for pool in pools {
             let used = &used;
             s.spawn(move || {
-                for r in pool.batch((0..2).map(req)) {
+                for r in pool.batch((0..2).map(req_21_tokens)) {
                     let u = r.unwrap().usage().unwrap();
                     let total = u.prompt_tokens + u.completion_tokens;
                     assert_eq!(total, 21, "the mock's count is the estimate");
@@ -963,9 +975,12 @@ fn tpm_is_shared_exactly() {
             });
         }
     });
-    assert_eq!(used.into_inner(), 6 * 21);
-    let stats = server.key_stats("sk-shared-0").unwrap();
-    let mut arrivals: Vec<Duration> = stats.log.iter().map(|r| r.arrived).collect();
+    assert_eq!(used.into_inner(), pools.len() as u64 * 2 * 21);
+}
+
+/// 6 arrivals of 21 tokens under a `tpm` of 1260 (21 a second, one-second burst): any
+/// window of W seconds holds at most tpm·W/60 + 21 tokens, and the 6 span at least 5 s.
+fn assert_paced_at_1260_tpm(arrivals: &mut [Duration]) {
     arrivals.sort();
     assert_eq!(arrivals.len(), 6);
     for w in [1_000u64, 2_000, 3_000] {
@@ -984,6 +999,35 @@ fn tpm_is_shared_exactly() {
     }
     let span = arrivals[5] - arrivals[0];
     assert!(span >= Duration::from_millis(5 * 1000 - 100), "{span:?}");
+}
+
+/// A group's (account's) `tpm` shared by three pools over its three keys (which have no
+/// `tpm` of their own): the same bound as `tpm_is_shared_exactly`, at the server, summed
+/// over the group's keys.
+#[test]
+fn group_tpm_is_shared_exactly() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(5);
+    let json = group_json(&server.url(), &redis.url(), r#", "tpm": 1260"#);
+    let pools: Vec<Pool> = (0..3)
+        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
+        .collect();
+    run_21_token_requests(&pools);
+    let log = group_log(&server);
+    let mut arrivals: Vec<Duration> = log.iter().map(|r| r.arrived).collect();
+    assert_paced_at_1260_tpm(&mut arrivals);
+    // Spread over the keys or not, the one budget is the group's.
+    let all: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(
+        all.iter().filter(|k| k.ends_with(":rate")).count(),
+        1,
+        "{all:?}"
+    );
 }
 
 /// A credit check that finds a key at its floor in one pool parks the key in every
