@@ -924,6 +924,75 @@ fn failed_release_is_replayed_not_held_until_lease_ms() {
     drop(a);
 }
 
+/// The same for a key of a group with `max_concurrent` 2: the queued releases carry the
+/// group's leases too, and are replayed when Redis answers again — so another pool gets
+/// the group's 2 slots at once, not after `lease_ms` (20 s). Each key allows 4, so only
+/// the group's leases could hold it back.
+#[test]
+fn failed_group_release_is_replayed_not_held_until_lease_ms() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let proxy = Proxy::start(redis.port);
+    let server = mock(0);
+    let latency = |ms| {
+        for k in GROUP_KEYS {
+            server.set_key_rule(
+                k,
+                KeyRule {
+                    latency_ms: Some(ms),
+                    ..KeyRule::default()
+                },
+            );
+        }
+    };
+    latency(300);
+    let shared = r#""lease_ms": 1500}"#;
+    let json_a = group_json(&server.url(), &proxy.url(), r#", "max_concurrent": 2"#).replace(
+        shared,
+        r#""lease_ms": 20000, "timeout_ms": 200, "on_unavailable": "fail"}"#,
+    );
+    assert!(json_a.contains("20000"));
+    let a = Pool::new(Config::from_json(&json_a).unwrap()).unwrap();
+    let tickets: Vec<_> = (0..2).map(|i| a.submit(chat(i)).unwrap()).collect();
+    wait_for("2 in flight", Duration::from_secs(10), || {
+        server.stats().in_flight_total == 2
+    });
+    let mut con = redis.conn();
+    // Two key leases and the same two in the group's set.
+    assert_eq!(live_leases(&mut con), 4);
+    proxy.set_down(true);
+    for t in tickets {
+        assert!(t.wait().is_ok());
+    }
+    // The releases could not reach Redis: the group's leases are still live there.
+    assert_eq!(live_leases(&mut con), 4);
+    let cut_at = Instant::now();
+    proxy.set_down(false);
+    wait_for("the queued releases", Duration::from_secs(4), || {
+        live_leases(&mut con) == 0
+    });
+    assert!(cut_at.elapsed() < Duration::from_secs(4));
+    // Another pool gets both of the group's slots at once.
+    let json_b = group_json(&server.url(), &redis.url(), r#", "max_concurrent": 2"#).replace(
+        shared,
+        r#""lease_ms": 1500, "timeout_ms": 200, "on_unavailable": "fail"}"#,
+    );
+    let b = Pool::new(Config::from_json(&json_b).unwrap()).unwrap();
+    latency(100);
+    let seen = group_log(&server).len();
+    assert_eq!(seen, 2);
+    let t = Instant::now();
+    assert!(b.batch((0..4).map(chat)).iter().all(|r| r.is_ok()));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let mut log = group_log(&server);
+    log.sort_by_key(|r| r.arrived);
+    let ours: Vec<&RequestRecord> = log[seen..].iter().collect();
+    assert_eq!(ours.len(), 4);
+    assert_eq!(max_overlap(&ours), 2);
+    drop(a);
+}
+
 /// `tpm` shared by three pools on one key: every request costs exactly its estimate
 /// (40 prompt characters + `max_tokens` 11 = 21 tokens, the mock's usage too), and
 /// `tpm` 1260 is 21 tokens a second with a one-second (21-token) burst. At the server,
