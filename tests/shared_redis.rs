@@ -924,6 +924,75 @@ fn failed_release_is_replayed_not_held_until_lease_ms() {
     drop(a);
 }
 
+/// The same for a key of a group with `max_concurrent` 2: the queued releases carry the
+/// group's leases too, and are replayed when Redis answers again — so another pool gets
+/// the group's 2 slots at once, not after `lease_ms` (20 s). Each key allows 4, so only
+/// the group's leases could hold it back.
+#[test]
+fn failed_group_release_is_replayed_not_held_until_lease_ms() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let proxy = Proxy::start(redis.port);
+    let server = mock(0);
+    let latency = |ms| {
+        for k in GROUP_KEYS {
+            server.set_key_rule(
+                k,
+                KeyRule {
+                    latency_ms: Some(ms),
+                    ..KeyRule::default()
+                },
+            );
+        }
+    };
+    latency(300);
+    let shared = r#""lease_ms": 1500}"#;
+    let json_a = group_json(&server.url(), &proxy.url(), r#", "max_concurrent": 2"#).replace(
+        shared,
+        r#""lease_ms": 20000, "timeout_ms": 200, "on_unavailable": "fail"}"#,
+    );
+    assert!(json_a.contains("20000"));
+    let a = Pool::new(Config::from_json(&json_a).unwrap()).unwrap();
+    let tickets: Vec<_> = (0..2).map(|i| a.submit(chat(i)).unwrap()).collect();
+    wait_for("2 in flight", Duration::from_secs(10), || {
+        server.stats().in_flight_total == 2
+    });
+    let mut con = redis.conn();
+    // Two key leases and the same two in the group's set.
+    assert_eq!(live_leases(&mut con), 4);
+    proxy.set_down(true);
+    for t in tickets {
+        assert!(t.wait().is_ok());
+    }
+    // The releases could not reach Redis: the group's leases are still live there.
+    assert_eq!(live_leases(&mut con), 4);
+    let cut_at = Instant::now();
+    proxy.set_down(false);
+    wait_for("the queued releases", Duration::from_secs(4), || {
+        live_leases(&mut con) == 0
+    });
+    assert!(cut_at.elapsed() < Duration::from_secs(4));
+    // Another pool gets both of the group's slots at once.
+    let json_b = group_json(&server.url(), &redis.url(), r#", "max_concurrent": 2"#).replace(
+        shared,
+        r#""lease_ms": 1500, "timeout_ms": 200, "on_unavailable": "fail"}"#,
+    );
+    let b = Pool::new(Config::from_json(&json_b).unwrap()).unwrap();
+    latency(100);
+    let seen = group_log(&server).len();
+    assert_eq!(seen, 2);
+    let t = Instant::now();
+    assert!(b.batch((0..4).map(chat)).iter().all(|r| r.is_ok()));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let mut log = group_log(&server);
+    log.sort_by_key(|r| r.arrived);
+    let ours: Vec<&RequestRecord> = log[seen..].iter().collect();
+    assert_eq!(ours.len(), 4);
+    assert_eq!(max_overlap(&ours), 2);
+    drop(a);
+}
+
 /// `tpm` shared by three pools on one key: every request costs exactly its estimate
 /// (40 prompt characters + `max_tokens` 11 = 21 tokens, the mock's usage too), and
 /// `tpm` 1260 is 21 tokens a second with a one-second (21-token) burst. At the server,
@@ -937,24 +1006,36 @@ fn tpm_is_shared_exactly() {
     };
     let server = mock(5);
     let json = config_json(&server.url(), &redis.url(), 1, 4, r#", "tpm": 1260"#, "");
-    let req = |i: usize| {
-        let prompt = format!("{i:0>40}");
-        Request::new(&serde_json::json!({
-            "model": "mock-model",
-            "max_tokens": 11,
-            "messages": [{"role": "user", "content": prompt}],
-        }))
-    };
-    assert_eq!(req(0).estimated_tokens(), 21);
     let pools: Vec<Pool> = (0..3)
         .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
         .collect();
+    run_21_token_requests(&pools);
+    let stats = server.key_stats("sk-shared-0").unwrap();
+    let mut arrivals: Vec<Duration> = stats.log.iter().map(|r| r.arrived).collect();
+    assert_paced_at_1260_tpm(&mut arrivals);
+}
+
+/// A request of exactly 21 tokens (40 prompt characters + `max_tokens` 11), estimated
+/// and counted by the mock alike.
+fn req_21_tokens(i: usize) -> Request {
+    let prompt = format!("{i:0>40}");
+    Request::new(&serde_json::json!({
+        "model": "mock-model",
+        "max_tokens": 11,
+        "messages": [{"role": "user", "content": prompt}],
+    }))
+}
+
+/// Two 21-token requests on each of three pools at once; all must succeed with the
+/// mock's usage equal to the estimate.
+fn run_21_token_requests(pools: &[Pool]) {
+    assert_eq!(req_21_tokens(0).estimated_tokens(), 21);
     let used = std::sync::atomic::AtomicU64::new(0);
     std::thread::scope(|s| {
-        for pool in &pools {
+        for pool in pools {
             let used = &used;
             s.spawn(move || {
-                for r in pool.batch((0..2).map(req)) {
+                for r in pool.batch((0..2).map(req_21_tokens)) {
                     let u = r.unwrap().usage().unwrap();
                     let total = u.prompt_tokens + u.completion_tokens;
                     assert_eq!(total, 21, "the mock's count is the estimate");
@@ -963,9 +1044,12 @@ fn tpm_is_shared_exactly() {
             });
         }
     });
-    assert_eq!(used.into_inner(), 6 * 21);
-    let stats = server.key_stats("sk-shared-0").unwrap();
-    let mut arrivals: Vec<Duration> = stats.log.iter().map(|r| r.arrived).collect();
+    assert_eq!(used.into_inner(), pools.len() as u64 * 2 * 21);
+}
+
+/// 6 arrivals of 21 tokens under a `tpm` of 1260 (21 a second, one-second burst): any
+/// window of W seconds holds at most tpm·W/60 + 21 tokens, and the 6 span at least 5 s.
+fn assert_paced_at_1260_tpm(arrivals: &mut [Duration]) {
     arrivals.sort();
     assert_eq!(arrivals.len(), 6);
     for w in [1_000u64, 2_000, 3_000] {
@@ -984,6 +1068,35 @@ fn tpm_is_shared_exactly() {
     }
     let span = arrivals[5] - arrivals[0];
     assert!(span >= Duration::from_millis(5 * 1000 - 100), "{span:?}");
+}
+
+/// A group's (account's) `tpm` shared by three pools over its three keys (which have no
+/// `tpm` of their own): the same bound as `tpm_is_shared_exactly`, at the server, summed
+/// over the group's keys.
+#[test]
+fn group_tpm_is_shared_exactly() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(5);
+    let json = group_json(&server.url(), &redis.url(), r#", "tpm": 1260"#);
+    let pools: Vec<Pool> = (0..3)
+        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
+        .collect();
+    run_21_token_requests(&pools);
+    let log = group_log(&server);
+    let mut arrivals: Vec<Duration> = log.iter().map(|r| r.arrived).collect();
+    assert_paced_at_1260_tpm(&mut arrivals);
+    // Spread over the keys or not, the one budget is the group's.
+    let all: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(
+        all.iter().filter(|k| k.ends_with(":rate")).count(),
+        1,
+        "{all:?}"
+    );
 }
 
 /// A credit check that finds a key at its floor in one pool parks the key in every
@@ -1365,4 +1478,66 @@ fn assert_paced_at_240_rpm(arrivals: &mut [Duration]) {
     }
     let span = arrivals[17] - arrivals[0];
     assert!(span >= Duration::from_millis(17 * 250 - 200), "{span:?}");
+}
+
+/// Redis unreachable from the start with `on_unavailable: local`: each of two pools
+/// holds the group (`max_concurrent` 4) to its 50 % share, 2, so together they never
+/// have more than the account's 4 in flight at the server — and do reach 4. (Unscaled,
+/// each pool would hold the group to 4: 8 together. The keys' own scaled limits, 2 of
+/// 4 each, would allow 6 per pool.)
+#[test]
+fn redis_down_scales_group_limits_to_the_local_share() {
+    let server = mock(40);
+    let port = free_port(); // nothing listens there (yet)
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let json = group_json(&server.url(), &url, r#", "max_concurrent": 4"#).replace(
+        r#""lease_ms": 1500}"#,
+        r#""lease_ms": 1500, "on_unavailable": "local", "local_share_percent": 50, "timeout_ms": 200}"#,
+    );
+    assert!(json.contains("local_share_percent"));
+    let pools: Vec<Pool> = (0..2)
+        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
+        .collect();
+    let t0 = Instant::now();
+    run_pools(&pools, 30);
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    let log = group_log(&server);
+    assert_eq!(log.len(), 60);
+    let refs: Vec<&RequestRecord> = log.iter().collect();
+    let group = max_overlap(&refs);
+    assert!(group <= 4, "the group had {group} in flight at the server");
+    assert_eq!(
+        group, 4,
+        "the pools never used the group's 4 slots together"
+    );
+    // Redis comes up: the share is lifted, and one pool alone gets all 4 of the
+    // group's (shared) slots.
+    let Some(redis) = RedisServer::start_on(port) else {
+        return;
+    };
+    let mut con = redis.conn();
+    let t1 = Instant::now();
+    loop {
+        assert!(pools[0].batch([chat(0)])[0].is_ok());
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut con)
+            .unwrap();
+        if info.contains("cmdstat_eval") {
+            break; // an admission script ran
+        }
+        assert!(t1.elapsed() < Duration::from_secs(5), "never reconnected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = group_log(&server).len();
+    run_pools(&pools[..1], 30);
+    let mut log = group_log(&server);
+    log.sort_by_key(|r| r.arrived);
+    let ours: Vec<&RequestRecord> = log[seen..].iter().collect();
+    assert_eq!(ours.len(), 30);
+    assert_eq!(
+        max_overlap(&ours),
+        4,
+        "one pool on Redis: the group's full 4"
+    );
 }

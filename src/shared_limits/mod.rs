@@ -31,8 +31,9 @@ mod redis;
 #[serde(rename_all = "snake_case")]
 pub enum OnUnavailable {
     /// Fall back to local limits scaled by [`SharedConfig::local_share_percent`]:
-    /// `max_concurrent`, `rpm` and `tpm` of each key times the share (at least 1), counted
-    /// in this process alone, until Redis answers again.
+    /// `max_concurrent`, `rpm` and `tpm` of each key and of each group times the share
+    /// (at least 1; a group's `max_concurrent` rounded down), counted in this process
+    /// alone, until Redis answers again.
     #[default]
     Local,
     /// Refuse: every request that needs an admission while Redis is unreachable ends
@@ -61,8 +62,9 @@ pub struct SharedConfig {
     pub timeout_ms: u64,
     /// What to do while Redis is unreachable. Defaults to `local`.
     pub on_unavailable: OnUnavailable,
-    /// With `on_unavailable: local`, the percentage (1–100) of each key's limits this
-    /// process uses on its own while Redis is down: e.g. 33 for one of three processes.
+    /// With `on_unavailable: local`, the percentage (1–100) of each key's and each
+    /// group's limits this process uses on its own while Redis is down: e.g. 33 for one
+    /// of three processes.
     /// Defaults to 100.
     pub local_share_percent: u32,
 }

@@ -323,6 +323,17 @@ struct KeyLocal {
     tpm: Pace,
 }
 
+/// A group's (account's) local share while Redis is unreachable: the admissions this
+/// process holds on its member keys (the sum of their `KeyLocal::held`, kept in step
+/// with them under the key's lock: a key's `KeyLocal`, then its group's, always in that
+/// order) and the fallback pacing of the group's scaled `rpm`/`tpm`.
+#[derive(Default)]
+struct GroupLocal {
+    held: usize,
+    rpm: Pace,
+    tpm: Pace,
+}
+
 struct Conn {
     con: Option<redis::Connection>,
     /// No reconnect attempt before this instant.
@@ -343,6 +354,8 @@ struct Inner {
     keys: Vec<KeyInfo>,
     groups: Vec<GroupInfo>,
     local: Vec<Mutex<KeyLocal>>,
+    /// One per group, as `groups`.
+    group_local: Vec<Mutex<GroupLocal>>,
     conn: Mutex<Conn>,
     acquire: Script,
     settle: Script,
@@ -585,11 +598,15 @@ impl Inner {
         let admit = match int(0) {
             0 => {
                 let cuts = int(1);
-                self.local[key].lock().held.push(Held {
+                let mut l = self.local[key].lock();
+                l.held.push(Held {
                     id,
                     in_redis: true,
                     cuts,
                 });
+                if let Some(g) = k.group {
+                    self.group_local[g].lock().held += 1;
+                }
                 return (SharedAdmit::Yes, true);
             }
             1 => SharedAdmit::WakeAt(after(int(1)).min(now + BUSY_RECHECK)),
@@ -607,7 +624,8 @@ impl Inner {
         (admit, false)
     }
 
-    /// Admission while Redis is unreachable.
+    /// Admission while Redis is unreachable: the key's limits and its group's, scaled
+    /// by `local_share_percent`, counted in this process alone.
     fn fallback(&self, key: usize, tokens: u64, now: Instant) -> SharedAdmit {
         if self.cfg.on_unavailable == OnUnavailable::Fail {
             return SharedAdmit::Unavailable;
@@ -618,6 +636,19 @@ impl Inner {
         let mut l = self.local[key].lock();
         if l.held.len() >= scaled(k.max as u64) as usize {
             return SharedAdmit::WakeAt(now + BUSY_RECHECK);
+        }
+        // The key's lock, then its group's.
+        let group = k
+            .group
+            .map(|g| (&self.groups[g], self.group_local[g].lock()));
+        if let Some((gi, gl)) = &group {
+            // Rounded down (at least 1): N processes with a share of 1/N each never
+            // hold more than the account's `max_concurrent` together.
+            let pct = u64::from(self.cfg.local_share_percent);
+            let max = (gi.max as u64).saturating_mul(pct) / 100;
+            if gi.max > 0 && gl.held as u64 >= max.max(1) {
+                return SharedAdmit::WakeAt(now + BUSY_RECHECK);
+            }
         }
         let t = now.saturating_duration_since(self.epoch).as_secs_f64();
         // Checked on copies first so a refusal by one budget spends neither.
@@ -635,6 +666,24 @@ impl Inner {
                 wait = wait.max(w);
             }
         }
+        let mut group = group.map(|(gi, gl)| {
+            let paces = (Pace { tat: gl.rpm.tat }, Pace { tat: gl.tpm.tat });
+            (gi, gl, paces)
+        });
+        if let Some((gi, _, (grpm, gtpm))) = group.as_mut() {
+            if gi.rpm > 0 {
+                if let Err(w) = grpm.take(t, scaled(gi.rpm), 1.0, 1.0) {
+                    wait = wait.max(w);
+                }
+            }
+            if gi.tpm > 0 {
+                let per_min = scaled(gi.tpm);
+                let burst = (per_min / 60.0).ceil().max(1.0);
+                if let Err(w) = gtpm.take(t, per_min, tokens as f64, burst) {
+                    wait = wait.max(w);
+                }
+            }
+        }
         if wait > 0.0 {
             return SharedAdmit::WakeAt(
                 now + crate::admission::secs_saturating(wait, Duration::from_secs(60)),
@@ -642,6 +691,11 @@ impl Inner {
         }
         l.rpm = rpm;
         l.tpm = tpm;
+        if let Some((_, mut gl, (grpm, gtpm))) = group {
+            gl.rpm = grpm;
+            gl.tpm = gtpm;
+            gl.held += 1;
+        }
         let id = self.lease_id();
         l.held.push(Held {
             id,
@@ -858,6 +912,7 @@ impl RedisLimits {
             client: client.clone(),
             cfg: sc.clone(),
             local: keys.iter().map(|_| Mutex::default()).collect(),
+            group_local: groups.iter().map(|_| Mutex::default()).collect(),
             keys,
             groups,
             conn: Mutex::new(Conn {
@@ -1051,7 +1106,12 @@ impl SharedLimits for RedisLimits {
                 l.held.iter().enumerate().max_by_key(|(_, h)| h.cuts)
             }
             .map(|(i, _)| i);
-            pick.map(|i| l.held.swap_remove(i))
+            let held = pick.map(|i| l.held.swap_remove(i));
+            if let (Some(_), Some(g)) = (&held, self.inner.keys[key].group) {
+                let mut gl = self.inner.group_local[g].lock();
+                gl.held = gl.held.saturating_sub(1);
+            }
+            held
         };
         let aimd = Aimd {
             outcome: if v.rate_limited {
