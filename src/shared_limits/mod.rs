@@ -32,7 +32,7 @@ mod redis;
 pub enum OnUnavailable {
     /// Fall back to local limits scaled by [`SharedConfig::local_share_percent`]:
     /// `max_concurrent`, `rpm` and `tpm` of each key and of each group times the share
-    /// (at least 1; a group's `max_concurrent` rounded down), counted in this process
+    /// (rounded down, at least 1), counted in this process
     /// alone, until Redis answers again.
     #[default]
     Local,

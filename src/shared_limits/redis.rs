@@ -631,8 +631,10 @@ impl Inner {
             return SharedAdmit::Unavailable;
         }
         let k = &self.keys[key];
-        let share = f64::from(self.cfg.local_share_percent) / 100.0;
-        let scaled = |n: u64| ((n as f64 * share).ceil()).max(1.0);
+        let pct = u64::from(self.cfg.local_share_percent);
+        // Rounded down (at least 1): N processes with a share of 1/N each never hold
+        // more than a key's (or an account's) limit together.
+        let scaled = |n: u64| (n.saturating_mul(pct) / 100).max(1) as f64;
         let mut l = self.local[key].lock();
         if l.held.len() >= scaled(k.max as u64) as usize {
             return SharedAdmit::WakeAt(now + BUSY_RECHECK);
@@ -642,11 +644,7 @@ impl Inner {
             .group
             .map(|g| (&self.groups[g], self.group_local[g].lock()));
         if let Some((gi, gl)) = &group {
-            // Rounded down (at least 1): N processes with a share of 1/N each never
-            // hold more than the account's `max_concurrent` together.
-            let pct = u64::from(self.cfg.local_share_percent);
-            let max = (gi.max as u64).saturating_mul(pct) / 100;
-            if gi.max > 0 && gl.held as u64 >= max.max(1) {
+            if gi.max > 0 && gl.held as u64 >= scaled(gi.max as u64) as u64 {
                 return SharedAdmit::WakeAt(now + BUSY_RECHECK);
             }
         }
