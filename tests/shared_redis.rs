@@ -220,24 +220,7 @@ fn concurrency_is_shared_across_pools() {
     // Every lease came back: released at once (a release whose Redis call failed under
     // load leaves its lease to expire), so none is live after at most `lease_ms`.
     let mut con = redis.conn();
-    let live = |con: &mut redis::Connection| -> usize {
-        let (secs, micros): (u64, u64) = redis::cmd("TIME").query(con).unwrap();
-        let now_ms = secs * 1000 + micros / 1000;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("kp:test:*:leases")
-            .query(con)
-            .unwrap();
-        keys.iter()
-            .map(|k| {
-                redis::cmd("ZCOUNT")
-                    .arg(k)
-                    .arg(format!("({now_ms}"))
-                    .arg("+inf")
-                    .query::<usize>(con)
-                    .unwrap()
-            })
-            .sum()
-    };
+    let live = live_leases;
     let at_end = live(&mut con);
     let deadline = Instant::now() + Duration::from_millis(1500 + 1000);
     let mut left = at_end;

@@ -487,16 +487,7 @@ impl Inner {
     /// queue only once Redis has taken it.
     fn recover(&self, con: &mut redis::Connection, c: &mut Conn) -> redis::RedisResult<()> {
         for (i, k) in self.keys.iter().enumerate() {
-            let ids: Vec<String> = {
-                let mut l = self.local[i].lock();
-                l.held
-                    .iter_mut()
-                    .map(|h| {
-                        h.in_redis = true;
-                        h.id.clone()
-                    })
-                    .collect()
-            };
+            let ids = self.register_held(i);
             if !ids.is_empty() {
                 let mut inv = self.renew.key(&k.leases);
                 if let Some(g) = k.group {
@@ -819,21 +810,24 @@ impl Inner {
         inv.invoke::<i64>(con)
     }
 
+    /// The lease ids of key `i`'s running requests, each marked as known to Redis
+    /// (fallback slots too: renewing or recovering registers them).
+    fn register_held(&self, i: usize) -> Vec<String> {
+        let mut l = self.local[i].lock();
+        l.held
+            .iter_mut()
+            .map(|h| {
+                h.in_redis = true;
+                h.id.clone()
+            })
+            .collect()
+    }
+
     /// Renews every lease this process holds. Returns whether it holds any.
     fn renew_all(&self) -> bool {
         let mut any = false;
         for (i, k) in self.keys.iter().enumerate() {
-            let ids: Vec<String> = {
-                let mut l = self.local[i].lock();
-                l.held
-                    .iter_mut()
-                    .map(|h| {
-                        // Fallback slots too: renewing registers them.
-                        h.in_redis = true;
-                        h.id.clone()
-                    })
-                    .collect()
-            };
+            let ids = self.register_held(i);
             any |= !ids.is_empty();
             if ids.is_empty() {
                 continue;
