@@ -659,7 +659,8 @@ pub(crate) fn read_response<S: Source>(
                 return Err(limit_error(limit));
             }
             let n = usize::try_from(n).map_err(|_| limit_error(limit))?;
-            let mut body = Vec::with_capacity(n.min(1 << 20));
+            // One spare byte: the C ABI terminates a success's body in place.
+            let mut body = Vec::with_capacity(n.saturating_add(1).min(1 << 20));
             while body.len() < n {
                 if rb.avail().is_empty() {
                     rb.fill_more(src, READ_BUFFER, "response body")?;

@@ -180,7 +180,9 @@ thread_local! {
 /// Turns any text into a C string, replacing interior NULs (a server message may hold
 /// `\u0000`).
 pub(crate) fn to_cstring(s: &str) -> CString {
-    CString::new(s.replace('\0', "\u{FFFD}")).unwrap_or_default()
+    // One allocation when there is no NUL to replace (labels, codes, most messages).
+    CString::new(s)
+        .unwrap_or_else(|_| CString::new(s.replace('\0', "\u{FFFD}")).unwrap_or_default())
 }
 
 /// Records `msg` as this thread's last error.

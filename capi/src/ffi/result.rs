@@ -55,11 +55,15 @@ impl FfiResult {
     pub(crate) fn from_engine(result: RequestResult) -> FfiResult {
         match result {
             Ok(resp) => {
-                let mut r = FfiResult::new(Status::KEYPOOL_OK).with_body(resp.body());
+                let mut r = FfiResult::new(Status::KEYPOOL_OK);
                 r.http_status = resp.status();
                 r.key_label = to_cstring(resp.key_label());
                 r.attempts = resp.attempts();
                 r.latency_ms = duration_ms(resp.latency());
+                // Handed over, not copied: the HTTP/1.1 client leaves a spare byte for
+                // the NUL (any other transport's body may grow once here).
+                r.body = resp.into_body();
+                r.body.push(0);
                 r
             }
             Err(e) => {
