@@ -97,7 +97,12 @@ impl Request {
     pub fn from_json(path: &str, body: &str) -> Result<Request, Error> {
         serde_json::from_str::<serde::de::IgnoredAny>(body)
             .map_err(|e| Error::InvalidRequest(format!("body is not valid JSON: {e}")))?;
-        Request::raw(DEFAULT_PATH, body.as_bytes()).with_path(path)
+        let req = Request::raw(DEFAULT_PATH, body.as_bytes());
+        if path == DEFAULT_PATH {
+            Ok(req) // keeps the shared default path: no allocation
+        } else {
+            req.with_path(path)
+        }
     }
 
     /// A request POSTing a copy of `body` to `path` (one allocation for the body).
@@ -459,4 +464,23 @@ where
 
 pub(crate) fn parse_usage(body: &[u8]) -> Option<Usage> {
     crate::body::parse_usage(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_json_shares_the_default_path_and_checks_others() {
+        let a = Request::from_json(DEFAULT_PATH, r#"{"model":"m"}"#).unwrap();
+        let b = Request::from_json(DEFAULT_PATH, "[]").unwrap();
+        assert!(Arc::ptr_eq(&a.path, &b.path), "one shared default path");
+        assert_eq!(a.path(), DEFAULT_PATH);
+        assert_eq!(a.body(), br#"{"model":"m"}"#);
+        let e = Request::from_json("/embeddings", "{}").unwrap();
+        assert_eq!(e.path(), "/embeddings");
+        assert!(Request::from_json("no-slash", "{}").is_err());
+        assert!(Request::from_json("/x y", "{}").is_err());
+        assert!(Request::from_json(DEFAULT_PATH, "{").is_err());
+    }
 }
