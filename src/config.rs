@@ -151,6 +151,11 @@ pub struct RetryConfig {
     /// the server has accepted it (any answer but 401/402/403), so a revoked key costs
     /// one request instead of a burst. Defaults to true.
     pub probe_keys: bool,
+    /// Learn a budget from `x-ratelimit-limit-*` / `-remaining-*` / `-reset-*` headers for
+    /// a key without a configured `rpm`/`tpm`, and pace it before it is rejected. When
+    /// false, those headers only pause a key whose `remaining` reached 0. Turn it off
+    /// when a proxy forwards headers that do not describe your key. Defaults to true.
+    pub learn_rate_limits: bool,
 }
 
 impl Default for RetryConfig {
@@ -163,6 +168,7 @@ impl Default for RetryConfig {
             default_cooldown_ms: 1_000,
             park_on_402: true,
             probe_keys: true,
+            learn_rate_limits: true,
         }
     }
 }
@@ -212,6 +218,12 @@ impl RetryConfig {
     /// Send a key's first request alone (see the field). Defaults to true.
     pub fn probe_keys(mut self, on: bool) -> Self {
         self.probe_keys = on;
+        self
+    }
+
+    /// Learn budgets from rate-limit headers (see the field). Defaults to true.
+    pub fn learn_rate_limits(mut self, on: bool) -> Self {
+        self.learn_rate_limits = on;
         self
     }
 }

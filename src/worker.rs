@@ -303,7 +303,11 @@ fn success_verdict(ctx: &KeyWorkerCtx, headers: &[(String, String)]) -> KeyVerdi
             Duration::from_millis(cfg.default_cooldown_ms),
             max,
         ),
-        limits: crate::ratelimit::observe(headers, max),
+        limits: if cfg.learn_rate_limits {
+            crate::ratelimit::observe(headers, max)
+        } else {
+            None
+        },
         ..KeyVerdict::default()
     }
 }
@@ -376,7 +380,9 @@ fn conclude(
     );
     // An answer's rate-limit headers teach the key's budgets, a 429's included.
     let limits = match &err {
-        Error::Http { response, .. } | Error::InvalidResponse { response, .. } => {
+        Error::Http { response, .. } | Error::InvalidResponse { response, .. }
+            if ctx.shared.config.retry.learn_rate_limits =>
+        {
             let max = Duration::from_millis(ctx.shared.config.retry.max_retry_after_ms);
             crate::ratelimit::observe(&response.headers, max)
         }

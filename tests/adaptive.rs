@@ -162,6 +162,36 @@ fn a_key_learns_its_request_budget_from_headers_and_paces_itself() {
 }
 
 #[test]
+fn learning_can_be_switched_off() {
+    let (limit, window_ms) = (10u64, 400u64);
+    let server = MockServer::start(MockConfig {
+        latency_ms: 2,
+        request_budget: Some((limit, window_ms)),
+        ..MockConfig::default()
+    })
+    .unwrap();
+    let json = format!(
+        r#"{{"base_url": "{}", "retry": {{"learn_rate_limits": false}},
+            "keys": [{{"key": "sk-paced", "max_concurrent": 4}}]}}"#,
+        server.url()
+    );
+    let config = Config::from_json(&json).unwrap();
+    assert!(!config.retry.learn_rate_limits);
+    let pool = Pool::new(config).unwrap();
+    let results = pool.batch((0..50).map(|i| Request::chat("m", [("user", &*format!("p{i}"))])));
+    assert_eq!(results.len(), 50);
+    let s = pool.stats();
+    assert_eq!(s.keys[0].learned_rpm, None, "nothing learned");
+    assert_eq!(s.keys[0].rpm_budget, None, "no budget paces the key");
+    // Without a learned budget the key bursts to the server's limit: requests already
+    // in flight when a response says `remaining: 0` are rejected (the same run with
+    // learning on sees at most one 429).
+    let rec = server.key_stats("sk-paced").unwrap();
+    let rejected = rec.statuses.get(&429).copied().unwrap_or(0);
+    assert!(rejected >= 1, "{:?}", rec.statuses);
+}
+
+#[test]
 fn a_key_without_headers_is_not_slowed_by_a_learned_one() {
     let (limit, window_ms) = (5u64, 500u64);
     let server = MockServer::start(MockConfig {
