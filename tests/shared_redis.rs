@@ -870,22 +870,7 @@ fn failed_release_is_replayed_not_held_until_lease_ms() {
     wait_for("2 in flight", Duration::from_secs(10), || {
         server.key_stats(key).is_some_and(|k| k.in_flight == 2)
     });
-    let mut con = redis.conn();
-    assert_eq!(live_leases(&mut con), 2);
-    proxy.set_down(true);
-    for t in tickets {
-        assert!(t.wait().is_ok());
-    }
-    // The releases could not reach Redis: both leases are still live there.
-    assert_eq!(live_leases(&mut con), 2);
-    let cut_at = Instant::now();
-    proxy.set_down(false);
-    // No request through A: its renewer reconnects and replays the releases, long
-    // before the leases would expire (20 s).
-    wait_for("the queued releases", Duration::from_secs(4), || {
-        live_leases(&mut con) == 0
-    });
-    assert!(cut_at.elapsed() < Duration::from_secs(4));
+    cut_then_replay(&proxy, &redis, tickets, 2);
     // Another pool gets both slots at once.
     let json_b = config_json(&server.url(), &redis.url(), 1, 2, "", extra);
     let b = Pool::new(Config::from_json(&json_b).unwrap()).unwrap();
@@ -941,21 +926,8 @@ fn failed_group_release_is_replayed_not_held_until_lease_ms() {
     wait_for("2 in flight", Duration::from_secs(10), || {
         server.stats().in_flight_total == 2
     });
-    let mut con = redis.conn();
     // Two key leases and the same two in the group's set.
-    assert_eq!(live_leases(&mut con), 4);
-    proxy.set_down(true);
-    for t in tickets {
-        assert!(t.wait().is_ok());
-    }
-    // The releases could not reach Redis: the group's leases are still live there.
-    assert_eq!(live_leases(&mut con), 4);
-    let cut_at = Instant::now();
-    proxy.set_down(false);
-    wait_for("the queued releases", Duration::from_secs(4), || {
-        live_leases(&mut con) == 0
-    });
-    assert!(cut_at.elapsed() < Duration::from_secs(4));
+    cut_then_replay(&proxy, &redis, tickets, 4);
     // Another pool gets both of the group's slots at once.
     let json_b = group_json(&server.url(), &redis.url(), r#", "max_concurrent": 2"#).replace(
         shared,
@@ -1523,4 +1495,30 @@ fn redis_down_scales_group_limits_to_the_local_share() {
         4,
         "one pool on Redis: the group's full 4"
     );
+}
+
+/// Cuts the pool off Redis (through `proxy`) while `tickets` finish, checks their
+/// releases could not reach Redis (`leases` still live there), restores the link and
+/// waits for the queued releases to be replayed: with no request through the pool, its
+/// renewer reconnects and replays them within 4 s, long before the leases would
+/// expire.
+fn cut_then_replay(
+    proxy: &Proxy,
+    redis: &RedisServer,
+    tickets: Vec<keypool::Ticket>,
+    leases: usize,
+) {
+    let mut con = redis.conn();
+    assert_eq!(live_leases(&mut con), leases);
+    proxy.set_down(true);
+    for t in tickets {
+        assert!(t.wait().is_ok());
+    }
+    assert_eq!(live_leases(&mut con), leases, "releases kept out of Redis");
+    let cut_at = Instant::now();
+    proxy.set_down(false);
+    wait_for("the queued releases", Duration::from_secs(4), || {
+        live_leases(&mut con) == 0
+    });
+    assert!(cut_at.elapsed() < Duration::from_secs(4));
 }

@@ -641,37 +641,32 @@ impl Inner {
         }
         let t = now.saturating_duration_since(self.epoch).as_secs_f64();
         // Checked on copies first so a refusal by one budget spends neither.
+        // One request against a request budget and a token budget (0: none), scaled;
+        // the longest wait if either refuses.
+        let pace = |rpm: &mut Pace, tpm: &mut Pace, rpm_max: u64, tpm_max: u64| -> f64 {
+            let mut wait: f64 = 0.0;
+            if rpm_max > 0 {
+                if let Err(w) = rpm.take(t, scaled(rpm_max), 1.0, 1.0) {
+                    wait = wait.max(w);
+                }
+            }
+            if tpm_max > 0 {
+                let per_min = scaled(tpm_max);
+                let burst = (per_min / 60.0).ceil().max(1.0);
+                if let Err(w) = tpm.take(t, per_min, tokens as f64, burst) {
+                    wait = wait.max(w);
+                }
+            }
+            wait
+        };
         let (mut rpm, mut tpm) = (Pace { tat: l.rpm.tat }, Pace { tat: l.tpm.tat });
-        let mut wait: f64 = 0.0;
-        if k.rpm > 0 {
-            if let Err(w) = rpm.take(t, scaled(k.rpm), 1.0, 1.0) {
-                wait = wait.max(w);
-            }
-        }
-        if k.tpm > 0 {
-            let per_min = scaled(k.tpm);
-            let burst = (per_min / 60.0).ceil().max(1.0);
-            if let Err(w) = tpm.take(t, per_min, tokens as f64, burst) {
-                wait = wait.max(w);
-            }
-        }
+        let mut wait = pace(&mut rpm, &mut tpm, k.rpm, k.tpm);
         let mut group = group.map(|(gi, gl)| {
             let paces = (Pace { tat: gl.rpm.tat }, Pace { tat: gl.tpm.tat });
             (gi, gl, paces)
         });
         if let Some((gi, _, (grpm, gtpm))) = group.as_mut() {
-            if gi.rpm > 0 {
-                if let Err(w) = grpm.take(t, scaled(gi.rpm), 1.0, 1.0) {
-                    wait = wait.max(w);
-                }
-            }
-            if gi.tpm > 0 {
-                let per_min = scaled(gi.tpm);
-                let burst = (per_min / 60.0).ceil().max(1.0);
-                if let Err(w) = gtpm.take(t, per_min, tokens as f64, burst) {
-                    wait = wait.max(w);
-                }
-            }
+            wait = wait.max(pace(grpm, gtpm, gi.rpm, gi.tpm));
         }
         if wait > 0.0 {
             return SharedAdmit::WakeAt(
