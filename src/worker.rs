@@ -303,13 +303,22 @@ fn success_verdict(ctx: &KeyWorkerCtx, headers: &[(String, String)]) -> KeyVerdi
             Duration::from_millis(cfg.default_cooldown_ms),
             max,
         ),
-        limits: if cfg.learn_rate_limits {
-            crate::ratelimit::observe(headers, max)
-        } else {
-            None
-        },
+        limits: observed_limits(ctx, headers),
         ..KeyVerdict::default()
     }
+}
+
+/// The budgets an answer's rate-limit headers announce, for the key to learn; `None`
+/// when `retry.learn_rate_limits` is off.
+fn observed_limits(
+    ctx: &KeyWorkerCtx,
+    headers: &[(String, String)],
+) -> Option<crate::ratelimit::Observed> {
+    let cfg = &ctx.shared.config.retry;
+    if !cfg.learn_rate_limits {
+        return None;
+    }
+    crate::ratelimit::observe(headers, Duration::from_millis(cfg.max_retry_after_ms))
 }
 
 /// An attempt that got no response: its error, verdict and class.
@@ -380,11 +389,8 @@ fn conclude(
     );
     // An answer's rate-limit headers teach the key's budgets, a 429's included.
     let limits = match &err {
-        Error::Http { response, .. } | Error::InvalidResponse { response, .. }
-            if ctx.shared.config.retry.learn_rate_limits =>
-        {
-            let max = Duration::from_millis(ctx.shared.config.retry.max_retry_after_ms);
-            crate::ratelimit::observe(&response.headers, max)
+        Error::Http { response, .. } | Error::InvalidResponse { response, .. } => {
+            observed_limits(ctx, &response.headers)
         }
         _ => None,
     };

@@ -489,15 +489,7 @@ impl Inner {
         for (i, k) in self.keys.iter().enumerate() {
             let ids = self.register_held(i);
             if !ids.is_empty() {
-                let mut inv = self.renew.key(&k.leases);
-                if let Some(g) = k.group {
-                    inv.key(&self.groups[g].leases);
-                }
-                inv.arg(self.cfg.lease_ms);
-                for id in &ids {
-                    inv.arg(id);
-                }
-                inv.invoke::<i64>(con)?;
+                self.renew_leases(con, k, &ids)?;
             }
         }
         while let Some(p) = c.pending.front() {
@@ -818,6 +810,24 @@ impl Inner {
             .collect()
     }
 
+    /// Renews (or registers) the leases `ids` of key `k`, in its group's set too.
+    fn renew_leases(
+        &self,
+        con: &mut redis::Connection,
+        k: &KeyInfo,
+        ids: &[String],
+    ) -> redis::RedisResult<i64> {
+        let mut inv = self.renew.key(&k.leases);
+        if let Some(g) = k.group {
+            inv.key(&self.groups[g].leases);
+        }
+        inv.arg(self.cfg.lease_ms);
+        for id in ids {
+            inv.arg(id);
+        }
+        inv.invoke::<i64>(con)
+    }
+
     /// Renews every lease this process holds. Returns whether it holds any.
     fn renew_all(&self) -> bool {
         let mut any = false;
@@ -827,17 +837,7 @@ impl Inner {
             if ids.is_empty() {
                 continue;
             }
-            let _ = self.with_conn(|con| {
-                let mut inv = self.renew.key(&k.leases);
-                if let Some(g) = k.group {
-                    inv.key(&self.groups[g].leases);
-                }
-                inv.arg(self.cfg.lease_ms);
-                for id in &ids {
-                    inv.arg(id);
-                }
-                inv.invoke::<i64>(con)
-            });
+            let _ = self.with_conn(|con| self.renew_leases(con, k, &ids));
         }
         any
     }
