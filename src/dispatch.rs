@@ -479,6 +479,10 @@ impl Dispatcher {
                 job.finish_deadline();
                 return Placed::Done;
             }
+            // Retries whose backoff ended queue behind this job: the wait below only
+            // ever names a future instant (a due one would make it return at once,
+            // again and again, for as long as every key refuses this job).
+            self.promote_due(now);
             let all_disabled = self
                 .shared
                 .keys

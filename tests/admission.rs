@@ -553,3 +553,71 @@ fn thread_spawn_failure_is_reported_not_hung() {
     assert!(line.contains("keypool-key-"), "names the thread: {line}");
     assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
 }
+
+/// CPU time of this process (user + system) so far.
+fn process_cpu() -> Duration {
+    // SAFETY: `getrusage` writes into the zeroed struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// A request waiting for a paused key while another's retry backoff ends must not make
+/// the dispatcher spin: it waits without polling until the pause ends (found by a
+/// hostile server: a transport error's retry came due during a 60 s pause and the
+/// dispatcher burned a core until it ended).
+#[test]
+fn a_due_retry_does_not_spin_the_dispatcher_while_a_key_pauses() {
+    let (calls_tx, calls_rx) = crossbeam_channel::unbounded::<()>();
+    let f = factory(move |_, req| {
+        let _ = calls_tx.send(());
+        if req.body.windows(4).any(|w| w == b"fail") {
+            return Err(TransportError::Failed("connection reset".into()));
+        }
+        let mut r = ok();
+        r.headers = vec![
+            ("x-ratelimit-remaining-requests".into(), "0".into()),
+            ("x-ratelimit-reset-requests".into(), "2s".into()),
+        ];
+        Ok(r)
+    });
+    let config = Config::builder()
+        .strategy(Strategy::RoundRobin)
+        .retry(
+            RetryConfig::default()
+                .max_attempts(2)
+                .probe_keys(false)
+                .base_delay(Duration::from_millis(300)),
+        )
+        .key_config(KeyConfig::new("sk-a").max_concurrent(2))
+        .build()
+        .unwrap();
+    let pool = Pool::with_transport(config, f).unwrap();
+    let paused = pool
+        .submit(Request::chat("m", [("user", "pause")]))
+        .unwrap();
+    let failing = pool.submit(Request::chat("m", [("user", "fail")])).unwrap();
+    for _ in 0..2 {
+        calls_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    }
+    assert!(paused.wait().is_ok());
+    // The key pauses 2 s; the failed request's retry comes due after ~300 ms while
+    // this one waits in the dispatcher for the key.
+    let cpu0 = process_cpu();
+    let t0 = Instant::now();
+    let waiting = pool
+        .submit(Request::chat("m", [("user", "later")]))
+        .unwrap();
+    assert!(waiting.wait().is_ok());
+    let (wall, cpu) = (t0.elapsed(), process_cpu() - cpu0);
+    assert!(
+        wall >= Duration::from_millis(1500),
+        "{wall:?}: the pause was not kept"
+    );
+    assert!(
+        cpu < Duration::from_millis(500),
+        "{cpu:?} of CPU during a {wall:?} wait: the dispatcher polled"
+    );
+    assert!(matches!(failing.wait(), Err(Error::Transport { .. })));
+}
