@@ -324,7 +324,8 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
     };
 
     let mut sink = Sink {
-        writer: RecordWriter::new(out),
+        writer: RecordWriter::new(out)
+            .with_secrets(pool.config().keys.iter().map(|k| k.key.expose())),
         progress,
         ordered: opts.ordered,
         pending: BTreeMap::new(),
