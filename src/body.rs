@@ -5,13 +5,10 @@
 //! Everything here is total: no input panics, allocates without bound beyond the body
 //! itself, or produces an unbounded message.
 
-use std::fmt;
-
-use serde::Deserialize;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 use crate::config::Config;
+use crate::json_scan;
 use crate::request::Usage;
 
 /// Largest token count read from a `usage` field: larger values saturate here, so the
@@ -82,12 +79,8 @@ pub(crate) fn inspect_success_billed(
     let Ok(text) = std::str::from_utf8(body) else {
         return Err(Problem::Invalid("body is not valid UTF-8".into()));
     };
-    let shape: Shape = match serde_json::from_str(text) {
-        Ok(s) => s,
-        Err(e) => {
-            return Err(Problem::Invalid(format!("body is not valid JSON ({e})")));
-        }
-    };
+    let shape = Shape::of(text.as_bytes())
+        .map_err(|e| Problem::Invalid(format!("body is not valid JSON ({e})")))?;
     if let Some(e) = &shape.error {
         return Err(Problem::Embedded(embedded_code(e)));
     }
@@ -118,7 +111,7 @@ pub(crate) fn inspect_success_billed(
 /// The `usage` of a body, leniently (see [`Usage`]); `None` if the body is not JSON or
 /// has no `usage` object.
 pub(crate) fn parse_usage(body: &[u8]) -> Option<Usage> {
-    serde_json::from_slice::<Shape>(body).ok()?.usage
+    Shape::of(body).ok()?.usage
 }
 
 pub(crate) fn embedded_code(e: &Value) -> Option<u16> {
@@ -151,13 +144,41 @@ struct Shape {
     error: Option<Value>,
 }
 
-impl<'de> Deserialize<'de> for Shape {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Shape, D::Error> {
-        d.deserialize_any(ShapeVisitor)
+impl Shape {
+    /// One pass of [`json_scan::scan`] over `body` (which it validates), then
+    /// serde_json on the few bytes of `usage` and `error`, when present. Duplicate
+    /// keys: the last one wins, as in most JSON readers.
+    fn of(body: &[u8]) -> Result<Shape, json_scan::Invalid> {
+        let (mut choices, mut usage, mut error) = (Kind::Missing, None, None);
+        let top = json_scan::scan(body, |key, value| match top_field(key) {
+            Field::Choices => {
+                choices = if body[value.start] == b'[' {
+                    Kind::Array
+                } else {
+                    Kind::Other
+                }
+            }
+            Field::Usage => usage = Some(value),
+            Field::Error => error = Some(value),
+            Field::Other => {}
+        })?;
+        // Already known to be JSON: serde_json can only refuse an `error` it reads
+        // more strictly than a validator (a number beyond f64, a lone surrogate in
+        // a string); it is still an error.
+        let (usage, cost) = usage.map_or((None, None), |r| usage_of(&body[r]));
+        let error = error.and_then(|r| {
+            let v = serde_json::from_slice::<Value>(&body[r]).unwrap_or(Value::Bool(true));
+            (!matches!(v, Value::Null | Value::Bool(false))).then_some(v)
+        });
+        Ok(Shape {
+            object: top == json_scan::Top::Object,
+            choices,
+            usage,
+            cost,
+            error,
+        })
     }
 }
-
-struct ShapeVisitor;
 
 /// Top-level keys that matter; everything else is skipped.
 enum Field {
@@ -167,237 +188,110 @@ enum Field {
     Other,
 }
 
-impl<'de> Deserialize<'de> for Field {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Field, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Field;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a field name")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Field, E> {
-                Ok(match s {
-                    "choices" => Field::Choices,
-                    "usage" => Field::Usage,
-                    "error" => Field::Error,
-                    _ => Field::Other,
-                })
-            }
-        }
-        d.deserialize_identifier(V)
+/// Which [`Field`] a top-level key names.
+fn top_field(key: json_scan::Key<'_>) -> Field {
+    if key_is(key, "choices") {
+        Field::Choices
+    } else if key_is(key, "usage") {
+        Field::Usage
+    } else if key_is(key, "error") {
+        Field::Error
+    } else {
+        Field::Other
     }
 }
 
-/// Any JSON value that is not a map, read and discarded by a visitor.
-macro_rules! scalars_are {
-    ($v:expr) => {
-        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-            Ok($v)
+/// A `usage` value (already validated): an object with lenient counts and its sane
+/// `cost`, or anything else (no usage).
+fn usage_of(v: &[u8]) -> (Option<Usage>, Option<f64>) {
+    if v.first() != Some(&b'{') {
+        return (None, None);
+    }
+    let (mut prompt, mut completion, mut cost) = (None, None, None);
+    // Cannot fail: the whole body was validated, and this is one of its values.
+    let _ = json_scan::scan(v, |key, r| {
+        if key_is(key, "prompt_tokens") {
+            prompt = Some(r);
+        } else if key_is(key, "completion_tokens") {
+            completion = Some(r);
+        } else if key_is(key, "cost") {
+            cost = Some(r);
         }
-        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-            Ok($v)
-        }
-        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-            Ok($v)
-        }
-        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-            Ok($v)
-        }
-        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-            Ok($v)
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok($v)
-        }
+    });
+    let usage = Usage {
+        prompt_tokens: prompt.map_or(0, |r| count(&v[r])),
+        completion_tokens: completion.map_or(0, |r| count(&v[r])),
     };
+    // Anything but a sane number is ignored.
+    let cost = cost
+        .filter(|r| matches!(v[r.start], b'-' | b'0'..=b'9'))
+        .and_then(|r| std::str::from_utf8(&v[r]).ok()?.parse::<f64>().ok())
+        .and_then(crate::credits::dollars);
+    (Some(usage), cost)
 }
 
-impl<'de> Visitor<'de> for ShapeVisitor {
-    type Value = Shape;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
+/// Whether a member's key is `name`.
+fn key_is(key: json_scan::Key<'_>, name: &str) -> bool {
+    if key.escaped {
+        unescape(key.raw).is_some_and(|k| k == name)
+    } else {
+        key.raw == name.as_bytes()
     }
-    scalars_are!(Shape::default());
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Shape::default())
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
-        // Duplicate keys: the last one wins, as in most JSON readers.
-        let mut s = Shape {
-            object: true,
-            ..Shape::default()
-        };
-        while let Some(k) = map.next_key::<Field>()? {
-            match k {
-                Field::Choices => s.choices = map.next_value::<KindOf>()?.0,
-                Field::Usage => {
-                    let u = map.next_value::<LenientUsage>()?;
-                    (s.usage, s.cost) = (u.0, u.1);
-                }
-                Field::Error => {
-                    let v: Value = map.next_value()?;
-                    s.error = (!matches!(v, Value::Null | Value::Bool(false))).then_some(v);
-                }
-                Field::Other => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
+}
+
+/// The text of a raw JSON string (between its quotes); `None` for an escape that
+/// names no character (a lone surrogate).
+fn unescape(raw: &[u8]) -> Option<String> {
+    let mut quoted = Vec::with_capacity(raw.len() + 2);
+    quoted.push(b'"');
+    quoted.extend_from_slice(raw);
+    quoted.push(b'"');
+    serde_json::from_slice::<String>(&quoted).ok()
+}
+
+/// A token count as a server may send it (`v`: one valid JSON value): clamped to
+/// `0..=MAX_USAGE_TOKENS`; negative numbers and anything that is not a number (or a
+/// numeric string) read as 0; fractions are truncated; an integer beyond `u64` (or a
+/// number beyond `f64`) reads as the cap.
+fn count(v: &[u8]) -> u64 {
+    let text = match v.first() {
+        Some(b'"') => {
+            let raw = &v[1..v.len() - 1];
+            let owned;
+            let s = if raw.contains(&b'\\') {
+                owned = unescape(raw).unwrap_or_default();
+                owned.as_str()
+            } else {
+                std::str::from_utf8(raw).unwrap_or("")
+            };
+            return count_of_text(s.trim());
         }
-        Ok(s)
+        Some(b'-' | b'0'..=b'9') => std::str::from_utf8(v).unwrap_or(""),
+        _ => return 0,
+    };
+    if text.starts_with('-') {
+        0
+    } else if text.bytes().all(|c| c.is_ascii_digit()) {
+        text.parse::<u64>()
+            .map_or(MAX_USAGE_TOKENS, |n| n.min(MAX_USAGE_TOKENS))
+    } else {
+        text.parse::<f64>().map_or(0, count_of_f64)
     }
 }
 
-/// Whether a value is an array (its elements skipped).
-struct KindOf(Kind);
-
-impl<'de> Deserialize<'de> for KindOf {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<KindOf, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = KindOf;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            scalars_are!(KindOf(Kind::Other));
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<KindOf, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(KindOf(Kind::Array))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<KindOf, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(KindOf(Kind::Other))
-            }
-        }
-        d.deserialize_any(V)
+/// A numeric string's count: an integer, else a float, else 0.
+fn count_of_text(s: &str) -> u64 {
+    match s.parse::<u64>() {
+        Ok(v) => v.min(MAX_USAGE_TOKENS),
+        Err(_) => s.parse::<f64>().map(count_of_f64).unwrap_or(0),
     }
 }
-
-/// A `usage` value: an object with lenient counts, or anything else (ignored).
-struct LenientUsage(Option<Usage>, Option<f64>);
-
-impl<'de> Deserialize<'de> for LenientUsage {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<LenientUsage, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = LenientUsage;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            scalars_are!(LenientUsage(None, None));
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<LenientUsage, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(LenientUsage(None, None))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<LenientUsage, A::Error> {
-                let mut u = Usage::default();
-                let mut cost = None;
-                while let Some(k) = map.next_key::<UsageField>()? {
-                    match k {
-                        UsageField::Prompt => u.prompt_tokens = map.next_value::<Count>()?.0,
-                        UsageField::Completion => {
-                            u.completion_tokens = map.next_value::<Count>()?.0
-                        }
-                        UsageField::Cost => {
-                            // Anything but a sane number is ignored.
-                            cost = match map.next_value::<Value>()? {
-                                Value::Number(n) => n.as_f64().and_then(crate::credits::dollars),
-                                _ => None,
-                            };
-                        }
-                        UsageField::Other => {
-                            map.next_value::<IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(LenientUsage(Some(u), cost))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-enum UsageField {
-    Prompt,
-    Completion,
-    Cost,
-    Other,
-}
-
-impl<'de> Deserialize<'de> for UsageField {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<UsageField, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = UsageField;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a field name")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<UsageField, E> {
-                Ok(match s {
-                    "prompt_tokens" => UsageField::Prompt,
-                    "completion_tokens" => UsageField::Completion,
-                    "cost" => UsageField::Cost,
-                    _ => UsageField::Other,
-                })
-            }
-        }
-        d.deserialize_identifier(V)
-    }
-}
-
-/// A token count as a server may send it: clamped to `0..=MAX_USAGE_TOKENS`; negative
-/// numbers and anything that is not a number (or a numeric string) read as 0;
-/// fractions are truncated.
-struct Count(u64);
 
 fn count_of_f64(v: f64) -> u64 {
     if v.is_nan() || v <= 0.0 {
         0
     } else {
         v.min(MAX_USAGE_TOKENS as f64) as u64
-    }
-}
-
-impl<'de> Deserialize<'de> for Count {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Count, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Count;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Count, E> {
-                Ok(Count(0))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Count, E> {
-                Ok(Count(0))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
-                Ok(Count((v.max(0) as u64).min(MAX_USAGE_TOKENS)))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Count, E> {
-                Ok(Count(v.min(MAX_USAGE_TOKENS)))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Count, E> {
-                Ok(Count(count_of_f64(v)))
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Count, E> {
-                let s = s.trim();
-                Ok(Count(match s.parse::<u64>() {
-                    Ok(v) => v.min(MAX_USAGE_TOKENS),
-                    Err(_) => s.parse::<f64>().map(count_of_f64).unwrap_or(0),
-                }))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Count(0))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Count(0))
-            }
-        }
-        d.deserialize_any(V)
     }
 }
 
@@ -928,10 +822,59 @@ mod tests {
     }
 
     #[test]
+    fn keys_are_matched_after_their_escapes_and_the_last_duplicate_wins() {
+        let body = br#"{"ch\u006fices":[],"usage":{"prompt_tokens":1},"us\u0061ge":{"prompt\u005ftokens":7,"completion_tokens":"2","completion_tokens":3,"cost":0.25}}"#;
+        let (usage, cost) = inspect_success_billed(body, CHAT, None).unwrap();
+        let u = usage.unwrap();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (7, 3));
+        assert_eq!(cost, Some(0.25));
+        // A key whose escape names no character matches nothing (and is no error).
+        let body = br#"{"choices":[],"\ud800usage":{"prompt_tokens":1}}"#;
+        assert_eq!(inspect_success(body, CHAT, None), Ok(None));
+        // An embedded error is found through an escaped key too, and the last
+        // `error` decides.
+        let body = br#"{"\u0065rror":{"code":429},"choices":[]}"#;
+        assert_eq!(
+            inspect_success(body, CHAT, None),
+            Err(Problem::Embedded(Some(429)))
+        );
+        let body = br#"{"error":{"code":429},"error":null,"choices":[]}"#;
+        assert_eq!(inspect_success(body, CHAT, None), Ok(None));
+        // An error serde_json cannot decode as a value (a number beyond f64) is
+        // still an error.
+        let body = br#"{"error":{"code":1e400},"choices":[]}"#;
+        assert_eq!(
+            inspect_success(body, CHAT, None),
+            Err(Problem::Embedded(None))
+        );
+    }
+
+    #[test]
+    fn cost_is_read_only_when_a_sane_number() {
+        for (v, want) in [
+            ("0.5", Some(0.5)),
+            ("0", Some(0.0)),
+            ("-1", None),
+            ("1e400", None),
+            ("\"0.5\"", None),
+            ("null", None),
+            ("[0.5]", None),
+        ] {
+            let body = format!(r#"{{"choices":[],"usage":{{"cost":{v}}}}}"#);
+            let (_, cost) = inspect_success_billed(body.as_bytes(), CHAT, None).unwrap();
+            assert_eq!(cost, want, "{v}");
+        }
+    }
+
+    #[test]
     fn usage_is_bounded_whatever_the_server_sends() {
-        let cases: [(&str, u64); 14] = [
+        let cases: [(&str, u64); 17] = [
             ("18446744073709551615", MAX_USAGE_TOKENS),
             ("1e300", MAX_USAGE_TOKENS),
+            // Beyond f64: serde_json refused the whole body; it is valid JSON.
+            ("1e400", MAX_USAGE_TOKENS),
+            ("-0", 0),
+            ("\"  9 \"", 9),
             ("111111111111111111111111111", MAX_USAGE_TOKENS),
             ("-5", 0),
             ("-1e300", 0),

@@ -46,6 +46,7 @@ mod dispatch;
 mod error;
 mod group;
 mod job;
+mod json_scan;
 mod key;
 mod pool;
 mod ratelimit;

@@ -95,7 +95,7 @@ impl Request {
     /// A request from JSON text, validated here so a malformed body fails at submit
     /// time, not after a round trip.
     pub fn from_json(path: &str, body: &str) -> Result<Request, Error> {
-        serde_json::from_str::<serde::de::IgnoredAny>(body)
+        crate::json_scan::validate(body.as_bytes())
             .map_err(|e| Error::InvalidRequest(format!("body is not valid JSON: {e}")))?;
         let req = Request::raw(DEFAULT_PATH, body.as_bytes());
         if path == DEFAULT_PATH {
