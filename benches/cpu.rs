@@ -3,7 +3,8 @@
 //!
 //! Run: `cargo bench --bench cpu` (release profile). Options:
 //! `--requests N` (default 40000), `--callgrind N` (runs only keypool for N requests,
-//! for `valgrind --tool=callgrind`).
+//! for `valgrind --tool=callgrind`), `--quick N` (only `Pool::batch` and the async
+//! reference, for A/B runs of a change).
 //!
 //! Scenario (issue 14): 16 keys × 16 workers, mock latency 20 ms. The mock runs in a
 //! child process (this program re-executed with `KEYPOOL_BENCH_ROLE=mock`), so the
@@ -54,6 +55,31 @@ fn main() {
             .filter(|r| r.is_err())
             .count();
         println!("callgrind run: keypool, {n} requests, failures {failures}");
+        return;
+    }
+    if let Some(n) = opt("--quick") {
+        // Pool::batch and the async reference only, for A/B comparisons of a change.
+        let pool = Pool::new(config(&mock.url)).unwrap();
+        let _ = pool.batch((0..2 * KEYS * PER_KEY).map(prompt));
+        let u0 = Usage::now();
+        let t0 = Instant::now();
+        let failures = pool
+            .batch((0..n).map(prompt))
+            .iter()
+            .filter(|r| r.is_err())
+            .count();
+        let kp = Usage::now().minus(&u0, t0.elapsed(), n);
+        drop(pool);
+        kp.print("keypool  Pool::batch", failures);
+        let (asy, afail) = async_reference(&mock.url, n);
+        asy.print("async ref (tokio, 1 thread, 256 conns)", afail);
+        let (hy, hfail) = hyper_reference(&mock.url, n);
+        hy.print("async ref: hyper client (1 thread)", hfail);
+        println!(
+            "ratio CPU {:.3} (hyper {:.3})",
+            kp.cpu_us() / asy.cpu_us(),
+            kp.cpu_us() / hy.cpu_us()
+        );
         return;
     }
     let n = opt("--requests").unwrap_or(40_000);
@@ -115,6 +141,8 @@ fn main() {
 
     let (asy, afail) = async_reference(&mock.url, n);
     asy.print("async ref (tokio, 1 thread, 256 conns)", afail);
+    let (hy, hfail) = hyper_reference(&mock.url, n);
+    hy.print("async ref: hyper client (1 thread)", hfail);
 
     println!(
         "ratios keypool batch/async: CPU {:.2}x (target <= 2), throughput {:.3} (target >= 0.98); keypool ctx switches {:.2}/req (target <= 1.1), page faults {:.3}/req (target <= 0.05)",
@@ -122,6 +150,12 @@ fn main() {
         kp.rps / asy.rps,
         kp.csw,
         kp.faults
+    );
+    println!(
+        "ratios keypool batch/hyper client (the reference issue 14 names): CPU {:.2}x (target <= 2), throughput {:.3} (target >= 0.98); minimal async client/hyper: CPU {:.2}x",
+        kp.cpu_us() / hy.cpu_us(),
+        kp.rps / hy.rps,
+        asy.cpu_us() / hy.cpu_us()
     );
     println!(
         "ratios keypool submit_with/async: CPU {:.2}x, throughput {:.3}; ctx switches {:.2}/req, page faults {:.3}/req",
@@ -144,8 +178,9 @@ fn main() {
         Ok((c, cfail)) => {
             c.print("keypool  keypool_batch (C ABI)", cfail);
             println!(
-                "ratios keypool_batch (C ABI)/async: CPU {:.2}x, throughput {:.3}; ctx switches {:.2}/req, page faults {:.3}/req; C ABI/Pool::batch: CPU {:.2}x",
+                "ratios keypool_batch (C ABI)/async: CPU {:.2}x (hyper client: {:.2}x), throughput {:.3}; ctx switches {:.2}/req, page faults {:.3}/req; C ABI/Pool::batch: CPU {:.2}x",
                 c.cpu_us() / asy.cpu_us(),
+                c.cpu_us() / hy.cpu_us(),
                 c.rps / asy.rps,
                 c.csw,
                 c.faults,
@@ -609,6 +644,103 @@ impl Conn {
         }
         Ok(())
     }
+}
+
+/// The async reference issue 14 names: a hyper 1 client (`client::conn::http1`), one
+/// tokio thread, 256 keep-alive connections, each request a `hyper::Request` with the
+/// same headers and body, the response body collected.
+fn hyper_reference(url: &str, n: usize) -> (Figures, usize) {
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (addr, prefix) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let addr = addr.to_owned();
+    let uri: hyper::Uri = format!("{prefix}/chat/completions").parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let conns = KEYS * PER_KEY;
+        let mut senders = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            let s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+                    .await
+                    .unwrap();
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            senders.push(sender);
+        }
+        for (i, s) in senders.iter_mut().enumerate() {
+            hyper_call(s, &addr, &uri, i % KEYS, i).await.unwrap();
+        }
+        let next = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(AtomicUsize::new(0));
+        let u0 = Usage::now();
+        let t0 = Instant::now();
+        let mut tasks = Vec::with_capacity(conns);
+        for (ci, mut sender) in senders.into_iter().enumerate() {
+            let (next, failures, addr, uri) =
+                (next.clone(), failures.clone(), addr.clone(), uri.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    if hyper_call(&mut sender, &addr, &uri, ci % KEYS, i)
+                        .await
+                        .is_err()
+                    {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let f = Usage::now().minus(&u0, t0.elapsed(), n);
+        (f, failures.load(Ordering::Relaxed))
+    })
+}
+
+/// One request through hyper: status 200 and the whole body collected.
+async fn hyper_call(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    host: &str,
+    uri: &hyper::Uri,
+    key: usize,
+    i: usize,
+) -> Result<(), ()> {
+    use http_body_util::BodyExt;
+    let content = format!("benchmark prompt number {i}");
+    let body = serde_json::to_vec(&ChatBody {
+        model: "bench",
+        messages: [Message {
+            role: "user",
+            content: &content,
+        }],
+    })
+    .unwrap();
+    let req = hyper::Request::post(uri.clone())
+        .header(hyper::header::HOST, host)
+        .header(
+            hyper::header::AUTHORIZATION,
+            format!("Bearer sk-bench-{key}"),
+        )
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .map_err(|_| ())?;
+    sender.ready().await.map_err(|_| ())?;
+    let resp = sender.send_request(req).await.map_err(|_| ())?;
+    if resp.status() != 200 {
+        return Err(());
+    }
+    let body = resp.into_body().collect().await.map_err(|_| ())?.to_bytes();
+    if body.is_empty() { Err(()) } else { Ok(()) }
 }
 
 // ---------------------------------------------------------------------------------
