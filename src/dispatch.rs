@@ -157,7 +157,13 @@ impl Dispatcher {
                 let _ = oper.recv(&self.events_rx);
                 Woke::Nothing
             }
-            i if i == i_intake => oper.recv(&self.intake).map_or(Woke::Shutdown, Woke::Intake),
+            i if i == i_intake => match oper.recv(&self.intake) {
+                Ok(job) => {
+                    self.shared.took_from(&self.intake);
+                    Woke::Intake(job)
+                }
+                Err(_) => Woke::Shutdown,
+            },
             _ => unreachable!("select returned an index it was not given"),
         }
     }
@@ -547,6 +553,7 @@ impl Dispatcher {
             senders,
             ready,
             delayed,
+            shared,
             ..
         } = self;
         drop(senders);
@@ -556,6 +563,7 @@ impl Dispatcher {
         // workers whose retry send fails drop the job, which answers it too.
         drop(retry_rx);
         for job in intake.iter() {
+            shared.took_from(&intake);
             job.finish(Err(Error::Cancelled));
         }
     }
@@ -582,10 +590,14 @@ impl Dispatcher {
             }
         }
         let Dispatcher {
-            intake, retry_rx, ..
+            intake,
+            retry_rx,
+            shared,
+            ..
         } = self;
         drop(retry_rx);
         for job in intake.iter() {
+            shared.took_from(&intake);
             job.finish(Err(error()));
         }
     }

@@ -49,6 +49,7 @@ mod job;
 mod json_scan;
 mod key;
 mod pool;
+mod queue_space;
 mod ratelimit;
 mod request;
 mod retry;

@@ -182,6 +182,7 @@ impl Pool {
         }
         let router = Router::for_config(&config);
         let strategy = config.strategy;
+        let queue_capacity = config.queue_capacity;
         let shared = Arc::new(Shared {
             any_tpm: config.keys.iter().any(|k| k.tpm.is_some()),
             masker: crate::body::Masker::for_config(&config),
@@ -195,6 +196,7 @@ impl Pool {
             wants_idle: AtomicBool::new(false),
             dispatcher_waiting: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            space: crate::queue_space::QueueSpace::new(queue_capacity),
             broken: Mutex::new(None),
             router,
             groups,
@@ -432,22 +434,12 @@ impl Pool {
             m => m,
         };
         let sent = match mode {
-            Mode::Block => tx.send(job).map_err(|e| (e.into_inner(), Error::Closed)),
+            Mode::Block => self.send_blocking(&tx, job, None),
             Mode::Try => tx.try_send(job).map_err(|e| match e {
                 TrySendError::Full(j) => (j, Error::Busy),
                 TrySendError::Disconnected(j) => (j, Error::Closed),
             }),
-            Mode::Timeout(d) => tx.send_timeout(job, d).map_err(|e| match e {
-                SendTimeoutError::Timeout(j) => (
-                    j,
-                    Error::Timeout {
-                        phase: TimeoutPhase::Submit,
-                        key: None,
-                        attempts: 0,
-                    },
-                ),
-                SendTimeoutError::Disconnected(j) => (j, Error::Closed),
-            }),
+            Mode::Timeout(d) => self.send_blocking(&tx, job, Some(d)),
             Mode::NoWait => tx.try_send(job).map_err(|e| match e {
                 TrySendError::Full(j) => (j, Error::WouldDeadlock("submit on a full queue")),
                 TrySendError::Disconnected(j) => (j, Error::Closed),
@@ -462,6 +454,48 @@ impl Pool {
                 error: e,
                 request: job.into_request(),
             }),
+        }
+    }
+
+    /// Sends `job`, waiting for queue space (at most `timeout`). A full queue is waited
+    /// out with hysteresis (`queue_space.rs`): the submitter sleeps until an eighth of
+    /// the queue is free, not until the next slot is. Once shutdown has begun it waits
+    /// in crossbeam's `send` as before (the dispatcher's drain takes the job and
+    /// answers it `Cancelled`).
+    #[allow(clippy::result_large_err)] // the job itself comes back: moved, not boxed
+    fn send_blocking(
+        &self,
+        tx: &Sender<Job>,
+        mut job: Job,
+        timeout: Option<Duration>,
+    ) -> Result<(), (Job, Error)> {
+        let shared = &self.inner.shared;
+        let until = timeout.and_then(|d| Instant::now().checked_add(d));
+        let timed_out = || Error::Timeout {
+            phase: TimeoutPhase::Submit,
+            key: None,
+            attempts: 0,
+        };
+        loop {
+            match tx.try_send(job) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Disconnected(j)) => return Err((j, Error::Closed)),
+                Err(TrySendError::Full(j)) => job = j,
+            }
+            let stopping = || shared.closing.load(std::sync::atomic::Ordering::SeqCst);
+            if stopping() {
+                let left = until.map(|t| t.saturating_duration_since(Instant::now()));
+                return match left {
+                    None => tx.send(job).map_err(|e| (e.into_inner(), Error::Closed)),
+                    Some(d) => tx.send_timeout(job, d).map_err(|e| match e {
+                        SendTimeoutError::Timeout(j) => (j, timed_out()),
+                        SendTimeoutError::Disconnected(j) => (j, Error::Closed),
+                    }),
+                };
+            }
+            if !shared.space.wait(|| tx.len(), stopping, until) {
+                return Err((job, timed_out()));
+            }
         }
     }
 
@@ -785,6 +819,7 @@ impl Inner {
         self.shared
             .closing
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shared.space.wake_all();
         drop(self.intake.lock().take());
         drop(self.shutdown.lock().take());
     }

@@ -43,6 +43,9 @@ pub(crate) struct Shared {
     pub dispatcher_waiting: AtomicBool,
     /// Shutdown has begun: workers take no more queued requests.
     pub closing: AtomicBool,
+    /// Where blocking submits wait for queue space; every take from the intake calls
+    /// its `took`.
+    pub space: crate::queue_space::QueueSpace,
     /// Set if the dispatcher failed for good (repeated panics): every later request is
     /// refused with this message, every queued one answered with it.
     pub broken: Mutex<Option<String>>,
@@ -84,6 +87,13 @@ impl Shared {
         {
             panic!("test: injected dispatcher panic");
         }
+    }
+
+    /// Called after every take from the intake queue (`intake`): wakes blocked
+    /// submitters once the queue has drained to its low-water mark.
+    #[inline]
+    pub(crate) fn took_from(&self, intake: &crossbeam_channel::Receiver<Job>) {
+        self.space.took(|| intake.len());
     }
 
     /// Tells the dispatcher to re-evaluate key health.

@@ -106,6 +106,7 @@ fn self_serve(ctx: &KeyWorkerCtx) -> Option<Job> {
         return None; // the dispatcher places by strategy while a worker waits
     }
     let mut job = ctx.intake.try_recv().ok()?;
+    sh.took_from(&ctx.intake);
     // The same admission as the dispatcher's: the key must serve the job's model, and
     // its gate and group must admit, in one step.
     match crate::routing::admit(sh, ctx.index, &job, Via::SelfServe, Instant::now()) {

@@ -478,3 +478,128 @@ fn least_loaded_picks_the_lowest_relative_load_ties_by_order() {
         t.wait().unwrap();
     }
 }
+
+/// This thread's voluntary context switches so far (Linux).
+#[cfg(target_os = "linux")]
+fn my_voluntary_switches() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// A program submitting in a loop on a full queue sleeps until an eighth of the queue
+/// is free again, not at every freed slot (`queue_space.rs`): its thread wakes about
+/// once per `queue_capacity / 8` requests. Before, crossbeam's blocking `send` woke it
+/// once per request (≈1,900 voluntary switches here).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_blocking_submitter_wakes_once_per_eighth_of_the_queue() {
+    const N: usize = 2_000;
+    // Each request takes a moment, so the queue stays full and the submitter waits.
+    let f = factory(|_, _| {
+        std::thread::sleep(Duration::from_micros(200));
+        Ok(ok())
+    });
+    let pool = Pool::with_transport(config(1, 2, Strategy::FirstAvailable), f).unwrap();
+    let (done_tx, done_rx) = crossbeam_channel::unbounded();
+    let before = my_voluntary_switches();
+    for i in 0..N {
+        let tx = done_tx.clone();
+        pool.submit_with(req(i), move |r| {
+            let _ = tx.send(r.is_ok());
+        })
+        .unwrap();
+    }
+    let switches = my_voluntary_switches() - before;
+    eprintln!("submitter voluntary switches: {switches}");
+    let ok = done_rx.iter().take(N).filter(|&ok| ok).count();
+    assert_eq!(ok, N, "every request answered, successfully");
+    // Queue 64: about (N - 64) / 8 = 242 waits; one per request would be ~1,900.
+    assert!(
+        switches < (N / 3) as u64,
+        "the submitter slept {switches} times for {N} requests"
+    );
+}
+
+/// This thread's id, and whether thread `tid` of this process is asleep (Linux).
+#[cfg(target_os = "linux")]
+fn my_tid() -> String {
+    std::fs::read_link("/proc/thread-self")
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[cfg(target_os = "linux")]
+fn is_asleep(tid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('S')))
+        .unwrap_or(false)
+}
+
+/// A submitter asleep on a full queue when the pool closes gets an answer (its
+/// request cancelled, or refused as closed): nothing hangs, nothing is lost.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_submitter_blocked_on_a_full_queue_is_answered_at_close() {
+    let (f, mut ctl) = gated_ok();
+    let cfg = Config::builder()
+        .base_url("http://127.0.0.1:9")
+        .key("sk-test-a", 1)
+        .queue_capacity(4)
+        .probe_keys(false)
+        .build()
+        .unwrap();
+    let pool = Pool::with_transport(cfg, f).unwrap();
+    let mut tickets = Vec::new();
+    loop {
+        match pool.try_submit(req(tickets.len())) {
+            Ok(t) => tickets.push(t),
+            Err(e) if e.is_busy() => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let (tid_tx, tid_rx) = crossbeam_channel::bounded(1);
+    let (out_tx, out_rx) = crossbeam_channel::bounded(1);
+    let p = pool.clone();
+    let submitter = std::thread::spawn(move || {
+        tid_tx.send(my_tid()).unwrap();
+        let outcome = match p.submit(req(999)) {
+            Ok(t) => t.wait().map(|_| ()),
+            Err(e) => Err(e),
+        };
+        out_tx.send(outcome).unwrap();
+    });
+    let tid = tid_rx.recv().unwrap();
+    // Its only way to sleep is waiting for queue space.
+    while !is_asleep(&tid) {
+        std::thread::yield_now();
+    }
+    assert!(
+        out_rx.try_recv().is_err(),
+        "the submit went through a full queue"
+    );
+    // Workers are held in flight: a bounded close times out, but intake stops and the
+    // queued requests (the blocked one too, once it gets in) are cancelled.
+    assert!(pool.close_timeout(Duration::from_millis(50)).is_err());
+    match out_rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(Err(Error::Cancelled | Error::Closed)) => {}
+        other => panic!("the blocked submitter got {other:?}"),
+    }
+    submitter.join().unwrap();
+    ctl.open();
+    pool.close();
+    // The earlier ones: the one in flight succeeded, the queued ones were cancelled.
+    for t in tickets {
+        match t.wait() {
+            Ok(_) | Err(Error::Cancelled) => {}
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+}
