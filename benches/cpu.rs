@@ -71,9 +71,9 @@ fn main() {
         let kp = Usage::now().minus(&u0, t0.elapsed(), n);
         drop(pool);
         kp.print("keypool  Pool::batch", failures);
-        let (asy, afail) = async_reference(&mock.url, n);
+        let (asy, afail) = async_reference::<Conn>(&mock.url, n);
         asy.print("async ref (tokio, 1 thread, 256 conns)", afail);
-        let (hy, hfail) = hyper_reference(&mock.url, n);
+        let (hy, hfail) = async_reference::<HyperConn>(&mock.url, n);
         hy.print("async ref: hyper client (1 thread)", hfail);
         println!(
             "ratio CPU {:.3} (hyper {:.3})",
@@ -139,9 +139,9 @@ fn main() {
     let (ur, ufail) = transport_alone(&mock.url, n, |s| Box::new(UreqOnly::new(s)));
     ur.print("256 threads x ureq 3 (the old transport)", ufail);
 
-    let (asy, afail) = async_reference(&mock.url, n);
+    let (asy, afail) = async_reference::<Conn>(&mock.url, n);
     asy.print("async ref (tokio, 1 thread, 256 conns)", afail);
-    let (hy, hfail) = hyper_reference(&mock.url, n);
+    let (hy, hfail) = async_reference::<HyperConn>(&mock.url, n);
     hy.print("async ref: hyper client (1 thread)", hfail);
 
     println!(
@@ -511,7 +511,10 @@ fn prompt(i: usize) -> Request {
 // ---------------------------------------------------------------------------------
 // the async reference
 
-fn async_reference(url: &str, n: usize) -> (Figures, usize) {
+/// `n` requests through an async reference client `C`: one tokio thread, 256
+/// keep-alive connections each driven by its own task, each warmed up with one
+/// request first; only the `n` are measured.
+fn async_reference<C: RefClient>(url: &str, n: usize) -> (Figures, usize) {
     let rest = url.strip_prefix("http://").expect("http URL");
     let (addr, prefix) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let addr = addr.to_owned();
@@ -522,32 +525,30 @@ fn async_reference(url: &str, n: usize) -> (Figures, usize) {
         .unwrap();
     rt.block_on(async move {
         let conns = KEYS * PER_KEY;
-        let mut streams = Vec::with_capacity(conns);
+        let mut clients = Vec::with_capacity(conns);
         for _ in 0..conns {
             let s = tokio::net::TcpStream::connect(&addr).await.unwrap();
             s.set_nodelay(true).unwrap();
-            streams.push(s);
+            clients.push(C::open(s, &addr, &path).await);
         }
-        let mut conns_state: Vec<Conn> = streams.into_iter().map(Conn::new).collect();
         // Warm-up: one request per connection.
-        for (i, c) in conns_state.iter_mut().enumerate() {
-            c.call(&addr, &path, i % KEYS, i).await.unwrap();
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.call(i % KEYS, i).await.unwrap();
         }
         let next = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(AtomicUsize::new(0));
         let u0 = Usage::now();
         let t0 = Instant::now();
         let mut tasks = Vec::with_capacity(conns);
-        for (ci, mut c) in conns_state.into_iter().enumerate() {
-            let (next, failures, addr, path) =
-                (next.clone(), failures.clone(), addr.clone(), path.clone());
+        for (ci, mut c) in clients.into_iter().enumerate() {
+            let (next, failures) = (next.clone(), failures.clone());
             tasks.push(tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= n {
                         break;
                     }
-                    if c.call(&addr, &path, ci % KEYS, i).await.is_err() {
+                    if c.call(ci % KEYS, i).await.is_err() {
                         failures.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -559,6 +560,36 @@ fn async_reference(url: &str, n: usize) -> (Figures, usize) {
         let f = Usage::now().minus(&u0, t0.elapsed(), n);
         (f, failures.load(Ordering::Relaxed))
     })
+}
+
+/// An async reference client on one keep-alive connection.
+trait RefClient: Sized + Send + 'static {
+    /// Takes the connected socket (to `host`, requests to `path`).
+    fn open(
+        s: tokio::net::TcpStream,
+        host: &str,
+        path: &str,
+    ) -> impl std::future::Future<Output = Self>;
+    /// One request: status 200 and the whole body read.
+    fn call(
+        &mut self,
+        key: usize,
+        i: usize,
+    ) -> impl std::future::Future<Output = Result<(), ()>> + Send;
+}
+
+/// The same body from the same inputs as `prompt(i)`, serialised straight to bytes as
+/// keypool's `Request::chat` does (no `serde_json::Value` tree).
+fn chat_body(i: usize) -> Vec<u8> {
+    let content = format!("benchmark prompt number {i}");
+    serde_json::to_vec(&ChatBody {
+        model: "bench",
+        messages: [Message {
+            role: "user",
+            content: &content,
+        }],
+    })
+    .unwrap()
 }
 
 #[derive(serde::Serialize)]
@@ -573,34 +604,29 @@ struct Message<'a> {
     content: &'a str,
 }
 
+/// The minimal hand-written client.
 struct Conn {
     s: tokio::net::TcpStream,
+    host: String,
+    path: String,
     out: Vec<u8>,
     buf: Vec<u8>,
 }
 
-impl Conn {
-    fn new(s: tokio::net::TcpStream) -> Conn {
+impl RefClient for Conn {
+    async fn open(s: tokio::net::TcpStream, host: &str, path: &str) -> Conn {
         Conn {
             s,
+            host: host.to_owned(),
+            path: path.to_owned(),
             out: Vec::with_capacity(1024),
             buf: Vec::with_capacity(8192),
         }
     }
 
-    /// One request on this keep-alive connection: status 200 and the whole body read.
-    async fn call(&mut self, host: &str, path: &str, key: usize, i: usize) -> Result<(), ()> {
-        // The same body from the same inputs as `prompt(i)`, serialised straight to
-        // bytes as keypool's `Request::chat` does (no `serde_json::Value` tree).
-        let content = format!("benchmark prompt number {i}");
-        let body = serde_json::to_vec(&ChatBody {
-            model: "bench",
-            messages: [Message {
-                role: "user",
-                content: &content,
-            }],
-        })
-        .unwrap();
+    async fn call(&mut self, key: usize, i: usize) -> Result<(), ()> {
+        let (host, path) = (&self.host, &self.path);
+        let body = chat_body(i);
         self.out.clear();
         write!(
             self.out,
@@ -646,101 +672,49 @@ impl Conn {
     }
 }
 
-/// The async reference issue 14 names: a hyper 1 client (`client::conn::http1`), one
-/// tokio thread, 256 keep-alive connections, each request a `hyper::Request` with the
-/// same headers and body, the response body collected.
-fn hyper_reference(url: &str, n: usize) -> (Figures, usize) {
-    let rest = url.strip_prefix("http://").expect("http URL");
-    let (addr, prefix) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let addr = addr.to_owned();
-    let uri: hyper::Uri = format!("{prefix}/chat/completions").parse().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let conns = KEYS * PER_KEY;
-        let mut senders = Vec::with_capacity(conns);
-        for _ in 0..conns {
-            let s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-            s.set_nodelay(true).unwrap();
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
-                    .await
-                    .unwrap();
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            senders.push(sender);
-        }
-        for (i, s) in senders.iter_mut().enumerate() {
-            hyper_call(s, &addr, &uri, i % KEYS, i).await.unwrap();
-        }
-        let next = Arc::new(AtomicUsize::new(0));
-        let failures = Arc::new(AtomicUsize::new(0));
-        let u0 = Usage::now();
-        let t0 = Instant::now();
-        let mut tasks = Vec::with_capacity(conns);
-        for (ci, mut sender) in senders.into_iter().enumerate() {
-            let (next, failures, addr, uri) =
-                (next.clone(), failures.clone(), addr.clone(), uri.clone());
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
-                        break;
-                    }
-                    if hyper_call(&mut sender, &addr, &uri, ci % KEYS, i)
-                        .await
-                        .is_err()
-                    {
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let f = Usage::now().minus(&u0, t0.elapsed(), n);
-        (f, failures.load(Ordering::Relaxed))
-    })
+/// The async reference issue 14 names: a hyper 1 client (`client::conn::http1`), each
+/// request a `hyper::Request` with the same headers and body, the body collected.
+struct HyperConn {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    host: String,
+    uri: hyper::Uri,
 }
 
-/// One request through hyper: status 200 and the whole body collected.
-async fn hyper_call(
-    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
-    host: &str,
-    uri: &hyper::Uri,
-    key: usize,
-    i: usize,
-) -> Result<(), ()> {
-    use http_body_util::BodyExt;
-    let content = format!("benchmark prompt number {i}");
-    let body = serde_json::to_vec(&ChatBody {
-        model: "bench",
-        messages: [Message {
-            role: "user",
-            content: &content,
-        }],
-    })
-    .unwrap();
-    let req = hyper::Request::post(uri.clone())
-        .header(hyper::header::HOST, host)
-        .header(
-            hyper::header::AUTHORIZATION,
-            format!("Bearer sk-bench-{key}"),
-        )
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-        .map_err(|_| ())?;
-    sender.ready().await.map_err(|_| ())?;
-    let resp = sender.send_request(req).await.map_err(|_| ())?;
-    if resp.status() != 200 {
-        return Err(());
+impl RefClient for HyperConn {
+    async fn open(s: tokio::net::TcpStream, host: &str, path: &str) -> HyperConn {
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        HyperConn {
+            sender,
+            host: host.to_owned(),
+            uri: path.parse().unwrap(),
+        }
     }
-    let body = resp.into_body().collect().await.map_err(|_| ())?.to_bytes();
-    if body.is_empty() { Err(()) } else { Ok(()) }
+
+    async fn call(&mut self, key: usize, i: usize) -> Result<(), ()> {
+        use http_body_util::BodyExt;
+        let body = chat_body(i);
+        let req = hyper::Request::post(self.uri.clone())
+            .header(hyper::header::HOST, &self.host)
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer sk-bench-{key}"),
+            )
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .map_err(|_| ())?;
+        self.sender.ready().await.map_err(|_| ())?;
+        let resp = self.sender.send_request(req).await.map_err(|_| ())?;
+        if resp.status() != 200 {
+            return Err(());
+        }
+        let body = resp.into_body().collect().await.map_err(|_| ())?.to_bytes();
+        if body.is_empty() { Err(()) } else { Ok(()) }
+    }
 }
 
 // ---------------------------------------------------------------------------------

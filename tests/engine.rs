@@ -118,6 +118,20 @@ fn in_flight_never_exceeds_max_concurrent() {
     );
 }
 
+/// Submits with `try_submit` until the pool answers `Busy` (workers, dispatcher and
+/// queue all full): the tickets of what it took.
+fn fill(pool: &Pool) -> Vec<keypool::Ticket> {
+    let mut tickets = Vec::new();
+    loop {
+        match pool.try_submit(req(tickets.len())) {
+            Ok(t) => tickets.push(t),
+            Err(e) if e.is_busy() => return tickets,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(tickets.len() < 10_000, "never busy");
+    }
+}
+
 #[test]
 fn try_submit_reports_busy_and_submit_timeout_times_out() {
     let (f, mut ctl) = gated_ok();
@@ -129,18 +143,11 @@ fn try_submit_reports_busy_and_submit_timeout_times_out() {
         .build()
         .unwrap();
     let pool = Pool::with_transport(cfg, f).unwrap();
-    let mut tickets = Vec::new();
-    loop {
-        match pool.try_submit(req(tickets.len())) {
-            Ok(t) => tickets.push(t),
-            Err(e) if e.is_busy() => break,
-            Err(e) => panic!("{e}"),
-        }
-        assert!(
-            tickets.len() <= 2 + 1 + 4,
-            "accepted more than workers + dispatcher + queue"
-        );
-    }
+    let mut tickets = fill(&pool);
+    assert!(
+        tickets.len() <= 2 + 1 + 4,
+        "accepted more than workers + dispatcher + queue"
+    );
     assert!(
         tickets.len() >= 4,
         "Busy before the queue was full: {}",
@@ -557,14 +564,7 @@ fn a_submitter_blocked_on_a_full_queue_is_answered_at_close() {
         .build()
         .unwrap();
     let pool = Pool::with_transport(cfg, f).unwrap();
-    let mut tickets = Vec::new();
-    loop {
-        match pool.try_submit(req(tickets.len())) {
-            Ok(t) => tickets.push(t),
-            Err(e) if e.is_busy() => break,
-            Err(e) => panic!("{e}"),
-        }
-    }
+    let tickets = fill(&pool);
     let (tid_tx, tid_rx) = crossbeam_channel::bounded(1);
     let (out_tx, out_rx) = crossbeam_channel::bounded(1);
     let p = pool.clone();
