@@ -223,8 +223,22 @@ fn invalid_2xx_bodies_are_retried_then_reported_as_invalid_response() {
         ("empty object", "{}"),
         ("empty body", ""),
         ("choices not an array", r#"{"choices":"nope"}"#),
+        ("trailing comma", r#"{"choices":[],}"#),
+        ("a second value after the JSON", r#"{"choices":[]} {"#),
+        (
+            "control character in a string",
+            "{\"choices\":[],\"x\":\"a\u{1}b\"}",
+        ),
+        ("bad escape", r#"{"choices":[],"x":"\q"}"#),
     ];
-    for (what, body) in cases {
+    // Deep nesting that never closes: refused without recursion (no stack overflow on
+    // a worker thread).
+    let deep = format!(r#"{{"choices":[],"x":{}"#, "[".repeat(200_000));
+    let deep: &'static str = Box::leak(deep.into_boxed_str());
+    for (what, body) in cases
+        .into_iter()
+        .chain([("200,000 unclosed brackets", deep)])
+    {
         let pool = Pool::with_transport(
             config(&[("sk-inv-a", "a"), ("sk-inv-b", "b")], 3),
             factory(move |_, _| Ok(resp(200, &[("content-type", "text/html")], body))),
@@ -254,6 +268,31 @@ fn invalid_2xx_bodies_are_retried_then_reported_as_invalid_response() {
     .unwrap();
     let e = pool.submit(chat()).unwrap().wait().unwrap_err();
     assert!(e.to_string().contains("body: oops"), "{e}");
+}
+
+/// A valid success nested 200,000 levels deep is a success (the body validator keeps
+/// its own stack, sized by the body, not the worker's).
+#[test]
+fn a_deeply_nested_valid_2xx_is_a_success() {
+    let n = 200_000;
+    let body = format!(
+        r#"{{"x":{}{},"choices":[],"usage":{{"prompt_tokens":5,"completion_tokens":2}}}}"#,
+        "[".repeat(n),
+        "]".repeat(n)
+    );
+    let body: &'static str = Box::leak(body.into_boxed_str());
+    let pool = Pool::with_transport(
+        config(&[("sk-deep", "d")], 1),
+        factory(move |_, _| Ok(resp(200, &[], body))),
+    )
+    .unwrap();
+    let r = pool.submit(chat()).unwrap().wait().unwrap();
+    assert_eq!(r.body().len(), body.len());
+    let s = pool.stats();
+    assert_eq!(
+        (s.keys[0].prompt_tokens, s.keys[0].completion_tokens),
+        (5, 2)
+    );
 }
 
 #[test]
