@@ -17,6 +17,7 @@
 //!
 //! [`Transport::send`]: super::Transport::send
 
+use std::borrow::Cow;
 use std::io::{self, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -752,7 +753,8 @@ fn head_of(resp: &httparse::Response<'_, '_>) -> Result<Head, Fail> {
     let mut chunked = false;
     let mut close = false;
     let mut keep_alive_token = false;
-    let mut headers = Vec::new();
+    let mut kept = 0;
+    let mut buf = [0u8; 64];
     for h in resp.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -778,15 +780,18 @@ fn head_of(resp: &httparse::Response<'_, '_>) -> Result<Head, Fail> {
                 keep_alive_token |= token.eq_ignore_ascii_case("keep-alive");
             }
         }
-        let kept = if name.bytes().any(|b| b.is_ascii_uppercase()) {
-            let lower = name.to_ascii_lowercase();
-            is_kept_header(&lower).then_some(lower)
-        } else {
-            is_kept_header(name).then(|| name.to_owned())
-        };
-        if let Some(lower) = kept {
-            if let Ok(v) = std::str::from_utf8(h.value) {
-                headers.push((lower, v.to_owned()));
+        if kept_name(name, &mut buf).is_some() && std::str::from_utf8(h.value).is_ok() {
+            kept += 1;
+        }
+    }
+    // Counted first, so the list is allocated once at its size (it lives as long as
+    // the response: in a batch, until the caller drops the results).
+    let mut headers = Vec::with_capacity(kept);
+    if kept > 0 {
+        for h in resp.headers.iter() {
+            if let (Some(name), Ok(v)) = (kept_name(h.name, &mut buf), std::str::from_utf8(h.value))
+            {
+                headers.push((name.into_owned(), v.to_owned()));
             }
         }
     }
@@ -811,6 +816,21 @@ fn head_of(resp: &httparse::Response<'_, '_>) -> Result<Head, Fail> {
         framing,
         keep_alive,
     })
+}
+
+/// `name` in lowercase if it is a header worth keeping (`is_kept_header`); a name
+/// with capitals is lowered in `buf` (no allocation unless it is longer).
+fn kept_name<'a>(name: &'a str, buf: &'a mut [u8; 64]) -> Option<Cow<'a, str>> {
+    let lower = if !name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Borrowed(name)
+    } else if let Some(b) = buf.get_mut(..name.len()) {
+        b.copy_from_slice(name.as_bytes());
+        b.make_ascii_lowercase();
+        Cow::Borrowed(std::str::from_utf8(b).ok()?)
+    } else {
+        Cow::Owned(name.to_ascii_lowercase())
+    };
+    is_kept_header(&lower).then_some(lower)
 }
 
 /// A `Content-Length` value: decimal digits only, no overflow.
@@ -957,6 +977,13 @@ mod tests {
                 ("content-type".into(), "application/json".into()),
             ]
         );
+        // Allocated at its size; a capitalised name longer than the 64-byte lowering
+        // buffer is kept too.
+        assert_eq!(p.headers.capacity(), 2);
+        let long = format!("X-RateLimit-{}", "Q".repeat(60));
+        let raw = format!("HTTP/1.1 200 OK\r\n{long}: 1\r\nContent-Length: 0\r\n\r\n");
+        let p = parse_all_steps(raw.as_bytes()).unwrap();
+        assert_eq!(p.headers, vec![(long.to_ascii_lowercase(), "1".into())]);
     }
 
     #[test]
