@@ -248,7 +248,15 @@ pub(crate) struct KeyVerdict {
     /// Cool the key's whole group (account) for this long: a 429 its rule attributes to
     /// the account.
     pub group_cooldown: Option<Duration>,
+    /// A success whose response carried no rate-limit header at all: after
+    /// [`FORGET_LEARNED_AFTER`] of them in a row a learned budget is forgotten.
+    pub quiet: bool,
 }
+
+/// Successes in a row without any rate-limit header after which a key forgets the
+/// budgets it learned from such headers: the server (or a proxy in front of it) no
+/// longer announces one, so the old figure may no longer describe the key.
+pub(crate) const FORGET_LEARNED_AFTER: u32 = 100;
 
 #[derive(Debug)]
 struct State {
@@ -268,6 +276,9 @@ struct State {
     /// Budgets learned from rate-limit headers (keys without `rpm` / `tpm`).
     learned_rpm: Option<Learned>,
     learned_tpm: Option<Learned>,
+    /// Successes in a row whose responses carried no rate-limit header, while a
+    /// budget is learned (see [`FORGET_LEARNED_AFTER`]).
+    quiet_successes: u32,
 }
 
 /// The admission state of one key. See the module docs.
@@ -309,6 +320,7 @@ impl Gate {
                 aimd: None,
                 learned_rpm: None,
                 learned_tpm: None,
+                quiet_successes: 0,
             }),
             epoch,
             has_limits: rpm.is_some() || tpm.is_some(),
@@ -539,6 +551,14 @@ impl Gate {
             }
             if s.tpm.is_none() {
                 Learned::observe(&mut s.learned_tpm, &o.tokens, now);
+            }
+            s.quiet_successes = 0;
+        } else if v.quiet && (s.learned_rpm.is_some() || s.learned_tpm.is_some()) {
+            s.quiet_successes += 1;
+            if s.quiet_successes >= FORGET_LEARNED_AFTER {
+                (s.learned_rpm, s.learned_tpm) = (None, None);
+                s.quiet_successes = 0;
+                changed = true; // a job waiting on the old budget may go now
             }
         }
         if let Some(group) = &self.group {

@@ -292,6 +292,7 @@ fn success_verdict(ctx: &KeyWorkerCtx, headers: &[(String, String)]) -> KeyVerdi
     if !ratelimit {
         return KeyVerdict {
             accepted: true,
+            quiet: true,
             ..KeyVerdict::default()
         };
     }
@@ -402,6 +403,7 @@ fn conclude(
         rate_limited: class == FailClass::RateLimited,
         group_cooldown: verdict.group_cooldown,
         limits,
+        quiet: false,
     });
     retry_or_finish(ctx, job, err, verdict, class);
     if out_of_credit {

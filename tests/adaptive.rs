@@ -231,3 +231,52 @@ fn a_key_without_headers_is_not_slowed_by_a_learned_one() {
     assert_eq!(s.keys[1].learned_rpm, None);
     assert_eq!(s.keys[1].rpm_budget, None);
 }
+
+/// A server that stops announcing its budget (a proxy swapped in front of it) no longer
+/// paces the key: after 100 successes in a row without any rate-limit header the
+/// learned budget is forgotten; one header-bearing answer restarts the count.
+#[test]
+fn a_learned_budget_is_forgotten_when_the_headers_stop() {
+    let server = MockServer::start(MockConfig {
+        latency_ms: 0,
+        ..MockConfig::default()
+    })
+    .unwrap();
+    // Generous, so nothing is paced: 6,000 requests per minute.
+    server.set_request_budget("sk-quiet", Some((6_000, 60_000)));
+    let config = Config::builder()
+        .base_url(server.url())
+        .key_config(KeyConfig::new("sk-quiet").max_concurrent(1))
+        .build()
+        .unwrap();
+    let pool = Pool::new(config).unwrap();
+    let run = |n: usize| {
+        let results = pool.batch((0..n).map(|i| Request::chat("m", [("user", &*format!("q{i}"))])));
+        assert!(results.iter().all(Result::is_ok));
+    };
+    let learned = || pool.stats().keys[0].learned_rpm;
+    run(3);
+    assert!(
+        learned().is_some_and(|r| (5_000.0..=7_000.0).contains(&r)),
+        "{:?}",
+        learned()
+    );
+    // Headers stop: 99 quiet successes keep the budget...
+    server.set_request_budget("sk-quiet", None);
+    run(99);
+    assert!(learned().is_some(), "forgotten too early");
+    // ...one header-bearing answer restarts the count...
+    server.set_request_budget("sk-quiet", Some((6_000, 60_000)));
+    run(1);
+    server.set_request_budget("sk-quiet", None);
+    run(99);
+    assert!(learned().is_some(), "the count did not restart");
+    // ...and the 100th in a row forgets it.
+    run(1);
+    assert_eq!(learned(), None);
+    assert_eq!(
+        pool.stats().keys[0].rpm_budget,
+        None,
+        "nothing paces the key"
+    );
+}
