@@ -489,10 +489,17 @@ fn thread_switches() {
 // ---------------------------------------------------------------------------------
 // keypool
 
+/// The pool under test: `first_available` (the default), or the strategy named by
+/// `CPU_BENCH_STRATEGY` (`round_robin`, `least_loaded`).
 fn config(url: &str) -> Config {
+    let strategy = match std::env::var("CPU_BENCH_STRATEGY").as_deref() {
+        Ok("round_robin") => Strategy::RoundRobin,
+        Ok("least_loaded") => Strategy::LeastLoaded,
+        _ => Strategy::FirstAvailable,
+    };
     let mut b = Config::builder()
         .base_url(url)
-        .strategy(Strategy::FirstAvailable)
+        .strategy(strategy)
         .queue_capacity(4096)
         .max_attempts(1);
     for i in 0..KEYS {
