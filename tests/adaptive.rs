@@ -2,8 +2,36 @@
 
 use std::time::Instant;
 
-use keypool::{Config, KeyConfig, Pool, Request};
+use keypool::{Config, ConfigBuilder, KeyConfig, Pool, Request};
 use keypool_mock::{MockConfig, MockServer};
+
+/// `n` chat requests with the prompts `{tag}0`, `{tag}1`, ….
+fn chats(n: usize, tag: &str) -> impl Iterator<Item = Request> + '_ {
+    (0..n).map(move |i| Request::chat("m", [("user", &*format!("{tag}{i}"))]))
+}
+
+/// A pool built from `b`.
+fn build(b: ConfigBuilder) -> Pool {
+    Pool::new(b.build().unwrap()).unwrap()
+}
+
+/// A mock (2 ms latency) whose every key allows `limit` requests per `window_ms` and
+/// says so in rate-limit headers.
+fn budget_server(limit: u64, window_ms: u64) -> MockServer {
+    MockServer::start(MockConfig {
+        latency_ms: 2,
+        request_budget: Some((limit, window_ms)),
+        ..MockConfig::default()
+    })
+    .unwrap()
+}
+
+/// No window of `window_ms` (the mock's) held more than `limit` + 1 arrivals on `rec`.
+fn assert_within_budget(rec: &keypool_mock::KeyRecord, limit: u64, window_ms: u64) {
+    for (w, count) in per_window(rec, window_ms) {
+        assert!(count <= limit + 1, "window {w}: {count} requests");
+    }
+}
 
 #[test]
 fn adaptive_limit_converges_to_a_hidden_capacity() {
@@ -15,16 +43,15 @@ fn adaptive_limit_converges_to_a_hidden_capacity() {
         ..MockConfig::default()
     })
     .unwrap();
-    let config = Config::builder()
-        .base_url(server.url())
-        .queue_capacity(4096)
-        .key_config(KeyConfig::new("sk-learn").max_concurrent(32).adaptive(true))
-        .build()
-        .unwrap();
-    let pool = Pool::new(config).unwrap();
+    let pool = build(
+        Config::builder()
+            .base_url(server.url())
+            .queue_capacity(4096)
+            .key_config(KeyConfig::new("sk-learn").max_concurrent(32).adaptive(true)),
+    );
     assert_eq!(pool.stats().keys[0].learned_limit, Some(1), "starts low");
     // Warm-up: let it learn.
-    let warm = pool.batch((0..400).map(|i| Request::chat("m", [("user", &*format!("w{i}"))])));
+    let warm = pool.batch(chats(400, "w"));
     assert!(warm.iter().all(Result::is_ok));
     let learned = pool.stats().keys[0].learned_limit.unwrap();
     assert!(
@@ -35,7 +62,7 @@ fn adaptive_limit_converges_to_a_hidden_capacity() {
     server.reset_stats();
     let n = 600;
     let t0 = Instant::now();
-    let results = pool.batch((0..n).map(|i| Request::chat("m", [("user", &*format!("p{i}"))])));
+    let results = pool.batch(chats(n, "p"));
     let elapsed = t0.elapsed();
     assert!(results.iter().all(Result::is_ok));
     let rec = server.key_stats("sk-learn").unwrap();
@@ -56,14 +83,13 @@ fn adaptive_limit_converges_to_a_hidden_capacity() {
 #[test]
 fn a_spent_rate_limit_pauses_the_key_before_a_429() {
     let server = MockServer::start(MockConfig::default()).unwrap();
-    let config = Config::builder()
-        .base_url(server.url())
-        .probe_keys(false)
-        .key_config(KeyConfig::new("sk-a").max_concurrent(1))
-        .key_config(KeyConfig::new("sk-b").max_concurrent(1))
-        .build()
-        .unwrap();
-    let pool = Pool::new(config).unwrap();
+    let pool = build(
+        Config::builder()
+            .base_url(server.url())
+            .probe_keys(false)
+            .key_config(KeyConfig::new("sk-a").max_concurrent(1))
+            .key_config(KeyConfig::new("sk-b").max_concurrent(1)),
+    );
     let spent = Request::from_json(
         "/chat/completions",
         r#"{"model":"m","messages":[],"mock":{"ratelimit":{"remaining_requests":0,"reset_requests":"6m0s","remaining_tokens":100,"reset_tokens":"1s"}}}"#,
@@ -79,7 +105,7 @@ fn a_spent_rate_limit_pauses_the_key_before_a_429() {
         s.keys[0].cooldown_remaining_ms
     );
     server.reset_stats();
-    let results = pool.batch((0..5).map(|i| Request::chat("m", [("user", &*format!("p{i}"))])));
+    let results = pool.batch(chats(5, "p"));
     assert!(results.iter().all(Result::is_ok));
     assert!(
         server.key_stats("sk-a").is_none(),
@@ -105,30 +131,22 @@ fn per_window(
 #[test]
 fn a_key_learns_its_request_budget_from_headers_and_paces_itself() {
     let (limit, window_ms) = (10u64, 400u64);
-    let server = MockServer::start(MockConfig {
-        latency_ms: 2,
-        request_budget: Some((limit, window_ms)),
-        ..MockConfig::default()
-    })
-    .unwrap();
+    let server = budget_server(limit, window_ms);
     // No configured rpm: the budget is the server's, learned from its headers.
-    let config = Config::builder()
-        .base_url(server.url())
-        .key_config(KeyConfig::new("sk-paced").max_concurrent(4))
-        .build()
-        .unwrap();
-    let pool = Pool::new(config).unwrap();
+    let pool = build(
+        Config::builder()
+            .base_url(server.url())
+            .key_config(KeyConfig::new("sk-paced").max_concurrent(4)),
+    );
     assert_eq!(pool.stats().keys[0].learned_rpm, None);
     let n = 50;
-    let results = pool.batch((0..n).map(|i| Request::chat("m", [("user", &*format!("p{i}"))])));
+    let results = pool.batch(chats(n, "p"));
     assert!(results.iter().all(Result::is_ok));
     let rec = server.key_stats("sk-paced").unwrap();
     let rejected = rec.statuses.get(&429).copied().unwrap_or(0);
     // Only the first responses can be beaten to the budget (the probe teaches it).
     assert!(rejected <= 1, "{rejected} 429s: {:?}", rec.statuses);
-    for (w, count) in per_window(&rec, window_ms) {
-        assert!(count <= limit + 1, "window {w}: {count} requests");
-    }
+    assert_within_budget(&rec, limit, window_ms);
     // Spaced, not bursting to 0 and pausing: in the windows after the first, the
     // requests spread over most of the window.
     let mut spans = std::collections::BTreeMap::<u128, (u128, u128)>::new();
@@ -164,12 +182,7 @@ fn a_key_learns_its_request_budget_from_headers_and_paces_itself() {
 #[test]
 fn learning_can_be_switched_off() {
     let (limit, window_ms) = (10u64, 400u64);
-    let server = MockServer::start(MockConfig {
-        latency_ms: 2,
-        request_budget: Some((limit, window_ms)),
-        ..MockConfig::default()
-    })
-    .unwrap();
+    let server = budget_server(limit, window_ms);
     let json = format!(
         r#"{{"base_url": "{}", "retry": {{"learn_rate_limits": false}},
             "keys": [{{"key": "sk-paced", "max_concurrent": 4}}]}}"#,
@@ -178,7 +191,7 @@ fn learning_can_be_switched_off() {
     let config = Config::from_json(&json).unwrap();
     assert!(!config.retry.learn_rate_limits);
     let pool = Pool::new(config).unwrap();
-    let results = pool.batch((0..50).map(|i| Request::chat("m", [("user", &*format!("p{i}"))])));
+    let results = pool.batch(chats(50, "p"));
     assert_eq!(results.len(), 50);
     let s = pool.stats();
     assert_eq!(s.keys[0].learned_rpm, None, "nothing learned");
@@ -200,24 +213,21 @@ fn a_key_without_headers_is_not_slowed_by_a_learned_one() {
     })
     .unwrap();
     server.set_request_budget("sk-paced", Some((limit, window_ms)));
-    let config = Config::builder()
-        .base_url(server.url())
-        .key_config(KeyConfig::new("sk-paced").max_concurrent(2))
-        .key_config(KeyConfig::new("sk-free").max_concurrent(2))
-        .build()
-        .unwrap();
-    let pool = Pool::new(config).unwrap();
+    let pool = build(
+        Config::builder()
+            .base_url(server.url())
+            .key_config(KeyConfig::new("sk-paced").max_concurrent(2))
+            .key_config(KeyConfig::new("sk-free").max_concurrent(2)),
+    );
     let n = 300;
     let t0 = Instant::now();
-    let results = pool.batch((0..n).map(|i| Request::chat("m", [("user", &*format!("p{i}"))])));
+    let results = pool.batch(chats(n, "p"));
     let elapsed = t0.elapsed();
     assert!(results.iter().all(Result::is_ok));
     let paced = server.key_stats("sk-paced").unwrap();
     let free = server.key_stats("sk-free").unwrap();
     assert!(paced.statuses.get(&429).copied().unwrap_or(0) <= 1);
-    for (w, count) in per_window(&paced, window_ms) {
-        assert!(count <= limit + 1, "window {w}: {count} requests");
-    }
+    assert_within_budget(&paced, limit, window_ms);
     // The paced key alone would need 300 / 5 × 0.5 s = 30 s.
     assert!(
         elapsed.as_secs_f64() < 10.0,

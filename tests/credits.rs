@@ -20,30 +20,43 @@ fn requests(server: &MockServer, key: &str) -> u64 {
     server.key_stats(key).map_or(0, |r| r.requests)
 }
 
+/// A round-robin pool on `keys` (`(key, max_concurrent)`, labelled by the key without
+/// `sk-`) with the credit checks `credits`.
+fn round_robin_pool(server: &MockServer, keys: &[(&str, usize)], credits: CreditsConfig) -> Pool {
+    let mut b = Config::builder()
+        .base_url(server.url())
+        .strategy(Strategy::RoundRobin);
+    for (key, max) in keys {
+        let label = key.strip_prefix("sk-").unwrap();
+        b = b.key_config(KeyConfig::new(*key).label(label).max_concurrent(*max));
+    }
+    Pool::new(b.credits(credits).build().unwrap()).unwrap()
+}
+
+/// The key `k` is parked for being at or below its credit floor.
+fn assert_parked_at_floor(k: &keypool::KeyStats) {
+    assert!(
+        k.disabled_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("at or below floor")),
+        "{:?}",
+        k.disabled_reason
+    );
+}
+
 #[test]
 fn a_key_at_its_floor_at_start_gets_no_request() {
     let server = server(0.01);
     server.set_credit("sk-low", Some(0.5));
     server.set_credit("sk-rich", Some(100.0));
-    let config = Config::builder()
-        .base_url(server.url())
-        .strategy(Strategy::RoundRobin)
-        .key_config(KeyConfig::new("sk-low").label("low").max_concurrent(4))
-        .key_config(KeyConfig::new("sk-rich").label("rich").max_concurrent(4))
-        .credits(CreditsConfig::with_floor(0.5))
-        .build()
-        .unwrap();
-    let pool = Pool::new(config).unwrap();
+    let pool = round_robin_pool(
+        &server,
+        &[("sk-low", 4), ("sk-rich", 4)],
+        CreditsConfig::with_floor(0.5),
+    );
     let s = pool.stats();
     assert_eq!(s.keys[0].credit_remaining, Some(0.5));
-    assert!(
-        s.keys[0]
-            .disabled_reason
-            .as_deref()
-            .is_some_and(|r| r.contains("at or below floor")),
-        "{:?}",
-        s.keys[0].disabled_reason
-    );
+    assert_parked_at_floor(&s.keys[0]);
     assert_eq!(s.keys[1].credit_remaining, Some(100.0));
     assert_eq!(s.keys[1].disabled_reason, None);
     assert!(pool.batch(chats(20)).iter().all(Result::is_ok));
@@ -67,15 +80,11 @@ fn a_key_that_runs_out_is_parked_after_a_recheck() {
     // Binary-exact amounts: eight requests at 0.125 spend exactly 1.00.
     let server = server(0.125);
     server.set_credit("sk-a", Some(1.0));
-    let config = Config::builder()
-        .base_url(server.url())
-        .strategy(Strategy::RoundRobin)
-        .key_config(KeyConfig::new("sk-a").label("a").max_concurrent(1))
-        .key_config(KeyConfig::new("sk-b").label("b").max_concurrent(2))
-        .credits(CreditsConfig::with_floor(0.0))
-        .build()
-        .unwrap();
-    let pool = Pool::new(config).unwrap();
+    let pool = round_robin_pool(
+        &server,
+        &[("sk-a", 1), ("sk-b", 2)],
+        CreditsConfig::with_floor(0.0),
+    );
     assert_eq!(pool.stats().keys[0].credit_remaining, Some(1.0));
     assert_eq!(pool.stats().keys[1].credit_remaining, None, "no cap");
     let results = pool.batch(chats(60));
@@ -105,15 +114,11 @@ fn a_key_that_runs_out_is_parked_after_a_recheck() {
 fn recheck_by_spend_parks_before_a_402() {
     let server = server(0.125);
     server.set_credit("sk-a", Some(1.0));
-    let config = Config::builder()
-        .base_url(server.url())
-        .strategy(Strategy::RoundRobin)
-        .key_config(KeyConfig::new("sk-a").label("a").max_concurrent(1))
-        .key_config(KeyConfig::new("sk-b").label("b").max_concurrent(2))
-        .credits(CreditsConfig::with_floor(0.25).recheck_cost(0.25))
-        .build()
-        .unwrap();
-    let pool = Pool::new(config).unwrap();
+    let pool = round_robin_pool(
+        &server,
+        &[("sk-a", 1), ("sk-b", 2)],
+        CreditsConfig::with_floor(0.25).recheck_cost(0.25),
+    );
     assert!(pool.batch(chats(40)).iter().all(Result::is_ok));
     let a = server.key_stats("sk-a").unwrap();
     // Checks after every 0.25 spent: at 0.25 left (after 6) the key is parked.
@@ -125,14 +130,7 @@ fn recheck_by_spend_parks_before_a_402() {
     );
     assert_eq!(a.requests, 6);
     let s = pool.stats();
-    assert!(
-        s.keys[0]
-            .disabled_reason
-            .as_deref()
-            .is_some_and(|r| r.contains("at or below floor")),
-        "{:?}",
-        s.keys[0].disabled_reason
-    );
+    assert_parked_at_floor(&s.keys[0]);
     let left = s.keys[0].credit_remaining.unwrap();
     assert_eq!(left, 0.25);
 }
@@ -194,15 +192,11 @@ fn streamed_costs_are_summed_and_recheck_parks_before_a_402() {
     // The mock reports `usage.cost` in a stream's usage chunk (OpenRouter's place).
     let server = server(0.125);
     server.set_credit("sk-a", Some(1.0));
-    let config = Config::builder()
-        .base_url(server.url())
-        .strategy(Strategy::RoundRobin)
-        .key_config(KeyConfig::new("sk-a").label("a").max_concurrent(1))
-        .key_config(KeyConfig::new("sk-b").label("b").max_concurrent(1))
-        .credits(CreditsConfig::with_floor(0.25).recheck_cost(0.25))
-        .build()
-        .unwrap();
-    let pool = Pool::new(config).unwrap();
+    let pool = round_robin_pool(
+        &server,
+        &[("sk-a", 1), ("sk-b", 1)],
+        CreditsConfig::with_floor(0.25).recheck_cost(0.25),
+    );
     for req in chats(30) {
         let r = pool.submit_stream(req).unwrap().wait();
         assert!(r.is_ok(), "{r:?}");

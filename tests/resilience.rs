@@ -72,6 +72,29 @@ fn builder(server: &MockServer, names: &[&str], per_key: usize) -> ConfigBuilder
     b
 }
 
+/// A pool built from `b`.
+fn build(b: ConfigBuilder) -> Pool {
+    Pool::new(b.build().unwrap()).unwrap()
+}
+
+/// A pool on the one key `sk-a` (label `a`, 4 workers, default policies), with `limit`
+/// applied to the key.
+fn key_a_pool(server: &MockServer, limit: impl FnOnce(KeyConfig) -> KeyConfig) -> Pool {
+    build(
+        Config::builder()
+            .base_url(server.url())
+            .key_config(limit(KeyConfig::new("sk-a").label("a").max_concurrent(4))),
+    )
+}
+
+/// A mock rule: every request on the key answered with `status`.
+fn status_rule(status: u16) -> KeyRule {
+    KeyRule {
+        always_status: Some(status),
+        ..KeyRule::default()
+    }
+}
+
 fn quiet_server() -> MockServer {
     MockServer::start(MockConfig::default()).unwrap()
 }
@@ -167,13 +190,7 @@ fn fault_soak_every_request_answered_limits_and_cooldowns_held() {
     })
     .unwrap();
     let bad = format!("sk-soak-{BAD_KEY}");
-    server.set_key_rule(
-        &bad,
-        KeyRule {
-            always_status: Some(401),
-            ..KeyRule::default()
-        },
-    );
+    server.set_key_rule(&bad, status_rule(401));
     let mut b = Config::builder()
         .base_url(server.url())
         .strategy(Strategy::LeastLoaded)
@@ -189,7 +206,7 @@ fn fault_soak_every_request_answered_limits_and_cooldowns_held() {
                 .max_concurrent(PER_KEY),
         );
     }
-    let pool = Pool::new(b.build().unwrap()).unwrap();
+    let pool = build(b);
 
     let t0 = Instant::now();
     let mut seen = vec![0u32; N];
@@ -363,21 +380,12 @@ fn revoked_key_gets_exactly_one_request_even_with_idle_workers() {
     let _shared = shared_lock();
     for round in 0..25 {
         let server = quiet_server();
-        server.set_key_rule(
-            "sk-bad",
-            KeyRule {
-                always_status: Some(401),
-                ..KeyRule::default()
-            },
-        );
-        let pool = Pool::new(
+        server.set_key_rule("sk-bad", status_rule(401));
+        let pool = build(
             builder(&server, &["bad", "good"], 8)
                 // Least-loaded puts the idle, unproven bad key first whenever it is free.
-                .strategy(Strategy::LeastLoaded)
-                .build()
-                .unwrap(),
-        )
-        .unwrap();
+                .strategy(Strategy::LeastLoaded),
+        );
         let results = pool.batch((0..100).map(chat));
         assert!(results.iter().all(Result::is_ok), "round {round}");
         let n = server.key_stats("sk-bad").unwrap().requests;
@@ -398,13 +406,12 @@ fn retry_after_ms_delays_the_retry_on_a_single_key() {
     server.set_key_rule(
         "sk-a",
         KeyRule {
-            always_status: Some(429),
             retry_after_ms: Some(300),
             fail_first: 1,
-            ..KeyRule::default()
+            ..status_rule(429)
         },
     );
-    let pool = Pool::new(builder(&server, &["a"], 2).build().unwrap()).unwrap();
+    let pool = build(builder(&server, &["a"], 2));
     let resp = pool.submit(chat(0)).unwrap().wait().unwrap();
     assert_eq!(resp.attempts(), 2);
     assert_eq!(resp.keys_tried(), &[0, 0]);
@@ -424,13 +431,7 @@ fn retry_after_ms_delays_the_retry_on_a_single_key() {
 fn retry_after_seconds_delays_the_retry() {
     let _shared = shared_lock();
     let server = quiet_server();
-    let pool = Pool::new(
-        builder(&server, &["a"], 1)
-            .retry(fast_retry(2))
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
+    let pool = build(builder(&server, &["a"], 1).retry(fast_retry(2)));
     // The directive repeats on the retry, so both attempts get 429: the retry's timing
     // is what is measured.
     let e = pool
@@ -456,13 +457,7 @@ fn retry_after_seconds_delays_the_retry() {
 fn retry_after_http_date_delays_the_retry() {
     let _shared = shared_lock();
     let server = quiet_server();
-    let pool = Pool::new(
-        builder(&server, &["a"], 1)
-            .retry(fast_retry(2))
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
+    let pool = build(builder(&server, &["a"], 1).retry(fast_retry(2)));
     // HTTP dates have whole seconds: pick a whole second 2 to 3 s from now.
     let before = SystemTime::now();
     let target =
@@ -500,7 +495,7 @@ fn retry_after_http_date_delays_the_retry() {
 fn x_should_retry_overrides_the_status_rule() {
     let _shared = shared_lock();
     let server = quiet_server();
-    let pool = Pool::new(builder(&server, &["a"], 2).build().unwrap()).unwrap();
+    let pool = build(builder(&server, &["a"], 2));
     let run = |mock: serde_json::Value| {
         let e = pool.submit(directed(0, mock)).unwrap().wait().unwrap_err();
         (e.http_status().unwrap(), e.attempts())
@@ -522,7 +517,7 @@ fn x_should_retry_overrides_the_status_rule() {
 fn retryable_statuses_are_retried_and_other_4xx_are_not() {
     let _shared = shared_lock();
     let server = quiet_server();
-    let pool = Pool::new(builder(&server, &["a"], 4).build().unwrap()).unwrap();
+    let pool = build(builder(&server, &["a"], 4));
     for (status, want_attempts) in [
         (400, 1),
         (404, 1),
@@ -602,14 +597,13 @@ fn all_keys_cooling_the_request_waits_for_the_first_to_recover() {
         server.set_key_rule(
             k,
             KeyRule {
-                always_status: Some(429),
                 retry_after_ms: Some(300),
                 fail_first: 1,
-                ..KeyRule::default()
+                ..status_rule(429)
             },
         );
     }
-    let pool = Pool::new(builder(&server, &["a", "b"], 2).build().unwrap()).unwrap();
+    let pool = build(builder(&server, &["a", "b"], 2));
     let resp = pool.submit(chat(0)).unwrap().wait().unwrap();
     // a: 429 → b (untried): 429 → both cooling → a, whose cooldown ends first.
     assert_eq!(resp.attempts(), 3);
@@ -630,15 +624,9 @@ fn all_keys_disabled_fails_fast_with_no_usable_key() {
     let _shared = shared_lock();
     let server = quiet_server();
     for k in ["sk-a", "sk-b"] {
-        server.set_key_rule(
-            k,
-            KeyRule {
-                always_status: Some(401),
-                ..KeyRule::default()
-            },
-        );
+        server.set_key_rule(k, status_rule(401));
     }
-    let pool = Pool::new(builder(&server, &["a", "b"], 2).build().unwrap()).unwrap();
+    let pool = build(builder(&server, &["a", "b"], 2));
     // The first request tries both keys (each 401 disables one) and then has none left.
     let e = pool.submit(chat(0)).unwrap().wait().unwrap_err();
     assert!(matches!(e, Error::NoUsableKey { .. }), "{e}");
@@ -675,13 +663,7 @@ fn deadline_cuts_a_slow_attempt_short() {
         ..MockConfig::default()
     })
     .unwrap();
-    let pool = Pool::new(
-        builder(&server, &["a"], 1)
-            .deadline_ms(300)
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
+    let pool = build(builder(&server, &["a"], 1).deadline_ms(300));
     let t0 = Instant::now();
     let e = pool.submit(chat(0)).unwrap().wait().unwrap_err();
     let elapsed = t0.elapsed();
@@ -708,18 +690,11 @@ fn deadline_ends_the_wait_for_a_cooling_key() {
     server.set_key_rule(
         "sk-a",
         KeyRule {
-            always_status: Some(429),
             retry_after_ms: Some(10_000),
-            ..KeyRule::default()
+            ..status_rule(429)
         },
     );
-    let pool = Pool::new(
-        builder(&server, &["a"], 1)
-            .deadline_ms(300)
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
+    let pool = build(builder(&server, &["a"], 1).deadline_ms(300));
     let t0 = Instant::now();
     let e = pool.submit(chat(0)).unwrap().wait().unwrap_err();
     let elapsed = t0.elapsed();
@@ -759,19 +734,7 @@ fn rpm_limit_paces_requests_at_the_server() {
     let _shared = shared_lock();
     let server = quiet_server();
     // 1200 rpm = 20 requests/s with a burst of 20 (one second's worth).
-    let pool = Pool::new(
-        Config::builder()
-            .base_url(server.url())
-            .key_config(
-                KeyConfig::new("sk-a")
-                    .label("a")
-                    .max_concurrent(4)
-                    .rpm(1200),
-            )
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
+    let pool = key_a_pool(&server, |k| k.rpm(1200));
     let t0 = Instant::now();
     let results = pool.batch((0..80).map(chat));
     let wall = t0.elapsed();
@@ -793,19 +756,7 @@ fn tpm_limit_paces_tokens() {
     let _shared = shared_lock();
     let server = quiet_server();
     // 120,000 tpm = 2,000 tokens/s, burst 2,000.
-    let pool = Pool::new(
-        Config::builder()
-            .base_url(server.url())
-            .key_config(
-                KeyConfig::new("sk-a")
-                    .label("a")
-                    .max_concurrent(4)
-                    .tpm(120_000),
-            )
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
+    let pool = key_a_pool(&server, |k| k.tpm(120_000));
     // A 400-character prompt (estimate 100) plus max_tokens 101: 201 tokens estimated,
     // exactly what the mock reports (100 prompt + 101 for the echoed reply), so the
     // bucket's later correction is zero and each request costs 201 at dispatch.
@@ -853,12 +804,11 @@ fn a_retry_after_a_500_fails_over_to_another_key() {
     server.set_key_rule(
         "sk-a",
         KeyRule {
-            always_status: Some(500),
             fail_first: 1,
-            ..KeyRule::default()
+            ..status_rule(500)
         },
     );
-    let pool = Pool::new(builder(&server, &["a", "b"], 2).build().unwrap()).unwrap();
+    let pool = build(builder(&server, &["a", "b"], 2));
     let resp = pool.submit(chat(3)).unwrap().wait().unwrap();
     assert_eq!(resp.keys_tried(), &[0, 1]);
     assert_eq!((resp.attempts(), resp.key_label()), (2, "b"));
@@ -944,14 +894,8 @@ fn close_during_a_retry_storm_answers_every_ticket() {
 fn a_402_parks_the_key_and_the_request_moves_on() {
     let _shared = shared_lock();
     let server = quiet_server();
-    server.set_key_rule(
-        "sk-a",
-        KeyRule {
-            always_status: Some(402),
-            ..KeyRule::default()
-        },
-    );
-    let pool = Pool::new(builder(&server, &["a", "b"], 2).build().unwrap()).unwrap();
+    server.set_key_rule("sk-a", status_rule(402));
+    let pool = build(builder(&server, &["a", "b"], 2));
     let resp = pool.submit(chat(0)).unwrap().wait().unwrap();
     assert_eq!(resp.keys_tried(), &[0, 1]);
     let results = pool.batch((1..20).map(chat));
@@ -966,18 +910,11 @@ fn a_402_parks_the_key_and_the_request_moves_on() {
     server.set_key_rule(
         "sk-a",
         KeyRule {
-            always_status: Some(402),
             fail_first: 1,
-            ..KeyRule::default()
+            ..status_rule(402)
         },
     );
-    let pool = Pool::new(
-        builder(&server, &["a", "b"], 2)
-            .retry(fast_retry(3).park_on_402(false))
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
+    let pool = build(builder(&server, &["a", "b"], 2).retry(fast_retry(3).park_on_402(false)));
     let e = pool.submit(chat(0)).unwrap().wait().unwrap_err();
     assert_eq!((e.http_status(), e.attempts()), (Some(402), 1));
     assert!(pool.stats().keys[0].disabled_reason.is_none());
@@ -988,13 +925,7 @@ fn a_402_parks_the_key_and_the_request_moves_on() {
 fn a_shorter_retry_after_never_shortens_a_cooldown() {
     let _shared = shared_lock();
     let server = quiet_server();
-    let pool = Pool::new(
-        builder(&server, &["a"], 2)
-            .retry(fast_retry(1))
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
+    let pool = build(builder(&server, &["a"], 2).retry(fast_retry(1)));
     // Prove the key first, so the next two requests go out together (no probe).
     pool.submit(chat(0)).unwrap().wait().unwrap();
     // Long: 429 with 800 ms, answered after 100 ms. Short: 429 with 100 ms, answered

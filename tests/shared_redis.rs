@@ -115,6 +115,46 @@ fn mock(latency_ms: u64) -> MockServer {
     .unwrap()
 }
 
+/// A pool on the config JSON `json`.
+fn new_pool(json: &str) -> Pool {
+    Pool::new(Config::from_json(json).unwrap()).unwrap()
+}
+
+/// `n` pools on the config JSON `json`, sharing nothing in memory.
+fn new_pools(json: &str, n: usize) -> Vec<Pool> {
+    (0..n).map(|_| new_pool(json)).collect()
+}
+
+/// Runs `n` chat requests on `pool`; every result must be a success.
+fn run_ok(pool: &Pool, n: usize) {
+    let results = pool.batch((0..n).map(chat));
+    assert!(results.iter().all(|r| r.is_ok()));
+}
+
+/// Makes the mock answer `key` after `ms` (a rule with nothing else in it).
+fn set_latency(server: &MockServer, key: &str, ms: u64) {
+    server.set_key_rule(
+        key,
+        KeyRule {
+            latency_ms: Some(ms),
+            ..KeyRule::default()
+        },
+    );
+}
+
+/// Makes the mock's first request on `key` a 429 with `Retry-After` 1.5 s.
+fn first_request_429(server: &MockServer, key: &str) {
+    server.set_key_rule(
+        key,
+        KeyRule {
+            always_status: Some(429),
+            retry_after_ms: Some(1_500),
+            fail_first: 1,
+            ..KeyRule::default()
+        },
+    );
+}
+
 /// A config JSON: `keys` keys of `max_concurrent` with extra per-key fields, shared.
 fn config_json(
     mock_url: &str,
@@ -153,6 +193,65 @@ fn max_overlap(log: &[&RequestRecord]) -> usize {
     max as usize
 }
 
+/// Each of the four keys `sk-shared-{i}` had at most 8 requests in flight at once at
+/// the server (its `max_concurrent`), and at least 4.
+fn assert_each_key_used_within_8(stats: &keypool_mock::MockStats) {
+    for i in 0..4 {
+        let k = &stats.keys[&format!("sk-shared-{i}")];
+        assert!(
+            k.max_in_flight <= 8,
+            "key {i}: {} in flight",
+            k.max_in_flight
+        );
+        assert!(
+            k.max_in_flight >= 4,
+            "key {i} barely used: {}",
+            k.max_in_flight
+        );
+    }
+}
+
+/// After a child holding `what` was killed at `killed` (server clock), the first of
+/// `ours` arrived no sooner than 700 ms after (the dead leases were renewed until the
+/// kill) and no later than `latest_ms` after (they expired).
+fn assert_first_after_expiry(
+    ours: &[&RequestRecord],
+    killed: Duration,
+    latest_ms: u64,
+    what: &str,
+) {
+    let first = ours.iter().map(|r| r.arrived).min().unwrap();
+    assert!(
+        first >= killed + Duration::from_millis(700),
+        "sent {:?} after the kill, while the dead process's {what} were live",
+        first - killed
+    );
+    assert!(
+        first <= killed + Duration::from_millis(latest_ms),
+        "waited {:?} for dead {what}",
+        first - killed
+    );
+}
+
+/// The one 429 in `log` (asserted alone) and the inside of its 1.5 s cooldown: from
+/// 100 ms after it finished to 1.4 s after.
+fn cooldown_window(log: &[RequestRecord]) -> (Duration, Duration) {
+    let limited: Vec<&RequestRecord> = log.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(limited.len(), 1);
+    let at = limited[0].finished;
+    (
+        at + Duration::from_millis(100),
+        at + Duration::from_millis(1_400),
+    )
+}
+
+/// How many of `log` arrived strictly inside `window`.
+fn arrivals_within(log: &[RequestRecord], window: (Duration, Duration)) -> usize {
+    log.iter()
+        .filter(|r| r.arrived > window.0 && r.arrived < window.1)
+        .count()
+}
+
 /// Entry point of the child processes (`child_pool`): runs the config in
 /// `KEYPOOL_CHILD_CONFIG` for `KEYPOOL_CHILD_REQUESTS` requests and prints how many
 /// succeeded. Without the variables (a normal test run) it does nothing.
@@ -165,7 +264,7 @@ fn child_pool() {
         .unwrap()
         .parse()
         .unwrap();
-    let pool = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let pool = new_pool(&json);
     let results = pool.batch((0..n).map(chat));
     let ok = results.iter().filter(|r| r.is_ok()).count();
     println!("CHILD-OK {ok}");
@@ -190,32 +289,11 @@ fn concurrency_is_shared_across_pools() {
     };
     let server = mock(15);
     let json = config_json(&server.url(), &redis.url(), 4, 8, "", "");
-    let pools: Vec<Pool> = (0..3)
-        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
-        .collect();
-    std::thread::scope(|s| {
-        for pool in &pools {
-            s.spawn(move || {
-                let results = pool.batch((0..240).map(chat));
-                assert!(results.iter().all(|r| r.is_ok()));
-            });
-        }
-    });
+    let pools = new_pools(&json, 3);
+    run_pools(&pools, 240);
     let stats = server.stats();
-    for i in 0..4 {
-        let k = &stats.keys[&format!("sk-shared-{i}")];
-        // Three pools of 8 workers each on this key: 24 could be in flight unshared.
-        assert!(
-            k.max_in_flight <= 8,
-            "key {i}: {} in flight",
-            k.max_in_flight
-        );
-        assert!(
-            k.max_in_flight >= 4,
-            "key {i} barely used: {}",
-            k.max_in_flight
-        );
-    }
+    // Three pools of 8 workers each on a key: 24 could be in flight unshared.
+    assert_each_key_used_within_8(&stats);
     assert_eq!(stats.total_requests, 720);
     // Every lease came back: released at once (a release whose Redis call failed under
     // load leaves its lease to expire), so none is live after at most `lease_ms`.
@@ -250,19 +328,7 @@ fn concurrency_is_shared_across_processes() {
     }
     let stats = server.stats();
     assert_eq!(stats.total_requests, 600);
-    for i in 0..4 {
-        let k = &stats.keys[&format!("sk-shared-{i}")];
-        assert!(
-            k.max_in_flight <= 8,
-            "key {i}: {} in flight",
-            k.max_in_flight
-        );
-        assert!(
-            k.max_in_flight >= 4,
-            "key {i} barely used: {}",
-            k.max_in_flight
-        );
-    }
+    assert_each_key_used_within_8(&stats);
 }
 
 #[test]
@@ -273,13 +339,7 @@ fn crashed_process_leases_expire() {
     let server = mock(0);
     let key = "sk-shared-0";
     // The child's requests hang at the server; it holds all 4 leases when killed.
-    server.set_key_rule(
-        key,
-        KeyRule {
-            latency_ms: Some(5_000),
-            ..KeyRule::default()
-        },
-    );
+    set_latency(&server, key, 5_000);
     let json = config_json(&server.url(), &redis.url(), 1, 4, "", "");
     let mut child = spawn_child(&json, 4);
     let t0 = Instant::now();
@@ -294,34 +354,17 @@ fn crashed_process_leases_expire() {
     let killed = server.key_stats(key).unwrap().last_request.unwrap();
     child.kill().unwrap(); // SIGKILL: no cleanup, leases stay in Redis
     child.wait().unwrap();
-    server.set_key_rule(
-        key,
-        KeyRule {
-            latency_ms: Some(20),
-            ..KeyRule::default()
-        },
-    );
-    let pool = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    set_latency(&server, key, 20);
+    let pool = new_pool(&json);
     let started = Instant::now();
-    let results = pool.batch((0..12).map(chat));
-    assert!(results.iter().all(|r| r.is_ok()));
+    run_ok(&pool, 12);
     let took = started.elapsed();
     let stats = server.key_stats(key).unwrap();
     let ours: Vec<&RequestRecord> = stats.log.iter().filter(|r| r.arrived > killed).collect();
     assert_eq!(ours.len(), 12);
-    let first = ours.iter().map(|r| r.arrived).min().unwrap();
-    // Renewed every 500 ms, the crashed leases outlive the kill by at least ~1 s…
-    assert!(
-        first >= killed + Duration::from_millis(700),
-        "sent {:?} after the kill, while the dead process's leases were live",
-        first - killed
-    );
-    // …and no longer than lease_ms (1.5 s), plus the recheck interval.
-    assert!(
-        first <= killed + Duration::from_millis(2_500),
-        "waited {:?} for dead leases",
-        first - killed
-    );
+    // Renewed every 500 ms, the crashed leases outlive the kill by at least ~1 s, and
+    // no longer than lease_ms (1.5 s), plus the recheck interval.
+    assert_first_after_expiry(&ours, killed, 2_500, "leases");
     assert!(max_overlap(&ours) <= 4);
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
@@ -333,45 +376,16 @@ fn cooldown_is_shared() {
     };
     let server = mock(20);
     let key = "sk-shared-0";
-    server.set_key_rule(
-        key,
-        KeyRule {
-            always_status: Some(429),
-            retry_after_ms: Some(1_500),
-            fail_first: 1,
-            ..KeyRule::default()
-        },
-    );
+    first_request_429(&server, key);
     let json = config_json(&server.url(), &redis.url(), 1, 4, "", "");
-    let pools: Vec<Pool> = (0..2)
-        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
-        .collect();
-    std::thread::scope(|s| {
-        for pool in &pools {
-            s.spawn(move || {
-                let results = pool.batch((0..30).map(chat));
-                assert!(results.iter().all(|r| r.is_ok()));
-            });
-        }
-    });
+    let pools = new_pools(&json, 2);
+    run_pools(&pools, 30);
     let stats = server.key_stats(key).unwrap();
-    let limited: Vec<&RequestRecord> = stats.log.iter().filter(|r| r.status == 429).collect();
-    assert_eq!(limited.len(), 1);
-    let at = limited[0].finished;
-    let window = (
-        at + Duration::from_millis(100),
-        at + Duration::from_millis(1_400),
-    );
-    let inside: Vec<Duration> = stats
-        .log
-        .iter()
-        .map(|r| r.arrived)
-        .filter(|a| *a > window.0 && *a < window.1)
-        .collect();
+    let window = cooldown_window(&stats.log);
+    let inside = arrivals_within(&stats.log, window);
     assert!(
-        inside.is_empty(),
-        "{} request(s) arrived during the shared cooldown",
-        inside.len()
+        inside == 0,
+        "{inside} request(s) arrived during the shared cooldown"
     );
     assert_eq!(stats.requests, 61);
 }
@@ -390,13 +404,13 @@ fn disabled_key_is_shared() {
         },
     );
     let json = config_json(&server.url(), &redis.url(), 2, 2, "", "");
-    let a = Pool::new(Config::from_json(&json).unwrap()).unwrap();
-    let b = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let a = new_pool(&json);
+    let b = new_pool(&json);
     // A meets the revoked key first and moves on to the other.
     assert!(a.batch([chat(0)])[0].is_ok());
     assert_eq!(server.key_stats("sk-shared-0").unwrap().requests, 1);
     // B never sends to it: A's verdict holds everywhere.
-    assert!(b.batch((0..10).map(chat)).iter().all(|r| r.is_ok()));
+    run_ok(&b, 10);
     assert_eq!(server.key_stats("sk-shared-0").unwrap().requests, 1);
     let st = b.stats();
     let reason = st.keys[0].disabled_reason.clone().expect("disabled in B");
@@ -412,34 +426,15 @@ fn rpm_is_shared_exactly() {
     let server = mock(5);
     // 240 rpm = one request per 250 ms across three pools.
     let json = config_json(&server.url(), &redis.url(), 1, 4, r#", "rpm": 240"#, "");
-    let pools: Vec<Pool> = (0..3)
-        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
-        .collect();
-    std::thread::scope(|s| {
-        for pool in &pools {
-            s.spawn(move || {
-                let results = pool.batch((0..6).map(chat));
-                assert!(results.iter().all(|r| r.is_ok()));
-            });
-        }
-    });
+    let pools = new_pools(&json, 3);
+    run_pools(&pools, 6);
     let stats = server.key_stats("sk-shared-0").unwrap();
     let mut arrivals: Vec<Duration> = stats.log.iter().map(|r| r.arrived).collect();
     assert_paced_at_240_rpm(&mut arrivals);
     // Keys are named by a hash, never the key itself.
-    let all: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
-        .query(&mut redis.conn())
-        .unwrap();
+    let all = redis_keys(&redis);
     assert!(!all.is_empty());
-    for k in &all {
-        assert!(!k.contains("sk-shared"), "{k}");
-        let hash = k.split(':').nth(2).unwrap();
-        assert!(
-            hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
-            "{k}"
-        );
-    }
+    assert_named_by_hash(&all, &["sk-shared"]);
 }
 
 #[test]
@@ -455,7 +450,7 @@ fn redis_down_fail_is_a_typed_error() {
         "",
         r#", "on_unavailable": "fail", "timeout_ms": 200"#,
     );
-    let pool = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let pool = new_pool(&json);
     let t0 = Instant::now();
     let r = pool.batch([chat(0)]);
     assert!(t0.elapsed() < Duration::from_secs(3));
@@ -480,9 +475,9 @@ fn redis_down_falls_back_to_a_local_share_then_recovers() {
         "",
         r#", "on_unavailable": "local", "local_share_percent": 50, "timeout_ms": 200"#,
     );
-    let pool = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let pool = new_pool(&json);
     let t0 = Instant::now();
-    assert!(pool.batch((0..40).map(chat)).iter().all(|r| r.is_ok()));
+    run_ok(&pool, 40);
     assert!(t0.elapsed() < Duration::from_secs(10));
     let k = server.key_stats("sk-shared-0").unwrap();
     assert!(k.max_in_flight <= 4, "half of 8: {}", k.max_in_flight);
@@ -491,20 +486,7 @@ fn redis_down_falls_back_to_a_local_share_then_recovers() {
     let Some(redis) = RedisServer::start_on(port) else {
         return;
     };
-    let mut con = redis.conn();
-    let t1 = Instant::now();
-    loop {
-        assert!(pool.batch([chat(0)])[0].is_ok());
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query(&mut con)
-            .unwrap();
-        if info.contains("cmdstat_eval") {
-            break; // an admission script ran
-        }
-        assert!(t1.elapsed() < Duration::from_secs(5), "never reconnected");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until_admitted_through_redis(&pool, &redis);
 }
 
 /// The `keypool` binary built with the `redis` feature: `$KEYPOOL_BIN`, else
@@ -610,6 +592,55 @@ fn live_leases(con: &mut redis::Connection) -> usize {
         .sum()
 }
 
+/// Every key in Redis (`KEYS *`).
+fn redis_keys(redis: &RedisServer) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg("*")
+        .query(&mut redis.conn())
+        .unwrap()
+}
+
+/// Each Redis key is named by a 32-hex-digit hash (its third `:` field) and contains
+/// none of `names`.
+fn assert_named_by_hash(all: &[String], names: &[&str]) {
+    for k in all {
+        assert!(!names.iter().any(|n| k.contains(n)), "{k}");
+        let hash = k.split(':').nth(2).unwrap();
+        assert!(
+            hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{k}"
+        );
+    }
+}
+
+/// Exactly one rate budget (`…:rate` key) among the Redis keys `all`.
+fn assert_one_rate_budget(all: &[String]) {
+    assert_eq!(
+        all.iter().filter(|k| k.ends_with(":rate")).count(),
+        1,
+        "{all:?}"
+    );
+}
+
+/// Sends one request at a time on `pool` (each must succeed) until Redis has run an
+/// admission script, i.e. the pool uses Redis again; fails after 5 s.
+fn until_admitted_through_redis(pool: &Pool, redis: &RedisServer) {
+    let mut con = redis.conn();
+    let t1 = Instant::now();
+    loop {
+        assert!(pool.batch([chat(0)])[0].is_ok());
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut con)
+            .unwrap();
+        if info.contains("cmdstat_eval") {
+            break; // an admission script ran
+        }
+        assert!(t1.elapsed() < Duration::from_secs(5), "never reconnected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits (polling an observable outside the code under test) until `f` holds.
 fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
@@ -678,13 +709,7 @@ fn redis_restarted_mid_run(mode: &str) {
     };
     let server = mock(0);
     let key = "sk-shared-0";
-    server.set_key_rule(
-        key,
-        KeyRule {
-            latency_ms: Some(40),
-            ..KeyRule::default()
-        },
-    );
+    set_latency(&server, key, 40);
     let json = config_json(
         &server.url(),
         &redis.url(),
@@ -694,7 +719,7 @@ fn redis_restarted_mid_run(mode: &str) {
         &format!(r#", "on_unavailable": "{mode}", "timeout_ms": 200"#),
     );
     let started = Instant::now();
-    let pool = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let pool = new_pool(&json);
     let (stop, errors) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicUsize::new(0)),
@@ -855,17 +880,11 @@ fn failed_release_is_replayed_not_held_until_lease_ms() {
     let proxy = Proxy::start(redis.port);
     let server = mock(0);
     let key = "sk-shared-0";
-    server.set_key_rule(
-        key,
-        KeyRule {
-            latency_ms: Some(300),
-            ..KeyRule::default()
-        },
-    );
+    set_latency(&server, key, 300);
     let extra = r#", "timeout_ms": 200, "on_unavailable": "fail""#;
     let json_a = config_json(&server.url(), &proxy.url(), 1, 2, "", extra)
         .replace(r#""lease_ms": 1500"#, r#""lease_ms": 20000"#);
-    let a = Pool::new(Config::from_json(&json_a).unwrap()).unwrap();
+    let a = new_pool(&json_a);
     let tickets: Vec<_> = (0..2).map(|i| a.submit(chat(i)).unwrap()).collect();
     wait_for("2 in flight", Duration::from_secs(10), || {
         server.key_stats(key).is_some_and(|k| k.in_flight == 2)
@@ -873,16 +892,10 @@ fn failed_release_is_replayed_not_held_until_lease_ms() {
     cut_then_replay(&proxy, &redis, tickets, 2);
     // Another pool gets both slots at once.
     let json_b = config_json(&server.url(), &redis.url(), 1, 2, "", extra);
-    let b = Pool::new(Config::from_json(&json_b).unwrap()).unwrap();
-    server.set_key_rule(
-        key,
-        KeyRule {
-            latency_ms: Some(100),
-            ..KeyRule::default()
-        },
-    );
+    let b = new_pool(&json_b);
+    set_latency(&server, key, 100);
     let t = Instant::now();
-    assert!(b.batch((0..4).map(chat)).iter().all(|r| r.is_ok()));
+    run_ok(&b, 4);
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     let stats = server.key_stats(key).unwrap();
     let ours: Vec<&RequestRecord> = stats.log[2..].iter().collect();
@@ -903,25 +916,14 @@ fn failed_group_release_is_replayed_not_held_until_lease_ms() {
     };
     let proxy = Proxy::start(redis.port);
     let server = mock(0);
-    let latency = |ms| {
-        for k in GROUP_KEYS {
-            server.set_key_rule(
-                k,
-                KeyRule {
-                    latency_ms: Some(ms),
-                    ..KeyRule::default()
-                },
-            );
-        }
-    };
-    latency(300);
+    set_group_latency(&server, 300);
     let shared = r#""lease_ms": 1500}"#;
     let json_a = group_json(&server.url(), &proxy.url(), r#", "max_concurrent": 2"#).replace(
         shared,
         r#""lease_ms": 20000, "timeout_ms": 200, "on_unavailable": "fail"}"#,
     );
     assert!(json_a.contains("20000"));
-    let a = Pool::new(Config::from_json(&json_a).unwrap()).unwrap();
+    let a = new_pool(&json_a);
     let tickets: Vec<_> = (0..2).map(|i| a.submit(chat(i)).unwrap()).collect();
     wait_for("2 in flight", Duration::from_secs(10), || {
         server.stats().in_flight_total == 2
@@ -933,12 +935,12 @@ fn failed_group_release_is_replayed_not_held_until_lease_ms() {
         shared,
         r#""lease_ms": 1500, "timeout_ms": 200, "on_unavailable": "fail"}"#,
     );
-    let b = Pool::new(Config::from_json(&json_b).unwrap()).unwrap();
-    latency(100);
+    let b = new_pool(&json_b);
+    set_group_latency(&server, 100);
     let seen = group_log(&server).len();
     assert_eq!(seen, 2);
     let t = Instant::now();
-    assert!(b.batch((0..4).map(chat)).iter().all(|r| r.is_ok()));
+    run_ok(&b, 4);
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     let mut log = group_log(&server);
     log.sort_by_key(|r| r.arrived);
@@ -961,9 +963,7 @@ fn tpm_is_shared_exactly() {
     };
     let server = mock(5);
     let json = config_json(&server.url(), &redis.url(), 1, 4, r#", "tpm": 1260"#, "");
-    let pools: Vec<Pool> = (0..3)
-        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
-        .collect();
+    let pools = new_pools(&json, 3);
     run_21_token_requests(&pools);
     let stats = server.key_stats("sk-shared-0").unwrap();
     let mut arrivals: Vec<Duration> = stats.log.iter().map(|r| r.arrived).collect();
@@ -1035,23 +1035,13 @@ fn group_tpm_is_shared_exactly() {
     };
     let server = mock(5);
     let json = group_json(&server.url(), &redis.url(), r#", "tpm": 1260"#);
-    let pools: Vec<Pool> = (0..3)
-        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
-        .collect();
+    let pools = new_pools(&json, 3);
     run_21_token_requests(&pools);
     let log = group_log(&server);
     let mut arrivals: Vec<Duration> = log.iter().map(|r| r.arrived).collect();
     assert_paced_at_1260_tpm(&mut arrivals);
     // Spread over the keys or not, the one budget is the group's.
-    let all: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
-        .query(&mut redis.conn())
-        .unwrap();
-    assert_eq!(
-        all.iter().filter(|k| k.ends_with(":rate")).count(),
-        1,
-        "{all:?}"
-    );
+    assert_one_rate_budget(&redis_keys(&redis));
 }
 
 /// A credit check that finds a key at its floor in one pool parks the key in every
@@ -1070,13 +1060,13 @@ fn credit_floor_park_is_shared() {
         r#""credits": {"check": true, "floor": 0.5}, "keys":"#,
         1,
     );
-    let a = Pool::new(Config::from_json(&with_credits).unwrap()).unwrap();
+    let a = new_pool(&with_credits);
     wait_for("A parks the key", Duration::from_secs(5), || {
         a.stats().keys[0].disabled_reason.is_some()
     });
     assert_eq!(server.credit("sk-shared-0").unwrap().checks, 1);
-    let b = Pool::new(Config::from_json(&json).unwrap()).unwrap();
-    assert!(b.batch((0..20).map(chat)).iter().all(|r| r.is_ok()));
+    let b = new_pool(&json);
+    run_ok(&b, 20);
     assert_eq!(server.key_stats("sk-shared-0").map_or(0, |k| k.requests), 0);
     assert_eq!(server.key_stats("sk-shared-1").unwrap().requests, 20);
     // B checked no credit itself: the park came through Redis.
@@ -1110,19 +1100,8 @@ fn learned_limit_is_shared() {
         "",
     )
     .replace(r#""max_attempts": 5"#, r#""max_attempts": 20"#);
-    let pools: Vec<Pool> = (0..3)
-        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
-        .collect();
-    let run = |n: usize| {
-        std::thread::scope(|s| {
-            for pool in &pools {
-                s.spawn(move || {
-                    let results = pool.batch((0..n).map(chat));
-                    assert!(results.iter().all(|r| r.is_ok()));
-                });
-            }
-        })
-    };
+    let pools = new_pools(&json, 3);
+    let run = |n: usize| run_pools(&pools, n);
     let mut con = redis.conn();
     let learned = |con: &mut redis::Connection| -> (f64, u64) {
         let keys: Vec<String> = redis::cmd("KEYS").arg("kp:test:*:aimd").query(con).unwrap();
@@ -1198,14 +1177,18 @@ fn group_log(server: &MockServer) -> Vec<RequestRecord> {
         .collect()
 }
 
+/// Makes the mock answer every key of the group after `ms`.
+fn set_group_latency(server: &MockServer, ms: u64) {
+    for k in GROUP_KEYS {
+        set_latency(server, k, ms);
+    }
+}
+
 /// Runs `per_pool` requests on each of `pools` at once; every result must be a success.
 fn run_pools(pools: &[Pool], per_pool: usize) {
     std::thread::scope(|s| {
         for pool in pools {
-            s.spawn(move || {
-                let results = pool.batch((0..per_pool).map(chat));
-                assert!(results.iter().all(|r| r.is_ok()));
-            });
+            s.spawn(move || run_ok(pool, per_pool));
         }
     });
 }
@@ -1217,15 +1200,12 @@ fn group_concurrency_is_shared_across_pools() {
     };
     let server = mock(15);
     let json = group_json(&server.url(), &redis.url(), r#", "max_concurrent": 4"#);
-    let pools: Vec<Pool> = (0..3)
-        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
-        .collect();
+    let pools = new_pools(&json, 3);
     run_pools(&pools, 60);
     let log = group_log(&server);
     assert_eq!(log.len(), 180);
     // Three pools, each holding its group to 4: 12 could be in flight unshared.
-    let refs: Vec<&RequestRecord> = log.iter().collect();
-    let group = max_overlap(&refs);
+    let group = max_overlap(&log.iter().collect::<Vec<_>>());
     assert!(group <= 4, "the group had {group} in flight at the server");
     assert_eq!(group, 4, "the group never used its 4 slots");
     // Every group lease came back too (released, or expired within lease_ms).
@@ -1243,37 +1223,18 @@ fn group_cooldown_is_shared() {
     let server = mock(20);
     // The first request on sk-shared-0 is a 429 that the group attributes to the
     // account ("*"): the whole account cools for 1.5 s, in every pool.
-    server.set_key_rule(
-        "sk-shared-0",
-        KeyRule {
-            always_status: Some(429),
-            retry_after_ms: Some(1_500),
-            fail_first: 1,
-            ..KeyRule::default()
-        },
-    );
+    first_request_429(&server, "sk-shared-0");
     let json = group_json(
         &server.url(),
         &redis.url(),
         r#", "max_concurrent": 6, "account_429": "*""#,
     );
-    let pools: Vec<Pool> = (0..3)
-        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
-        .collect();
+    let pools = new_pools(&json, 3);
     run_pools(&pools, 30);
     let log = group_log(&server);
-    let limited: Vec<&RequestRecord> = log.iter().filter(|r| r.status == 429).collect();
-    assert_eq!(limited.len(), 1);
-    let at = limited[0].finished;
-    let window = (
-        at + Duration::from_millis(100),
-        at + Duration::from_millis(1_400),
-    );
+    let window = cooldown_window(&log);
     // No pool sent anything to any key of the account while it cooled.
-    let inside = log
-        .iter()
-        .filter(|r| r.arrived > window.0 && r.arrived < window.1)
-        .count();
+    let inside = arrivals_within(&log, window);
     assert_eq!(
         inside, 0,
         "requests arrived during the shared group cooldown"
@@ -1291,31 +1252,15 @@ fn group_rpm_is_shared_exactly() {
     let server = mock(5);
     // 240 rpm on the account = one request per 250 ms across its keys and three pools.
     let json = group_json(&server.url(), &redis.url(), r#", "rpm": 240"#);
-    let pools: Vec<Pool> = (0..3)
-        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
-        .collect();
+    let pools = new_pools(&json, 3);
     run_pools(&pools, 6);
     let mut arrivals: Vec<Duration> = group_log(&server).iter().map(|r| r.arrived).collect();
     assert_paced_at_240_rpm(&mut arrivals);
     // The group is named by a hash in Redis, in the keys' scheme.
-    let all: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
-        .query(&mut redis.conn())
-        .unwrap();
+    let all = redis_keys(&redis);
     // The keys have no rpm of their own: the one rate budget is the group's.
-    assert_eq!(
-        all.iter().filter(|k| k.ends_with(":rate")).count(),
-        1,
-        "{all:?}"
-    );
-    for k in &all {
-        assert!(!k.contains("acct") && !k.contains("sk-shared"), "{k}");
-        let hash = k.split(':').nth(2).unwrap();
-        assert!(
-            hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
-            "{k}"
-        );
-    }
+    assert_one_rate_budget(&all);
+    assert_named_by_hash(&all, &["acct", "sk-shared"]);
 }
 
 #[test]
@@ -1325,8 +1270,8 @@ fn group_slot_freed_elsewhere_wakes_a_waiting_pool() {
     };
     let server = mock(0);
     let json = group_json(&server.url(), &redis.url(), r#", "max_concurrent": 1"#);
-    let a = Pool::new(Config::from_json(&json).unwrap()).unwrap();
-    let b = Pool::new(Config::from_json(&json).unwrap()).unwrap();
+    let a = new_pool(&json);
+    let b = new_pool(&json);
     let slow = || {
         Request::from_json(
             "/chat/completions",
@@ -1366,19 +1311,8 @@ fn crashed_process_group_slots_come_back() {
         return;
     };
     let server = mock(0);
-    let hang = |ms| {
-        for k in GROUP_KEYS {
-            server.set_key_rule(
-                k,
-                KeyRule {
-                    latency_ms: Some(ms),
-                    ..KeyRule::default()
-                },
-            );
-        }
-    };
     // The child's requests hang at the server: it holds both of the group's slots.
-    hang(6_000);
+    set_group_latency(&server, 6_000);
     let json = group_json(&server.url(), &redis.url(), r#", "max_concurrent": 2"#);
     let mut child = spawn_child(&json, 2);
     wait_for("the child's two requests", Duration::from_secs(20), || {
@@ -1395,26 +1329,15 @@ fn crashed_process_group_slots_come_back() {
     let killed = last + Duration::from_millis(2_000);
     child.kill().unwrap(); // SIGKILL: no cleanup, leases stay in Redis
     child.wait().unwrap();
-    hang(20);
-    let pool = Pool::new(Config::from_json(&json).unwrap()).unwrap();
-    let results = pool.batch((0..8).map(chat));
-    assert!(results.iter().all(|r| r.is_ok()));
+    set_group_latency(&server, 20);
+    let pool = new_pool(&json);
+    run_ok(&pool, 8);
     let log = group_log(&server);
     let ours: Vec<&RequestRecord> = log.iter().filter(|r| r.arrived > last).collect();
     assert_eq!(ours.len(), 8);
-    let first = ours.iter().map(|r| r.arrived).min().unwrap();
     // The per-key slots were free (a key holds 4): only the group's leases held us back,
     // renewed until the kill, then expired within lease_ms (plus the recheck interval).
-    assert!(
-        first >= killed + Duration::from_millis(700),
-        "sent {:?} after the kill, while the dead process's group leases were live",
-        first - killed
-    );
-    assert!(
-        first <= killed + Duration::from_millis(2_700),
-        "waited {:?} for dead group leases",
-        first - killed
-    );
+    assert_first_after_expiry(&ours, killed, 2_700, "group leases");
     assert!(max_overlap(&ours) <= 2);
 }
 
@@ -1450,16 +1373,13 @@ fn redis_down_scales_group_limits_to_the_local_share() {
         r#""lease_ms": 1500, "on_unavailable": "local", "local_share_percent": 50, "timeout_ms": 200}"#,
     );
     assert!(json.contains("local_share_percent"));
-    let pools: Vec<Pool> = (0..2)
-        .map(|_| Pool::new(Config::from_json(&json).unwrap()).unwrap())
-        .collect();
+    let pools = new_pools(&json, 2);
     let t0 = Instant::now();
     run_pools(&pools, 30);
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
     let log = group_log(&server);
     assert_eq!(log.len(), 60);
-    let refs: Vec<&RequestRecord> = log.iter().collect();
-    let group = max_overlap(&refs);
+    let group = max_overlap(&log.iter().collect::<Vec<_>>());
     assert!(group <= 4, "the group had {group} in flight at the server");
     assert_eq!(
         group, 4,
@@ -1470,20 +1390,7 @@ fn redis_down_scales_group_limits_to_the_local_share() {
     let Some(redis) = RedisServer::start_on(port) else {
         return;
     };
-    let mut con = redis.conn();
-    let t1 = Instant::now();
-    loop {
-        assert!(pools[0].batch([chat(0)])[0].is_ok());
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query(&mut con)
-            .unwrap();
-        if info.contains("cmdstat_eval") {
-            break; // an admission script ran
-        }
-        assert!(t1.elapsed() < Duration::from_secs(5), "never reconnected");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until_admitted_through_redis(&pools[0], &redis);
     let seen = group_log(&server).len();
     run_pools(&pools[..1], 30);
     let mut log = group_log(&server);

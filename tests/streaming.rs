@@ -37,7 +37,12 @@ fn builder(server: &MockServer, keys: usize, per_key: usize) -> ConfigBuilder {
 }
 
 fn pool(server: &MockServer, keys: usize, per_key: usize) -> Pool {
-    Pool::new(builder(server, keys, per_key).build().unwrap()).unwrap()
+    build(builder(server, keys, per_key))
+}
+
+/// A pool built from `b`.
+fn build(b: ConfigBuilder) -> Pool {
+    Pool::new(b.build().unwrap()).unwrap()
 }
 
 fn req(prompt: &str, mock: Value) -> Request {
@@ -78,15 +83,29 @@ fn drain(stream: ResponseStream) -> Drained {
     d
 }
 
+/// Streams `req(prompt, mock)` on `pool` and drains every event.
+fn stream(pool: &Pool, prompt: &str, mock: Value) -> Drained {
+    drain(pool.submit_stream(req(prompt, mock)).unwrap())
+}
+
+/// The kind and `chunks_delivered` of an `Error::Stream` result; `None` for any other.
+fn stream_failure(result: &keypool::RequestResult) -> Option<(StreamFailure, u64)> {
+    match result {
+        Err(Error::Stream {
+            kind,
+            chunks_delivered,
+            ..
+        }) => Some((*kind, *chunks_delivered)),
+        _ => None,
+    }
+}
+
 #[test]
 fn chunks_arrive_then_the_assembled_completion_with_usage_and_ttft() {
     let server = server();
     let pool = pool(&server, 1, 2);
     let prompt = "tell me a fairly long story please";
-    let d = drain(
-        pool.submit_stream(req(prompt, json!({"stream_chunks": 5})))
-            .unwrap(),
-    );
+    let d = stream(&pool, prompt, json!({"stream_chunks": 5}));
     assert_eq!(d.done_events, 1);
     let resp = d.result.as_ref().unwrap();
     // role chunk + 5 content chunks + finish chunk + usage chunk
@@ -117,10 +136,7 @@ fn chunks_arrive_then_the_assembled_completion_with_usage_and_ttft() {
 fn time_to_first_token_measures_the_wait_for_text() {
     let server = server();
     let pool = pool(&server, 1, 1);
-    let d = drain(
-        pool.submit_stream(req("hi", json!({"first_chunk_delay_ms": 150})))
-            .unwrap(),
-    );
+    let d = stream(&pool, "hi", json!({"first_chunk_delay_ms": 150}));
     let ttft = d.result.unwrap().time_to_first_token().unwrap();
     assert!(ttft >= Duration::from_millis(150), "{ttft:?}");
     assert!(pool.stats().keys[0].ttft_p50_ms >= 140.0);
@@ -144,12 +160,10 @@ fn the_callers_include_usage_is_kept() {
 fn comments_crlf_multiline_data_and_event_fields() {
     let server = server();
     let pool = pool(&server, 1, 1);
-    let d = drain(
-        pool.submit_stream(req(
-            "abcdefgh",
-            json!({"comments": 3, "crlf": true, "multiline_data": true, "event_fields": true}),
-        ))
-        .unwrap(),
+    let d = stream(
+        &pool,
+        "abcdefgh",
+        json!({"comments": 3, "crlf": true, "multiline_data": true, "event_fields": true}),
     );
     let resp = d.result.unwrap();
     assert_eq!(resp.content().unwrap(), "echo: abcdefgh");
@@ -193,12 +207,10 @@ fn streams_count_against_max_concurrent_at_the_server() {
 fn a_stream_cut_before_any_event_is_retried_on_another_key() {
     let server = server();
     let pool = pool(&server, 2, 1);
-    let d = drain(
-        pool.submit_stream(req(
-            "retry me",
-            json!({"comments": 2, "stream_fault": "truncate", "fault_keys": ["sk-s-0"]}),
-        ))
-        .unwrap(),
+    let d = stream(
+        &pool,
+        "retry me",
+        json!({"comments": 2, "stream_fault": "truncate", "fault_keys": ["sk-s-0"]}),
     );
     let resp = d.result.unwrap();
     assert_eq!(resp.attempts(), 2);
@@ -215,12 +227,10 @@ fn a_stream_cut_before_any_event_is_retried_on_another_key() {
 fn a_stream_cut_after_data_is_not_retried_and_says_how_much_was_delivered() {
     let server = server();
     let pool = pool(&server, 2, 1);
-    let d = drain(
-        pool.submit_stream(req(
-            "abcdefghijklmnop",
-            json!({"stream_fault": "truncate", "fault_after": 2, "fault_keys": ["sk-s-0"]}),
-        ))
-        .unwrap(),
+    let d = stream(
+        &pool,
+        "abcdefghijklmnop",
+        json!({"stream_fault": "truncate", "fault_after": 2, "fault_keys": ["sk-s-0"]}),
     );
     match &d.result {
         Err(Error::Stream {
@@ -251,12 +261,10 @@ fn a_stream_cut_after_data_is_not_retried_and_says_how_much_was_delivered() {
 fn an_error_event_mid_stream_ends_it_with_the_servers_code() {
     let server = server();
     let pool = pool(&server, 2, 1);
-    let d = drain(
-        pool.submit_stream(req(
-            "abcdefghijklmnop",
-            json!({"stream_fault": "error_event", "fault_after": 1}),
-        ))
-        .unwrap(),
+    let d = stream(
+        &pool,
+        "abcdefghijklmnop",
+        json!({"stream_fault": "error_event", "fault_after": 1}),
     );
     match d.result {
         Err(Error::Stream {
@@ -275,12 +283,10 @@ fn an_error_event_mid_stream_ends_it_with_the_servers_code() {
 fn an_error_event_before_data_is_judged_by_its_code_and_retried() {
     let server = server();
     let pool = pool(&server, 2, 1);
-    let d = drain(
-        pool.submit_stream(req(
-            "hello",
-            json!({"stream_fault": "error_event", "error_code": 429, "fault_keys": ["sk-s-0"]}),
-        ))
-        .unwrap(),
+    let d = stream(
+        &pool,
+        "hello",
+        json!({"stream_fault": "error_event", "error_code": 429, "fault_keys": ["sk-s-0"]}),
     );
     let resp = d.result.unwrap();
     assert_eq!(resp.keys_tried(), &[0, 1]);
@@ -292,32 +298,21 @@ fn an_error_event_before_data_is_judged_by_its_code_and_retried() {
 #[test]
 fn a_malformed_event_is_an_error() {
     let server = server();
-    let pool = Pool::new(builder(&server, 1, 1).max_attempts(2).build().unwrap()).unwrap();
+    let pool = build(builder(&server, 1, 1).max_attempts(2));
     // After data: final at once.
-    let d = drain(
-        pool.submit_stream(req(
-            "abcdefgh",
-            json!({"stream_fault": "malformed", "fault_after": 1}),
-        ))
-        .unwrap(),
+    let d = stream(
+        &pool,
+        "abcdefgh",
+        json!({"stream_fault": "malformed", "fault_after": 1}),
     );
-    assert!(
-        matches!(
-            d.result,
-            Err(Error::Stream {
-                kind: StreamFailure::Malformed,
-                chunks_delivered: 2,
-                ..
-            })
-        ),
+    assert_eq!(
+        stream_failure(&d.result),
+        Some((StreamFailure::Malformed, 2)),
         "{:?}",
         d.result
     );
     // Before data: retried up to max_attempts, then the last attempt's error.
-    let d = drain(
-        pool.submit_stream(req("x", json!({"stream_fault": "malformed"})))
-            .unwrap(),
-    );
+    let d = stream(&pool, "x", json!({"stream_fault": "malformed"}));
     assert!(d.chunks.is_empty());
     match d.result {
         Err(Error::Stream {
@@ -334,40 +329,26 @@ fn a_malformed_event_is_an_error() {
 #[test]
 fn an_idle_stream_times_out_between_chunks() {
     let server = server();
-    let pool = Pool::new(
+    let pool = build(
         builder(&server, 1, 1)
             .stream_idle_timeout_ms(200)
-            .max_attempts(1)
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
-    let t = Instant::now();
-    let d = drain(
-        pool.submit_stream(req(
-            "abcdefgh",
-            json!({"stream_fault": "stall", "fault_after": 1}),
-        ))
-        .unwrap(),
+            .max_attempts(1),
     );
-    assert!(
-        matches!(
-            d.result,
-            Err(Error::Stream {
-                kind: StreamFailure::Idle,
-                chunks_delivered: 2,
-                ..
-            })
-        ),
+    let t = Instant::now();
+    let d = stream(
+        &pool,
+        "abcdefgh",
+        json!({"stream_fault": "stall", "fault_after": 1}),
+    );
+    assert_eq!(
+        stream_failure(&d.result),
+        Some((StreamFailure::Idle, 2)),
         "{:?}",
         d.result
     );
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     // Stalled before any event: a timeout in phase `stream_idle`.
-    let d = drain(
-        pool.submit_stream(req("x", json!({"stream_fault": "stall"})))
-            .unwrap(),
-    );
+    let d = stream(&pool, "x", json!({"stream_fault": "stall"}));
     match d.result {
         Err(Error::Timeout {
             phase: TimeoutPhase::StreamIdle,
@@ -381,19 +362,11 @@ fn an_idle_stream_times_out_between_chunks() {
 #[test]
 fn a_stall_before_data_is_retried_on_another_key() {
     let server = server();
-    let pool = Pool::new(
-        builder(&server, 2, 1)
-            .stream_idle_timeout_ms(150)
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
-    let d = drain(
-        pool.submit_stream(req(
-            "again",
-            json!({"stream_fault": "stall", "fault_keys": ["sk-s-0"]}),
-        ))
-        .unwrap(),
+    let pool = build(builder(&server, 2, 1).stream_idle_timeout_ms(150));
+    let d = stream(
+        &pool,
+        "again",
+        json!({"stream_fault": "stall", "fault_keys": ["sk-s-0"]}),
     );
     let r = d.result.unwrap();
     assert_eq!(r.keys_tried(), &[0, 1]);
@@ -403,30 +376,19 @@ fn a_stall_before_data_is_retried_on_another_key() {
 #[test]
 fn the_deadline_bounds_a_whole_stream() {
     let server = server();
-    let pool = Pool::new(
+    let pool = build(
         builder(&server, 1, 1)
             .stream_idle_timeout_ms(0)
-            .deadline_ms(400)
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
+            .deadline_ms(400),
+    );
     let t = Instant::now();
-    let d = drain(
-        pool.submit_stream(req(
-            "a long prompt that becomes many chunks",
-            json!({"chunk_delay_ms": 100, "stream_chunks": 40}),
-        ))
-        .unwrap(),
+    let d = stream(
+        &pool,
+        "a long prompt that becomes many chunks",
+        json!({"chunk_delay_ms": 100, "stream_chunks": 40}),
     );
     assert!(
-        matches!(
-            d.result,
-            Err(Error::Stream {
-                kind: StreamFailure::Timeout,
-                ..
-            })
-        ),
+        matches!(stream_failure(&d.result), Some((StreamFailure::Timeout, _))),
         "{:?}",
         d.result
     );
@@ -437,20 +399,15 @@ fn the_deadline_bounds_a_whole_stream() {
 #[test]
 fn a_huge_line_is_refused_without_buffering_it() {
     let server = server();
-    let pool = Pool::new(
+    let pool = build(
         builder(&server, 1, 1)
             .max_response_bytes(64 * 1024)
-            .max_attempts(1)
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
-    let d = drain(
-        pool.submit_stream(req(
-            "abcdefgh",
-            json!({"stream_fault": "huge_line", "huge_line_bytes": 8 << 20, "fault_after": 1}),
-        ))
-        .unwrap(),
+            .max_attempts(1),
+    );
+    let d = stream(
+        &pool,
+        "abcdefgh",
+        json!({"stream_fault": "huge_line", "huge_line_bytes": 8 << 20, "fault_after": 1}),
     );
     match d.result {
         Err(Error::Stream {
@@ -466,21 +423,19 @@ fn a_huge_line_is_refused_without_buffering_it() {
 fn a_connection_reset_mid_stream_is_an_error_not_a_success() {
     let server = server();
     let pool = pool(&server, 1, 1);
-    let d = drain(
-        pool.submit_stream(req(
-            "abcdefgh",
-            json!({"stream_fault": "abort", "fault_after": 2}),
-        ))
-        .unwrap(),
+    let d = stream(
+        &pool,
+        "abcdefgh",
+        json!({"stream_fault": "abort", "fault_after": 2}),
     );
-    match d.result {
-        Err(Error::Stream {
-            kind: StreamFailure::Interrupted | StreamFailure::Incomplete,
-            chunks_delivered: 3,
-            ..
-        }) => {}
-        other => panic!("{other:?}"),
-    }
+    assert!(
+        matches!(
+            stream_failure(&d.result),
+            Some((StreamFailure::Interrupted | StreamFailure::Incomplete, 3))
+        ),
+        "{:?}",
+        d.result
+    );
     assert_eq!(pool.stats().keys[0].succeeded, 0);
 }
 
@@ -495,7 +450,7 @@ fn an_error_status_before_the_stream_is_retried_like_any_request() {
         },
     );
     let pool = pool(&server, 2, 1);
-    let d = drain(pool.submit_stream(req("x", json!({}))).unwrap());
+    let d = stream(&pool, "x", json!({}));
     let r = d.result.unwrap();
     assert_eq!(r.keys_tried(), &[0, 1]);
     assert_eq!(pool.stats().keys[0].failures.server_error, 1);
