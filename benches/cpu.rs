@@ -59,18 +59,7 @@ fn main() {
     }
     if let Some(n) = opt("--quick") {
         // Pool::batch and the async reference only, for A/B comparisons of a change.
-        let pool = Pool::new(config(&mock.url)).unwrap();
-        let _ = pool.batch((0..2 * KEYS * PER_KEY).map(prompt));
-        let u0 = Usage::now();
-        let t0 = Instant::now();
-        let failures = pool
-            .batch((0..n).map(prompt))
-            .iter()
-            .filter(|r| r.is_err())
-            .count();
-        let kp = Usage::now().minus(&u0, t0.elapsed(), n);
-        drop(pool);
-        kp.print("keypool  Pool::batch", failures);
+        let kp = measured_batch(&mock.url, n, 2 * KEYS * PER_KEY);
         let (asy, afail) = async_reference::<Conn>(&mock.url, n);
         asy.print("async ref (tokio, 1 thread, 256 conns)", afail);
         let (hy, hfail) = async_reference::<HyperConn>(&mock.url, n);
@@ -94,21 +83,7 @@ fn main() {
         let _ = pool.batch((0..2 * KEYS * PER_KEY).map(prompt));
     }
 
-    let pool = Pool::new(config(&mock.url)).unwrap();
-    let _ = pool.batch((0..KEYS * PER_KEY).map(prompt)); // connections open
-    let u0 = Usage::now();
-    let t0 = Instant::now();
-    let failures = pool
-        .batch((0..n).map(prompt))
-        .iter()
-        .filter(|r| r.is_err())
-        .count();
-    let kp = Usage::now().minus(&u0, t0.elapsed(), n);
-    if std::env::var_os("CPU_BENCH_THREADS").is_some() {
-        thread_switches();
-    }
-    drop(pool);
-    kp.print("keypool  Pool::batch", failures);
+    let kp = measured_batch(&mock.url, n, KEYS * PER_KEY);
 
     // The same requests, results dropped as they arrive (as the reference does): what
     // remains is per-request cost, not the 40,000 results `batch` keeps.
@@ -488,6 +463,28 @@ fn thread_switches() {
 
 // ---------------------------------------------------------------------------------
 // keypool
+
+/// One `Pool::batch` of `n` requests on a new pool, after `warm` unmeasured ones (its
+/// connections open): prints its line and returns its figures. With
+/// `CPU_BENCH_THREADS` set, also each kind of thread's context switches.
+fn measured_batch(url: &str, n: usize, warm: usize) -> Figures {
+    let pool = Pool::new(config(url)).unwrap();
+    let _ = pool.batch((0..warm).map(prompt));
+    let u0 = Usage::now();
+    let t0 = Instant::now();
+    let failures = pool
+        .batch((0..n).map(prompt))
+        .iter()
+        .filter(|r| r.is_err())
+        .count();
+    let kp = Usage::now().minus(&u0, t0.elapsed(), n);
+    if std::env::var_os("CPU_BENCH_THREADS").is_some() {
+        thread_switches();
+    }
+    drop(pool);
+    kp.print("keypool  Pool::batch", failures);
+    kp
+}
 
 /// The pool under test: `first_available` (the default), or the strategy named by
 /// `CPU_BENCH_STRATEGY` (`round_robin`, `least_loaded`).
