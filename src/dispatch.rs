@@ -574,6 +574,9 @@ impl Dispatcher {
         let error = || Error::Panic(format!("the keypool dispatcher failed: {msg}"));
         *self.shared.broken.lock() = Some(msg.clone());
         self.shared.closing.store(true, SeqCst);
+        // Submitters waiting for queue space stop waiting: their jobs go in and are
+        // answered with the error below.
+        self.shared.space.wake_all();
         // Workers finish their current attempt and exit.
         self.senders.clear();
         for job in std::mem::take(&mut self.ready) {
