@@ -434,12 +434,24 @@ impl Pool {
             m => m,
         };
         let sent = match mode {
-            Mode::Block => self.send_blocking(&tx, job, None),
+            Mode::Block => self.send_blocking(&tx, job),
             Mode::Try => tx.try_send(job).map_err(|e| match e {
                 TrySendError::Full(j) => (j, Error::Busy),
                 TrySendError::Disconnected(j) => (j, Error::Closed),
             }),
-            Mode::Timeout(d) => self.send_blocking(&tx, job, Some(d)),
+            // Any free slot within `d` will do: no hysteresis (which could time out
+            // while slots are free but fewer than an eighth of the queue).
+            Mode::Timeout(d) => tx.send_timeout(job, d).map_err(|e| match e {
+                SendTimeoutError::Timeout(j) => (
+                    j,
+                    Error::Timeout {
+                        phase: TimeoutPhase::Submit,
+                        key: None,
+                        attempts: 0,
+                    },
+                ),
+                SendTimeoutError::Disconnected(j) => (j, Error::Closed),
+            }),
             Mode::NoWait => tx.try_send(job).map_err(|e| match e {
                 TrySendError::Full(j) => (j, Error::WouldDeadlock("submit on a full queue")),
                 TrySendError::Disconnected(j) => (j, Error::Closed),
@@ -457,25 +469,15 @@ impl Pool {
         }
     }
 
-    /// Sends `job`, waiting for queue space (at most `timeout`). A full queue is waited
-    /// out with hysteresis (`queue_space.rs`): the submitter sleeps until an eighth of
-    /// the queue is free, not until the next slot is. Once shutdown has begun it waits
-    /// in crossbeam's `send` as before (the dispatcher's drain takes the job and
-    /// answers it `Cancelled`).
+    /// Sends `job`, waiting for queue space as long as it takes. A full queue is
+    /// waited out with hysteresis (`queue_space.rs`): the submitter sleeps until an
+    /// eighth of the queue is free, not until the next slot is (its job would wait
+    /// behind the same requests either way). Once shutdown has begun it waits in
+    /// crossbeam's `send` as before (the dispatcher's drain takes the job and answers
+    /// it `Cancelled`).
     #[allow(clippy::result_large_err)] // the job itself comes back: moved, not boxed
-    fn send_blocking(
-        &self,
-        tx: &Sender<Job>,
-        mut job: Job,
-        timeout: Option<Duration>,
-    ) -> Result<(), (Job, Error)> {
+    fn send_blocking(&self, tx: &Sender<Job>, mut job: Job) -> Result<(), (Job, Error)> {
         let shared = &self.inner.shared;
-        let until = timeout.and_then(|d| Instant::now().checked_add(d));
-        let timed_out = || Error::Timeout {
-            phase: TimeoutPhase::Submit,
-            key: None,
-            attempts: 0,
-        };
         loop {
             match tx.try_send(job) {
                 Ok(()) => return Ok(()),
@@ -484,18 +486,9 @@ impl Pool {
             }
             let stopping = || shared.closing.load(std::sync::atomic::Ordering::SeqCst);
             if stopping() {
-                let left = until.map(|t| t.saturating_duration_since(Instant::now()));
-                return match left {
-                    None => tx.send(job).map_err(|e| (e.into_inner(), Error::Closed)),
-                    Some(d) => tx.send_timeout(job, d).map_err(|e| match e {
-                        SendTimeoutError::Timeout(j) => (j, timed_out()),
-                        SendTimeoutError::Disconnected(j) => (j, Error::Closed),
-                    }),
-                };
+                return tx.send(job).map_err(|e| (e.into_inner(), Error::Closed));
             }
-            if !shared.space.wait(|| tx.len(), stopping, until) {
-                return Err((job, timed_out()));
-            }
+            shared.space.wait(|| tx.len(), stopping);
         }
     }
 

@@ -578,7 +578,7 @@ fn a_submitter_blocked_on_a_full_queue_is_answered_at_close() {
     });
     let tid = tid_rx.recv().unwrap();
     // Its only way to sleep is waiting for queue space.
-    while !is_asleep(&tid) {
+    while !is_asleep(&tid) && !submitter.is_finished() {
         std::thread::yield_now();
     }
     assert!(
@@ -602,4 +602,61 @@ fn a_submitter_blocked_on_a_full_queue_is_answered_at_close() {
             Err(e) => panic!("unexpected {e}"),
         }
     }
+}
+
+/// `submit_timeout` takes the first free slot within its timeout (no hysteresis: with
+/// one slot free it must not time out waiting for an eighth of the queue).
+#[cfg(target_os = "linux")]
+#[test]
+fn submit_timeout_takes_the_first_free_slot() {
+    let (permit_tx, permit_rx) = crossbeam_channel::unbounded::<()>();
+    let (entered_tx, entered_rx) = crossbeam_channel::unbounded::<()>();
+    let f = factory(move |_, _| {
+        let _ = entered_tx.send(());
+        // Bounded, so a failing run ends instead of hanging the pool's shutdown.
+        let _ = permit_rx.recv_timeout(Duration::from_secs(10));
+        Ok(ok())
+    });
+    let cfg = Config::builder()
+        .base_url("http://127.0.0.1:9")
+        .key("sk-test-a", 1)
+        .queue_capacity(16)
+        .probe_keys(false)
+        .build()
+        .unwrap();
+    let pool = Pool::with_transport(cfg, f).unwrap();
+    // The worker holds the first request; then the queue fills (16).
+    let mut tickets = vec![pool.submit(req(0)).unwrap()];
+    entered_rx.recv().unwrap();
+    tickets.extend(fill(&pool));
+    assert_eq!(pool.stats().queued, 16);
+    let (tid_tx, tid_rx) = crossbeam_channel::bounded(1);
+    let p = pool.clone();
+    let submitter = std::thread::spawn(move || {
+        tid_tx.send(my_tid()).unwrap();
+        p.submit_timeout(req(999), Duration::from_secs(5))
+    });
+    // Once it waits on the full queue, one request finishes: exactly one slot frees
+    // (the worker takes the dispatcher's job, the dispatcher one from the queue).
+    let tid = tid_rx.recv().unwrap();
+    // (Rarely the dispatcher took its job off the queue just after `fill` saw it
+    // full: then the submit finds room at once.)
+    while !is_asleep(&tid) && !submitter.is_finished() {
+        std::thread::yield_now();
+    }
+    permit_tx.send(()).unwrap();
+    let t0 = std::time::Instant::now();
+    let t = submitter
+        .join()
+        .unwrap()
+        .expect("a slot freed within the timeout");
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "it waited for more room"
+    );
+    tickets.push(t);
+    for _ in 0..tickets.len() {
+        permit_tx.send(()).unwrap();
+    }
+    assert!(tickets.into_iter().all(|t| t.wait().is_ok()));
 }
