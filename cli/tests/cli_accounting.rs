@@ -4,50 +4,15 @@
 //! binary on real files against the in-process mock server.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::process::{Child, Command, Output, Stdio};
+use std::io::Write;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use keypool_mock::{KeyRule, MockConfig, MockServer};
+use keypool_mock::{MockConfig, MockServer};
 use serde_json::json;
 
 mod support;
 use support::*;
-
-fn run_to_end(mut c: Command) -> Output {
-    c.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let out = c.output().unwrap();
-    for (what, text) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
-        let text = String::from_utf8_lossy(text);
-        assert!(!text.contains(SECRET), "a key leaked into {what}: {text}");
-    }
-    out
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn run_cmd(dir: &Dir, input: &str, output: &str, url: &str) -> Command {
-    let mut c = with_keys(keypool());
-    let file = |f: &str| if f == "-" { "-".to_owned() } else { dir.s(f) };
-    c.args(["run", "-i", &file(input), "-o"])
-        .arg(if output == "-" {
-            "-".into()
-        } else {
-            dir.s(output)
-        })
-        .args(["--base-url", url]);
-    c
-}
-
-fn interrupt(child: &Child) {
-    let st = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
 
 // ---- Nothing missing, ever ----
 
@@ -56,7 +21,7 @@ fn interrupt(child: &Child) {
 /// write a record for each line or fail naming the lines that have none.
 #[test]
 fn lines_without_a_record_fail_the_run_and_are_named() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
+    let server = default_mock();
     let dir = Dir::new("unrecorded");
     let huge = json!({"status": 429, "retry_after": "18446744073709551615"});
     let ids: Vec<String> = (0..5).map(|i| format!("ra-{i}")).collect();
@@ -64,7 +29,7 @@ fn lines_without_a_record_fail_the_run_and_are_named() {
         .iter()
         .map(|i| line(i, body("x", Some(huge.clone()))))
         .collect();
-    write_lines(&dir.path("in.jsonl"), &lines);
+    dir.write_input(&lines);
     // The engine clamps the hint to max_retry_after_ms: keep it short so the keys'
     // cooldowns do not make the test wait a minute per round.
     std::fs::write(
@@ -104,7 +69,7 @@ fn lines_without_a_record_fail_the_run_and_are_named() {
 /// sent are named (no record) and a resume sends exactly them.
 #[test]
 fn first_ctrl_c_sends_nothing_more_and_names_the_unsent_lines() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
+    let server = default_mock();
     let dir = Dir::new("ctrlc");
     let lines: Vec<String> = (0..40)
         .map(|i| {
@@ -114,12 +79,10 @@ fn first_ctrl_c_sends_nothing_more_and_names_the_unsent_lines() {
             )
         })
         .collect();
-    write_lines(&dir.path("in.jsonl"), &lines);
+    dir.write_input(&lines);
     let mut c = run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url());
-    c.args(["--per-key", "2", "--max-attempts", "3"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
+    c.args(["--per-key", "2", "--max-attempts", "3"]);
+    let mut child = spawn_piped(&mut c);
     // Wait (bounded) until every worker (2 keys x 2) has a request at the server; the
     // window (8) then also holds 4 read but unsent requests.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -130,13 +93,7 @@ fn first_ctrl_c_sends_nothing_more_and_names_the_unsent_lines() {
     let at_sigint = server.stats();
     interrupt(&child);
     let t0 = Instant::now();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = read_stderr(&mut child);
     let status = child.wait().unwrap();
     let took = t0.elapsed();
     assert_eq!(status.code(), Some(130), "{err}");
@@ -177,12 +134,10 @@ fn first_ctrl_c_sends_nothing_more_and_names_the_unsent_lines() {
 
 #[test]
 fn foreign_output_files_are_refused_byte_for_byte() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
+    let server = default_mock();
     let dir = Dir::new("foreign");
-    let lines: Vec<String> = (0..3)
-        .map(|i| line(&format!("f-{i}"), body("x", None)))
-        .collect();
-    write_lines(&dir.path("in.jsonl"), &lines);
+    let lines = x_lines("f", 3);
+    dir.write_input(&lines);
     let record = |cid: &str| {
         json!({"id": "batch_req_1", "custom_id": cid, "response": null, "error": null,
                "keypool": {"key": "a", "attempts": 1, "latency_ms": 1, "line": 1}})
@@ -235,12 +190,9 @@ fn foreign_output_files_are_refused_byte_for_byte() {
 
 #[test]
 fn overwrite_starts_afresh() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
+    let server = default_mock();
     let dir = Dir::new("overwrite");
-    let lines: Vec<String> = (0..4)
-        .map(|i| line(&format!("w-{i}"), body("x", None)))
-        .collect();
-    write_lines(&dir.path("in.jsonl"), &lines);
+    dir.write_input(&x_lines("w", 4));
     std::fs::write(dir.path("out.jsonl"), "not keypool output\n").unwrap();
     let mut c = run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url());
     c.arg("--overwrite");
@@ -261,7 +213,7 @@ fn overwrite_starts_afresh() {
 
 #[test]
 fn duplicate_custom_ids_are_refused_before_anything_is_sent() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
+    let server = default_mock();
     let dir = Dir::new("dups");
     let lines = vec![
         line("same", body("1", None)),
@@ -271,7 +223,7 @@ fn duplicate_custom_ids_are_refused_before_anything_is_sent() {
         line("same", body("5", None)),
         line("line-4", body("6", None)),
     ];
-    write_lines(&dir.path("in.jsonl"), &lines);
+    dir.write_input(&lines);
     let out = run_to_end(run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url()));
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
@@ -302,9 +254,9 @@ fn duplicate_custom_ids_are_refused_before_anything_is_sent() {
 
 #[test]
 fn keys_are_read_exactly_as_given() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
+    let server = default_mock();
     let dir = Dir::new("keys");
-    write_lines(&dir.path("in.jsonl"), &[line("k-1", body("x", None))]);
+    dir.write_input(&[line("k-1", body("x", None))]);
     // A base64-style key ending in "==", unlabelled, and one with a label.
     let b64 = "c2stU0VDUkVULWI2NA==SECRET==";
     std::fs::write(
@@ -385,21 +337,12 @@ fn keys_are_read_exactly_as_given() {
 /// rejected key records the key that answered it and its real attempt count.
 #[test]
 fn records_count_every_attempt_the_server_saw() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
+    let server = default_mock();
     for k in [KEY_A, KEY_B] {
-        server.set_key_rule(
-            k,
-            KeyRule {
-                always_status: Some(401),
-                ..Default::default()
-            },
-        );
+        fail_key(&server, k, 401);
     }
     let dir = Dir::new("truth");
-    let lines: Vec<String> = (0..6)
-        .map(|i| line(&format!("t-{i}"), body("x", None)))
-        .collect();
-    write_lines(&dir.path("in.jsonl"), &lines);
+    dir.write_input(&x_lines("t", 6));
     let mut c = run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url());
     c.args(["--per-key", "1"]);
     let out = run_to_end(c);
@@ -426,19 +369,10 @@ fn records_count_every_attempt_the_server_saw() {
 
 #[test]
 fn summary_separates_failed_attempts_from_failed_records() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
-    server.set_key_rule(
-        KEY_A,
-        KeyRule {
-            always_status: Some(401),
-            ..Default::default()
-        },
-    );
+    let server = default_mock();
+    fail_key(&server, KEY_A, 401);
     let dir = Dir::new("summary");
-    let lines: Vec<String> = (0..6)
-        .map(|i| line(&format!("u-{i}"), body("x", None)))
-        .collect();
-    write_lines(&dir.path("in.jsonl"), &lines);
+    dir.write_input(&x_lines("u", 6));
     let mut c = run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url());
     c.args(["--per-key", "1"]);
     let out = run_to_end(c);
@@ -452,7 +386,7 @@ fn summary_separates_failed_attempts_from_failed_records() {
 
 #[test]
 fn stream_true_lines_run_streamed_and_record_the_assembled_completion() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
+    let server = default_mock();
     let dir = Dir::new("stream");
     let mut streamed = body("hello there", None);
     streamed["stream"] = json!(true);
@@ -461,7 +395,7 @@ fn stream_true_lines_run_streamed_and_record_the_assembled_completion() {
         line("b", streamed.clone()),
         streamed.to_string(),
     ];
-    write_lines(&dir.path("in.jsonl"), &lines);
+    dir.write_input(&lines);
     let out = run_to_end(run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url()));
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(0), "{err}");
@@ -482,7 +416,7 @@ fn stream_true_lines_run_streamed_and_record_the_assembled_completion() {
 
 #[test]
 fn a_broken_stream_is_an_error_record_that_retry_failed_redoes() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
+    let server = default_mock();
     let dir = Dir::new("stream-broken");
     let mut broken = body(
         "abcdefghijkl",
@@ -563,10 +497,7 @@ fn broken_200_is_an_error_record_and_retry_failed_redoes_it() {
     })
     .unwrap();
     let dir = Dir::new("broken200");
-    let lines: Vec<String> = (0..3)
-        .map(|i| line(&format!("b-{i}"), body("x", None)))
-        .collect();
-    write_lines(&dir.path("in.jsonl"), &lines);
+    dir.write_input(&x_lines("b", 3));
     let mut c = run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url());
     c.args(["--max-attempts", "1"]);
     let out = run_to_end(c);
