@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStdout};
 use std::time::{Duration, Instant};
 
 use keypool_mock::{MockConfig, MockServer};
@@ -16,29 +16,38 @@ use serde_json::json;
 mod support;
 use support::*;
 
-fn assert_no_secret(what: &str, text: &str) {
-    assert!(!text.contains(SECRET), "a key leaked into {what}: {text}");
+/// `n` request lines `{prefix}-0`, … of which those from the `fast`-th on are answered
+/// after `delay_ms`.
+fn slow_tail_lines(prefix: &str, n: usize, fast: usize, delay_ms: u64) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let mock = (i >= fast).then(|| json!({"delay_ms": delay_ms}));
+            line(&format!("{prefix}-{i}"), body("x", mock))
+        })
+        .collect()
 }
 
-fn run_to_end(mut c: Command) -> Output {
-    c.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let out = c.output().unwrap();
-    assert_no_secret("stdout", &String::from_utf8_lossy(&out.stdout));
-    assert_no_secret("stderr", &String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-fn interrupt(child: &Child) {
-    let st = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+/// Spawns `keypool run --per-key 2` on `dir`'s `in.jsonl` with records on its stdout,
+/// and reads the first `n` records (returned as text) from that stdout.
+fn spawn_and_read_records(
+    dir: &Dir,
+    url: &str,
+    n: usize,
+) -> (Child, BufReader<ChildStdout>, String) {
+    let mut c = run_cmd(dir, "in.jsonl", "-", url);
+    c.args(["--per-key", "2"]);
+    let mut child = spawn_piped(&mut c);
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    for _ in 0..n {
+        assert!(stdout.read_line(&mut first).unwrap() > 0);
+    }
+    (child, stdout, first)
 }
 
 #[test]
 fn mixed_file_every_custom_id_once_and_exit_1() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
+    let server = default_mock();
     let dir = Dir::new("mixed");
     let mut lines = Vec::new();
     let mut expect: BTreeMap<String, bool> = BTreeMap::new();
@@ -62,7 +71,7 @@ fn mixed_file_every_custom_id_once_and_exit_1() {
         assert!(expect.insert(id, good).is_none());
         lines.push(text);
     }
-    write_lines(&dir.path("in.jsonl"), &lines);
+    dir.write_input(&lines);
     std::fs::write(
         dir.path("keys.txt"),
         format!("# test keys\nalpha {KEY_A}\n\n{KEY_B}\n"),
@@ -125,17 +134,9 @@ fn ordered_output_follows_input_order() {
     let dir = Dir::new("ordered");
     let ids: Vec<String> = (0..300).map(|i| format!("o-{i}")).collect();
     let lines: Vec<String> = ids.iter().map(|i| line(i, body(i, None))).collect();
-    write_lines(&dir.path("in.jsonl"), &lines);
-    let mut c = with_keys(keypool());
-    c.args([
-        "run",
-        "--ordered",
-        "--per-key",
-        "4",
-        "-i",
-        &dir.s("in.jsonl"),
-    ])
-    .args(["-o", &dir.s("out.jsonl"), "--base-url", &server.url()]);
+    dir.write_input(&lines);
+    let mut c = run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url());
+    c.args(["--ordered", "--per-key", "4"]);
     let out = run_to_end(c);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let got: Vec<String> = read_records(&dir.path("out.jsonl"))
@@ -147,37 +148,15 @@ fn ordered_output_follows_input_order() {
 
 #[test]
 fn sigint_mid_run_then_resume_completes_without_duplicates() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
+    let server = default_mock();
     let dir = Dir::new("resume");
     // 10 fast requests, then 50 that take 100 ms each: the run is surely mid-way
     // when the 10th record has been read.
-    let lines: Vec<String> = (0..60)
-        .map(|i| {
-            let mock = (i >= 10).then(|| json!({"delay_ms": 100}));
-            line(&format!("r-{i}"), body("x", mock))
-        })
-        .collect();
-    write_lines(&dir.path("in.jsonl"), &lines);
-    let mut c = with_keys(keypool());
-    c.args(["run", "--per-key", "2", "-i", &dir.s("in.jsonl"), "-o", "-"])
-        .args(["--base-url", &server.url()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    for _ in 0..10 {
-        assert!(stdout.read_line(&mut first).unwrap() > 0);
-    }
+    dir.write_input(&slow_tail_lines("r", 60, 10, 100));
+    let (mut child, mut stdout, mut first) = spawn_and_read_records(&dir, &server.url(), 10);
     interrupt(&child);
     stdout.read_to_string(&mut first).unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let stderr = read_stderr(&mut child);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");
@@ -193,17 +172,8 @@ fn sigint_mid_run_then_resume_completes_without_duplicates() {
         format!("{first}{{\"id\":\"batch_req_1\",\"custom_id\":\"r-5"),
     )
     .unwrap();
-    let mut c = with_keys(keypool());
-    c.args([
-        "run",
-        "--per-key",
-        "4",
-        "-i",
-        &dir.s("in.jsonl"),
-        "-o",
-        &dir.s("out.jsonl"),
-    ])
-    .args(["--base-url", &server.url()]);
+    let mut c = run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url());
+    c.args(["--per-key", "4"]);
     let res = run_to_end(c);
     assert_eq!(res.status.code(), Some(0), "{res:?}");
     let stderr = String::from_utf8_lossy(&res.stderr);
@@ -223,29 +193,13 @@ fn sigint_mid_run_then_resume_completes_without_duplicates() {
 
 #[test]
 fn second_sigint_cancels_in_flight_and_leaves_a_resumable_file() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
+    let server = default_mock();
     let dir = Dir::new("cancel");
     // 8 fast requests, then 12 that would take 30 s.
-    let lines: Vec<String> = (0..20)
-        .map(|i| {
-            let mock = (i >= 8).then(|| json!({"delay_ms": 30_000}));
-            line(&format!("c-{i}"), body("x", mock))
-        })
-        .collect();
-    write_lines(&dir.path("in.jsonl"), &lines);
+    dir.write_input(&slow_tail_lines("c", 20, 8, 30_000));
     let started = Instant::now();
-    let mut c = with_keys(keypool());
-    c.args(["run", "--per-key", "2", "-i", &dir.s("in.jsonl"), "-o", "-"])
-        .args(["--base-url", &server.url()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let (mut child, mut stdout, mut first) = spawn_and_read_records(&dir, &server.url(), 8);
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut first = String::new();
-    for _ in 0..8 {
-        assert!(stdout.read_line(&mut first).unwrap() > 0);
-    }
     interrupt(&child);
     let mut note = String::new();
     stderr.read_line(&mut note).unwrap();
@@ -264,23 +218,8 @@ fn second_sigint_cancels_in_flight_and_leaves_a_resumable_file() {
 
     // Resume: the slow ones now time out at once and are recorded as failures.
     std::fs::write(dir.path("out.jsonl"), &first).unwrap();
-    let mut c = with_keys(keypool());
-    c.args([
-        "run",
-        "-q",
-        "-i",
-        &dir.s("in.jsonl"),
-        "-o",
-        &dir.s("out.jsonl"),
-    ])
-    .args([
-        "--base-url",
-        &server.url(),
-        "--max-attempts",
-        "1",
-        "--timeout-ms",
-        "200",
-    ]);
+    let mut c = run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url());
+    c.args(["-q", "--max-attempts", "1", "--timeout-ms", "200"]);
     let res = run_to_end(c);
     assert_eq!(res.status.code(), Some(1));
     let all = read_records(&dir.path("out.jsonl"));
@@ -296,22 +235,14 @@ fn second_sigint_cancels_in_flight_and_leaves_a_resumable_file() {
 
 #[test]
 fn quiet_success_prints_nothing_and_retry_failed_reruns_failures() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
+    let server = default_mock();
     let dir = Dir::new("quiet");
     let lines: Vec<String> = (0..30)
         .map(|i| line(&format!("q-{i}"), body(&format!("{i}"), None)))
         .collect();
-    write_lines(&dir.path("in.jsonl"), &lines);
-    let mut c = with_keys(keypool());
-    c.args([
-        "run",
-        "--quiet",
-        "-i",
-        &dir.s("in.jsonl"),
-        "-o",
-        &dir.s("out.jsonl"),
-    ])
-    .args(["--base-url", &server.url()]);
+    dir.write_input(&lines);
+    let mut c = run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url());
+    c.arg("--quiet");
     let out = run_to_end(c);
     assert_eq!(out.status.code(), Some(0));
     assert!(
@@ -324,17 +255,8 @@ fn quiet_success_prints_nothing_and_retry_failed_reruns_failures() {
 
     // Now a file whose requests fail once: --retry-failed appends newer records.
     let dir2 = Dir::new("retry");
-    let lines: Vec<String> = (0..5)
-        .map(|i| line(&format!("f-{i}"), body("x", None)))
-        .collect();
-    write_lines(&dir2.path("in.jsonl"), &lines);
-    server.set_key_rule(
-        KEY_A,
-        keypool_mock::KeyRule {
-            always_status: Some(503),
-            ..Default::default()
-        },
-    );
+    dir2.write_input(&x_lines("f", 5));
+    fail_key(&server, KEY_A, 503);
     let run = |extra: &[&str]| {
         let mut c = keypool();
         c.env("OPENAI_API_KEY", KEY_A)
@@ -367,12 +289,9 @@ fn quiet_success_prints_nothing_and_retry_failed_reruns_failures() {
 
 #[test]
 fn env_fallback_and_config_errors() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
+    let server = default_mock();
     let dir = Dir::new("env");
-    write_lines(
-        &dir.path("in.jsonl"),
-        &[body("bare", None).to_string(), line("e-1", body("x", None))],
-    );
+    dir.write_input(&[body("bare", None).to_string(), line("e-1", body("x", None))]);
     for var in ["OPENAI_API_KEY", "OPENROUTER_API_KEY"] {
         let out_file = dir.s(&format!("out-{var}.jsonl"));
         let mut c = keypool();
@@ -451,7 +370,7 @@ fn env_fallback_and_config_errors() {
 
 #[test]
 fn config_file_with_strategy_and_flag_overrides() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
+    let server = default_mock();
     let dir = Dir::new("config");
     let cfg = json!({
         "base_url": "http://127.0.0.1:9/v1",
@@ -461,10 +380,7 @@ fn config_file_with_strategy_and_flag_overrides() {
         "retry": {"max_attempts": 1}
     });
     std::fs::write(dir.path("pool.json"), cfg.to_string()).unwrap();
-    let lines: Vec<String> = (0..40)
-        .map(|i| line(&format!("k-{i}"), body("x", None)))
-        .collect();
-    write_lines(&dir.path("in.jsonl"), &lines);
+    dir.write_input(&x_lines("k", 40));
     let mut c = keypool();
     c.args(["run", "-c", &dir.s("pool.json"), "-i", &dir.s("in.jsonl")])
         .args(["-o", &dir.s("out.jsonl"), "--base-url", &server.url()])
@@ -489,12 +405,7 @@ fn config_file_with_strategy_and_flag_overrides() {
 
 #[test]
 fn mock_subcommand_serves_until_sigint() {
-    let mut mock = keypool()
-        .args(["mock", "--port", "0", "--latency-ms", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut mock = spawn_piped(keypool().args(["mock", "--port", "0", "--latency-ms", "1"]));
     let mut url = String::new();
     BufReader::new(mock.stdout.take().unwrap())
         .read_line(&mut url)
@@ -505,31 +416,14 @@ fn mock_subcommand_serves_until_sigint() {
         "{url}"
     );
     let dir = Dir::new("mockcmd");
-    let lines: Vec<String> = (0..20)
-        .map(|i| line(&format!("m-{i}"), body("x", None)))
-        .collect();
-    write_lines(&dir.path("in.jsonl"), &lines);
-    let mut c = with_keys(keypool());
-    c.args([
-        "run",
-        "-q",
-        "-i",
-        &dir.s("in.jsonl"),
-        "-o",
-        "-",
-        "--base-url",
-        &url,
-    ]);
+    dir.write_input(&x_lines("m", 20));
+    let mut c = run_cmd(&dir, "in.jsonl", "-", &url);
+    c.arg("-q");
     let out = run_to_end(c);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(records(&String::from_utf8_lossy(&out.stdout)).len(), 20);
     interrupt(&mock);
-    let mut err = String::new();
-    mock.stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = read_stderr(&mut mock);
     assert_eq!(mock.wait().unwrap().code(), Some(0), "{err}");
     assert!(err.contains("20 requests"), "{err}");
 }
@@ -601,11 +495,10 @@ fn adaptive_run_learns_a_hidden_capacity_and_shows_credit() {
     let lines: Vec<String> = (0..150)
         .map(|i| line(&format!("r{i}"), body(&format!("p{i}"), None)))
         .collect();
-    write_lines(&dir.path("in.jsonl"), &lines);
-    let mut c = with_keys(keypool());
-    c.args(["run", "-i", &dir.s("in.jsonl"), "-o", &dir.s("out.jsonl")])
-        .args(["--base-url", &server.url(), "--per-key", "16", "--adaptive"])
-        .args(["--credits-floor", "0.5", "--max-attempts", "10"]);
+    dir.write_input(&lines);
+    let mut c = run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url());
+    c.args(["--per-key", "16", "--adaptive"]);
+    c.args(["--credits-floor", "0.5", "--max-attempts", "10"]);
     let out = run_to_end(c);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
