@@ -758,6 +758,14 @@ impl Pool {
         &self.inner.shared.config
     }
 
+    /// `text` with every secret of this pool's configuration replaced — each key (also
+    /// JSON-escaped) by `[REDACTED:<label>]`, a base URL's password by `[REDACTED]` —
+    /// as the pool's own error messages are; `None` when none occurs. For text a server
+    /// sent back (a success body may echo a key) before it is logged or stored.
+    pub fn mask_secrets(&self, text: &[u8]) -> Option<Vec<u8>> {
+        self.inner.shared.masker.mask_bytes(text)
+    }
+
     /// Total worker threads over all keys.
     pub fn capacity(&self) -> usize {
         self.inner

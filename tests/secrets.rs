@@ -123,3 +123,24 @@ fn transport_and_timeout_errors_do_not_leak_keys() {
     );
     assert_clean("timeout error", &format!("{e} {e:?}"));
 }
+
+/// `Pool::mask_secrets` masks what the pool's own errors mask: every key (also as a
+/// JSON string escapes it) and a base URL's password; text without one is `None`.
+#[test]
+fn mask_secrets_covers_keys_escaped_keys_and_url_passwords() {
+    let config = Config::builder()
+        .base_url("http://user:pa%2Fss@127.0.0.1:9/v1")
+        .key_config(keypool::KeyConfig::new(SECRET_A).label("acct-a"))
+        .key_config(keypool::KeyConfig::new("sk-slash/SECRETcc"))
+        .build()
+        .unwrap();
+    let pool = Pool::new(config).unwrap();
+    let text = format!(r#"{SECRET_A} "sk-slash\/SECRETcc" pa/ss pa%2Fss"#);
+    let masked = String::from_utf8(pool.mask_secrets(text.as_bytes()).unwrap()).unwrap();
+    assert_eq!(
+        masked,
+        r#"[REDACTED:acct-a] "[REDACTED:key-1]" [REDACTED] [REDACTED]"#
+    );
+    assert_clean("masked text", &masked);
+    assert_eq!(pool.mask_secrets(b"nothing to hide"), None);
+}

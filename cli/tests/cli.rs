@@ -516,3 +516,23 @@ fn adaptive_run_learns_a_hidden_capacity_and_shows_credit() {
     assert_eq!(server.credit(KEY_A).unwrap().checks, 1);
     assert!(server.stats().keys.values().all(|k| k.max_in_flight <= 4));
 }
+
+/// A success body that echoes a key (the mock echoes the prompt, which holds one) is
+/// masked in the record as the pool's error messages are, JSON-escaped forms included;
+/// nothing else in the record changes.
+#[test]
+fn a_key_echoed_in_a_success_body_is_masked_in_the_record() {
+    let server = default_mock();
+    let dir = Dir::new("echoed-key");
+    dir.write_input(&[line("leak", body(&format!("repeat {KEY_A} please"), None))]);
+    let out = run_to_end(run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url()));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = std::fs::read_to_string(dir.path("out.jsonl")).unwrap();
+    assert_no_secret("output file", &text);
+    let recs = records(&text);
+    assert_eq!(recs.len(), 1);
+    let content = recs[0]["response"]["body"]["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap();
+    assert_eq!(content, "echo: repeat [REDACTED:alpha] please");
+}

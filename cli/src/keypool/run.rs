@@ -324,8 +324,10 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
     };
 
     let mut sink = Sink {
-        writer: RecordWriter::new(out)
-            .with_secrets(pool.config().keys.iter().map(|k| k.key.expose())),
+        writer: RecordWriter::new(out).with_mask({
+            let pool = pool.clone();
+            Box::new(move |record: &[u8]| pool.mask_secrets(record))
+        }),
         progress,
         ordered: opts.ordered,
         pending: BTreeMap::new(),
