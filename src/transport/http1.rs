@@ -33,6 +33,8 @@ use crate::request::is_kept_header;
 pub(crate) const HEAD_LIMIT: usize = 64 * 1024;
 /// The most response headers accepted.
 pub(crate) const MAX_HEADERS: usize = 128;
+// `head_of` records kept headers' indices as bytes.
+const _: () = assert!(MAX_HEADERS <= 256);
 /// The longest chunk-size line (size and extensions).
 const CHUNK_LINE_LIMIT: usize = 4 * 1024;
 /// The most trailer bytes after the last chunk.
@@ -753,9 +755,13 @@ fn head_of(resp: &httparse::Response<'_, '_>) -> Result<Head, Fail> {
     let mut chunked = false;
     let mut close = false;
     let mut keep_alive_token = false;
-    let mut kept = 0;
+    // Which headers to keep, found in this pass; their list is then allocated once at
+    // its size (it lives as long as the response: in a batch, until the caller drops
+    // the results).
+    let mut kept = [0u8; MAX_HEADERS];
+    let mut n_kept = 0;
     let mut buf = [0u8; 64];
-    for h in resp.headers.iter() {
+    for (i, h) in resp.headers.iter().enumerate() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
             if length.is_some() {
@@ -781,18 +787,16 @@ fn head_of(resp: &httparse::Response<'_, '_>) -> Result<Head, Fail> {
             }
         }
         if kept_name(name, &mut buf).is_some() && std::str::from_utf8(h.value).is_ok() {
-            kept += 1;
+            // At most MAX_HEADERS (≤ 256) headers were parsed: `i` fits, `n_kept` too.
+            kept[n_kept] = i as u8;
+            n_kept += 1;
         }
     }
-    // Counted first, so the list is allocated once at its size (it lives as long as
-    // the response: in a batch, until the caller drops the results).
-    let mut headers = Vec::with_capacity(kept);
-    if kept > 0 {
-        for h in resp.headers.iter() {
-            if let (Some(name), Ok(v)) = (kept_name(h.name, &mut buf), std::str::from_utf8(h.value))
-            {
-                headers.push((name.into_owned(), v.to_owned()));
-            }
+    let mut headers = Vec::with_capacity(n_kept);
+    for &i in &kept[..n_kept] {
+        let h = &resp.headers[usize::from(i)];
+        if let (Some(name), Ok(v)) = (kept_name(h.name, &mut buf), std::str::from_utf8(h.value)) {
+            headers.push((name.into_owned(), v.to_owned()));
         }
     }
     if chunked && length.is_some() {
