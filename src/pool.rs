@@ -692,35 +692,17 @@ impl Pool {
                 .map(|_| Err(Error::WouldDeadlock("batch")))
                 .collect();
         }
-        // Results land in one shared sink (no channel per request), and the caller's
-        // thread sleeps until a number of them arrived, not for each: while the queue is
-        // full it waits for `step` more completions (a blocked send would wake at every
-        // slot freed), at the end for all of them (benches/cpu.rs).
-        let step = (self.inner.shared.config.queue_capacity / 8).max(1);
+        // Results land in one shared sink (no channel per request). On a full queue the
+        // blocking submit sleeps until an eighth of it is free (`queue_space.rs`), and
+        // at the end the caller sleeps once for all the results, not for each.
         let sink = Arc::new(BatchSink::default());
         let mut sent = 0;
-        for mut req in requests {
+        for req in requests {
             let i = sink.open();
-            loop {
-                let s = sink.clone();
-                match self.try_submit_with(req, move |r| s.put(i, r)) {
-                    Ok(()) => sent += 1,
-                    Err(e) if e.is_busy() && sink.done() < sent => {
-                        req = e.request;
-                        sink.wait_for((sink.done() + step).min(sent));
-                        continue;
-                    }
-                    Err(e) if e.is_busy() => {
-                        // Nothing of ours outstanding: wait for a slot.
-                        let s = sink.clone();
-                        match self.submit_with(e.request, move |r| s.put(i, r)) {
-                            Ok(()) => sent += 1,
-                            Err(e) => sink.refused(i, e),
-                        }
-                    }
-                    Err(e) => sink.refused(i, e.error),
-                }
-                break;
+            let s = sink.clone();
+            match self.submit_with(req, move |r| s.put(i, r)) {
+                Ok(()) => sent += 1,
+                Err(e) => sink.refused(i, e),
             }
         }
         sink.wait_for(sent);
@@ -911,10 +893,6 @@ impl BatchSink {
     /// A request the pool refused: its result now, never counted as done.
     fn refused(&self, i: usize, e: Error) {
         self.state.lock().results[i] = Some(Err(e));
-    }
-
-    fn done(&self) -> usize {
-        self.state.lock().done
     }
 
     /// Sleeps until `n` submitted requests have their results.
