@@ -49,8 +49,9 @@ pub(crate) enum Problem {
 ///   caller sees `Response::content() == None`); retrying it would re-bill a request
 ///   the provider considers served.
 ///
-/// One streaming pass with `IgnoredAny` for everything but `usage` (and `error`, only
-/// when present): no `serde_json::Value` is built for a success.
+/// One pass of the JSON validator (`json_scan.rs`), which locates `choices`, `usage`
+/// and `error`; only `usage` (and `error`, when present) is then decoded: no
+/// `serde_json::Value` is built for a success.
 #[cfg(test)]
 pub(crate) fn inspect_success(
     body: &[u8],
@@ -124,16 +125,15 @@ pub(crate) fn embedded_code(e: &Value) -> Option<u16> {
         .map(|c| c as u16)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What a body's top-level `choices` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    #[default]
     Missing,
     Array,
     Other,
 }
 
 /// What a 2xx body looks like, read in one pass.
-#[derive(Default)]
 struct Shape {
     object: bool,
     choices: Kind,
