@@ -253,6 +253,7 @@ fn cooldown_ends_half_open() {
                 retry_after_ms: Some(300),
                 fail_first: 1,
                 latency_ms: Some(40),
+                ..KeyRule::default()
             },
         );
         let config = Config::builder()

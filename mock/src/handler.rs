@@ -177,8 +177,11 @@ struct Plan {
     should_retry: Option<bool>,
     /// Delay between body chunks, if the body is sent slowly.
     slow_body: Option<Duration>,
-    /// Rate-limit headers to send (name, value).
+    /// Rate-limit (and other scripted) headers to send (name, value).
     ratelimit: Vec<(String, String)>,
+    /// A scripted answer body, sent verbatim with `Action::Status` (a key rule's
+    /// `body`, or a request directive's `"body"`).
+    body: Option<Bytes>,
 }
 
 /// The body of an injected error status.
@@ -559,11 +562,19 @@ fn plan(shared: &Shared, key: &str, req: Option<&Value>) -> Plan {
     let mut delay = cfg.latency_ms;
     let mut rule_status = None;
     let mut rule_retry = None;
+    let mut rule_body = None;
+    let mut rule_headers = Vec::new();
     if let Some(rs) = rules.get_mut(key) {
         if let Some(l) = rs.rule.latency_ms {
             delay = l;
         }
-        if let Some(s) = rs.rule.always_status {
+        let model = req.and_then(|r| r.get("model")).and_then(Value::as_str);
+        let applies = rs.rule.model.as_deref().is_none_or(|m| Some(m) == model)
+            && rs
+                .rule
+                .fail_for_ms
+                .is_none_or(|ms| rs.set_at.elapsed() < Duration::from_millis(ms));
+        if let (Some(s), true) = (rs.rule.always_status, applies) {
             if rs.rule.fail_first == 0 {
                 rule_status = Some(s);
             } else if rs.remaining > 0 {
@@ -571,7 +582,11 @@ fn plan(shared: &Shared, key: &str, req: Option<&Value>) -> Plan {
                 rule_status = Some(s);
             }
         }
-        rule_retry = rs.rule.retry_after_ms;
+        if rule_status.is_some() {
+            rule_retry = rs.rule.retry_after_ms;
+            rule_body = rs.rule.body.clone().map(Bytes::from);
+            rule_headers = rs.rule.headers.clone();
+        }
     }
     let range_retry = |rng: &mut fastrand::Rng| {
         let (lo, hi) = cfg.retry_after_ms;
@@ -584,7 +599,8 @@ fn plan(shared: &Shared, key: &str, req: Option<&Value>) -> Plan {
         retry_after_raw: None,
         should_retry: None,
         slow_body: None,
-        ratelimit: Vec::new(),
+        ratelimit: rule_headers,
+        body: rule_body,
     };
     if let Some(s) = rule_status {
         p.action = Action::Status(s);
@@ -602,6 +618,19 @@ fn plan(shared: &Shared, key: &str, req: Option<&Value>) -> Plan {
             _ => None,
         });
         p.should_retry = d.get("should_retry").and_then(Value::as_bool);
+        // A scripted answer: this body (and these headers) with `status` (200 when
+        // absent), as a real service documents it.
+        p.body = d
+            .get("body")
+            .and_then(Value::as_str)
+            .map(|b| Bytes::from(b.to_owned()));
+        if let Some(h) = d.get("headers").and_then(Value::as_object) {
+            for (k, v) in h {
+                if let Some(v) = v.as_str() {
+                    p.ratelimit.push((k.clone(), v.to_owned()));
+                }
+            }
+        }
         if let Some(rl) = d.get("ratelimit").and_then(Value::as_object) {
             for (field, header) in [
                 ("remaining_requests", "x-ratelimit-remaining-requests"),
@@ -628,11 +657,13 @@ fn plan(shared: &Shared, key: &str, req: Option<&Value>) -> Plan {
                     .unwrap_or(502),
             )
         } else if let Some(s) = as_u64(d, "status").and_then(|s| u16::try_from(s).ok()) {
-            if s == 200 {
+            if s == 200 && p.body.is_none() {
                 Action::Success
             } else {
                 Action::Status(s)
             }
+        } else if p.body.is_some() {
+            Action::Status(200)
         } else {
             Action::Success
         };
@@ -763,6 +794,7 @@ pub(crate) async fn handle(
             should_retry: None,
             slow_body: None,
             ratelimit: budget_headers,
+            body: None,
         };
         return Ok(respond(
             n,
@@ -793,13 +825,11 @@ pub(crate) async fn handle(
         }
         (Action::Status(s), _) => {
             let s = *s;
-            Ok(respond(
-                n,
-                s,
-                error_json(s, &format!("mock {s}")),
-                Some(&plan),
-                guard,
-            ))
+            let body = plan
+                .body
+                .clone()
+                .unwrap_or_else(|| error_json(s, &format!("mock {s}")));
+            Ok(respond(n, s, body, Some(&plan), guard))
         }
         (_, None) => Ok(respond(
             n,

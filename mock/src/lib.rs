@@ -206,6 +206,19 @@ pub struct KeyRule {
     pub fail_first: u32,
     /// Latency for this key's requests, replacing [`MockConfig::latency_ms`].
     pub latency_ms: Option<u64>,
+    /// The body sent with `always_status`, verbatim (`None`: the mock's own error JSON).
+    /// Lets a test answer exactly as a real service documents (OpenRouter's moderation
+    /// 403, OpenAI's `insufficient_quota` 429, …).
+    pub body: Option<String>,
+    /// Extra headers sent with `always_status` (name, value), e.g. OpenRouter's
+    /// `X-RateLimit-Reset`.
+    pub headers: Vec<(String, String)>,
+    /// When set, `always_status` applies only to requests whose `"model"` is this one;
+    /// the key answers every other model normally.
+    pub model: Option<String>,
+    /// When set, `always_status` applies only to requests arriving within this many
+    /// milliseconds of the rule being set (and within `fail_first`, if that is set too).
+    pub fail_for_ms: Option<u64>,
 }
 
 /// One key's credit at the mock: the balance `GET {base}/key` reports (OpenRouter's

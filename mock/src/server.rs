@@ -22,6 +22,8 @@ use crate::{KeyRecord, KeyRule, MockConfig, MockStats};
 pub(crate) struct RuleState {
     pub(crate) rule: KeyRule,
     pub(crate) remaining: u32,
+    /// When the rule was set (for [`KeyRule::fail_for_ms`]).
+    pub(crate) set_at: std::time::Instant,
 }
 
 /// Configuration that changes at runtime.
@@ -150,6 +152,7 @@ impl MockServer {
             RuleState {
                 remaining: rule.fail_first,
                 rule,
+                set_at: std::time::Instant::now(),
             },
         );
     }
