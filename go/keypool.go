@@ -62,6 +62,9 @@ const (
 	// SharedUnavailable: the config's shared limits (Redis) could not be reached and
 	// shared.on_unavailable is "fail".
 	SharedUnavailable Code = C.KEYPOOL_SHARED_UNAVAILABLE
+	// Flagged: the server refused the request's content (moderation or guardrail);
+	// no key was blamed. The result keeps the HTTP status and body.
+	Flagged Code = C.KEYPOOL_FLAGGED
 )
 
 // String describes the code ("pool is closed", ...; "unknown status" if unknown).

@@ -151,6 +151,13 @@ typedef enum {
    sent.
    */
   KEYPOOL_SHARED_UNAVAILABLE = 15,
+  /*
+   The server refused the request's content (a moderation flag or guardrail block,
+   e.g. OpenRouter's 403 with `metadata.reasons`): the request is at fault, it was
+   not retried on other keys and no key was taken out. The result keeps the status
+   and body (`keypool_result_http_status`, `keypool_result_body`).
+   */
+  KEYPOOL_FLAGGED = 16,
 } keypool_status;
 
 /*

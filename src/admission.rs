@@ -237,8 +237,12 @@ pub(crate) struct KeyVerdict {
     pub accepted: bool,
     /// Cool the key down for this long (429): it goes back on trial afterwards.
     pub cooldown: Option<Duration>,
-    /// Take the key out of rotation for good, with this reason (401/403, 402).
+    /// Take the key out of rotation, with this reason (401, a spent credit, a 403
+    /// proven to be the key's).
     pub disable: Option<String>,
+    /// With `disable`: parked for its credit; a credit check above the floor brings it
+    /// back ([`Gate::unpark`]).
+    pub park: bool,
     /// The server answered 429: a learned limit is cut.
     pub rate_limited: bool,
     /// The response's rate-limit headers, if it had any: a key without a configured
@@ -267,6 +271,8 @@ struct State {
     /// reopen the key (the 429 is the newer news).
     trial_stale: bool,
     disabled: Option<(String, u64)>,
+    /// The key is out for its credit (may come back), not revoked.
+    parked: bool,
     rpm: Option<Bucket>,
     tpm: Option<Bucket>,
     /// Admissions not yet completed.
@@ -314,6 +320,7 @@ impl Gate {
                 cooldown_until: None,
                 trial_stale: false,
                 disabled: None,
+                parked: false,
                 rpm: rpm.map(|r| Bucket::per_minute(r as f64, epoch)),
                 tpm: tpm.map(|t| Bucket::per_minute(t as f64, epoch)),
                 out: 0,
@@ -584,6 +591,7 @@ impl Gate {
         if let Some(reason) = &v.disable {
             if s.disabled.is_none() {
                 s.disabled = Some((reason.clone(), unix_ms_now()));
+                s.parked = v.park;
             }
             changed = true;
         }
@@ -680,12 +688,20 @@ impl Gate {
     /// Parks the key outside an admission (a credit check found it at its floor).
     /// Returns true if this call parked it (it was not disabled already).
     pub(crate) fn park(&self, reason: String) -> bool {
+        self.take_out(reason, true)
+    }
+
+    /// Takes the key out of rotation outside an admission: parked for its credit
+    /// (`parked`: may come back, [`Gate::unpark`]) or disabled for good (a 403 proven
+    /// to be the key's). Returns true if this call took it out.
+    pub(crate) fn take_out(&self, reason: String, parked: bool) -> bool {
         let mut s = self.state.lock();
         if s.disabled.is_some() {
             return false;
         }
         let shared = self.shared.as_ref().map(|link| (link, reason.clone()));
         s.disabled = Some((reason, unix_ms_now()));
+        s.parked = parked;
         self.mirror(&s);
         drop(s);
         if let Some((link, reason)) = shared {
@@ -696,6 +712,38 @@ impl Gate {
 
     pub(crate) fn is_disabled(&self) -> bool {
         self.disabled.load(SeqCst)
+    }
+
+    /// Ends the key's own cooldown now (a pause taken on suspicion that the evidence
+    /// then cleared). A trial pending stays: the next request still goes alone.
+    pub(crate) fn lift_cooldown(&self) {
+        let mut s = self.state.lock();
+        if s.cooldown_until.take().is_some() {
+            self.mirror(&s);
+        }
+    }
+
+    /// Whether the key is out for its credit (and may come back).
+    pub(crate) fn is_parked(&self) -> bool {
+        let s = self.state.lock();
+        s.disabled.is_some() && s.parked
+    }
+
+    /// Brings a key parked for its credit back into rotation (a credit check found its
+    /// balance above the floor). It comes back on trial: one request first. Returns
+    /// true if it was parked. A revoked key (401) stays out.
+    pub(crate) fn unpark(&self) -> bool {
+        let mut s = self.state.lock();
+        if s.disabled.is_none() || !s.parked {
+            return false;
+        }
+        s.disabled = None;
+        s.parked = false;
+        if s.trial == Trial::Open {
+            s.trial = Trial::Pending;
+        }
+        self.mirror(&s);
+        true
     }
 
     /// Configured or learned rate budgets (the key's or its group's).

@@ -36,6 +36,10 @@ pub(crate) enum Problem {
     /// The body is not what the endpoint answers: not JSON, or a chat completion
     /// without a `choices` array. Says what is wrong.
     Invalid(String),
+    /// A choice failed (OpenRouter documents `choices[].error` and `finish_reason:
+    /// "error"`): its numeric `error.code` when plausible, and the error as
+    /// `{"error": …}` JSON (for its message and the blame table).
+    ChoiceFailed(Option<u16>, Vec<u8>),
 }
 
 /// Judges a 2xx body for a request to `path`: its usage if it is a success, else why
@@ -85,6 +89,11 @@ pub(crate) fn inspect_success_billed(
     if let Some(e) = &shape.error {
         return Err(Problem::Embedded(embedded_code(e)));
     }
+    if let Some(r) = shape.choices_range.clone() {
+        if let Some(p) = failed_choice(&body[r]) {
+            return Err(p);
+        }
+    }
     let path = path.split(['?', '#']).next().unwrap_or(path);
     if path.ends_with("/chat/completions") {
         match shape.choices {
@@ -133,10 +142,39 @@ enum Kind {
     Other,
 }
 
+/// A failed choice in a `choices` array's bytes, if any. Only an array that holds the
+/// text `"error"` (an `error` member or an `"error"` finish reason) is decoded: a
+/// success pays one byte search.
+fn failed_choice(choices: &[u8]) -> Option<Problem> {
+    const NEEDLE: &[u8] = b"\"error\"";
+    choices.windows(NEEDLE.len()).position(|w| w == NEEDLE)?;
+    let Ok(Value::Array(items)) = serde_json::from_slice::<Value>(choices) else {
+        return None;
+    };
+    for c in &items {
+        let err = c
+            .get("error")
+            .filter(|e| !matches!(e, Value::Null | Value::Bool(false)));
+        let finish_error = c.get("finish_reason").and_then(Value::as_str) == Some("error");
+        if err.is_none() && !finish_error {
+            continue;
+        }
+        let code = err.and_then(embedded_code);
+        let e = err.cloned().unwrap_or_else(
+            || serde_json::json!({"message": "a choice ended with finish_reason \"error\""}),
+        );
+        let wrapped = serde_json::to_vec(&serde_json::json!({ "error": e })).unwrap_or_default();
+        return Some(Problem::ChoiceFailed(code, wrapped));
+    }
+    None
+}
+
 /// What a 2xx body looks like, read in one pass.
 struct Shape {
     object: bool,
     choices: Kind,
+    /// Where the top-level `choices` value is, when it is an array.
+    choices_range: Option<std::ops::Range<usize>>,
     usage: Option<Usage>,
     /// `usage.cost`, when a sane number.
     cost: Option<f64>,
@@ -150,11 +188,14 @@ impl Shape {
     /// keys: the last one wins, as in most JSON readers.
     fn of(body: &[u8]) -> Result<Shape, json_scan::Invalid> {
         let (mut choices, mut usage, mut error) = (Kind::Missing, None, None);
+        let mut choices_range = None;
         let top = json_scan::scan(body, |key, value| match top_field(key) {
             Field::Choices => {
                 choices = if body[value.start] == b'[' {
+                    choices_range = Some(value.clone());
                     Kind::Array
                 } else {
+                    choices_range = None;
                     Kind::Other
                 }
             }
@@ -173,6 +214,7 @@ impl Shape {
         Ok(Shape {
             object: top == json_scan::Top::Object,
             choices,
+            choices_range,
             usage,
             cost,
             error,

@@ -10,6 +10,7 @@
 //! key and never panics.
 
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::Deserialize;
@@ -28,7 +29,7 @@ const MAX_KEY_BODY: u64 = 64 * 1024;
 /// Credit checks for providers that report a key's balance at `GET {base_url}/key`
 /// (OpenRouter). Off by default.
 ///
-/// JSON: `"credits": {"check": true, "floor": 0.5, "recheck_cost": 1.0}`.
+/// JSON: `"credits": {"check": true, "floor": 0.5, "recheck_cost": 1.0, "recheck_ms": 300000}`.
 ///
 /// `#[non_exhaustive]`: start from [`CreditsConfig::default`] and use the setters.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -44,6 +45,11 @@ pub struct CreditsConfig {
     /// Check a key again after this many dollars of summed `usage.cost` since its last
     /// check; 0 means never. Defaults to 0.
     pub recheck_cost: f64,
+    /// A key parked for its credit (at its floor, a 402, OpenAI's `insufficient_quota`)
+    /// is checked again at most this often, only while requests wait, and rejoins the
+    /// rotation when its balance is above the floor (its account was topped up); 0
+    /// means never. Defaults to 300,000 (5 minutes).
+    pub recheck_ms: u64,
 }
 
 // Validation keeps both numbers finite, so equality is reflexive.
@@ -55,6 +61,7 @@ impl Default for CreditsConfig {
             check: false,
             floor: 0.0,
             recheck_cost: 0.0,
+            recheck_ms: 300_000,
         }
     }
 }
@@ -65,13 +72,19 @@ impl CreditsConfig {
         CreditsConfig {
             check: true,
             floor,
-            recheck_cost: 0.0,
+            ..CreditsConfig::default()
         }
     }
 
     /// Turns the checks on or off.
     pub fn check(mut self, on: bool) -> CreditsConfig {
         self.check = on;
+        self
+    }
+
+    /// How often a parked key's credit is checked again, in milliseconds (0: never).
+    pub fn recheck_ms(mut self, ms: u64) -> CreditsConfig {
+        self.recheck_ms = ms;
         self
     }
 
@@ -96,6 +109,12 @@ impl CreditsConfig {
             if !v.is_finite() || !(0.0..=MAX_DOLLARS).contains(&v) {
                 return Some((field, format!("must be between 0 and {MAX_DOLLARS}")));
             }
+        }
+        if self.recheck_ms > crate::config::MAX_DURATION_MS {
+            return Some((
+                "credits.recheck_ms",
+                format!("must be at most {}", crate::config::MAX_DURATION_MS),
+            ));
         }
         None
     }
@@ -147,6 +166,10 @@ struct Inner {
     checking: bool,
     /// `recheck_cost` dollars were spent since the last check.
     due: bool,
+    /// When a parked key was last checked (or parked), for `recheck_ms`.
+    parked_check: Option<std::time::Instant>,
+    /// Times the key rejoined after a park.
+    rejoined: u64,
 }
 
 impl KeyCredit {
@@ -166,6 +189,11 @@ impl KeyCredit {
         self.inner.lock().cost
     }
 
+    /// Times the key rejoined the rotation after being parked for its credit.
+    pub(crate) fn rejoined(&self) -> u64 {
+        self.inner.lock().rejoined
+    }
+
     /// The balance at the last check (`None`: never checked, failed or unlimited).
     pub(crate) fn remaining(&self) -> Option<f64> {
         self.inner.lock().remaining
@@ -173,11 +201,14 @@ impl KeyCredit {
 }
 
 /// Checks the key's balance if checks are on and this worker is the key's first.
-pub(crate) fn check_at_start(ctx: &KeyWorkerCtx) {
+/// Returns true for the key's first worker (the one that also re-checks a park).
+pub(crate) fn check_at_start(ctx: &KeyWorkerCtx) -> bool {
     let credit = &ctx.shared.keys[ctx.index].credit;
-    if ctx.shared.config.credits.check && !credit.start_claimed.swap(true, SeqCst) {
+    let first = !credit.start_claimed.swap(true, SeqCst);
+    if first && ctx.shared.config.credits.check {
         check(ctx);
     }
+    first
 }
 
 /// Checks the key's balance if `recheck_cost` dollars were spent since the last check.
@@ -188,18 +219,65 @@ pub(crate) fn recheck_if_due(ctx: &KeyWorkerCtx) {
     }
 }
 
+/// When a worker of a key parked for its credit should wake to check it again
+/// (`recheck_ms` after the park or the last check); `None` when it should not (checks
+/// off, not parked, `recheck_ms` 0). Only the key's first worker (`first`) waits for it.
+pub(crate) fn parked_recheck_at(ctx: &KeyWorkerCtx, first: bool) -> Option<Instant> {
+    let cfg = &ctx.shared.config.credits;
+    if !first || !cfg.check || cfg.recheck_ms == 0 {
+        return None;
+    }
+    let ks = &ctx.shared.keys[ctx.index];
+    if !ks.gate.is_parked() {
+        return None;
+    }
+    let mut s = ks.credit.inner.lock();
+    let since = *s.parked_check.get_or_insert_with(Instant::now);
+    since.checked_add(Duration::from_millis(cfg.recheck_ms))
+}
+
+/// Checks a key parked for its credit again, if requests are waiting: above the floor
+/// (or uncapped), it rejoins the rotation on trial (one request first). Logged, and
+/// counted in `KeyStats::rejoined`.
+pub(crate) fn recheck_parked(ctx: &KeyWorkerCtx) {
+    let sh = &ctx.shared;
+    let ks = &sh.keys[ctx.index];
+    ks.credit.inner.lock().parked_check = Some(Instant::now());
+    let waiting = !ctx.intake.is_empty() || sh.backlog.load(SeqCst) > 0;
+    if !waiting || !ks.gate.is_parked() {
+        return;
+    }
+    let floor = sh.config.credits.floor;
+    let above = match check(ctx) {
+        Some(Balance::Remaining(r)) => r > floor,
+        Some(Balance::Unlimited) => true,
+        None => false,
+    };
+    if above && ks.gate.unpark() {
+        let mut s = ks.credit.inner.lock();
+        s.rejoined += 1;
+        s.parked_check = None;
+        drop(s);
+        log::warn!(
+            "keypool: key {} rejoined: its credit is above the floor again",
+            ks.label
+        );
+        sh.nudge();
+    }
+}
+
 /// Checks the key's balance now (checks on, no other check of this key running), and
-/// parks the key if it is at or below the floor.
-pub(crate) fn check(ctx: &KeyWorkerCtx) {
+/// parks the key if it is at or below the floor. Returns the balance read, if any.
+pub(crate) fn check(ctx: &KeyWorkerCtx) -> Option<Balance> {
     let cfg = &ctx.shared.config.credits;
     if !cfg.check {
-        return;
+        return None;
     }
     let ks = &ctx.shared.keys[ctx.index];
     {
         let mut s = ks.credit.inner.lock();
         if s.checking {
-            return;
+            return None;
         }
         s.checking = true;
         s.due = false;
@@ -247,11 +325,13 @@ pub(crate) fn check(ctx: &KeyWorkerCtx) {
         if r <= cfg.floor {
             let reason = format!("credit {r} at or below floor {}", cfg.floor);
             if ks.gate.park(reason.clone()) {
+                ks.credit.inner.lock().parked_check = Some(Instant::now());
                 ks.log_disabled(&reason);
                 ctx.shared.nudge();
             }
         }
     }
+    balance
 }
 
 #[cfg(test)]

@@ -474,7 +474,7 @@ impl Dispatcher {
     }
 
     /// Hands `job` to a worker, waiting (without polling) for a key to admit it.
-    fn place(&mut self, job: Job) -> Placed {
+    fn place(&mut self, mut job: Job) -> Placed {
         loop {
             if job.is_answered() {
                 return Placed::Done; // its deadline passed while it waited
@@ -489,14 +489,22 @@ impl Dispatcher {
             // ever names a future instant (a due one would make it return at once,
             // again and again, for as long as every key refuses this job).
             self.promote_due(now);
-            let all_disabled = self
-                .shared
-                .keys
-                .iter()
-                .enumerate()
-                .all(|(i, k)| !routing::serves(&job, i) || k.gate.is_disabled());
-            if all_disabled {
-                let e = self.no_usable_key(&job);
+            let n = self.shared.keys.len();
+            if !(0..n).any(|i| routing::could_serve(&self.shared, i, &job)) {
+                // The model is missing wherever it was asked: that answer (a 404 blamed
+                // on the model) says more than "no usable key".
+                let model_missing = (0..n).any(|i| {
+                    routing::serves(&job, i)
+                        && !self.shared.keys[i].gate.is_disabled()
+                        && job.last_error.is_some()
+                });
+                let e = match job.last_error.take() {
+                    Some(e) if model_missing => e,
+                    last => {
+                        job.last_error = last;
+                        self.no_usable_key(&job)
+                    }
+                };
                 job.finish(Err(e));
                 return Placed::Done;
             }
@@ -510,6 +518,15 @@ impl Dispatcher {
             if let Some(i) = not_now.unavailable {
                 // Shared limits unreachable, `on_unavailable: fail`: a typed error now.
                 job.finish(Err(self.shared.keys[i].gate.shared_unavailable_error()));
+                return Placed::Done;
+            }
+            if let (Some(at), false, false) = (not_now.wake, not_now.busy, job.tried.is_empty()) {
+                // A retry that only waits for an instant (its keys cool, or its model
+                // cools on them): set it aside until then, so the requests behind it
+                // do not wait for it (it stays counted in the retry backlog).
+                self.shared.backlog.fetch_add(1, SeqCst);
+                job.not_before = Some(at);
+                self.defer(job);
                 return Placed::Done;
             }
             // Wait for a worker to go idle, a trial to end, a key to change, or the

@@ -210,6 +210,17 @@ pub enum Error {
         /// What failed (the Redis URL's password masked).
         message: String,
     },
+    /// The server refused the request's content: a moderation flag or a guardrail
+    /// block (OpenRouter's 403 with `metadata.reasons`/`flagged_input`, or a body naming
+    /// moderation or flagging). The request is at fault: it was not retried on another
+    /// key and no key was taken out of rotation. [`Error::code`] is `"flagged"`; the
+    /// response (status, body with the reasons) is kept.
+    Flagged {
+        /// The server's message (secrets masked).
+        message: String,
+        /// The response as received.
+        response: Box<Response>,
+    },
 }
 
 impl Error {
@@ -229,9 +240,28 @@ impl Error {
     /// ([`Error::Http`] or [`Error::InvalidResponse`]).
     pub fn response(&self) -> Option<&Response> {
         match self {
-            Error::Http { response, .. } | Error::InvalidResponse { response, .. } => {
-                Some(response)
+            Error::Http { response, .. }
+            | Error::InvalidResponse { response, .. }
+            | Error::Flagged { response, .. } => Some(response),
+            _ => None,
+        }
+    }
+
+    /// Whom the failure was blamed on: the request (a bad or flagged request, one no
+    /// key's budget covers), the model on a key, the key, its account, or the server
+    /// (5xx, timeouts, transport). `None` for errors of the API itself (`Busy`,
+    /// `Closed`, a config error, …). See README, "Whose fault is it".
+    pub fn blame(&self) -> Option<crate::Blame> {
+        use crate::Blame;
+        match self {
+            Error::Http { response, .. }
+            | Error::InvalidResponse { response, .. }
+            | Error::Flagged { response, .. } => response.blame.or(Some(Blame::Server)),
+            Error::Transport { .. } | Error::Timeout { .. } | Error::Stream { .. } => {
+                Some(Blame::Server)
             }
+            Error::InvalidRequest(_) | Error::ModelNotServed { .. } => Some(Blame::Request),
+            Error::NoUsableKey { .. } => Some(Blame::Key),
             _ => None,
         }
     }
@@ -239,9 +269,9 @@ impl Error {
     /// Number of HTTP attempts made before this error (0 when none was made).
     pub fn attempts(&self) -> u32 {
         match self {
-            Error::Http { response, .. } | Error::InvalidResponse { response, .. } => {
-                response.attempts()
-            }
+            Error::Http { response, .. }
+            | Error::InvalidResponse { response, .. }
+            | Error::Flagged { response, .. } => response.attempts(),
             Error::Transport { attempts, .. }
             | Error::Timeout { attempts, .. }
             | Error::NoUsableKey { attempts, .. }
@@ -272,6 +302,7 @@ impl Error {
             Error::WouldDeadlock(_) => "would_deadlock",
             Error::Stream { .. } => "stream",
             Error::SharedUnavailable { .. } => "shared_unavailable",
+            Error::Flagged { .. } => "flagged",
         }
     }
 
@@ -365,6 +396,18 @@ impl fmt::Display for Error {
             ),
             Error::SharedUnavailable { message } => {
                 write!(f, "shared limits unavailable: {message}")
+            }
+            Error::Flagged { message, response } => {
+                write!(
+                    f,
+                    "request flagged by the server (HTTP {}) on key {}",
+                    response.status(),
+                    response.key_label()
+                )?;
+                if !message.is_empty() {
+                    write!(f, ": {message}")?;
+                }
+                f.write_str(" (the request's content; no key was blamed)")
             }
         }
     }

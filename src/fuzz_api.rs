@@ -26,6 +26,8 @@ pub enum Rejected {
     Embedded(Option<u16>),
     /// Not a valid answer for the endpoint; why.
     Invalid(String),
+    /// A choice failed (`choices[].error`, `finish_reason: "error"`), with its code.
+    ChoiceFailed(Option<u16>),
 }
 
 /// `body::inspect_success`: the usage of a 2xx body, or why it is not a success.
@@ -39,6 +41,7 @@ pub fn inspect_success(
         .map_err(|p| match p {
             crate::body::Problem::Embedded(c) => Rejected::Embedded(c),
             crate::body::Problem::Invalid(m) => Rejected::Invalid(m),
+            crate::body::Problem::ChoiceFailed(c, _) => Rejected::ChoiceFailed(c),
         })
 }
 

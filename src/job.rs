@@ -43,10 +43,15 @@ pub(crate) struct Job {
     pub admission: Option<(usize, Admission)>,
     /// Streamed requests: where chunks go and how much the caller has.
     pub stream: Option<Box<StreamState>>,
-    /// The request's `"model"`, read once at submit when routing by model.
-    pub model: Option<Arc<str>>,
+    /// The request's `"model"`: read at submit when routing by model, else when first
+    /// asked ([`Job::model`]).
+    pub model: std::sync::OnceLock<Option<Arc<str>>>,
     /// Which keys serve `model` (`None`: every key), see `routing.rs`.
     pub serves: Option<Arc<[bool]>>,
+    /// The key that answered this request with a 403 that did not say why, if one did
+    /// (`blame::Fault::Forbidden`): the request goes once more to another key; served
+    /// there, it counts as evidence against that key.
+    pub forbidden_by: Option<usize>,
 }
 
 impl Job {
@@ -89,9 +94,17 @@ impl Job {
             est_tokens,
             admission: None,
             stream: None,
-            model: None,
+            model: std::sync::OnceLock::new(),
             serves: None,
+            forbidden_by: None,
         }
+    }
+
+    /// The request's `"model"`, if its body has a string one (read once).
+    pub(crate) fn model(&self) -> Option<&Arc<str>> {
+        self.model
+            .get_or_init(|| crate::routing::model_of(&self.req.body))
+            .as_ref()
     }
 
     fn take_reply(&mut self) -> Option<Reply> {

@@ -46,6 +46,9 @@ pub(crate) struct KeyState {
     ttft: Mutex<Histogram>,
     /// Balance at the last credit check, summed `usage.cost` (`credits.rs`).
     pub credit: crate::credits::KeyCredit,
+    /// Requests this key refused with an unexplained 403 that another key then served
+    /// (`worker::forbidden_evidence`).
+    pub forbidden_strikes: std::sync::atomic::AtomicU32,
 }
 
 impl KeyState {
@@ -88,6 +91,7 @@ impl KeyState {
             latency: Mutex::new(Histogram::new()),
             ttft: Mutex::new(Histogram::new()),
             credit: Default::default(),
+            forbidden_strikes: Default::default(),
         }
     }
 
@@ -185,6 +189,7 @@ impl KeyState {
             learned_limit: self.gate.learned_limit(),
             credit_remaining: self.credit.remaining(),
             cost: self.credit.cost(),
+            rejoined: self.credit.rejoined(),
         }
     }
 }

@@ -37,6 +37,7 @@
 mod adaptive;
 mod admission;
 mod batch;
+mod blame;
 mod body;
 mod chat;
 mod config;
@@ -71,6 +72,7 @@ mod worker;
 pub mod __fuzz;
 
 pub use batch::{ResultStream, Window};
+pub use blame::Blame;
 pub use chat::ChatRequest;
 pub use config::{
     ApiKey, Config, ConfigBuilder, GroupConfig, KeyConfig, MAX_CONCURRENT_LIMIT, MAX_DURATION_MS,
@@ -151,6 +153,7 @@ pub mod __capi {
                 latency: self.latency,
                 keys_tried: self.keys_tried,
                 ttft: None,
+                blame: None,
             }
         }
     }

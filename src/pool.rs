@@ -199,6 +199,7 @@ impl Pool {
             space: crate::queue_space::QueueSpace::new(queue_capacity),
             broken: Mutex::new(None),
             router,
+            models: crate::routing::ModelVerdicts::default(),
             groups,
             submitted: AtomicU64::new(0),
             completed: AtomicU64::new(0),
@@ -426,7 +427,7 @@ impl Pool {
         let mut job = job;
         job.stream = stream;
         if let Some((model, serves)) = route {
-            job.model = model;
+            job.model = std::sync::OnceLock::from(model);
             job.serves = Some(serves);
         }
         let mode = match mode {

@@ -290,6 +290,8 @@ pub struct Response {
     pub(crate) keys_tried: Vec<usize>,
     /// Streams only: first attempt's start to the first text delta.
     pub(crate) ttft: Option<Duration>,
+    /// Error paths only: whom the answer was blamed on (`blame.rs`).
+    pub(crate) blame: Option<crate::Blame>,
 }
 
 impl std::fmt::Debug for Response {
@@ -307,6 +309,12 @@ impl std::fmt::Debug for Response {
 }
 
 impl Response {
+    /// Whom this answer was blamed on, when it is the response behind an error (see
+    /// [`Error::blame`](crate::Error::blame)); `None` for a success.
+    pub fn blame(&self) -> Option<crate::Blame> {
+        self.blame
+    }
+
     /// HTTP status code.
     pub fn status(&self) -> u16 {
         self.status

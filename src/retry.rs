@@ -2,6 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use crate::blame::Fault;
 use crate::config::RetryConfig;
 
 /// What one attempt's outcome means for the request and for the key.
@@ -13,43 +14,78 @@ pub(crate) struct Verdict {
     pub retry_after: Option<Duration>,
     /// Put the key in cooldown for this long (429).
     pub cooldown: Option<Duration>,
-    /// Take the key out of rotation, with this reason (401, 403, 402).
+    /// Take the key out of rotation, with this reason (401, a spent credit).
     pub disable: Option<String>,
+    /// With `disable`: the key is parked for its credit, not revoked; a credit check
+    /// that finds its balance above the floor brings it back.
+    pub park: bool,
     /// Cool the key's whole group (a 429 attributed to the account).
     pub group_cooldown: Option<Duration>,
+    /// Cool this key for the request's model only (the model is busy upstream).
+    pub model_cooldown: Option<Duration>,
+    /// The request's model does not exist at this key's base URL: exclude it there.
+    pub model_missing: bool,
+    /// Not the request's fault (the key, its account, the model at this base URL, an
+    /// unexplained 403): the attempt is not charged against `max_attempts` and the
+    /// request moves on at once.
+    pub uncharged: bool,
 }
 
-/// Judges an HTTP status (with its `x-should-retry` and retry-after hints).
-pub(crate) fn judge_status(
-    status: u16,
+/// The verdict for an error answer whose fault is `fault` (`blame::judge`), with its
+/// `x-should-retry` and retry-after hints and its headers. A 403 that does not say why
+/// ([`Fault::Forbidden`]) is judged by the worker, which knows the request's history.
+pub(crate) fn judge_fault(
+    fault: &Fault,
     should_retry: Option<&str>,
     retry_after: Option<Duration>,
+    headers: &[(String, String)],
     cfg: &RetryConfig,
 ) -> Verdict {
+    let max = Duration::from_millis(cfg.max_retry_after_ms);
+    let default = Duration::from_millis(cfg.default_cooldown_ms);
     let mut v = Verdict {
         retry_after,
         ..Verdict::default()
     };
-    v.retry = matches!(status, 408 | 409 | 429) || (500..600).contains(&status);
-    match status {
-        429 => {
-            let d = retry_after.unwrap_or(Duration::from_millis(cfg.default_cooldown_ms));
-            v.cooldown = Some(d.min(Duration::from_millis(cfg.max_retry_after_ms)));
-        }
-        401 | 403 => {
-            v.disable = Some(format!("HTTP {status}: key rejected"));
-            // The request is not at fault: another key may serve it.
+    match fault {
+        Fault::Request | Fault::Flagged | Fault::Forbidden => {}
+        Fault::Transient | Fault::Server => v.retry = true,
+        Fault::ModelBusy => {
             v.retry = true;
+            v.model_cooldown = Some(retry_after.unwrap_or(default).min(max));
         }
-        402 if cfg.park_on_402 => {
-            v.disable = Some("HTTP 402: out of credits".to_owned());
+        Fault::ModelMissing => {
             v.retry = true;
+            v.model_missing = true;
+            v.uncharged = true;
         }
-        _ => {}
+        Fault::KeyRejected => {
+            v.disable = Some("HTTP 401: key rejected".to_owned());
+            v.retry = true;
+            v.uncharged = true;
+        }
+        Fault::NoCredit if cfg.park_on_402 => {
+            v.disable = Some("out of credits (HTTP 402 or insufficient_quota)".to_owned());
+            v.park = true;
+            v.retry = true;
+            v.uncharged = true;
+        }
+        Fault::NoCredit => {}
+        Fault::RateLimited => {
+            v.retry = true;
+            v.cooldown = Some(crate::blame::cooldown_429(
+                retry_after,
+                headers,
+                default,
+                max,
+            ));
+        }
     }
+    // The server's explicit word on retrying wins, except over a key's fault (the
+    // request itself may still succeed on another key).
     match should_retry.map(str::trim) {
-        Some("true") => v.retry = true,
-        Some("false") if v.disable.is_none() => v.retry = false,
+        Some("true") if *fault != Fault::Flagged => v.retry = true,
+        Some("false") if !v.uncharged => v.retry = false,
         _ => {}
     }
     v
@@ -133,22 +169,43 @@ mod tests {
     }
 
     #[test]
-    fn statuses() {
+    fn verdicts() {
         let c = RetryConfig::default();
-        for s in [408, 409, 429, 500, 502, 503] {
-            assert!(judge_status(s, None, None, &c).retry, "{s}");
+        let v = |f: Fault, sr: Option<&str>| judge_fault(&f, sr, None, &[], &c);
+        assert!(v(Fault::Server, None).retry);
+        assert!(v(Fault::Transient, None).retry);
+        assert!(!v(Fault::Request, None).retry);
+        assert!(!v(Fault::Flagged, Some("true")).retry);
+        assert!(v(Fault::Request, Some("true")).retry);
+        assert!(!v(Fault::Server, Some("false")).retry);
+        let r = v(Fault::RateLimited, None);
+        assert_eq!(r.cooldown, Some(Duration::from_millis(1000)));
+        assert!(!r.uncharged);
+        let r = judge_fault(
+            &Fault::RateLimited,
+            None,
+            Some(Duration::from_secs(3600)),
+            &[],
+            &c,
+        );
+        assert_eq!(r.cooldown, Some(Duration::from_millis(60_000)));
+        let r = v(Fault::KeyRejected, Some("false"));
+        assert!(r.disable.is_some() && r.retry && r.uncharged && !r.park);
+        let r = v(Fault::NoCredit, None);
+        assert!(r.disable.is_some() && r.park && r.uncharged);
+        let r = v(Fault::ModelBusy, None);
+        assert!(r.model_cooldown.is_some() && r.cooldown.is_none() && r.disable.is_none());
+        let r = v(Fault::ModelMissing, None);
+        assert!(r.model_missing && r.uncharged && r.cooldown.is_none());
+        for f in [
+            Fault::Request,
+            Fault::Flagged,
+            Fault::Forbidden,
+            Fault::Transient,
+        ] {
+            let r = v(f, None);
+            assert!(r.disable.is_none() && r.cooldown.is_none() && r.model_cooldown.is_none());
         }
-        for s in [400, 404, 422] {
-            assert!(!judge_status(s, None, None, &c).retry, "{s}");
-        }
-        assert!(judge_status(400, Some("true"), None, &c).retry);
-        assert!(!judge_status(503, Some("false"), None, &c).retry);
-        let v = judge_status(429, None, None, &c);
-        assert_eq!(v.cooldown, Some(Duration::from_millis(1000)));
-        let v = judge_status(429, None, Some(Duration::from_secs(3600)), &c);
-        assert_eq!(v.cooldown, Some(Duration::from_millis(60_000)));
-        assert!(judge_status(401, None, None, &c).disable.is_some());
-        assert!(judge_status(402, None, None, &c).disable.is_some());
     }
 
     #[test]

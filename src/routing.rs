@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -87,7 +88,86 @@ pub(crate) fn admit(shared: &Shared, i: usize, job: &Job, via: Via, now: Instant
     if !serves(job, i) {
         return Admit::Never;
     }
+    if let Some(no) = shared.models.refuses(i, job, now) {
+        return no;
+    }
     shared.keys[i].gate.try_admit(via, job.est_tokens, now)
+}
+
+/// Whether key `i` could ever serve `job`: it serves the model, is not disabled or
+/// parked, and the model is not excluded at its base URL.
+pub(crate) fn could_serve(shared: &Shared, i: usize, job: &Job) -> bool {
+    serves(job, i)
+        && !shared.keys[i].gate.is_disabled()
+        && !matches!(
+            shared.models.refuses(i, job, Instant::now()),
+            Some(Admit::Never)
+        )
+}
+
+/// Most `(key, model)` verdicts held at once: a hostile server naming a new model in
+/// every answer cannot grow the table without bound (past it, expired cooldowns are
+/// dropped, then new verdicts are not recorded: the request is still retried).
+const MODEL_VERDICTS_MAX: usize = 4096;
+
+/// Verdicts on a model at one key (`blame::Fault::ModelBusy` / `ModelMissing`): the key
+/// keeps serving its other models. Asked by [`admit`] (the dispatcher and self-serve
+/// alike) only once some verdict was recorded; jobs read their model lazily then.
+#[derive(Debug, Default)]
+pub(crate) struct ModelVerdicts {
+    /// Set by the first verdict: until then `admit` pays nothing.
+    active: AtomicBool,
+    /// `(key index, model)` → cooling until that instant, or `None`: the model does not
+    /// exist at the key's base URL (for the rest of the pool's life).
+    map: Mutex<HashMap<KeyModel, Option<Instant>>>,
+}
+
+/// A key (by index) and a model.
+type KeyModel = (usize, Arc<str>);
+
+impl ModelVerdicts {
+    /// `Some(Never)` if `job`'s model is excluded at key `i`, `Some(WakeAt)` while it
+    /// cools there, else `None`.
+    pub(crate) fn refuses(&self, i: usize, job: &Job, now: Instant) -> Option<Admit> {
+        if !self.active.load(SeqCst) {
+            return None;
+        }
+        let model = job.model()?;
+        match self.map.lock().get(&(i, Arc::clone(model)))? {
+            None => Some(Admit::Never),
+            Some(until) if *until > now => Some(Admit::WakeAt(*until)),
+            Some(_) => None,
+        }
+    }
+
+    /// Cools `model` at key `i` until `until` (a longer cooldown already there stays).
+    pub(crate) fn cool(&self, i: usize, model: &Arc<str>, until: Instant) {
+        self.record(i, model, Some(until));
+    }
+
+    /// Excludes `model` at every key in `keys` (those sharing a base URL).
+    pub(crate) fn exclude(&self, keys: impl IntoIterator<Item = usize>, model: &Arc<str>) {
+        for i in keys {
+            self.record(i, model, None);
+        }
+    }
+
+    fn record(&self, i: usize, model: &Arc<str>, until: Option<Instant>) {
+        let mut map = self.map.lock();
+        if map.len() >= MODEL_VERDICTS_MAX {
+            let now = Instant::now();
+            map.retain(|_, u| u.is_none_or(|u| u > now));
+            if map.len() >= MODEL_VERDICTS_MAX {
+                return;
+            }
+        }
+        let e = map.entry((i, Arc::clone(model))).or_insert(until);
+        *e = match (*e, until) {
+            (None, _) | (_, None) => None,
+            (Some(a), Some(b)) => Some(a.max(b)),
+        };
+        self.active.store(true, SeqCst);
+    }
 }
 
 /// The body to send to key `cfg`: `None` to send the shared body as it is, or a
@@ -96,7 +176,7 @@ pub(crate) fn body_for(cfg: &KeyConfig, job: &Job) -> Option<Vec<u8>> {
     if cfg.model_map.is_empty() {
         return None;
     }
-    let actual = cfg.model_map.get(&**job.model.as_ref()?)?;
+    let actual = cfg.model_map.get(&**job.model()?)?;
     let mut v: serde_json::Value = serde_json::from_slice(&job.req.body).ok()?;
     v.as_object_mut()?.insert(
         "model".to_owned(),

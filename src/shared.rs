@@ -51,6 +51,8 @@ pub(crate) struct Shared {
     pub broken: Mutex<Option<String>>,
     /// Which keys serve which model (`None`: every key serves every model).
     pub router: Option<crate::routing::Router>,
+    /// Verdicts on a model at a key (cooling upstream, not found at its base URL).
+    pub models: crate::routing::ModelVerdicts,
     /// The account groups' gates, in config order (each also held by its keys' gates).
     pub groups: Vec<std::sync::Arc<crate::group::GroupGate>>,
     pub submitted: AtomicU64,

@@ -85,6 +85,9 @@ pub struct KeyStats {
     /// Dollars spent: the sum of the `usage.cost` its responses reported (0 when the
     /// provider reports none).
     pub cost: f64,
+    /// Times the key rejoined the rotation after being parked for its credit (a
+    /// re-check found its balance above the floor again; `credits.recheck_ms`).
+    pub rejoined: u64,
 }
 
 /// A snapshot of one account group's shared limits.

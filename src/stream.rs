@@ -20,7 +20,7 @@ use crate::error::{Error, StreamFailure, TimeoutPhase};
 use crate::job::Job;
 use crate::key::FailClass;
 use crate::request::{Request, Response};
-use crate::retry::{Verdict, judge_status};
+use crate::retry::{Verdict, judge_fault};
 use crate::sse::{SseError, SseReader};
 use crate::thread_role::on_pool_thread;
 use crate::ticket::RequestResult;
@@ -549,6 +549,7 @@ impl Run<'_> {
             latency: self.first_start.elapsed(),
             keys_tried: self.job.tried.clone(),
             ttft,
+            blame: None,
         })
     }
 
@@ -651,7 +652,12 @@ impl Run<'_> {
             None => body::clean(data, 200),
         };
         let status = code.unwrap_or(502);
-        let verdict = judge_status(status, None, None, &self.ctx.shared.config.retry);
+        // Whose fault, as for any answer (`blame.rs`): a flagged prompt mid-stream
+        // takes no key out.
+        let model = self.job.model().cloned();
+        let fault = crate::blame::judge(status, data.as_bytes(), model.as_deref());
+        let mut verdict = judge_fault(&fault, None, None, &[], &self.ctx.shared.config.retry);
+        crate::worker::scope(self.ctx, self.job, &fault, &mut verdict, model.as_ref());
         let class = match status {
             429 => FailClass::RateLimited,
             500..=599 => FailClass::ServerError,

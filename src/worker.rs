@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::admission::{Admission, Admit, KeyVerdict, Via};
+use crate::blame::{Blame, Fault};
 use crate::body;
 use crate::config::ApiKey;
 use crate::error::{Error, TimeoutPhase};
 use crate::job::Job;
 use crate::key::{FailClass, KeyState};
 use crate::request::Response;
-use crate::retry::{Verdict, backoff, judge_status};
+use crate::retry::{Verdict, backoff, judge_fault};
 use crate::shared::Shared;
 use crate::transport::{HttpRequest, HttpResponse, Transport, TransportError};
 
@@ -50,7 +51,7 @@ pub(crate) fn run(ctx: Arc<KeyWorkerCtx>, rx: Receiver<Job>, started: Sender<()>
     let mut started = Some(started);
     // The key's first worker checks its balance before anyone can submit (`Pool::new`
     // waits for `started`), so a key at its floor gets no request.
-    crate::credits::check_at_start(&ctx);
+    let first = crate::credits::check_at_start(&ctx);
     loop {
         let job = match self_serve(&ctx) {
             Some(job) => job,
@@ -63,10 +64,24 @@ pub(crate) fn run(ctx: Arc<KeyWorkerCtx>, rx: Receiver<Job>, started: Sender<()>
                 if ctx.shared.wants_idle.load(SeqCst) {
                     ctx.shared.nudge();
                 }
-                // The dispatcher's admission takes this worker off the idle count.
-                match rx.recv() {
-                    Ok(job) => job,
-                    Err(_) => {
+                // The dispatcher's admission takes this worker off the idle count. The
+                // first worker of a key parked for its credit wakes at its re-check
+                // time (`credits.recheck_ms`) — a known instant, not a poll.
+                let got = match crate::credits::parked_recheck_at(&ctx, first) {
+                    Some(at) => match rx.recv_deadline(at) {
+                        Ok(job) => Some(job),
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                            gate.worker_gone();
+                            crate::credits::recheck_parked(&ctx);
+                            continue;
+                        }
+                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => None,
+                    },
+                    None => rx.recv().ok(),
+                };
+                match got {
+                    Some(job) => job,
+                    None => {
                         gate.worker_gone();
                         break; // shutdown: the dispatcher dropped the sender
                     }
@@ -244,6 +259,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
         let (err, verdict, class) = match outcome {
             Ok(Ok(response)) => {
                 settle.complete(&success_verdict(ctx, &response.headers));
+                forbidden_evidence(ctx, &job);
                 job.finish(Ok(response));
                 crate::credits::recheck_if_due(ctx);
                 return;
@@ -265,6 +281,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
         Ok(Ok(resp)) => match judge_response(ctx, &mut job, resp, first_start) {
             Ok(response) => {
                 settle.complete(&success_verdict(ctx, &response.headers));
+                forbidden_evidence(ctx, &job);
                 job.finish(Ok(response));
                 crate::credits::recheck_if_due(ctx);
                 return;
@@ -384,7 +401,7 @@ fn conclude(
 ) {
     // The key's part of the verdict first — a "bad key" verdict disables the key before
     // its next trial can start — then the request's part.
-    let out_of_credit = matches!(err, Error::Http { status: 402, .. });
+    let out_of_credit = verdict.park;
     let answered = matches!(
         class,
         FailClass::RateLimited | FailClass::ClientError | FailClass::ServerError
@@ -400,6 +417,7 @@ fn conclude(
         accepted: answered && verdict.cooldown.is_none() && verdict.disable.is_none(),
         cooldown: verdict.cooldown,
         disable: verdict.disable.clone(),
+        park: verdict.park,
         rate_limited: class == FailClass::RateLimited,
         group_cooldown: verdict.group_cooldown,
         limits,
@@ -459,6 +477,7 @@ pub(crate) fn judge_response(
                     // The job ends with this success: its list moves, no copy.
                     keys_tried: std::mem::take(&mut job.tried),
                     ttft: None,
+                    blame: None,
                 });
             }
             Err(p) => Some(p),
@@ -483,6 +502,7 @@ pub(crate) fn judge_response(
         latency: first_start.elapsed(),
         keys_tried: job.tried.clone(),
         ttft: None,
+        blame: None,
     };
     let status = match problem {
         Some(body::Problem::Invalid(why)) => {
@@ -504,13 +524,41 @@ pub(crate) fn judge_response(
         }
         Some(body::Problem::Embedded(code)) => code.unwrap_or(response.status),
         None => response.status,
+        // A 200 whose choice failed: judged like an error answer with that choice's
+        // error (a 502 when it has no code), so it is retried, never recorded as a
+        // success with empty text.
+        Some(body::Problem::ChoiceFailed(..)) => 0,
     };
-    let message = masker.mask_str(body::error_message(&response.body));
+    let (status, evidence) = match &problem {
+        Some(body::Problem::ChoiceFailed(code, err)) => (
+            code.unwrap_or(502),
+            masker.mask_bytes(err).unwrap_or_else(|| err.clone()),
+        ),
+        _ => (status, Vec::new()),
+    };
+    let evidence: &[u8] = if evidence.is_empty() {
+        &response.body
+    } else {
+        &evidence
+    };
+    let message = masker.mask_str(body::error_message(evidence));
     let retry_after = response.retry_after();
     let should_retry = response.header("x-should-retry").map(str::to_owned);
     let cfg = &ctx.shared.config.retry;
-    let mut verdict = judge_status(status, should_retry.as_deref(), retry_after, cfg);
-    if status == 429 {
+    // Whose fault, from the evidence (`blame.rs`); then act on that scope only.
+    let model = job.model().cloned();
+    let fault = crate::blame::judge(status, evidence, model.as_deref());
+    let mut verdict = judge_fault(
+        &fault,
+        should_retry.as_deref(),
+        retry_after,
+        &response.headers,
+        cfg,
+    );
+    let blame = scope(ctx, job, &fault, &mut verdict, model.as_ref());
+    let mut response = response;
+    response.blame = Some(blame);
+    if fault == Fault::RateLimited {
         if ctx.shared.config.keys[ctx.index].adaptive && retry_after.is_none() {
             // A learning key answers a bare 429 by cutting its limit (in `complete`),
             // not by cooling: the request is retried at once within the new limit.
@@ -537,21 +585,127 @@ pub(crate) fn judge_response(
         500..=599 => FailClass::ServerError,
         _ => FailClass::ClientError,
     };
-    let err = Error::Http {
-        status,
-        message,
-        response: Box::new(response),
+    let err = if fault == Fault::Flagged {
+        Error::Flagged {
+            message,
+            response: Box::new(response),
+        }
+    } else {
+        Error::Http {
+            status,
+            message,
+            response: Box::new(response),
+        }
     };
     Err(Box::new((err, verdict, class)))
 }
+
+/// Applies the scope of a fault that depends on more than the answer: a 403 that does
+/// not say why (once more on another key, then the request's), a model busy or missing
+/// at this key (recorded for the `(key, model)` pair, or for every key on this base
+/// URL). Returns whom a final error is blamed on.
+pub(crate) fn scope(
+    ctx: &KeyWorkerCtx,
+    job: &mut Job,
+    fault: &Fault,
+    verdict: &mut Verdict,
+    model: Option<&Arc<str>>,
+) -> Blame {
+    let sh = &ctx.shared;
+    match fault {
+        Fault::Forbidden => {
+            let elsewhere = || {
+                (0..sh.keys.len())
+                    .any(|i| i != ctx.index && crate::routing::could_serve(sh, i, job))
+            };
+            match job.forbidden_by {
+                None if elsewhere() => {
+                    // Unknown: the key or the request. Once more on another key, not
+                    // charged; served there, it is evidence against this key. Until
+                    // then the key pauses (`default_cooldown_ms`, then one request
+                    // first), so a key that refuses everything cannot refuse a burst.
+                    job.forbidden_by = Some(ctx.index);
+                    verdict.retry = true;
+                    verdict.uncharged = true;
+                    let cfg = &sh.config.retry;
+                    verdict.cooldown = Some(Duration::from_millis(
+                        cfg.default_cooldown_ms.min(cfg.max_retry_after_ms),
+                    ));
+                }
+                // Refused by a second key too: the request is at fault, and the first
+                // key's pause is lifted.
+                Some(k) if k != ctx.index => {
+                    sh.keys[k].gate.lift_cooldown();
+                    sh.nudge();
+                }
+                _ => {}
+            }
+            Blame::Request
+        }
+        Fault::ModelBusy => {
+            let d = verdict.model_cooldown.unwrap_or_default();
+            match model {
+                Some(m) => {
+                    let until = Instant::now()
+                        .checked_add(d)
+                        .unwrap_or_else(|| Instant::now() + crate::retry::MAX_WAIT);
+                    sh.models.cool(ctx.index, m, until);
+                }
+                // No model to scope it to: the key cools.
+                None => verdict.cooldown = verdict.cooldown.max(Some(d)),
+            }
+            Blame::Model
+        }
+        Fault::ModelMissing => {
+            match model {
+                Some(m) => {
+                    // Keys on the same base URL share the verdict: no resend there.
+                    let base = sh.config.key_base_url(ctx.index);
+                    let same = (0..sh.keys.len()).filter(|&i| sh.config.key_base_url(i) == base);
+                    sh.models.exclude(same, m);
+                }
+                None => {
+                    verdict.retry = false;
+                    verdict.uncharged = false;
+                    verdict.model_missing = false;
+                }
+            }
+            Blame::Model
+        }
+        f => f.blame(),
+    }
+}
+
+/// A request that one key refused with an unexplained 403 was served by another: one
+/// strike against the refusing key. Two requests refused and then served elsewhere
+/// separate the key from the requests: it is taken out of rotation for good.
+pub(crate) fn forbidden_evidence(ctx: &KeyWorkerCtx, job: &Job) {
+    let Some(k) = job.forbidden_by.filter(|&k| k != ctx.index) else {
+        return;
+    };
+    let ks = &ctx.shared.keys[k];
+    let strikes = ks.forbidden_strikes.fetch_add(1, SeqCst).saturating_add(1);
+    if strikes >= FORBIDDEN_STRIKES {
+        let reason = format!("HTTP 403: refused {strikes} requests that other keys then served");
+        if ks.gate.take_out(reason.clone(), false) {
+            ks.log_disabled(&reason);
+            ctx.shared.nudge();
+        }
+    }
+}
+
+/// Requests a key refused with an unexplained 403, each then served by another key,
+/// after which the key is taken out.
+const FORBIDDEN_STRIKES: u32 = 2;
 
 fn retry_or_finish(ctx: &KeyWorkerCtx, mut job: Job, err: Error, v: Verdict, class: FailClass) {
     let ks = ctx.state();
     let now = Instant::now();
     let cfg = &ctx.shared.config.retry;
-    // A key's fault (revoked, out of credit) is not the request's: that attempt is not
-    // charged against `max_attempts`, and the request moves to another key.
-    let key_fault = v.disable.is_some();
+    // A key's fault (revoked, out of credit, the model missing at its base URL, an
+    // unexplained 403) is not the request's: that attempt is not charged against
+    // `max_attempts`, and the request moves to another key.
+    let key_fault = v.uncharged;
     if !key_fault {
         job.charged += 1;
     }
@@ -563,7 +717,7 @@ fn retry_or_finish(ctx: &KeyWorkerCtx, mut job: Job, err: Error, v: Verdict, cla
     }
     // A key problem (429, revoked key) fails over at once: the key's own cooldown keeps
     // it out of rotation. Provider trouble (5xx, timeouts) backs off first.
-    let delay = if v.cooldown.is_some() || key_fault {
+    let delay = if v.cooldown.is_some() || v.model_cooldown.is_some() || key_fault {
         Duration::ZERO
     } else {
         let cap = Duration::from_millis(cfg.max_retry_after_ms);

@@ -85,6 +85,21 @@ fuzz_target!(|data: &[u8]| {
                 assert!(v.get("error").is_some());
             }
         }
+        Err(Rejected::ChoiceFailed(code)) => {
+            assert!(code.is_none_or(|c| (100..600).contains(&c)), "{code:?}");
+            serde_json::from_slice::<serde::de::IgnoredAny>(body)
+                .expect("a failed choice in a non-JSON body");
+            if let Some(v) = value.as_ref() {
+                let failed = v.get("choices").and_then(|c| c.as_array()).is_some_and(|cs| {
+                    cs.iter().any(|c| {
+                        c.get("error")
+                            .is_some_and(|e| !e.is_null() && e != &serde_json::Value::Bool(false))
+                            || c.get("finish_reason").and_then(|f| f.as_str()) == Some("error")
+                    })
+                });
+                assert!(failed, "a failed choice where none failed");
+            }
+        }
         Err(Rejected::Invalid(why)) => {
             assert!(!why.is_empty());
             // The one-pass validator refuses as "not JSON" only what serde_json

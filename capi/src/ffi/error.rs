@@ -58,11 +58,16 @@ pub enum Status {
     /// (Redis down or slow) and `shared.on_unavailable` is `"fail"`: the request was not
     /// sent.
     KEYPOOL_SHARED_UNAVAILABLE = 15,
+    /// The server refused the request's content (a moderation flag or guardrail block,
+    /// e.g. OpenRouter's 403 with `metadata.reasons`): the request is at fault, it was
+    /// not retried on other keys and no key was taken out. The result keeps the status
+    /// and body (`keypool_result_http_status`, `keypool_result_body`).
+    KEYPOOL_FLAGGED = 16,
 }
 
 /// Every status, in numeric order (for tests and exhaustive tables).
 #[cfg(test)]
-pub(crate) const ALL_STATUSES: [Status; 16] = [
+pub(crate) const ALL_STATUSES: [Status; 17] = [
     Status::KEYPOOL_OK,
     Status::KEYPOOL_INVALID_ARGUMENT,
     Status::KEYPOOL_CONFIG,
@@ -79,6 +84,7 @@ pub(crate) const ALL_STATUSES: [Status; 16] = [
     Status::KEYPOOL_SPAWN,
     Status::KEYPOOL_STREAM,
     Status::KEYPOOL_SHARED_UNAVAILABLE,
+    Status::KEYPOOL_FLAGGED,
 ];
 
 /// A status as C passes it in: any integer, so an unknown value is not an invalid
@@ -109,6 +115,7 @@ impl Status {
             Error::Spawn { .. } => Status::KEYPOOL_SPAWN,
             Error::Stream { .. } => Status::KEYPOOL_STREAM,
             Error::SharedUnavailable { .. } => Status::KEYPOOL_SHARED_UNAVAILABLE,
+            Error::Flagged { .. } => Status::KEYPOOL_FLAGGED,
             // `Error` is #[non_exhaustive]: a variant added later without a status of its
             // own is reported as an internal failure rather than mislabelled as success.
             _ => Status::KEYPOOL_PANIC,
@@ -136,6 +143,7 @@ impl Status {
             Status::KEYPOOL_SPAWN => "spawn",
             Status::KEYPOOL_STREAM => "stream",
             Status::KEYPOOL_SHARED_UNAVAILABLE => "shared_unavailable",
+            Status::KEYPOOL_FLAGGED => "flagged",
         }
     }
 
@@ -167,6 +175,7 @@ impl Status {
             13 => c"could not start a thread",
             14 => c"streamed response failed",
             15 => c"shared limits unavailable (Redis unreachable)",
+            16 => c"request flagged by the server (moderation or guardrail)",
             _ => c"unknown status",
         }
     }

@@ -176,9 +176,9 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(s(Status::KEYPOOL_CLOSED as u32), "pool is closed");
-        assert_eq!(s(16), "unknown status");
+        assert_eq!(s(17), "unknown status");
         assert_eq!(s(u32::MAX), "unknown status");
-        for n in 0..=15 {
+        for n in 0..=16 {
             assert_ne!(s(n), "unknown status");
         }
         // SAFETY: as above.
@@ -269,6 +269,17 @@ mod tests {
             keys_tried: vec![0],
         }
         .build();
+        let flagged_response = keypool::__capi::ResponseParts {
+            status: 403,
+            headers: Vec::new(),
+            body: br#"{"error":{"code":403,"message":"flagged"}}"#.to_vec(),
+            key_label: "acct-a".into(),
+            key_index: 0,
+            attempts: 1,
+            latency: Duration::from_millis(5),
+            keys_tried: vec![0],
+        }
+        .build();
         let errors = vec![
             (
                 keypool::__capi::config_error("keys", "x"),
@@ -343,6 +354,13 @@ mod tests {
                     message: "Redis unreachable".into(),
                 },
                 Status::KEYPOOL_SHARED_UNAVAILABLE,
+            ),
+            (
+                Error::Flagged {
+                    message: "your input was flagged".into(),
+                    response: Box::new(flagged_response),
+                },
+                Status::KEYPOOL_FLAGGED,
             ),
         ];
         let mut covered = HashSet::new();

@@ -39,6 +39,10 @@ struct ResponseJson {
 struct ErrorJson<'a> {
     code: &'a str,
     message: String,
+    /// Whom the failure was blamed on: "request", "model", "key", "account",
+    /// "server" (`keypool::Error::blame`); absent when no party was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    blame: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -122,6 +126,7 @@ pub fn encode(
                 error: Some(ErrorJson {
                     code: e.code(),
                     message: e.to_string(),
+                    blame: e.blame().map(keypool::Blame::as_str),
                 }),
                 keypool: Meta {
                     key,
@@ -138,6 +143,7 @@ pub fn encode(
             error: Some(ErrorJson {
                 code: "invalid_request",
                 message: msg.clone(),
+                blame: Some("request"),
             }),
             keypool: Meta {
                 key: None,
@@ -245,6 +251,7 @@ mod tests {
         assert_eq!(v["custom_id"], "line-3");
         assert_eq!(v["response"], Value::Null);
         assert_eq!(v["error"]["code"], "invalid_request");
+        assert_eq!(v["error"]["blame"], "request");
         assert_eq!(v["keypool"]["line"], 3);
     }
 

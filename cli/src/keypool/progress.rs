@@ -103,6 +103,13 @@ fn ms(v: f64) -> String {
 pub fn key_states(stats: &keypool::Stats) -> String {
     let mut out = String::new();
     for k in &stats.keys {
+        if k.rejoined > 0 {
+            let _ = writeln!(
+                out,
+                "keypool: key {} rejoined {} time(s) after its credit was topped up",
+                k.label, k.rejoined
+            );
+        }
         if let Some(why) = &k.disabled_reason {
             let _ = writeln!(out, "keypool: key {} disabled: {why}", k.label);
         } else if k.cooldown_remaining_ms > 0 {
