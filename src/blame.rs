@@ -19,6 +19,7 @@
 //! | 401 | key | key disabled for good, request moves on uncharged |
 //! | 404 model not found / no endpoints | model | `(base URL, model)` excluded for every key on that base URL; the request moves to another base URL uncharged, or ends with the 404 |
 //! | 429 / 503 with upstream-provider metadata or naming the model | model | `(key, model)` cooled for `Retry-After` (or the default), the key keeps serving its other models |
+//! | 429 `free-models-per-min`/`-per-day`, or a plain 429 for a `:free` model | model (the account's `:free` models) | every `:free` model cools on this key and on its group's keys until the reset, the paid models keep going |
 //! | 429 otherwise | key | key cooled until `Retry-After`, else `X-RateLimit-Reset` / `x-ratelimit-reset-*`, else the default, at most `max_retry_after_ms` |
 //! | 408, 409, 5xx, a 200 whose choice failed | server | retried after backoff (another key first) |
 
@@ -78,6 +79,10 @@ pub(crate) enum Fault {
     Transient,
     /// The model is rate-limited or overloaded upstream on this key: cool the pair.
     ModelBusy,
+    /// OpenRouter's free-model limit (`free-models-per-min`/`-per-day`, or any plain
+    /// 429 for a `:free` model): the account's `:free` models cool, its paid models
+    /// keep going.
+    FreeModels,
     /// The model does not exist (or has no endpoint) at this key's base URL.
     ModelMissing,
     /// The key is rejected (401).
@@ -96,7 +101,7 @@ impl Fault {
         match self {
             Fault::Request | Fault::Flagged | Fault::Forbidden => Blame::Request,
             Fault::Transient | Fault::NoCredit => Blame::Account,
-            Fault::ModelBusy | Fault::ModelMissing => Blame::Model,
+            Fault::ModelBusy | Fault::ModelMissing | Fault::FreeModels => Blame::Model,
             Fault::KeyRejected | Fault::RateLimited => Blame::Key,
             Fault::Server => Blame::Server,
         }
@@ -263,6 +268,10 @@ pub(crate) fn judge(status: u16, body: &[u8], model: Option<&str>) -> Fault {
         429 => {
             if ev.code_is("insufficient_quota") {
                 Fault::NoCredit
+            } else if ev.says(&["free-models-per"])
+                || (model.is_some_and(|m| m.ends_with(":free")) && !ev.provider)
+            {
+                Fault::FreeModels
             } else if ev.provider || names_model || ev.says(&["upstream", "provider returned"]) {
                 Fault::ModelBusy
             } else {
@@ -357,6 +366,11 @@ mod tests {
             (
                 429,
                 r#"{"error":{"message":"Rate limit exceeded: free-models-per-min.","code":429}}"#,
+                Fault::FreeModels,
+            ),
+            (
+                429,
+                r#"{"error":{"message":"Rate limit exceeded","code":429}}"#,
                 Fault::RateLimited,
             ),
             (
@@ -406,6 +420,14 @@ mod tests {
                 "{status} {body}"
             );
         }
+        assert_eq!(
+            judge(
+                429,
+                br#"{"error":{"message":"Rate limit exceeded","code":429}}"#,
+                Some("acme/x:free")
+            ),
+            Fault::FreeModels
+        );
         // A message naming the request's model puts a 429 on the model.
         assert_eq!(
             judge(

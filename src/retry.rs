@@ -54,6 +54,15 @@ pub(crate) fn judge_fault(
             v.retry = true;
             v.model_cooldown = Some(retry_after.unwrap_or(default).min(max));
         }
+        Fault::FreeModels => {
+            v.retry = true;
+            v.model_cooldown = Some(crate::blame::cooldown_429(
+                retry_after,
+                headers,
+                default,
+                max,
+            ));
+        }
         Fault::ModelMissing => {
             v.retry = true;
             v.model_missing = true;

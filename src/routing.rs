@@ -125,6 +125,10 @@ pub(crate) struct ModelVerdicts {
 /// A key (by index) and a model.
 type KeyModel = (usize, Arc<str>);
 
+/// The table's name for "every `:free` model" (no model is named this: it starts with
+/// the `:` a model name ends its variant with).
+const FREE_MODELS: &str = ":free";
+
 impl ModelVerdicts {
     /// `Some(Never)` if `job`'s model is excluded at key `i`, `Some(WakeAt)` while it
     /// cools there, else `None`.
@@ -133,10 +137,27 @@ impl ModelVerdicts {
             return None;
         }
         let model = job.model()?;
-        match self.map.lock().get(&(i, Arc::clone(model)))? {
+        let map = self.map.lock();
+        let verdict = |m: &Arc<str>| match map.get(&(i, Arc::clone(m)))? {
             None => Some(Admit::Never),
             Some(until) if *until > now => Some(Admit::WakeAt(*until)),
             Some(_) => None,
+        };
+        verdict(model).or_else(|| {
+            // OpenRouter's free-model limit binds every `:free` model of the account.
+            model
+                .ends_with(":free")
+                .then(|| verdict(&Arc::from(FREE_MODELS)))
+                .flatten()
+        })
+    }
+
+    /// Cools every `:free` model at each key in `keys` until `until` (OpenRouter's
+    /// free-model limit is the account's, across its free models).
+    pub(crate) fn cool_free(&self, keys: impl IntoIterator<Item = usize>, until: Instant) {
+        let free: Arc<str> = Arc::from(FREE_MODELS);
+        for i in keys {
+            self.record(i, &free, Some(until));
         }
     }
 

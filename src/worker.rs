@@ -656,6 +656,20 @@ pub(crate) fn scope(
             }
             Blame::Model
         }
+        Fault::FreeModels => {
+            let d = verdict.model_cooldown.unwrap_or_default();
+            let until = Instant::now()
+                .checked_add(d)
+                .unwrap_or_else(|| Instant::now() + crate::retry::MAX_WAIT);
+            // The account's limit: this key's free models, and its group's keys'.
+            let group = sh.config.keys[ctx.index].group.as_deref();
+            let keys = (0..sh.keys.len()).filter(|&i| {
+                i == ctx.index
+                    || group.is_some_and(|g| sh.config.keys[i].group.as_deref() == Some(g))
+            });
+            sh.models.cool_free(keys, until);
+            Blame::Model
+        }
         Fault::ModelMissing => {
             match model {
                 Some(m) => {

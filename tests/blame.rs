@@ -22,6 +22,8 @@ const OR_IN_FLIGHT_402: &str = r#"{"error":{"code":402,"message":"Request exceed
 const OR_UPSTREAM_429: &str = r#"{"error":{"code":429,"message":"Provider returned error","metadata":{"provider_name":"Acme","raw":"acme/x is temporarily rate-limited upstream. Please retry shortly."}}}"#;
 /// OpenRouter's free-model rate limit (the account's).
 const OR_FREE_429: &str = r#"{"error":{"message":"Rate limit exceeded: free-models-per-min. ","code":429,"metadata":{"headers":{"X-RateLimit-Limit":"20","X-RateLimit-Remaining":"0"},"provider_name":null}}}"#;
+/// A key-wide rate limit (no model or provider detail).
+const OR_KEY_429: &str = r#"{"error":{"message":"Rate limit exceeded","code":429}}"#;
 /// OpenAI's spent quota.
 const OPENAI_QUOTA_429: &str = r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details. For more information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
 /// OpenAI's unknown model.
@@ -330,12 +332,12 @@ fn openrouters_rate_limit_reset_cools_each_key_once() {
                     ("X-RateLimit-Remaining".into(), "0".into()),
                     ("X-RateLimit-Reset".into(), reset.clone()),
                 ],
-                ..rule(429, OR_FREE_429)
+                ..rule(429, OR_KEY_429)
             },
         );
     }
     let pool = new_pool(builder(&server.url(), &["a", "b", "c"], 2));
-    let results = pool.batch((0..30).map(|i| line(i, "m:free")));
+    let results = pool.batch((0..30).map(|i| line(i, "m")));
     assert!(
         results.iter().all(Result::is_ok),
         "{:?}",
@@ -349,6 +351,45 @@ fn openrouters_rate_limit_reset_cools_each_key_once() {
             s.statuses
         );
     }
+}
+
+#[test]
+fn the_free_model_limit_cools_free_models_only() {
+    let server = start();
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    server.set_key_rule(
+        "sk-a",
+        KeyRule {
+            model: Some("acme/x:free".into()),
+            fail_for_ms: Some(1_000),
+            headers: vec![("X-RateLimit-Reset".into(), (now_ms + 1_200).to_string())],
+            ..rule(429, OR_FREE_429)
+        },
+    );
+    let pool = new_pool(builder(&server.url(), &["a"], 2));
+    let free = pool.submit(line(0, "acme/x:free")).unwrap();
+    let start = Instant::now();
+    while count_status(&server, 429) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "no 429 yet");
+        std::thread::yield_now();
+    }
+    // Paid lines go at once; the free line waits for the reset, then succeeds.
+    let t = Instant::now();
+    let paid = pool.batch((1..=10).map(|i| line(i, "acme/y")));
+    assert!(paid.iter().all(Result::is_ok));
+    assert!(
+        t.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        t.elapsed()
+    );
+    let r = free.wait().unwrap();
+    assert_eq!(r.attempts(), 2);
+    let s = server.key_stats("sk-a").unwrap();
+    assert_eq!(s.statuses.get(&429).copied(), Some(1), "{:?}", s.statuses);
+    assert_eq!(pool.stats().keys[0].cooldown_remaining_ms, 0);
 }
 
 #[test]
