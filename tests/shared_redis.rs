@@ -1334,7 +1334,7 @@ fn crashed_process_group_slots_come_back() {
     run_ok(&pool, 8);
     let log = group_log(&server);
     let ours: Vec<&RequestRecord> = log.iter().filter(|r| r.arrived > last).collect();
-    assert_eq!(ours.len(), 8);
+    assert_eq!(ours.len(), 8, "arrived after {last:?}: {ours:?}");
     // The per-key slots were free (a key holds 4): only the group's leases held us back,
     // renewed until the kill, then expired within lease_ms (plus the recheck interval).
     assert_first_after_expiry(&ours, killed, 2_700, "group leases");

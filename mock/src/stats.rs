@@ -73,9 +73,15 @@ impl Accounting {
     }
 
     /// Records the arrival of a request and returns the guard that ends it.
+    ///
+    /// The arrival is stamped under the lock, so stamps follow the order in which
+    /// arrivals are recorded: `last_request` is the latest arrival, `first_request` the
+    /// earliest, and a key's log is in arrival order. (Stamped before the lock, a thread
+    /// preempted in between recorded an earlier arrival after a later one, and
+    /// `last_request` went back in time.)
     pub(crate) fn begin(self: &Arc<Self>, key: &str) -> InFlight {
-        let arrived = self.now();
         let mut st = self.state.lock();
+        let arrived = self.now();
         st.total_requests += 1;
         st.in_flight_total += 1;
         st.max_in_flight_total = st.max_in_flight_total.max(st.in_flight_total);
@@ -166,8 +172,9 @@ pub(crate) struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let finished = self.acc.now();
+        // Stamped under the lock too, in the same order as the in-flight counts.
         let mut st = self.acc.state.lock();
+        let finished = self.acc.now();
         st.in_flight_total = st.in_flight_total.saturating_sub(1);
         let same_epoch = st.epoch == self.epoch;
         let Some(ks) = st.keys.get_mut(&self.key) else {

@@ -386,6 +386,55 @@ fn in_flight_accounting_is_exact() {
     assert!(server.key_stats("sk-conc").is_none());
 }
 
+/// `last_request` is the latest arrival, `first_request` the earliest, and the log is
+/// in arrival order, also when requests of one key arrive at once on several connections
+/// (a test may cut "requests after X" at `last_request`; an arrival stamped before the
+/// accounting lock and recorded after a later one used to break all three).
+#[test]
+fn arrival_bookkeeping_is_ordered_under_concurrency() {
+    const N: usize = 8;
+    const ROUNDS: usize = 40;
+    let server = Arc::new(start());
+    for round in 0..ROUNDS {
+        let key = format!("sk-order-{round}");
+        let barrier = Arc::new(Barrier::new(N));
+        let threads: Vec<_> = (0..N)
+            .map(|_| {
+                let (server, barrier, key) =
+                    (Arc::clone(&server), Arc::clone(&barrier), key.clone());
+                std::thread::spawn(move || {
+                    let a = agent();
+                    let url = format!("{}/chat/completions", server.url());
+                    barrier.wait();
+                    post_with(&a, &url, Some(&key), r#"{"messages":[]}"#)
+                        .unwrap()
+                        .status
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 200);
+        }
+        let rec = server.key_stats(&key).unwrap();
+        let arrivals: Vec<Duration> = rec.log.iter().map(|r| r.arrived).collect();
+        assert_eq!(arrivals.len(), N);
+        assert!(
+            arrivals.is_sorted(),
+            "round {round}: log not in arrival order: {arrivals:?}"
+        );
+        assert_eq!(
+            rec.last_request,
+            arrivals.iter().max().copied(),
+            "round {round}: {arrivals:?}"
+        );
+        assert_eq!(
+            rec.first_request,
+            arrivals.iter().min().copied(),
+            "round {round}: {arrivals:?}"
+        );
+    }
+}
+
 #[test]
 fn key_rules() {
     let server = start();
