@@ -330,6 +330,9 @@ type Result struct {
 	Latency      time.Duration
 	ErrorCode    string // "http", "timeout", ...; "" on success
 	ErrorMessage string // "" on success
+	// Blame names whom a failure was blamed on: "request", "model", "key",
+	// "account" or "server"; "" on success or when no party was.
+	Blame string
 }
 
 // Err is nil if the request succeeded, otherwise an *Error.
@@ -356,6 +359,9 @@ func copyResult(r *C.keypool_result) Result {
 	}
 	if c := C.keypool_result_error_code(r); c != nil {
 		res.ErrorCode = C.GoString(c)
+	}
+	if b := C.keypool_result_blame(r); b != nil {
+		res.Blame = C.GoString(b)
 	}
 	return res
 }

@@ -353,3 +353,33 @@ func TestStreamErrorAndClose(t *testing.T) {
 		t.Fatal("a body that is not an object must be refused")
 	}
 }
+
+// A prompt the server flags (OpenRouter's moderation 403, scripted through the mock's
+// directive) fails alone with Flagged, blamed on the request; no key is taken out.
+func TestFlaggedRequestBlamesTheRequest(t *testing.T) {
+	p := newPool(t, "round_robin")
+	flagged := `{"model": "m", "messages": [{"role": "user", "content": "bad"}], "mock": {"status": 403, "body": "{\"error\":{\"code\":403,\"message\":\"Your input was flagged\",\"metadata\":{\"reasons\":[\"harassment\"],\"flagged_input\":\"bad\"}}}"}}`
+	results, err := p.Batch([]string{body(0), flagged, body(2), body(3), body(4)})
+	if err != nil {
+		t.Fatalf("Batch: %v", err)
+	}
+	for i, r := range results {
+		if i == 1 {
+			var e *Error
+			if !errors.As(r.Err(), &e) || e.Code() != Flagged || r.ErrorCode != "flagged" || r.Blame != "request" || r.HTTPStatus != 403 || r.Attempts != 1 {
+				t.Fatalf("flagged result: %+v", r)
+			}
+			continue
+		}
+		if r.Err() != nil || r.Blame != "" {
+			t.Fatalf("result %d: %+v", i, r)
+		}
+	}
+	stats, err := p.Stats()
+	if err != nil {
+		t.Fatalf("Stats: %v", err)
+	}
+	if strings.Contains(stats, `"disabled_reason":"`) || strings.Count(stats, `"disabled_reason":null`) != len(labels) {
+		t.Fatalf("a key was taken out: %s", stats)
+	}
+}

@@ -523,6 +523,18 @@ const char *keypool_result_error_message(const keypool_result *r);
 const char *keypool_result_error_code(const keypool_result *r);
 
 /*
+ Whom the failure was blamed on: "request" (a bad or flagged request, one no key's
+ budget covers), "model" (the model on the key that answered: rate-limited upstream,
+ not found at that base URL), "key" (revoked, rate-limited), "account" (credits or
+ quota spent, an in-flight budget) or "server" (5xx, timeouts, transport). NULL if
+ the request succeeded or no party was blamed (`KEYPOOL_BUSY`, `KEYPOOL_CLOSED`, …).
+
+ Ownership: a static string; never free it.
+ `r` NULL: returns NULL and sets `keypool_last_error()`. Thread-safe, non-blocking.
+ */
+const char *keypool_result_blame(const keypool_result *r);
+
+/*
  Frees a result and everything it owns (body, label, messages).
 
  NULL is a no-op. Must be called exactly once per result; must not race other calls

@@ -221,8 +221,9 @@ mod tests {
 
         use super::error::{ALL_STATUSES, Failure};
         use super::result::{
-            FfiResult, keypool_result_error_code, keypool_result_error_message,
-            keypool_result_free, keypool_result_status,
+            FfiResult, keypool_result_blame, keypool_result_error_code,
+            keypool_result_error_message, keypool_result_free, keypool_result_http_status,
+            keypool_result_status,
         };
         use crate::TimeoutPhase;
 
@@ -375,10 +376,18 @@ mod tests {
             }
             let msg = e.to_string();
             let code = st.code_of(&e);
+            let blame = e.blame().map(keypool::Blame::as_str);
+            let has_response = e.response().is_some();
             let r = Box::into_raw(Box::new(FfiResult::from_engine(Err(e))));
             assert_eq!(keypool_result_status(r), st);
             assert_eq!(text(keypool_result_error_code(r)), code);
             assert_eq!(text(keypool_result_error_message(r)), msg);
+            let b = keypool_result_blame(r);
+            assert_eq!((!b.is_null()).then(|| text(b)), blame.map(str::to_owned));
+            if has_response {
+                // The response behind the error (a flagged request's too) is kept.
+                assert_ne!(keypool_result_http_status(r), 0);
+            }
             keypool_result_free(r);
         }
         // Every failure status is reachable from an engine error.

@@ -1,6 +1,6 @@
 //! `keypool_result`: one request's outcome, copied out of the engine's `RequestResult`.
 
-use std::ffi::{CString, c_char};
+use std::ffi::{CStr, CString, c_char};
 use std::ptr;
 
 use super::arg_ref;
@@ -19,6 +19,8 @@ pub struct FfiResult {
     latency_ms: u64,
     error_message: Option<CString>,
     error_code: Option<CString>,
+    /// Whom a failure was blamed on ("request", "model", "key", "account", "server").
+    blame: Option<&'static CStr>,
 }
 
 impl FfiResult {
@@ -32,6 +34,7 @@ impl FfiResult {
             latency_ms: 0,
             error_message: None,
             error_code: None,
+            blame: None,
         }
     }
 
@@ -72,13 +75,14 @@ impl FfiResult {
                 r.attempts = e.attempts();
                 r.error_message = Some(to_cstring(&e.to_string()));
                 r.error_code = Some(to_cstring(status.code_of(&e)));
+                r.blame = e.blame().map(blame_str);
+                if let Some(response) = e.response() {
+                    r = r.with_body(response.body());
+                    r.http_status = response.status();
+                    r.key_label = to_cstring(response.key_label());
+                    r.latency_ms = duration_ms(response.latency());
+                }
                 match &e {
-                    Error::Http { response, .. } | Error::InvalidResponse { response, .. } => {
-                        r = r.with_body(response.body());
-                        r.http_status = response.status();
-                        r.key_label = to_cstring(response.key_label());
-                        r.latency_ms = duration_ms(response.latency());
-                    }
                     Error::Transport { key, .. } | Error::Stream { key, .. } => {
                         r.key_label = to_cstring(key)
                     }
@@ -88,6 +92,19 @@ impl FfiResult {
                 r
             }
         }
+    }
+}
+
+/// The static C string of a blame.
+fn blame_str(b: keypool::Blame) -> &'static CStr {
+    match b {
+        keypool::Blame::Request => c"request",
+        keypool::Blame::Model => c"model",
+        keypool::Blame::Key => c"key",
+        keypool::Blame::Account => c"account",
+        keypool::Blame::Server => c"server",
+        // `Blame` is #[non_exhaustive]: a party added later reads as unknown.
+        _ => c"unknown",
     }
 }
 
@@ -208,6 +225,23 @@ pub extern "C" fn keypool_result_error_code(r: *const FfiResult) -> *const c_cha
         get(r)
             .and_then(|r| r.error_code.as_ref())
             .map_or(ptr::null(), |m| m.as_ptr())
+    })
+}
+
+/// Whom the failure was blamed on: "request" (a bad or flagged request, one no key's
+/// budget covers), "model" (the model on the key that answered: rate-limited upstream,
+/// not found at that base URL), "key" (revoked, rate-limited), "account" (credits or
+/// quota spent, an in-flight budget) or "server" (5xx, timeouts, transport). NULL if
+/// the request succeeded or no party was blamed (`KEYPOOL_BUSY`, `KEYPOOL_CLOSED`, …).
+///
+/// Ownership: a static string; never free it.
+/// `r` NULL: returns NULL and sets `keypool_last_error()`. Thread-safe, non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_result_blame(r: *const FfiResult) -> *const c_char {
+    ffi_panic_boundary!(ptr::null(), {
+        get(r)
+            .and_then(|r| r.blame)
+            .map_or(ptr::null(), CStr::as_ptr)
     })
 }
 
