@@ -11,7 +11,7 @@ use std::process::{Child, ChildStdout};
 use std::time::{Duration, Instant};
 
 use keypool_mock::{MockConfig, MockServer};
-use serde_json::json;
+use serde_json::{Value, json};
 
 mod support;
 use support::*;
@@ -535,4 +535,43 @@ fn a_key_echoed_in_a_success_body_is_masked_in_the_record() {
         .as_str()
         .unwrap();
     assert_eq!(content, "echo: repeat [REDACTED:alpha] please");
+}
+
+/// The run a new user tried (issue 28): 60 lines, 3 flagged by moderation with
+/// OpenRouter's documented 403. 57 ok, 3 records `flagged` blamed on the request, each
+/// flagged prompt sent once, no key taken out, exit 1 (some records failed).
+#[test]
+fn a_flagged_prompt_fails_alone_and_no_key_is_taken_out() {
+    let server = default_mock();
+    let dir = Dir::new("flagged");
+    let moderation = r#"{"error":{"code":403,"message":"Your input was flagged for \"harassment\"","metadata":{"reasons":["harassment"],"flagged_input":"...","provider_name":"OpenAI"}}}"#;
+    let lines: Vec<String> = (0..60)
+        .map(|i| {
+            let mock = (i % 20 == 7).then(|| json!({"status": 403, "body": moderation}));
+            line(&format!("l-{i}"), body("x", mock))
+        })
+        .collect();
+    dir.write_input(&lines);
+    let out = run_to_end(run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url()));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let recs = read_records(&dir.path("out.jsonl"));
+    assert_eq!(recs.len(), 60);
+    let flagged: Vec<&Value> = recs.iter().filter(|r| !ok(r)).collect();
+    assert_eq!(flagged.len(), 3);
+    for r in flagged {
+        assert_eq!(r["error"]["code"], "flagged", "{r}");
+        assert_eq!(r["error"]["blame"], "request", "{r}");
+        assert_eq!(r["response"]["status_code"], 403, "{r}");
+        assert!(id(r).ends_with('7'), "{r}");
+    }
+    let log: Vec<u16> = server
+        .stats()
+        .keys
+        .into_values()
+        .flat_map(|k| k.log.into_iter().map(|r| r.status))
+        .collect();
+    assert_eq!(log.iter().filter(|&&s| s == 403).count(), 3);
+    assert_eq!(log.len(), 60);
+    let err = stderr(&out);
+    assert!(!err.contains("disabled"), "{err}");
 }
