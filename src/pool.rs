@@ -412,14 +412,15 @@ impl Pool {
             }
             None => None,
         };
+        // The deadline holds wherever the job waits: the dispatcher answers it on time
+        // even while the job sits in the queue (see `deadline.rs`). The slot is
+        // registered once the job is in the queue, never before: a refused submit must
+        // not have its reply answered (and a callback run) by the registry.
+        let mut registration = None;
         let job = match deadline {
-            // The deadline holds wherever the job waits: the dispatcher answers it on
-            // time even while the job sits in the queue (see `deadline.rs`).
             Some(at) => {
                 let slot = Slot::new(reply);
-                if shared.deadlines.register(at, slot.clone()) {
-                    shared.nudge();
-                }
+                registration = Some((at, slot.clone()));
                 Job::with_slot(req, slot, deadline, est)
             }
             None => Job::new(req, reply, deadline, est),
@@ -461,6 +462,13 @@ impl Pool {
         match sent {
             Ok(()) => {
                 shared.submitted.fetch_add(1, Relaxed);
+                if let Some((at, slot)) = registration {
+                    // Already answered (placed and done) by now: the registry drops
+                    // it at its instant, a no-op.
+                    if shared.deadlines.register(at, slot) {
+                        shared.nudge();
+                    }
+                }
                 Ok(())
             }
             Err((job, e)) => Err(TrySubmitError {

@@ -660,3 +660,44 @@ fn submit_timeout_takes_the_first_free_slot() {
     }
     assert!(tickets.into_iter().all(|t| t.wait().is_ok()));
 }
+
+/// A refused submit never runs its callback, deadline or not (issue 21): a request with
+/// a deadline already due, refused `Busy` on a full queue, must not be answered by the
+/// deadline registry. Before, about 2,000 of 300,000 refused requests ran their callback.
+#[test]
+fn a_refused_submit_with_a_deadline_never_runs_its_callback() {
+    let (f, mut ctl) = gated_ok();
+    let cfg = Config::builder()
+        .base_url("http://127.0.0.1:9")
+        .key("sk-test-a", 1)
+        .queue_capacity(2)
+        .probe_keys(false)
+        .build()
+        .unwrap();
+    let pool = Pool::with_transport(cfg, f).unwrap();
+    let mut held = fill(&pool);
+    let ran = Arc::new(AtomicUsize::new(0));
+    let (mut accepted, mut refused) = (0usize, 0usize);
+    for i in 0..50_000 {
+        let r = ran.clone();
+        match pool.try_submit_with(req(i).with_deadline(Duration::from_nanos(1)), move |_| {
+            r.fetch_add(1, Ordering::SeqCst);
+        }) {
+            Ok(()) => accepted += 1,
+            Err(e) => {
+                assert!(matches!(e.error, Error::Busy), "{}", e.error);
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused > 40_000,
+        "the queue was not full: {refused} refused"
+    );
+    ctl.open();
+    for t in held.drain(..) {
+        let _ = t.wait();
+    }
+    pool.close();
+    assert_eq!(ran.load(Ordering::SeqCst), accepted, "{refused} refused");
+}
