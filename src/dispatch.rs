@@ -76,12 +76,15 @@ pub(crate) struct Dispatcher {
     ready: VecDeque<Job>,
     delayed: BinaryHeap<Delayed>,
     seq: u64,
-    rr_next: usize,
+    /// Jobs set aside: none of the keys they may use could take them while a key they
+    /// may not use stood idle. Placed first, oldest first, at every wake-up; counted in
+    /// the retry backlog (`Shared::backlog`), so they bound intake like retries do.
+    aside: VecDeque<Job>,
     /// Scratch space for the strategy's key order.
     order: Vec<usize>,
-    /// Smooth weighted round-robin (`keys[].weight`): each key's weight, or `None`
-    /// when no key has one (plain rotation).
-    weights: Option<Vec<i64>>,
+    /// Smooth weighted round-robin: each key's weight (`keys[].weight`, else 1: plain
+    /// rotation).
+    weights: Vec<i64>,
     /// Smooth weighted round-robin: each key's current score.
     current: Vec<i64>,
     /// Scratch: keys `choose` skipped (cannot admit now) in this round.
@@ -182,15 +185,8 @@ impl Dispatcher {
             .config
             .keys
             .iter()
-            .any(|k| k.weight.is_some())
-            .then(|| {
-                shared
-                    .config
-                    .keys
-                    .iter()
-                    .map(|k| i64::from(k.weight.unwrap_or(1)))
-                    .collect()
-            });
+            .map(|k| i64::from(k.weight.unwrap_or(1)))
+            .collect();
         Dispatcher {
             shared,
             intake,
@@ -202,7 +198,7 @@ impl Dispatcher {
             ready: VecDeque::new(),
             delayed: BinaryHeap::new(),
             seq: 0,
-            rr_next: 0,
+            aside: VecDeque::new(),
             order: Vec::with_capacity(n),
             weights,
             current: vec![0; n],
@@ -283,6 +279,12 @@ impl Dispatcher {
             let now = Instant::now();
             let mut wake = self.shared.deadlines.expire(now);
             self.promote_due(now);
+            if !self.aside.is_empty() {
+                // Announced before trying, so a worker that goes idle after the try
+                // nudges (one that went idle before it is seen by the try).
+                self.shared.wants_idle.store(true, SeqCst);
+                wake = earliest(wake, self.place_aside(now));
+            }
             if let Some(j) = self.ready.pop_front() {
                 self.shared.backlog.fetch_sub(1, SeqCst);
                 return Some(j);
@@ -310,6 +312,9 @@ impl Dispatcher {
                     }
                 }
             }
+            if !self.aside.is_empty() {
+                self.shared.wants_idle.store(true, SeqCst);
+            }
             let woke = self.wait(take_intake, wake);
             self.shared.wants_idle.store(false, SeqCst);
             match woke {
@@ -328,22 +333,16 @@ impl Dispatcher {
         self.order.clear();
         match self.strategy {
             Strategy::FirstAvailable => self.order.extend((0..n).filter(|&i| pass(i))),
-            Strategy::RoundRobin => match &self.weights {
-                None => self.order.extend(
-                    (0..n)
-                        .map(|off| (self.rr_next + off) % n)
-                        .filter(|&i| pass(i)),
-                ),
-                Some(w) => {
-                    // Smooth weighted round-robin (nginx): the key whose score would
-                    // be highest after this round's increase goes first; ties to config
-                    // order.
-                    self.order.extend((0..n).filter(|&i| pass(i)));
-                    let cur = &self.current;
-                    self.order
-                        .sort_by_key(|&i| std::cmp::Reverse(cur[i].saturating_add(w[i])));
-                }
-            },
+            Strategy::RoundRobin => {
+                // Smooth weighted round-robin (nginx; weight 1 each: plain rotation):
+                // the key whose score would be highest after this round's increase goes
+                // first; ties to config order. A key that cannot take the job now is
+                // skipped, not waited for (`choose`).
+                self.order.extend((0..n).filter(|&i| pass(i)));
+                let (cur, w) = (&self.current, &self.weights);
+                self.order
+                    .sort_by_key(|&i| std::cmp::Reverse(cur[i].saturating_add(w[i])));
+            }
             Strategy::LeastLoaded => {
                 self.order.extend((0..n).filter(|&i| pass(i)));
                 // Fewest in flight relative to capacity; stable sort keeps config order
@@ -384,7 +383,7 @@ impl Dispatcher {
                 match routing::admit(&self.shared, i, job, Via::Dispatcher, now) {
                     Admit::Yes(adm) => {
                         if self.strategy == Strategy::RoundRobin {
-                            self.swrr_pick(i);
+                            self.swrr_pick(i, now);
                         }
                         return Ok((i, adm));
                     }
@@ -392,14 +391,10 @@ impl Dispatcher {
                         not_now.wake = earliest(not_now.wake, Some(at));
                         self.skipped.push(i);
                     }
-                    Admit::Busy => {
-                        not_now.busy = true;
-                        if self.strategy == Strategy::RoundRobin {
-                            // Strict rotation waits for the next usable key rather
-                            // than skipping it.
-                            return Err(not_now);
-                        }
-                    }
+                    // Busy (every worker taken, a trial out, at its learned limit, its
+                    // group full): the next key in order may take it — round-robin too,
+                    // where the busy key keeps its turn (its score) for when it admits.
+                    Admit::Busy => not_now.busy = true,
                     Admit::Never => self.skipped.push(i),
                     Admit::Unavailable => not_now.unavailable = Some(i),
                 }
@@ -412,16 +407,22 @@ impl Dispatcher {
     }
 
     /// Smooth weighted round-robin's step for a pick of `i`: every key that could
-    /// take requests this round (those ordered and not skipped) gains its weight, and
-    /// the picked one gives back the round's total.
-    fn swrr_pick(&mut self, i: usize) {
-        let Some(w) = &self.weights else {
-            return;
-        };
+    /// take requests this round (ordered, not skipped, not disabled or cooling — a busy
+    /// key keeps its turn) gains its weight, and the picked one gives back the round's
+    /// total. A score never exceeds the weights' sum: a key busy for a long stretch is
+    /// owed at most one round when it admits again, not a burst.
+    fn swrr_pick(&mut self, i: usize, now: Instant) {
+        let w = &self.weights;
+        let cap: i64 = w.iter().fold(0, |a, &b| a.saturating_add(b));
         let mut total: i64 = 0;
         for &j in &self.order {
-            if !self.skipped.contains(&j) {
-                self.current[j] = self.current[j].saturating_add(w[j]);
+            let gate = &self.shared.keys[j].gate;
+            if j == i
+                || !(self.skipped.contains(&j)
+                    || gate.is_disabled()
+                    || gate.cooling_until(now).is_some())
+            {
+                self.current[j] = self.current[j].saturating_add(w[j]).min(cap);
                 total = total.saturating_add(w[j]);
             }
         }
@@ -458,7 +459,6 @@ impl Dispatcher {
 
     /// Hands an admitted job to key `i`'s idle worker.
     fn hand_off(&mut self, i: usize, adm: Admission, mut job: Job) {
-        self.rr_next = (i + 1) % self.senders.len();
         job.admission = Some((i, adm));
         // The admission took a worker that is waiting (or about to wait) to receive,
         // so this completes at once.
@@ -473,51 +473,122 @@ impl Dispatcher {
         }
     }
 
-    /// Hands `job` to a worker, waiting (without polling) for a key to admit it.
-    fn place(&mut self, mut job: Job) -> Placed {
-        loop {
-            if job.is_answered() {
-                return Placed::Done; // its deadline passed while it waited
+    /// One try at placing `job` now: handed to a worker, or answered (deadline passed,
+    /// no key could ever serve it, shared limits unreachable) — `Ok` — or, when no key
+    /// admits it now, the job back with why.
+    #[allow(clippy::result_large_err)] // the job itself comes back: moved, not boxed
+    fn try_place(&mut self, mut job: Job, now: Instant) -> Result<(), (Job, NotNow)> {
+        if job.is_answered() {
+            return Ok(()); // its deadline passed while it waited
+        }
+        if job.deadline.is_some_and(|d| now >= d) {
+            job.finish_deadline();
+            return Ok(());
+        }
+        let n = self.shared.keys.len();
+        if !(0..n).any(|i| routing::could_serve(&self.shared, i, &job)) {
+            // The model is missing wherever it was asked: that answer (a 404 blamed on
+            // the model) says more than "no usable key".
+            let model_missing = (0..n).any(|i| {
+                routing::serves(&job, i)
+                    && !self.shared.keys[i].gate.is_disabled()
+                    && job.last_error.is_some()
+            });
+            let e = match job.last_error.take() {
+                Some(e) if model_missing => e,
+                last => {
+                    job.last_error = last;
+                    self.no_usable_key(&job)
+                }
+            };
+            job.finish(Err(e));
+            return Ok(());
+        }
+        match self.choose(&job, now) {
+            Ok((i, adm)) => {
+                self.hand_off(i, adm, job);
+                Ok(())
             }
+            Err(NotNow {
+                unavailable: Some(i),
+                ..
+            }) => {
+                // Shared limits unreachable, `on_unavailable: fail`: a typed error now.
+                job.finish(Err(self.shared.keys[i].gate.shared_unavailable_error()));
+                Ok(())
+            }
+            Err(n) => Err((job, n)),
+        }
+    }
+
+    /// Places the jobs set aside, oldest first. A job that still cannot go stays, and
+    /// so do the later ones of its kind (same keys, same model: no key that refused
+    /// the first would take them), in order. Returns the earliest instant one of them
+    /// may go (a cooldown's end).
+    fn place_aside(&mut self, now: Instant) -> Option<Instant> {
+        if self.aside.is_empty() {
+            return None;
+        }
+        let mut kept = VecDeque::with_capacity(self.aside.len());
+        let mut stuck: Vec<(usize, Option<Arc<str>>)> = Vec::new();
+        let mut wake = None;
+        let models = self.shared.models.is_active();
+        while let Some(job) = self.aside.pop_front() {
+            // Retries (which asked keys in another order) are each their own kind.
+            let kind = job.tried.is_empty().then(|| {
+                let serves = job.serves.as_ref().map_or(0, |s| s.as_ptr() as usize);
+                (serves, models.then(|| job.model().cloned()).flatten())
+            });
+            if kind.as_ref().is_some_and(|k| stuck.contains(k)) {
+                kept.push_back(job);
+                continue;
+            }
+            match self.try_place(job, now) {
+                Ok(()) => {
+                    self.shared.backlog.fetch_sub(1, SeqCst);
+                }
+                Err((job, n)) => {
+                    wake = earliest(wake, n.wake);
+                    stuck.extend(kind);
+                    kept.push_back(job);
+                }
+            }
+        }
+        self.aside = kept;
+        self.shared.aside.store(self.aside.len(), SeqCst);
+        wake
+    }
+
+    /// Hands `job` to a worker, waiting (without polling) for a key to admit it — or,
+    /// when a key it may not use stands idle meanwhile, setting it aside so the jobs
+    /// behind it do not wait for it.
+    fn place(&mut self, job: Job) -> Placed {
+        let mut job = job;
+        loop {
             let now = Instant::now();
             let next_deadline = self.shared.deadlines.expire(now);
-            if job.deadline.is_some_and(|d| now >= d) {
-                job.finish_deadline();
-                return Placed::Done;
-            }
             // Retries whose backoff ended queue behind this job: the wait below only
             // ever names a future instant (a due one would make it return at once,
             // again and again, for as long as every key refuses this job).
             self.promote_due(now);
-            let n = self.shared.keys.len();
-            if !(0..n).any(|i| routing::could_serve(&self.shared, i, &job)) {
-                // The model is missing wherever it was asked: that answer (a 404 blamed
-                // on the model) says more than "no usable key".
-                let model_missing = (0..n).any(|i| {
-                    routing::serves(&job, i)
-                        && !self.shared.keys[i].gate.is_disabled()
-                        && job.last_error.is_some()
-                });
-                let e = match job.last_error.take() {
-                    Some(e) if model_missing => e,
-                    last => {
-                        job.last_error = last;
-                        self.no_usable_key(&job)
-                    }
-                };
-                job.finish(Err(e));
-                return Placed::Done;
-            }
-            let not_now = match self.choose(&job, now) {
-                Ok((i, adm)) => {
-                    self.hand_off(i, adm, job);
-                    return Placed::Done;
+            // The jobs set aside are older: they go first wherever they can.
+            let aside_wake = self.place_aside(now);
+            let not_now = match self.try_place(job, now) {
+                Ok(()) => return Placed::Done,
+                Err((j, n)) => {
+                    job = j;
+                    n
                 }
-                Err(n) => n,
             };
-            if let Some(i) = not_now.unavailable {
-                // Shared limits unreachable, `on_unavailable: fail`: a typed error now.
-                job.finish(Err(self.shared.keys[i].gate.shared_unavailable_error()));
+            if self.aside.len() < self.shared.config.queue_capacity
+                && self.shared.any_usable_idle(now)
+            {
+                // No key this job may use can take it now, yet another key stands idle:
+                // the jobs behind this one must not wait for it (head-of-line blocking).
+                // It waits aside, first in line for its keys; counted in the backlog.
+                self.shared.backlog.fetch_add(1, SeqCst);
+                self.aside.push_back(job);
+                self.shared.aside.store(self.aside.len(), SeqCst);
                 return Placed::Done;
             }
             if let (Some(at), false, false) = (not_now.wake, not_now.busy, job.tried.is_empty()) {
@@ -544,6 +615,7 @@ impl Dispatcher {
             }
             let wake = earliest(earliest(not_now.wake, job.deadline), next_deadline);
             let wake = earliest(wake, self.delayed.peek().map(|d| d.at));
+            let wake = earliest(wake, aside_wake);
             let woke = self.wait(false, wake);
             self.shared.wants_idle.store(false, SeqCst);
             self.shared.dispatcher_waiting.store(false, SeqCst);
@@ -570,12 +642,14 @@ impl Dispatcher {
             senders,
             ready,
             delayed,
+            aside,
             shared,
             ..
         } = self;
         drop(senders);
         drop(ready);
         drop(delayed);
+        drop(aside); // each answers `Cancelled` (or its last attempt's error)
         // Dropping the unbounded retry receiver discards (and so answers) anything in it;
         // workers whose retry send fails drop the job, which answers it too.
         drop(retry_rx);
@@ -601,6 +675,9 @@ impl Dispatcher {
         }
         for d in std::mem::take(&mut self.delayed) {
             d.job.finish(Err(error()));
+        }
+        for job in std::mem::take(&mut self.aside) {
+            job.finish(Err(error()));
         }
         loop {
             match self.wait(true, None) {

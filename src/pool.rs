@@ -200,6 +200,7 @@ impl Pool {
             broken: Mutex::new(None),
             router,
             models: crate::routing::ModelVerdicts::default(),
+            aside: AtomicUsize::new(0),
             groups,
             submitted: AtomicU64::new(0),
             completed: AtomicU64::new(0),

@@ -130,6 +130,11 @@ type KeyModel = (usize, Arc<str>);
 const FREE_MODELS: &str = ":free";
 
 impl ModelVerdicts {
+    /// Whether any verdict was ever recorded.
+    pub(crate) fn is_active(&self) -> bool {
+        self.active.load(SeqCst)
+    }
+
     /// `Some(Never)` if `job`'s model is excluded at key `i`, `Some(WakeAt)` while it
     /// cools there, else `None`.
     pub(crate) fn refuses(&self, i: usize, job: &Job, now: Instant) -> Option<Admit> {

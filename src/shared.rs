@@ -51,6 +51,9 @@ pub(crate) struct Shared {
     pub broken: Mutex<Option<String>>,
     /// Which keys serve which model (`None`: every key serves every model).
     pub router: Option<crate::routing::Router>,
+    /// Jobs the dispatcher holds aside (none of their keys could take them while
+    /// another key stood idle): workers take no queued request past them.
+    pub aside: AtomicUsize,
     /// Verdicts on a model at a key (cooling upstream, not found at its base URL).
     pub models: crate::routing::ModelVerdicts,
     /// The account groups' gates, in config order (each also held by its keys' gates).

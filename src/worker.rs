@@ -111,6 +111,7 @@ fn self_serve(ctx: &KeyWorkerCtx) -> Option<Job> {
     if !sh.self_serve
         || sh.closing.load(SeqCst)
         || sh.dispatcher_waiting.load(SeqCst)
+        || sh.aside.load(SeqCst) > 0
         || sh.backlog_full()
     {
         return None;

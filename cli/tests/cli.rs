@@ -374,10 +374,12 @@ fn config_file_with_strategy_and_flag_overrides() {
     let dir = Dir::new("config");
     let cfg = json!({
         "base_url": "http://127.0.0.1:9/v1",
-        "strategy": "least_loaded",
-        "keys": [{"key": KEY_A, "label": "acct-a", "max_concurrent": 1},
-                 {"key": KEY_B, "label": "acct-b", "max_concurrent": 1}],
-        "retry": {"max_attempts": 1}
+        "strategy": "first_available",
+        "keys": [{"key": KEY_A, "label": "acct-a", "max_concurrent": 32},
+                 {"key": KEY_B, "label": "acct-b", "max_concurrent": 32}],
+        // No first-request trial: a key on trial is skipped by round-robin, and at
+        // the mock's speed the other key would take most of the run meanwhile.
+        "retry": {"max_attempts": 1, "probe_keys": false}
     });
     std::fs::write(dir.path("pool.json"), cfg.to_string()).unwrap();
     dir.write_input(&x_lines("k", 40));
@@ -392,6 +394,8 @@ fn config_file_with_strategy_and_flag_overrides() {
         .iter()
         .filter(|r| r["keypool"]["key"] == "acct-a")
         .count();
+    // The flag won: first_available would send all 40 to acct-a (its workers are
+    // never all busy); round-robin alternates.
     assert_eq!(a, 20, "round robin splits evenly");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -399,7 +403,7 @@ fn config_file_with_strategy_and_flag_overrides() {
         "{stderr}"
     );
     for k in [KEY_A, KEY_B] {
-        assert_eq!(server.stats().keys[k].max_in_flight, 1);
+        assert!(server.stats().keys[k].max_in_flight <= 32);
     }
 }
 
