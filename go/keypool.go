@@ -333,6 +333,9 @@ type Result struct {
 	// Blame names whom a failure was blamed on: "request", "model", "key",
 	// "account" or "server"; "" on success or when no party was.
 	Blame string
+	// Queue is how long the request waited before its first attempt (submit to first
+	// send); Latency starts where it ends.
+	Queue time.Duration
 }
 
 // Err is nil if the request succeeded, otherwise an *Error.
@@ -353,6 +356,7 @@ func copyResult(r *C.keypool_result) Result {
 		KeyLabel:   C.GoString(C.keypool_result_key_label(r)),
 		Attempts:   int(C.keypool_result_attempts(r)),
 		Latency:    time.Duration(C.keypool_result_latency_ms(r)) * time.Millisecond,
+		Queue:      time.Duration(C.keypool_result_queue_ms(r)) * time.Millisecond,
 	}
 	if m := C.keypool_result_error_message(r); m != nil {
 		res.ErrorMessage = C.GoString(m)

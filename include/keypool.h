@@ -523,6 +523,16 @@ const char *keypool_result_error_message(const keypool_result *r);
 const char *keypool_result_error_code(const keypool_result *r);
 
 /*
+ Milliseconds the request waited before its first attempt started (submit to first
+ send: in the queue, behind a full pool, for a key to admit it); `keypool_result_latency_ms`
+ starts where it ends. 0 when no attempt carried a response (a transport error, a
+ request never sent).
+
+ `r` NULL: returns 0 and sets `keypool_last_error()`. Thread-safe, non-blocking.
+ */
+uint64_t keypool_result_queue_ms(const keypool_result *r);
+
+/*
  Whom the failure was blamed on: "request" (a bad or flagged request, one no key's
  budget covers), "model" (the model on the key that answered: rate-limited upstream,
  not found at that base URL), "key" (revoked, rate-limited), "account" (credits or

@@ -266,6 +266,12 @@ impl Error {
         }
     }
 
+    /// Time the request waited before its first attempt (submit to first send), when
+    /// the error carries the response of an attempt; `None` otherwise.
+    pub fn queue_time(&self) -> Option<Duration> {
+        self.response().map(Response::queue_time)
+    }
+
     /// Number of HTTP attempts made before this error (0 when none was made).
     pub fn attempts(&self) -> u32 {
         match self {

@@ -31,6 +31,8 @@ pub(crate) struct Job {
     pub tried: Vec<usize>,
     /// When the first attempt started.
     pub first_start: Option<Instant>,
+    /// When the request was submitted (its queue time runs to `first_start`).
+    pub submitted: Instant,
     /// Overall deadline, if any.
     pub deadline: Option<Instant>,
     /// Not to be dispatched before this instant (retry backoff).
@@ -88,6 +90,7 @@ impl Job {
             charged: 0,
             tried: Vec::new(),
             first_start: None,
+            submitted: Instant::now(),
             deadline,
             not_before: None,
             last_error: None,
@@ -135,6 +138,13 @@ impl Job {
         self.tried.push(index);
         self.first_start.get_or_insert(now);
         true
+    }
+
+    /// Submit to the first attempt's start (zero before any attempt).
+    pub(crate) fn queue_time(&self) -> std::time::Duration {
+        self.first_start.map_or(std::time::Duration::ZERO, |f| {
+            f.saturating_duration_since(self.submitted)
+        })
     }
 
     /// The attempt begun by `begin_attempt` has returned.

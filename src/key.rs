@@ -44,6 +44,8 @@ pub(crate) struct KeyState {
     latency: Mutex<Histogram>,
     /// Streams: attempt start to first text delta.
     ttft: Mutex<Histogram>,
+    /// Queue time (submit to first send) of requests first sent on this key.
+    queue: Mutex<Histogram>,
     /// Balance at the last credit check, summed `usage.cost` (`credits.rs`).
     pub credit: crate::credits::KeyCredit,
     /// Requests this key refused with an unexplained 403 that another key then served
@@ -90,6 +92,7 @@ impl KeyState {
             completion_tokens: AtomicU64::new(0),
             latency: Mutex::new(Histogram::new()),
             ttft: Mutex::new(Histogram::new()),
+            queue: Mutex::new(Histogram::new()),
             credit: Default::default(),
             forbidden_strikes: Default::default(),
         }
@@ -112,6 +115,17 @@ impl KeyState {
         self.in_flight.fetch_sub(1, Relaxed);
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.latency.lock().record(us);
+    }
+
+    /// A request's queue time (submit to its first send, which was on this key).
+    pub(crate) fn record_queue(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.queue.lock().record(us);
+    }
+
+    /// Adds this key's queue-time histogram into `into` (for the pool's quantiles).
+    pub(crate) fn merge_queue(&self, into: &mut Histogram) {
+        into.merge(&self.queue.lock());
     }
 
     /// A stream's time to first token on this key.
@@ -138,6 +152,10 @@ impl KeyState {
         let now = Instant::now();
         let (p50, p99) = {
             let h = self.latency.lock();
+            (h.quantile(0.50), h.quantile(0.99))
+        };
+        let (q50, q99) = {
+            let h = self.queue.lock();
             (h.quantile(0.50), h.quantile(0.99))
         };
         let (t50, t99) = {
@@ -168,6 +186,8 @@ impl KeyState {
             retries: self.retries.load(Relaxed),
             latency_p50_ms: p50 as f64 / 1000.0,
             latency_p99_ms: p99 as f64 / 1000.0,
+            queue_p50_ms: q50 as f64 / 1000.0,
+            queue_p99_ms: q99 as f64 / 1000.0,
             ttft_p50_ms: t50 as f64 / 1000.0,
             ttft_p99_ms: t99 as f64 / 1000.0,
             prompt_tokens: self.prompt_tokens.load(Relaxed),

@@ -154,6 +154,7 @@ pub mod __capi {
                 keys_tried: self.keys_tried,
                 ttft: None,
                 blame: None,
+                queue: std::time::Duration::ZERO,
             }
         }
     }

@@ -726,12 +726,18 @@ impl Pool {
     /// A snapshot of per-key and pool-wide counters.
     pub fn stats(&self) -> Stats {
         let shared = &self.inner.shared;
+        let mut queue = crate::stats::Histogram::new();
+        for k in &shared.keys {
+            k.merge_queue(&mut queue);
+        }
         Stats {
             submitted: shared.submitted.load(Relaxed),
             completed: shared.completed.load(Relaxed),
             queued: self.inner.intake.lock().as_ref().map_or(0, |tx| tx.len()),
             keys: shared.keys.iter().map(KeyState::snapshot).collect(),
             groups: shared.groups.iter().map(|g| g.snapshot()).collect(),
+            queue_p50_ms: queue.quantile(0.50) as f64 / 1000.0,
+            queue_p99_ms: queue.quantile(0.99) as f64 / 1000.0,
         }
     }
 

@@ -292,6 +292,8 @@ pub struct Response {
     pub(crate) ttft: Option<Duration>,
     /// Error paths only: whom the answer was blamed on (`blame.rs`).
     pub(crate) blame: Option<crate::Blame>,
+    /// Submit to the first attempt's start.
+    pub(crate) queue: Duration,
 }
 
 impl std::fmt::Debug for Response {
@@ -433,6 +435,13 @@ impl Response {
     /// Time from the first attempt's start to this response.
     pub fn latency(&self) -> Duration {
         self.latency
+    }
+
+    /// Time the request waited before its first attempt started: in the queue, behind
+    /// a saturated pool, for a key to admit it (`submit` to the first send).
+    /// [`latency`](Response::latency) starts where this ends.
+    pub fn queue_time(&self) -> Duration {
+        self.queue
     }
 
     /// The server's retry hint: `retry-after-ms`, or `retry-after` in seconds or as an

@@ -48,6 +48,11 @@ pub struct KeyStats {
     pub latency_p50_ms: f64,
     /// 99th-percentile attempt latency, milliseconds.
     pub latency_p99_ms: f64,
+    /// Median queue time (submit to first send) of requests first sent on this key,
+    /// milliseconds.
+    pub queue_p50_ms: f64,
+    /// 99th-percentile queue time of requests first sent on this key, milliseconds.
+    pub queue_p99_ms: f64,
     /// Median time to first token of streamed requests on this key (attempt start to
     /// the first chunk with text), milliseconds (0 before any).
     pub ttft_p50_ms: f64,
@@ -149,6 +154,11 @@ pub struct Stats {
     pub keys: Vec<KeyStats>,
     /// Per account group, in config order.
     pub groups: Vec<GroupStats>,
+    /// Median queue time over all requests sent (submit to first send: in the queue,
+    /// behind a full pool, waiting for a key to admit), milliseconds.
+    pub queue_p50_ms: f64,
+    /// 99th-percentile queue time over all requests sent, milliseconds.
+    pub queue_p99_ms: f64,
 }
 
 impl Stats {
@@ -230,6 +240,14 @@ impl Histogram {
         let b = (j / SUB as usize) as u32 + 6;
         let sub = (j % SUB as usize) as u64;
         (1u64 << b) | (sub << (b - 5))
+    }
+
+    /// Adds every count of `other`.
+    pub(crate) fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *a = a.saturating_add(*b);
+        }
+        self.total = self.total.saturating_add(other.total);
     }
 
     pub(crate) fn record(&mut self, micros: u64) {

@@ -550,6 +550,7 @@ impl Run<'_> {
             keys_tried: self.job.tried.clone(),
             ttft,
             blame: None,
+            queue: self.job.queue_time(),
         })
     }
 

@@ -217,6 +217,9 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
         return; // answered already (its deadline passed in the queue)
     }
     let first_start = job.first_start.unwrap_or(now);
+    if job.attempts == 1 {
+        ks.record_queue(job.queue_time());
+    }
 
     let other_url;
     let url: &str = if &*job.req.path == crate::request::DEFAULT_PATH {
@@ -479,6 +482,7 @@ pub(crate) fn judge_response(
                     keys_tried: std::mem::take(&mut job.tried),
                     ttft: None,
                     blame: None,
+                    queue: job.queue_time(),
                 });
             }
             Err(p) => Some(p),
@@ -504,6 +508,7 @@ pub(crate) fn judge_response(
         keys_tried: job.tried.clone(),
         ttft: None,
         blame: None,
+        queue: job.queue_time(),
     };
     let status = match problem {
         Some(body::Problem::Invalid(why)) => {

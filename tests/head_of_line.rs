@@ -170,5 +170,24 @@ fn a_job_for_one_model_does_not_block_jobs_for_another() {
         }
         // The key's cap held: A never had two in flight.
         assert_eq!(server.key_stats("sk-a").unwrap().max_in_flight, 1);
+        // Queue time is visible (issue 21.6): the second x waited a whole answer for A
+        // before its first send; latency starts where queue time ends.
+        let second_x = results[1].as_ref().unwrap();
+        assert!(
+            second_x.queue_time() >= Duration::from_millis(500),
+            "{strategy:?}: {:?}",
+            second_x.queue_time()
+        );
+        assert!(second_x.latency() < Duration::from_millis(1_000));
+        for r in &results[2..] {
+            let q = r.as_ref().unwrap().queue_time();
+            assert!(
+                q < Duration::from_millis(300),
+                "{strategy:?}: y queued {q:?}"
+            );
+        }
+        let stats = pool.stats();
+        assert!(stats.queue_p99_ms >= 500.0, "{}", stats.queue_p99_ms);
+        assert!(stats.keys[0].queue_p99_ms >= 500.0);
     }
 }

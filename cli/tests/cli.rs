@@ -566,6 +566,7 @@ fn a_flagged_prompt_fails_alone_and_no_key_is_taken_out() {
         assert_eq!(r["error"]["code"], "flagged", "{r}");
         assert_eq!(r["error"]["blame"], "request", "{r}");
         assert_eq!(r["response"]["status_code"], 403, "{r}");
+        assert!(r["keypool"]["queue_ms"].is_u64(), "{r}");
         assert!(id(r).ends_with('7'), "{r}");
     }
     let log: Vec<u16> = server

@@ -233,6 +233,7 @@ static void null_handle_cases(void) {
     check_failed("result_error_code: NULL", keypool_result_error_code(NULL) == NULL,
                  "result is NULL");
     check_failed("result_blame: NULL", keypool_result_blame(NULL) == NULL, "result is NULL");
+    check_failed("result_queue_ms: NULL", keypool_result_queue_ms(NULL) == 0, "result is NULL");
     check("out params untouched", t == NULL && r == NULL, "an out-parameter was written");
 
     /* Streams. */

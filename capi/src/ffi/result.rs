@@ -17,6 +17,7 @@ pub struct FfiResult {
     key_label: CString,
     attempts: u32,
     latency_ms: u64,
+    queue_ms: u64,
     error_message: Option<CString>,
     error_code: Option<CString>,
     /// Whom a failure was blamed on ("request", "model", "key", "account", "server").
@@ -32,6 +33,7 @@ impl FfiResult {
             key_label: CString::default(),
             attempts: 0,
             latency_ms: 0,
+            queue_ms: 0,
             error_message: None,
             error_code: None,
             blame: None,
@@ -63,6 +65,7 @@ impl FfiResult {
                 r.key_label = to_cstring(resp.key_label());
                 r.attempts = resp.attempts();
                 r.latency_ms = duration_ms(resp.latency());
+                r.queue_ms = duration_ms(resp.queue_time());
                 // Handed over, not copied: the HTTP/1.1 client leaves a spare byte for
                 // the NUL (any other transport's body may grow once here).
                 r.body = resp.into_body();
@@ -81,6 +84,7 @@ impl FfiResult {
                     r.http_status = response.status();
                     r.key_label = to_cstring(response.key_label());
                     r.latency_ms = duration_ms(response.latency());
+                    r.queue_ms = duration_ms(response.queue_time());
                 }
                 match &e {
                     Error::Transport { key, .. } | Error::Stream { key, .. } => {
@@ -226,6 +230,17 @@ pub extern "C" fn keypool_result_error_code(r: *const FfiResult) -> *const c_cha
             .and_then(|r| r.error_code.as_ref())
             .map_or(ptr::null(), |m| m.as_ptr())
     })
+}
+
+/// Milliseconds the request waited before its first attempt started (submit to first
+/// send: in the queue, behind a full pool, for a key to admit it); `keypool_result_latency_ms`
+/// starts where it ends. 0 when no attempt carried a response (a transport error, a
+/// request never sent).
+///
+/// `r` NULL: returns 0 and sets `keypool_last_error()`. Thread-safe, non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_result_queue_ms(r: *const FfiResult) -> u64 {
+    ffi_panic_boundary!(0, { get(r).map_or(0, |r| r.queue_ms) })
 }
 
 /// Whom the failure was blamed on: "request" (a bad or flagged request, one no key's

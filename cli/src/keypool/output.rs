@@ -50,6 +50,8 @@ struct Meta<'a> {
     key: Option<&'a str>,
     attempts: u32,
     latency_ms: u64,
+    /// Submit to first send (`null` when no attempt carried a response).
+    queue_ms: Option<u64>,
     line: u64,
 }
 
@@ -102,6 +104,7 @@ pub fn encode(
                 key: Some(resp.key_label()),
                 attempts: resp.attempts(),
                 latency_ms: millis(resp.latency()),
+                queue_ms: Some(millis(resp.queue_time())),
                 line,
             },
         },
@@ -132,6 +135,7 @@ pub fn encode(
                     key,
                     attempts: e.attempts(),
                     latency_ms: millis(resp.map_or(elapsed, |r| r.latency())),
+                    queue_ms: e.queue_time().map(millis),
                     line,
                 },
             }
@@ -149,6 +153,7 @@ pub fn encode(
                 key: None,
                 attempts: 0,
                 latency_ms: 0,
+                queue_ms: None,
                 line,
             },
         },
