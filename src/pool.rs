@@ -438,23 +438,19 @@ impl Pool {
         };
         let sent = match mode {
             Mode::Block => self.send_blocking(&tx, job),
+            // A free slot is owed to the first blocked submitter in line, if any.
+            Mode::Try if shared.space.has_waiters() => Err((job, Error::Busy)),
             Mode::Try => tx.try_send(job).map_err(|e| match e {
                 TrySendError::Full(j) => (j, Error::Busy),
                 TrySendError::Disconnected(j) => (j, Error::Closed),
             }),
-            // Any free slot within `d` will do: no hysteresis (which could time out
-            // while slots are free but fewer than an eighth of the queue).
-            Mode::Timeout(d) => tx.send_timeout(job, d).map_err(|e| match e {
-                SendTimeoutError::Timeout(j) => (
-                    j,
-                    Error::Timeout {
-                        phase: TimeoutPhase::Submit,
-                        key: None,
-                        attempts: 0,
-                    },
-                ),
-                SendTimeoutError::Disconnected(j) => (j, Error::Closed),
-            }),
+            // In line with the blocking submitters; any free slot within `d` will do
+            // once it is first (no hysteresis, which could time out while slots are
+            // free but fewer than an eighth of the queue).
+            Mode::Timeout(d) => match Instant::now().checked_add(d) {
+                Some(at) => self.send_in_line(&tx, job, Some(at)),
+                None => self.send_in_line(&tx, job, None),
+            },
             Mode::NoWait => tx.try_send(job).map_err(|e| match e {
                 TrySendError::Full(j) => (j, Error::WouldDeadlock("submit on a full queue")),
                 TrySendError::Disconnected(j) => (j, Error::Closed),
@@ -479,26 +475,88 @@ impl Pool {
         }
     }
 
-    /// Sends `job`, waiting for queue space as long as it takes. A full queue is
-    /// waited out with hysteresis (`queue_space.rs`): the submitter sleeps until an
-    /// eighth of the queue is free, not until the next slot is (its job would wait
-    /// behind the same requests either way). Once shutdown has begun it waits in
-    /// crossbeam's `send` as before (the dispatcher's drain takes the job and answers
-    /// it `Cancelled`).
+    /// Sends `job`, waiting for queue space as long as it takes. Blocked submitters
+    /// wait in line, in arrival order (`queue_space.rs`): a full queue is waited out
+    /// with hysteresis — the first in line sleeps until an eighth of the queue is
+    /// free, not until the next slot is (its job would wait behind the same requests
+    /// either way). Once shutdown has begun it waits in crossbeam's `send` as before
+    /// (the dispatcher's drain takes the job and answers it `Cancelled`).
     #[allow(clippy::result_large_err)] // the job itself comes back: moved, not boxed
-    fn send_blocking(&self, tx: &Sender<Job>, mut job: Job) -> Result<(), (Job, Error)> {
-        let shared = &self.inner.shared;
-        loop {
+    fn send_blocking(&self, tx: &Sender<Job>, job: Job) -> Result<(), (Job, Error)> {
+        // Nobody in line and room now: no line to join.
+        let job = if self.inner.shared.space.has_waiters() {
+            job
+        } else {
             match tx.try_send(job) {
                 Ok(()) => return Ok(()),
                 Err(TrySendError::Disconnected(j)) => return Err((j, Error::Closed)),
-                Err(TrySendError::Full(j)) => job = j,
+                Err(TrySendError::Full(j)) => j,
             }
-            let stopping = || shared.closing.load(std::sync::atomic::Ordering::SeqCst);
-            if stopping() {
-                return tx.send(job).map_err(|e| (e.into_inner(), Error::Closed));
+        };
+        self.send_in_line(tx, job, None)
+    }
+
+    /// Waits in the submitters' line (`queue_space.rs`) until `job` is in the queue,
+    /// the pool closes, or `deadline` (`submit_timeout`: then any free slot will do
+    /// once first in line).
+    #[allow(clippy::result_large_err)] // the job itself comes back: moved, not boxed
+    fn send_in_line(
+        &self,
+        tx: &Sender<Job>,
+        job: Job,
+        deadline: Option<Instant>,
+    ) -> Result<(), (Job, Error)> {
+        let shared = &self.inner.shared;
+        let mut held = Some(job);
+        let mut closed = false;
+        let stopping = || shared.closing.load(std::sync::atomic::Ordering::SeqCst);
+        let turn = shared.space.send_in_turn(
+            || match tx.try_send(held.take().expect("held until sent")) {
+                Ok(()) => true,
+                Err(TrySendError::Full(j)) => {
+                    held = Some(j);
+                    false
+                }
+                Err(TrySendError::Disconnected(j)) => {
+                    held = Some(j);
+                    closed = true;
+                    true
+                }
+            },
+            || tx.len(),
+            stopping,
+            deadline,
+            deadline.is_some(),
+        );
+        let job = match (turn, held) {
+            (_, None) => return Ok(()),
+            (_, Some(j)) if closed => return Err((j, Error::Closed)),
+            (crate::queue_space::Turn::TimedOut, Some(j)) => {
+                return Err((
+                    j,
+                    Error::Timeout {
+                        phase: TimeoutPhase::Submit,
+                        key: None,
+                        attempts: 0,
+                    },
+                ));
             }
-            shared.space.wait(|| tx.len(), stopping);
+            (_, Some(j)) => j,
+        };
+        // Shutdown began while in line: the drain answers whatever gets in.
+        match deadline {
+            None => tx.send(job).map_err(|e| (e.into_inner(), Error::Closed)),
+            Some(at) => tx.send_deadline(job, at).map_err(|e| match e {
+                SendTimeoutError::Timeout(j) => (
+                    j,
+                    Error::Timeout {
+                        phase: TimeoutPhase::Submit,
+                        key: None,
+                        attempts: 0,
+                    },
+                ),
+                SendTimeoutError::Disconnected(j) => (j, Error::Closed),
+            }),
         }
     }
 

@@ -5,8 +5,8 @@ mod support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use keypool::{Config, Error, KeyConfig, Pool, Request, Strategy, TimeoutPhase};
 use parking_lot::Mutex;
@@ -700,4 +700,58 @@ fn a_refused_submit_with_a_deadline_never_runs_its_callback() {
     }
     pool.close();
     assert_eq!(ran.load(Ordering::SeqCst), accepted, "{refused} refused");
+}
+
+/// Blocking submitters are served in arrival order, and none starves behind
+/// `try_submit` callers (issue 21.3): while a submitter waits in line for queue space,
+/// `try_submit` says `Busy` instead of taking the slot it is owed. Before, a thread
+/// spinning on `try_submit` took nearly every freed slot.
+#[test]
+fn a_blocking_submitter_is_not_starved_by_try_submit_callers() {
+    let f = factory(|_, _| {
+        std::thread::sleep(Duration::from_millis(1));
+        Ok(ok())
+    });
+    let cfg = Config::builder()
+        .base_url("http://127.0.0.1:9")
+        .key("sk-test-a", 1)
+        .queue_capacity(64)
+        .probe_keys(false)
+        .build()
+        .unwrap();
+    let pool = Pool::with_transport(cfg, f).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let spammer = {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut taken = Vec::new();
+            let mut i = 1_000;
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(t) = pool.try_submit(req(i)) {
+                    taken.push(t);
+                    i += 1;
+                }
+            }
+            taken
+        })
+    };
+    // The spammer has filled the queue. A waiting submitter sleeps until an eighth of
+    // it (8 slots) is free; the spammer refills each slot as it frees.
+    while pool.stats().queued < 64 {
+        std::thread::yield_now();
+    }
+    let t = Instant::now();
+    let mut mine = Vec::new();
+    for i in 0..40 {
+        mine.push(pool.submit(req(i)).unwrap());
+    }
+    let took = t.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let theirs = spammer.join().unwrap();
+    for t in mine.into_iter().chain(theirs) {
+        t.wait().unwrap();
+    }
+    // 40 submits at ~1 ms per request, behind a queue of 64 of the spammer's: about
+    // 100 ms. Starved, the submitter never saw the queue drain to its mark.
+    assert!(took < Duration::from_millis(1_500), "40 blocking submits took {took:?}");
 }
