@@ -262,6 +262,7 @@ fn transport_alone(
         timeout: Duration::from_secs(60),
         connect_timeout: Duration::from_secs(10),
         max_response_bytes: 1 << 24,
+        tls: keypool::TlsTrust::default(),
     };
     let transports: Vec<Box<dyn Transport>> = (0..KEYS).map(|_| make(&settings)).collect();
     let keys: Vec<keypool::ApiKey> = (0..KEYS)

@@ -1,11 +1,13 @@
-//! [`UreqTransport`], the default transport: plain `http://` POSTs (`send`) go through
-//! the lean HTTP/1.1 client in [`super::http1`]; `https://`, proxied requests, streams
-//! and `get` go through one `ureq::Agent` per key.
+//! [`UreqTransport`], the default transport: one `ureq::Agent` per key serves every
+//! request, `http://` and `https://` alike (TLS is a layer under the same HTTP/1.1
+//! connection, framing and timeout code). ureq probes an idle keep-alive connection
+//! before reusing it (stale bytes or end-of-file: dropped), never sends a request
+//! twice, resolves names within the connect timeout, and bounds each call by one
+//! absolute deadline (`timeout_global`) across resolve, connect, write and every read.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use super::http1::{self, Http1};
 use super::{
     HttpRequest, HttpResponse, HttpStream, Transport, TransportError, TransportSettings, mask_error,
 };
@@ -17,26 +19,28 @@ use crate::request::is_kept_header;
 const INPUT_BUFFER: usize = 64 * 1024;
 /// ureq's per-connection write buffer.
 const OUTPUT_BUFFER: usize = 16 * 1024;
+/// A request body at least this large is sent with `Expect: 100-continue`: a server
+/// that answers before reading it (413, 401, as nginx's `client_max_body_size` does)
+/// is heard instead of cutting the upload short with a reset.
+const EXPECT_CONTINUE_FROM: usize = 1 << 20;
+/// How long a large upload waits for `100 Continue` (or an early answer) before it
+/// goes anyway, for servers that ignore `Expect`.
+const AWAIT_100: Duration = Duration::from_millis(1000);
 
 /// A request URL, parsed once.
 struct Parsed {
     url: String,
     uri: ureq::http::Uri,
-    /// Plain `http://` and no proxy applies: sent by the lean client.
-    lean: Option<http1::Target>,
 }
 
 /// The default transport: one `ureq::Agent` with keep-alive, HTTP statuses returned as
-/// responses, a body size limit, connect and per-attempt timeouts.
+/// responses, a body size limit, a connect timeout and one deadline per attempt.
 pub struct UreqTransport {
     agent: ureq::Agent,
-    proxy: Option<ureq::Proxy>,
     max_response_bytes: u64,
     attempt_timeout: Duration,
     /// The first URL sent to, parsed once (a key's requests nearly always share it).
     uri: OnceLock<Arc<Parsed>>,
-    /// The lean client for plain `http://` POSTs without a proxy.
-    http1: Http1,
     /// The first key's `Authorization` value, built once (marked sensitive). The key
     /// text is kept to check later requests against; it is never printed.
     auth: OnceLock<(String, ureq::http::HeaderValue)>,
@@ -56,16 +60,17 @@ impl UreqTransport {
     pub fn new(s: &TransportSettings) -> UreqTransport {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            // Per-phase timeouts rather than `timeout_global`: measured here, a global
-            // timeout made each call ~4x more expensive in CPU (benches/keypool.rs [2]).
+            // One absolute deadline per call: resolve, connect, send and every read
+            // share it (a per-request `timeout_global` when the request's deadline is
+            // nearer). Name resolution runs within the connect timeout too.
+            .timeout_global(Some(s.timeout))
+            .timeout_resolve(Some(s.connect_timeout))
             .timeout_connect(Some(s.connect_timeout))
-            .timeout_send_request(Some(s.timeout))
-            .timeout_send_body(Some(s.timeout))
-            .timeout_recv_response(Some(s.timeout))
-            .timeout_recv_body(Some(s.timeout))
+            .timeout_await_100(Some(AWAIT_100))
             .max_idle_connections_per_host(s.max_concurrent.max(1))
             .max_idle_connections(s.max_concurrent.max(1) * 2)
             .user_agent(concat!("keypool/", env!("CARGO_PKG_VERSION")))
+            .tls_config(s.tls.config.clone())
             // ureq's defaults are 128 KiB each, per connection: allocations at glibc's
             // mmap threshold, zeroed, faulted in page by page (benches/cpu.rs). The
             // input buffer must hold a whole response header (`max_response_header_size`,
@@ -75,15 +80,10 @@ impl UreqTransport {
             .max_response_header_size(INPUT_BUFFER)
             .output_buffer_size(OUTPUT_BUFFER)
             .build();
-        let agent: ureq::Agent = config.into();
         UreqTransport {
-            // The proxy ureq read from the environment (`ALL_PROXY`, `HTTPS_PROXY`,
-            // `HTTP_PROXY`, lowercase too, and `NO_PROXY`), if any.
-            proxy: agent.config().proxy().cloned(),
-            agent,
+            agent: config.into(),
             max_response_bytes: s.max_response_bytes,
             attempt_timeout: s.timeout,
-            http1: Http1::new(s.max_concurrent, s.connect_timeout, s.max_response_bytes),
             uri: OnceLock::new(),
             auth: OnceLock::new(),
         }
@@ -99,24 +99,12 @@ impl UreqTransport {
         let uri: ureq::http::Uri = url
             .parse()
             .map_err(|_| TransportError::Failed("the request URL is not a valid URI".into()))?;
-        // A proxy that applies to this URL: ureq keeps the request (behaviour unchanged).
-        let proxied = self.proxy.as_ref().is_some_and(|p| !p.is_no_proxy(&uri));
-        let lean = if proxied {
-            None
-        } else {
-            http1::Target::from_uri(&uri)
-        };
         let p = Arc::new(Parsed {
             url: url.to_owned(),
             uri,
-            lean,
         });
         let _ = self.uri.set(p.clone());
         Ok(p)
-    }
-
-    fn uri(&self, url: &str) -> Result<ureq::http::Uri, TransportError> {
-        Ok(self.parsed(url)?.uri.clone())
     }
 
     /// `Bearer <key>`, built once per transport while it stays the same key.
@@ -146,18 +134,17 @@ impl Transport for UreqTransport {
         }
         let mut resp = builder
             .config()
-            .timeout_recv_response(Some(req.timeout))
-            .timeout_recv_body(Some(req.timeout))
+            .timeout_global(Some(req.timeout))
             .build()
             .call()
-            .map_err(|e| mask_error(map_ureq_error(e), req))?;
+            .map_err(|e| mask_error(map_ureq_error(e, req.url), req))?;
         let status = resp.status().as_u16();
         let body = resp
             .body_mut()
             .with_config()
             .limit(max_bytes.min(self.max_response_bytes))
             .read_to_vec()
-            .map_err(|e| mask_error(map_ureq_error(e), req))?;
+            .map_err(|e| mask_error(map_ureq_error(e, req.url), req))?;
         Ok(HttpResponse {
             status,
             headers: Vec::new(),
@@ -174,24 +161,16 @@ impl Transport for UreqTransport {
     }
 
     fn send(&self, req: &HttpRequest<'_>) -> Result<HttpResponse, TransportError> {
-        let parsed = self.parsed(req.url).map_err(|e| mask_error(e, req))?;
-        if let Some(target) = &parsed.lean {
-            return self.http1.send(target, req).map_err(|e| mask_error(e, req));
-        }
         let builder = self.builder(req)?;
         // Only an attempt cut short by the request's deadline pays for a per-request config.
         let builder = if req.timeout < self.attempt_timeout {
-            builder
-                .config()
-                .timeout_recv_response(Some(req.timeout))
-                .timeout_recv_body(Some(req.timeout))
-                .build()
+            builder.config().timeout_global(Some(req.timeout)).build()
         } else {
             builder
         };
         let mut resp = builder
             .send(req.body)
-            .map_err(|e| mask_error(map_ureq_error(e), req))?;
+            .map_err(|e| mask_error(map_ureq_error(e, req.url), req))?;
         let status = resp.status().as_u16();
         let headers = kept_headers(resp.headers());
         // Sized from Content-Length (within the limit): no regrowth while reading.
@@ -210,7 +189,7 @@ impl Transport for UreqTransport {
                 .reader(),
             &mut body,
         )
-        .map_err(|e| mask_error(map_io_error(e), req))?;
+        .map_err(|e| mask_error(map_io_error(e, req.url), req))?;
         Ok(HttpResponse {
             status,
             headers,
@@ -226,7 +205,7 @@ impl UreqTransport {
     ) -> Result<ureq::RequestBuilder<ureq::typestate::WithBody>, TransportError> {
         let mut builder = self
             .agent
-            .post(self.uri(req.url)?)
+            .post(self.parsed(req.url)?.uri.clone())
             .header(
                 ureq::http::header::AUTHORIZATION,
                 self.authorization(req.key)?,
@@ -237,6 +216,12 @@ impl UreqTransport {
             );
         for (k, v) in req.headers {
             builder = builder.header(k.as_str(), v.as_str());
+        }
+        if req.body.len() >= EXPECT_CONTINUE_FROM {
+            builder = builder.header(
+                ureq::http::header::EXPECT,
+                ureq::http::HeaderValue::from_static("100-continue"),
+            );
         }
         Ok(builder)
     }
@@ -254,13 +239,12 @@ impl UreqTransport {
             .builder(req)?
             .header("accept", "text/event-stream")
             .config()
-            .timeout_recv_response(Some(req.timeout))
-            .timeout_recv_body(Some(req.timeout))
+            .timeout_global(Some(req.timeout))
             .timeout_per_read(idle)
             .build();
         let resp = builder
             .send(req.body)
-            .map_err(|e| mask_error(map_ureq_error(e), req))?;
+            .map_err(|e| mask_error(map_ureq_error(e, req.url), req))?;
         let status = resp.status().as_u16();
         let headers = kept_headers(resp.headers());
         let body = resp.into_body().into_reader();
@@ -294,11 +278,22 @@ impl<R: std::io::Read> std::io::Read for TimeoutsAsTimedOut<R> {
 
 /// A body read error, as `read_to_vec` would have returned it: ureq's own error when
 /// it wraps one (timeouts, the size limit).
-fn map_io_error(e: std::io::Error) -> TransportError {
-    map_ureq_error(ureq::Error::from(e))
+fn map_io_error(e: std::io::Error, url: &str) -> TransportError {
+    map_ureq_error(ureq::Error::from(e), url)
 }
 
-fn map_ureq_error(e: ureq::Error) -> TransportError {
+fn map_ureq_error(e: ureq::Error, url: &str) -> TransportError {
+    if let Some(reason) = super::tls::tls_failure(&e) {
+        let host = url
+            .parse::<ureq::http::Uri>()
+            .ok()
+            .and_then(|u| u.host().map(str::to_owned))
+            .unwrap_or_default();
+        return TransportError::Tls(format!(
+            "TLS with {host} failed: {reason} (to trust a private CA: tls.ca_file, \
+             SSL_CERT_FILE or keypool run --ca-file)"
+        ));
+    }
     match e {
         ureq::Error::Timeout(t) => TransportError::Timeout(match t {
             ureq::Timeout::Connect | ureq::Timeout::Resolve => TimeoutPhase::Connect,
