@@ -283,7 +283,12 @@ fn map_io_error(e: std::io::Error, url: &str) -> TransportError {
 }
 
 fn map_ureq_error(e: ureq::Error, url: &str) -> TransportError {
-    if let Some(reason) = super::tls::tls_failure(&e) {
+    let tls = match &e {
+        ureq::Error::Io(io) => super::tls::tls_failure(io),
+        ureq::Error::Rustls(r) => super::tls::tls_failure(r),
+        other => super::tls::tls_failure(other),
+    };
+    if let Some(reason) = tls {
         let host = url
             .parse::<ureq::http::Uri>()
             .ok()
