@@ -27,6 +27,69 @@ const EXPECT_CONTINUE_FROM: usize = 1 << 20;
 /// goes anyway, for servers that ignore `Expect`.
 const AWAIT_100: Duration = Duration::from_millis(1000);
 
+/// How long a resolved host name is reused (curl's default DNS cache time).
+const DNS_TTL: Duration = Duration::from_secs(60);
+
+/// ureq's resolver behind a one-entry cache. ureq resolves the host before every call,
+/// even one that then reuses a pooled connection, and with a resolve timeout each
+/// resolution runs on a new thread (so it can be abandoned at the timeout): without
+/// the cache that is a thread and a `getaddrinfo` per request. IP literals are never
+/// looked up. (`ureq::unversioned`: pinned by Cargo.lock, may change in a minor ureq.)
+#[derive(Debug, Default)]
+struct CachingResolver {
+    inner: ureq::unversioned::resolver::DefaultResolver,
+    /// Scheme and authority, when resolved, the addresses.
+    last: parking_lot::Mutex<Option<(String, std::time::Instant, Addrs)>>,
+}
+
+type Addrs = ureq::unversioned::resolver::ResolvedSocketAddrs;
+
+impl ureq::unversioned::resolver::Resolver for CachingResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<Addrs, ureq::Error> {
+        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+            return self.inner.resolve(uri, config, timeout);
+        };
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if let (Ok(ip), Some(port)) = (
+            host.parse::<std::net::IpAddr>(),
+            authority.port_u16().or(match scheme {
+                "http" => Some(80),
+                "https" => Some(443),
+                _ => None,
+            }),
+        ) {
+            let mut addrs = self.inner.empty();
+            addrs.truncate(0);
+            addrs.push(std::net::SocketAddr::new(ip, port));
+            return Ok(addrs);
+        }
+        if let Some((key, at, addrs)) = &*self.last.lock() {
+            if at.elapsed() < DNS_TTL
+                && key.len() == scheme.len() + authority.as_str().len()
+                && key.starts_with(scheme)
+                && key.ends_with(authority.as_str())
+            {
+                return Ok(addrs.clone());
+            }
+        }
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        *self.last.lock() = Some((
+            format!("{scheme}{}", authority.as_str()),
+            std::time::Instant::now(),
+            addrs.clone(),
+        ));
+        Ok(addrs)
+    }
+}
+
 /// A request URL, parsed once.
 struct Parsed {
     url: String,
@@ -80,8 +143,13 @@ impl UreqTransport {
             .max_response_header_size(INPUT_BUFFER)
             .output_buffer_size(OUTPUT_BUFFER)
             .build();
+        let agent = ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::DefaultConnector::new(),
+            CachingResolver::default(),
+        );
         UreqTransport {
-            agent: config.into(),
+            agent,
             max_response_bytes: s.max_response_bytes,
             attempt_timeout: s.timeout,
             uri: OnceLock::new(),
