@@ -3,7 +3,7 @@
 //!
 //! Run: `cargo bench --bench cpu` (release profile). Options:
 //! `--requests N` (default 40000), `--callgrind N` (runs only keypool for N requests,
-//! for `valgrind --tool=callgrind`), `--quick N` (only `Pool::batch` and the async
+//! for `valgrind --tool=callgrind`; with `--tls` over TLS), `--quick N` (only `Pool::batch` and the async
 //! reference, for A/B runs of a change), `--https N` (only the https lines),
 //! `--memory` (resident memory over TLS at 64 keys × 32 in flight).
 //!
@@ -60,9 +60,20 @@ fn main() {
         memory_over_tls();
         return;
     }
-    let mock = MockProcess::start(LATENCY_MS, 2);
+    let tls = args.iter().any(|a| a == "--tls");
+    let mock = if tls {
+        MockProcess::start_tls(LATENCY_MS, 2)
+    } else {
+        MockProcess::start(LATENCY_MS, 2)
+    };
     if let Some(n) = opt("--callgrind") {
-        let pool = Pool::new(config(&mock.url)).unwrap();
+        let pool = Pool::new(config_with(
+            &mock.url,
+            mock.ca_file.as_deref(),
+            KEYS,
+            PER_KEY,
+        ))
+        .unwrap();
         let failures = pool
             .batch((0..n).map(prompt))
             .iter()
@@ -260,6 +271,30 @@ fn memory_over_tls() {
         .count();
     let max_in_flight: usize = pool.stats().keys.iter().map(|k| k.max_in_flight).sum();
     let wall = t0.elapsed();
+    if std::env::var_os("CPU_BENCH_SMAPS").is_some() {
+        // Resident memory by mapping size (thread stacks are the 256 KiB ones).
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+        let mut by_size = std::collections::BTreeMap::<u64, (u64, u64)>::new();
+        let mut size = 0;
+        for l in smaps.lines() {
+            if let Some(v) = l.strip_prefix("Size:") {
+                size = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            } else if let Some(v) = l.strip_prefix("Rss:") {
+                let rss: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+                let e = by_size.entry(size).or_default();
+                e.0 += 1;
+                e.1 += rss;
+            }
+        }
+        let mut v: Vec<_> = by_size.into_iter().collect();
+        v.sort_by_key(|(_, (_, rss))| std::cmp::Reverse(*rss));
+        for (size, (n, rss)) in v.into_iter().take(6) {
+            println!(
+                "  mappings of {size} KiB: {n}, resident {:.1} MiB",
+                rss as f64 / 1024.0
+            );
+        }
+    }
     stop.store(true, Ordering::Relaxed);
     sampler.join().unwrap();
     drop(pool);

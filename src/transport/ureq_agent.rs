@@ -15,10 +15,14 @@ use crate::config::ApiKey;
 use crate::error::TimeoutPhase;
 use crate::request::is_kept_header;
 
-/// ureq's per-connection read buffer (also the largest response header accepted).
-const INPUT_BUFFER: usize = 64 * 1024;
-/// ureq's per-connection write buffer.
-const OUTPUT_BUFFER: usize = 16 * 1024;
+/// ureq's per-connection read buffer (also the largest response header accepted). Over
+/// TLS a connection has two (the TCP layer's and the TLS layer's), so this and
+/// [`OUTPUT_BUFFER`] are most of a connection's memory: 16 KiB holds any LLM API's
+/// response head (1–3 KiB in practice; nginx's default limit is 8 KiB) and a TLS
+/// record (at most 16 KiB of plaintext).
+const INPUT_BUFFER: usize = 16 * 1024;
+/// ureq's per-connection write buffer: larger request bodies go out in pieces.
+const OUTPUT_BUFFER: usize = 8 * 1024;
 /// A request body at least this large is sent with `Expect: 100-continue`: a server
 /// that answers before reading it (413, 401, as nginx's `client_max_body_size` does)
 /// is heard instead of cutting the upload short with a reset.
@@ -134,11 +138,11 @@ impl UreqTransport {
             .max_idle_connections(s.max_concurrent.max(1) * 2)
             .user_agent(concat!("keypool/", env!("CARGO_PKG_VERSION")))
             .tls_config(s.tls.config.clone())
-            // ureq's defaults are 128 KiB each, per connection: allocations at glibc's
-            // mmap threshold, zeroed, faulted in page by page (benches/cpu.rs). The
-            // input buffer must hold a whole response header (`max_response_header_size`,
-            // 64 KiB); the output buffer only stages the request (bodies larger than it
-            // go out in pieces).
+            // ureq's defaults are 128 KiB each, per connection and per layer (TCP and
+            // TLS): allocations at glibc's mmap threshold, zeroed, faulted in page by
+            // page (benches/cpu.rs --memory). The input buffer must hold a whole
+            // response header (`max_response_header_size`); the output buffer only
+            // stages the request (bodies larger than it go out in pieces).
             .input_buffer_size(INPUT_BUFFER)
             .max_response_header_size(INPUT_BUFFER)
             .output_buffer_size(OUTPUT_BUFFER)
