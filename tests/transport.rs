@@ -381,3 +381,44 @@ fn name_resolution_is_bounded_by_the_connect_timeout() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A host name (not an IP literal) is resolved and its connections reused like any
+/// other: `localhost`, over https too (the mock's certificate names it).
+#[test]
+fn a_host_name_is_resolved_and_its_connections_reused() {
+    for tls in [false, true] {
+        let server = if tls {
+            MockServer::start_tls(MockConfig::default()).unwrap()
+        } else {
+            MockServer::start(MockConfig::default()).unwrap()
+        };
+        let dir = std::env::temp_dir().join(format!(
+            "keypool-transport-host-{}-{tls}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut tls_cfg = keypool::TlsConfig::default();
+        if let Some(ca) = server.ca_pem() {
+            std::fs::write(dir.join("ca.pem"), ca).unwrap();
+            tls_cfg = tls_cfg.ca_file(dir.join("ca.pem").display().to_string());
+        }
+        let url = server.url().replace("127.0.0.1", "localhost");
+        let pool = Pool::new(
+            Config::builder()
+                .base_url(url)
+                .tls(tls_cfg)
+                .key_config(KeyConfig::new("sk-host").max_concurrent(1))
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        for i in 0..5 {
+            let r = pool.submit(prompt(i)).unwrap().wait();
+            assert!(r.is_ok(), "tls {tls}: {:?}", r.err().map(|e| e.to_string()));
+        }
+        pool.close();
+        let rec = server.key_stats("sk-host").unwrap();
+        assert_eq!((rec.requests, rec.connections()), (5, 1), "tls {tls}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
