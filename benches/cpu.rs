@@ -3,8 +3,13 @@
 //!
 //! Run: `cargo bench --bench cpu` (release profile). Options:
 //! `--requests N` (default 40000), `--callgrind N` (runs only keypool for N requests,
-//! for `valgrind --tool=callgrind`), `--quick N` (only `Pool::batch` and the async
-//! reference, for A/B runs of a change).
+//! for `valgrind --tool=callgrind`; with `--tls` over TLS), `--quick N` (only `Pool::batch` and the async
+//! reference, for A/B runs of a change), `--https N` (only the https lines),
+//! `--memory` (resident memory over TLS at 64 keys × 32 in flight).
+//!
+//! The https lines (after the plain ones): the same scenario against the mock serving
+//! TLS (a child process, its generated CA trusted through `tls.ca_file`), keypool
+//! against the hyper client over tokio-rustls (ring), connections reused.
 //!
 //! Scenario (issue 14): 16 keys × 16 workers, mock latency 20 ms. The mock runs in a
 //! child process (this program re-executed with `KEYPOOL_BENCH_ROLE=mock`), so the
@@ -46,9 +51,29 @@ fn main() {
             .position(|a| a == name)
             .and_then(|i| args.get(i + 1)?.parse::<usize>().ok())
     };
-    let mock = MockProcess::start(LATENCY_MS, 2);
+    if let Some(n) = opt("--https") {
+        // The https lines only.
+        https_lines(n);
+        return;
+    }
+    if args.iter().any(|a| a == "--memory") {
+        memory_over_tls();
+        return;
+    }
+    let tls = args.iter().any(|a| a == "--tls");
+    let mock = if tls {
+        MockProcess::start_tls(LATENCY_MS, 2)
+    } else {
+        MockProcess::start(LATENCY_MS, 2)
+    };
     if let Some(n) = opt("--callgrind") {
-        let pool = Pool::new(config(&mock.url)).unwrap();
+        let pool = Pool::new(config_with(
+            &mock.url,
+            mock.ca_file.as_deref(),
+            KEYS,
+            PER_KEY,
+        ))
+        .unwrap();
         let failures = pool
             .batch((0..n).map(prompt))
             .iter()
@@ -164,6 +189,123 @@ fn main() {
         }
         Err(why) => println!("  keypool  keypool_batch (C ABI): skipped: {why}"),
     }
+    drop(mock);
+    https_lines(n);
+}
+
+/// The production path (every hosted API is `https://`): keypool over TLS against the
+/// hyper client over tokio-rustls, the same TLS mock (its generated CA trusted), the
+/// same run, connections reused; and the old https path (ureq with per-phase
+/// timeouts, 256 threads) for the before/after.
+fn https_lines(n: usize) {
+    let mock = MockProcess::start_tls(LATENCY_MS, 2);
+    let ca = mock.ca_file.clone().expect("a TLS mock");
+    println!("https: the same scenario over TLS (TLS 1.3, ring), {n} requests");
+    {
+        let pool = Pool::new(config_with(&mock.url, Some(&ca), KEYS, PER_KEY)).unwrap();
+        let _ = pool.batch((0..2 * KEYS * PER_KEY).map(prompt));
+    }
+    let kp = measured_batch_on(
+        &mock.url,
+        Some(&ca),
+        n,
+        KEYS * PER_KEY,
+        "keypool  Pool::batch over TLS",
+    );
+    let ca_pem = std::fs::read(&ca).unwrap();
+    let trust = keypool::TlsTrust::load(&keypool::TlsConfig::default().ca_file(&*ca)).unwrap();
+    let (fl, ffail) = transport_alone_tls(&mock.url, trust, n, |s| {
+        Box::new(keypool::UreqTransport::new(s))
+    });
+    fl.print("floor over TLS: 256 x UreqTransport::send", ffail);
+    let (ur, ufail) = transport_alone_tls(&mock.url, keypool::TlsTrust::default(), n, |s| {
+        Box::new(UreqOnly::with_ca(s, Some(&ca_pem)))
+    });
+    ur.print("256 x ureq per-phase (old https path)", ufail);
+    let (hy, hfail) = hyper_tls_reference(&mock.url, &ca, n);
+    hy.print("async ref: hyper + rustls over TLS", hfail);
+    println!(
+        "ratios https keypool batch/hyper+rustls: CPU {:.2}x (target <= 2), throughput {:.3} (target >= 0.95); transport floor/hyper+rustls: CPU {:.2}x; old https path/hyper+rustls: CPU {:.2}x",
+        kp.cpu_us() / hy.cpu_us(),
+        kp.rps / hy.rps,
+        fl.cpu_us() / hy.cpu_us(),
+        ur.cpu_us() / hy.cpu_us()
+    );
+}
+
+/// Resident memory over TLS at 64 keys × 32 in flight (mock latency 200 ms, so every
+/// worker holds a request): the peak of this process's RSS during the run, over its RSS
+/// before the pool was built, per request in flight (target: at most 64 KiB).
+fn memory_over_tls() {
+    const K: usize = 64;
+    const C: usize = 32;
+    let mock = MockProcess::start_tls(200, 4);
+    let ca = mock.ca_file.clone().expect("a TLS mock");
+    let rss = || {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let base = rss();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(base));
+    let sampler = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(rss(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let n = K * C * 4;
+    let t0 = Instant::now();
+    let pool = Pool::new(config_with(&mock.url, Some(&ca), K, C)).unwrap();
+    let failures = pool
+        .batch((0..n).map(prompt))
+        .iter()
+        .filter(|r| r.is_err())
+        .count();
+    let max_in_flight: usize = pool.stats().keys.iter().map(|k| k.max_in_flight).sum();
+    let wall = t0.elapsed();
+    if std::env::var_os("CPU_BENCH_SMAPS").is_some() {
+        // Resident memory by mapping size (thread stacks are the 256 KiB ones).
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+        let mut by_size = std::collections::BTreeMap::<u64, (u64, u64)>::new();
+        let mut size = 0;
+        for l in smaps.lines() {
+            if let Some(v) = l.strip_prefix("Size:") {
+                size = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            } else if let Some(v) = l.strip_prefix("Rss:") {
+                let rss: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+                let e = by_size.entry(size).or_default();
+                e.0 += 1;
+                e.1 += rss;
+            }
+        }
+        let mut v: Vec<_> = by_size.into_iter().collect();
+        v.sort_by_key(|(_, (_, rss))| std::cmp::Reverse(*rss));
+        for (size, (n, rss)) in v.into_iter().take(6) {
+            println!(
+                "  mappings of {size} KiB: {n}, resident {:.1} MiB",
+                rss as f64 / 1024.0
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    drop(pool);
+    let peak_kib = peak.load(Ordering::Relaxed).saturating_sub(base);
+    println!(
+        "memory over TLS: {K} keys x {C} workers, {n} requests in {:.1} s, failures {failures}, max in flight {max_in_flight}: peak RSS {:.1} MiB over the {:.1} MiB before the pool, {:.1} KiB per request in flight (target <= 64)",
+        wall.as_secs_f64(),
+        peak_kib as f64 / 1024.0,
+        base as f64 / 1024.0,
+        peak_kib as f64 / (K * C) as f64
+    );
 }
 
 /// Builds `examples/c/bench_batch.c` with `cc -O2` against `libkeypool.a` (from
@@ -256,12 +398,23 @@ fn transport_alone(
     n: usize,
     make: impl Fn(&keypool::TransportSettings) -> Box<dyn Transport>,
 ) -> (Figures, usize) {
+    transport_alone_tls(url, keypool::TlsTrust::default(), n, make)
+}
+
+/// [`transport_alone`] with transports built to trust `tls`.
+fn transport_alone_tls(
+    url: &str,
+    tls: keypool::TlsTrust,
+    n: usize,
+    make: impl Fn(&keypool::TransportSettings) -> Box<dyn Transport>,
+) -> (Figures, usize) {
     let settings = keypool::TransportSettings {
         label: "floor".into(),
         max_concurrent: PER_KEY,
         timeout: Duration::from_secs(60),
         connect_timeout: Duration::from_secs(10),
         max_response_bytes: 1 << 24,
+        tls,
     };
     let transports: Vec<Box<dyn Transport>> = (0..KEYS).map(|_| make(&settings)).collect();
     let keys: Vec<keypool::ApiKey> = (0..KEYS)
@@ -314,8 +467,9 @@ fn transport_alone(
     (figures.unwrap(), failures.load(Ordering::Relaxed))
 }
 
-/// `UreqTransport::send` as it was before the lean HTTP/1.1 client: one `ureq::Agent`
-/// per key, configured the same way (buffers, timeouts, pool size).
+/// `UreqTransport::send` as it was before this round (the https path then, and plain
+/// http before the lean client): one `ureq::Agent` per key, per-phase timeouts,
+/// configured the same way otherwise (buffers, pool size).
 struct UreqOnly {
     agent: ureq::Agent,
     limit: u64,
@@ -323,7 +477,18 @@ struct UreqOnly {
 
 impl UreqOnly {
     fn new(s: &keypool::TransportSettings) -> UreqOnly {
+        Self::with_ca(s, None)
+    }
+
+    /// Trusting exactly the PEM CA `ca` when given (a TLS mock).
+    fn with_ca(s: &keypool::TransportSettings, ca: Option<&[u8]>) -> UreqOnly {
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(ca) = ca {
+            let cert = ureq::tls::Certificate::from_pem(ca).unwrap();
+            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&[cert]));
+        }
         let config = ureq::Agent::config_builder()
+            .tls_config(tls.build())
             .http_status_as_error(false)
             .timeout_connect(Some(s.connect_timeout))
             .timeout_send_request(Some(s.timeout))
@@ -468,7 +633,18 @@ fn thread_switches() {
 /// connections open): prints its line and returns its figures. With
 /// `CPU_BENCH_THREADS` set, also each kind of thread's context switches.
 fn measured_batch(url: &str, n: usize, warm: usize) -> Figures {
-    let pool = Pool::new(config(url)).unwrap();
+    measured_batch_on(url, None, n, warm, "keypool  Pool::batch")
+}
+
+/// [`measured_batch`] trusting `ca_file` (a TLS mock), printed as `name`.
+fn measured_batch_on(
+    url: &str,
+    ca_file: Option<&str>,
+    n: usize,
+    warm: usize,
+    name: &str,
+) -> Figures {
+    let pool = Pool::new(config_with(url, ca_file, KEYS, PER_KEY)).unwrap();
     let _ = pool.batch((0..warm).map(prompt));
     let u0 = Usage::now();
     let t0 = Instant::now();
@@ -482,13 +658,18 @@ fn measured_batch(url: &str, n: usize, warm: usize) -> Figures {
         thread_switches();
     }
     drop(pool);
-    kp.print("keypool  Pool::batch", failures);
+    kp.print(name, failures);
     kp
 }
 
 /// The pool under test: `first_available` (the default), or the strategy named by
 /// `CPU_BENCH_STRATEGY` (`round_robin`, `least_loaded`).
 fn config(url: &str) -> Config {
+    config_with(url, None, KEYS, PER_KEY)
+}
+
+/// [`config`] with `keys` × `per_key` workers, trusting the CA in `ca_file` (a TLS mock).
+fn config_with(url: &str, ca_file: Option<&str>, keys: usize, per_key: usize) -> Config {
     let strategy = match std::env::var("CPU_BENCH_STRATEGY").as_deref() {
         Ok("round_robin") => Strategy::RoundRobin,
         Ok("least_loaded") => Strategy::LeastLoaded,
@@ -499,8 +680,11 @@ fn config(url: &str) -> Config {
         .strategy(strategy)
         .queue_capacity(4096)
         .max_attempts(1);
-    for i in 0..KEYS {
-        b = b.key(format!("sk-bench-{i}"), PER_KEY);
+    if let Some(ca) = ca_file {
+        b = b.tls(keypool::TlsConfig::default().ca_file(ca));
+    }
+    for i in 0..keys {
+        b = b.key(format!("sk-bench-{i}"), per_key);
     }
     b.build().unwrap()
 }
@@ -535,35 +719,79 @@ fn async_reference<C: RefClient>(url: &str, n: usize) -> (Figures, usize) {
             s.set_nodelay(true).unwrap();
             clients.push(C::open(s, &addr, &path).await);
         }
-        // Warm-up: one request per connection.
-        for (i, c) in clients.iter_mut().enumerate() {
-            c.call(i % KEYS, i).await.unwrap();
-        }
-        let next = Arc::new(AtomicUsize::new(0));
-        let failures = Arc::new(AtomicUsize::new(0));
-        let u0 = Usage::now();
-        let t0 = Instant::now();
-        let mut tasks = Vec::with_capacity(conns);
-        for (ci, mut c) in clients.into_iter().enumerate() {
-            let (next, failures) = (next.clone(), failures.clone());
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
-                        break;
-                    }
-                    if c.call(ci % KEYS, i).await.is_err() {
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let f = Usage::now().minus(&u0, t0.elapsed(), n);
-        (f, failures.load(Ordering::Relaxed))
+        drive(clients, n).await
     })
+}
+
+/// The hyper client over TLS (tokio-rustls, ring, the mock's CA as the only root): the
+/// async reference for the https line, same shape as [`async_reference`].
+fn hyper_tls_reference(url: &str, ca_file: &str, n: usize) -> (Figures, usize) {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let rest = url.strip_prefix("https://").expect("https URL");
+    let (addr, prefix) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let addr = addr.to_owned();
+    let host = addr.rsplit_once(':').map_or(&*addr, |(h, _)| h).to_owned();
+    let path = format!("{prefix}/chat/completions");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca_file).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let name = rustls::pki_types::ServerName::try_from(host).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let conns = KEYS * PER_KEY;
+        let mut clients = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            let s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            let tls = connector.connect(name.clone(), s).await.unwrap();
+            clients.push(HyperConn::over(tls, &addr, &path).await);
+        }
+        drive(clients, n).await
+    })
+}
+
+/// Runs `n` requests over `clients` (each warmed up with one request first, not
+/// measured), one task per connection.
+async fn drive<C: RefClient>(mut clients: Vec<C>, n: usize) -> (Figures, usize) {
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.call(i % KEYS, i).await.unwrap();
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let u0 = Usage::now();
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(clients.len());
+    for (ci, mut c) in clients.into_iter().enumerate() {
+        let (next, failures) = (next.clone(), failures.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                if c.call(ci % KEYS, i).await.is_err() {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let f = Usage::now().minus(&u0, t0.elapsed(), n);
+    (f, failures.load(Ordering::Relaxed))
 }
 
 /// An async reference client on one keep-alive connection.
@@ -684,11 +912,16 @@ struct HyperConn {
     uri: hyper::Uri,
 }
 
-impl RefClient for HyperConn {
-    async fn open(s: tokio::net::TcpStream, host: &str, path: &str) -> HyperConn {
-        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
-            .await
-            .unwrap();
+impl HyperConn {
+    /// A hyper client connection over `io` (a TCP or TLS stream).
+    async fn over<I>(io: I, host: &str, path: &str) -> HyperConn
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+                .await
+                .unwrap();
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -697,6 +930,12 @@ impl RefClient for HyperConn {
             host: host.to_owned(),
             uri: path.parse().unwrap(),
         }
+    }
+}
+
+impl RefClient for HyperConn {
+    async fn open(s: tokio::net::TcpStream, host: &str, path: &str) -> HyperConn {
+        HyperConn::over(s, host, path).await
     }
 
     async fn call(&mut self, key: usize, i: usize) -> Result<(), ()> {

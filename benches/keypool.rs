@@ -180,6 +180,7 @@ fn bench_zero_latency(quick: bool) {
             timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(10),
             max_response_bytes: 1 << 24,
+            tls: keypool::TlsTrust::default(),
         };
         let ts: Vec<keypool::UreqTransport> = (0..k)
             .map(|_| keypool::UreqTransport::new(&settings))

@@ -203,7 +203,12 @@ import (
 )
 
 func main() {
-	pool, err := keypool.New(`{"base_url": "` + os.Args[1] + `",
+	// An optional second argument: a CA file to trust (tls.ca_file), for https.
+	tls := ""
+	if len(os.Args) > 2 {
+		tls = `"tls": {"ca_file": "` + os.Args[2] + `"},`
+	}
+	pool, err := keypool.New(`{"base_url": "` + os.Args[1] + `", ` + tls + `
 		"keys": [{"key": "sk-test-a", "label": "acct-a", "max_concurrent": 2}]}`)
 	if err != nil {
 		panic(err)
@@ -225,6 +230,25 @@ GOMAIN
             bash -c 'cd "$0" && go run -race . "$1" | grep -qx "HTTP 200"' "$APP" "$URL"
     fi
 fi
+stop_mock
 
+# --- Once over https: the mock with a generated CA (keypool-mock --tls) ---------------
+# C trusts it through SSL_CERT_FILE, the Go user's module through tls.ca_file.
+CA="$OUT/mock-ca.pem"
+rm -f "$CA"
+TLS_URL=""
+if [ -x "$KEYPOOL_MOCK_BIN" ]; then
+    coproc MOCK { exec "$KEYPOOL_MOCK_BIN" --tls --ca-out "$CA" 2>/dev/null; }
+    IFS= read -r -t 30 TLS_URL <&"${MOCK[0]}" || TLS_URL=""
+fi
+check "TLS mock server started" bash -c "[[ '$TLS_URL' == https://127.0.0.1:*/v1 && -s '$CA' ]]"
+if [ -n "$TLS_URL" ]; then
+    check "batch over https (SSL_CERT_FILE)" env SSL_CERT_FILE="$CA" "$OUT/batch" "$TLS_URL"
+    check "batch over https without the CA fails" bash -c '! env -u SSL_CERT_FILE -u SSL_CERT_DIR "$0" "$1" >/dev/null 2>&1' "$OUT/batch" "$TLS_URL"
+    if [ "${SKIP_GO:-0}" != 1 ] && command -v go >/dev/null 2>&1 && [ -d "${APP:-}" ]; then
+        check "Go user's module over https (tls.ca_file)" \
+            bash -c 'cd "$0" && go run . "$1" "$2" | grep -qx "HTTP 200"' "$APP" "$TLS_URL" "$CA"
+    fi
+fi
 stop_mock
 summary

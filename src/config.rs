@@ -483,10 +483,10 @@ pub struct Config {
     pub base_url: String,
     /// Dispatch strategy. Defaults to `first_available`.
     pub strategy: Strategy,
-    /// Timeout of each phase of one HTTP attempt: sending the request, waiting for
-    /// the response head, and reading the body are each allowed this long (so an
-    /// attempt that keeps making progress may take up to about three times it). Use
-    /// `deadline_ms` to bound a request as a whole. Defaults to 600,000 ms.
+    /// Time allowed for one HTTP attempt as a whole: resolving, connecting, sending
+    /// the request and reading the whole response (a stream included) end by then,
+    /// however the server trickles. Use `deadline_ms` to bound a request across
+    /// retries. Defaults to 600,000 ms.
     pub timeout_ms: u64,
     /// Timeout for opening a connection. Defaults to 10,000 ms.
     pub connect_timeout_ms: u64,
@@ -526,6 +526,10 @@ pub struct Config {
     pub groups: Vec<GroupConfig>,
     /// Credit checks at `GET {base_url}/key` (OpenRouter). Defaults to off.
     pub credits: crate::credits::CreditsConfig,
+    /// Extra CAs to trust and a client certificate for `https://` (see
+    /// [`TlsConfig`](crate::TlsConfig)). The platform's store (or `SSL_CERT_FILE` /
+    /// `SSL_CERT_DIR`) and the bundled roots are always trusted. Defaults to none.
+    pub tls: crate::transport::TlsConfig,
 }
 
 impl Default for Config {
@@ -546,6 +550,7 @@ impl Default for Config {
             shared: None,
             groups: Vec::new(),
             credits: crate::credits::CreditsConfig::default(),
+            tls: crate::transport::TlsConfig::default(),
         }
     }
 }
@@ -672,6 +677,9 @@ impl Config {
             return Err(Error::config("retry.max_attempts", "must be at least 1"));
         }
         check_headers("headers", &self.headers)?;
+        if let Some((field, message)) = self.tls.problem() {
+            return Err(Error::config(field, message));
+        }
         if let Some((field, message)) = self.credits.problem() {
             return Err(Error::config(field, message));
         }
@@ -1120,6 +1128,13 @@ impl ConfigBuilder {
     /// cargo feature). Defaults to none.
     pub fn shared(mut self, shared: crate::shared_limits::SharedConfig) -> Self {
         self.config.shared = Some(shared);
+        self
+    }
+
+    /// Extra CAs to trust and a client certificate for `https://` (see
+    /// [`TlsConfig`](crate::TlsConfig)). Defaults to none.
+    pub fn tls(mut self, tls: crate::transport::TlsConfig) -> Self {
+        self.config.tls = tls;
         self
     }
 

@@ -68,24 +68,3 @@ pub fn mask(secrets: Vec<(String, String)>, text: &[u8]) -> Option<Vec<u8>> {
 pub fn mask_for_config(config: &Config, text: &str) -> String {
     crate::body::Masker::for_config(config).mask_str(text.to_owned())
 }
-
-/// The largest response head the lean HTTP/1.1 client accepts (`transport::http1`).
-pub const HTTP1_HEAD_LIMIT: usize = crate::transport::http1::HEAD_LIMIT;
-
-/// A response as the lean HTTP/1.1 client read it: status, kept headers (lowercase
-/// names), body, and whether the connection could serve another request.
-pub type Http1Response = (u16, Vec<(String, String)>, Vec<u8>, bool);
-
-/// `transport::http1::read_response` over `data`, handed out `step` bytes per read
-/// (so partial heads and lines are exercised), with a body limit of `limit` bytes.
-pub fn http1_response(data: &[u8], step: usize, limit: u64) -> Result<Http1Response, String> {
-    use crate::transport::http1::{ReadBuf, SliceSource, read_response};
-    let mut src = SliceSource { data, step };
-    let mut rb = ReadBuf::new();
-    read_response(&mut src, &mut rb, limit)
-        .map(|p| (p.status, p.headers, p.body, p.reusable))
-        .map_err(|f| match f.err {
-            crate::TransportError::Failed(m) => m,
-            other => format!("{other:?}"),
-        })
-}

@@ -91,8 +91,8 @@ pub use stats::{FailureCounts, GroupStats, KeyStats, Stats, Totals};
 pub use stream::{ResponseStream, StreamChunk, StreamEvent};
 pub use ticket::{RequestResult, Ticket};
 pub use transport::{
-    HttpRequest, HttpResponse, HttpStream, Transport, TransportError, TransportSettings,
-    UreqTransport,
+    HttpRequest, HttpResponse, HttpStream, TlsConfig, TlsTrust, Transport, TransportError,
+    TransportSettings, UreqTransport,
 };
 
 /// The crate version, e.g. `"0.1.0"`.

@@ -159,6 +159,13 @@ impl Pool {
 
     fn start(config: Config, factory: TransportFactory) -> Result<Pool, Error> {
         config.validate()?;
+        let tls = crate::transport::TlsTrust::load(&config.tls).map_err(|e| match e {
+            Error::Config { field, message } => Error::Config {
+                field,
+                message: crate::body::Masker::for_config(&config).mask_str(message),
+            },
+            other => other,
+        })?;
         let epoch = Instant::now();
         let (intake_tx, intake_rx) = crossbeam_channel::bounded(config.queue_capacity);
         let (retry_tx, retry_rx) = crossbeam_channel::unbounded();
@@ -222,6 +229,7 @@ impl Pool {
         if let Err(e) = pool.spawn_engine(
             &shared,
             &factory,
+            &tls,
             intake_rx,
             retry_rx,
             events_rx,
@@ -252,6 +260,7 @@ impl Pool {
         &self,
         shared: &Arc<Shared>,
         factory: &TransportFactory,
+        tls: &crate::transport::TlsTrust,
         intake_rx: Receiver<Job>,
         retry_rx: Receiver<Job>,
         events_rx: Receiver<()>,
@@ -269,6 +278,7 @@ impl Pool {
                 timeout: Duration::from_millis(cfg.timeout_ms),
                 connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
                 max_response_bytes: cfg.max_response_bytes,
+                tls: tls.clone(),
             };
             let mut headers: BTreeMap<String, (String, String)> = BTreeMap::new();
             for (name, value) in cfg.headers.iter().chain(k.headers.iter()) {

@@ -390,6 +390,17 @@ pub(crate) fn transport_failure(
                 FailClass::Transport,
             )
         }
+        // The endpoint's certificate (or its refusal of ours): no other key can do
+        // better, so no retry, and no key is blamed.
+        TransportError::Tls(message) => (
+            Error::Transport {
+                key: label(),
+                message: ctx.shared.masker.mask_str(message),
+                attempts: job.attempts,
+            },
+            Verdict::default(),
+            FailClass::Transport,
+        ),
     }
 }
 

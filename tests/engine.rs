@@ -753,5 +753,8 @@ fn a_blocking_submitter_is_not_starved_by_try_submit_callers() {
     }
     // 40 submits at ~1 ms per request, behind a queue of 64 of the spammer's: about
     // 100 ms. Starved, the submitter never saw the queue drain to its mark.
-    assert!(took < Duration::from_millis(1_500), "40 blocking submits took {took:?}");
+    assert!(
+        took < Duration::from_millis(1_500),
+        "40 blocking submits took {took:?}"
+    );
 }

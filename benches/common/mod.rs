@@ -11,26 +11,44 @@ pub struct MockProcess {
     child: Child,
     /// The mock's base URL.
     pub url: String,
+    /// For a TLS mock ([`MockProcess::start_tls`]): the file holding its CA certificate.
+    #[allow(dead_code)]
+    pub ca_file: Option<String>,
 }
 
 impl MockProcess {
     /// Starts the mock with `latency_ms` per request on `threads` threads.
     pub fn start(latency_ms: u64, threads: usize) -> MockProcess {
+        Self::spawn(latency_ms, threads, false)
+    }
+
+    /// Starts a TLS mock (`https://`, a generated CA written to [`MockProcess::ca_file`]).
+    #[allow(dead_code)]
+    pub fn start_tls(latency_ms: u64, threads: usize) -> MockProcess {
+        Self::spawn(latency_ms, threads, true)
+    }
+
+    fn spawn(latency_ms: u64, threads: usize, tls: bool) -> MockProcess {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .env("KEYPOOL_BENCH_ROLE", "mock")
+            .env("MOCK_TLS", if tls { "1" } else { "0" })
             .env("MOCK_LATENCY_MS", latency_ms.to_string())
             .env("MOCK_THREADS", threads.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .expect("start the mock process");
+        let mut out = BufReader::new(child.stdout.as_mut().unwrap());
         let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        out.read_line(&mut line).unwrap();
+        let mut ca = String::new();
+        if tls {
+            out.read_line(&mut ca).unwrap();
+        }
         MockProcess {
             child,
             url: line.trim().to_owned(),
+            ca_file: tls.then(|| ca.trim().to_owned()),
         }
     }
 }
@@ -55,8 +73,19 @@ pub fn run_mock() {
         threads: env("MOCK_THREADS", 2) as usize,
         ..keypool_mock::MockConfig::default()
     };
-    let server = keypool_mock::MockServer::start(cfg).unwrap();
+    let tls = std::env::var("MOCK_TLS").as_deref() == Ok("1");
+    let server = if tls {
+        keypool_mock::MockServer::start_tls(cfg).unwrap()
+    } else {
+        keypool_mock::MockServer::start(cfg).unwrap()
+    };
     println!("{}", server.url());
+    if let Some(t) = server.tls() {
+        let path =
+            std::env::temp_dir().join(format!("keypool-bench-ca-{}.pem", server.addr().port()));
+        t.write_ca(&path).unwrap();
+        println!("{}", path.display());
+    }
     std::io::stdout().flush().unwrap();
     let mut sink = String::new();
     while std::io::stdin()

@@ -580,3 +580,43 @@ fn a_flagged_prompt_fails_alone_and_no_key_is_taken_out() {
     let err = stderr(&out);
     assert!(!err.contains("disabled"), "{err}");
 }
+
+/// `keypool run` over https: the mock's CA trusted through `--ca-file` and through
+/// `SSL_CERT_FILE`; without either, every record says which host failed TLS and why,
+/// and the server saw no request.
+#[test]
+fn run_over_https_trusts_ca_file_and_ssl_cert_file() {
+    let server = MockServer::start_tls(MockConfig::default()).unwrap();
+    let dir = Dir::new("https");
+    std::fs::write(dir.path("ca.pem"), server.ca_pem().unwrap()).unwrap();
+    dir.write_input(&x_lines("h", 6));
+    let mut c = run_cmd(&dir, "in.jsonl", "out-ca-file.jsonl", &server.url());
+    c.args(["--ca-file", &dir.s("ca.pem"), "-q"]);
+    let out = run_to_end(c);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let mut c = run_cmd(&dir, "in.jsonl", "out-env.jsonl", &server.url());
+    c.arg("-q").env("SSL_CERT_FILE", dir.path("ca.pem"));
+    let out = run_to_end(c);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(server.stats().total_requests, 12);
+
+    server.reset_stats();
+    let mut c = run_cmd(&dir, "in.jsonl", "out-untrusted.jsonl", &server.url());
+    c.arg("-q")
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR");
+    let out = run_to_end(c);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = std::fs::read_to_string(dir.path("out-untrusted.jsonl")).unwrap();
+    assert_eq!(text.lines().count(), 6);
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("TLS with 127.0.0.1") && msg.contains("UnknownIssuer"),
+            "{l}"
+        );
+        assert_eq!(v["keypool"]["attempts"], 1, "{l}");
+    }
+    assert_eq!(server.stats().total_requests, 0);
+}

@@ -33,6 +33,14 @@ options (VALUE may also be given as --option=VALUE):
   --request-budget N/MS   N requests per key per MS-millisecond window, with
                           x-ratelimit-{limit,remaining,reset}-requests; 429 beyond
   --threads N             server worker threads (default 2)
+  --tls                   serve https:// with a certificate from a CA generated
+                          now; the CA is written to --ca-out (default:
+                          keypool-mock-ca-PORT.pem in the temp directory) and its
+                          path printed on stderr: trust it with SSL_CERT_FILE,
+                          tls.ca_file or `keypool run --ca-file`
+  --tls-cert FILE         serve https:// with this PEM chain (with --tls-key)
+  --tls-key FILE          the private key of --tls-cert
+  --ca-out FILE           where --tls writes the CA certificate
   --ignore-stdin          do not stop at stdin end-of-file; run until killed
   -h, --help              print this help
 ";
@@ -151,6 +159,31 @@ pub fn run_cli(args: Vec<String>) -> i32 {
         return 0;
     }
     let ignore_stdin = args.iter().any(|a| a == "--ignore-stdin");
+    let (args, tls) = match tls_args(args) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("keypool-mock: {e}");
+            return 2;
+        }
+    };
+    let tls_args_kept = tls.clone();
+    let tls = match tls {
+        TlsArgs::None => None,
+        TlsArgs::Generate(_) => match crate::MockTls::generate() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("keypool-mock: cannot generate a certificate: {e}");
+                return 1;
+            }
+        },
+        TlsArgs::Files { ref cert, ref key } => match crate::MockTls::from_pem_files(cert, key) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("keypool-mock: cannot read {cert} / {key}: {e}");
+                return 1;
+            }
+        },
+    };
     let (port, cfg) = match parse_args(&args) {
         Ok(v) => v,
         Err(e) => {
@@ -159,13 +192,26 @@ pub fn run_cli(args: Vec<String>) -> i32 {
         }
     };
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port.unwrap_or(0)));
-    let server = match MockServer::start_on(addr, cfg) {
+    let server = match MockServer::start_with(addr, cfg, tls) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("keypool-mock: cannot listen on {addr}: {e}");
             return 1;
         }
     };
+    if let (TlsArgs::Generate(out), Some(t)) = (&tls_args_kept, server.tls()) {
+        let path = match out {
+            Some(p) => std::path::PathBuf::from(p),
+            None => {
+                std::env::temp_dir().join(format!("keypool-mock-ca-{}.pem", server.addr().port()))
+            }
+        };
+        if let Err(e) = t.write_ca(&path) {
+            eprintln!("keypool-mock: cannot write {}: {e}", path.display());
+            return 1;
+        }
+        eprintln!("keypool-mock: CA certificate: {}", path.display());
+    }
     {
         let mut out = std::io::stdout().lock();
         if writeln!(out, "{}", server.url())
@@ -192,4 +238,61 @@ pub fn run_cli(args: Vec<String>) -> i32 {
     }
     server.shutdown();
     0
+}
+
+/// The TLS options of [`run_cli`].
+#[derive(Clone)]
+enum TlsArgs {
+    None,
+    /// `--tls`, with `--ca-out`.
+    Generate(Option<String>),
+    /// `--tls-cert` and `--tls-key`.
+    Files {
+        cert: String,
+        key: String,
+    },
+}
+
+/// Takes the TLS options out of `args`.
+fn tls_args(args: Vec<String>) -> Result<(Vec<String>, TlsArgs), String> {
+    let (mut tls, mut cert, mut key, mut ca_out) = (false, None, None, None);
+    let mut rest = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        let slot = match name.as_str() {
+            "--tls" => {
+                tls = true;
+                continue;
+            }
+            "--tls-cert" => &mut cert,
+            "--tls-key" => &mut key,
+            "--ca-out" => &mut ca_out,
+            _ => {
+                rest.push(arg);
+                continue;
+            }
+        };
+        let v = match inline {
+            Some(v) => v,
+            None => it.next().ok_or_else(|| format!("{name}: missing value"))?,
+        };
+        *slot = Some(v);
+    }
+    let tls = match (tls, cert, key) {
+        (_, Some(cert), Some(key)) if ca_out.is_none() => TlsArgs::Files { cert, key },
+        (_, Some(_), Some(_)) => return Err("--ca-out goes with --tls, not --tls-cert".into()),
+        (_, Some(_), None) | (_, None, Some(_)) => {
+            return Err("--tls-cert and --tls-key go together".into());
+        }
+        (true, None, None) => TlsArgs::Generate(ca_out),
+        (false, None, None) if ca_out.is_some() => {
+            return Err("--ca-out goes with --tls".into());
+        }
+        (false, None, None) => TlsArgs::None,
+    };
+    Ok((rest, tls))
 }

@@ -722,13 +722,14 @@ fn plan(shared: &Shared, key: &str, req: Option<&Value>) -> Plan {
 /// The hyper service: one request in, one response (or a dropped connection) out.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
+    connection: u64,
     req: Request<Incoming>,
 ) -> Result<Response<MockBody>, Dropped> {
     let key = bearer(&req);
     if req.method() == Method::GET && is_key_info(req.uri().path()) {
         return Ok(key_info(&shared, &key));
     }
-    let guard = shared.acc.begin(&key);
+    let guard = shared.acc.begin(&key, connection);
     let n = shared.ids.fetch_add(1, Ordering::Relaxed) + 1;
     let Some(ep) = route(req.uri().path()) else {
         return Ok(respond(

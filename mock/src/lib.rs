@@ -73,6 +73,13 @@
 //! http://127.0.0.1:41234/v1
 //! ```
 //!
+//! **TLS.** [`MockServer::start_tls`] serves `https://` with a certificate signed by a
+//! CA generated for it ([`MockTls`]; trust [`MockServer::ca_pem`]);
+//! [`MockServer::start_with`] takes any [`MockTls`] (PEM files, a required client
+//! certificate). The binary's `--tls` writes the CA to a file and prints its path on
+//! stderr. [`MockStats::connections`] counts connections accepted,
+//! [`RequestRecord::connection`] says which one a request came on.
+//!
 //! The server runs its own tokio runtime on background threads, so it is used from
 //! plain blocking code:
 //!
@@ -92,12 +99,14 @@ mod handler;
 mod server;
 mod stats;
 mod timer;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub use cli::{USAGE, parse_args, run_cli};
 pub use server::MockServer;
+pub use tls::MockTls;
 
 /// Global behaviour of the mock server: latency and random fault rates.
 ///
@@ -252,6 +261,12 @@ pub struct MockStats {
     pub max_in_flight_total: usize,
     /// Requests in flight now, over all keys.
     pub in_flight_total: usize,
+    /// Connections accepted since start or the last reset (TLS ones counted before
+    /// their handshake).
+    pub connections: u64,
+    /// TLS handshakes that failed since start or the last reset (an untrusted
+    /// certificate, a missing client certificate, a plain-HTTP client, …).
+    pub tls_failures: u64,
     /// Per-key records, by bearer token (`""` for requests without a key).
     pub keys: BTreeMap<String, KeyRecord>,
 }
@@ -292,4 +307,17 @@ pub struct RequestRecord {
     pub retry_after_ms: Option<u64>,
     /// The request body's `"model"`, if it had a string one.
     pub model: Option<String>,
+    /// The number of the connection it came on (connections are numbered from 1 in
+    /// the order they were accepted).
+    pub connection: u64,
+}
+
+impl KeyRecord {
+    /// How many distinct connections this key's finished requests came on.
+    pub fn connections(&self) -> usize {
+        let mut c: Vec<u64> = self.log.iter().map(|r| r.connection).collect();
+        c.sort_unstable();
+        c.dedup();
+        c.len()
+    }
 }

@@ -53,6 +53,7 @@ pub(crate) struct Shared {
 /// served.
 pub struct MockServer {
     addr: SocketAddr,
+    tls: Option<crate::MockTls>,
     shared: Arc<Shared>,
     runtime: Option<Runtime>,
     stop: watch::Sender<bool>,
@@ -82,6 +83,32 @@ impl MockServer {
     /// Starts a server on `addr` (use port 0 for a free port). The server runs its own
     /// tokio runtime with [`MockConfig::threads`] worker threads.
     pub fn start_on(addr: SocketAddr, cfg: MockConfig) -> io::Result<MockServer> {
+        Self::start_with(addr, cfg, None)
+    }
+
+    /// Starts a TLS server (`https://`) on `127.0.0.1` with a free port, serving a
+    /// certificate from a freshly generated CA ([`MockTls::generate`](crate::MockTls::generate)):
+    /// trust [`MockServer::ca_pem`] to reach it.
+    pub fn start_tls(cfg: MockConfig) -> io::Result<MockServer> {
+        Self::start_with(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            cfg,
+            Some(crate::MockTls::generate()?),
+        )
+    }
+
+    /// Starts a server on `addr` (use port 0 for a free port), serving TLS with `tls`
+    /// when it is `Some`. The server runs its own tokio runtime with
+    /// [`MockConfig::threads`] worker threads.
+    pub fn start_with(
+        addr: SocketAddr,
+        cfg: MockConfig,
+        tls: Option<crate::MockTls>,
+    ) -> io::Result<MockServer> {
+        let acceptor = match &tls {
+            Some(t) => Some(tokio_rustls::TlsAcceptor::from(t.server_config()?)),
+            None => None,
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(cfg.threads.max(1))
             .thread_name("keypool-mock")
@@ -113,18 +140,36 @@ impl MockServer {
             timer: crate::timer::PreciseTimer::start()?,
         });
         let (stop, stopped) = watch::channel(false);
-        runtime.spawn(accept_loop(listener, Arc::clone(&shared), stopped));
+        runtime.spawn(accept_loop(
+            listener,
+            Arc::clone(&shared),
+            acceptor,
+            stopped,
+        ));
         Ok(MockServer {
             addr,
+            tls,
             shared,
             runtime: Some(runtime),
             stop,
         })
     }
 
-    /// The base URL, `http://127.0.0.1:PORT/v1`.
+    /// The base URL: `http://127.0.0.1:PORT/v1`, or `https://…` for a TLS server.
     pub fn url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}/v1", self.addr)
+    }
+
+    /// The PEM certificate a client must trust to reach this TLS server, or `None` for
+    /// a plain-HTTP one.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.tls.as_ref().map(crate::MockTls::ca_pem)
+    }
+
+    /// The TLS identity this server serves, or `None` for a plain-HTTP one.
+    pub fn tls(&self) -> Option<&crate::MockTls> {
+        self.tls.as_ref()
     }
 
     /// The address the server listens on.
@@ -238,6 +283,7 @@ impl Drop for MockServer {
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut warned = false;
@@ -262,12 +308,24 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let shared = Arc::clone(&shared);
+        let conn = shared.acc.connection_opened();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| crate::handler::handle(Arc::clone(&shared), req));
-            let _ = http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let acc = Arc::clone(&shared.acc);
+            let svc = service_fn(move |req| crate::handler::handle(Arc::clone(&shared), conn, req));
+            let mut server = http1::Builder::new();
+            server.keep_alive(true);
+            match acceptor {
+                None => {
+                    let _ = server.serve_connection(TokioIo::new(stream), svc).await;
+                }
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(tls) => {
+                        let _ = server.serve_connection(TokioIo::new(tls), svc).await;
+                    }
+                    Err(_) => acc.tls_failed(),
+                },
+            }
         });
     }
 }

@@ -51,12 +51,16 @@ struct State {
     total_requests: u64,
     in_flight_total: usize,
     max_in_flight_total: usize,
+    connections: u64,
+    tls_failures: u64,
     keys: HashMap<String, KeyState>,
 }
 
 /// The accounting shared by the server and its handle.
 pub(crate) struct Accounting {
     start: Instant,
+    /// Connection numbers, from 1 (never reset).
+    next_connection: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
 }
 
@@ -64,6 +68,7 @@ impl Accounting {
     pub(crate) fn new() -> Self {
         Accounting {
             start: Instant::now(),
+            next_connection: std::sync::atomic::AtomicU64::new(1),
             state: Mutex::new(State::default()),
         }
     }
@@ -72,14 +77,27 @@ impl Accounting {
         self.start.elapsed()
     }
 
-    /// Records the arrival of a request and returns the guard that ends it.
+    /// Counts an accepted connection and returns its number.
+    pub(crate) fn connection_opened(&self) -> u64 {
+        self.state.lock().connections += 1;
+        self.next_connection
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts a failed TLS handshake.
+    pub(crate) fn tls_failed(&self) {
+        self.state.lock().tls_failures += 1;
+    }
+
+    /// Records the arrival of a request on connection `connection` and returns the
+    /// guard that ends it.
     ///
     /// The arrival is stamped under the lock, so stamps follow the order in which
     /// arrivals are recorded: `last_request` is the latest arrival, `first_request` the
     /// earliest, and a key's log is in arrival order. (Stamped before the lock, a thread
     /// preempted in between recorded an earlier arrival after a later one, and
     /// `last_request` went back in time.)
-    pub(crate) fn begin(self: &Arc<Self>, key: &str) -> InFlight {
+    pub(crate) fn begin(self: &Arc<Self>, key: &str, connection: u64) -> InFlight {
         let mut st = self.state.lock();
         let arrived = self.now();
         st.total_requests += 1;
@@ -99,6 +117,7 @@ impl Accounting {
                 status: 0,
                 retry_after_ms: None,
                 model: None,
+                connection,
             },
             done: false,
         });
@@ -123,6 +142,8 @@ impl Accounting {
             total_requests: st.total_requests,
             max_in_flight_total: st.max_in_flight_total,
             in_flight_total: st.in_flight_total,
+            connections: st.connections,
+            tls_failures: st.tls_failures,
             keys: st
                 .keys
                 .iter()
@@ -140,6 +161,8 @@ impl Accounting {
         let mut st = self.state.lock();
         st.epoch += 1;
         st.total_requests = 0;
+        st.connections = 0;
+        st.tls_failures = 0;
         st.max_in_flight_total = st.in_flight_total;
         st.keys.retain(|_, ks| ks.in_flight > 0);
         for ks in st.keys.values_mut() {

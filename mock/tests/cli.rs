@@ -134,3 +134,55 @@ fn binary_prints_url_serves_and_exits_on_stdin_eof() {
     stdout.read_to_string(&mut rest).unwrap();
     assert_eq!(rest, "", "only one line on stdout");
 }
+
+#[test]
+fn binary_serves_tls_and_writes_its_ca() {
+    let dir = std::env::temp_dir().join(format!("keypool-mock-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_path = dir.join("ca.pem");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keypool-mock"))
+        .args(["--tls", "--ca-out"])
+        .arg(&ca_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let mut err = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut err)
+        .unwrap();
+    assert!(line.starts_with("https://127.0.0.1:"), "{line}");
+    assert!(err.contains(&ca_path.display().to_string()), "{err}");
+    let ca = std::fs::read(&ca_path).unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::new_with_certs(&[
+                    ureq::tls::Certificate::from_pem(&ca).unwrap(),
+                ]))
+                .build(),
+        )
+        .build()
+        .into();
+    let resp = agent
+        .post(format!("{}/chat/completions", line.trim_end()))
+        .header("authorization", "Bearer k")
+        .send(r#"{"messages":[{"role":"user","content":"ping"}]}"#)
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+    // Usage errors.
+    let out = Command::new(env!("CARGO_BIN_EXE_keypool-mock"))
+        .args(["--tls-cert", "x.pem"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

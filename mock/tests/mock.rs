@@ -14,6 +14,7 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
+#[derive(Debug)]
 struct Reply {
     status: u16,
     headers: Vec<(String, String)>,
@@ -289,8 +290,7 @@ fn delay_drop_malformed_error_in_200_and_slow_body_directives() {
     assert!(t.elapsed() >= Duration::from_millis(200));
 
     let err = chat(&server, "k", with_mock(json!({"drop": true})))
-        .err()
-        .expect("a dropped connection is an error");
+        .expect_err("a dropped connection is an error");
     let msg = err.to_string().to_lowercase();
     assert!(
         matches!(err, ureq::Error::Io(_) | ureq::Error::Protocol(_))
@@ -698,4 +698,107 @@ fn request_budget_counts_per_key_window_and_answers_429_beyond() {
             (200, None)
         );
     }
+}
+
+/// An agent that trusts exactly `ca_pem`.
+fn tls_agent(ca_pem: &str) -> ureq::Agent {
+    let ca = ureq::tls::Certificate::from_pem(ca_pem.as_bytes()).unwrap();
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::new_with_certs(&[ca]))
+                .build(),
+        )
+        .build()
+        .into()
+}
+
+#[test]
+fn tls_server_is_trusted_through_its_ca_and_counts_connections() {
+    let server = MockServer::start_tls(MockConfig::default()).unwrap();
+    assert!(
+        server.url().starts_with("https://127.0.0.1:"),
+        "{}",
+        server.url()
+    );
+    let ca = server.ca_pem().unwrap().to_owned();
+    assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"), "{ca}");
+    let agent = tls_agent(&ca);
+    let url = format!("{}/chat/completions", server.url());
+    for _ in 0..3 {
+        let r = post_with(&agent, &url, Some("k1"), &with_mock(json!({})).to_string()).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // localhost is in the certificate too.
+    let local = url.replace("127.0.0.1", "localhost");
+    let r = post_with(
+        &agent,
+        &local,
+        Some("k2"),
+        &with_mock(json!({})).to_string(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let st = server.stats();
+    assert_eq!(st.total_requests, 4);
+    assert_eq!(st.tls_failures, 0);
+    // One keep-alive connection for k1's three requests, another host name for k2.
+    assert_eq!(st.keys["k1"].connections(), 1);
+    assert_eq!(st.keys["k1"].requests, 3);
+    assert_eq!(st.connections, 2);
+
+    // Another generated CA is not trusted: the handshake fails, no request is seen.
+    let other = keypool_mock::MockTls::generate().unwrap();
+    let e = post_with(&tls_agent(other.ca_pem()), &url, Some("k3"), "{}").unwrap_err();
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    // The server learns of the failure from the client's alert, a moment later.
+    let until = Instant::now() + Duration::from_secs(10);
+    while server.stats().tls_failures == 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = server.stats();
+    assert_eq!(st.total_requests, 4);
+    assert_eq!(st.tls_failures, 1);
+}
+
+#[test]
+fn tls_server_can_require_a_client_certificate() {
+    let tls = keypool_mock::MockTls::generate().unwrap();
+    let ca = tls.ca_pem().to_owned();
+    let (cert, key) = tls.client_cert().unwrap().unwrap();
+    let tls = tls.require_client_cert(&ca).unwrap();
+    let server = MockServer::start_with(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        MockConfig::default(),
+        Some(tls),
+    )
+    .unwrap();
+    let url = format!("{}/chat/completions", server.url());
+    let body = with_mock(json!({})).to_string();
+    assert!(post_with(&tls_agent(&ca), &url, Some("k"), &body).is_err());
+    assert_eq!(server.stats().total_requests, 0);
+    let roots =
+        ureq::tls::RootCerts::new_with_certs(&[
+            ureq::tls::Certificate::from_pem(ca.as_bytes()).unwrap()
+        ]);
+    let client = ureq::tls::ClientCert::new_with_certs(
+        &[ureq::tls::Certificate::from_pem(cert.as_bytes()).unwrap()],
+        ureq::tls::PrivateKey::from_pem(key.as_bytes()).unwrap(),
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(roots)
+                .client_cert(Some(client))
+                .build(),
+        )
+        .build()
+        .into();
+    assert_eq!(
+        post_with(&agent, &url, Some("k"), &body).unwrap().status,
+        200
+    );
 }

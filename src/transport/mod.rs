@@ -80,8 +80,12 @@ impl std::fmt::Debug for HttpStream {
 pub enum TransportError {
     /// A phase timed out.
     Timeout(TimeoutPhase),
-    /// Connection refused or reset, DNS, TLS, cut-short or oversized body, …
+    /// Connection refused or reset, DNS, cut-short or oversized body, …
     Failed(String),
+    /// The TLS handshake failed: the server's certificate is not trusted or not valid
+    /// for its name, or the server refused the client's. The endpoint's fault, not the
+    /// key's: the request is not retried on other keys.
+    Tls(String),
 }
 
 /// Settings a transport is built from, one per key.
@@ -97,6 +101,8 @@ pub struct TransportSettings {
     pub connect_timeout: Duration,
     /// Largest response body to read.
     pub max_response_bytes: u64,
+    /// Roots to trust and the client certificate, for `https://`.
+    pub tls: TlsTrust,
 }
 
 /// Sends one HTTP POST and returns the response, whatever its status.
@@ -143,9 +149,10 @@ pub trait Transport: Send + Sync {
 /// Builds one transport per key.
 pub type TransportFactory = Arc<dyn Fn(&TransportSettings) -> Arc<dyn Transport> + Send + Sync>;
 
-pub(crate) mod http1;
+mod tls;
 mod ureq_agent;
 
+pub use tls::{TlsConfig, TlsTrust};
 pub use ureq_agent::UreqTransport;
 
 /// Replaces the request's key and its URL's userinfo secret in an error message: an
@@ -153,6 +160,7 @@ pub use ureq_agent::UreqTransport;
 fn mask_error(e: TransportError, req: &HttpRequest<'_>) -> TransportError {
     match e {
         TransportError::Failed(m) => TransportError::Failed(mask_message(m, req)),
+        TransportError::Tls(m) => TransportError::Tls(mask_message(m, req)),
         other => other,
     }
 }
@@ -230,6 +238,7 @@ mod tests {
             timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             max_response_bytes: 1000,
+            tls: TlsTrust::default(),
         });
         let send = |path: &str, key: &ApiKey| {
             t.send(&HttpRequest {

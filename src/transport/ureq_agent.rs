@@ -1,11 +1,13 @@
-//! [`UreqTransport`], the default transport: plain `http://` POSTs (`send`) go through
-//! the lean HTTP/1.1 client in [`super::http1`]; `https://`, proxied requests, streams
-//! and `get` go through one `ureq::Agent` per key.
+//! [`UreqTransport`], the default transport: one `ureq::Agent` per key serves every
+//! request, `http://` and `https://` alike (TLS is a layer under the same HTTP/1.1
+//! connection, framing and timeout code). ureq probes an idle keep-alive connection
+//! before reusing it (stale bytes or end-of-file: dropped), never sends a request
+//! twice, resolves names within the connect timeout, and bounds each call by one
+//! absolute deadline (`timeout_global`) across resolve, connect, write and every read.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use super::http1::{self, Http1};
 use super::{
     HttpRequest, HttpResponse, HttpStream, Transport, TransportError, TransportSettings, mask_error,
 };
@@ -13,30 +15,99 @@ use crate::config::ApiKey;
 use crate::error::TimeoutPhase;
 use crate::request::is_kept_header;
 
-/// ureq's per-connection read buffer (also the largest response header accepted).
-const INPUT_BUFFER: usize = 64 * 1024;
-/// ureq's per-connection write buffer.
-const OUTPUT_BUFFER: usize = 16 * 1024;
+/// ureq's per-connection read buffer (also the largest response header accepted). Over
+/// TLS a connection has two (the TCP layer's and the TLS layer's), so this and
+/// [`OUTPUT_BUFFER`] are most of a connection's memory: 16 KiB holds any LLM API's
+/// response head (1–3 KiB in practice; nginx's default limit is 8 KiB) and a TLS
+/// record (at most 16 KiB of plaintext).
+const INPUT_BUFFER: usize = 16 * 1024;
+/// ureq's per-connection write buffer: larger request bodies go out in pieces.
+const OUTPUT_BUFFER: usize = 8 * 1024;
+/// A request body at least this large is sent with `Expect: 100-continue`: a server
+/// that answers before reading it (413, 401, as nginx's `client_max_body_size` does)
+/// is heard instead of cutting the upload short with a reset.
+const EXPECT_CONTINUE_FROM: usize = 1 << 20;
+/// How long a large upload waits for `100 Continue` (or an early answer) before it
+/// goes anyway, for servers that ignore `Expect`.
+const AWAIT_100: Duration = Duration::from_millis(1000);
+
+/// How long a resolved host name is reused (curl's default DNS cache time).
+const DNS_TTL: Duration = Duration::from_secs(60);
+
+/// ureq's resolver behind a one-entry cache. ureq resolves the host before every call,
+/// even one that then reuses a pooled connection, and with a resolve timeout each
+/// resolution runs on a new thread (so it can be abandoned at the timeout): without
+/// the cache that is a thread and a `getaddrinfo` per request. IP literals are never
+/// looked up. (`ureq::unversioned`: pinned by Cargo.lock, may change in a minor ureq.)
+#[derive(Debug, Default)]
+struct CachingResolver {
+    inner: ureq::unversioned::resolver::DefaultResolver,
+    /// Scheme and authority, when resolved, the addresses.
+    last: parking_lot::Mutex<Option<(String, std::time::Instant, Addrs)>>,
+}
+
+type Addrs = ureq::unversioned::resolver::ResolvedSocketAddrs;
+
+impl ureq::unversioned::resolver::Resolver for CachingResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<Addrs, ureq::Error> {
+        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+            return self.inner.resolve(uri, config, timeout);
+        };
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if let (Ok(ip), Some(port)) = (
+            host.parse::<std::net::IpAddr>(),
+            authority.port_u16().or(match scheme {
+                "http" => Some(80),
+                "https" => Some(443),
+                _ => None,
+            }),
+        ) {
+            let mut addrs = self.inner.empty();
+            addrs.truncate(0);
+            addrs.push(std::net::SocketAddr::new(ip, port));
+            return Ok(addrs);
+        }
+        if let Some((key, at, addrs)) = &*self.last.lock() {
+            if at.elapsed() < DNS_TTL
+                && key.len() == scheme.len() + authority.as_str().len()
+                && key.starts_with(scheme)
+                && key.ends_with(authority.as_str())
+            {
+                return Ok(addrs.clone());
+            }
+        }
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        *self.last.lock() = Some((
+            format!("{scheme}{}", authority.as_str()),
+            std::time::Instant::now(),
+            addrs.clone(),
+        ));
+        Ok(addrs)
+    }
+}
 
 /// A request URL, parsed once.
 struct Parsed {
     url: String,
     uri: ureq::http::Uri,
-    /// Plain `http://` and no proxy applies: sent by the lean client.
-    lean: Option<http1::Target>,
 }
 
 /// The default transport: one `ureq::Agent` with keep-alive, HTTP statuses returned as
-/// responses, a body size limit, connect and per-attempt timeouts.
+/// responses, a body size limit, a connect timeout and one deadline per attempt.
 pub struct UreqTransport {
     agent: ureq::Agent,
-    proxy: Option<ureq::Proxy>,
     max_response_bytes: u64,
     attempt_timeout: Duration,
     /// The first URL sent to, parsed once (a key's requests nearly always share it).
     uri: OnceLock<Arc<Parsed>>,
-    /// The lean client for plain `http://` POSTs without a proxy.
-    http1: Http1,
     /// The first key's `Authorization` value, built once (marked sensitive). The key
     /// text is kept to check later requests against; it is never printed.
     auth: OnceLock<(String, ureq::http::HeaderValue)>,
@@ -56,34 +127,35 @@ impl UreqTransport {
     pub fn new(s: &TransportSettings) -> UreqTransport {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            // Per-phase timeouts rather than `timeout_global`: measured here, a global
-            // timeout made each call ~4x more expensive in CPU (benches/keypool.rs [2]).
+            // One absolute deadline per call: resolve, connect, send and every read
+            // share it (a per-request `timeout_global` when the request's deadline is
+            // nearer). Name resolution runs within the connect timeout too.
+            .timeout_global(Some(s.timeout))
+            .timeout_resolve(Some(s.connect_timeout))
             .timeout_connect(Some(s.connect_timeout))
-            .timeout_send_request(Some(s.timeout))
-            .timeout_send_body(Some(s.timeout))
-            .timeout_recv_response(Some(s.timeout))
-            .timeout_recv_body(Some(s.timeout))
+            .timeout_await_100(Some(AWAIT_100))
             .max_idle_connections_per_host(s.max_concurrent.max(1))
             .max_idle_connections(s.max_concurrent.max(1) * 2)
             .user_agent(concat!("keypool/", env!("CARGO_PKG_VERSION")))
-            // ureq's defaults are 128 KiB each, per connection: allocations at glibc's
-            // mmap threshold, zeroed, faulted in page by page (benches/cpu.rs). The
-            // input buffer must hold a whole response header (`max_response_header_size`,
-            // 64 KiB); the output buffer only stages the request (bodies larger than it
-            // go out in pieces).
+            .tls_config(s.tls.config.clone())
+            // ureq's defaults are 128 KiB each, per connection and per layer (TCP and
+            // TLS): allocations at glibc's mmap threshold, zeroed, faulted in page by
+            // page (benches/cpu.rs --memory). The input buffer must hold a whole
+            // response header (`max_response_header_size`); the output buffer only
+            // stages the request (bodies larger than it go out in pieces).
             .input_buffer_size(INPUT_BUFFER)
             .max_response_header_size(INPUT_BUFFER)
             .output_buffer_size(OUTPUT_BUFFER)
             .build();
-        let agent: ureq::Agent = config.into();
+        let agent = ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::DefaultConnector::new(),
+            CachingResolver::default(),
+        );
         UreqTransport {
-            // The proxy ureq read from the environment (`ALL_PROXY`, `HTTPS_PROXY`,
-            // `HTTP_PROXY`, lowercase too, and `NO_PROXY`), if any.
-            proxy: agent.config().proxy().cloned(),
             agent,
             max_response_bytes: s.max_response_bytes,
             attempt_timeout: s.timeout,
-            http1: Http1::new(s.max_concurrent, s.connect_timeout, s.max_response_bytes),
             uri: OnceLock::new(),
             auth: OnceLock::new(),
         }
@@ -99,24 +171,12 @@ impl UreqTransport {
         let uri: ureq::http::Uri = url
             .parse()
             .map_err(|_| TransportError::Failed("the request URL is not a valid URI".into()))?;
-        // A proxy that applies to this URL: ureq keeps the request (behaviour unchanged).
-        let proxied = self.proxy.as_ref().is_some_and(|p| !p.is_no_proxy(&uri));
-        let lean = if proxied {
-            None
-        } else {
-            http1::Target::from_uri(&uri)
-        };
         let p = Arc::new(Parsed {
             url: url.to_owned(),
             uri,
-            lean,
         });
         let _ = self.uri.set(p.clone());
         Ok(p)
-    }
-
-    fn uri(&self, url: &str) -> Result<ureq::http::Uri, TransportError> {
-        Ok(self.parsed(url)?.uri.clone())
     }
 
     /// `Bearer <key>`, built once per transport while it stays the same key.
@@ -146,18 +206,17 @@ impl Transport for UreqTransport {
         }
         let mut resp = builder
             .config()
-            .timeout_recv_response(Some(req.timeout))
-            .timeout_recv_body(Some(req.timeout))
+            .timeout_global(Some(req.timeout))
             .build()
             .call()
-            .map_err(|e| mask_error(map_ureq_error(e), req))?;
+            .map_err(|e| mask_error(map_ureq_error(e, req.url), req))?;
         let status = resp.status().as_u16();
         let body = resp
             .body_mut()
             .with_config()
             .limit(max_bytes.min(self.max_response_bytes))
             .read_to_vec()
-            .map_err(|e| mask_error(map_ureq_error(e), req))?;
+            .map_err(|e| mask_error(map_ureq_error(e, req.url), req))?;
         Ok(HttpResponse {
             status,
             headers: Vec::new(),
@@ -174,24 +233,16 @@ impl Transport for UreqTransport {
     }
 
     fn send(&self, req: &HttpRequest<'_>) -> Result<HttpResponse, TransportError> {
-        let parsed = self.parsed(req.url).map_err(|e| mask_error(e, req))?;
-        if let Some(target) = &parsed.lean {
-            return self.http1.send(target, req).map_err(|e| mask_error(e, req));
-        }
         let builder = self.builder(req)?;
         // Only an attempt cut short by the request's deadline pays for a per-request config.
         let builder = if req.timeout < self.attempt_timeout {
-            builder
-                .config()
-                .timeout_recv_response(Some(req.timeout))
-                .timeout_recv_body(Some(req.timeout))
-                .build()
+            builder.config().timeout_global(Some(req.timeout)).build()
         } else {
             builder
         };
         let mut resp = builder
             .send(req.body)
-            .map_err(|e| mask_error(map_ureq_error(e), req))?;
+            .map_err(|e| mask_error(map_ureq_error(e, req.url), req))?;
         let status = resp.status().as_u16();
         let headers = kept_headers(resp.headers());
         // Sized from Content-Length (within the limit): no regrowth while reading.
@@ -210,7 +261,7 @@ impl Transport for UreqTransport {
                 .reader(),
             &mut body,
         )
-        .map_err(|e| mask_error(map_io_error(e), req))?;
+        .map_err(|e| mask_error(map_io_error(e, req.url), req))?;
         Ok(HttpResponse {
             status,
             headers,
@@ -226,7 +277,7 @@ impl UreqTransport {
     ) -> Result<ureq::RequestBuilder<ureq::typestate::WithBody>, TransportError> {
         let mut builder = self
             .agent
-            .post(self.uri(req.url)?)
+            .post(self.parsed(req.url)?.uri.clone())
             .header(
                 ureq::http::header::AUTHORIZATION,
                 self.authorization(req.key)?,
@@ -237,6 +288,12 @@ impl UreqTransport {
             );
         for (k, v) in req.headers {
             builder = builder.header(k.as_str(), v.as_str());
+        }
+        if req.body.len() >= EXPECT_CONTINUE_FROM {
+            builder = builder.header(
+                ureq::http::header::EXPECT,
+                ureq::http::HeaderValue::from_static("100-continue"),
+            );
         }
         Ok(builder)
     }
@@ -254,13 +311,12 @@ impl UreqTransport {
             .builder(req)?
             .header("accept", "text/event-stream")
             .config()
-            .timeout_recv_response(Some(req.timeout))
-            .timeout_recv_body(Some(req.timeout))
+            .timeout_global(Some(req.timeout))
             .timeout_per_read(idle)
             .build();
         let resp = builder
             .send(req.body)
-            .map_err(|e| mask_error(map_ureq_error(e), req))?;
+            .map_err(|e| mask_error(map_ureq_error(e, req.url), req))?;
         let status = resp.status().as_u16();
         let headers = kept_headers(resp.headers());
         let body = resp.into_body().into_reader();
@@ -294,11 +350,27 @@ impl<R: std::io::Read> std::io::Read for TimeoutsAsTimedOut<R> {
 
 /// A body read error, as `read_to_vec` would have returned it: ureq's own error when
 /// it wraps one (timeouts, the size limit).
-fn map_io_error(e: std::io::Error) -> TransportError {
-    map_ureq_error(ureq::Error::from(e))
+fn map_io_error(e: std::io::Error, url: &str) -> TransportError {
+    map_ureq_error(ureq::Error::from(e), url)
 }
 
-fn map_ureq_error(e: ureq::Error) -> TransportError {
+fn map_ureq_error(e: ureq::Error, url: &str) -> TransportError {
+    let tls = match &e {
+        ureq::Error::Io(io) => super::tls::tls_failure(io),
+        ureq::Error::Rustls(r) => super::tls::tls_failure(r),
+        other => super::tls::tls_failure(other),
+    };
+    if let Some(reason) = tls {
+        let host = url
+            .parse::<ureq::http::Uri>()
+            .ok()
+            .and_then(|u| u.host().map(str::to_owned))
+            .unwrap_or_default();
+        return TransportError::Tls(format!(
+            "TLS with {host} failed: {reason} (to trust a private CA: tls.ca_file, \
+             SSL_CERT_FILE or keypool run --ca-file)"
+        ));
+    }
     match e {
         ureq::Error::Timeout(t) => TransportError::Timeout(match t {
             ureq::Timeout::Connect | ureq::Timeout::Resolve => TimeoutPhase::Connect,

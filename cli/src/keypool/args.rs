@@ -113,6 +113,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DOLLARS")]
     pub credits_floor: Option<f64>,
 
+    /// A PEM file of CA certificates to trust for https:// besides the system's (a
+    /// private CA, a TLS-inspecting proxy's); sets the config's tls.ca_file.
+    /// SSL_CERT_FILE and SSL_CERT_DIR are honoured too, as curl does. Default: the
+    /// config's tls.ca_file, else none.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+
     /// Write records in input order instead of completion order. Results that finish
     /// early wait in a reorder buffer bounded by the run's window (twice the total
     /// per-key concurrency): when it is full, reading pauses until the oldest request
@@ -179,6 +186,7 @@ impl RunArgs {
             shared: self.shared.clone(),
             adaptive: self.adaptive,
             credits_floor: self.credits_floor,
+            ca_file: self.ca_file.clone(),
         }
     }
 }

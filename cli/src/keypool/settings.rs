@@ -31,6 +31,8 @@ pub struct PoolFlags {
     pub adaptive: bool,
     /// `--credits-floor`: `credits.check` on, `credits.floor` this.
     pub credits_floor: Option<f64>,
+    /// `--ca-file`: `tls.ca_file`.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Checks the flags' own ranges, with messages naming the flag.
@@ -175,6 +177,12 @@ pub fn build_config(
         if let Value::Object(c) = credits {
             c.insert("check".into(), json!(true));
             c.insert("floor".into(), json!(floor));
+        }
+    }
+    if let Some(path) = &flags.ca_file {
+        let tls = root.entry("tls").or_insert_with(|| json!({}));
+        if let Value::Object(t) = tls {
+            t.insert("ca_file".into(), json!(path.to_string_lossy()));
         }
     }
     if let Some(Value::Array(keys)) = root.get_mut("keys") {
