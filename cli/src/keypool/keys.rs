@@ -132,9 +132,78 @@ pub fn keys_from_env(
     Ok(None)
 }
 
+/// OpenAI's API, where an `OPENAI_API_KEY` goes unless `OPENAI_BASE_URL` says otherwise.
+pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// The base URL that belongs with the environment's key, when the run names none: an
+/// `OPENAI_API_KEY` goes to `OPENAI_BASE_URL` or OpenAI's API — never to the default
+/// base (OpenRouter), a third party for that key — and an `OPENROUTER_API_KEY` to
+/// `OPENROUTER_BASE_URL` when set, as their official clients do. `None` for
+/// `KEYPOOL_API_KEYS` (the config's base URL applies) or when no key is set. Follows
+/// [`keys_from_env`]'s precedence.
+pub fn base_url_from_env(get: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let set = |var: &str| get(var).filter(|v| !v.trim().is_empty());
+    if set("KEYPOOL_API_KEYS").is_some() {
+        return None;
+    }
+    if set("OPENROUTER_API_KEY").is_some() {
+        return set("OPENROUTER_BASE_URL").map(|u| u.trim().to_owned());
+    }
+    set("OPENAI_API_KEY")?;
+    Some(set("OPENAI_BASE_URL").map_or_else(|| OPENAI_BASE_URL.to_owned(), |u| u.trim().to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_openai_key_goes_to_openai() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |n: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(
+            base_url_from_env(env(&[("OPENAI_API_KEY", "sk-oa")])).as_deref(),
+            Some(OPENAI_BASE_URL)
+        );
+        assert_eq!(
+            base_url_from_env(env(&[
+                ("OPENAI_API_KEY", "sk-oa"),
+                ("OPENAI_BASE_URL", " http://127.0.0.1:8000/v1 ")
+            ]))
+            .as_deref(),
+            Some("http://127.0.0.1:8000/v1")
+        );
+        // OpenRouter's key wins (keys_from_env's order) and keeps the default base.
+        assert_eq!(
+            base_url_from_env(env(&[
+                ("OPENAI_API_KEY", "sk-oa"),
+                ("OPENROUTER_API_KEY", "sk-or")
+            ])),
+            None
+        );
+        assert_eq!(
+            base_url_from_env(env(&[
+                ("OPENROUTER_API_KEY", "sk-or"),
+                ("OPENROUTER_BASE_URL", "http://127.0.0.1:9/api/v1")
+            ]))
+            .as_deref(),
+            Some("http://127.0.0.1:9/api/v1")
+        );
+        assert_eq!(
+            base_url_from_env(env(&[
+                ("KEYPOOL_API_KEYS", "sk-1"),
+                ("OPENAI_API_KEY", "sk-oa")
+            ])),
+            None
+        );
+        assert_eq!(base_url_from_env(env(&[])), None);
+    }
 
     fn entry(label: Option<&str>, key: &str) -> KeyEntry {
         KeyEntry {

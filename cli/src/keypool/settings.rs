@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde_json::{Map, Value, json};
 
-use crate::keys::{KeyEntry, keys_from_env, read_keys_file};
+use crate::keys::{KeyEntry, base_url_from_env, keys_from_env, read_keys_file};
 
 /// Flags that shape the pool.
 #[derive(Debug, Default, Clone)]
@@ -142,10 +142,20 @@ pub fn build_config(
     let keys = match &flags.keys_file {
         Some(path) => Some(read_keys_file(path)?),
         None if config_has_keys => None,
-        None => Some(keys_from_env(env)?.ok_or(
-            "no API keys: pass --config or --keys-file, or set KEYPOOL_API_KEYS, \
-             OPENROUTER_API_KEY or OPENAI_API_KEY",
-        )?),
+        None => {
+            let keys = keys_from_env(&env)?.ok_or(
+                "no API keys: pass --config or --keys-file, or set KEYPOOL_API_KEYS, \
+                 OPENROUTER_API_KEY or OPENAI_API_KEY",
+            )?;
+            // A key from the environment goes where its own client would send it
+            // (an OpenAI key to OpenAI), unless the run names a base URL.
+            if !root.contains_key("base_url") {
+                if let Some(url) = base_url_from_env(&env) {
+                    root.insert("base_url".into(), json!(url));
+                }
+            }
+            Some(keys)
+        }
     };
     if let Some(keys) = keys {
         root.insert("keys".into(), keys.iter().map(key_json).collect());
