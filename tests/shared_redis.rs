@@ -1429,3 +1429,50 @@ fn cut_then_replay(
     });
     assert!(cut_at.elapsed() < Duration::from_secs(4));
 }
+
+// ---- issue 23: fallback slots, resurrected leases, reconnection off the locks ----
+
+/// Issue 23.1: Redis is down when a pool starts (`on_unavailable: local`, a share of
+/// 100 %): its two requests run on fallback slots. Redis comes up: within about a
+/// second, with no new request through that pool, both slots are leases in Redis — so
+/// a second pool on the same key waits for them, and the server never sees more than
+/// the key's `max_concurrent` 2 (the old code registered them only at its next renewal,
+/// `lease_ms / 3` = 10 s away, or its next admission: 4 in flight).
+#[test]
+fn fallback_slots_are_registered_when_redis_returns() {
+    let server = mock(0);
+    let key = "sk-shared-0";
+    set_latency(&server, key, 3_000);
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let extra = r#", "on_unavailable": "local", "local_share_percent": 100, "timeout_ms": 200"#;
+    let json = config_json(&server.url(), &url, 1, 2, "", extra)
+        .replace(r#""lease_ms": 1500"#, r#""lease_ms": 30000"#);
+    let a = new_pool(&json);
+    let tickets: Vec<_> = (0..2).map(|i| a.submit(chat(i)).unwrap()).collect();
+    wait_for("2 in flight", Duration::from_secs(5), || {
+        server.key_stats(key).is_some_and(|k| k.in_flight == 2)
+    });
+    let Some(redis) = RedisServer::start_on(port) else {
+        return;
+    };
+    let mut con = redis.conn();
+    wait_for(
+        "the fallback slots as leases in Redis",
+        Duration::from_millis(2_000),
+        || live_leases(&mut con) == 2,
+    );
+    // A second process on the key: its requests wait for the first one's.
+    set_latency(&server, key, 100);
+    let b = new_pool(&json);
+    let more: Vec<_> = (0..2).map(|i| b.submit(chat(10 + i)).unwrap()).collect();
+    for t in tickets.into_iter().chain(more) {
+        assert!(t.wait().is_ok());
+    }
+    let k = server.key_stats(key).unwrap();
+    assert_eq!(k.requests, 4);
+    assert!(k.max_in_flight <= 2, "{} in flight", k.max_in_flight);
+    wait_for("leases released", Duration::from_secs(1), || {
+        live_leases(&mut con) == 0
+    });
+}

@@ -571,7 +571,11 @@ impl Inner {
         });
         let now = Instant::now();
         let Some(reply) = reply else {
-            return (self.fallback(key, tokens, now), false);
+            // A fallback slot wakes the renewer too: it registers the slot in Redis
+            // as soon as Redis answers.
+            let admit = self.fallback(key, tokens, now);
+            let held = admit == SharedAdmit::Yes;
+            return (admit, held);
         };
         let int = |i: usize| match reply.get(i) {
             Some(Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
@@ -842,6 +846,11 @@ impl Inner {
         any
     }
 
+    /// No connection to Redis (it failed, and no reconnection succeeded since).
+    fn is_down(&self) -> bool {
+        self.conn.lock().con.is_none()
+    }
+
     fn holds_any(&self) -> bool {
         self.local.iter().any(|l| !l.lock().held.is_empty())
     }
@@ -965,14 +974,19 @@ impl RedisLimits {
     }
 }
 
-/// The lease renewer: waits on `rx` (an admission took a lease, or a release was
-/// queued) while nothing is held or queued, else renews every `lease_ms / 3` — and,
-/// while releases wait for Redis, tries to reconnect every [`RECONNECT_AFTER`] (a
-/// reconnection replays them). Ends when the pool's limits are dropped.
+/// The lease renewer: waits on `rx` (an admission took a lease or a fallback slot, or a
+/// release was queued) while nothing is held or queued, else renews every
+/// `lease_ms / 3` — and, while releases wait for Redis or Redis is unreachable with
+/// requests running, tries to reconnect every [`RECONNECT_AFTER`] (a reconnection
+/// registers the running requests and replays the releases). Ends when the pool's
+/// limits are dropped.
 fn renewer(inner: Arc<Inner>, rx: Receiver<()>) {
     let interval = Duration::from_millis(inner.cfg.lease_ms / 3);
     let next_tick = |inner: &Inner| {
-        if inner.pending() > 0 {
+        // While Redis is unreachable, a running request (a fallback slot, or a lease
+        // Redis may have lost) is registered within a second of Redis answering again,
+        // whether or not a new request comes.
+        if inner.pending() > 0 || (inner.is_down() && inner.holds_any()) {
             Some(Instant::now() + interval.min(RECONNECT_AFTER))
         } else if inner.holds_any() {
             Some(Instant::now() + interval)
@@ -991,7 +1005,7 @@ fn renewer(inner: Arc<Inner>, rx: Receiver<()>) {
         };
         match rx.recv_deadline(at) {
             Ok(()) => {
-                if inner.pending() > 0 {
+                if inner.pending() > 0 || inner.is_down() {
                     next = Some(at.min(Instant::now() + RECONNECT_AFTER));
                 }
             }
