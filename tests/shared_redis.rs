@@ -813,10 +813,12 @@ fn redis_restarted_mid_run_fail() {
 }
 
 /// A loopback TCP proxy in front of Redis that can be cut (every connection closed,
-/// new ones dropped) and restored, with Redis's data intact.
+/// new ones dropped) and restored, with Redis's data intact — or muted: Redis gets
+/// every command and runs it, its replies are dropped (a Redis that loses packets).
 struct Proxy {
     port: u16,
     down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mute: std::sync::Arc<std::sync::atomic::AtomicBool>,
     conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
 }
 
@@ -826,8 +828,9 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mute = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (d, c) = (down.clone(), conns.clone());
+        let (d, m, c) = (down.clone(), mute.clone(), conns.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
@@ -840,22 +843,45 @@ impl Proxy {
                 let mut list = c.lock().unwrap();
                 list.push(client.try_clone().unwrap());
                 list.push(up.try_clone().unwrap());
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), up.try_clone().unwrap()),
-                    (up, client),
+                for (mut from, mut to, mute) in [
+                    (client.try_clone().unwrap(), up.try_clone().unwrap(), None),
+                    (up, client, Some(m.clone())),
                 ] {
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
+                        use std::io::{Read, Write};
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if mute.as_ref().is_some_and(|m| m.load(SeqCst)) {
+                                continue; // a reply lost
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                     });
                 }
             }
         });
-        Proxy { port, down, conns }
+        Proxy {
+            port,
+            down,
+            mute,
+            conns,
+        }
     }
 
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Drops (`true`) or passes Redis's replies from now on.
+    fn set_mute(&self, mute: bool) {
+        self.mute.store(mute, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn set_down(&self, down: bool) {
@@ -1475,4 +1501,40 @@ fn fallback_slots_are_registered_when_redis_returns() {
     wait_for("leases released", Duration::from_secs(1), || {
         live_leases(&mut con) == 0
     });
+}
+
+/// Issue 23.3: Redis runs every command but its replies are lost (a muted proxy), with
+/// `on_unavailable: local` and `timeout_ms` 600. Admissions take fallback slots at once:
+/// reconnecting — which waits `timeout_ms` for an answer that never comes — happens on
+/// the renewer thread, never on the dispatcher under a key's lock. The old code
+/// reconnected on the first admission after each retry instant (once a second) and
+/// then waited `timeout_ms` for its script, holding that request (and every placement
+/// behind it) up.
+#[test]
+fn reconnection_never_holds_admissions_up() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let proxy = Proxy::start(redis.port);
+    proxy.set_mute(true);
+    let server = mock(5);
+    let extra = r#", "on_unavailable": "local", "timeout_ms": 600"#;
+    let pool = new_pool(&config_json(&server.url(), &proxy.url(), 1, 4, "", extra));
+    let t0 = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut n = 0;
+    while t0.elapsed() < Duration::from_millis(2_500) {
+        let t = Instant::now();
+        assert!(pool.batch([chat(n)])[0].is_ok());
+        slowest = slowest.max(t.elapsed());
+        n += 1;
+    }
+    assert!(
+        slowest < Duration::from_millis(300),
+        "a request took {slowest:?} ({n} requests)"
+    );
+    // Replies come through again: the renewer reconnects, and admissions go through
+    // Redis.
+    proxy.set_mute(false);
+    until_admitted_through_redis(&pool, &redis);
 }

@@ -39,8 +39,8 @@ use crate::error::Error;
 /// The longest a dispatcher waits on a full shared key before asking again, should the
 /// release notification be lost (the subscriber reconnecting).
 const BUSY_RECHECK: Duration = Duration::from_millis(200);
-/// After a failed Redis call, the next attempt to reconnect waits this long (admissions
-/// meanwhile follow `on_unavailable` without paying a connect timeout each).
+/// While Redis is unreachable, the renewer tries to reconnect this often (admissions
+/// meanwhile follow `on_unavailable` at once: they never connect).
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 /// A key disabled (401/403) or parked (402) stays so in Redis this long after the last
 /// process saw it fail.
@@ -334,15 +334,20 @@ struct GroupLocal {
     tpm: Pace,
 }
 
+/// The admissions' connection. Admissions, releases and corrections only ever use
+/// it as it is: while it is `None` they follow `on_unavailable` (or queue) without a
+/// network call. Only the renewer thread connects, registers and replays (see
+/// [`Inner::reconnect`]), never under a gate's lock nor this one.
 struct Conn {
     con: Option<redis::Connection>,
-    /// No reconnect attempt before this instant.
-    retry_at: Option<Instant>,
+    /// Redis was unreachable at the last attempt (logged once per outage).
+    down: bool,
     /// The last failure, masked.
     last_error: String,
-    /// Releases whose Redis call failed, oldest first, retried (in order) right after
-    /// the next successful reconnection. Bounded by [`PENDING_CAP`]. Pushed only under
-    /// this lock and while `con` is `None`, so every entry meets the next reconnection.
+    /// Releases whose Redis call failed, oldest first, replayed (in order) by the next
+    /// reconnection before it installs its connection. Bounded by [`PENDING_CAP`].
+    /// Pushed only under this lock and while `con` is `None`, so every entry meets the
+    /// next reconnection.
     pending: std::collections::VecDeque<Pending>,
     /// Releases dropped because the queue was full (logged once per outage).
     dropped: u64,
@@ -407,8 +412,9 @@ impl Inner {
         }
     }
 
-    /// Runs `f` on the connection, (re)connecting first if needed. `None` while Redis is
-    /// unreachable (the failure is recorded and the connection dropped).
+    /// Runs `f` on the admissions' connection. `None` while Redis is unreachable — at
+    /// once, without a connection attempt (the renewer reconnects) — or if the call
+    /// fails (the failure is recorded and the connection dropped).
     fn with_conn<T>(
         &self,
         f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
@@ -424,95 +430,105 @@ impl Inner {
         on_fail: impl FnOnce(&mut Conn),
     ) -> Option<T> {
         let mut c = self.conn.lock();
-        let r = self.with_locked_conn(&mut c, f);
+        let r = match c.con.as_mut().map(f) {
+            Some(Ok(v)) => Some(v),
+            Some(Err(e)) => {
+                self.fail(&mut c, e);
+                None
+            }
+            None => None,
+        };
         if r.is_none() {
             on_fail(&mut c);
         }
         r
     }
 
-    fn with_locked_conn<T>(
-        &self,
-        c: &mut Conn,
-        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
-    ) -> Option<T> {
-        if c.con.is_none() {
-            if c.retry_at.is_some_and(|at| Instant::now() < at) {
-                return None;
-            }
-            let timeout = Duration::from_millis(self.cfg.timeout_ms);
-            let con = self
-                .client
-                .get_connection_with_timeout(timeout)
-                .and_then(|con| {
-                    con.set_read_timeout(Some(timeout))?;
-                    con.set_write_timeout(Some(timeout))?;
-                    Ok(con)
-                });
-            match con {
-                Ok(mut con) => {
-                    if c.retry_at.is_some() {
-                        log::info!("keypool: shared limits: Redis is reachable again");
-                    }
-                    // Before anything else on the new connection (Redis may have been
-                    // restarted empty): register every request still running here,
-                    // then the releases that failed meanwhile, in order.
-                    if let Err(e) = self.recover(&mut con, c) {
-                        self.fail(c, e);
-                        return None;
-                    }
-                    c.con = Some(con);
-                    c.retry_at = None;
-                    c.dropped = 0;
-                }
-                Err(e) => {
-                    self.fail(c, e);
-                    return None;
+    /// A new connection with the configured timeouts, checked with a `PING` (a Redis
+    /// that accepts connections but never answers is unreachable).
+    fn connect(&self) -> redis::RedisResult<redis::Connection> {
+        let timeout = Duration::from_millis(self.cfg.timeout_ms);
+        let mut con = self.client.get_connection_with_timeout(timeout)?;
+        con.set_read_timeout(Some(timeout))?;
+        con.set_write_timeout(Some(timeout))?;
+        redis::cmd("PING").query::<String>(&mut con)?;
+        Ok(con)
+    }
+
+    /// Brings the admissions' connection back (renewer thread only, no lock held during
+    /// a network call): on a new connection, registers every request still running
+    /// here as a lease (leases lost in a Redis restart, fallback slots taken during the
+    /// outage), then replays the releases queued meanwhile, in order, and installs the
+    /// connection once the queue is empty. An entry leaves the queue only once Redis
+    /// has taken it. Returns whether Redis is reachable again.
+    fn reconnect(&self) -> bool {
+        let r = self.connect().and_then(|mut con| {
+            for (i, k) in self.keys.iter().enumerate() {
+                let ids = self.register_held(i);
+                if !ids.is_empty() {
+                    self.renew_leases(&mut con, k, &ids)?;
                 }
             }
-        }
-        let con = c.con.as_mut()?;
-        match f(con) {
-            Ok(v) => Some(v),
+            loop {
+                let batch: Vec<Pending> = {
+                    let mut c = self.conn.lock();
+                    if c.pending.is_empty() {
+                        if c.down {
+                            log::info!("keypool: shared limits: Redis is reachable again");
+                        }
+                        c.con = Some(con);
+                        c.down = false;
+                        c.dropped = 0;
+                        return Ok(());
+                    }
+                    c.pending.drain(..).collect()
+                };
+                let mut batch = batch.into_iter();
+                while let Some(p) = batch.next() {
+                    if let Err(e) = self.replay(&mut con, &p) {
+                        // Back at the front, in order, ahead of anything queued since.
+                        let mut c = self.conn.lock();
+                        for p in batch.rev() {
+                            c.pending.push_front(p);
+                        }
+                        c.pending.push_front(p);
+                        while c.pending.len() > PENDING_CAP {
+                            c.pending.pop_front();
+                            c.dropped += 1;
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        });
+        match r {
+            Ok(()) => true,
             Err(e) => {
-                self.fail(c, e);
-                None
+                self.fail(&mut self.conn.lock(), e);
+                false
             }
         }
     }
 
-    /// On a fresh connection: re-registers this process's running requests as leases
-    /// (leases lost in a Redis restart, fallback slots taken during the outage), then
-    /// replays the releases queued while Redis was unreachable. An entry leaves the
-    /// queue only once Redis has taken it.
-    fn recover(&self, con: &mut redis::Connection, c: &mut Conn) -> redis::RedisResult<()> {
-        for (i, k) in self.keys.iter().enumerate() {
-            let ids = self.register_held(i);
-            if !ids.is_empty() {
-                self.renew_leases(con, k, &ids)?;
-            }
-        }
-        while let Some(p) = c.pending.front() {
-            let now = Instant::now();
-            let left = |at: Option<Instant>| {
-                at.map_or(0, |u| {
-                    u64::try_from(u.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
-                })
-            };
-            let (cooldown_ms, group_cooldown_ms) = (left(p.cool_until), left(p.group_cool_until));
-            self.settle_on(
-                con,
-                p.key,
-                p.lease.as_deref(),
-                (cooldown_ms, group_cooldown_ms),
-                &p.disable,
-                0,
-                0,
-                Aimd::NONE,
-            )?;
-            c.pending.pop_front();
-        }
-        Ok(())
+    /// Replays one queued release on `con`.
+    fn replay(&self, con: &mut redis::Connection, p: &Pending) -> redis::RedisResult<i64> {
+        let now = Instant::now();
+        let left = |at: Option<Instant>| {
+            at.map_or(0, |u| {
+                u64::try_from(u.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
+            })
+        };
+        let (cooldown_ms, group_cooldown_ms) = (left(p.cool_until), left(p.group_cool_until));
+        self.settle_on(
+            con,
+            p.key,
+            p.lease.as_deref(),
+            (cooldown_ms, group_cooldown_ms),
+            &p.disable,
+            0,
+            0,
+            Aimd::NONE,
+        )
     }
 
     fn fail(&self, c: &mut Conn, e: redis::RedisError) {
@@ -520,7 +536,7 @@ impl Inner {
             "Redis at {} unavailable: {e}",
             redact_url(&self.cfg.redis_url)
         ));
-        if c.retry_at.is_none() {
+        if !c.down {
             log::warn!(
                 "keypool: shared limits: {msg}; {}",
                 match self.cfg.on_unavailable {
@@ -530,7 +546,7 @@ impl Inner {
             );
         }
         c.con = None;
-        c.retry_at = Some(Instant::now() + RECONNECT_AFTER);
+        c.down = true;
         c.last_error = msg;
     }
 
@@ -743,11 +759,6 @@ impl Inner {
         );
     }
 
-    /// Releases waiting for Redis (queued after a failed release call).
-    fn pending(&self) -> usize {
-        self.conn.lock().pending.len()
-    }
-
     /// Corrects a key's shared rate budgets; not retried if Redis is unreachable (a
     /// budget shift is not idempotent, and a lost one errs by at most that request).
     fn shift(&self, key: usize, rpm_delta: i64, tpm_delta: i64) {
@@ -832,18 +843,27 @@ impl Inner {
         inv.invoke::<i64>(con)
     }
 
-    /// Renews every lease this process holds. Returns whether it holds any.
-    fn renew_all(&self) -> bool {
-        let mut any = false;
+    /// Renews every lease this process holds (registering fallback slots), on the
+    /// renewer's own connection `rcon` (connected if needed; dropped on failure, the
+    /// pass then ends: the next one retries).
+    fn renew_all(&self, rcon: &mut Option<redis::Connection>) {
         for (i, k) in self.keys.iter().enumerate() {
-            let ids = self.register_held(i);
-            any |= !ids.is_empty();
-            if ids.is_empty() {
+            if self.local[i].lock().held.is_empty() {
                 continue;
             }
-            let _ = self.with_conn(|con| self.renew_leases(con, k, &ids));
+            let con = match rcon {
+                Some(con) => con,
+                None => match self.connect() {
+                    Ok(con) => rcon.insert(con),
+                    Err(_) => return,
+                },
+            };
+            let ids = self.register_held(i);
+            if !ids.is_empty() && self.renew_leases(con, k, &ids).is_err() {
+                *rcon = None;
+                return;
+            }
         }
-        any
     }
 
     /// No connection to Redis (it failed, and no reconnection succeeded since).
@@ -913,7 +933,7 @@ impl RedisLimits {
             groups,
             conn: Mutex::new(Conn {
                 con: None,
-                retry_at: None,
+                down: false,
                 last_error: String::new(),
                 pending: std::collections::VecDeque::new(),
                 dropped: 0,
@@ -927,8 +947,11 @@ impl RedisLimits {
             epoch: Instant::now(),
         });
         // Connect now so a reachable Redis is used from the first request; an
-        // unreachable one is not fatal (see `on_unavailable`).
-        let _ = inner.with_conn(|con| redis::cmd("PING").query::<String>(con));
+        // unreachable one is not fatal (see `on_unavailable`): the renewer retries.
+        match inner.connect() {
+            Ok(con) => inner.conn.lock().con = Some(con),
+            Err(e) => inner.fail(&mut inner.conn.lock(), e),
+        }
         let (renew_tx, renew_rx) = crossbeam_channel::bounded(1);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let mut threads = Vec::new();
@@ -974,49 +997,47 @@ impl RedisLimits {
     }
 }
 
-/// The lease renewer: waits on `rx` (an admission took a lease or a fallback slot, or a
-/// release was queued) while nothing is held or queued, else renews every
-/// `lease_ms / 3` — and, while releases wait for Redis or Redis is unreachable with
-/// requests running, tries to reconnect every [`RECONNECT_AFTER`] (a reconnection
-/// registers the running requests and replays the releases). Ends when the pool's
-/// limits are dropped.
+/// The lease renewer: renews this process's leases every `lease_ms / 3` while it holds
+/// any, and, while Redis is unreachable, reconnects every [`RECONNECT_AFTER`] (a
+/// reconnection registers the requests running here, fallback slots included, and
+/// replays the queued releases: see [`Inner::reconnect`]). It is the only thread that
+/// connects to Redis after the start, so no admission ever waits for a connection.
+/// Sleeps on `rx` (an admission took a lease or a fallback slot, a release was queued,
+/// a Redis call failed) while nothing is to be done. Ends when the pool's limits are
+/// dropped.
 fn renewer(inner: Arc<Inner>, rx: Receiver<()>) {
     let interval = Duration::from_millis(inner.cfg.lease_ms / 3);
-    let next_tick = |inner: &Inner| {
-        // While Redis is unreachable, a running request (a fallback slot, or a lease
-        // Redis may have lost) is registered within a second of Redis answering again,
-        // whether or not a new request comes.
-        if inner.pending() > 0 || (inner.is_down() && inner.holds_any()) {
-            Some(Instant::now() + interval.min(RECONNECT_AFTER))
-        } else if inner.holds_any() {
-            Some(Instant::now() + interval)
-        } else {
-            None
-        }
-    };
-    let mut next: Option<Instant> = None;
+    // The renewer's own connection: a slow renewal never holds admissions up.
+    let mut rcon: Option<redis::Connection> = None;
+    let mut retry_at = Instant::now();
+    let mut renew_at: Option<Instant> = None;
     loop {
-        let Some(at) = next else {
-            if !inner.holds_any() && inner.pending() == 0 && rx.recv().is_err() {
-                return;
+        let now = Instant::now();
+        if inner.is_down() {
+            if now >= retry_at {
+                // At most one attempt per RECONNECT_AFTER, successful or not.
+                retry_at = now + RECONNECT_AFTER;
+                if inner.reconnect() {
+                    // Fallback slots taken while it reconnected.
+                    inner.renew_all(&mut rcon);
+                    renew_at = None;
+                }
             }
-            next = next_tick(&inner).or(Some(Instant::now() + interval));
-            continue;
+        } else if renew_at.is_some_and(|at| now >= at) {
+            inner.renew_all(&mut rcon);
+            renew_at = None;
+        }
+        let down = inner.is_down();
+        if !down && renew_at.is_none() && inner.holds_any() {
+            renew_at = Some(Instant::now() + interval);
+        }
+        let deadline = if down { Some(retry_at) } else { renew_at };
+        let woke = match deadline {
+            Some(at) => rx.recv_deadline(at),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
-        match rx.recv_deadline(at) {
-            Ok(()) => {
-                if inner.pending() > 0 || inner.is_down() {
-                    next = Some(at.min(Instant::now() + RECONNECT_AFTER));
-                }
-            }
-            Err(RecvTimeoutError::Disconnected) => return,
-            Err(RecvTimeoutError::Timeout) => {
-                if !inner.renew_all() && inner.pending() > 0 {
-                    // Nothing to renew: just reconnect, which replays the queue.
-                    let _ = inner.with_conn(|con| redis::cmd("PING").query::<String>(con));
-                }
-                next = next_tick(&inner);
-            }
+        if let Err(RecvTimeoutError::Disconnected) = woke {
+            return;
         }
     }
 }
@@ -1084,13 +1105,27 @@ impl Subscriber {
     }
 }
 
+impl RedisLimits {
+    /// Wakes the renewer (a lease or a fallback slot to renew, Redis to reconnect).
+    fn wake_renewer(&self) {
+        if let Some(tx) = &self.renew_tx {
+            let _ = tx.try_send(());
+        }
+    }
+
+    /// Wakes the renewer if Redis is unreachable: it reconnects.
+    fn wake_if_down(&self) {
+        if self.inner.is_down() {
+            self.wake_renewer();
+        }
+    }
+}
+
 impl SharedLimits for RedisLimits {
     fn acquire(&self, key: usize, tokens: u64) -> SharedAdmit {
-        let (admit, leased) = self.inner.acquire(key, tokens);
-        if leased {
-            if let Some(tx) = &self.renew_tx {
-                let _ = tx.try_send(());
-            }
+        let (admit, held) = self.inner.acquire(key, tokens);
+        if held || self.inner.is_down() {
+            self.wake_renewer();
         }
         admit
     }
@@ -1136,16 +1171,13 @@ impl SharedLimits for RedisLimits {
         }
         let cooldowns = (v.cooldown, v.group_cooldown);
         self.inner.release(key, lease, cooldowns, disable, aimd);
-        if self.inner.pending() > 0 {
-            if let Some(tx) = &self.renew_tx {
-                let _ = tx.try_send(());
-            }
-        }
+        self.wake_if_down();
     }
 
     fn disable(&self, key: usize, reason: &str) {
         self.inner
             .release(key, None, (None, None), reason, Aimd::NONE);
+        self.wake_if_down();
     }
 
     fn refund(&self, key: usize, tokens: u64) {
@@ -1156,6 +1188,7 @@ impl SharedLimits for RedisLimits {
         }
         let t = i64::try_from(tokens).unwrap_or(i64::MAX);
         self.inner.shift(key, -1, -t);
+        self.wake_if_down();
     }
 
     fn correct_tokens(&self, key: usize, estimated: u64, actual: u64) {
@@ -1167,6 +1200,7 @@ impl SharedLimits for RedisLimits {
         let delta = i128::from(actual) - i128::from(estimated);
         let delta = i64::try_from(delta).unwrap_or(if delta > 0 { i64::MAX } else { i64::MIN });
         self.inner.shift(key, 0, delta);
+        self.wake_if_down();
     }
 
     fn unavailable_reason(&self) -> String {
