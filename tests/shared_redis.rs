@@ -1538,3 +1538,32 @@ fn reconnection_never_holds_admissions_up() {
     proxy.set_mute(false);
     until_admitted_through_redis(&pool, &redis);
 }
+
+/// Issue 23.2: a renewal never brings a released lease back. Three pools on four keys
+/// run many short requests while their renewers renew every 300 ms (`lease_ms` 900):
+/// a renewal copies a key's lease ids, and a release landing before its RENEW used to
+/// be undone — the lease back in the key's set for `lease_ms`, in every process. Once
+/// every request has ended, no lease is left in Redis.
+#[test]
+fn renewal_never_resurrects_a_released_lease() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(0);
+    for i in 0..4 {
+        set_latency(&server, &format!("sk-shared-{i}"), 2);
+    }
+    let json = config_json(&server.url(), &redis.url(), 4, 4, "", "")
+        .replace(r#""lease_ms": 1500"#, r#""lease_ms": 900"#);
+    let pools = new_pools(&json, 3);
+    let mut con = redis.conn();
+    let t0 = Instant::now();
+    let mut rounds = 0;
+    while t0.elapsed() < Duration::from_millis(2_000) {
+        run_pools(&pools, 48);
+        rounds += 1;
+        // Every request has ended: every lease was given back.
+        let left = live_leases(&mut con);
+        assert_eq!(left, 0, "{left} leases resurrected (round {rounds})");
+    }
+}

@@ -134,12 +134,13 @@ return {0, cuts}
 "#;
 
 /// Ends an admission or corrects a budget, in one step. KEYS: leases, state, rate,
-/// aimd[, group leases, group state, group rate].
+/// aimd[, group leases, group state, group rate], gone (the key's released lease ids,
+/// scored by expiry: tombstones a renewal respects).
 /// ARGV: lease id ('' for none), max, cooldown_ms (0 none), disable reason ('' none),
 /// rpm, rpm delta (requests), tpm, tpm delta (tokens), channel, key hash, disabled TTL,
 /// adaptive ('1'), outcome ('r' a 429, 's' a success, '' neither), the admission's cut
 /// count[, group max (0 none), group cooldown_ms (0 none), group rpm, group tpm, group
-/// hash]. The shared learned limit (AIMD, as `adaptive.rs` without its probe pacing):
+/// hash], tombstone lifetime (ms). The shared learned limit (AIMD, as `adaptive.rs` without its probe pacing):
 /// a success while the key used its whole limit adds 1/limit (up to max); a 429 of an
 /// admission made since the last cut multiplies it by 0.8 (at least 1) — once per
 /// overshoot, whichever process sees the 429s. A lease given back to a full key or a
@@ -147,7 +148,8 @@ return {0, cuts}
 const SETTLE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local grp = #KEYS >= 7
+local grp = #KEYS >= 8
+local gone = KEYS[#KEYS]
 if ARGV[1] ~= '' then
   local max = tonumber(ARGV[2])
   local count = redis.call('ZCARD', KEYS[1])
@@ -164,6 +166,11 @@ if ARGV[1] ~= '' then
     redis.call('PEXPIRE', KEYS[4], 86400000)
   end
   local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+  -- A tombstone: a renewal that copied this id before the release never re-adds it.
+  local ttl = tonumber(ARGV[#ARGV])
+  redis.call('ZREMRANGEBYSCORE', gone, '-inf', now)
+  redis.call('ZADD', gone, now + ttl, ARGV[1])
+  redis.call('PEXPIRE', gone, ttl)
   if count >= lim and removed == 1 then redis.call('PUBLISH', ARGV[9], ARGV[10]) end
   if grp then
     local gmax = tonumber(ARGV[15])
@@ -207,14 +214,21 @@ return 0
 "#;
 
 /// Renews this process's leases of one key (re-adding any Redis lost, e.g. in a
-/// restart: those requests are still running) in every set of KEYS: the key's leases
-/// and, for a key of a group, the group's. ARGV: lease_ms, ids…
+/// restart: those requests are still running) in every set of KEYS but the first: the
+/// key's leases and, for a key of a group, the group's — except a lease released
+/// meanwhile (its id is in KEYS[1], the key's tombstones: the renewal copied it before
+/// the release ran). ARGV: lease_ms, ids…
 const RENEW: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease_ms = tonumber(ARGV[1])
-for k = 1, #KEYS do
-  for i = 2, #ARGV do redis.call('ZADD', KEYS[k], now + lease_ms, ARGV[i]) end
+local live = {}
+for i = 2, #ARGV do
+  local dead = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if not dead or tonumber(dead) <= now then live[#live + 1] = ARGV[i] end
+end
+for k = 2, #KEYS do
+  for _, id in ipairs(live) do redis.call('ZADD', KEYS[k], now + lease_ms, id) end
   redis.call('PEXPIRE', KEYS[k], lease_ms * 2)
 end
 return 0
@@ -289,6 +303,8 @@ impl Aimd {
 
 struct KeyInfo {
     leases: String,
+    /// Released lease ids (tombstones, see `SETTLE`).
+    gone: String,
     aimd: String,
     adaptive: bool,
     state: String,
@@ -550,6 +566,12 @@ impl Inner {
         c.last_error = msg;
     }
 
+    /// How long a released lease's tombstone lives: longer than any renewal that
+    /// copied its id before the release can take to reach Redis.
+    fn tombstone_ms(&self) -> u64 {
+        2 * (self.cfg.lease_ms + self.cfg.timeout_ms)
+    }
+
     /// A lease id unique to this pool.
     fn lease_id(&self) -> String {
         format!(
@@ -809,6 +831,7 @@ impl Inner {
                 .arg(g.tpm)
                 .arg(&g.hash);
         }
+        inv.key(&k.gone).arg(self.tombstone_ms());
         inv.invoke::<i64>(con)
     }
 
@@ -832,7 +855,8 @@ impl Inner {
         k: &KeyInfo,
         ids: &[String],
     ) -> redis::RedisResult<i64> {
-        let mut inv = self.renew.key(&k.leases);
+        let mut inv = self.renew.key(&k.gone);
+        inv.key(&k.leases);
         if let Some(g) = k.group {
             inv.key(&self.groups[g].leases);
         }
@@ -911,6 +935,7 @@ impl RedisLimits {
                     state: format!("kp:{ns}:{hash}:state"),
                     rate: format!("kp:{ns}:{hash}:rate"),
                     aimd: format!("kp:{ns}:{hash}:aimd"),
+                    gone: format!("kp:{ns}:{hash}:gone"),
                     adaptive: k.adaptive,
                     hash,
                     max: k.max_concurrent,
@@ -1243,6 +1268,118 @@ mod tests {
         assert_eq!(a, key_hash("team-a", "sk-secret-123"));
         assert_ne!(a, key_hash("team-b", "sk-secret-123"));
         assert_ne!(a, key_hash("team-a", "sk-secret-124"));
+    }
+
+    /// A `redis-server` on a free loopback port, killed on drop; `None` (skip) if it is
+    /// not installed, except in CI.
+    struct TestRedis(std::process::Child, u16);
+
+    impl TestRedis {
+        fn start() -> Option<TestRedis> {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .ok()?
+                .local_addr()
+                .ok()?
+                .port();
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn();
+            let child = match child {
+                Ok(c) => c,
+                Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                    panic!("redis-server is not installed, and CI=true")
+                }
+                Err(_) => {
+                    eprintln!("SKIPPED: redis-server not found");
+                    return None;
+                }
+            };
+            let r = TestRedis(child, port);
+            let t0 = Instant::now();
+            while redis::Client::open(r.url())
+                .and_then(|c| c.get_connection())
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_err()
+            {
+                assert!(t0.elapsed() < Duration::from_secs(10), "redis-server");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Some(r)
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}/0", self.1)
+        }
+
+        fn conn(&self) -> redis::Connection {
+            redis::Client::open(self.url())
+                .unwrap()
+                .get_connection()
+                .unwrap()
+        }
+    }
+
+    impl Drop for TestRedis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Shared limits on one key of `max_concurrent` 2 (in group `g` if `group`).
+    fn limits(redis: &TestRedis, group: bool) -> RedisLimits {
+        let json = format!(
+            r#"{{"base_url": "http://127.0.0.1:9", "keys": [{{"key": "sk-unit", "max_concurrent": 2{}}}],
+                {} "shared": {{"redis_url": "{}", "namespace": "unit", "lease_ms": 3000}}}}"#,
+            if group { r#", "group": "g""# } else { "" },
+            if group {
+                r#""groups": [{"name": "g", "max_concurrent": 2}],"#
+            } else {
+                ""
+            },
+            redis.url()
+        );
+        let config = Config::from_json(&json).unwrap();
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        RedisLimits::start(config.shared.as_ref().unwrap(), &config, tx).unwrap()
+    }
+
+    /// Issue 23.2: a renewal that copied a lease id before its release ran (the
+    /// renewer's RENEW reaching Redis after the SETTLE) does not bring the lease back,
+    /// in the key's set nor in its group's.
+    #[test]
+    fn a_late_renewal_does_not_resurrect_a_released_lease() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let l = limits(&redis, true);
+        assert_eq!(l.acquire(0, 0), SharedAdmit::Yes);
+        let ids = l.inner.register_held(0);
+        assert_eq!(ids.len(), 1);
+        l.release(0, &KeyVerdict::default());
+        let mut con = redis.conn();
+        l.inner
+            .renew_leases(&mut con, &l.inner.keys[0], &ids)
+            .unwrap();
+        let g = l.inner.keys[0].group.unwrap();
+        for set in [&l.inner.keys[0].leases, &l.inner.groups[g].leases] {
+            let n: usize = redis::cmd("ZCARD").arg(set).query(&mut con).unwrap();
+            assert_eq!(n, 0, "{set}: a released lease is back");
+        }
+        // A lease still held is renewed (re-added if Redis lost it).
+        assert_eq!(l.acquire(0, 0), SharedAdmit::Yes);
+        let _: () = redis::cmd("FLUSHALL").query(&mut con).unwrap();
+        let ids = l.inner.register_held(0);
+        l.inner
+            .renew_leases(&mut con, &l.inner.keys[0], &ids)
+            .unwrap();
+        let n: usize = redis::cmd("ZCARD")
+            .arg(&l.inner.keys[0].leases)
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(n, 1);
     }
 
     #[test]
