@@ -1567,3 +1567,64 @@ fn renewal_never_resurrects_a_released_lease() {
         assert_eq!(left, 0, "{left} leases resurrected (round {rounds})");
     }
 }
+
+/// Issue 23.4: Redis runs an ACQUIRE but its reply is lost (a muted proxy). With
+/// `on_unavailable: fail` the request ends with the typed error and its lease id is
+/// released as soon as Redis answers again; with `local` the fallback slot takes the
+/// same id, so registering it renews that lease instead of adding a second one. Either
+/// way no orphan lease holds a slot for `lease_ms` (20 s here).
+#[test]
+fn lost_acquire_reply_leaves_no_orphan_lease() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let proxy = Proxy::start(redis.port);
+    let server = mock(0);
+    let key = "sk-shared-0";
+    let mut con = redis.conn();
+    for mode in ["fail", "local"] {
+        let extra = format!(r#", "on_unavailable": "{mode}", "timeout_ms": 300"#);
+        let json = config_json(&server.url(), &proxy.url(), 1, 2, "", &extra)
+            .replace(r#""lease_ms": 1500"#, r#""lease_ms": 20000"#);
+        let pool = new_pool(&json);
+        // Redis has the scripts (a first EVALSHA would only answer NOSCRIPT).
+        set_latency(&server, key, 0);
+        run_ok(&pool, 1);
+        set_latency(&server, key, 2_000);
+        proxy.set_mute(true);
+        let ticket = pool.submit(chat(0)).unwrap();
+        // Redis ran the ACQUIRE: its lease is there.
+        wait_for(
+            "the lease of the lost reply",
+            Duration::from_secs(2),
+            || live_leases(&mut con) == 1,
+        );
+        if mode == "fail" {
+            let r = ticket.wait();
+            assert!(matches!(r, Err(Error::SharedUnavailable { .. })), "{r:?}");
+            proxy.set_mute(false);
+            wait_for("the orphan lease released", Duration::from_secs(3), || {
+                live_leases(&mut con) == 0
+            });
+        } else {
+            wait_for("the fallback request", Duration::from_secs(2), || {
+                server.key_stats(key).is_some_and(|k| k.in_flight == 1)
+            });
+            proxy.set_mute(false);
+            // Registered by the renewer: the same lease, renewed, not a second one.
+            let until = Instant::now() + Duration::from_millis(1_500);
+            while Instant::now() < until {
+                assert!(
+                    live_leases(&mut con) <= 1,
+                    "an orphan lease beside the slot's"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(ticket.wait().is_ok());
+            wait_for("the lease released", Duration::from_secs(1), || {
+                live_leases(&mut con) == 0
+            });
+        }
+        drop(pool);
+    }
+}

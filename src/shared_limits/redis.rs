@@ -52,16 +52,26 @@ const DISABLED_TTL_MS: u64 = 3_600_000;
 /// the group's (the same lease id in the group's set) in the same step, or nothing.
 /// With `adaptive` ('1'), the key's slots are capped at its shared learned limit
 /// (`kp:{ns}:{h}:aimd`: `limit`, a float ≥ 1, and `cuts`, the number of cuts so far).
-/// KEYS: leases, state, rate, aimd[, group leases, group state, group rate].
-/// ARGV: max, lease id, lease_ms, rpm, tpm, tokens, adaptive[, group max (0: none),
-/// group rpm, group tpm]. Returns {0, cuts} admitted (cuts: the learned limit's cut
-/// count now), {1, wait_ms} full (key or group), {2, wait_ms} cooling, {3, 0, reason}
-/// disabled, {4, wait_ms} out of rate budget (key or group), {5, wait_ms} the group
-/// (account) cooling.
+/// KEYS: leases, state, rate, aimd[, group leases, group state, group rate], gone.
+/// ARGV: max, lease id (chosen by the client, reused if the reply is lost), lease_ms,
+/// rpm, tpm, tokens, adaptive[, group max (0: none), group rpm, group tpm]. Returns
+/// {0, cuts} admitted (cuts: the learned limit's cut count now) — also when this id
+/// already holds a live lease, with nothing taken twice — {1, wait_ms} full (key or
+/// group), {2, wait_ms} cooling, {3, 0, reason} disabled, {4, wait_ms} out of rate
+/// budget (key or group), {5, wait_ms} the group (account) cooling, {6, 0} this id
+/// was released already.
 const ACQUIRE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local grp = #KEYS >= 7
+local grp = #KEYS >= 8
+local gone = KEYS[#KEYS]
+-- Idempotent: a lease id already released is never taken again (a late copy of this
+-- call), and one already taken is admitted again without a second charge (a retry).
+if redis.call('ZSCORE', gone, ARGV[2]) then return {6, 0} end
+local mine = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[2]) or '0') or 0
+if mine > now then
+  return {0, tonumber(redis.call('HGET', KEYS[4], 'cuts') or '0') or 0}
+end
 local dis = redis.call('HGET', KEYS[2], 'disabled')
 if dis then return {3, 0, dis} end
 local cool = tonumber(redis.call('HGET', KEYS[2], 'cool_until') or '0') or 0
@@ -585,6 +595,7 @@ impl Inner {
     fn acquire(&self, key: usize, tokens: u64) -> (SharedAdmit, bool) {
         let k = &self.keys[key];
         let id = self.lease_id();
+        let mut sent = false;
         let reply = self.with_conn(|con| {
             let mut inv = self.acquire.key(&k.leases);
             inv.key(&k.state)
@@ -605,13 +616,23 @@ impl Inner {
                     .arg(g.rpm)
                     .arg(g.tpm);
             }
+            inv.key(&k.gone);
+            sent = true;
             inv.invoke::<Vec<Value>>(con)
         });
         let now = Instant::now();
         let Some(reply) = reply else {
+            // The call went out and failed: Redis may have run it (its reply lost), so
+            // the lease id may hold a lease there. A fallback slot reuses the id (its
+            // registration then renews that lease rather than adding one) and is
+            // released in Redis in the end; refused, the id is released at once (or
+            // when Redis answers again).
+            let admit = self.fallback(key, tokens, now, id.clone(), sent);
+            if sent && admit != SharedAdmit::Yes {
+                self.release(key, Some(id), (None, None), "", Aimd::NONE);
+            }
             // A fallback slot wakes the renewer too: it registers the slot in Redis
             // as soon as Redis answers.
-            let admit = self.fallback(key, tokens, now);
             let held = admit == SharedAdmit::Yes;
             return (admit, held);
         };
@@ -644,14 +665,24 @@ impl Inner {
                 SharedAdmit::Disabled(reason)
             }
             5 => SharedAdmit::GroupCooling(after(int(1))),
+            6 => SharedAdmit::WakeAt(now + BUSY_RECHECK),
             _ => SharedAdmit::WakeAt(after(int(1))),
         };
         (admit, false)
     }
 
     /// Admission while Redis is unreachable: the key's limits and its group's, scaled
-    /// by `local_share_percent`, counted in this process alone.
-    fn fallback(&self, key: usize, tokens: u64, now: Instant) -> SharedAdmit {
+    /// by `local_share_percent`, counted in this process alone. The slot takes lease id
+    /// `id`; `maybe_in_redis`: an ACQUIRE of that id may have run (its reply lost), so
+    /// its release must reach Redis.
+    fn fallback(
+        &self,
+        key: usize,
+        tokens: u64,
+        now: Instant,
+        id: String,
+        maybe_in_redis: bool,
+    ) -> SharedAdmit {
         if self.cfg.on_unavailable == OnUnavailable::Fail {
             return SharedAdmit::Unavailable;
         }
@@ -714,10 +745,9 @@ impl Inner {
             gl.tpm = gtpm;
             gl.held += 1;
         }
-        let id = self.lease_id();
         l.held.push(Held {
             id,
-            in_redis: false,
+            in_redis: maybe_in_redis,
             cuts: 0,
         });
         SharedAdmit::Yes
