@@ -52,7 +52,8 @@ const DISABLED_TTL_MS: u64 = 3_600_000;
 /// the group's (the same lease id in the group's set) in the same step, or nothing.
 /// With `adaptive` ('1'), the key's slots are capped at its shared learned limit
 /// (`kp:{ns}:{h}:aimd`: `limit`, a float ≥ 1, and `cuts`, the number of cuts so far).
-/// KEYS: leases, state, rate, aimd[, group leases, group state, group rate], gone.
+/// KEYS: leases, state, rate, aimd[, group leases, group state, group rate], charge
+/// (each lease's charge: `cjson` {rpm ms, tpm ms, group rpm ms, group tpm ms}), gone.
 /// ARGV: max, lease id (chosen by the client, reused if the reply is lost), lease_ms,
 /// rpm, tpm, tokens, adaptive[, group max (0: none), group rpm, group tpm]. Returns
 /// {0, cuts} admitted (cuts: the learned limit's cut count now) — also when this id
@@ -63,7 +64,8 @@ const DISABLED_TTL_MS: u64 = 3_600_000;
 const ACQUIRE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local grp = #KEYS >= 8
+local grp = #KEYS >= 9
+local charge = KEYS[#KEYS - 1]
 local gone = KEYS[#KEYS]
 -- Idempotent: a lease id already released is never taken again (a late copy of this
 -- call), and one already taken is admitted again without a second charge (a retry).
@@ -108,11 +110,11 @@ end
 -- most one minute's worth, like the local bucket.
 local tokens = tonumber(ARGV[6])
 local function budget(rate, rpm, tpm)
-  local wait, rtat, ttat = 0, nil, nil
+  local wait, rtat, ttat, rc, tc = 0, nil, nil, 0, 0
   if rpm > 0 then
     local T = 60000 / rpm
     local tat = math.max(tonumber(redis.call('HGET', rate, 'r') or '0') or 0, now)
-    if tat > now then wait = tat - now else rtat = tat + T end
+    if tat > now then wait = tat - now else rtat = tat + T; rc = T end
   end
   if tpm > 0 then
     local T = 60000 / tpm
@@ -121,13 +123,15 @@ local function budget(rate, rpm, tpm)
     local need = math.min(tokens, cap) * T
     local tat = math.max(tonumber(redis.call('HGET', rate, 't') or '0') or 0, now)
     if tat + need - now > tau then wait = math.max(wait, tat + need - tau - now)
-    else ttat = math.min(tat + tokens * T, now + 60000) end
+    else ttat = math.min(tat + tokens * T, now + 60000); tc = ttat - tat end
   end
-  return wait, rtat, ttat
+  return wait, rtat, ttat, rc, tc
 end
-local wait, rtat, ttat = budget(KEYS[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
-local gwait, grtat, gttat = 0, nil, nil
-if grp then gwait, grtat, gttat = budget(KEYS[7], tonumber(ARGV[9]), tonumber(ARGV[10])) end
+local wait, rtat, ttat, rc, tc = budget(KEYS[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+local gwait, grtat, gttat, grc, gtc = 0, nil, nil, 0, 0
+if grp then
+  gwait, grtat, gttat, grc, gtc = budget(KEYS[7], tonumber(ARGV[9]), tonumber(ARGV[10]))
+end
 wait = math.max(wait, gwait)
 if wait > 0 then return {4, math.max(1, math.ceil(wait))} end
 local lease_ms = tonumber(ARGV[3])
@@ -140,17 +144,24 @@ local function take(leases, rate, r, tt)
 end
 take(KEYS[1], KEYS[3], rtat, ttat)
 if grp then take(KEYS[5], KEYS[7], grtat, gttat) end
+-- What this lease was charged (ms of each GCRA), so a refund or a correction gives
+-- back no more than that.
+if rc + tc + grc + gtc > 0 then
+  redis.call('HSET', charge, ARGV[2], cjson.encode({rc, tc, grc, gtc}))
+  redis.call('PEXPIRE', charge, math.max(180000, lease_ms * 2))
+end
 return {0, cuts}
 "#;
 
 /// Ends an admission or corrects a budget, in one step. KEYS: leases, state, rate,
-/// aimd[, group leases, group state, group rate], gone (the key's released lease ids,
-/// scored by expiry: tombstones a renewal respects).
+/// aimd[, group leases, group state, group rate], charge, gone (the key's released lease
+/// ids, scored by expiry: tombstones a renewal respects).
 /// ARGV: lease id ('' for none), max, cooldown_ms (0 none), disable reason ('' none),
 /// rpm, rpm delta (requests), tpm, tpm delta (tokens), channel, key hash, disabled TTL,
 /// adaptive ('1'), outcome ('r' a 429, 's' a success, '' neither), the admission's cut
 /// count[, group max (0 none), group cooldown_ms (0 none), group rpm, group tpm, group
-/// hash], tombstone lifetime (ms). The shared learned limit (AIMD, as `adaptive.rs` without its probe pacing):
+/// hash], refund ('1': give the lease's recorded charge back — an admission whose reply
+/// was lost), tombstone lifetime (ms). The shared learned limit (AIMD, as `adaptive.rs` without its probe pacing):
 /// a success while the key used its whole limit adds 1/limit (up to max); a 429 of an
 /// admission made since the last cut multiplies it by 0.8 (at least 1) — once per
 /// overshoot, whichever process sees the 429s. A lease given back to a full key or a
@@ -158,7 +169,8 @@ return {0, cuts}
 const SETTLE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local grp = #KEYS >= 8
+local grp = #KEYS >= 9
+local charge = KEYS[#KEYS - 1]
 local gone = KEYS[#KEYS]
 if ARGV[1] ~= '' then
   local max = tonumber(ARGV[2])
@@ -176,6 +188,19 @@ if ARGV[1] ~= '' then
     redis.call('PEXPIRE', KEYS[4], 86400000)
   end
   local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+  -- A lease whose admission never got its answer gives its charge back.
+  local c = redis.call('HGET', charge, ARGV[1])
+  if c and removed == 1 and ARGV[#ARGV - 1] == '1' then
+    local ch = cjson.decode(c)
+    local function back(rate, field, d)
+      local tat = tonumber(redis.call('HGET', rate, field) or '0') or 0
+      if d > 0 and tat > 0 then redis.call('HSET', rate, field, tostring(tat - d)) end
+    end
+    back(KEYS[3], 'r', ch[1])
+    back(KEYS[3], 't', ch[2])
+    if grp then back(KEYS[7], 'r', ch[3]); back(KEYS[7], 't', ch[4]) end
+  end
+  if c then redis.call('HDEL', charge, ARGV[1]) end
   -- A tombstone: a renewal that copied this id before the release never re-adds it.
   local ttl = tonumber(ARGV[#ARGV])
   redis.call('ZREMRANGEBYSCORE', gone, '-inf', now)
@@ -223,6 +248,53 @@ end
 return 0
 "#;
 
+/// Gives back (refund) or corrects (tpm: estimated vs actual tokens) the charge of one
+/// lease, recorded by `ACQUIRE`: a refund returns exactly what was charged, and a
+/// correction never takes the charge below zero — so neither erases other requests'
+/// debt. KEYS: rate, charge[, group rate]. ARGV: lease id, refund ('1') or correct
+/// (''), tokens delta (correct), tpm, group tpm, actual tokens (correct). Without a
+/// record (a fallback slot, or one older than the record's lifetime) only a positive
+/// correction applies.
+const CHARGE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local grp = #KEYS >= 3
+local function move(rate, field, d)
+  if d == 0 then return 0 end
+  local tat = tonumber(redis.call('HGET', rate, field) or '0') or 0
+  if tat <= 0 then return 0 end
+  local n = math.min(tat + d, now + 60000)
+  redis.call('HSET', rate, field, tostring(n))
+  return n - tat
+end
+local c = redis.call('HGET', KEYS[2], ARGV[1])
+local d = tonumber(ARGV[3])
+local tpm, gtpm = tonumber(ARGV[4]), tonumber(ARGV[5])
+if not c then
+  if ARGV[2] ~= '1' and d > 0 then
+    if tpm > 0 then move(KEYS[1], 't', d * 60000 / tpm) end
+    if grp and gtpm > 0 then move(KEYS[3], 't', d * 60000 / gtpm) end
+  end
+  return 0
+end
+local ch = cjson.decode(c)
+if ARGV[2] == '1' then
+  move(KEYS[1], 'r', -ch[1])
+  move(KEYS[1], 't', -ch[2])
+  if grp then move(KEYS[3], 'r', -ch[3]); move(KEYS[3], 't', -ch[4]) end
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  return 1
+end
+-- The charge becomes what the actual count costs (still at most a minute's debt).
+local actual = tonumber(ARGV[6])
+if tpm > 0 then ch[2] = ch[2] + move(KEYS[1], 't', actual * 60000 / tpm - ch[2]) end
+if grp and gtpm > 0 then
+  ch[4] = ch[4] + move(KEYS[3], 't', actual * 60000 / gtpm - ch[4])
+end
+redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(ch))
+return 1
+"#;
+
 /// Renews this process's leases of one key (re-adding any Redis lost, e.g. in a
 /// restart: those requests are still running) in every set of KEYS but the first: the
 /// key's leases and, for a key of a group, the group's — except a lease released
@@ -254,6 +326,11 @@ struct Held {
     in_redis: bool,
     /// The shared learned limit's cut count when admitted (adaptive keys).
     cuts: u64,
+    /// The tokens it was admitted for (corrected once known): a refund or a correction
+    /// of that many goes to this lease's recorded charge.
+    tokens: u64,
+    /// Its charge was given back already (`refund`).
+    refunded: bool,
 }
 
 /// A release (and the attempt's verdict) whose Redis call failed, retried when Redis
@@ -267,6 +344,8 @@ struct Pending {
     /// Cool the key's group (account) until this instant, if still ahead when retried.
     group_cool_until: Option<Instant>,
     disable: String,
+    /// Give the lease's recorded charge back (its admission's reply was lost).
+    refund: bool,
 }
 
 /// At most this many releases wait for Redis to come back; beyond, the oldest is
@@ -315,6 +394,8 @@ struct KeyInfo {
     leases: String,
     /// Released lease ids (tombstones, see `SETTLE`).
     gone: String,
+    /// Each lease's charge (see `ACQUIRE`).
+    charge: String,
     aimd: String,
     adaptive: bool,
     state: String,
@@ -391,6 +472,7 @@ struct Inner {
     acquire: Script,
     settle: Script,
     renew: Script,
+    charge: Script,
     channel: String,
     /// Unique per pool: prefixes its lease ids.
     token: String,
@@ -551,8 +633,7 @@ impl Inner {
             p.lease.as_deref(),
             (cooldown_ms, group_cooldown_ms),
             &p.disable,
-            0,
-            0,
+            p.refund,
             Aimd::NONE,
         )
     }
@@ -616,7 +697,7 @@ impl Inner {
                     .arg(g.rpm)
                     .arg(g.tpm);
             }
-            inv.key(&k.gone);
+            inv.key(&k.charge).key(&k.gone);
             sent = true;
             inv.invoke::<Vec<Value>>(con)
         });
@@ -629,7 +710,7 @@ impl Inner {
             // when Redis answers again).
             let admit = self.fallback(key, tokens, now, id.clone(), sent);
             if sent && admit != SharedAdmit::Yes {
-                self.release(key, Some(id), (None, None), "", Aimd::NONE);
+                self.release(key, Some(id), (None, None), "", Aimd::NONE, true);
             }
             // A fallback slot wakes the renewer too: it registers the slot in Redis
             // as soon as Redis answers.
@@ -649,6 +730,8 @@ impl Inner {
                     id,
                     in_redis: true,
                     cuts,
+                    tokens,
+                    refunded: false,
                 });
                 if let Some(g) = k.group {
                     self.group_local[g].lock().held += 1;
@@ -749,6 +832,8 @@ impl Inner {
             id,
             in_redis: maybe_in_redis,
             cuts: 0,
+            tokens,
+            refunded: false,
         });
         SharedAdmit::Yes
     }
@@ -765,6 +850,7 @@ impl Inner {
         (cooldown, group_cooldown): (Option<Duration>, Option<Duration>),
         disable: &str,
         aimd: Aimd,
+        refund: bool,
     ) {
         let ms = |c: Option<Duration>| {
             c.map_or(0, |d| {
@@ -784,8 +870,7 @@ impl Inner {
                     lease_ref.as_deref(),
                     cooldown_ms,
                     disable,
-                    0,
-                    0,
+                    refund,
                     aimd,
                 )
             },
@@ -806,16 +891,46 @@ impl Inner {
                     cool_until: cooldown.and_then(|d| queued_at.checked_add(d)),
                     group_cool_until: group_cooldown.and_then(|d| queued_at.checked_add(d)),
                     disable: disable.to_owned(),
+                    refund,
                 });
             },
         );
     }
 
-    /// Corrects a key's shared rate budgets; not retried if Redis is unreachable (a
-    /// budget shift is not idempotent, and a lost one errs by at most that request).
-    fn shift(&self, key: usize, rpm_delta: i64, tpm_delta: i64) {
+    /// Gives back (`refund`) or corrects by `delta` tokens the charge of a lease this
+    /// process holds on key `key` for `tokens` tokens (the newest such one, not yet
+    /// refunded; held leases are interchangeable but for their charges). Not retried if
+    /// Redis is unreachable (a lost one errs by at most that request).
+    fn recharge(&self, key: usize, tokens: u64, refund: bool, delta: i64) {
+        let id = {
+            let mut l = self.local[key].lock();
+            let open = |h: &Held| h.in_redis && !h.refunded;
+            let at = (l.held.iter().rposition(|h| open(h) && h.tokens == tokens))
+                .or_else(|| l.held.iter().rposition(open));
+            let Some(h) = at.map(|i| &mut l.held[i]) else {
+                return; // a fallback slot: nothing charged in Redis
+            };
+            if refund {
+                h.refunded = true;
+            } else {
+                h.tokens = tokens.saturating_add_signed(delta);
+            }
+            h.id.clone()
+        };
+        let k = &self.keys[key];
         let _ = self.with_conn(|con| {
-            self.settle_on(con, key, None, (0, 0), "", rpm_delta, tpm_delta, Aimd::NONE)
+            let mut inv = self.charge.key(&k.rate);
+            inv.key(&k.charge)
+                .arg(&id)
+                .arg(if refund { "1" } else { "" })
+                .arg(delta)
+                .arg(k.tpm);
+            match k.group.map(|g| &self.groups[g]) {
+                Some(g) => inv.key(&g.rate).arg(g.tpm),
+                None => inv.arg(0),
+            };
+            inv.arg(tokens.saturating_add_signed(delta));
+            inv.invoke::<i64>(con)
         });
     }
 
@@ -828,8 +943,7 @@ impl Inner {
         lease: Option<&str>,
         (cooldown_ms, group_cooldown_ms): (u64, u64),
         disable: &str,
-        rpm_delta: i64,
-        tpm_delta: i64,
+        refund: bool,
         aimd: Aimd,
     ) -> redis::RedisResult<i64> {
         let k = &self.keys[key];
@@ -842,9 +956,9 @@ impl Inner {
             .arg(cooldown_ms)
             .arg(disable)
             .arg(k.rpm)
-            .arg(rpm_delta)
+            .arg(0)
             .arg(k.tpm)
-            .arg(tpm_delta)
+            .arg(0)
             .arg(&self.channel)
             .arg(&k.hash)
             .arg(DISABLED_TTL_MS)
@@ -861,7 +975,10 @@ impl Inner {
                 .arg(g.tpm)
                 .arg(&g.hash);
         }
-        inv.key(&k.gone).arg(self.tombstone_ms());
+        inv.key(&k.charge)
+            .key(&k.gone)
+            .arg(if refund { "1" } else { "" })
+            .arg(self.tombstone_ms());
         inv.invoke::<i64>(con)
     }
 
@@ -966,6 +1083,7 @@ impl RedisLimits {
                     rate: format!("kp:{ns}:{hash}:rate"),
                     aimd: format!("kp:{ns}:{hash}:aimd"),
                     gone: format!("kp:{ns}:{hash}:gone"),
+                    charge: format!("kp:{ns}:{hash}:charge"),
                     adaptive: k.adaptive,
                     hash,
                     max: k.max_concurrent,
@@ -996,6 +1114,7 @@ impl RedisLimits {
             acquire: Script::new(ACQUIRE),
             settle: Script::new(SETTLE),
             renew: Script::new(RENEW),
+            charge: Script::new(CHARGE),
             channel: format!("kp:{ns}:released"),
             token: token.clone(),
             next_lease: std::sync::atomic::AtomicU64::new(0),
@@ -1225,13 +1344,14 @@ impl SharedLimits for RedisLimits {
             return;
         }
         let cooldowns = (v.cooldown, v.group_cooldown);
-        self.inner.release(key, lease, cooldowns, disable, aimd);
+        self.inner
+            .release(key, lease, cooldowns, disable, aimd, false);
         self.wake_if_down();
     }
 
     fn disable(&self, key: usize, reason: &str) {
         self.inner
-            .release(key, None, (None, None), reason, Aimd::NONE);
+            .release(key, None, (None, None), reason, Aimd::NONE, false);
         self.wake_if_down();
     }
 
@@ -1241,8 +1361,7 @@ impl SharedLimits for RedisLimits {
         if k.rpm == 0 && k.tpm == 0 && g.is_none_or(|g| g.rpm == 0 && g.tpm == 0) {
             return;
         }
-        let t = i64::try_from(tokens).unwrap_or(i64::MAX);
-        self.inner.shift(key, -1, -t);
+        self.inner.recharge(key, tokens, true, 0);
         self.wake_if_down();
     }
 
@@ -1254,7 +1373,7 @@ impl SharedLimits for RedisLimits {
         }
         let delta = i128::from(actual) - i128::from(estimated);
         let delta = i64::try_from(delta).unwrap_or(if delta > 0 { i64::MAX } else { i64::MIN });
-        self.inner.shift(key, 0, delta);
+        self.inner.recharge(key, estimated, false, delta);
         self.wake_if_down();
     }
 
@@ -1358,10 +1477,11 @@ mod tests {
         }
     }
 
-    /// Shared limits on one key of `max_concurrent` 2 (in group `g` if `group`).
-    fn limits(redis: &TestRedis, group: bool) -> RedisLimits {
+    /// Shared limits on one key of `max_concurrent` 2 with the fields `extra` (in group
+    /// `g` if `group`).
+    fn limits(redis: &TestRedis, group: bool, extra: &str) -> RedisLimits {
         let json = format!(
-            r#"{{"base_url": "http://127.0.0.1:9", "keys": [{{"key": "sk-unit", "max_concurrent": 2{}}}],
+            r#"{{"base_url": "http://127.0.0.1:9", "keys": [{{"key": "sk-unit", "max_concurrent": 2{extra}{}}}],
                 {} "shared": {{"redis_url": "{}", "namespace": "unit", "lease_ms": 3000}}}}"#,
             if group { r#", "group": "g""# } else { "" },
             if group {
@@ -1384,7 +1504,7 @@ mod tests {
         let Some(redis) = TestRedis::start() else {
             return;
         };
-        let l = limits(&redis, true);
+        let l = limits(&redis, true, "");
         assert_eq!(l.acquire(0, 0), SharedAdmit::Yes);
         let ids = l.inner.register_held(0);
         assert_eq!(ids.len(), 1);
@@ -1410,6 +1530,57 @@ mod tests {
             .query(&mut con)
             .unwrap();
         assert_eq!(n, 1);
+    }
+
+    /// Issue 23.6: the tpm charge of a request bigger than a minute's budget is capped
+    /// at one minute of debt; its refund gives back exactly that (not the full token
+    /// count, which would erase other requests' debt), and a correction to the actual
+    /// usage moves the charge, never below zero.
+    #[test]
+    fn a_refund_or_correction_returns_no_more_than_was_charged() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        // 600 tpm: 100 ms a token, a burst of 10 tokens.
+        let l = limits(&redis, false, r#", "tpm": 600"#);
+        let mut con = redis.conn();
+        let rate = l.inner.keys[0].rate.clone();
+        let mut tat = || -> f64 {
+            redis::cmd("HGET")
+                .arg(&rate)
+                .arg("t")
+                .query::<String>(&mut con)
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let now_ms = || -> f64 {
+            let (s, us): (u64, u64) = redis::cmd("TIME").query(&mut redis.conn()).unwrap();
+            (s * 1000 + us / 1000) as f64
+        };
+        let t0 = now_ms();
+        assert_eq!(l.acquire(0, 100_000), SharedAdmit::Yes);
+        let charged = tat() - t0;
+        assert!((59_000.0..=60_100.0).contains(&charged), "{charged}");
+        l.refund(0, 100_000);
+        let back = tat();
+        assert!(back >= t0 - 5.0 && back <= now_ms() + 5.0, "{back} vs {t0}");
+        l.release(0, &KeyVerdict::default());
+        // The same request used 10 tokens: 1 s of budget, not 10,000 s given back.
+        let t1 = now_ms();
+        assert_eq!(l.acquire(0, 100_000), SharedAdmit::Yes);
+        l.correct_tokens(0, 100_000, 10);
+        let corrected = tat() - t1;
+        assert!((950.0..=1_100.0).contains(&corrected), "{corrected}");
+        // A correction upward is charged (up to a minute's debt), and given back by a
+        // later refund no further than the charge.
+        l.correct_tokens(0, 10, 30);
+        let up = tat() - t1;
+        assert!((2_950.0..=3_100.0).contains(&up), "{up}");
+        l.refund(0, 30);
+        let down = tat();
+        assert!(down >= t1 - 5.0 && down <= now_ms() + 5.0, "{down} vs {t1}");
+        l.release(0, &KeyVerdict::default());
     }
 
     #[test]
