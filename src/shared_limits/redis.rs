@@ -321,6 +321,8 @@ return 0
 /// answers again, so the requests still running then count against the shared limit.
 #[derive(Debug)]
 struct Held {
+    /// Its number in this pool (`Admission::lease`).
+    seq: u64,
     id: String,
     /// Registered in Redis (as far as this process knows): its release must reach Redis.
     in_redis: bool,
@@ -663,19 +665,17 @@ impl Inner {
         2 * (self.cfg.lease_ms + self.cfg.timeout_ms)
     }
 
-    /// A lease id unique to this pool.
-    fn lease_id(&self) -> String {
-        format!(
-            "{}:{}",
-            self.token,
-            self.next_lease
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        )
+    /// A lease number (never 0) and id unique to this pool.
+    fn lease_id(&self) -> (u64, String) {
+        let seq = 1 + self
+            .next_lease
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (seq, format!("{}:{seq}", self.token))
     }
 
     fn acquire(&self, key: usize, tokens: u64) -> (SharedAdmit, bool) {
         let k = &self.keys[key];
-        let id = self.lease_id();
+        let (seq, id) = self.lease_id();
         let mut sent = false;
         let reply = self.with_conn(|con| {
             let mut inv = self.acquire.key(&k.leases);
@@ -708,13 +708,13 @@ impl Inner {
             // registration then renews that lease rather than adding one) and is
             // released in Redis in the end; refused, the id is released at once (or
             // when Redis answers again).
-            let admit = self.fallback(key, tokens, now, id.clone(), sent);
-            if sent && admit != SharedAdmit::Yes {
+            let admit = self.fallback(key, tokens, now, (seq, id.clone()), sent);
+            if sent && admit != SharedAdmit::Yes(seq) {
                 self.release(key, Some(id), (None, None), "", Aimd::NONE, true);
             }
             // A fallback slot wakes the renewer too: it registers the slot in Redis
             // as soon as Redis answers.
-            let held = admit == SharedAdmit::Yes;
+            let held = admit == SharedAdmit::Yes(seq);
             return (admit, held);
         };
         let int = |i: usize| match reply.get(i) {
@@ -727,6 +727,7 @@ impl Inner {
                 let cuts = int(1);
                 let mut l = self.local[key].lock();
                 l.held.push(Held {
+                    seq,
                     id,
                     in_redis: true,
                     cuts,
@@ -736,7 +737,7 @@ impl Inner {
                 if let Some(g) = k.group {
                     self.group_local[g].lock().held += 1;
                 }
-                return (SharedAdmit::Yes, true);
+                return (SharedAdmit::Yes(seq), true);
             }
             1 => SharedAdmit::WakeAt(after(int(1)).min(now + BUSY_RECHECK)),
             2 => SharedAdmit::Cooling(after(int(1))),
@@ -763,7 +764,7 @@ impl Inner {
         key: usize,
         tokens: u64,
         now: Instant,
-        id: String,
+        (seq, id): (u64, String),
         maybe_in_redis: bool,
     ) -> SharedAdmit {
         if self.cfg.on_unavailable == OnUnavailable::Fail {
@@ -829,13 +830,14 @@ impl Inner {
             gl.held += 1;
         }
         l.held.push(Held {
+            seq,
             id,
             in_redis: maybe_in_redis,
             cuts: 0,
             tokens,
             refunded: false,
         });
-        SharedAdmit::Yes
+        SharedAdmit::Yes(seq)
     }
 
     /// Ends an admission (gives `lease` back, publishes the verdict) in Redis; if Redis
@@ -898,14 +900,17 @@ impl Inner {
     }
 
     /// Gives back (`refund`) or corrects by `delta` tokens the charge of a lease this
-    /// process holds on key `key` for `tokens` tokens (the newest such one, not yet
-    /// refunded; held leases are interchangeable but for their charges). Not retried if
+    /// process holds on key `key`: `lease` if given, else one for `tokens` tokens (the
+    /// newest such one, not yet refunded: a correction names no lease). Not retried if
     /// Redis is unreachable (a lost one errs by at most that request).
-    fn recharge(&self, key: usize, tokens: u64, refund: bool, delta: i64) {
+    fn recharge(&self, key: usize, lease: Option<u64>, tokens: u64, refund: bool, delta: i64) {
         let id = {
             let mut l = self.local[key].lock();
             let open = |h: &Held| h.in_redis && !h.refunded;
-            let at = (l.held.iter().rposition(|h| open(h) && h.tokens == tokens))
+            let at = (l.held.iter())
+                .position(|h| lease.is_some_and(|s| s != 0 && h.seq == s))
+                .filter(|&i| open(&l.held[i]))
+                .or_else(|| l.held.iter().rposition(|h| open(h) && h.tokens == tokens))
                 .or_else(|| l.held.iter().rposition(open));
             let Some(h) = at.map(|i| &mut l.held[i]) else {
                 return; // a fallback slot: nothing charged in Redis
@@ -1304,18 +1309,22 @@ impl SharedLimits for RedisLimits {
         admit
     }
 
-    fn release(&self, key: usize, v: &KeyVerdict) {
+    fn release(&self, key: usize, lease: u64, v: &KeyVerdict) {
         let held = {
             let mut l = self.inner.local[key].lock();
-            // Held leases are interchangeable but for their cut counts: a 429 takes the
-            // oldest count (the most likely to be a stale overshoot, which must not cut
-            // again), anything else the newest.
-            let pick = if v.rate_limited {
-                l.held.iter().enumerate().min_by_key(|(_, h)| h.cuts)
-            } else {
-                l.held.iter().enumerate().max_by_key(|(_, h)| h.cuts)
-            }
-            .map(|(i, _)| i);
+            // Its own lease, whose cut count decides whether a 429 cuts the shared
+            // learned limit (an overshoot admitted since the last cut does). Without
+            // one (never in practice), a 429 takes the oldest count, anything else the
+            // newest.
+            let own = l.held.iter().position(|h| lease != 0 && h.seq == lease);
+            let pick = own.or_else(|| {
+                if v.rate_limited {
+                    l.held.iter().enumerate().min_by_key(|(_, h)| h.cuts)
+                } else {
+                    l.held.iter().enumerate().max_by_key(|(_, h)| h.cuts)
+                }
+                .map(|(i, _)| i)
+            });
             let held = pick.map(|i| l.held.swap_remove(i));
             if let (Some(_), Some(g)) = (&held, self.inner.keys[key].group) {
                 let mut gl = self.inner.group_local[g].lock();
@@ -1355,13 +1364,13 @@ impl SharedLimits for RedisLimits {
         self.wake_if_down();
     }
 
-    fn refund(&self, key: usize, tokens: u64) {
+    fn refund(&self, key: usize, lease: u64, tokens: u64) {
         let k = &self.inner.keys[key];
         let g = k.group.map(|g| &self.inner.groups[g]);
         if k.rpm == 0 && k.tpm == 0 && g.is_none_or(|g| g.rpm == 0 && g.tpm == 0) {
             return;
         }
-        self.inner.recharge(key, tokens, true, 0);
+        self.inner.recharge(key, Some(lease), tokens, true, 0);
         self.wake_if_down();
     }
 
@@ -1373,7 +1382,7 @@ impl SharedLimits for RedisLimits {
         }
         let delta = i128::from(actual) - i128::from(estimated);
         let delta = i64::try_from(delta).unwrap_or(if delta > 0 { i64::MAX } else { i64::MIN });
-        self.inner.recharge(key, estimated, false, delta);
+        self.inner.recharge(key, None, estimated, false, delta);
         self.wake_if_down();
     }
 
@@ -1477,6 +1486,56 @@ mod tests {
         }
     }
 
+    /// The lease number of an admission.
+    fn yes(a: SharedAdmit) -> u64 {
+        match a {
+            SharedAdmit::Yes(lease) => lease,
+            other => panic!("expected Yes, got {other:?}"),
+        }
+    }
+
+    /// Issue 23.5: a 429 cuts the shared learned limit against its own admission's cut
+    /// count. A request admitted before a cut still runs; one admitted after the cut
+    /// overshoots again: its 429 cuts again (the old code used the oldest running
+    /// admission's count, so no fresh overshoot cut while a stale one ran), and the
+    /// stale one's 429 does not.
+    #[test]
+    fn a_429_cuts_against_its_own_admission() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let l = limits(&redis, false, r#", "adaptive": true"#);
+        let mut con = redis.conn();
+        let aimd = l.inner.keys[0].aimd.clone();
+        let _: () = redis::cmd("HSET")
+            .arg(&aimd)
+            .arg("limit")
+            .arg(4)
+            .query(&mut con)
+            .unwrap();
+        let mut cuts = || -> u64 {
+            redis::cmd("HGET")
+                .arg(&aimd)
+                .arg("cuts")
+                .query::<Option<u64>>(&mut con)
+                .unwrap()
+                .unwrap_or(0)
+        };
+        let limited = KeyVerdict {
+            rate_limited: true,
+            ..KeyVerdict::default()
+        };
+        let stale = yes(l.acquire(0, 0));
+        let first = yes(l.acquire(0, 0));
+        l.release(0, first, &limited);
+        assert_eq!(cuts(), 1);
+        let fresh = yes(l.acquire(0, 0)); // admitted since the cut
+        l.release(0, fresh, &limited);
+        assert_eq!(cuts(), 2, "a fresh overshoot's 429 cuts");
+        l.release(0, stale, &limited);
+        assert_eq!(cuts(), 2, "a stale overshoot's 429 does not");
+    }
+
     /// Shared limits on one key of `max_concurrent` 2 with the fields `extra` (in group
     /// `g` if `group`).
     fn limits(redis: &TestRedis, group: bool, extra: &str) -> RedisLimits {
@@ -1505,10 +1564,10 @@ mod tests {
             return;
         };
         let l = limits(&redis, true, "");
-        assert_eq!(l.acquire(0, 0), SharedAdmit::Yes);
+        let a = yes(l.acquire(0, 0));
         let ids = l.inner.register_held(0);
         assert_eq!(ids.len(), 1);
-        l.release(0, &KeyVerdict::default());
+        l.release(0, a, &KeyVerdict::default());
         let mut con = redis.conn();
         l.inner
             .renew_leases(&mut con, &l.inner.keys[0], &ids)
@@ -1519,7 +1578,7 @@ mod tests {
             assert_eq!(n, 0, "{set}: a released lease is back");
         }
         // A lease still held is renewed (re-added if Redis lost it).
-        assert_eq!(l.acquire(0, 0), SharedAdmit::Yes);
+        yes(l.acquire(0, 0));
         let _: () = redis::cmd("FLUSHALL").query(&mut con).unwrap();
         let ids = l.inner.register_held(0);
         l.inner
@@ -1559,16 +1618,16 @@ mod tests {
             (s * 1000 + us / 1000) as f64
         };
         let t0 = now_ms();
-        assert_eq!(l.acquire(0, 100_000), SharedAdmit::Yes);
+        let a = yes(l.acquire(0, 100_000));
         let charged = tat() - t0;
         assert!((59_000.0..=60_100.0).contains(&charged), "{charged}");
-        l.refund(0, 100_000);
+        l.refund(0, a, 100_000);
         let back = tat();
         assert!(back >= t0 - 5.0 && back <= now_ms() + 5.0, "{back} vs {t0}");
-        l.release(0, &KeyVerdict::default());
+        l.release(0, a, &KeyVerdict::default());
         // The same request used 10 tokens: 1 s of budget, not 10,000 s given back.
         let t1 = now_ms();
-        assert_eq!(l.acquire(0, 100_000), SharedAdmit::Yes);
+        let b = yes(l.acquire(0, 100_000));
         l.correct_tokens(0, 100_000, 10);
         let corrected = tat() - t1;
         assert!((950.0..=1_100.0).contains(&corrected), "{corrected}");
@@ -1577,10 +1636,10 @@ mod tests {
         l.correct_tokens(0, 10, 30);
         let up = tat() - t1;
         assert!((2_950.0..=3_100.0).contains(&up), "{up}");
-        l.refund(0, 30);
+        l.refund(0, b, 30);
         let down = tat();
         assert!(down >= t1 - 5.0 && down <= now_ms() + 5.0, "{down} vs {t1}");
-        l.release(0, &KeyVerdict::default());
+        l.release(0, b, &KeyVerdict::default());
     }
 
     #[test]
