@@ -39,6 +39,11 @@ impl RedisServer {
     }
 
     fn start_on(port: u16) -> Option<RedisServer> {
+        RedisServer::start_with(port, &[])
+    }
+
+    /// `start_on` with more `redis-server` arguments.
+    fn start_with(port: u16, extra: &[&str]) -> Option<RedisServer> {
         let spawned = Command::new("redis-server")
             .args([
                 "--port",
@@ -50,6 +55,7 @@ impl RedisServer {
                 "--appendonly",
                 "no",
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn();
@@ -577,7 +583,7 @@ fn live_leases(con: &mut redis::Connection) -> usize {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query(con).unwrap();
     let now_ms = secs * 1000 + micros / 1000;
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("kp:test:*:leases")
+        .arg("kp:{test}:*:leases")
         .query(con)
         .unwrap();
     keys.iter()
@@ -1130,7 +1136,10 @@ fn learned_limit_is_shared() {
     let run = |n: usize| run_pools(&pools, n);
     let mut con = redis.conn();
     let learned = |con: &mut redis::Connection| -> (f64, u64) {
-        let keys: Vec<String> = redis::cmd("KEYS").arg("kp:test:*:aimd").query(con).unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("kp:{test}:*:aimd")
+            .query(con)
+            .unwrap();
         assert_eq!(keys.len(), 1);
         let (l, c): (Option<f64>, Option<u64>) = redis::cmd("HMGET")
             .arg(&keys[0])
@@ -1627,4 +1636,112 @@ fn lost_acquire_reply_leaves_no_orphan_lease() {
         }
         drop(pool);
     }
+}
+
+/// A local Redis Cluster of three masters (no replicas) on free ports, built with
+/// `redis-cli --cluster create`; `None` (skip) without `redis-server` or `redis-cli`,
+/// except in CI.
+struct Cluster {
+    nodes: Vec<RedisServer>,
+    dir: std::path::PathBuf,
+}
+
+impl Cluster {
+    fn start() -> Option<Cluster> {
+        if Command::new("redis-cli").arg("--version").output().is_err() {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v == "true"),
+                "redis-cli is not installed, and CI=true: install redis-tools"
+            );
+            eprintln!("SKIPPED: redis-cli not found (apt-get install redis-tools)");
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!("keypool-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut nodes = Vec::new();
+        while nodes.len() < 3 {
+            // The cluster bus listens on port + 10000.
+            let port = free_port();
+            if port > 55_000 || TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
+                continue;
+            }
+            let conf = dir.join(format!("nodes-{port}.conf"));
+            let node = RedisServer::start_with(
+                port,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    conf.to_str().unwrap(),
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--dir",
+                    dir.to_str().unwrap(),
+                ],
+            )?;
+            nodes.push(node);
+        }
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for n in &nodes {
+            let mut con = n.conn();
+            wait_for("the cluster", Duration::from_secs(10), || {
+                redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query::<String>(&mut con)
+                    .is_ok_and(|i| i.contains("cluster_state:ok"))
+            });
+        }
+        Some(Cluster { nodes, dir })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Issue 23: shared limits on a Redis Cluster of three masters. Every key of a
+/// namespace carries the hash tag `{ns}`, so each script's keys share one slot; three
+/// pools, each configured with a different node (at least two of them are redirected
+/// with MOVED to the node that serves the slot), share one key of `max_concurrent` 2
+/// with `on_unavailable: fail` — every request succeeds and the server never sees more
+/// than 2 at once. (The old key names had no hash tag: every script failed with
+/// CROSSSLOT or MOVED.)
+#[test]
+fn shared_limits_work_on_redis_cluster() {
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
+    let server = mock(0);
+    let key = "sk-shared-0";
+    set_latency(&server, key, 50);
+    let extra = r#", "on_unavailable": "fail""#;
+    let pools: Vec<Pool> = (cluster.nodes.iter())
+        .map(|n| new_pool(&config_json(&server.url(), &n.url(), 1, 2, "", extra)))
+        .collect();
+    run_pools(&pools, 6);
+    let k = server.key_stats(key).unwrap();
+    assert_eq!(k.requests, 18);
+    assert_eq!(k.max_in_flight, 2, "{} in flight", k.max_in_flight);
+    // The namespace's keys live on one node, all with the tag.
+    let mut holders = 0;
+    for n in &cluster.nodes {
+        let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut n.conn()).unwrap();
+        assert!(keys.iter().all(|k| k.starts_with("kp:{test}:")), "{keys:?}");
+        holders += usize::from(!keys.is_empty());
+    }
+    assert_eq!(holders, 1);
 }

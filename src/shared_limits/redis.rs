@@ -1,14 +1,20 @@
 //! Shared limits over Redis (blocking client, no async runtime).
 //!
 //! Redis keys, per API key (named by `h`, an HMAC-SHA-256 of the key keyed with the
-//! namespace, truncated to 128 bits: never the key, not reversible):
-//! - `kp:{ns}:{h}:leases`: sorted set of lease ids scored by expiry (Redis time, ms);
-//! - `kp:{ns}:{h}:rate`: GCRA "theoretical arrival times" of `rpm` (`r`) and `tpm` (`t`);
-//! - `kp:{ns}:{h}:state`: `cool_until` (ms) and `disabled` (reason), with a TTL.
+//! namespace, truncated to 128 bits: never the key, not reversible), all with the hash
+//! tag `{ns}` (literal braces around the namespace: one Redis Cluster slot per
+//! namespace, so every script's keys are on one node):
+//! - `kp:{ns}:h:leases`: sorted set of lease ids scored by expiry (Redis time, ms);
+//! - `kp:{ns}:h:rate`: GCRA "theoretical arrival times" of `rpm` (`r`) and `tpm` (`t`);
+//! - `kp:{ns}:h:state`: `cool_until` (ms) and `disabled` (reason), with a TTL;
+//! - `kp:{ns}:h:aimd`: the shared learned limit of an adaptive key;
+//! - `kp:{ns}:h:charge`: what each lease was charged (its refund gives back no more);
+//! - `kp:{ns}:h:gone`: released lease ids (tombstones: a late renewal or ACQUIRE of a
+//!   released id does nothing).
 //!
 //! Per group (account), named by `gh`, an HMAC of the group's name under its own label
-//! (see `GroupInfo`): `kp:{ns}:{gh}:leases` (its member keys' leases, same ids),
-//! `kp:{ns}:{gh}:state` (`cool_until`) and `kp:{ns}:{gh}:rate` (its GCRA), checked and
+//! (see `GroupInfo`): `kp:{ns}:gh:leases` (its member keys' leases, same ids),
+//! `kp:{ns}:gh:state` (`cool_until`) and `kp:{ns}:gh:rate` (its GCRA), checked and
 //! taken in the same scripts as the member key's.
 //!
 //! Every decision is one Lua script run atomically by Redis, on Redis's clock (`TIME`),
@@ -16,7 +22,10 @@
 //!
 //! Threads (per pool, only in shared mode):
 //! - `keypool-lease-renew`: renews this process's leases every `lease_ms / 3` while it
-//!   holds any, and sleeps on a channel (no timeout) while it holds none;
+//!   holds any, and, while Redis is unreachable, reconnects every second (registering
+//!   the running requests, replaying queued releases): the only thread that connects
+//!   after the start, so admissions never wait for a connection. Sleeps on a channel
+//!   (no timeout) while there is nothing to do;
 //! - `keypool-shared-sub`: subscribed to `kp:{ns}:released`, nudges the dispatcher when
 //!   a process gives back a lease of a key that was full. Its socket read timeout (1 s)
 //!   only checks for shutdown; admissions never wait for it: a refused admission also
@@ -555,14 +564,56 @@ impl Inner {
     }
 
     /// A new connection with the configured timeouts, checked with a `PING` (a Redis
-    /// that accepts connections but never answers is unreachable).
+    /// that accepts connections but never answers is unreachable). On Redis Cluster, a
+    /// connection to the node that serves the namespace's slot (every key of a
+    /// namespace shares one hash tag): the configured node answers a keyed command
+    /// with `MOVED` otherwise, and that node is used — again at every reconnection, so
+    /// a failover or a resharding is followed.
     fn connect(&self) -> redis::RedisResult<redis::Connection> {
         let timeout = Duration::from_millis(self.cfg.timeout_ms);
-        let mut con = self.client.get_connection_with_timeout(timeout)?;
-        con.set_read_timeout(Some(timeout))?;
-        con.set_write_timeout(Some(timeout))?;
-        redis::cmd("PING").query::<String>(&mut con)?;
-        Ok(con)
+        let open = |client: &redis::Client| -> redis::RedisResult<redis::Connection> {
+            let mut con = client.get_connection_with_timeout(timeout)?;
+            con.set_read_timeout(Some(timeout))?;
+            con.set_write_timeout(Some(timeout))?;
+            redis::cmd("PING").query::<String>(&mut con)?;
+            Ok(con)
+        };
+        let mut con = open(&self.client)?;
+        let probe = format!("kp:{{{}}}:slot", self.cfg.namespace);
+        match redis::cmd("PTTL").arg(&probe).query::<i64>(&mut con) {
+            Ok(_) => Ok(con),
+            Err(e) => {
+                let Some((node, _)) = e.redirect_node() else {
+                    return Err(e);
+                };
+                let Some((host, port)) = node
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse().ok()?)))
+                else {
+                    return Err(e);
+                };
+                let info = self.client.get_connection_info().clone();
+                let addr = match info.addr() {
+                    redis::ConnectionAddr::Tcp(..) => {
+                        redis::ConnectionAddr::Tcp(host.to_owned(), port)
+                    }
+                    redis::ConnectionAddr::TcpTls {
+                        insecure,
+                        tls_params,
+                        ..
+                    } => redis::ConnectionAddr::TcpTls {
+                        host: host.to_owned(),
+                        port,
+                        insecure: *insecure,
+                        tls_params: tls_params.clone(),
+                    },
+                    _ => return Err(e),
+                };
+                let mut con = open(&redis::Client::open(info.set_addr(addr))?)?;
+                redis::cmd("PTTL").arg(&probe).query::<i64>(&mut con)?;
+                Ok(con)
+            }
+        }
     }
 
     /// Brings the admissions' connection back (renewer thread only, no lock held during
@@ -1061,15 +1112,18 @@ impl RedisLimits {
         let client = redis::Client::open(sc.redis_url.as_str())
             .map_err(|_| Error::config("shared.redis_url", "not a valid Redis URL"))?;
         let ns = &sc.namespace;
+        // Every key of a namespace carries one hash tag, `{ns}`: a script's keys (a key's,
+        // its group's) then share one slot, as Redis Cluster requires.
+        let tag = format!("kp:{{{ns}}}");
         let groups = config
             .groups
             .iter()
             .map(|g| {
                 let hash = group_hash(ns, &g.name);
                 GroupInfo {
-                    leases: format!("kp:{ns}:{hash}:leases"),
-                    state: format!("kp:{ns}:{hash}:state"),
-                    rate: format!("kp:{ns}:{hash}:rate"),
+                    leases: format!("{tag}:{hash}:leases"),
+                    state: format!("{tag}:{hash}:state"),
+                    rate: format!("{tag}:{hash}:rate"),
                     hash,
                     max: g.max_concurrent.unwrap_or(0),
                     rpm: g.rpm.map_or(0, u64::from),
@@ -1083,12 +1137,12 @@ impl RedisLimits {
             .map(|k| {
                 let hash = key_hash(ns, k.key.expose());
                 KeyInfo {
-                    leases: format!("kp:{ns}:{hash}:leases"),
-                    state: format!("kp:{ns}:{hash}:state"),
-                    rate: format!("kp:{ns}:{hash}:rate"),
-                    aimd: format!("kp:{ns}:{hash}:aimd"),
-                    gone: format!("kp:{ns}:{hash}:gone"),
-                    charge: format!("kp:{ns}:{hash}:charge"),
+                    leases: format!("{tag}:{hash}:leases"),
+                    state: format!("{tag}:{hash}:state"),
+                    rate: format!("{tag}:{hash}:rate"),
+                    aimd: format!("{tag}:{hash}:aimd"),
+                    gone: format!("{tag}:{hash}:gone"),
+                    charge: format!("{tag}:{hash}:charge"),
                     adaptive: k.adaptive,
                     hash,
                     max: k.max_concurrent,
