@@ -1745,3 +1745,88 @@ fn shared_limits_work_on_redis_cluster() {
     }
     assert_eq!(holders, 1);
 }
+
+/// Issue 23, done when: three pools share one key of `max_concurrent` 3 (a local share
+/// of 33 %: 1 each while Redis is down), Redis is `kill -9`'d and restarted empty mid
+/// run. Once every pool has reconnected — each one's running requests are leases in
+/// the new Redis (lease ids carry a per-pool prefix) — and the requests admitted before
+/// that have ended (a pool back on Redis first could not see the others' fallback
+/// slots: 150 ms of the server's clock, the mock answering in 60 ms), the server never
+/// sees more than 3 in flight, and the run goes on.
+#[test]
+fn three_pools_across_a_redis_restart_hold_max_concurrent() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    let port = free_port();
+    let Some(mut redis) = RedisServer::start_on(port) else {
+        return;
+    };
+    let server = mock(0);
+    let key = "sk-shared-0";
+    set_latency(&server, key, 60);
+    let extra = r#", "on_unavailable": "local", "local_share_percent": 33, "timeout_ms": 200"#;
+    let json = config_json(&server.url(), &redis.url(), 1, 3, "", extra);
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeds: Vec<_> = new_pools(&json, 3)
+        .into_iter()
+        .map(|p| feeder(p, stop.clone(), Arc::new(AtomicUsize::new(0))))
+        .collect();
+    let requests = || server.key_stats(key).map_or(0, |k| k.requests);
+    wait_for("a start", Duration::from_secs(10), || requests() >= 20);
+    redis.child.kill().unwrap();
+    redis.child.wait().unwrap();
+    let before = requests();
+    wait_for(
+        "progress during the outage",
+        Duration::from_secs(10),
+        || requests() >= before + 20,
+    );
+    let redis = RedisServer::start_on(port).expect("restart redis-server");
+    let mut con = redis.conn();
+    // Every pool's running requests are leases again: all three have reconnected.
+    wait_for("every pool reconnected", Duration::from_secs(5), || {
+        let ids: Vec<String> = redis::cmd("KEYS")
+            .arg("kp:{test}:*:leases")
+            .query::<Vec<String>>(&mut con)
+            .unwrap()
+            .iter()
+            .flat_map(|k| {
+                redis::cmd("ZRANGE")
+                    .arg(k)
+                    .arg(0)
+                    .arg(-1)
+                    .query::<Vec<String>>(&mut con)
+                    .unwrap()
+            })
+            .collect();
+        let pools: std::collections::HashSet<&str> =
+            ids.iter().filter_map(|id| id.split(':').next()).collect();
+        pools.len() == 3
+    });
+    // From 150 ms after the next arrival on (the server's clock), at most 3 in flight.
+    let seen = server.key_stats(key).unwrap().log.len();
+    wait_for("an arrival", Duration::from_secs(5), || {
+        server.key_stats(key).unwrap().log.len() > seen
+    });
+    let since = server.key_stats(key).unwrap().log[seen].arrived + Duration::from_millis(150);
+    let back = requests();
+    wait_for("40 requests after", Duration::from_secs(10), || {
+        requests() >= back + 40
+    });
+    stop.store(true, SeqCst);
+    for f in feeds {
+        let fed = f.join().unwrap();
+        assert!(fed.other.is_empty() && fed.unavailable == 0, "{fed:?}");
+    }
+    let log = server.key_stats(key).unwrap().log;
+    let mut peak = 0;
+    for t in log.iter().map(|r| r.arrived).filter(|&t| t >= since) {
+        let live = log
+            .iter()
+            .filter(|r| r.arrived <= t && t < r.finished)
+            .count();
+        peak = peak.max(live);
+    }
+    assert!(peak <= 3, "{peak} in flight after every pool reconnected");
+    assert_eq!(peak, 3, "the key's max_concurrent is used");
+}

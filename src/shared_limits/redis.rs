@@ -634,6 +634,26 @@ impl Inner {
                 let batch: Vec<Pending> = {
                     let mut c = self.conn.lock();
                     if c.pending.is_empty() {
+                        // Fallback slots taken since the registration above: registered
+                        // before the connection is installed (no fallback admission can
+                        // happen meanwhile: they wait for this lock), so no process
+                        // ever sees this one's slots missing once it admits on Redis.
+                        // Usually none: no network call under the lock then.
+                        for (i, k) in self.keys.iter().enumerate() {
+                            let ids: Vec<String> = {
+                                let mut l = self.local[i].lock();
+                                (l.held.iter_mut())
+                                    .filter(|h| !h.in_redis)
+                                    .map(|h| {
+                                        h.in_redis = true;
+                                        h.id.clone()
+                                    })
+                                    .collect()
+                            };
+                            if !ids.is_empty() {
+                                self.renew_leases(&mut con, k, &ids)?;
+                            }
+                        }
                         if c.down {
                             log::info!("keypool: shared limits: Redis is reachable again");
                         }
