@@ -978,11 +978,13 @@ impl Inner {
         let id = {
             let mut l = self.local[key].lock();
             let open = |h: &Held| h.in_redis && !h.refunded;
-            let at = (l.held.iter())
-                .position(|h| lease.is_some_and(|s| s != 0 && h.seq == s))
-                .filter(|&i| open(&l.held[i]))
-                .or_else(|| l.held.iter().rposition(|h| open(h) && h.tokens == tokens))
-                .or_else(|| l.held.iter().rposition(open));
+            let own = (l.held.iter()).position(|h| lease.is_some_and(|s| s != 0 && h.seq == s));
+            let at = match own {
+                // Its own lease: a fallback slot (never charged in Redis) gives nothing.
+                Some(i) => Some(i).filter(|&i| open(&l.held[i])),
+                None => (l.held.iter().rposition(|h| open(h) && h.tokens == tokens))
+                    .or_else(|| l.held.iter().rposition(open)),
+            };
             let Some(h) = at.map(|i| &mut l.held[i]) else {
                 return; // a fallback slot: nothing charged in Redis
             };
