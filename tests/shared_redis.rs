@@ -1579,9 +1579,10 @@ fn renewal_never_resurrects_a_released_lease() {
 
 /// Issue 23.4: Redis runs an ACQUIRE but its reply is lost (a muted proxy). With
 /// `on_unavailable: fail` the request ends with the typed error and its lease id is
-/// released as soon as Redis answers again; with `local` the fallback slot takes the
-/// same id, so registering it renews that lease instead of adding a second one. Either
-/// way no orphan lease holds a slot for `lease_ms` (20 s here).
+/// released as soon as Redis answers again — with the `rpm` budget it was charged (6 rpm:
+/// 10 s) — and with `local` the fallback slot takes the same id, so registering it renews
+/// that lease instead of adding a second one. Either way no orphan lease holds a slot
+/// for `lease_ms` (20 s here).
 #[test]
 fn lost_acquire_reply_leaves_no_orphan_lease() {
     let Some(redis) = RedisServer::start() else {
@@ -1591,14 +1592,17 @@ fn lost_acquire_reply_leaves_no_orphan_lease() {
     let server = mock(0);
     let key = "sk-shared-0";
     let mut con = redis.conn();
+    // Redis has the scripts (a first EVALSHA would only answer NOSCRIPT): one request
+    // through a pool of another namespace.
+    let warm = config_json(&server.url(), &redis.url(), 1, 2, "", "")
+        .replace(r#""namespace": "test""#, r#""namespace": "warm""#);
+    run_ok(&new_pool(&warm), 1);
     for mode in ["fail", "local"] {
         let extra = format!(r#", "on_unavailable": "{mode}", "timeout_ms": 300"#);
-        let json = config_json(&server.url(), &proxy.url(), 1, 2, "", &extra)
+        let rpm = if mode == "fail" { r#", "rpm": 6"# } else { "" };
+        let json = config_json(&server.url(), &proxy.url(), 1, 2, rpm, &extra)
             .replace(r#""lease_ms": 1500"#, r#""lease_ms": 20000"#);
         let pool = new_pool(&json);
-        // Redis has the scripts (a first EVALSHA would only answer NOSCRIPT).
-        set_latency(&server, key, 0);
-        run_ok(&pool, 1);
         set_latency(&server, key, 2_000);
         proxy.set_mute(true);
         let ticket = pool.submit(chat(0)).unwrap();
@@ -1612,7 +1616,25 @@ fn lost_acquire_reply_leaves_no_orphan_lease() {
             let r = ticket.wait();
             assert!(matches!(r, Err(Error::SharedUnavailable { .. })), "{r:?}");
             proxy.set_mute(false);
-            wait_for("the orphan lease released", Duration::from_secs(3), || {
+            let rate: Vec<String> = redis::cmd("KEYS")
+                .arg("kp:{test}:*:rate")
+                .query(&mut con)
+                .unwrap();
+            let mut tat = || -> f64 {
+                let t: String = redis::cmd("HGET")
+                    .arg(&rate[0])
+                    .arg("r")
+                    .query(&mut con)
+                    .unwrap();
+                t.parse().unwrap()
+            };
+            let charged = tat();
+            wait_for(
+                "the orphan's budget given back",
+                Duration::from_secs(3),
+                || tat() < charged - 9_000.0,
+            );
+            wait_for("the orphan lease released", Duration::from_secs(1), || {
                 live_leases(&mut con) == 0
             });
         } else {
