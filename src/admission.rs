@@ -218,6 +218,8 @@ pub(crate) struct Admission {
     /// The learned limit's cut count when admitted (0 when not adaptive): a 429 cuts
     /// the limit only if no cut happened since.
     pub cuts: u64,
+    /// Its lease in the limits shared with other processes (0: none), for its release.
+    pub lease: u64,
 }
 
 /// Who asks for an admission.
@@ -438,6 +440,7 @@ impl Gate {
                 0
             },
             cuts: s.aimd.as_ref().map_or(0, Aimd::cuts),
+            lease: 0,
         })
     }
 
@@ -509,7 +512,10 @@ impl Gate {
     ) -> Admit {
         use crate::shared_limits::SharedAdmit;
         match shared {
-            SharedAdmit::Yes => local,
+            SharedAdmit::Yes(lease) => match local {
+                Admit::Yes(adm) => Admit::Yes(Admission { lease, ..adm }),
+                other => other,
+            },
             SharedAdmit::WakeAt(at) | SharedAdmit::GroupCooling(at) => Admit::WakeAt(at),
             SharedAdmit::Cooling(until) => {
                 if s.cooldown_until.is_none_or(|u| u < until) {
@@ -604,7 +610,7 @@ impl Gate {
         self.mirror(&s);
         drop(s);
         if let Some(link) = &self.shared {
-            link.release(v);
+            link.release(adm.lease, v);
         }
         changed
     }
@@ -638,7 +644,7 @@ impl Gate {
         }
         drop(s);
         if let Some(link) = &self.shared {
-            link.refund(adm.tokens);
+            link.refund(adm.lease, adm.tokens);
         }
     }
 
@@ -940,6 +946,7 @@ mod tests {
             trial: false,
             tokens: 0,
             cuts: 0,
+            lease: 0,
         };
         let cool = |d| KeyVerdict {
             cooldown: Some(d),
@@ -1005,6 +1012,7 @@ mod tests {
             trial: false,
             tokens: 0,
             cuts: 0,
+            lease: 0,
         };
         g.state.lock().out += 1;
         g.complete(adm, &v, now);
@@ -1024,6 +1032,7 @@ mod tests {
                         trial: false,
                         tokens: 0,
                         cuts: 0,
+                        lease: 0,
                     },
                     &KeyVerdict::default(),
                     t0 + t,

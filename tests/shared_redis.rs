@@ -39,6 +39,11 @@ impl RedisServer {
     }
 
     fn start_on(port: u16) -> Option<RedisServer> {
+        RedisServer::start_with(port, &[])
+    }
+
+    /// `start_on` with more `redis-server` arguments.
+    fn start_with(port: u16, extra: &[&str]) -> Option<RedisServer> {
         let spawned = Command::new("redis-server")
             .args([
                 "--port",
@@ -50,6 +55,7 @@ impl RedisServer {
                 "--appendonly",
                 "no",
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn();
@@ -577,7 +583,7 @@ fn live_leases(con: &mut redis::Connection) -> usize {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query(con).unwrap();
     let now_ms = secs * 1000 + micros / 1000;
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("kp:test:*:leases")
+        .arg("kp:{test}:*:leases")
         .query(con)
         .unwrap();
     keys.iter()
@@ -813,10 +819,12 @@ fn redis_restarted_mid_run_fail() {
 }
 
 /// A loopback TCP proxy in front of Redis that can be cut (every connection closed,
-/// new ones dropped) and restored, with Redis's data intact.
+/// new ones dropped) and restored, with Redis's data intact — or muted: Redis gets
+/// every command and runs it, its replies are dropped (a Redis that loses packets).
 struct Proxy {
     port: u16,
     down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mute: std::sync::Arc<std::sync::atomic::AtomicBool>,
     conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
 }
 
@@ -826,8 +834,9 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mute = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (d, c) = (down.clone(), conns.clone());
+        let (d, m, c) = (down.clone(), mute.clone(), conns.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
@@ -840,22 +849,45 @@ impl Proxy {
                 let mut list = c.lock().unwrap();
                 list.push(client.try_clone().unwrap());
                 list.push(up.try_clone().unwrap());
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), up.try_clone().unwrap()),
-                    (up, client),
+                for (mut from, mut to, mute) in [
+                    (client.try_clone().unwrap(), up.try_clone().unwrap(), None),
+                    (up, client, Some(m.clone())),
                 ] {
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
+                        use std::io::{Read, Write};
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if mute.as_ref().is_some_and(|m| m.load(SeqCst)) {
+                                continue; // a reply lost
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                     });
                 }
             }
         });
-        Proxy { port, down, conns }
+        Proxy {
+            port,
+            down,
+            mute,
+            conns,
+        }
     }
 
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Drops (`true`) or passes Redis's replies from now on.
+    fn set_mute(&self, mute: bool) {
+        self.mute.store(mute, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn set_down(&self, down: bool) {
@@ -1104,7 +1136,10 @@ fn learned_limit_is_shared() {
     let run = |n: usize| run_pools(&pools, n);
     let mut con = redis.conn();
     let learned = |con: &mut redis::Connection| -> (f64, u64) {
-        let keys: Vec<String> = redis::cmd("KEYS").arg("kp:test:*:aimd").query(con).unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("kp:{test}:*:aimd")
+            .query(con)
+            .unwrap();
         assert_eq!(keys.len(), 1);
         let (l, c): (Option<f64>, Option<u64>) = redis::cmd("HMGET")
             .arg(&keys[0])
@@ -1428,4 +1463,392 @@ fn cut_then_replay(
         live_leases(&mut con) == 0
     });
     assert!(cut_at.elapsed() < Duration::from_secs(4));
+}
+
+// ---- issue 23: fallback slots, resurrected leases, reconnection off the locks ----
+
+/// Issue 23.1: Redis is down when a pool starts (`on_unavailable: local`, a share of
+/// 100 %): its two requests run on fallback slots. Redis comes up: within about a
+/// second, with no new request through that pool, both slots are leases in Redis — so
+/// a second pool on the same key waits for them, and the server never sees more than
+/// the key's `max_concurrent` 2 (the old code registered them only at its next renewal,
+/// `lease_ms / 3` = 10 s away, or its next admission: 4 in flight).
+#[test]
+fn fallback_slots_are_registered_when_redis_returns() {
+    let server = mock(0);
+    let key = "sk-shared-0";
+    set_latency(&server, key, 3_000);
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let extra = r#", "on_unavailable": "local", "local_share_percent": 100, "timeout_ms": 200"#;
+    let json = config_json(&server.url(), &url, 1, 2, "", extra)
+        .replace(r#""lease_ms": 1500"#, r#""lease_ms": 30000"#);
+    let a = new_pool(&json);
+    let tickets: Vec<_> = (0..2).map(|i| a.submit(chat(i)).unwrap()).collect();
+    wait_for("2 in flight", Duration::from_secs(5), || {
+        server.key_stats(key).is_some_and(|k| k.in_flight == 2)
+    });
+    let Some(redis) = RedisServer::start_on(port) else {
+        return;
+    };
+    let mut con = redis.conn();
+    wait_for(
+        "the fallback slots as leases in Redis",
+        Duration::from_millis(2_000),
+        || live_leases(&mut con) == 2,
+    );
+    // A second process on the key: its requests wait for the first one's.
+    set_latency(&server, key, 100);
+    let b = new_pool(&json);
+    let more: Vec<_> = (0..2).map(|i| b.submit(chat(10 + i)).unwrap()).collect();
+    for t in tickets.into_iter().chain(more) {
+        assert!(t.wait().is_ok());
+    }
+    let k = server.key_stats(key).unwrap();
+    assert_eq!(k.requests, 4);
+    assert!(k.max_in_flight <= 2, "{} in flight", k.max_in_flight);
+    wait_for("leases released", Duration::from_secs(1), || {
+        live_leases(&mut con) == 0
+    });
+}
+
+/// Issue 23.3: Redis runs every command but its replies are lost (a muted proxy), with
+/// `on_unavailable: local` and `timeout_ms` 1000. Admissions take fallback slots at once:
+/// reconnecting — which waits `timeout_ms` for an answer that never comes — happens on
+/// the renewer thread, never on the dispatcher under a key's lock. The old code
+/// reconnected on the first admission after each retry instant (once a second) and
+/// then waited `timeout_ms` for its script, holding that request (and every placement
+/// behind it) up.
+#[test]
+fn reconnection_never_holds_admissions_up() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let proxy = Proxy::start(redis.port);
+    proxy.set_mute(true);
+    let server = mock(5);
+    let extra = r#", "on_unavailable": "local", "timeout_ms": 1000"#;
+    let pool = new_pool(&config_json(&server.url(), &proxy.url(), 1, 4, "", extra));
+    let t0 = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut n = 0;
+    while t0.elapsed() < Duration::from_millis(2_500) {
+        let t = Instant::now();
+        assert!(pool.batch([chat(n)])[0].is_ok());
+        slowest = slowest.max(t.elapsed());
+        n += 1;
+    }
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a request took {slowest:?} ({n} requests)"
+    );
+    // Replies come through again: the renewer reconnects, and admissions go through
+    // Redis.
+    proxy.set_mute(false);
+    until_admitted_through_redis(&pool, &redis);
+}
+
+/// Issue 23.2: a renewal never brings a released lease back. Three pools on four keys
+/// run many short requests while their renewers renew every 300 ms (`lease_ms` 900):
+/// a renewal copies a key's lease ids, and a release landing before its RENEW used to
+/// be undone — the lease back in the key's set for `lease_ms`, in every process. Once
+/// every request has ended, no lease is left in Redis.
+#[test]
+fn renewal_never_resurrects_a_released_lease() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(0);
+    for i in 0..4 {
+        set_latency(&server, &format!("sk-shared-{i}"), 2);
+    }
+    let json = config_json(&server.url(), &redis.url(), 4, 4, "", "")
+        .replace(r#""lease_ms": 1500"#, r#""lease_ms": 900"#);
+    let pools = new_pools(&json, 3);
+    let mut con = redis.conn();
+    let t0 = Instant::now();
+    let mut rounds = 0;
+    while t0.elapsed() < Duration::from_millis(2_000) {
+        run_pools(&pools, 48);
+        rounds += 1;
+        // Every request has ended: every lease was given back.
+        let left = live_leases(&mut con);
+        assert_eq!(left, 0, "{left} leases resurrected (round {rounds})");
+    }
+}
+
+/// Issue 23.4: Redis runs an ACQUIRE but its reply is lost (a muted proxy). With
+/// `on_unavailable: fail` the request ends with the typed error and its lease id is
+/// released as soon as Redis answers again — with the `rpm` budget it was charged (6 rpm:
+/// 10 s) — and with `local` the fallback slot takes the same id, so registering it renews
+/// that lease instead of adding a second one. Either way no orphan lease holds a slot
+/// for `lease_ms` (20 s here).
+#[test]
+fn lost_acquire_reply_leaves_no_orphan_lease() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let proxy = Proxy::start(redis.port);
+    let server = mock(0);
+    let key = "sk-shared-0";
+    let mut con = redis.conn();
+    // Redis has the scripts (a first EVALSHA would only answer NOSCRIPT): one request
+    // through a pool of another namespace.
+    let warm = config_json(&server.url(), &redis.url(), 1, 2, "", "")
+        .replace(r#""namespace": "test""#, r#""namespace": "warm""#);
+    run_ok(&new_pool(&warm), 1);
+    for mode in ["fail", "local"] {
+        let extra = format!(r#", "on_unavailable": "{mode}", "timeout_ms": 300"#);
+        let rpm = if mode == "fail" { r#", "rpm": 6"# } else { "" };
+        let json = config_json(&server.url(), &proxy.url(), 1, 2, rpm, &extra)
+            .replace(r#""lease_ms": 1500"#, r#""lease_ms": 20000"#);
+        let pool = new_pool(&json);
+        set_latency(&server, key, 2_000);
+        proxy.set_mute(true);
+        let ticket = pool.submit(chat(0)).unwrap();
+        // Redis ran the ACQUIRE: its lease is there.
+        wait_for(
+            "the lease of the lost reply",
+            Duration::from_secs(2),
+            || live_leases(&mut con) == 1,
+        );
+        if mode == "fail" {
+            let r = ticket.wait();
+            assert!(matches!(r, Err(Error::SharedUnavailable { .. })), "{r:?}");
+            proxy.set_mute(false);
+            let rate: Vec<String> = redis::cmd("KEYS")
+                .arg("kp:{test}:*:rate")
+                .query(&mut con)
+                .unwrap();
+            let mut tat = || -> f64 {
+                let t: String = redis::cmd("HGET")
+                    .arg(&rate[0])
+                    .arg("r")
+                    .query(&mut con)
+                    .unwrap();
+                t.parse().unwrap()
+            };
+            let charged = tat();
+            wait_for(
+                "the orphan's budget given back",
+                Duration::from_secs(3),
+                || tat() < charged - 9_000.0,
+            );
+            wait_for("the orphan lease released", Duration::from_secs(1), || {
+                live_leases(&mut con) == 0
+            });
+        } else {
+            wait_for("the fallback request", Duration::from_secs(2), || {
+                server.key_stats(key).is_some_and(|k| k.in_flight == 1)
+            });
+            proxy.set_mute(false);
+            // Registered by the renewer: the same lease, renewed, not a second one.
+            let until = Instant::now() + Duration::from_millis(1_500);
+            while Instant::now() < until {
+                assert!(
+                    live_leases(&mut con) <= 1,
+                    "an orphan lease beside the slot's"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(ticket.wait().is_ok());
+            wait_for("the lease released", Duration::from_secs(1), || {
+                live_leases(&mut con) == 0
+            });
+        }
+        drop(pool);
+    }
+}
+
+/// A local Redis Cluster of three masters (no replicas) on free ports, built with
+/// `redis-cli --cluster create`; `None` (skip) without `redis-server` or `redis-cli`,
+/// except in CI.
+struct Cluster {
+    nodes: Vec<RedisServer>,
+    dir: std::path::PathBuf,
+}
+
+impl Cluster {
+    fn start() -> Option<Cluster> {
+        if Command::new("redis-cli").arg("--version").output().is_err() {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v == "true"),
+                "redis-cli is not installed, and CI=true: install redis-tools"
+            );
+            eprintln!("SKIPPED: redis-cli not found (apt-get install redis-tools)");
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!("keypool-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut nodes = Vec::new();
+        while nodes.len() < 3 {
+            // The cluster bus listens on port + 10000.
+            let port = free_port();
+            if port > 55_000 || TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
+                continue;
+            }
+            let conf = dir.join(format!("nodes-{port}.conf"));
+            let node = RedisServer::start_with(
+                port,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    conf.to_str().unwrap(),
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--dir",
+                    dir.to_str().unwrap(),
+                ],
+            )?;
+            nodes.push(node);
+        }
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for n in &nodes {
+            let mut con = n.conn();
+            wait_for("the cluster", Duration::from_secs(10), || {
+                redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query::<String>(&mut con)
+                    .is_ok_and(|i| i.contains("cluster_state:ok"))
+            });
+        }
+        Some(Cluster { nodes, dir })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Issue 23: shared limits on a Redis Cluster of three masters. Every key of a
+/// namespace carries the hash tag `{ns}`, so each script's keys share one slot; three
+/// pools, each configured with a different node (at least two of them are redirected
+/// with MOVED to the node that serves the slot), share one key of `max_concurrent` 2
+/// with `on_unavailable: fail` — every request succeeds and the server never sees more
+/// than 2 at once. (The old key names had no hash tag: every script failed with
+/// CROSSSLOT or MOVED.)
+#[test]
+fn shared_limits_work_on_redis_cluster() {
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
+    let server = mock(0);
+    let key = "sk-shared-0";
+    set_latency(&server, key, 50);
+    let extra = r#", "on_unavailable": "fail""#;
+    let pools: Vec<Pool> = (cluster.nodes.iter())
+        .map(|n| new_pool(&config_json(&server.url(), &n.url(), 1, 2, "", extra)))
+        .collect();
+    run_pools(&pools, 6);
+    let k = server.key_stats(key).unwrap();
+    assert_eq!(k.requests, 18);
+    assert_eq!(k.max_in_flight, 2, "{} in flight", k.max_in_flight);
+    // The namespace's keys live on one node, all with the tag.
+    let mut holders = 0;
+    for n in &cluster.nodes {
+        let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut n.conn()).unwrap();
+        assert!(keys.iter().all(|k| k.starts_with("kp:{test}:")), "{keys:?}");
+        holders += usize::from(!keys.is_empty());
+    }
+    assert_eq!(holders, 1);
+}
+
+/// Issue 23, done when: three pools share one key of `max_concurrent` 3 (a local share
+/// of 33 %: 1 each while Redis is down), Redis is `kill -9`'d and restarted empty mid
+/// run. Once every pool has reconnected — each one's running requests are leases in
+/// the new Redis (lease ids carry a per-pool prefix) — and the requests admitted before
+/// that have ended (a pool back on Redis first could not see the others' fallback
+/// slots: 150 ms of the server's clock, the mock answering in 60 ms), the server never
+/// sees more than 3 in flight, and the run goes on.
+#[test]
+fn three_pools_across_a_redis_restart_hold_max_concurrent() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    let port = free_port();
+    let Some(mut redis) = RedisServer::start_on(port) else {
+        return;
+    };
+    let server = mock(0);
+    let key = "sk-shared-0";
+    set_latency(&server, key, 60);
+    let extra = r#", "on_unavailable": "local", "local_share_percent": 33, "timeout_ms": 200"#;
+    let json = config_json(&server.url(), &redis.url(), 1, 3, "", extra);
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeds: Vec<_> = new_pools(&json, 3)
+        .into_iter()
+        .map(|p| feeder(p, stop.clone(), Arc::new(AtomicUsize::new(0))))
+        .collect();
+    let requests = || server.key_stats(key).map_or(0, |k| k.requests);
+    wait_for("a start", Duration::from_secs(10), || requests() >= 20);
+    redis.child.kill().unwrap();
+    redis.child.wait().unwrap();
+    let before = requests();
+    wait_for(
+        "progress during the outage",
+        Duration::from_secs(10),
+        || requests() >= before + 20,
+    );
+    let redis = RedisServer::start_on(port).expect("restart redis-server");
+    let mut con = redis.conn();
+    // Every pool's running requests are leases again: all three have reconnected.
+    wait_for("every pool reconnected", Duration::from_secs(5), || {
+        let ids: Vec<String> = redis::cmd("KEYS")
+            .arg("kp:{test}:*:leases")
+            .query::<Vec<String>>(&mut con)
+            .unwrap()
+            .iter()
+            .flat_map(|k| {
+                redis::cmd("ZRANGE")
+                    .arg(k)
+                    .arg(0)
+                    .arg(-1)
+                    .query::<Vec<String>>(&mut con)
+                    .unwrap()
+            })
+            .collect();
+        let pools: std::collections::HashSet<&str> =
+            ids.iter().filter_map(|id| id.split(':').next()).collect();
+        pools.len() == 3
+    });
+    // From 150 ms after the next arrival on (the server's clock), at most 3 in flight.
+    let seen = server.key_stats(key).unwrap().log.len();
+    wait_for("an arrival", Duration::from_secs(5), || {
+        server.key_stats(key).unwrap().log.len() > seen
+    });
+    let since = server.key_stats(key).unwrap().log[seen].arrived + Duration::from_millis(150);
+    let back = requests();
+    wait_for("40 requests after", Duration::from_secs(10), || {
+        requests() >= back + 40
+    });
+    stop.store(true, SeqCst);
+    for f in feeds {
+        let fed = f.join().unwrap();
+        assert!(fed.other.is_empty() && fed.unavailable == 0, "{fed:?}");
+    }
+    let log = server.key_stats(key).unwrap().log;
+    let mut peak = 0;
+    for t in log.iter().map(|r| r.arrived).filter(|&t| t >= since) {
+        let live = log
+            .iter()
+            .filter(|r| r.arrived <= t && t < r.finished)
+            .count();
+        peak = peak.max(live);
+    }
+    assert!(peak <= 3, "{peak} in flight after every pool reconnected");
+    assert_eq!(peak, 3, "the key's max_concurrent is used");
 }

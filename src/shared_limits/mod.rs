@@ -211,8 +211,9 @@ pub(crate) fn check(c: &SharedConfig) -> Result<(), Error> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) enum SharedAdmit {
-    /// Admitted: a lease (or a local fallback slot) and the budget are taken.
-    Yes,
+    /// Admitted: a lease (or a local fallback slot) and the budget are taken. The
+    /// lease's number in this pool (never 0), for its release and refund.
+    Yes(u64),
     /// Every shared slot of the key is taken, or its shared budget is spent: ask again at
     /// this instant at the latest (a release elsewhere nudges the dispatcher earlier).
     WakeAt(Instant),
@@ -232,15 +233,15 @@ pub(crate) trait SharedLimits: Send + Sync {
     /// Takes a lease and the rate budget (`tokens` for `tpm`) of key `key` — and of its
     /// group, if it has one — or says why not. One atomic step: all or nothing.
     fn acquire(&self, key: usize, tokens: u64) -> SharedAdmit;
-    /// Ends one admission of key `key`: gives its lease (and its group's) back,
-    /// publishing the attempt's cooldown (the key's, the group's) or disable verdict to
-    /// every process.
-    fn release(&self, key: usize, verdict: &KeyVerdict);
+    /// Ends admission `lease` of key `key` (its number from [`SharedAdmit::Yes`]):
+    /// gives its lease (and its group's) back, publishing the attempt's cooldown (the
+    /// key's, the group's) or disable verdict to every process.
+    fn release(&self, key: usize, lease: u64, verdict: &KeyVerdict);
     /// Disables (parks) key `key` in every process with this reason, outside an
     /// admission (a credit check found it at its floor).
     fn disable(&self, key: usize, reason: &str);
-    /// Gives back the budget of an admission that never reached the wire.
-    fn refund(&self, key: usize, tokens: u64);
+    /// Gives back the budget of admission `lease`, which never reached the wire.
+    fn refund(&self, key: usize, lease: u64, tokens: u64);
     /// Corrects the shared `tpm` budget once the real usage is known.
     fn correct_tokens(&self, key: usize, estimated: u64, actual: u64);
     /// Why Redis is unavailable, for [`Error::SharedUnavailable`].
@@ -271,16 +272,16 @@ impl KeyLink {
         self.limits.acquire(self.index, tokens)
     }
 
-    pub(crate) fn release(&self, verdict: &KeyVerdict) {
-        self.limits.release(self.index, verdict)
+    pub(crate) fn release(&self, lease: u64, verdict: &KeyVerdict) {
+        self.limits.release(self.index, lease, verdict)
     }
 
     pub(crate) fn disable(&self, reason: &str) {
         self.limits.disable(self.index, reason)
     }
 
-    pub(crate) fn refund(&self, tokens: u64) {
-        self.limits.refund(self.index, tokens)
+    pub(crate) fn refund(&self, lease: u64, tokens: u64) {
+        self.limits.refund(self.index, lease, tokens)
     }
 
     pub(crate) fn correct_tokens(&self, estimated: u64, actual: u64) {

@@ -1,14 +1,20 @@
 //! Shared limits over Redis (blocking client, no async runtime).
 //!
 //! Redis keys, per API key (named by `h`, an HMAC-SHA-256 of the key keyed with the
-//! namespace, truncated to 128 bits: never the key, not reversible):
-//! - `kp:{ns}:{h}:leases`: sorted set of lease ids scored by expiry (Redis time, ms);
-//! - `kp:{ns}:{h}:rate`: GCRA "theoretical arrival times" of `rpm` (`r`) and `tpm` (`t`);
-//! - `kp:{ns}:{h}:state`: `cool_until` (ms) and `disabled` (reason), with a TTL.
+//! namespace, truncated to 128 bits: never the key, not reversible), all with the hash
+//! tag `{ns}` (literal braces around the namespace: one Redis Cluster slot per
+//! namespace, so every script's keys are on one node):
+//! - `kp:{ns}:h:leases`: sorted set of lease ids scored by expiry (Redis time, ms);
+//! - `kp:{ns}:h:rate`: GCRA "theoretical arrival times" of `rpm` (`r`) and `tpm` (`t`);
+//! - `kp:{ns}:h:state`: `cool_until` (ms) and `disabled` (reason), with a TTL;
+//! - `kp:{ns}:h:aimd`: the shared learned limit of an adaptive key;
+//! - `kp:{ns}:h:charge`: what each lease was charged (its refund gives back no more);
+//! - `kp:{ns}:h:gone`: released lease ids (tombstones: a late renewal or ACQUIRE of a
+//!   released id does nothing).
 //!
 //! Per group (account), named by `gh`, an HMAC of the group's name under its own label
-//! (see `GroupInfo`): `kp:{ns}:{gh}:leases` (its member keys' leases, same ids),
-//! `kp:{ns}:{gh}:state` (`cool_until`) and `kp:{ns}:{gh}:rate` (its GCRA), checked and
+//! (see `GroupInfo`): `kp:{ns}:gh:leases` (its member keys' leases, same ids),
+//! `kp:{ns}:gh:state` (`cool_until`) and `kp:{ns}:gh:rate` (its GCRA), checked and
 //! taken in the same scripts as the member key's.
 //!
 //! Every decision is one Lua script run atomically by Redis, on Redis's clock (`TIME`),
@@ -16,7 +22,10 @@
 //!
 //! Threads (per pool, only in shared mode):
 //! - `keypool-lease-renew`: renews this process's leases every `lease_ms / 3` while it
-//!   holds any, and sleeps on a channel (no timeout) while it holds none;
+//!   holds any, and, while Redis is unreachable, reconnects every second (registering
+//!   the running requests, replaying queued releases): the only thread that connects
+//!   after the start, so admissions never wait for a connection. Sleeps on a channel
+//!   (no timeout) while there is nothing to do;
 //! - `keypool-shared-sub`: subscribed to `kp:{ns}:released`, nudges the dispatcher when
 //!   a process gives back a lease of a key that was full. Its socket read timeout (1 s)
 //!   only checks for shutdown; admissions never wait for it: a refused admission also
@@ -39,8 +48,8 @@ use crate::error::Error;
 /// The longest a dispatcher waits on a full shared key before asking again, should the
 /// release notification be lost (the subscriber reconnecting).
 const BUSY_RECHECK: Duration = Duration::from_millis(200);
-/// After a failed Redis call, the next attempt to reconnect waits this long (admissions
-/// meanwhile follow `on_unavailable` without paying a connect timeout each).
+/// While Redis is unreachable, the renewer tries to reconnect this often (admissions
+/// meanwhile follow `on_unavailable` at once: they never connect).
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 /// A key disabled (401/403) or parked (402) stays so in Redis this long after the last
 /// process saw it fail.
@@ -52,16 +61,28 @@ const DISABLED_TTL_MS: u64 = 3_600_000;
 /// the group's (the same lease id in the group's set) in the same step, or nothing.
 /// With `adaptive` ('1'), the key's slots are capped at its shared learned limit
 /// (`kp:{ns}:{h}:aimd`: `limit`, a float ≥ 1, and `cuts`, the number of cuts so far).
-/// KEYS: leases, state, rate, aimd[, group leases, group state, group rate].
-/// ARGV: max, lease id, lease_ms, rpm, tpm, tokens, adaptive[, group max (0: none),
-/// group rpm, group tpm]. Returns {0, cuts} admitted (cuts: the learned limit's cut
-/// count now), {1, wait_ms} full (key or group), {2, wait_ms} cooling, {3, 0, reason}
-/// disabled, {4, wait_ms} out of rate budget (key or group), {5, wait_ms} the group
-/// (account) cooling.
+/// KEYS: leases, state, rate, aimd[, group leases, group state, group rate], charge
+/// (each lease's charge: `cjson` {rpm ms, tpm ms, group rpm ms, group tpm ms}), gone.
+/// ARGV: max, lease id (chosen by the client, reused if the reply is lost), lease_ms,
+/// rpm, tpm, tokens, adaptive[, group max (0: none), group rpm, group tpm]. Returns
+/// {0, cuts} admitted (cuts: the learned limit's cut count now) — also when this id
+/// already holds a live lease, with nothing taken twice — {1, wait_ms} full (key or
+/// group), {2, wait_ms} cooling, {3, 0, reason} disabled, {4, wait_ms} out of rate
+/// budget (key or group), {5, wait_ms} the group (account) cooling, {6, 0} this id
+/// was released already.
 const ACQUIRE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local grp = #KEYS >= 7
+local grp = #KEYS >= 9
+local charge = KEYS[#KEYS - 1]
+local gone = KEYS[#KEYS]
+-- Idempotent: a lease id already released is never taken again (a late copy of this
+-- call), and one already taken is admitted again without a second charge (a retry).
+if redis.call('ZSCORE', gone, ARGV[2]) then return {6, 0} end
+local mine = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[2]) or '0') or 0
+if mine > now then
+  return {0, tonumber(redis.call('HGET', KEYS[4], 'cuts') or '0') or 0}
+end
 local dis = redis.call('HGET', KEYS[2], 'disabled')
 if dis then return {3, 0, dis} end
 local cool = tonumber(redis.call('HGET', KEYS[2], 'cool_until') or '0') or 0
@@ -98,11 +119,11 @@ end
 -- most one minute's worth, like the local bucket.
 local tokens = tonumber(ARGV[6])
 local function budget(rate, rpm, tpm)
-  local wait, rtat, ttat = 0, nil, nil
+  local wait, rtat, ttat, rc, tc = 0, nil, nil, 0, 0
   if rpm > 0 then
     local T = 60000 / rpm
     local tat = math.max(tonumber(redis.call('HGET', rate, 'r') or '0') or 0, now)
-    if tat > now then wait = tat - now else rtat = tat + T end
+    if tat > now then wait = tat - now else rtat = tat + T; rc = T end
   end
   if tpm > 0 then
     local T = 60000 / tpm
@@ -111,13 +132,15 @@ local function budget(rate, rpm, tpm)
     local need = math.min(tokens, cap) * T
     local tat = math.max(tonumber(redis.call('HGET', rate, 't') or '0') or 0, now)
     if tat + need - now > tau then wait = math.max(wait, tat + need - tau - now)
-    else ttat = math.min(tat + tokens * T, now + 60000) end
+    else ttat = math.min(tat + tokens * T, now + 60000); tc = ttat - tat end
   end
-  return wait, rtat, ttat
+  return wait, rtat, ttat, rc, tc
 end
-local wait, rtat, ttat = budget(KEYS[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
-local gwait, grtat, gttat = 0, nil, nil
-if grp then gwait, grtat, gttat = budget(KEYS[7], tonumber(ARGV[9]), tonumber(ARGV[10])) end
+local wait, rtat, ttat, rc, tc = budget(KEYS[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+local gwait, grtat, gttat, grc, gtc = 0, nil, nil, 0, 0
+if grp then
+  gwait, grtat, gttat, grc, gtc = budget(KEYS[7], tonumber(ARGV[9]), tonumber(ARGV[10]))
+end
 wait = math.max(wait, gwait)
 if wait > 0 then return {4, math.max(1, math.ceil(wait))} end
 local lease_ms = tonumber(ARGV[3])
@@ -130,16 +153,24 @@ local function take(leases, rate, r, tt)
 end
 take(KEYS[1], KEYS[3], rtat, ttat)
 if grp then take(KEYS[5], KEYS[7], grtat, gttat) end
+-- What this lease was charged (ms of each GCRA), so a refund or a correction gives
+-- back no more than that.
+if rc + tc + grc + gtc > 0 then
+  redis.call('HSET', charge, ARGV[2], cjson.encode({rc, tc, grc, gtc}))
+  redis.call('PEXPIRE', charge, math.max(180000, lease_ms * 2))
+end
 return {0, cuts}
 "#;
 
 /// Ends an admission or corrects a budget, in one step. KEYS: leases, state, rate,
-/// aimd[, group leases, group state, group rate].
+/// aimd[, group leases, group state, group rate], charge, gone (the key's released lease
+/// ids, scored by expiry: tombstones a renewal respects).
 /// ARGV: lease id ('' for none), max, cooldown_ms (0 none), disable reason ('' none),
 /// rpm, rpm delta (requests), tpm, tpm delta (tokens), channel, key hash, disabled TTL,
 /// adaptive ('1'), outcome ('r' a 429, 's' a success, '' neither), the admission's cut
 /// count[, group max (0 none), group cooldown_ms (0 none), group rpm, group tpm, group
-/// hash]. The shared learned limit (AIMD, as `adaptive.rs` without its probe pacing):
+/// hash], refund ('1': give the lease's recorded charge back — an admission whose reply
+/// was lost), tombstone lifetime (ms). The shared learned limit (AIMD, as `adaptive.rs` without its probe pacing):
 /// a success while the key used its whole limit adds 1/limit (up to max); a 429 of an
 /// admission made since the last cut multiplies it by 0.8 (at least 1) — once per
 /// overshoot, whichever process sees the 429s. A lease given back to a full key or a
@@ -147,7 +178,9 @@ return {0, cuts}
 const SETTLE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local grp = #KEYS >= 7
+local grp = #KEYS >= 9
+local charge = KEYS[#KEYS - 1]
+local gone = KEYS[#KEYS]
 if ARGV[1] ~= '' then
   local max = tonumber(ARGV[2])
   local count = redis.call('ZCARD', KEYS[1])
@@ -164,6 +197,24 @@ if ARGV[1] ~= '' then
     redis.call('PEXPIRE', KEYS[4], 86400000)
   end
   local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+  -- A lease whose admission never got its answer gives its charge back.
+  local c = redis.call('HGET', charge, ARGV[1])
+  if c and removed == 1 and ARGV[#ARGV - 1] == '1' then
+    local ch = cjson.decode(c)
+    local function back(rate, field, d)
+      local tat = tonumber(redis.call('HGET', rate, field) or '0') or 0
+      if d > 0 and tat > 0 then redis.call('HSET', rate, field, tostring(tat - d)) end
+    end
+    back(KEYS[3], 'r', ch[1])
+    back(KEYS[3], 't', ch[2])
+    if grp then back(KEYS[7], 'r', ch[3]); back(KEYS[7], 't', ch[4]) end
+  end
+  if c then redis.call('HDEL', charge, ARGV[1]) end
+  -- A tombstone: a renewal that copied this id before the release never re-adds it.
+  local ttl = tonumber(ARGV[#ARGV])
+  redis.call('ZREMRANGEBYSCORE', gone, '-inf', now)
+  redis.call('ZADD', gone, now + ttl, ARGV[1])
+  redis.call('PEXPIRE', gone, ttl)
   if count >= lim and removed == 1 then redis.call('PUBLISH', ARGV[9], ARGV[10]) end
   if grp then
     local gmax = tonumber(ARGV[15])
@@ -206,15 +257,69 @@ end
 return 0
 "#;
 
+/// Gives back (refund) or corrects (tpm: estimated vs actual tokens) the charge of one
+/// lease, recorded by `ACQUIRE`: a refund returns exactly what was charged, and a
+/// correction never takes the charge below zero — so neither erases other requests'
+/// debt. KEYS: rate, charge[, group rate]. ARGV: lease id, refund ('1') or correct
+/// (''), tokens delta (correct), tpm, group tpm, actual tokens (correct). Without a
+/// record (a fallback slot, or one older than the record's lifetime) only a positive
+/// correction applies.
+const CHARGE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local grp = #KEYS >= 3
+local function move(rate, field, d)
+  if d == 0 then return 0 end
+  local tat = tonumber(redis.call('HGET', rate, field) or '0') or 0
+  if tat <= 0 then return 0 end
+  local n = math.min(tat + d, now + 60000)
+  redis.call('HSET', rate, field, tostring(n))
+  return n - tat
+end
+local c = redis.call('HGET', KEYS[2], ARGV[1])
+local d = tonumber(ARGV[3])
+local tpm, gtpm = tonumber(ARGV[4]), tonumber(ARGV[5])
+if not c then
+  if ARGV[2] ~= '1' and d > 0 then
+    if tpm > 0 then move(KEYS[1], 't', d * 60000 / tpm) end
+    if grp and gtpm > 0 then move(KEYS[3], 't', d * 60000 / gtpm) end
+  end
+  return 0
+end
+local ch = cjson.decode(c)
+if ARGV[2] == '1' then
+  move(KEYS[1], 'r', -ch[1])
+  move(KEYS[1], 't', -ch[2])
+  if grp then move(KEYS[3], 'r', -ch[3]); move(KEYS[3], 't', -ch[4]) end
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  return 1
+end
+-- The charge becomes what the actual count costs (still at most a minute's debt).
+local actual = tonumber(ARGV[6])
+if tpm > 0 then ch[2] = ch[2] + move(KEYS[1], 't', actual * 60000 / tpm - ch[2]) end
+if grp and gtpm > 0 then
+  ch[4] = ch[4] + move(KEYS[3], 't', actual * 60000 / gtpm - ch[4])
+end
+redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(ch))
+return 1
+"#;
+
 /// Renews this process's leases of one key (re-adding any Redis lost, e.g. in a
-/// restart: those requests are still running) in every set of KEYS: the key's leases
-/// and, for a key of a group, the group's. ARGV: lease_ms, ids…
+/// restart: those requests are still running) in every set of KEYS but the first: the
+/// key's leases and, for a key of a group, the group's — except a lease released
+/// meanwhile (its id is in KEYS[1], the key's tombstones: the renewal copied it before
+/// the release ran). ARGV: lease_ms, ids…
 const RENEW: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease_ms = tonumber(ARGV[1])
-for k = 1, #KEYS do
-  for i = 2, #ARGV do redis.call('ZADD', KEYS[k], now + lease_ms, ARGV[i]) end
+local live = {}
+for i = 2, #ARGV do
+  local dead = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if not dead or tonumber(dead) <= now then live[#live + 1] = ARGV[i] end
+end
+for k = 2, #KEYS do
+  for _, id in ipairs(live) do redis.call('ZADD', KEYS[k], now + lease_ms, id) end
   redis.call('PEXPIRE', KEYS[k], lease_ms * 2)
 end
 return 0
@@ -225,11 +330,18 @@ return 0
 /// answers again, so the requests still running then count against the shared limit.
 #[derive(Debug)]
 struct Held {
+    /// Its number in this pool (`Admission::lease`).
+    seq: u64,
     id: String,
     /// Registered in Redis (as far as this process knows): its release must reach Redis.
     in_redis: bool,
     /// The shared learned limit's cut count when admitted (adaptive keys).
     cuts: u64,
+    /// The tokens it was admitted for (corrected once known): a refund or a correction
+    /// of that many goes to this lease's recorded charge.
+    tokens: u64,
+    /// Its charge was given back already (`refund`).
+    refunded: bool,
 }
 
 /// A release (and the attempt's verdict) whose Redis call failed, retried when Redis
@@ -243,6 +355,8 @@ struct Pending {
     /// Cool the key's group (account) until this instant, if still ahead when retried.
     group_cool_until: Option<Instant>,
     disable: String,
+    /// Give the lease's recorded charge back (its admission's reply was lost).
+    refund: bool,
 }
 
 /// At most this many releases wait for Redis to come back; beyond, the oldest is
@@ -289,6 +403,10 @@ impl Aimd {
 
 struct KeyInfo {
     leases: String,
+    /// Released lease ids (tombstones, see `SETTLE`).
+    gone: String,
+    /// Each lease's charge (see `ACQUIRE`).
+    charge: String,
     aimd: String,
     adaptive: bool,
     state: String,
@@ -334,15 +452,20 @@ struct GroupLocal {
     tpm: Pace,
 }
 
+/// The admissions' connection. Admissions, releases and corrections only ever use
+/// it as it is: while it is `None` they follow `on_unavailable` (or queue) without a
+/// network call. Only the renewer thread connects, registers and replays (see
+/// [`Inner::reconnect`]), never under a gate's lock nor this one.
 struct Conn {
     con: Option<redis::Connection>,
-    /// No reconnect attempt before this instant.
-    retry_at: Option<Instant>,
+    /// Redis was unreachable at the last attempt (logged once per outage).
+    down: bool,
     /// The last failure, masked.
     last_error: String,
-    /// Releases whose Redis call failed, oldest first, retried (in order) right after
-    /// the next successful reconnection. Bounded by [`PENDING_CAP`]. Pushed only under
-    /// this lock and while `con` is `None`, so every entry meets the next reconnection.
+    /// Releases whose Redis call failed, oldest first, replayed (in order) by the next
+    /// reconnection before it installs its connection. Bounded by [`PENDING_CAP`].
+    /// Pushed only under this lock and while `con` is `None`, so every entry meets the
+    /// next reconnection.
     pending: std::collections::VecDeque<Pending>,
     /// Releases dropped because the queue was full (logged once per outage).
     dropped: u64,
@@ -360,6 +483,7 @@ struct Inner {
     acquire: Script,
     settle: Script,
     renew: Script,
+    charge: Script,
     channel: String,
     /// Unique per pool: prefixes its lease ids.
     token: String,
@@ -407,8 +531,9 @@ impl Inner {
         }
     }
 
-    /// Runs `f` on the connection, (re)connecting first if needed. `None` while Redis is
-    /// unreachable (the failure is recorded and the connection dropped).
+    /// Runs `f` on the admissions' connection. `None` while Redis is unreachable — at
+    /// once, without a connection attempt (the renewer reconnects) — or if the call
+    /// fails (the failure is recorded and the connection dropped).
     fn with_conn<T>(
         &self,
         f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
@@ -424,95 +549,166 @@ impl Inner {
         on_fail: impl FnOnce(&mut Conn),
     ) -> Option<T> {
         let mut c = self.conn.lock();
-        let r = self.with_locked_conn(&mut c, f);
+        let r = match c.con.as_mut().map(f) {
+            Some(Ok(v)) => Some(v),
+            Some(Err(e)) => {
+                self.fail(&mut c, e);
+                None
+            }
+            None => None,
+        };
         if r.is_none() {
             on_fail(&mut c);
         }
         r
     }
 
-    fn with_locked_conn<T>(
-        &self,
-        c: &mut Conn,
-        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
-    ) -> Option<T> {
-        if c.con.is_none() {
-            if c.retry_at.is_some_and(|at| Instant::now() < at) {
-                return None;
-            }
-            let timeout = Duration::from_millis(self.cfg.timeout_ms);
-            let con = self
-                .client
-                .get_connection_with_timeout(timeout)
-                .and_then(|con| {
-                    con.set_read_timeout(Some(timeout))?;
-                    con.set_write_timeout(Some(timeout))?;
-                    Ok(con)
-                });
-            match con {
-                Ok(mut con) => {
-                    if c.retry_at.is_some() {
-                        log::info!("keypool: shared limits: Redis is reachable again");
-                    }
-                    // Before anything else on the new connection (Redis may have been
-                    // restarted empty): register every request still running here,
-                    // then the releases that failed meanwhile, in order.
-                    if let Err(e) = self.recover(&mut con, c) {
-                        self.fail(c, e);
-                        return None;
-                    }
-                    c.con = Some(con);
-                    c.retry_at = None;
-                    c.dropped = 0;
-                }
-                Err(e) => {
-                    self.fail(c, e);
-                    return None;
-                }
-            }
-        }
-        let con = c.con.as_mut()?;
-        match f(con) {
-            Ok(v) => Some(v),
+    /// A new connection with the configured timeouts, checked with a `PING` (a Redis
+    /// that accepts connections but never answers is unreachable). On Redis Cluster, a
+    /// connection to the node that serves the namespace's slot (every key of a
+    /// namespace shares one hash tag): the configured node answers a keyed command
+    /// with `MOVED` otherwise, and that node is used — again at every reconnection, so
+    /// a failover or a resharding is followed.
+    fn connect(&self) -> redis::RedisResult<redis::Connection> {
+        let timeout = Duration::from_millis(self.cfg.timeout_ms);
+        let open = |client: &redis::Client| -> redis::RedisResult<redis::Connection> {
+            let mut con = client.get_connection_with_timeout(timeout)?;
+            con.set_read_timeout(Some(timeout))?;
+            con.set_write_timeout(Some(timeout))?;
+            redis::cmd("PING").query::<String>(&mut con)?;
+            Ok(con)
+        };
+        let mut con = open(&self.client)?;
+        let probe = format!("kp:{{{}}}:slot", self.cfg.namespace);
+        match redis::cmd("PTTL").arg(&probe).query::<i64>(&mut con) {
+            Ok(_) => Ok(con),
             Err(e) => {
-                self.fail(c, e);
-                None
+                let Some((node, _)) = e.redirect_node() else {
+                    return Err(e);
+                };
+                let Some((host, port)) = node
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse().ok()?)))
+                else {
+                    return Err(e);
+                };
+                let info = self.client.get_connection_info().clone();
+                let addr = match info.addr() {
+                    redis::ConnectionAddr::Tcp(..) => {
+                        redis::ConnectionAddr::Tcp(host.to_owned(), port)
+                    }
+                    redis::ConnectionAddr::TcpTls {
+                        insecure,
+                        tls_params,
+                        ..
+                    } => redis::ConnectionAddr::TcpTls {
+                        host: host.to_owned(),
+                        port,
+                        insecure: *insecure,
+                        tls_params: tls_params.clone(),
+                    },
+                    _ => return Err(e),
+                };
+                let mut con = open(&redis::Client::open(info.set_addr(addr))?)?;
+                redis::cmd("PTTL").arg(&probe).query::<i64>(&mut con)?;
+                Ok(con)
             }
         }
     }
 
-    /// On a fresh connection: re-registers this process's running requests as leases
-    /// (leases lost in a Redis restart, fallback slots taken during the outage), then
-    /// replays the releases queued while Redis was unreachable. An entry leaves the
-    /// queue only once Redis has taken it.
-    fn recover(&self, con: &mut redis::Connection, c: &mut Conn) -> redis::RedisResult<()> {
-        for (i, k) in self.keys.iter().enumerate() {
-            let ids = self.register_held(i);
-            if !ids.is_empty() {
-                self.renew_leases(con, k, &ids)?;
+    /// Brings the admissions' connection back (renewer thread only, no lock held during
+    /// a network call): on a new connection, registers every request still running
+    /// here as a lease (leases lost in a Redis restart, fallback slots taken during the
+    /// outage), then replays the releases queued meanwhile, in order, and installs the
+    /// connection once the queue is empty. An entry leaves the queue only once Redis
+    /// has taken it. Returns whether Redis is reachable again.
+    fn reconnect(&self) -> bool {
+        let r = self.connect().and_then(|mut con| {
+            for (i, k) in self.keys.iter().enumerate() {
+                let ids = self.register_held(i);
+                if !ids.is_empty() {
+                    self.renew_leases(&mut con, k, &ids)?;
+                }
+            }
+            loop {
+                let batch: Vec<Pending> = {
+                    let mut c = self.conn.lock();
+                    if c.pending.is_empty() {
+                        // Fallback slots taken since the registration above: registered
+                        // before the connection is installed (no fallback admission can
+                        // happen meanwhile: they wait for this lock), so no process
+                        // ever sees this one's slots missing once it admits on Redis.
+                        // Usually none: no network call under the lock then.
+                        for (i, k) in self.keys.iter().enumerate() {
+                            let ids: Vec<String> = {
+                                let mut l = self.local[i].lock();
+                                (l.held.iter_mut())
+                                    .filter(|h| !h.in_redis)
+                                    .map(|h| {
+                                        h.in_redis = true;
+                                        h.id.clone()
+                                    })
+                                    .collect()
+                            };
+                            if !ids.is_empty() {
+                                self.renew_leases(&mut con, k, &ids)?;
+                            }
+                        }
+                        if c.down {
+                            log::info!("keypool: shared limits: Redis is reachable again");
+                        }
+                        c.con = Some(con);
+                        c.down = false;
+                        c.dropped = 0;
+                        return Ok(());
+                    }
+                    c.pending.drain(..).collect()
+                };
+                let mut batch = batch.into_iter();
+                while let Some(p) = batch.next() {
+                    if let Err(e) = self.replay(&mut con, &p) {
+                        // Back at the front, in order, ahead of anything queued since.
+                        let mut c = self.conn.lock();
+                        for p in batch.rev() {
+                            c.pending.push_front(p);
+                        }
+                        c.pending.push_front(p);
+                        while c.pending.len() > PENDING_CAP {
+                            c.pending.pop_front();
+                            c.dropped += 1;
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        });
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                self.fail(&mut self.conn.lock(), e);
+                false
             }
         }
-        while let Some(p) = c.pending.front() {
-            let now = Instant::now();
-            let left = |at: Option<Instant>| {
-                at.map_or(0, |u| {
-                    u64::try_from(u.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
-                })
-            };
-            let (cooldown_ms, group_cooldown_ms) = (left(p.cool_until), left(p.group_cool_until));
-            self.settle_on(
-                con,
-                p.key,
-                p.lease.as_deref(),
-                (cooldown_ms, group_cooldown_ms),
-                &p.disable,
-                0,
-                0,
-                Aimd::NONE,
-            )?;
-            c.pending.pop_front();
-        }
-        Ok(())
+    }
+
+    /// Replays one queued release on `con`.
+    fn replay(&self, con: &mut redis::Connection, p: &Pending) -> redis::RedisResult<i64> {
+        let now = Instant::now();
+        let left = |at: Option<Instant>| {
+            at.map_or(0, |u| {
+                u64::try_from(u.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
+            })
+        };
+        let (cooldown_ms, group_cooldown_ms) = (left(p.cool_until), left(p.group_cool_until));
+        self.settle_on(
+            con,
+            p.key,
+            p.lease.as_deref(),
+            (cooldown_ms, group_cooldown_ms),
+            &p.disable,
+            p.refund,
+            Aimd::NONE,
+        )
     }
 
     fn fail(&self, c: &mut Conn, e: redis::RedisError) {
@@ -520,7 +716,7 @@ impl Inner {
             "Redis at {} unavailable: {e}",
             redact_url(&self.cfg.redis_url)
         ));
-        if c.retry_at.is_none() {
+        if !c.down {
             log::warn!(
                 "keypool: shared limits: {msg}; {}",
                 match self.cfg.on_unavailable {
@@ -530,23 +726,28 @@ impl Inner {
             );
         }
         c.con = None;
-        c.retry_at = Some(Instant::now() + RECONNECT_AFTER);
+        c.down = true;
         c.last_error = msg;
     }
 
-    /// A lease id unique to this pool.
-    fn lease_id(&self) -> String {
-        format!(
-            "{}:{}",
-            self.token,
-            self.next_lease
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        )
+    /// How long a released lease's tombstone lives: longer than any renewal that
+    /// copied its id before the release can take to reach Redis.
+    fn tombstone_ms(&self) -> u64 {
+        2 * (self.cfg.lease_ms + self.cfg.timeout_ms)
+    }
+
+    /// A lease number (never 0) and id unique to this pool.
+    fn lease_id(&self) -> (u64, String) {
+        let seq = 1 + self
+            .next_lease
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (seq, format!("{}:{seq}", self.token))
     }
 
     fn acquire(&self, key: usize, tokens: u64) -> (SharedAdmit, bool) {
         let k = &self.keys[key];
-        let id = self.lease_id();
+        let (seq, id) = self.lease_id();
+        let mut sent = false;
         let reply = self.with_conn(|con| {
             let mut inv = self.acquire.key(&k.leases);
             inv.key(&k.state)
@@ -567,11 +768,25 @@ impl Inner {
                     .arg(g.rpm)
                     .arg(g.tpm);
             }
+            inv.key(&k.charge).key(&k.gone);
+            sent = true;
             inv.invoke::<Vec<Value>>(con)
         });
         let now = Instant::now();
         let Some(reply) = reply else {
-            return (self.fallback(key, tokens, now), false);
+            // The call went out and failed: Redis may have run it (its reply lost), so
+            // the lease id may hold a lease there. A fallback slot reuses the id (its
+            // registration then renews that lease rather than adding one) and is
+            // released in Redis in the end; refused, the id is released at once (or
+            // when Redis answers again).
+            let admit = self.fallback(key, tokens, now, (seq, id.clone()), sent);
+            if sent && admit != SharedAdmit::Yes(seq) {
+                self.release(key, Some(id), (None, None), "", Aimd::NONE, true);
+            }
+            // A fallback slot wakes the renewer too: it registers the slot in Redis
+            // as soon as Redis answers.
+            let held = admit == SharedAdmit::Yes(seq);
+            return (admit, held);
         };
         let int = |i: usize| match reply.get(i) {
             Some(Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
@@ -583,14 +798,17 @@ impl Inner {
                 let cuts = int(1);
                 let mut l = self.local[key].lock();
                 l.held.push(Held {
+                    seq,
                     id,
                     in_redis: true,
                     cuts,
+                    tokens,
+                    refunded: false,
                 });
                 if let Some(g) = k.group {
                     self.group_local[g].lock().held += 1;
                 }
-                return (SharedAdmit::Yes, true);
+                return (SharedAdmit::Yes(seq), true);
             }
             1 => SharedAdmit::WakeAt(after(int(1)).min(now + BUSY_RECHECK)),
             2 => SharedAdmit::Cooling(after(int(1))),
@@ -602,14 +820,24 @@ impl Inner {
                 SharedAdmit::Disabled(reason)
             }
             5 => SharedAdmit::GroupCooling(after(int(1))),
+            6 => SharedAdmit::WakeAt(now + BUSY_RECHECK),
             _ => SharedAdmit::WakeAt(after(int(1))),
         };
         (admit, false)
     }
 
     /// Admission while Redis is unreachable: the key's limits and its group's, scaled
-    /// by `local_share_percent`, counted in this process alone.
-    fn fallback(&self, key: usize, tokens: u64, now: Instant) -> SharedAdmit {
+    /// by `local_share_percent`, counted in this process alone. The slot takes lease id
+    /// `id`; `maybe_in_redis`: an ACQUIRE of that id may have run (its reply lost), so
+    /// its release must reach Redis.
+    fn fallback(
+        &self,
+        key: usize,
+        tokens: u64,
+        now: Instant,
+        (seq, id): (u64, String),
+        maybe_in_redis: bool,
+    ) -> SharedAdmit {
         if self.cfg.on_unavailable == OnUnavailable::Fail {
             return SharedAdmit::Unavailable;
         }
@@ -672,13 +900,15 @@ impl Inner {
             gl.tpm = gtpm;
             gl.held += 1;
         }
-        let id = self.lease_id();
         l.held.push(Held {
+            seq,
             id,
-            in_redis: false,
+            in_redis: maybe_in_redis,
             cuts: 0,
+            tokens,
+            refunded: false,
         });
-        SharedAdmit::Yes
+        SharedAdmit::Yes(seq)
     }
 
     /// Ends an admission (gives `lease` back, publishes the verdict) in Redis; if Redis
@@ -693,6 +923,7 @@ impl Inner {
         (cooldown, group_cooldown): (Option<Duration>, Option<Duration>),
         disable: &str,
         aimd: Aimd,
+        refund: bool,
     ) {
         let ms = |c: Option<Duration>| {
             c.map_or(0, |d| {
@@ -712,8 +943,7 @@ impl Inner {
                     lease_ref.as_deref(),
                     cooldown_ms,
                     disable,
-                    0,
-                    0,
+                    refund,
                     aimd,
                 )
             },
@@ -734,21 +964,51 @@ impl Inner {
                     cool_until: cooldown.and_then(|d| queued_at.checked_add(d)),
                     group_cool_until: group_cooldown.and_then(|d| queued_at.checked_add(d)),
                     disable: disable.to_owned(),
+                    refund,
                 });
             },
         );
     }
 
-    /// Releases waiting for Redis (queued after a failed release call).
-    fn pending(&self) -> usize {
-        self.conn.lock().pending.len()
-    }
-
-    /// Corrects a key's shared rate budgets; not retried if Redis is unreachable (a
-    /// budget shift is not idempotent, and a lost one errs by at most that request).
-    fn shift(&self, key: usize, rpm_delta: i64, tpm_delta: i64) {
+    /// Gives back (`refund`) or corrects by `delta` tokens the charge of a lease this
+    /// process holds on key `key`: `lease` if given, else one for `tokens` tokens (the
+    /// newest such one, not yet refunded: a correction names no lease). Not retried if
+    /// Redis is unreachable (a lost one errs by at most that request).
+    fn recharge(&self, key: usize, lease: Option<u64>, tokens: u64, refund: bool, delta: i64) {
+        let id = {
+            let mut l = self.local[key].lock();
+            let open = |h: &Held| h.in_redis && !h.refunded;
+            let own = (l.held.iter()).position(|h| lease.is_some_and(|s| s != 0 && h.seq == s));
+            let at = match own {
+                // Its own lease: a fallback slot (never charged in Redis) gives nothing.
+                Some(i) => Some(i).filter(|&i| open(&l.held[i])),
+                None => (l.held.iter().rposition(|h| open(h) && h.tokens == tokens))
+                    .or_else(|| l.held.iter().rposition(open)),
+            };
+            let Some(h) = at.map(|i| &mut l.held[i]) else {
+                return; // a fallback slot: nothing charged in Redis
+            };
+            if refund {
+                h.refunded = true;
+            } else {
+                h.tokens = tokens.saturating_add_signed(delta);
+            }
+            h.id.clone()
+        };
+        let k = &self.keys[key];
         let _ = self.with_conn(|con| {
-            self.settle_on(con, key, None, (0, 0), "", rpm_delta, tpm_delta, Aimd::NONE)
+            let mut inv = self.charge.key(&k.rate);
+            inv.key(&k.charge)
+                .arg(&id)
+                .arg(if refund { "1" } else { "" })
+                .arg(delta)
+                .arg(k.tpm);
+            match k.group.map(|g| &self.groups[g]) {
+                Some(g) => inv.key(&g.rate).arg(g.tpm),
+                None => inv.arg(0),
+            };
+            inv.arg(tokens.saturating_add_signed(delta));
+            inv.invoke::<i64>(con)
         });
     }
 
@@ -761,8 +1021,7 @@ impl Inner {
         lease: Option<&str>,
         (cooldown_ms, group_cooldown_ms): (u64, u64),
         disable: &str,
-        rpm_delta: i64,
-        tpm_delta: i64,
+        refund: bool,
         aimd: Aimd,
     ) -> redis::RedisResult<i64> {
         let k = &self.keys[key];
@@ -775,9 +1034,9 @@ impl Inner {
             .arg(cooldown_ms)
             .arg(disable)
             .arg(k.rpm)
-            .arg(rpm_delta)
+            .arg(0)
             .arg(k.tpm)
-            .arg(tpm_delta)
+            .arg(0)
             .arg(&self.channel)
             .arg(&k.hash)
             .arg(DISABLED_TTL_MS)
@@ -794,6 +1053,10 @@ impl Inner {
                 .arg(g.tpm)
                 .arg(&g.hash);
         }
+        inv.key(&k.charge)
+            .key(&k.gone)
+            .arg(if refund { "1" } else { "" })
+            .arg(self.tombstone_ms());
         inv.invoke::<i64>(con)
     }
 
@@ -817,7 +1080,8 @@ impl Inner {
         k: &KeyInfo,
         ids: &[String],
     ) -> redis::RedisResult<i64> {
-        let mut inv = self.renew.key(&k.leases);
+        let mut inv = self.renew.key(&k.gone);
+        inv.key(&k.leases);
         if let Some(g) = k.group {
             inv.key(&self.groups[g].leases);
         }
@@ -828,18 +1092,32 @@ impl Inner {
         inv.invoke::<i64>(con)
     }
 
-    /// Renews every lease this process holds. Returns whether it holds any.
-    fn renew_all(&self) -> bool {
-        let mut any = false;
+    /// Renews every lease this process holds (registering fallback slots), on the
+    /// renewer's own connection `rcon` (connected if needed; dropped on failure, the
+    /// pass then ends: the next one retries).
+    fn renew_all(&self, rcon: &mut Option<redis::Connection>) {
         for (i, k) in self.keys.iter().enumerate() {
-            let ids = self.register_held(i);
-            any |= !ids.is_empty();
-            if ids.is_empty() {
+            if self.local[i].lock().held.is_empty() {
                 continue;
             }
-            let _ = self.with_conn(|con| self.renew_leases(con, k, &ids));
+            let con = match rcon {
+                Some(con) => con,
+                None => match self.connect() {
+                    Ok(con) => rcon.insert(con),
+                    Err(_) => return,
+                },
+            };
+            let ids = self.register_held(i);
+            if !ids.is_empty() && self.renew_leases(con, k, &ids).is_err() {
+                *rcon = None;
+                return;
+            }
         }
-        any
+    }
+
+    /// No connection to Redis (it failed, and no reconnection succeeded since).
+    fn is_down(&self) -> bool {
+        self.conn.lock().con.is_none()
     }
 
     fn holds_any(&self) -> bool {
@@ -856,15 +1134,18 @@ impl RedisLimits {
         let client = redis::Client::open(sc.redis_url.as_str())
             .map_err(|_| Error::config("shared.redis_url", "not a valid Redis URL"))?;
         let ns = &sc.namespace;
+        // Every key of a namespace carries one hash tag, `{ns}`: a script's keys (a key's,
+        // its group's) then share one slot, as Redis Cluster requires.
+        let tag = format!("kp:{{{ns}}}");
         let groups = config
             .groups
             .iter()
             .map(|g| {
                 let hash = group_hash(ns, &g.name);
                 GroupInfo {
-                    leases: format!("kp:{ns}:{hash}:leases"),
-                    state: format!("kp:{ns}:{hash}:state"),
-                    rate: format!("kp:{ns}:{hash}:rate"),
+                    leases: format!("{tag}:{hash}:leases"),
+                    state: format!("{tag}:{hash}:state"),
+                    rate: format!("{tag}:{hash}:rate"),
                     hash,
                     max: g.max_concurrent.unwrap_or(0),
                     rpm: g.rpm.map_or(0, u64::from),
@@ -878,10 +1159,12 @@ impl RedisLimits {
             .map(|k| {
                 let hash = key_hash(ns, k.key.expose());
                 KeyInfo {
-                    leases: format!("kp:{ns}:{hash}:leases"),
-                    state: format!("kp:{ns}:{hash}:state"),
-                    rate: format!("kp:{ns}:{hash}:rate"),
-                    aimd: format!("kp:{ns}:{hash}:aimd"),
+                    leases: format!("{tag}:{hash}:leases"),
+                    state: format!("{tag}:{hash}:state"),
+                    rate: format!("{tag}:{hash}:rate"),
+                    aimd: format!("{tag}:{hash}:aimd"),
+                    gone: format!("{tag}:{hash}:gone"),
+                    charge: format!("{tag}:{hash}:charge"),
                     adaptive: k.adaptive,
                     hash,
                     max: k.max_concurrent,
@@ -904,7 +1187,7 @@ impl RedisLimits {
             groups,
             conn: Mutex::new(Conn {
                 con: None,
-                retry_at: None,
+                down: false,
                 last_error: String::new(),
                 pending: std::collections::VecDeque::new(),
                 dropped: 0,
@@ -912,14 +1195,18 @@ impl RedisLimits {
             acquire: Script::new(ACQUIRE),
             settle: Script::new(SETTLE),
             renew: Script::new(RENEW),
+            charge: Script::new(CHARGE),
             channel: format!("kp:{ns}:released"),
             token: token.clone(),
             next_lease: std::sync::atomic::AtomicU64::new(0),
             epoch: Instant::now(),
         });
         // Connect now so a reachable Redis is used from the first request; an
-        // unreachable one is not fatal (see `on_unavailable`).
-        let _ = inner.with_conn(|con| redis::cmd("PING").query::<String>(con));
+        // unreachable one is not fatal (see `on_unavailable`): the renewer retries.
+        match inner.connect() {
+            Ok(con) => inner.conn.lock().con = Some(con),
+            Err(e) => inner.fail(&mut inner.conn.lock(), e),
+        }
         let (renew_tx, renew_rx) = crossbeam_channel::bounded(1);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let mut threads = Vec::new();
@@ -965,44 +1252,47 @@ impl RedisLimits {
     }
 }
 
-/// The lease renewer: waits on `rx` (an admission took a lease, or a release was
-/// queued) while nothing is held or queued, else renews every `lease_ms / 3` — and,
-/// while releases wait for Redis, tries to reconnect every [`RECONNECT_AFTER`] (a
-/// reconnection replays them). Ends when the pool's limits are dropped.
+/// The lease renewer: renews this process's leases every `lease_ms / 3` while it holds
+/// any, and, while Redis is unreachable, reconnects every [`RECONNECT_AFTER`] (a
+/// reconnection registers the requests running here, fallback slots included, and
+/// replays the queued releases: see [`Inner::reconnect`]). It is the only thread that
+/// connects to Redis after the start, so no admission ever waits for a connection.
+/// Sleeps on `rx` (an admission took a lease or a fallback slot, a release was queued,
+/// a Redis call failed) while nothing is to be done. Ends when the pool's limits are
+/// dropped.
 fn renewer(inner: Arc<Inner>, rx: Receiver<()>) {
     let interval = Duration::from_millis(inner.cfg.lease_ms / 3);
-    let next_tick = |inner: &Inner| {
-        if inner.pending() > 0 {
-            Some(Instant::now() + interval.min(RECONNECT_AFTER))
-        } else if inner.holds_any() {
-            Some(Instant::now() + interval)
-        } else {
-            None
-        }
-    };
-    let mut next: Option<Instant> = None;
+    // The renewer's own connection: a slow renewal never holds admissions up.
+    let mut rcon: Option<redis::Connection> = None;
+    let mut retry_at = Instant::now();
+    let mut renew_at: Option<Instant> = None;
     loop {
-        let Some(at) = next else {
-            if !inner.holds_any() && inner.pending() == 0 && rx.recv().is_err() {
-                return;
+        let now = Instant::now();
+        if inner.is_down() {
+            if now >= retry_at {
+                // At most one attempt per RECONNECT_AFTER, successful or not.
+                retry_at = now + RECONNECT_AFTER;
+                if inner.reconnect() {
+                    // Fallback slots taken while it reconnected.
+                    inner.renew_all(&mut rcon);
+                    renew_at = None;
+                }
             }
-            next = next_tick(&inner).or(Some(Instant::now() + interval));
-            continue;
+        } else if renew_at.is_some_and(|at| now >= at) {
+            inner.renew_all(&mut rcon);
+            renew_at = None;
+        }
+        let down = inner.is_down();
+        if !down && renew_at.is_none() && inner.holds_any() {
+            renew_at = Some(Instant::now() + interval);
+        }
+        let deadline = if down { Some(retry_at) } else { renew_at };
+        let woke = match deadline {
+            Some(at) => rx.recv_deadline(at),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
-        match rx.recv_deadline(at) {
-            Ok(()) => {
-                if inner.pending() > 0 {
-                    next = Some(at.min(Instant::now() + RECONNECT_AFTER));
-                }
-            }
-            Err(RecvTimeoutError::Disconnected) => return,
-            Err(RecvTimeoutError::Timeout) => {
-                if !inner.renew_all() && inner.pending() > 0 {
-                    // Nothing to renew: just reconnect, which replays the queue.
-                    let _ = inner.with_conn(|con| redis::cmd("PING").query::<String>(con));
-                }
-                next = next_tick(&inner);
-            }
+        if let Err(RecvTimeoutError::Disconnected) = woke {
+            return;
         }
     }
 }
@@ -1070,29 +1360,47 @@ impl Subscriber {
     }
 }
 
+impl RedisLimits {
+    /// Wakes the renewer (a lease or a fallback slot to renew, Redis to reconnect).
+    fn wake_renewer(&self) {
+        if let Some(tx) = &self.renew_tx {
+            let _ = tx.try_send(());
+        }
+    }
+
+    /// Wakes the renewer if Redis is unreachable: it reconnects.
+    fn wake_if_down(&self) {
+        if self.inner.is_down() {
+            self.wake_renewer();
+        }
+    }
+}
+
 impl SharedLimits for RedisLimits {
     fn acquire(&self, key: usize, tokens: u64) -> SharedAdmit {
-        let (admit, leased) = self.inner.acquire(key, tokens);
-        if leased {
-            if let Some(tx) = &self.renew_tx {
-                let _ = tx.try_send(());
-            }
+        let (admit, held) = self.inner.acquire(key, tokens);
+        if held || self.inner.is_down() {
+            self.wake_renewer();
         }
         admit
     }
 
-    fn release(&self, key: usize, v: &KeyVerdict) {
+    fn release(&self, key: usize, lease: u64, v: &KeyVerdict) {
         let held = {
             let mut l = self.inner.local[key].lock();
-            // Held leases are interchangeable but for their cut counts: a 429 takes the
-            // oldest count (the most likely to be a stale overshoot, which must not cut
-            // again), anything else the newest.
-            let pick = if v.rate_limited {
-                l.held.iter().enumerate().min_by_key(|(_, h)| h.cuts)
-            } else {
-                l.held.iter().enumerate().max_by_key(|(_, h)| h.cuts)
-            }
-            .map(|(i, _)| i);
+            // Its own lease, whose cut count decides whether a 429 cuts the shared
+            // learned limit (an overshoot admitted since the last cut does). Without
+            // one (never in practice), a 429 takes the oldest count, anything else the
+            // newest.
+            let own = l.held.iter().position(|h| lease != 0 && h.seq == lease);
+            let pick = own.or_else(|| {
+                if v.rate_limited {
+                    l.held.iter().enumerate().min_by_key(|(_, h)| h.cuts)
+                } else {
+                    l.held.iter().enumerate().max_by_key(|(_, h)| h.cuts)
+                }
+                .map(|(i, _)| i)
+            });
             let held = pick.map(|i| l.held.swap_remove(i));
             if let (Some(_), Some(g)) = (&held, self.inner.keys[key].group) {
                 let mut gl = self.inner.group_local[g].lock();
@@ -1121,27 +1429,25 @@ impl SharedLimits for RedisLimits {
             return;
         }
         let cooldowns = (v.cooldown, v.group_cooldown);
-        self.inner.release(key, lease, cooldowns, disable, aimd);
-        if self.inner.pending() > 0 {
-            if let Some(tx) = &self.renew_tx {
-                let _ = tx.try_send(());
-            }
-        }
+        self.inner
+            .release(key, lease, cooldowns, disable, aimd, false);
+        self.wake_if_down();
     }
 
     fn disable(&self, key: usize, reason: &str) {
         self.inner
-            .release(key, None, (None, None), reason, Aimd::NONE);
+            .release(key, None, (None, None), reason, Aimd::NONE, false);
+        self.wake_if_down();
     }
 
-    fn refund(&self, key: usize, tokens: u64) {
+    fn refund(&self, key: usize, lease: u64, tokens: u64) {
         let k = &self.inner.keys[key];
         let g = k.group.map(|g| &self.inner.groups[g]);
         if k.rpm == 0 && k.tpm == 0 && g.is_none_or(|g| g.rpm == 0 && g.tpm == 0) {
             return;
         }
-        let t = i64::try_from(tokens).unwrap_or(i64::MAX);
-        self.inner.shift(key, -1, -t);
+        self.inner.recharge(key, Some(lease), tokens, true, 0);
+        self.wake_if_down();
     }
 
     fn correct_tokens(&self, key: usize, estimated: u64, actual: u64) {
@@ -1152,7 +1458,8 @@ impl SharedLimits for RedisLimits {
         }
         let delta = i128::from(actual) - i128::from(estimated);
         let delta = i64::try_from(delta).unwrap_or(if delta > 0 { i64::MAX } else { i64::MIN });
-        self.inner.shift(key, 0, delta);
+        self.inner.recharge(key, None, estimated, false, delta);
+        self.wake_if_down();
     }
 
     fn unavailable_reason(&self) -> String {
@@ -1195,6 +1502,220 @@ mod tests {
         assert_eq!(a, key_hash("team-a", "sk-secret-123"));
         assert_ne!(a, key_hash("team-b", "sk-secret-123"));
         assert_ne!(a, key_hash("team-a", "sk-secret-124"));
+    }
+
+    /// A `redis-server` on a free loopback port, killed on drop; `None` (skip) if it is
+    /// not installed, except in CI.
+    struct TestRedis(std::process::Child, u16);
+
+    impl TestRedis {
+        fn start() -> Option<TestRedis> {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .ok()?
+                .local_addr()
+                .ok()?
+                .port();
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn();
+            let child = match child {
+                Ok(c) => c,
+                Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                    panic!("redis-server is not installed, and CI=true")
+                }
+                Err(_) => {
+                    eprintln!("SKIPPED: redis-server not found");
+                    return None;
+                }
+            };
+            let r = TestRedis(child, port);
+            let t0 = Instant::now();
+            while redis::Client::open(r.url())
+                .and_then(|c| c.get_connection())
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_err()
+            {
+                assert!(t0.elapsed() < Duration::from_secs(10), "redis-server");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Some(r)
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}/0", self.1)
+        }
+
+        fn conn(&self) -> redis::Connection {
+            redis::Client::open(self.url())
+                .unwrap()
+                .get_connection()
+                .unwrap()
+        }
+    }
+
+    impl Drop for TestRedis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// The lease number of an admission.
+    fn yes(a: SharedAdmit) -> u64 {
+        match a {
+            SharedAdmit::Yes(lease) => lease,
+            other => panic!("expected Yes, got {other:?}"),
+        }
+    }
+
+    /// Issue 23.5: a 429 cuts the shared learned limit against its own admission's cut
+    /// count. A request admitted before a cut still runs; one admitted after the cut
+    /// overshoots again: its 429 cuts again (the old code used the oldest running
+    /// admission's count, so no fresh overshoot cut while a stale one ran), and the
+    /// stale one's 429 does not.
+    #[test]
+    fn a_429_cuts_against_its_own_admission() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let l = limits(&redis, false, r#", "adaptive": true"#);
+        let mut con = redis.conn();
+        let aimd = l.inner.keys[0].aimd.clone();
+        let _: () = redis::cmd("HSET")
+            .arg(&aimd)
+            .arg("limit")
+            .arg(4)
+            .query(&mut con)
+            .unwrap();
+        let mut cuts = || -> u64 {
+            redis::cmd("HGET")
+                .arg(&aimd)
+                .arg("cuts")
+                .query::<Option<u64>>(&mut con)
+                .unwrap()
+                .unwrap_or(0)
+        };
+        let limited = KeyVerdict {
+            rate_limited: true,
+            ..KeyVerdict::default()
+        };
+        let stale = yes(l.acquire(0, 0));
+        let first = yes(l.acquire(0, 0));
+        l.release(0, first, &limited);
+        assert_eq!(cuts(), 1);
+        let fresh = yes(l.acquire(0, 0)); // admitted since the cut
+        l.release(0, fresh, &limited);
+        assert_eq!(cuts(), 2, "a fresh overshoot's 429 cuts");
+        l.release(0, stale, &limited);
+        assert_eq!(cuts(), 2, "a stale overshoot's 429 does not");
+    }
+
+    /// Shared limits on one key of `max_concurrent` 2 with the fields `extra` (in group
+    /// `g` if `group`).
+    fn limits(redis: &TestRedis, group: bool, extra: &str) -> RedisLimits {
+        let json = format!(
+            r#"{{"base_url": "http://127.0.0.1:9", "keys": [{{"key": "sk-unit", "max_concurrent": 2{extra}{}}}],
+                {} "shared": {{"redis_url": "{}", "namespace": "unit", "lease_ms": 3000}}}}"#,
+            if group { r#", "group": "g""# } else { "" },
+            if group {
+                r#""groups": [{"name": "g", "max_concurrent": 2}],"#
+            } else {
+                ""
+            },
+            redis.url()
+        );
+        let config = Config::from_json(&json).unwrap();
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        RedisLimits::start(config.shared.as_ref().unwrap(), &config, tx).unwrap()
+    }
+
+    /// Issue 23.2: a renewal that copied a lease id before its release ran (the
+    /// renewer's RENEW reaching Redis after the SETTLE) does not bring the lease back,
+    /// in the key's set nor in its group's.
+    #[test]
+    fn a_late_renewal_does_not_resurrect_a_released_lease() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let l = limits(&redis, true, "");
+        let a = yes(l.acquire(0, 0));
+        let ids = l.inner.register_held(0);
+        assert_eq!(ids.len(), 1);
+        l.release(0, a, &KeyVerdict::default());
+        let mut con = redis.conn();
+        l.inner
+            .renew_leases(&mut con, &l.inner.keys[0], &ids)
+            .unwrap();
+        let g = l.inner.keys[0].group.unwrap();
+        for set in [&l.inner.keys[0].leases, &l.inner.groups[g].leases] {
+            let n: usize = redis::cmd("ZCARD").arg(set).query(&mut con).unwrap();
+            assert_eq!(n, 0, "{set}: a released lease is back");
+        }
+        // A lease still held is renewed (re-added if Redis lost it).
+        yes(l.acquire(0, 0));
+        let _: () = redis::cmd("FLUSHALL").query(&mut con).unwrap();
+        let ids = l.inner.register_held(0);
+        l.inner
+            .renew_leases(&mut con, &l.inner.keys[0], &ids)
+            .unwrap();
+        let n: usize = redis::cmd("ZCARD")
+            .arg(&l.inner.keys[0].leases)
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+
+    /// Issue 23.6: the tpm charge of a request bigger than a minute's budget is capped
+    /// at one minute of debt; its refund gives back exactly that (not the full token
+    /// count, which would erase other requests' debt), and a correction to the actual
+    /// usage moves the charge, never below zero.
+    #[test]
+    fn a_refund_or_correction_returns_no_more_than_was_charged() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        // 600 tpm: 100 ms a token, a burst of 10 tokens.
+        let l = limits(&redis, false, r#", "tpm": 600"#);
+        let mut con = redis.conn();
+        let rate = l.inner.keys[0].rate.clone();
+        let mut tat = || -> f64 {
+            redis::cmd("HGET")
+                .arg(&rate)
+                .arg("t")
+                .query::<String>(&mut con)
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let now_ms = || -> f64 {
+            let (s, us): (u64, u64) = redis::cmd("TIME").query(&mut redis.conn()).unwrap();
+            (s * 1000 + us / 1000) as f64
+        };
+        let t0 = now_ms();
+        let a = yes(l.acquire(0, 100_000));
+        let charged = tat() - t0;
+        assert!((59_000.0..=60_100.0).contains(&charged), "{charged}");
+        l.refund(0, a, 100_000);
+        let back = tat();
+        assert!(back >= t0 - 5.0 && back <= now_ms() + 5.0, "{back} vs {t0}");
+        l.release(0, a, &KeyVerdict::default());
+        // The same request used 10 tokens: 1 s of budget, not 10,000 s given back.
+        let t1 = now_ms();
+        let b = yes(l.acquire(0, 100_000));
+        l.correct_tokens(0, 100_000, 10);
+        let corrected = tat() - t1;
+        assert!((950.0..=1_100.0).contains(&corrected), "{corrected}");
+        // A correction upward is charged (up to a minute's debt), and given back by a
+        // later refund no further than the charge.
+        l.correct_tokens(0, 10, 30);
+        let up = tat() - t1;
+        assert!((2_950.0..=3_100.0).contains(&up), "{up}");
+        l.refund(0, b, 30);
+        let down = tat();
+        assert!(down >= t1 - 5.0 && down <= now_ms() + 5.0, "{down} vs {t1}");
+        l.release(0, b, &KeyVerdict::default());
     }
 
     #[test]
