@@ -620,3 +620,62 @@ fn run_over_https_trusts_ca_file_and_ssl_cert_file() {
     }
     assert_eq!(server.stats().total_requests, 0);
 }
+
+/// Every record carries its line's id (issue 22.6): a line whose model no key serves
+/// (refused at submit) and a truncated line whose `custom_id` can still be read.
+#[test]
+fn every_record_carries_its_lines_id() {
+    let server = default_mock();
+    let dir = Dir::new("ids");
+    let cfg = json!({
+        "keys": [{"key": KEY_A, "label": "alpha", "models": ["m"]}],
+    });
+    std::fs::write(dir.path("pool.json"), cfg.to_string()).unwrap();
+    let mut unserved = body("x", None);
+    unserved["model"] = json!("z");
+    let lines = vec![
+        line("served", body("x", None)),
+        line("unserved", unserved),
+        r#"{"custom_id": "truncated", "body": {"model": "m""#.to_owned(),
+    ];
+    dir.write_input(&lines);
+    let mut c = keypool();
+    c.args(["run", "-c", &dir.s("pool.json"), "-i", &dir.s("in.jsonl")])
+        .args(["-o", &dir.s("out.jsonl"), "--base-url", &server.url(), "-q"]);
+    let out = run_to_end(c);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let recs = read_records(&dir.path("out.jsonl"));
+    let ids: BTreeSet<&str> = recs.iter().map(id).collect();
+    assert_eq!(ids, BTreeSet::from(["served", "unserved", "truncated"]));
+    for r in &recs {
+        match id(r) {
+            "served" => assert!(ok(r), "{r}"),
+            "unserved" => assert_eq!(r["error"]["code"], "model_not_served", "{r}"),
+            _ => assert_eq!(r["error"]["code"], "invalid_request", "{r}"),
+        }
+    }
+}
+
+/// An `OPENAI_API_KEY` goes where OpenAI's own client sends it (issue 22.5):
+/// `OPENAI_BASE_URL` is honoured (and without it, OpenAI's API — never the default
+/// OpenRouter base; unit-tested in keys.rs, as a test may reach only 127.0.0.1).
+#[test]
+fn an_openai_key_follows_openai_base_url() {
+    let server = default_mock();
+    let dir = Dir::new("openai-env");
+    dir.write_input(&x_lines("o", 3));
+    let mut c = keypool();
+    c.args([
+        "run",
+        "-i",
+        &dir.s("in.jsonl"),
+        "-o",
+        &dir.s("out.jsonl"),
+        "-q",
+    ])
+    .env("OPENAI_API_KEY", KEY_A)
+    .env("OPENAI_BASE_URL", server.url());
+    let out = run_to_end(c);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(server.key_stats(KEY_A).unwrap().requests, 3);
+}

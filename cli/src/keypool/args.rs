@@ -68,8 +68,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub keys_file: Option<PathBuf>,
 
-    /// Base URL the request paths are appended to. Default: the config's base_url,
-    /// else https://openrouter.ai/api/v1. When it ends in /v1, a line's url
+    /// Base URL the request paths are appended to. Default: the config's base_url;
+    /// with keys from $OPENAI_API_KEY, $OPENAI_BASE_URL or https://api.openai.com/v1
+    /// (an OpenAI key never goes to a third party by default); with
+    /// $OPENROUTER_API_KEY, $OPENROUTER_BASE_URL if set; else
+    /// https://openrouter.ai/api/v1. When it ends in /v1, a line's url
     /// "/v1/chat/completions" is sent to <base>/chat/completions.
     #[arg(long, value_name = "URL")]
     pub base_url: Option<String>,

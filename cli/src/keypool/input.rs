@@ -74,6 +74,28 @@ pub fn line_id(line: u64) -> String {
     format!("line-{line}")
 }
 
+/// The id of a line that is not valid JSON: its `"custom_id": "…"` when that can still
+/// be read (a plain string, no escapes, at most 256 bytes), else `line-<n>`. Its error
+/// record then carries the id the user gave it.
+fn salvaged_id(line: u64, text: &[u8]) -> String {
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+    let read = || -> Option<String> {
+        let at = find(text, b"\"custom_id\"")? + 11;
+        let rest = text.get(at..)?;
+        let rest = &rest[rest.iter().position(|b| !b.is_ascii_whitespace())?..];
+        let rest = rest.strip_prefix(b":")?;
+        let rest = &rest[rest.iter().position(|b| !b.is_ascii_whitespace())?..];
+        let rest = rest.strip_prefix(b"\"")?;
+        let end = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+        if rest[end] != b'"' || end == 0 || end > 256 {
+            return None;
+        }
+        let id = std::str::from_utf8(&rest[..end]).ok()?;
+        (!id.chars().any(char::is_control)).then(|| id.to_owned())
+    };
+    read().unwrap_or_else(|| line_id(line))
+}
+
 /// Parses one non-blank line. `strip_v1`: drop a leading `/v1` from the line's `url`
 /// (the base URL already ends in `/v1`).
 pub fn parse_line(line: u64, text: Result<String, String>, strip_v1: bool) -> InputItem {
@@ -89,7 +111,12 @@ pub fn parse_line(line: u64, text: Result<String, String>, strip_v1: bool) -> In
     };
     let value: Value = match serde_json::from_str(&text) {
         Ok(v) => v,
-        Err(e) => return fail(line_id(line), format!("not valid JSON: {e}")),
+        Err(e) => {
+            return fail(
+                salvaged_id(line, text.as_bytes()),
+                format!("not valid JSON: {e}"),
+            );
+        }
     };
     let Value::Object(mut obj) = value else {
         return fail(line_id(line), "not a JSON object".into());
@@ -152,8 +179,11 @@ pub fn probe_line(line: u64, text: &[u8]) -> String {
     // A map, as `parse_line` reads it: only an object, and the last of duplicate
     // fields wins (a derived struct would accept an array and refuse duplicates,
     // giving such lines another id than the one they run under).
-    let Ok(obj) = serde_json::from_slice::<serde_json::Map<String, Value>>(text) else {
-        return line_id(line);
+    let obj = match serde_json::from_slice::<serde_json::Map<String, Value>>(text) {
+        Ok(obj) => obj,
+        // Not JSON at all: the id `parse_line` salvages for its error record.
+        Err(e) if e.is_syntax() || e.is_eof() => return salvaged_id(line, text),
+        Err(_) => return line_id(line),
     };
     if !obj.contains_key("custom_id") && !obj.contains_key("body") {
         return line_id(line);
@@ -298,6 +328,16 @@ mod tests {
     fn malformed_lines_are_errors() {
         for (text, id, msg) in [
             ("{not json", "line-7", "not valid JSON"),
+            (
+                r#"{"custom_id": "req-9", "body": {"model": "m""#,
+                "req-9",
+                "not valid JSON",
+            ),
+            (
+                r#"{"custom_id":"a\"b", "body": {"#,
+                "line-7",
+                "not valid JSON",
+            ),
             ("[1,2]", "line-7", "not a JSON object"),
             (r#"{"custom_id":5,"body":{}}"#, "line-7", "custom_id"),
             (r#"{"custom_id":"x"}"#, "x", "missing body"),
@@ -311,6 +351,8 @@ mod tests {
         ] {
             let item = parse(text, true);
             assert_eq!(item.custom_id, id, "{text}");
+            // The pre-send scan knows the line by the same id (resume, duplicates).
+            assert_eq!(probe_line(7, text.as_bytes()), id, "{text}");
             let err = item.request.unwrap_err();
             assert!(
                 err.starts_with("line 7: ") && err.contains(msg),

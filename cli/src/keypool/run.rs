@@ -627,8 +627,10 @@ impl Sink {
             self.outstanding.fetch_sub(1, SeqCst);
             return Ok(());
         }
+        // The ledger holds the line's id (a refused submit's `Done` carries none).
+        let custom_id = entry.as_ref().map_or(d.custom_id.as_str(), |(_, id)| id);
         self.writer
-            .write(&d.custom_id, d.line, &d.outcome, d.elapsed)
+            .write(custom_id, d.line, &d.outcome, d.elapsed)
             .map_err(|e| format!("writing --output: {e}"))?;
         self.outstanding.fetch_sub(1, SeqCst);
         if d.outcome.is_ok() {
