@@ -210,6 +210,7 @@ impl KeyState {
             credit_remaining: self.credit.remaining(),
             cost: self.credit.cost(),
             rejoined: self.credit.rejoined(),
+            parked: self.gate.is_parked(),
         }
     }
 }

@@ -90,6 +90,10 @@ pub struct KeyStats {
     /// Dollars spent: the sum of the `usage.cost` its responses reported (0 when the
     /// provider reports none).
     pub cost: f64,
+    /// The key is out of rotation for its credit (at its floor, a 402, OpenAI's
+    /// `insufficient_quota`) and may come back when a re-check finds credit
+    /// (`disabled_reason` says why); false for a key disabled for good (401).
+    pub parked: bool,
     /// Times the key rejoined the rotation after being parked for its credit (a
     /// re-check found its balance above the floor again; `credits.recheck_ms`).
     pub rejoined: u64,

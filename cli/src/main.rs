@@ -78,6 +78,14 @@ fn cmd_run(a: &RunArgs) -> Result<ExitCode, String> {
     if !a.quiet {
         eprint!("{}", report.summary(&a.output));
     }
+    if let Some(path) = &a.stats_json {
+        if let Err(e) = std::fs::write(path, report.stats_json()) {
+            eprintln!(
+                "keypool: error: writing --stats-json {}: {e}",
+                path.display()
+            );
+        }
+    }
     // Lines without a record are reported even when quiet: the exit status alone
     // would not say which.
     if let Some(note) = report.unrecorded_note() {

@@ -679,3 +679,34 @@ fn an_openai_key_follows_openai_base_url() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(server.key_stats(KEY_A).unwrap().requests, 3);
 }
+
+/// `--stats-json FILE` (issue 22.9): the run's outcome, machine-readable — record
+/// counts and the pool's stats per key (by label, never the key).
+#[test]
+fn stats_json_writes_the_final_stats() {
+    let server = default_mock();
+    fail_key(&server, KEY_B, 401);
+    let dir = Dir::new("stats-json");
+    dir.write_input(&x_lines("s", 12));
+    let mut c = run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url());
+    c.args(["--stats-json", &dir.s("stats.json"), "-q"]);
+    let out = run_to_end(c);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = std::fs::read_to_string(dir.path("stats.json")).unwrap();
+    assert_no_secret("--stats-json", &text);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["records"]["ok"], 12, "{v}");
+    assert_eq!(v["records"]["failed"], 0);
+    assert_eq!(v["interrupted"], false);
+    let keys = v["stats"]["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    let beta = keys.iter().find(|k| k["label"] == "beta").unwrap();
+    assert!(
+        beta["disabled_reason"].as_str().unwrap().contains("401"),
+        "{beta}"
+    );
+    assert_eq!(beta["parked"], false);
+    let alpha = keys.iter().find(|k| k["label"] == "alpha").unwrap();
+    assert_eq!(alpha["succeeded"], 12);
+    assert!(alpha["queue_p99_ms"].is_f64() && v["stats"]["queue_p50_ms"].is_f64());
+}

@@ -6,11 +6,6 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::settings::PoolFlags;
 
-/// Spread LLM API requests across many API keys.
-///
-/// keypool runs a JSONL file of OpenAI-style requests across all your keys at once,
-/// each key limited to its own number of requests in flight, with retries, resume and
-/// per-key statistics.
 /// `keypool --version`: the version, and the optional features this binary was built
 /// with (`redis`: `--shared`).
 #[cfg(feature = "redis")]
@@ -18,13 +13,28 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (features: redis)");
 #[cfg(not(feature = "redis"))]
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Spread LLM API requests across many API keys.
+///
+/// keypool runs a JSONL file of OpenAI-style requests (OpenAI's Batch format) across
+/// all your keys at once — OpenRouter, OpenAI or any OpenAI-compatible server — each
+/// key held to its own number of requests in flight, with retries on other keys,
+/// resume after an interruption, and per-key statistics.
 #[derive(Debug, Parser)]
-#[command(name = "keypool", version = VERSION, propagate_version = true)]
+#[command(name = "keypool", version = VERSION, propagate_version = true, after_help = TOP_EXAMPLES)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// Examples shown under `keypool --help`.
+const TOP_EXAMPLES: &str = "\
+Examples:
+  keypool demo                                     # try it offline, no key needed
+  keypool run --keys-file keys.txt -i prompts.jsonl -o results.jsonl
+  OPENAI_API_KEY=sk-... keypool run -i prompts.jsonl -o results.jsonl
+  keypool run -c pool.json -i prompts.jsonl -o results.jsonl --ca-file corp-ca.pem
+  keypool mock --port 8080                         # a local OpenAI-compatible mock";
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
@@ -145,6 +155,14 @@ pub struct RunArgs {
     /// a terminal.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+
+    /// Write the run's final statistics as JSON to FILE when it ends (also when
+    /// interrupted): the records written (ok, failed, skipped, unrecorded), elapsed
+    /// seconds, and the pool's `Stats` (per key and group: attempts, 429s, queue and
+    /// latency percentiles, tokens, cost, learned limits, state). Keys appear by
+    /// label only. Default: none.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
 }
 
 const RUN_AFTER_HELP: &str = "\

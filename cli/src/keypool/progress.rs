@@ -98,8 +98,8 @@ fn ms(v: f64) -> String {
 }
 
 /// Keys that stopped taking requests, one line each with the reason: disabled (a
-/// rejected key, no credit) or parked (cooling down after rate limits or errors).
-/// Empty when every key is in use.
+/// rejected key, for good), parked (out of credit, back when a re-check finds some) or
+/// cooling down (rate limited). Empty when every key is in use.
 pub fn key_states(stats: &keypool::Stats) -> String {
     let mut out = String::new();
     for k in &stats.keys {
@@ -111,11 +111,13 @@ pub fn key_states(stats: &keypool::Stats) -> String {
             );
         }
         if let Some(why) = &k.disabled_reason {
-            let _ = writeln!(out, "keypool: key {} disabled: {why}", k.label);
+            // Parked: out for its credit, back when a re-check finds some.
+            let state = if k.parked { "parked" } else { "disabled" };
+            let _ = writeln!(out, "keypool: key {} {state}: {why}", k.label);
         } else if k.cooldown_remaining_ms > 0 {
             let _ = writeln!(
                 out,
-                "keypool: key {} parked: cooling down for {} more",
+                "keypool: key {} cooling down for {} more (rate limited)",
                 k.label,
                 ms(k.cooldown_remaining_ms as f64)
             );

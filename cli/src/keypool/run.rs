@@ -127,6 +127,26 @@ impl RunReport {
     }
 
     /// The summary printed at the end: totals, then the per-key table.
+    /// The run's outcome as one JSON document (`--stats-json`): the record counts, the
+    /// elapsed time, and the pool's [`keypool::Stats`] (labels, never keys).
+    pub fn stats_json(&self) -> String {
+        let v = serde_json::json!({
+            "records": {
+                "ok": self.ok,
+                "failed": self.failed,
+                "skipped_ok": self.skipped_ok,
+                "skipped_failed": self.skipped_failed,
+                "unrecorded": self.unrecorded,
+            },
+            "interrupted": !matches!(self.interrupted, Interrupted::No),
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "stats": self.stats,
+        });
+        let mut text = serde_json::to_string_pretty(&v).unwrap_or_else(|_| "{}".into());
+        text.push('\n');
+        text
+    }
+
     pub fn summary(&self, output: &Path) -> String {
         let written = self.ok + self.failed;
         let secs = self.elapsed.as_secs_f64();
