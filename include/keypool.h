@@ -513,9 +513,10 @@ const char *keypool_result_error_message(const keypool_result *r);
  "invalid_argument" (`KEYPOOL_INVALID_ARGUMENT`), "config", "http", "transport",
  "timeout", "busy", "closed", "cancelled", "panic", "no_usable_key",
  "invalid_request", "would_deadlock" (`KEYPOOL_WOULD_DEADLOCK`), "spawn"
- (`KEYPOOL_SPAWN`) — with one refinement: a `KEYPOOL_HTTP` result whose 2xx body was
- not a valid response has the code "invalid_response". NULL if the request
- succeeded.
+ (`KEYPOOL_SPAWN`), "stream" (`KEYPOOL_STREAM`), "shared_unavailable"
+ (`KEYPOOL_SHARED_UNAVAILABLE`), "flagged" (`KEYPOOL_FLAGGED`) — with one
+ refinement: a `KEYPOOL_HTTP` result whose 2xx body was not a valid response has the
+ code "invalid_response". NULL if the request succeeded.
 
  Ownership: owned by the result; valid until `keypool_result_free(r)`.
  `r` NULL: returns NULL and sets `keypool_last_error()`. Thread-safe, non-blocking.
