@@ -41,6 +41,7 @@ const EXIT_INTERRUPTED: i32 = 130;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.verbose);
     let result = match cli.command {
         Command::Run(a) => cmd_run(&a),
         Command::Mock(a) => mock::run(&a),
@@ -55,6 +56,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// The engine's `log` records on stderr: `-v` info, `-vv` debug, `-vvv` trace; without
+/// `-v`, `RUST_LOG` as env_logger reads it; otherwise none.
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => None,
+        1 => Some(log::LevelFilter::Info),
+        2 => Some(log::LevelFilter::Debug),
+        _ => Some(log::LevelFilter::Trace),
+    };
+    let mut b = match level {
+        Some(l) => {
+            let mut b = env_logger::Builder::new();
+            b.filter_level(l);
+            b
+        }
+        None if std::env::var_os("RUST_LOG").is_some() => env_logger::Builder::from_default_env(),
+        None => return,
+    };
+    let _ = b.format_timestamp_millis().try_init();
+}
+
 fn cmd_run(a: &RunArgs) -> Result<ExitCode, String> {
     let config = settings::build_config(&a.pool_flags(), |k| std::env::var(k).ok())?;
     let interrupts = signals::interrupts()?;
@@ -66,6 +88,7 @@ fn cmd_run(a: &RunArgs) -> Result<ExitCode, String> {
         quiet: a.quiet,
         retry_failed: a.retry_failed,
         overwrite: a.overwrite,
+        progress_every: std::time::Duration::from_millis(a.progress_every_ms),
     };
     let report = match run::run(&pool, &opts, &interrupts) {
         Ok(r) => r,

@@ -710,3 +710,37 @@ fn stats_json_writes_the_final_stats() {
     assert_eq!(alpha["succeeded"], 12);
     assert!(alpha["queue_p99_ms"].is_f64() && v["stats"]["queue_p50_ms"].is_f64());
 }
+
+/// Without a terminal, progress is a plain line now and then, and `-v` turns the
+/// engine's log on (issue 22.10): a disabled key is logged as it happens.
+#[test]
+fn progress_lines_and_verbose_logs_without_a_terminal() {
+    let server = MockServer::start(MockConfig {
+        latency_ms: 20,
+        ..MockConfig::default()
+    })
+    .unwrap();
+    fail_key(&server, KEY_B, 401);
+    let dir = Dir::new("plain-progress");
+    dir.write_input(&x_lines("p", 30));
+    let mut c = run_cmd(&dir, "in.jsonl", "out.jsonl", &server.url());
+    c.args(["-v", "--per-key", "1", "--progress-every-ms", "100"]);
+    let out = run_to_end(c);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains(" done, ")).collect();
+    assert!(lines.len() >= 2, "{err}");
+    assert!(
+        lines[0].starts_with("keypool: ") && lines[0].contains("/30 done"),
+        "{err}"
+    );
+    assert!(
+        err.contains("WARN") && err.contains("key beta disabled"),
+        "{err}"
+    );
+    // Quiet: neither.
+    let mut c = run_cmd(&dir, "in.jsonl", "out2.jsonl", &server.url());
+    c.args(["-q", "--progress-every-ms", "1"]);
+    let out = run_to_end(c);
+    assert_eq!(stderr(&out), "");
+}

@@ -25,6 +25,12 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+
+    /// Log what keypool does on stderr: -v keys disabled, parked, cooling and other
+    /// warnings and notes, -vv each retry and its reason, -vvv everything. Without it,
+    /// RUST_LOG (e.g. RUST_LOG=keypool=debug) is honoured; default: no log lines.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
 }
 
 /// Examples shown under `keypool --help`.
@@ -163,6 +169,11 @@ pub struct RunArgs {
     /// label only. Default: none.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
+
+    /// Without a terminal on stderr (and not --quiet), a progress line at most every
+    /// this many milliseconds. Default: 10000.
+    #[arg(long, value_name = "MS", default_value_t = 10_000, hide = true)]
+    pub progress_every_ms: u64,
 }
 
 const RUN_AFTER_HELP: &str = "\

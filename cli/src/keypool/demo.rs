@@ -83,6 +83,7 @@ pub fn run(a: &DemoArgs) -> Result<ExitCode, String> {
         quiet: a.quiet,
         retry_failed: false,
         overwrite: false,
+        progress_every: std::time::Duration::from_secs(10),
     };
     let report = run_file(&pool, &opts, &interrupts)?;
     if report.interrupted != crate::run::Interrupted::No {

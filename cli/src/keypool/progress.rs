@@ -12,6 +12,14 @@ pub struct Progress {
     bar: ProgressBar,
     quiet: bool,
     last_message: Instant,
+    /// Without a terminal: a plain progress line at most this often (not quiet).
+    every: Duration,
+    /// When the run (this progress) started, and when the last plain line was printed.
+    start: Instant,
+    last_line: Instant,
+    done: u64,
+    /// The number of items, when known.
+    total: Option<u64>,
 }
 
 impl Progress {
@@ -21,7 +29,7 @@ impl Progress {
     }
 
     /// A bar for `total` items (unknown when `None`), drawn if [`Progress::would_show`].
-    pub fn new(total: Option<u64>, quiet: bool) -> Progress {
+    pub fn new(total: Option<u64>, quiet: bool, every: Duration) -> Progress {
         let bar = if !Progress::would_show(quiet) {
             ProgressBar::hidden()
         } else {
@@ -42,11 +50,22 @@ impl Progress {
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         };
+        let now = Instant::now();
         Progress {
             bar,
             quiet,
-            last_message: Instant::now() - Duration::from_secs(1),
+            last_message: now - Duration::from_secs(1),
+            every,
+            start: now,
+            last_line: now,
+            done: 0,
+            total,
         }
+    }
+
+    /// The items this run will do (the lines left to answer), for the plain lines.
+    pub fn expect(&mut self, total: Option<u64>) {
+        self.total = total;
     }
 
     /// Whether the bar is drawn.
@@ -63,11 +82,25 @@ impl Progress {
     /// second (`counters` is only called then).
     pub fn inc(&mut self, counters: impl FnOnce() -> (u64, u64)) {
         self.bar.inc(1);
-        if self.visible() && self.last_message.elapsed() >= Duration::from_millis(200) {
-            self.last_message = Instant::now();
+        self.done += 1;
+        if self.visible() {
+            if self.last_message.elapsed() >= Duration::from_millis(200) {
+                self.last_message = Instant::now();
+                let (errors, retries) = counters();
+                self.bar
+                    .set_message(format!("errors {errors} retries {retries}"));
+            }
+        } else if !self.quiet && self.last_line.elapsed() >= self.every {
+            // No terminal (a log file, CI): a plain line now and then instead.
+            self.last_line = Instant::now();
             let (errors, retries) = counters();
-            self.bar
-                .set_message(format!("errors {errors} retries {retries}"));
+            let secs = self.start.elapsed().as_secs_f64();
+            let total = self.total.map_or_else(String::new, |t| format!("/{t}"));
+            eprintln!(
+                "keypool: {}{total} done, {:.0}/s, errors {errors}, retries {retries}, {secs:.0}s",
+                self.done,
+                self.done as f64 / secs.max(1e-3)
+            );
         }
     }
 

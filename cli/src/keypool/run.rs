@@ -55,6 +55,9 @@ pub struct RunOptions {
     pub retry_failed: bool,
     /// Replace an existing output file instead of resuming it.
     pub overwrite: bool,
+    /// Without a terminal (and not quiet): a progress line on stderr at most this
+    /// often.
+    pub progress_every: Duration,
 }
 
 /// How a run was interrupted.
@@ -266,7 +269,8 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
     } else {
         None
     };
-    let progress = Progress::new(pre.map(|(lines, _)| lines), opts.quiet);
+    let mut progress = Progress::new(pre.map(|(lines, _)| lines), opts.quiet, opts.progress_every);
+    progress.expect(pre.map(|(lines, done)| lines.saturating_sub(done)));
     if let Some(what) = prior.repaired {
         progress.note(&format!("keypool: repaired {name}: {what}"));
     }
