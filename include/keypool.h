@@ -250,6 +250,15 @@ extern "C" {
 const char *keypool_version(void);
 
 /*
+ The library version as one number, `MAJOR * 10000 + MINOR * 100 + PATCH` — the
+ run-time counterpart of `KEYPOOL_VERSION_NUMBER`, for a program that checks at
+ startup that the library it loaded is at least the one it was built against.
+
+ Thread-safe, non-blocking.
+ */
+uint32_t keypool_version_number(void);
+
+/*
  A short English description of a status code, e.g. "pool is closed". An unknown
  code gives "unknown status".
 

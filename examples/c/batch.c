@@ -42,7 +42,8 @@ static int check_version(void) {
         return 1;
     }
     if (strcmp(lib, KEYPOOL_VERSION) != 0 || strcmp(lib, expect) != 0 ||
-        major * 10000 + minor * 100 + patch != KEYPOOL_VERSION_NUMBER) {
+        major * 10000 + minor * 100 + patch != KEYPOOL_VERSION_NUMBER ||
+        keypool_version_number() != KEYPOOL_VERSION_NUMBER) {
         fprintf(stderr,
                 "batch: version mismatch: library %s, header " KEYPOOL_VERSION
                 " (number " STR(KEYPOOL_VERSION_NUMBER) ")\n",

@@ -89,6 +89,19 @@ pub extern "C" fn keypool_version() -> *const c_char {
     VERSION_C.as_ptr()
 }
 
+/// The library version as one number, `MAJOR * 10000 + MINOR * 100 + PATCH` — the
+/// run-time counterpart of `KEYPOOL_VERSION_NUMBER`, for a program that checks at
+/// startup that the library it loaded is at least the one it was built against.
+///
+/// Thread-safe, non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_version_number() -> u32 {
+    let part = |s: &str| s.parse::<u32>().unwrap_or(0);
+    part(env!("CARGO_PKG_VERSION_MAJOR")) * 10_000
+        + part(env!("CARGO_PKG_VERSION_MINOR")) * 100
+        + part(env!("CARGO_PKG_VERSION_PATCH"))
+}
+
 /// A short English description of a status code, e.g. "pool is closed". An unknown
 /// code gives "unknown status".
 ///
@@ -184,6 +197,11 @@ mod tests {
         // SAFETY: as above.
         let v = unsafe { CStr::from_ptr(keypool_version()) };
         assert_eq!(v.to_str().unwrap(), crate::VERSION);
+        let n: Vec<u32> = crate::VERSION
+            .split('.')
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(keypool_version_number(), n[0] * 10_000 + n[1] * 100 + n[2]);
     }
 
     #[test]
