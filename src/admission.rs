@@ -245,6 +245,9 @@ pub(crate) struct KeyVerdict {
     /// With `disable`: parked for its credit; a credit check above the floor brings it
     /// back ([`Gate::unpark`]).
     pub park: bool,
+    /// With `disable`: out only for this long (a daily quota spent, its reset beyond
+    /// `max_retry_after_ms`): the key comes back on its own, on trial.
+    pub disable_for: Option<Duration>,
     /// The server answered 429: a learned limit is cut.
     pub rate_limited: bool,
     /// The response's rate-limit headers, if it had any: a key without a configured
@@ -275,6 +278,8 @@ struct State {
     disabled: Option<(String, u64)>,
     /// The key is out for its credit (may come back), not revoked.
     parked: bool,
+    /// Out only until then (a spent quota): `check` brings it back after.
+    disabled_until: Option<Instant>,
     rpm: Option<Bucket>,
     tpm: Option<Bucket>,
     /// Admissions not yet completed.
@@ -306,6 +311,8 @@ pub(crate) struct Gate {
     /// A budget was learned from rate-limit headers.
     learned: AtomicBool,
     disabled: AtomicBool,
+    /// `State::disabled_until`, microseconds since `epoch` (0: none).
+    disabled_until: AtomicU64,
     trial_out: AtomicBool,
     /// Cooldown end, microseconds since `epoch` (0: none).
     cooldown_until: AtomicU64,
@@ -323,6 +330,7 @@ impl Gate {
                 trial_stale: false,
                 disabled: None,
                 parked: false,
+                disabled_until: None,
                 rpm: rpm.map(|r| Bucket::per_minute(r as f64, epoch)),
                 tpm: tpm.map(|t| Bucket::per_minute(t as f64, epoch)),
                 out: 0,
@@ -339,6 +347,7 @@ impl Gate {
             limit: AtomicUsize::new(0),
             learned: AtomicBool::new(false),
             disabled: AtomicBool::new(false),
+            disabled_until: AtomicU64::new(0),
             trial_out: AtomicBool::new(false),
             cooldown_until: AtomicU64::new(0),
             shared: None,
@@ -379,6 +388,10 @@ impl Gate {
     fn mirror(&self, s: &State) {
         self.idle.store(s.idle, SeqCst);
         self.disabled.store(s.disabled.is_some(), SeqCst);
+        self.disabled_until.store(
+            s.disabled_until.map_or(0, |u| self.micros(u).max(1)),
+            SeqCst,
+        );
         self.trial_out.store(s.trial == Trial::Out, SeqCst);
         self.learned
             .store(s.learned_rpm.is_some() || s.learned_tpm.is_some(), SeqCst);
@@ -403,7 +416,18 @@ impl Gate {
     ) -> Admit {
         let group_tpm = g.as_ref().is_some_and(|g| g.tpm.is_some());
         if s.disabled.is_some() {
-            return Admit::Never;
+            match s.disabled_until {
+                // A spent quota's reset has come: back, on trial.
+                Some(until) if until <= now => {
+                    s.disabled = None;
+                    s.disabled_until = None;
+                    s.parked = false;
+                    if s.trial == Trial::Open {
+                        s.trial = Trial::Pending;
+                    }
+                }
+                _ => return Admit::Never,
+            }
         }
         if let Some(until) = s.cooldown_until {
             if until > now {
@@ -598,6 +622,7 @@ impl Gate {
             if s.disabled.is_none() {
                 s.disabled = Some((reason.clone(), unix_ms_now()));
                 s.parked = v.park;
+                s.disabled_until = v.disable_for.and_then(|d| now.checked_add(d));
             }
             changed = true;
         }
@@ -717,7 +742,13 @@ impl Gate {
     }
 
     pub(crate) fn is_disabled(&self) -> bool {
-        self.disabled.load(SeqCst)
+        if !self.disabled.load(SeqCst) {
+            return false;
+        }
+        // Out until an instant (a spent quota): not disabled once it has passed (the
+        // next admission clears it).
+        let until = self.disabled_until.load(SeqCst);
+        until == 0 || until > self.micros(Instant::now())
     }
 
     /// Ends the key's own cooldown now (a pause taken on suspicion that the evidence

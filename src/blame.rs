@@ -295,6 +295,19 @@ pub(crate) fn cooldown_429(
     default: Duration,
     max: Duration,
 ) -> Duration {
+    reset_wait(retry_after, headers, max)
+        .unwrap_or(default)
+        .min(max)
+}
+
+/// How long until a 429's limit resets: `Retry-After` if given, else the rate-limit
+/// headers' reset (see [`cooldown_429`]); values beyond `limit` saturate there.
+pub(crate) fn reset_wait(
+    retry_after: Option<Duration>,
+    headers: &[(String, String)],
+    limit: Duration,
+) -> Option<Duration> {
+    let max = limit;
     let reset = || {
         [
             "x-ratelimit-reset",
@@ -314,8 +327,14 @@ pub(crate) fn cooldown_429(
         .map(|s| crate::admission::secs_saturating(s, max))
         .max()
     };
-    retry_after.or_else(reset).unwrap_or(default).min(max)
+    retry_after.or_else(reset).map(|d| d.min(max))
 }
+
+/// The longest a key is taken out for a spent quota (`Fault::RateLimited` whose reset
+/// lies beyond `max_retry_after_ms`): a day, the longest window providers document
+/// (OpenRouter's free-model day). A reset announced further away is not believed: it
+/// is treated as any 429's cooldown, clamped to `max_retry_after_ms`.
+pub(crate) const MAX_EXHAUSTED: Duration = Duration::from_secs(24 * 3600);
 
 #[cfg(test)]
 mod tests {

@@ -14,8 +14,11 @@ pub(crate) struct Verdict {
     pub retry_after: Option<Duration>,
     /// Put the key in cooldown for this long (429).
     pub cooldown: Option<Duration>,
-    /// Take the key out of rotation, with this reason (401, a spent credit).
+    /// Take the key out of rotation, with this reason (401, a spent credit, a spent
+    /// quota).
     pub disable: Option<String>,
+    /// With `disable`: only for this long (a spent quota's reset).
+    pub disable_for: Option<Duration>,
     /// With `disable`: the key is parked for its credit, not revoked; a credit check
     /// that finds its balance above the floor brings it back.
     pub park: bool,
@@ -82,6 +85,22 @@ pub(crate) fn judge_fault(
         Fault::NoCredit => {}
         Fault::RateLimited => {
             v.retry = true;
+            // A reset beyond `max_retry_after_ms` (a daily quota spent): the key is out
+            // until then instead of knocking every cooldown. A reset more than a day
+            // away is not believed (no provider documents one; a hostile or broken
+            // value must not starve a key): it cools like any 429, clamped.
+            if let Some(w) = crate::blame::reset_wait(retry_after, headers, MAX_WAIT)
+                .filter(|w| *w > max && *w <= crate::blame::MAX_EXHAUSTED)
+            {
+                let at = std::time::SystemTime::now() + w;
+                v.disable = Some(format!(
+                    "exhausted until {} (a 429 whose reset is beyond max_retry_after_ms)",
+                    httpdate::fmt_http_date(at)
+                ));
+                v.disable_for = Some(w);
+                v.uncharged = true;
+                return v;
+            }
             v.cooldown = Some(crate::blame::cooldown_429(
                 retry_after,
                 headers,
@@ -197,6 +216,14 @@ mod tests {
             &[],
             &c,
         );
+        // A reset beyond max_retry_after_ms: the key is out until then, at most a day.
+        assert_eq!(r.cooldown, None);
+        assert_eq!(r.disable_for, Some(Duration::from_secs(3600)));
+        assert!(r.uncharged && r.retry && r.disable.unwrap().contains("exhausted until"));
+        // Beyond a day: not believed, a clamped cooldown as for any 429.
+        let far = vec![("x-ratelimit-reset".to_owned(), "1e300".to_owned())];
+        let r = judge_fault(&Fault::RateLimited, None, None, &far, &c);
+        assert_eq!(r.disable_for, None);
         assert_eq!(r.cooldown, Some(Duration::from_millis(60_000)));
         let r = v(Fault::KeyRejected, Some("false"));
         assert!(r.disable.is_some() && r.retry && r.uncharged && !r.park);

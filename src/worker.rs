@@ -433,6 +433,7 @@ fn conclude(
         cooldown: verdict.cooldown,
         disable: verdict.disable.clone(),
         park: verdict.park,
+        disable_for: verdict.disable_for,
         rate_limited: class == FailClass::RateLimited,
         group_cooldown: verdict.group_cooldown,
         limits,

@@ -562,3 +562,53 @@ fn a_revoked_key_stays_out() {
     assert_eq!(s.rejoined, 0);
     assert!(s.disabled_reason.as_deref().unwrap().contains("401"));
 }
+
+/// A spent daily quota (issue 24.3): a 429 whose reset lies beyond
+/// `max_retry_after_ms` takes the key out until that instant ("exhausted until …")
+/// instead of knocking every cooldown; the request moves on uncharged and the key comes
+/// back on its own once the reset has passed.
+#[test]
+fn a_spent_quota_takes_the_key_out_until_its_reset() {
+    let server = MockServer::start(MockConfig {
+        latency_ms: 20,
+        ..MockConfig::default()
+    })
+    .unwrap();
+    server.set_key_rule(
+        "sk-a",
+        KeyRule {
+            fail_first: 1,
+            retry_after_ms: Some(1_500),
+            ..rule(429, OR_KEY_429)
+        },
+    );
+    let mut r = retry(3);
+    r.max_retry_after_ms = 500;
+    let pool = new_pool(
+        builder(&server.url(), &["a", "b"], 1)
+            .strategy(Strategy::FirstAvailable)
+            .retry(r),
+    );
+    let first = pool.submit(line(0, "m")).unwrap().wait().unwrap();
+    assert_eq!(first.key_label(), "b");
+    assert_eq!(first.attempts(), 2);
+    let s = &pool.stats().keys[0];
+    let reason = s.disabled_reason.clone().expect("key a out");
+    assert!(reason.contains("exhausted until"), "{reason}");
+    assert!(!s.parked);
+    // While out, every line goes to b; a is not asked.
+    let t = Instant::now();
+    let results = pool.batch((1..=5).map(|i| line(i, "m")));
+    assert!(
+        results
+            .iter()
+            .all(|r| r.as_ref().is_ok_and(|r| r.key_label() == "b"))
+    );
+    assert_eq!(server.key_stats("sk-a").unwrap().requests, 1);
+    // After the reset, a serves again.
+    std::thread::sleep(Duration::from_millis(1_600).saturating_sub(t.elapsed()));
+    let results = pool.batch((6..=11).map(|i| line(i, "m")));
+    assert!(results.iter().all(Result::is_ok));
+    assert!(server.key_stats("sk-a").unwrap().requests >= 2);
+    assert_eq!(pool.stats().keys[0].disabled_reason, None);
+}
