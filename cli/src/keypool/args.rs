@@ -77,8 +77,10 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
 
     /// File with one API key per line: `KEY`, or `LABEL KEY` (a label, spaces, the key;
-    /// `=` is part of a key, never a separator); `#` comment lines and
-    /// blank lines are ignored. Replaces the config's keys. Default: the config's keys,
+    /// `=` is part of a key, never a separator), optionally followed by that key's
+    /// settings `rpm=N tpm=N max_concurrent=N weight=N`; `#` comment lines and blank
+    /// lines are ignored. Not with a --config that has keys (one place for keys and
+    /// their settings). Default: the config's keys,
     /// else $KEYPOOL_API_KEYS (comma-separated, each `KEY` or `LABEL KEY`), else
     /// $OPENROUTER_API_KEY, else $OPENAI_API_KEY.
     #[arg(long, value_name = "FILE")]
@@ -97,6 +99,16 @@ pub struct RunArgs {
     /// the config, else 4.
     #[arg(long, value_name = "N")]
     pub per_key: Option<usize>,
+
+    /// Requests per minute per key (every key). Default: each key's rpm from the config
+    /// or its keys-file line (`rpm=N`), else none.
+    #[arg(long, value_name = "N")]
+    pub rpm: Option<u32>,
+
+    /// Tokens per minute per key (every key). Default: each key's tpm from the config or
+    /// its keys-file line (`tpm=N`), else none.
+    #[arg(long, value_name = "N")]
+    pub tpm: Option<u64>,
 
     /// How to pick a key for each request: first_available, round_robin or
     /// least_loaded. Default: the config's strategy, else first_available.
@@ -212,6 +224,8 @@ impl RunArgs {
             keys_file: self.keys_file.clone(),
             base_url: self.base_url.clone(),
             per_key: self.per_key,
+            rpm: self.rpm,
+            tpm: self.tpm,
             strategy: self.strategy.clone(),
             max_attempts: self.max_attempts,
             timeout_ms: self.timeout_ms,

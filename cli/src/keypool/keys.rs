@@ -11,6 +11,25 @@ pub struct KeyEntry {
     pub label: Option<String>,
     /// The secret.
     pub key: String,
+    /// Per-key settings from a keys-file line (`rpm=60 tpm=100000 max_concurrent=4
+    /// weight=2`), in the order given.
+    pub settings: Vec<(&'static str, u64)>,
+}
+
+/// The per-key settings a keys-file line may carry after its key.
+const SETTINGS: [&str; 4] = ["rpm", "tpm", "max_concurrent", "weight"];
+
+/// A `name=value` word naming a known setting with a whole number; `None` for any
+/// other word (a key may contain `=`: `a=b` stays key text).
+fn setting(word: &str) -> Option<Result<(&'static str, u64), String>> {
+    let (name, value) = word.split_once('=')?;
+    let name = SETTINGS.iter().find(|s| **s == name)?;
+    Some(
+        value
+            .parse::<u64>()
+            .map(|v| (*name, v))
+            .map_err(|_| format!("{name} must be a whole number")),
+    )
 }
 
 impl std::fmt::Debug for KeyEntry {
@@ -49,14 +68,29 @@ pub fn check_key(key: &str, what: &str) -> Result<(), String> {
 /// origin for errors; no error quotes the entry.
 fn parse_entry(entry: &str, what: &str) -> Result<KeyEntry, String> {
     let entry = entry.trim();
-    let mut parts = entry.split_whitespace();
+    let mut words: Vec<&str> = entry.split_whitespace().collect();
+    // Trailing `rpm=60`-style words are settings (never quoted in errors: a key could
+    // be mistaken for one only if it read `rpm=<digits>`).
+    let mut settings = Vec::new();
+    while words.len() > 1 {
+        match setting(words[words.len() - 1]) {
+            Some(Ok(s)) => {
+                settings.insert(0, s);
+                words.pop();
+            }
+            Some(Err(e)) => return Err(format!("{what}: {e}")),
+            None => break,
+        }
+    }
+    let mut parts = words.into_iter();
     let (label, key) = match (parts.next(), parts.next(), parts.next()) {
         (Some(key), None, _) => (None, key),
         (Some(label), Some(key), None) => (Some(label), key),
         (None, _, _) => return Err(format!("{what}: empty key")),
         _ => {
             return Err(format!(
-                "{what}: expected `KEY` or `LABEL KEY`, found more than two words"
+                "{what}: expected `KEY` or `LABEL KEY` (then optional rpm=N tpm=N \
+                 max_concurrent=N weight=N), found more than two words"
             ));
         }
     };
@@ -64,6 +98,7 @@ fn parse_entry(entry: &str, what: &str) -> Result<KeyEntry, String> {
     Ok(KeyEntry {
         label: label.map(str::to_owned),
         key: key.to_owned(),
+        settings,
     })
 }
 
@@ -125,6 +160,7 @@ pub fn keys_from_env(
                 return Ok(Some(vec![KeyEntry {
                     label: None,
                     key: key.to_owned(),
+                    settings: Vec::new(),
                 }]));
             }
         }
@@ -209,7 +245,37 @@ mod tests {
         KeyEntry {
             label: label.map(str::to_owned),
             key: key.to_owned(),
+            settings: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_keys_file_line_may_carry_its_settings() {
+        let keys = parse_keys_file(
+            "a sk-1 rpm=60 tpm=100000\nsk-2 max_concurrent=8\nb c2st== weight=3\nsk-x=1\n",
+            "k",
+        )
+        .unwrap();
+        assert_eq!(keys[0].settings, vec![("rpm", 60), ("tpm", 100_000)]);
+        assert_eq!(
+            (keys[0].label.as_deref(), keys[0].key.as_str()),
+            (Some("a"), "sk-1")
+        );
+        assert_eq!(keys[1].settings, vec![("max_concurrent", 8)]);
+        assert_eq!(keys[2].key, "c2st==");
+        assert_eq!(keys[2].settings, vec![("weight", 3)]);
+        // `=` in a key that is no setting stays key text.
+        assert_eq!(
+            (keys[3].key.as_str(), keys[3].settings.len()),
+            ("sk-x=1", 0)
+        );
+        let err = parse_keys_file("a sk-1 rpm=fast\n", "k").unwrap_err();
+        assert_eq!(err, "k:1: rpm must be a whole number");
+        let err = parse_keys_file("a sk-secret extra rpm=5\n", "k").unwrap_err();
+        assert!(
+            err.starts_with("k:1: expected") && !err.contains("secret"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -19,6 +19,10 @@ pub struct PoolFlags {
     pub base_url: Option<String>,
     /// `--per-key`: `max_concurrent` of every key.
     pub per_key: Option<usize>,
+    /// `--rpm`: `rpm` on every key.
+    pub rpm: Option<u32>,
+    /// `--tpm`: `tpm` on every key.
+    pub tpm: Option<u64>,
     /// `--strategy`.
     pub strategy: Option<String>,
     /// `--max-attempts`: `retry.max_attempts`.
@@ -67,6 +71,9 @@ fn key_json(k: &KeyEntry) -> Value {
     o.insert("key".into(), Value::String(k.key.clone()));
     if let Some(l) = &k.label {
         o.insert("label".into(), Value::String(l.clone()));
+    }
+    for (name, v) in &k.settings {
+        o.insert((*name).into(), json!(v));
     }
     Value::Object(o)
 }
@@ -140,6 +147,16 @@ pub fn build_config(
         .and_then(Value::as_array)
         .is_some_and(|a| !a.is_empty());
     let keys = match &flags.keys_file {
+        // Both would silently drop the config's per-key settings (rpm, models, …).
+        Some(_) if config_has_keys => {
+            return Err(
+                "--keys-file and a --config with keys[]: keep keys and their settings in one \
+                 place — the config's keys[] (key, label, rpm, tpm, max_concurrent, …) or \
+                 the keys file (LABEL KEY rpm=N tpm=N max_concurrent=N weight=N) with a \
+                 config without keys"
+                    .into(),
+            );
+        }
         Some(path) => Some(read_keys_file(path)?),
         None if config_has_keys => None,
         None => {
@@ -200,6 +217,12 @@ pub fn build_config(
             if let Value::Object(k) = k {
                 if let Some(n) = flags.per_key {
                     k.insert("max_concurrent".into(), json!(n));
+                }
+                if let Some(n) = flags.rpm {
+                    k.insert("rpm".into(), json!(n));
+                }
+                if let Some(n) = flags.tpm {
+                    k.insert("tpm".into(), json!(n));
                 }
                 if flags.adaptive {
                     k.insert("adaptive".into(), json!(true));
@@ -313,16 +336,33 @@ mod tests {
             (c.key_label(0).as_str(), c.keys[0].max_concurrent),
             ("c", 3)
         );
+        // A keys file with a config that has keys: refused (it would drop the config's
+        // per-key settings), saying how to do it.
         let kf = dir.join("keys.txt");
-        std::fs::write(&kf, "x sk-x\n").unwrap();
+        std::fs::write(&kf, "x sk-x rpm=60 max_concurrent=2\n").unwrap();
         let flags = PoolFlags {
             config: Some(cfg),
+            keys_file: Some(kf.clone()),
+            max_attempts: Some(2),
+            ..PoolFlags::default()
+        };
+        let e = build_config(&flags, no_env).unwrap_err();
+        assert!(e.contains("one place") && !e.contains("sk-"), "{e}");
+        // With a config without keys: the file's keys and their settings, the config's
+        // other fields, and --tpm on every key.
+        let bare = dir.join("bare.json");
+        std::fs::write(&bare, r#"{"retry": {"base_delay_ms": 10}}"#).unwrap();
+        let flags = PoolFlags {
+            config: Some(bare),
             keys_file: Some(kf),
             max_attempts: Some(2),
+            tpm: Some(50_000),
             ..PoolFlags::default()
         };
         let c = build_config(&flags, no_env).unwrap();
         assert_eq!(c.key_label(0), "x");
+        assert_eq!((c.keys[0].rpm, c.keys[0].max_concurrent), (Some(60), 2));
+        assert_eq!(c.keys[0].tpm, Some(50_000));
         assert_eq!(c.retry.base_delay_ms, 10);
         assert_eq!(c.retry.max_attempts, 2);
         std::fs::remove_dir_all(&dir).unwrap();
