@@ -619,7 +619,8 @@ impl Gate {
             changed = true;
         }
         if let Some(reason) = &v.disable {
-            if s.disabled.is_none() {
+            // A revocation replaces a park (a parked key must not come back after a 401).
+            if s.disabled.is_none() || (s.parked && !v.park && v.disable_for.is_none()) {
                 s.disabled = Some((reason.clone(), unix_ms_now()));
                 s.parked = v.park;
                 s.disabled_until = v.disable_for.and_then(|d| now.checked_add(d));
@@ -727,12 +728,14 @@ impl Gate {
     /// to be the key's). Returns true if this call took it out.
     pub(crate) fn take_out(&self, reason: String, parked: bool) -> bool {
         let mut s = self.state.lock();
-        if s.disabled.is_some() {
+        // Already out — unless parked and now taken out for good (a revocation).
+        if s.disabled.is_some() && (!s.parked || parked) {
             return false;
         }
         let shared = self.shared.as_ref().map(|link| (link, reason.clone()));
         s.disabled = Some((reason, unix_ms_now()));
         s.parked = parked;
+        s.disabled_until = None;
         self.mirror(&s);
         drop(s);
         if let Some((link, reason)) = shared {

@@ -85,6 +85,10 @@ pub(crate) enum Fault {
     FreeModels,
     /// The model does not exist (or has no endpoint) at this key's base URL.
     ModelMissing,
+    /// This key (its project or account) may not use the model (OpenAI's 403
+    /// `model_not_found`, a 404 "… or you do not have access to it"): the pair is
+    /// excluded, the key's other models and other keys are untouched.
+    ModelDenied,
     /// The key is rejected (401).
     KeyRejected,
     /// The account's credits or quota are spent: park the key.
@@ -101,7 +105,9 @@ impl Fault {
         match self {
             Fault::Request | Fault::Flagged | Fault::Forbidden => Blame::Request,
             Fault::Transient | Fault::NoCredit => Blame::Account,
-            Fault::ModelBusy | Fault::ModelMissing | Fault::FreeModels => Blame::Model,
+            Fault::ModelBusy | Fault::ModelMissing | Fault::ModelDenied | Fault::FreeModels => {
+                Blame::Model
+            }
             Fault::KeyRejected | Fault::RateLimited => Blame::Key,
             Fault::Server => Blame::Server,
         }
@@ -231,6 +237,7 @@ pub(crate) fn judge(status: u16, body: &[u8], model: Option<&str>) -> Fault {
     let names_model = model.is_some_and(|m| m.len() >= 3 && ev.text.contains(&m.to_lowercase()));
     match status {
         401 => Fault::KeyRejected,
+        403 if ev.code_is("model_not_found") => Fault::ModelDenied,
         403 => {
             if ev.moderation_fields
                 || ev.code_is("content_filter")
@@ -243,7 +250,10 @@ pub(crate) fn judge(status: u16, body: &[u8], model: Option<&str>) -> Fault {
             }
         }
         402 => {
-            if ev.reason_has("weight_exceeds_budget")
+            if ev.says(&["can only afford 0 ", "can only afford 0."]) {
+                // Nothing left at all: the account's credit, whatever the request.
+                Fault::NoCredit
+            } else if ev.reason_has("weight_exceeds_budget")
                 || ev.says(&["fewer max_tokens", "max_tokens"])
             {
                 Fault::Request
@@ -256,7 +266,17 @@ pub(crate) fn judge(status: u16, body: &[u8], model: Option<&str>) -> Fault {
         404 => {
             let model_word = ev.says(&["model"]) || names_model;
             let missing = ev.says(&["not found", "does not exist", "not exist"]);
-            if ev.code_is("model_not_found")
+            // OpenRouter's "No endpoints found that support tool use" (or "… the
+            // provided 'tool_choice' value", "… matching your data policy", image
+            // input…) is about what this request asks of the model: the request's.
+            let for_request =
+                ev.says(&["that support", "supporting", "matching", "that can handle"]);
+            if for_request {
+                Fault::Request
+            } else if ev.says(&["do not have access", "does not have access"]) {
+                // Access is per key (project, organisation): the pair only.
+                Fault::ModelDenied
+            } else if ev.code_is("model_not_found")
                 || ev.says(&["no endpoints found", "no endpoints available"])
                 || (model_word && missing)
             {
@@ -282,6 +302,25 @@ pub(crate) fn judge(status: u16, body: &[u8], model: Option<&str>) -> Fault {
         408 | 409 => Fault::Server,
         400..=499 => Fault::Request,
         _ => Fault::Server,
+    }
+}
+
+/// Whose fault an error carried inside a 2xx body is (`{"error": …}`, or a failed
+/// choice), its code taken as `code`. A 2xx means the server accepted the key and began
+/// the work: the error is upstream's. Never the key's or the account's (a 401 or 402
+/// code there must not disable or park a key), nor a model verdict for the key or base
+/// URL: those become the server's (retried after backoff); a rate limit is the model's
+/// at this key; a request's fault (a flagged prompt, a bad request) stays the request's.
+pub(crate) fn judge_in_2xx(code: u16, body: &[u8], model: Option<&str>) -> Fault {
+    match judge(code, body, model) {
+        Fault::RateLimited | Fault::FreeModels | Fault::ModelBusy => Fault::ModelBusy,
+        f @ (Fault::Request | Fault::Flagged | Fault::Server) => f,
+        Fault::KeyRejected
+        | Fault::NoCredit
+        | Fault::Forbidden
+        | Fault::Transient
+        | Fault::ModelMissing
+        | Fault::ModelDenied => Fault::Server,
     }
 }
 
@@ -395,7 +434,7 @@ mod tests {
             (
                 404,
                 r#"{"error":{"message":"The model `gpt-9` does not exist or you do not have access to it.","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#,
-                Fault::ModelMissing,
+                Fault::ModelDenied,
             ),
             (
                 404,
@@ -403,6 +442,26 @@ mod tests {
                 Fault::ModelMissing,
             ),
             (404, r#"{"detail":"Not Found"}"#, Fault::Request),
+            (
+                404,
+                r#"{"error":{"message":"No endpoints found that support tool use. To learn more about provider routing, visit: https://openrouter.ai/docs/provider-routing","code":404}}"#,
+                Fault::Request,
+            ),
+            (
+                404,
+                r#"{"error":{"message":"The model `gpt-4o` does not exist or you do not have access to it.","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#,
+                Fault::ModelDenied,
+            ),
+            (
+                403,
+                r#"{"error":{"message":"Project `proj_x` does not have access to model `gpt-4o`","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#,
+                Fault::ModelDenied,
+            ),
+            (
+                402,
+                r#"{"error":{"code":402,"message":"This request requires more credits, or fewer max_tokens. You requested up to 4096 tokens, but can only afford 0. To increase, visit https://openrouter.ai/settings/credits"}}"#,
+                Fault::NoCredit,
+            ),
             (
                 401,
                 r#"{"error":{"message":"No auth credentials found","code":401}}"#,
@@ -455,6 +514,32 @@ mod tests {
                 Some("acme/x")
             ),
             Fault::ModelBusy
+        );
+    }
+
+    #[test]
+    fn errors_inside_a_2xx_never_blame_the_key() {
+        for (code, body) in [
+            (401, r#"{"message":"No auth credentials found"}"#),
+            (402, r#"{"message":"Insufficient credits"}"#),
+            (403, r#"{"message":"Forbidden"}"#),
+            (404, r#"{"message":"No endpoints found for acme/x."}"#),
+        ] {
+            assert_eq!(
+                judge_in_2xx(code, body.as_bytes(), Some("acme/x")),
+                Fault::Server,
+                "{code}"
+            );
+        }
+        assert_eq!(judge_in_2xx(429, b"{}", None), Fault::ModelBusy);
+        assert_eq!(judge_in_2xx(502, b"{}", None), Fault::Server);
+        assert_eq!(
+            judge_in_2xx(
+                403,
+                br#"{"message":"flagged","metadata":{"reasons":["x"]}}"#,
+                None
+            ),
+            Fault::Flagged
         );
     }
 

@@ -221,10 +221,12 @@ pub(crate) fn recheck_if_due(ctx: &KeyWorkerCtx) {
 
 /// When a worker of a key parked for its credit should wake to check it again
 /// (`recheck_ms` after the park or the last check); `None` when it should not (checks
-/// off, not parked, `recheck_ms` 0). Only the key's first worker (`first`) waits for it.
-pub(crate) fn parked_recheck_at(ctx: &KeyWorkerCtx, first: bool) -> Option<Instant> {
+/// off, not parked, `recheck_ms` 0). Every idle worker of a parked key waits for it —
+/// the one that parked it among them — and the first to wake checks
+/// (`recheck_parked` skips a check made less than `recheck_ms` ago).
+pub(crate) fn parked_recheck_at(ctx: &KeyWorkerCtx) -> Option<Instant> {
     let cfg = &ctx.shared.config.credits;
-    if !first || !cfg.check || cfg.recheck_ms == 0 {
+    if !cfg.check || cfg.recheck_ms == 0 {
         return None;
     }
     let ks = &ctx.shared.keys[ctx.index];
@@ -242,7 +244,15 @@ pub(crate) fn parked_recheck_at(ctx: &KeyWorkerCtx, first: bool) -> Option<Insta
 pub(crate) fn recheck_parked(ctx: &KeyWorkerCtx) {
     let sh = &ctx.shared;
     let ks = &sh.keys[ctx.index];
-    ks.credit.inner.lock().parked_check = Some(Instant::now());
+    let every = Duration::from_millis(sh.config.credits.recheck_ms);
+    {
+        let mut s = ks.credit.inner.lock();
+        // Another worker of this key has just checked (they wake together).
+        if s.parked_check.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        s.parked_check = Some(Instant::now());
+    }
     let waiting = !ctx.intake.is_empty() || sh.backlog.load(SeqCst) > 0;
     if !waiting || !ks.gate.is_parked() {
         return;

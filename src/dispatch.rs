@@ -527,6 +527,7 @@ impl Dispatcher {
     /// may go (a cooldown's end).
     fn place_aside(&mut self, now: Instant) -> Option<Instant> {
         if self.aside.is_empty() {
+            self.shared.aside.store(0, SeqCst);
             return None;
         }
         let mut kept = VecDeque::with_capacity(self.aside.len());
@@ -571,7 +572,11 @@ impl Dispatcher {
             // ever names a future instant (a due one would make it return at once,
             // again and again, for as long as every key refuses this job).
             self.promote_due(now);
-            // The jobs set aside are older: they go first wherever they can.
+            // The jobs set aside are older: they go first wherever they can. Announced
+            // before the try, so a worker of their keys that goes idle after it nudges.
+            if !self.aside.is_empty() {
+                self.shared.wants_idle.store(true, SeqCst);
+            }
             let aside_wake = self.place_aside(now);
             let not_now = match self.try_place(job, now) {
                 Ok(()) => return Placed::Done,

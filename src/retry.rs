@@ -55,7 +55,14 @@ pub(crate) fn judge_fault(
         Fault::Transient | Fault::Server => v.retry = true,
         Fault::ModelBusy => {
             v.retry = true;
-            v.model_cooldown = Some(retry_after.unwrap_or(default).min(max));
+            // OpenAI's "Rate limit reached for gpt-4o …" names the model and carries
+            // its reset in x-ratelimit-reset-*: honoured like a key-wide 429's.
+            v.model_cooldown = Some(crate::blame::cooldown_429(
+                retry_after,
+                headers,
+                default,
+                max,
+            ));
         }
         Fault::FreeModels => {
             v.retry = true;
@@ -66,7 +73,7 @@ pub(crate) fn judge_fault(
                 max,
             ));
         }
-        Fault::ModelMissing => {
+        Fault::ModelMissing | Fault::ModelDenied => {
             v.retry = true;
             v.model_missing = true;
             v.uncharged = true;

@@ -51,7 +51,7 @@ pub(crate) fn run(ctx: Arc<KeyWorkerCtx>, rx: Receiver<Job>, started: Sender<()>
     let mut started = Some(started);
     // The key's first worker checks its balance before anyone can submit (`Pool::new`
     // waits for `started`), so a key at its floor gets no request.
-    let first = crate::credits::check_at_start(&ctx);
+    crate::credits::check_at_start(&ctx);
     loop {
         let job = match self_serve(&ctx) {
             Some(job) => job,
@@ -67,7 +67,7 @@ pub(crate) fn run(ctx: Arc<KeyWorkerCtx>, rx: Receiver<Job>, started: Sender<()>
                 // The dispatcher's admission takes this worker off the idle count. The
                 // first worker of a key parked for its credit wakes at its re-check
                 // time (`credits.recheck_ms`) — a known instant, not a poll.
-                let got = match crate::credits::parked_recheck_at(&ctx, first) {
+                let got = match crate::credits::parked_recheck_at(&ctx) {
                     Some(at) => match rx.recv_deadline(at) {
                         Ok(job) => Some(job),
                         Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
@@ -286,6 +286,12 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
             Ok(response) => {
                 settle.complete(&success_verdict(ctx, &response.headers));
                 forbidden_evidence(ctx, &job);
+                // A key that serves forgets its unexplained refusals: the evidence
+                // against it must be two refusals in a row, not two in a day.
+                let strikes = &ctx.state().forbidden_strikes;
+                if strikes.load(SeqCst) != 0 {
+                    strikes.store(0, SeqCst);
+                }
                 job.finish(Ok(response));
                 crate::credits::recheck_if_due(ctx);
                 return;
@@ -416,7 +422,7 @@ fn conclude(
 ) {
     // The key's part of the verdict first — a "bad key" verdict disables the key before
     // its next trial can start — then the request's part.
-    let out_of_credit = verdict.park;
+    let out_of_credit = verdict.park || matches!(err, Error::Http { status: 402, .. });
     let answered = matches!(
         class,
         FailClass::RateLimited | FailClass::ClientError | FailClass::ServerError
@@ -547,6 +553,9 @@ pub(crate) fn judge_response(
         // success with empty text.
         Some(body::Problem::ChoiceFailed(..)) => 0,
     };
+    // An error inside a 2xx (`{"error": …}`, a failed choice) is upstream's, never the
+    // key's: see `blame::judge_in_2xx`.
+    let in_2xx = problem.is_some();
     let (status, evidence) = match &problem {
         Some(body::Problem::ChoiceFailed(code, err)) => (
             code.unwrap_or(502),
@@ -565,7 +574,11 @@ pub(crate) fn judge_response(
     let cfg = &ctx.shared.config.retry;
     // Whose fault, from the evidence (`blame.rs`); then act on that scope only.
     let model = job.model().cloned();
-    let fault = crate::blame::judge(status, evidence, model.as_deref());
+    let fault = if in_2xx {
+        crate::blame::judge_in_2xx(status, evidence, model.as_deref())
+    } else {
+        crate::blame::judge(status, evidence, model.as_deref())
+    };
     let mut verdict = judge_fault(
         &fault,
         should_retry.as_deref(),
@@ -688,8 +701,10 @@ pub(crate) fn scope(
             sh.models.cool_free(keys, until);
             Blame::Model
         }
-        Fault::ModelMissing => {
+        Fault::ModelMissing | Fault::ModelDenied => {
             match model {
+                // Access is the key's (its project or organisation): the pair only.
+                Some(m) if *fault == Fault::ModelDenied => sh.models.exclude([ctx.index], m),
                 Some(m) => {
                     // Keys on the same base URL share the verdict: no resend there.
                     let base = sh.config.key_base_url(ctx.index);

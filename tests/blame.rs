@@ -26,8 +26,8 @@ const OR_FREE_429: &str = r#"{"error":{"message":"Rate limit exceeded: free-mode
 const OR_KEY_429: &str = r#"{"error":{"message":"Rate limit exceeded","code":429}}"#;
 /// OpenAI's spent quota.
 const OPENAI_QUOTA_429: &str = r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details. For more information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
-/// OpenAI's unknown model.
-const OPENAI_MODEL_404: &str = r#"{"error":{"message":"The model `acme/x` does not exist or you do not have access to it.","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#;
+/// OpenRouter's unknown model (no provider serves it at this base URL).
+const OR_MODEL_404: &str = r#"{"error":{"message":"No endpoints found for acme/x.","code":404}}"#;
 /// A 200 whose only choice failed (OpenRouter documents `choices[].error`).
 const FAILED_CHOICE_200: &str = r#"{"id":"gen-1","object":"chat.completion","choices":[{"index":0,"finish_reason":"error","message":{"role":"assistant","content":""},"error":{"code":502,"message":"Upstream provider disconnected"}}]}"#;
 
@@ -467,7 +467,7 @@ fn a_model_missing_at_one_base_url_is_served_by_another() {
             k,
             KeyRule {
                 model: Some("acme/x".into()),
-                ..rule(404, OPENAI_MODEL_404)
+                ..rule(404, OR_MODEL_404)
             },
         );
     }
