@@ -126,8 +126,8 @@ pub(crate) struct ModelVerdicts {
 type KeyModel = (usize, Arc<str>);
 
 /// The table's name for "every `:free` model" (no model is named this: it starts with
-/// the `:` a model name ends its variant with).
-const FREE_MODELS: &str = ":free";
+/// the `:` a model name ends its variant with). Shared under this name too.
+pub(crate) const FREE_MODELS: &str = ":free";
 
 impl ModelVerdicts {
     /// Whether any verdict was ever recorded.

@@ -10,7 +10,12 @@
 //! - `kp:{ns}:h:aimd`: the shared learned limit of an adaptive key;
 //! - `kp:{ns}:h:charge`: what each lease was charged (its refund gives back no more);
 //! - `kp:{ns}:h:gone`: released lease ids (tombstones: a late renewal or ACQUIRE of a
-//!   released id does nothing).
+//!   released id does nothing);
+//! - `kp:{ns}:h:models`: model cooldowns at the key (issue 28): field the model's name
+//!   as sent to the key (at most [`MODEL_NAME_MAX`] bytes, [`MODELS_MAX`] fields),
+//!   value the end of its cooldown (Redis time, ms); the hash expires with its
+//!   longest cooldown. Published on `kp:{ns}:models` too, so each process records it
+//!   in its own `ModelVerdicts` and admissions never ask Redis about models.
 //!
 //! Per group (account), named by `gh`, an HMAC of the group's name under its own label
 //! (see `GroupInfo`): `kp:{ns}:gh:leases` (its member keys' leases, same ids),
@@ -27,7 +32,10 @@
 //!   after the start, so admissions never wait for a connection. Sleeps on a channel
 //!   (no timeout) while there is nothing to do;
 //! - `keypool-shared-sub`: subscribed to `kp:{ns}:released`, nudges the dispatcher when
-//!   a process gives back a lease of a key that was full. Its socket read timeout (1 s)
+//!   a process gives back a lease of a key that was full; subscribed to
+//!   `kp:{ns}:models`, records a model cooldown another process saw at one of this
+//!   pool's keys (and loads the live ones from `kp:{ns}:h:models` at each
+//!   (re)subscription, so none published while it was away is missed). Its socket read timeout (1 s)
 //!   only checks for shutdown; admissions never wait for it: a refused admission also
 //!   carries a known instant to ask again (at most [`BUSY_RECHECK`] away) in case a
 //!   message is lost while the subscriber reconnects.
@@ -54,6 +62,62 @@ const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 /// A key disabled (401/403) or parked (402) stays so in Redis this long after the last
 /// process saw it fail.
 const DISABLED_TTL_MS: u64 = 3_600_000;
+/// A model name longer than this (bytes, as sent to the key) is not shared: its
+/// cooldown holds in the process that saw it only. Bounds Redis's keys and messages.
+const MODEL_NAME_MAX: usize = 256;
+/// At most this many live model cooldowns are kept per key in Redis (expired ones are
+/// dropped first); past it a new one is still published, not stored.
+const MODELS_MAX: usize = 64;
+
+/// Records a model cooldown at keys and publishes it. KEYS: each key's models hash.
+/// ARGV: cooldown ms, channel, MODELS_MAX, then for each key its hash and the model's
+/// name as sent to it. A longer cooldown already stored stays (and is what is
+/// published). Message: `<key hash> <ms left> <model>`.
+const MODEL_COOL: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cd = tonumber(ARGV[1])
+local cap = tonumber(ARGV[3])
+local u = now + cd
+for i, k in ipairs(KEYS) do
+  local h, name = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  local cur = tonumber(redis.call('HGET', k, name) or '0') or 0
+  if u > cur then
+    if cur == 0 and redis.call('HLEN', k) >= cap then
+      local all = redis.call('HGETALL', k)
+      for j = 1, #all, 2 do
+        if (tonumber(all[j + 1]) or 0) <= now then redis.call('HDEL', k, all[j]) end
+      end
+    end
+    if cur > 0 or redis.call('HLEN', k) < cap then
+      redis.call('HSET', k, name, string.format('%d', u))
+      if redis.call('PTTL', k) < cd then redis.call('PEXPIRE', k, cd) end
+    end
+  end
+  redis.call('PUBLISH', ARGV[2], h .. ' ' .. string.format('%d', math.max(u, cur) - now) .. ' ' .. name)
+end
+return 0
+"#;
+
+/// The live model cooldowns of keys (read only). KEYS: each key's models hash. Returns
+/// `{key number (1-based), ms left, model, …}`.
+const MODEL_LOAD: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for i, k in ipairs(KEYS) do
+  local all = redis.call('HGETALL', k)
+  for j = 1, #all, 2 do
+    local u = tonumber(all[j + 1]) or 0
+    if u > now then
+      out[#out + 1] = i
+      out[#out + 1] = u - now
+      out[#out + 1] = all[j]
+    end
+  end
+end
+return out
+"#;
 
 /// Drops expired leases, then admits if the key is not disabled or cooling, has a free
 /// slot and has budget — and, for a key of a group (account), if the group is not
@@ -417,6 +481,17 @@ struct KeyInfo {
     tpm: u64,
     /// The key's group (account), an index into `Inner::groups`.
     group: Option<usize>,
+    /// Its model cooldowns (see the module's doc).
+    models: String,
+    /// Its `model_map` (the name a request asks for → the name sent to this key).
+    model_map: std::collections::BTreeMap<String, String>,
+}
+
+impl KeyInfo {
+    /// The name `model` is sent to this key under.
+    fn wire<'a>(&'a self, model: &'a str) -> &'a str {
+        self.model_map.get(model).map_or(model, String::as_str)
+    }
 }
 
 /// A group (account) in Redis, named by `gh`, an HMAC of its name keyed with the
@@ -484,7 +559,15 @@ struct Inner {
     settle: Script,
     renew: Script,
     charge: Script,
+    model_cool: Script,
+    model_load: Script,
     channel: String,
+    /// Where model cooldowns are published (see the module's doc).
+    models_channel: String,
+    /// The pool's model verdicts, where other processes' are recorded.
+    verdicts: Arc<crate::routing::ModelVerdicts>,
+    /// Key hash → the indices of this pool's keys with it.
+    by_hash: std::collections::HashMap<String, Vec<usize>>,
     /// Unique per pool: prefixes its lease ids.
     token: String,
     next_lease: std::sync::atomic::AtomicU64,
@@ -1115,6 +1198,95 @@ impl Inner {
         }
     }
 
+    /// Stores and publishes a model cooldown at `keys` (see [`MODEL_COOL`]). Best
+    /// effort: never queued while Redis is unreachable (the verdict holds here; the
+    /// other processes meet the server's own 429 then).
+    fn cool_model(&self, keys: &[usize], model: &str, cooldown: Duration) {
+        let ms = u64::try_from(cooldown.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(crate::MAX_DURATION_MS);
+        let keys: Vec<&KeyInfo> = keys
+            .iter()
+            .filter_map(|&i| self.keys.get(i))
+            .filter(|k| k.wire(model).len() <= MODEL_NAME_MAX)
+            .collect();
+        if ms == 0 || keys.is_empty() {
+            return;
+        }
+        let done = self.with_conn(|con| {
+            let mut inv = self.model_cool.prepare_invoke();
+            inv.arg(ms).arg(&self.models_channel).arg(MODELS_MAX);
+            for k in &keys {
+                inv.key(&k.models).arg(&k.hash).arg(k.wire(model));
+            }
+            inv.invoke::<i64>(con)
+        });
+        if done.is_none() {
+            log::debug!(
+                "keypool: shared limits: a model cooldown was not shared (Redis unavailable); \
+                 it holds in this process"
+            );
+        }
+    }
+
+    /// Records a model cooldown shared by some process: `model` (as sent to the key
+    /// named `hash`) cools for `ms` from now at each of this pool's keys with that
+    /// hash — under that name and under every name the key's `model_map` sends as it.
+    fn record_model(&self, hash: &str, ms: u64, model: &str) {
+        let Some(idx) = self.by_hash.get(hash) else {
+            return;
+        };
+        if model.is_empty() || model.len() > MODEL_NAME_MAX || ms == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let until = now
+            .checked_add(Duration::from_millis(ms.min(crate::MAX_DURATION_MS)))
+            .unwrap_or(now + crate::retry::MAX_WAIT);
+        let name: Arc<str> = Arc::from(model);
+        for &i in idx {
+            self.verdicts.cool(i, &name, until);
+            for (alias, sent) in &self.keys[i].model_map {
+                if sent == model && alias != model {
+                    self.verdicts.cool(i, &Arc::from(alias.as_str()), until);
+                }
+            }
+        }
+    }
+
+    /// Loads the live model cooldowns of this pool's keys on `con` (see
+    /// [`MODEL_LOAD`]). Returns how many were recorded.
+    fn load_models(&self, con: &mut redis::Connection) -> redis::RedisResult<usize> {
+        if self.keys.is_empty() {
+            return Ok(0);
+        }
+        let mut inv = self.model_load.prepare_invoke();
+        for k in &self.keys {
+            inv.key(&k.models);
+        }
+        let out: Vec<Value> = inv.invoke(con)?;
+        let mut n = 0;
+        for e in out.chunks_exact(3) {
+            let (Value::Int(i), Value::Int(ms), Value::BulkString(name)) = (&e[0], &e[1], &e[2])
+            else {
+                continue;
+            };
+            let (Some(k), Ok(ms), Ok(name)) = (
+                usize::try_from(*i)
+                    .ok()
+                    .and_then(|i| i.checked_sub(1))
+                    .and_then(|i| self.keys.get(i)),
+                u64::try_from(*ms),
+                std::str::from_utf8(name),
+            ) else {
+                continue;
+            };
+            self.record_model(&k.hash, ms, name);
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// No connection to Redis (it failed, and no reconnection succeeded since).
     fn is_down(&self) -> bool {
         self.conn.lock().con.is_none()
@@ -1130,6 +1302,7 @@ impl RedisLimits {
         sc: &SharedConfig,
         config: &Config,
         events: Sender<()>,
+        verdicts: Arc<crate::routing::ModelVerdicts>,
     ) -> Result<RedisLimits, Error> {
         let client = redis::Client::open(sc.redis_url.as_str())
             .map_err(|_| Error::config("shared.redis_url", "not a valid Redis URL"))?;
@@ -1165,6 +1338,7 @@ impl RedisLimits {
                     aimd: format!("{tag}:{hash}:aimd"),
                     gone: format!("{tag}:{hash}:gone"),
                     charge: format!("{tag}:{hash}:charge"),
+                    models: format!("{tag}:{hash}:models"),
                     adaptive: k.adaptive,
                     hash,
                     max: k.max_concurrent,
@@ -1174,10 +1348,15 @@ impl RedisLimits {
                         .group
                         .as_ref()
                         .and_then(|name| config.groups.iter().position(|g| &g.name == name)),
+                    model_map: k.model_map.clone(),
                 }
             })
             .collect::<Vec<_>>();
         let token = format!("{:016x}{:08x}", fastrand::u64(..), std::process::id());
+        let mut by_hash = std::collections::HashMap::<String, Vec<usize>>::new();
+        for (i, k) in keys.iter().enumerate() {
+            by_hash.entry(k.hash.clone()).or_default().push(i);
+        }
         let inner = Arc::new(Inner {
             client: client.clone(),
             cfg: sc.clone(),
@@ -1196,15 +1375,30 @@ impl RedisLimits {
             settle: Script::new(SETTLE),
             renew: Script::new(RENEW),
             charge: Script::new(CHARGE),
+            model_cool: Script::new(MODEL_COOL),
+            model_load: Script::new(MODEL_LOAD),
             channel: format!("kp:{ns}:released"),
+            models_channel: format!("kp:{ns}:models"),
+            verdicts,
+            by_hash,
             token: token.clone(),
             next_lease: std::sync::atomic::AtomicU64::new(0),
             epoch: Instant::now(),
         });
         // Connect now so a reachable Redis is used from the first request; an
         // unreachable one is not fatal (see `on_unavailable`): the renewer retries.
+        // The model cooldowns live now, so the first requests already avoid them (the
+        // subscriber loads them again once subscribed: none is missed in between).
         match inner.connect() {
-            Ok(con) => inner.conn.lock().con = Some(con),
+            Ok(mut con) => {
+                if let Err(e) = inner.load_models(&mut con) {
+                    log::debug!(
+                        "keypool: shared limits: loading model cooldowns: {}",
+                        inner.mask(e.to_string())
+                    );
+                }
+                inner.conn.lock().con = Some(con);
+            }
             Err(e) => inner.fail(&mut inner.conn.lock(), e),
         }
         let (renew_tx, renew_rx) = crossbeam_channel::bounded(1);
@@ -1227,6 +1421,7 @@ impl RedisLimits {
         )?);
         let sub = Subscriber {
             client,
+            inner: Arc::clone(&inner),
             channel: inner.channel.clone(),
             stop_channel: format!("kp:{ns}:stop:{token}"),
             stop_rx,
@@ -1299,6 +1494,8 @@ fn renewer(inner: Arc<Inner>, rx: Receiver<()>) {
 
 struct Subscriber {
     client: redis::Client,
+    /// For model cooldowns: the keys' names, the pool's verdicts, a loading connection.
+    inner: Arc<Inner>,
     channel: String,
     stop_channel: String,
     stop_rx: Receiver<()>,
@@ -1338,14 +1535,33 @@ impl Subscriber {
         let mut ps = con.as_pubsub();
         ps.set_read_timeout(Some(Duration::from_secs(1)))?;
         ps.subscribe(&self.channel)?;
+        ps.subscribe(&self.inner.models_channel)?;
         ps.subscribe(&self.stop_channel)?;
+        // Model cooldowns published while we were not listening (subscribed first, so
+        // none falls in between): on a connection of their own, this one listens.
+        // Best effort: a failure here leaves them to the server's own answers.
+        match self
+            .inner
+            .connect()
+            .and_then(|mut c| self.inner.load_models(&mut c))
+        {
+            Ok(_) => {}
+            Err(e) => log::debug!(
+                "keypool: shared limits: loading model cooldowns: {}",
+                self.inner.mask(e.to_string())
+            ),
+        }
         // Anything released while we were not listening: look again.
         let _ = self.events.try_send(());
         loop {
             match ps.get_message() {
                 Ok(msg) => {
-                    if msg.get_channel_name() == self.stop_channel {
+                    let channel = msg.get_channel_name();
+                    if channel == self.stop_channel {
                         return Ok(());
+                    }
+                    if channel == self.inner.models_channel {
+                        self.model_message(msg.get_payload_bytes());
                     }
                     let _ = self.events.try_send(());
                 }
@@ -1357,6 +1573,27 @@ impl Subscriber {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+impl Subscriber {
+    /// A model cooldown published by some process: `<key hash> <ms left> <model>`.
+    /// Anything else (or a key this pool does not have) is ignored.
+    fn model_message(&self, payload: &[u8]) {
+        if payload.len() > 32 + 1 + 20 + 1 + MODEL_NAME_MAX {
+            return;
+        }
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return;
+        };
+        let mut parts = text.splitn(3, ' ');
+        let (Some(hash), Some(ms), Some(model)) = (parts.next(), parts.next(), parts.next()) else {
+            return;
+        };
+        let Ok(ms) = ms.parse::<u64>() else {
+            return;
+        };
+        self.inner.record_model(hash, ms, model);
     }
 }
 
@@ -1459,6 +1696,11 @@ impl SharedLimits for RedisLimits {
         let delta = i128::from(actual) - i128::from(estimated);
         let delta = i64::try_from(delta).unwrap_or(if delta > 0 { i64::MAX } else { i64::MIN });
         self.inner.recharge(key, None, estimated, false, delta);
+        self.wake_if_down();
+    }
+
+    fn cool_model(&self, keys: &[usize], model: &str, cooldown: Duration) {
+        self.inner.cool_model(keys, model, cooldown);
         self.wake_if_down();
     }
 
@@ -1628,7 +1870,7 @@ mod tests {
         );
         let config = Config::from_json(&json).unwrap();
         let (tx, _rx) = crossbeam_channel::unbounded();
-        RedisLimits::start(config.shared.as_ref().unwrap(), &config, tx).unwrap()
+        RedisLimits::start(config.shared.as_ref().unwrap(), &config, tx, Arc::default()).unwrap()
     }
 
     /// Issue 23.2: a renewal that copied a lease id before its release ran (the
