@@ -178,6 +178,12 @@ impl ModelVerdicts {
         }
     }
 
+    /// Until when `model` cools at key `i` (tests).
+    #[cfg(all(test, feature = "redis"))]
+    pub(crate) fn cooling_until(&self, i: usize, model: &str) -> Option<Instant> {
+        (*self.map.lock().get(&(i, Arc::from(model)))?).filter(|u| *u > Instant::now())
+    }
+
     fn record(&self, i: usize, model: &Arc<str>, until: Option<Instant>) {
         let mut map = self.map.lock();
         if map.len() >= MODEL_VERDICTS_MAX {

@@ -1970,3 +1970,63 @@ fn model_cooldown_with_redis_down_holds_locally() {
         .unwrap();
     assert!(y.arrived < limited.finished + Duration::from_millis(900));
 }
+
+/// Issue 28: OpenRouter's free-model limit seen by one pool on one key of a group cools
+/// every `:free` model of every key of the group in the other pools too, for the same
+/// time; a paid model goes at once.
+#[test]
+fn free_model_limit_is_shared_across_the_group() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(5);
+    const OR_FREE_429: &str = r#"{"error":{"message":"Rate limit exceeded: free-models-per-min. ","code":429,"metadata":{"headers":{"X-RateLimit-Limit":"20","X-RateLimit-Remaining":"0"},"provider_name":null}}}"#;
+    for k in GROUP_KEYS {
+        server.set_key_rule(
+            k,
+            KeyRule {
+                always_status: Some(429),
+                body: Some(OR_FREE_429.into()),
+                model: Some("a:free".into()),
+                retry_after_ms: Some(2_000),
+                fail_for_ms: Some(1_000),
+                ..KeyRule::default()
+            },
+        );
+    }
+    let json = group_json(&server.url(), &redis.url(), "");
+    let a = new_pool(&json);
+    let b = new_pool(&json);
+    let a_free = a.submit(chat_model("a:free", 0)).unwrap();
+    wait_for("the shared model cooldown", Duration::from_secs(5), || {
+        redis_keys(&redis).iter().any(|k| k.ends_with(":models"))
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let b_free = b.submit(chat_model("b:free", 1)).unwrap();
+    let b_paid = b.submit(chat_model("y", 2)).unwrap();
+    assert!(b_paid.wait().is_ok());
+    assert!(a_free.wait().is_ok());
+    assert!(b_free.wait().is_ok());
+    let log = group_log(&server);
+    let limited: Vec<&RequestRecord> = log.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(limited.len(), 1, "{log:?}");
+    let end = limited[0].finished + Duration::from_millis(1_900);
+    let free: Vec<&RequestRecord> = log
+        .iter()
+        .filter(|r| r.status == 200 && r.model.as_deref().is_some_and(|m| m.ends_with(":free")))
+        .collect();
+    assert_eq!(free.len(), 2, "{log:?}");
+    for r in free {
+        assert!(
+            r.arrived >= end,
+            "{:?} arrived {:?} after the free-model 429",
+            r.model,
+            r.arrived - limited[0].finished
+        );
+    }
+    let paid = log
+        .iter()
+        .find(|r| r.model.as_deref() == Some("y"))
+        .unwrap();
+    assert!(paid.arrived < limited[0].finished + Duration::from_millis(1_000));
+}

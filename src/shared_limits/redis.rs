@@ -1960,6 +1960,55 @@ mod tests {
         l.release(0, b, &KeyVerdict::default());
     }
 
+    /// Issue 28: a model cooldown is stored under the name sent to the key (its
+    /// `model_map` target), for its duration; a pool started while it is live loads it
+    /// and cools the name and every alias that maps to it. Names past the bound, and
+    /// keys this pool does not have, change nothing.
+    #[test]
+    fn a_model_cooldown_is_stored_and_loaded_under_its_sent_name() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let mapped = r#", "model_map": {"fast": "acme/x"}"#;
+        let a = limits(&redis, false, mapped);
+        a.cool_model(&[0], "fast", Duration::from_millis(1_500));
+        let long = "m".repeat(MODEL_NAME_MAX + 1);
+        a.cool_model(&[0], &long, Duration::from_millis(1_500));
+        let mut con = redis.conn();
+        let models = a.inner.keys[0].models.clone();
+        let fields: Vec<String> = redis::cmd("HKEYS").arg(&models).query(&mut con).unwrap();
+        assert_eq!(fields, ["acme/x"]);
+        let ttl: i64 = redis::cmd("PTTL").arg(&models).query(&mut con).unwrap();
+        assert!((1..=1_500).contains(&ttl), "{ttl}");
+        // A pool started now knows it before its first admission.
+        let json = format!(
+            r#"{{"base_url": "http://127.0.0.1:9", "keys": [{{"key": "sk-other"}}, {{"key": "sk-unit"{mapped}}}],
+                "shared": {{"redis_url": "{}", "namespace": "unit", "lease_ms": 3000}}}}"#,
+            redis.url()
+        );
+        let config = Config::from_json(&json).unwrap();
+        let verdicts = Arc::new(crate::routing::ModelVerdicts::default());
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let b = RedisLimits::start(
+            config.shared.as_ref().unwrap(),
+            &config,
+            tx,
+            verdicts.clone(),
+        )
+        .unwrap();
+        let now = Instant::now();
+        for name in ["acme/x", "fast"] {
+            let until = verdicts.cooling_until(1, name).expect(name);
+            assert!(until > now + Duration::from_millis(1_000), "{name}");
+            assert!(until <= now + Duration::from_millis(1_500), "{name}");
+            assert!(verdicts.cooling_until(0, name).is_none(), "{name}");
+        }
+        assert!(verdicts.cooling_until(1, &long).is_none());
+        b.inner.record_model(&"0".repeat(32), 1_000, "y");
+        assert!(verdicts.cooling_until(0, "y").is_none());
+        assert!(verdicts.cooling_until(1, "y").is_none());
+    }
+
     #[test]
     fn local_pace_spaces_requests() {
         let mut p = Pace::default();
