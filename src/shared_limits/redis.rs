@@ -99,26 +99,6 @@ end
 return 0
 "#;
 
-/// The live model cooldowns of keys (read only). KEYS: each key's models hash. Returns
-/// `{key number (1-based), ms left, model, …}`.
-const MODEL_LOAD: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local out = {}
-for i, k in ipairs(KEYS) do
-  local all = redis.call('HGETALL', k)
-  for j = 1, #all, 2 do
-    local u = tonumber(all[j + 1]) or 0
-    if u > now then
-      out[#out + 1] = i
-      out[#out + 1] = u - now
-      out[#out + 1] = all[j]
-    end
-  end
-end
-return out
-"#;
-
 /// Drops expired leases, then admits if the key is not disabled or cooling, has a free
 /// slot and has budget — and, for a key of a group (account), if the group is not
 /// cooling, has a free slot and has budget too; takes the key's lease and budget and
@@ -560,7 +540,6 @@ struct Inner {
     renew: Script,
     charge: Script,
     model_cool: Script,
-    model_load: Script,
     channel: String,
     /// Where model cooldowns are published (see the module's doc).
     models_channel: String,
@@ -1254,35 +1233,37 @@ impl Inner {
         }
     }
 
-    /// Loads the live model cooldowns of this pool's keys on `con` (see
-    /// [`MODEL_LOAD`]). Returns how many were recorded.
+    /// Loads the live model cooldowns of this pool's keys on `con`: one pipeline of
+    /// `TIME` and an `HGETALL` of each key's models hash (read only, no script: at most
+    /// [`MODELS_MAX`] are taken per key). Returns how many were recorded.
     fn load_models(&self, con: &mut redis::Connection) -> redis::RedisResult<usize> {
         if self.keys.is_empty() {
             return Ok(0);
         }
-        let mut inv = self.model_load.prepare_invoke();
+        let mut p = redis::pipe();
+        p.cmd("TIME");
         for k in &self.keys {
-            inv.key(&k.models);
+            p.cmd("HGETALL").arg(&k.models);
         }
-        let out: Vec<Value> = inv.invoke(con)?;
+        let mut out = p.query::<Vec<Value>>(con)?.into_iter();
+        let Some(Ok((secs, micros))) = out.next().map(redis::from_redis_value::<(u64, u64)>) else {
+            return Ok(0);
+        };
+        let now = secs.saturating_mul(1000).saturating_add(micros / 1000);
         let mut n = 0;
-        for e in out.chunks_exact(3) {
-            let (Value::Int(i), Value::Int(ms), Value::BulkString(name)) = (&e[0], &e[1], &e[2])
-            else {
+        for (k, v) in self.keys.iter().zip(out) {
+            let Ok(live) = redis::from_redis_value::<Vec<(String, String)>>(v) else {
                 continue;
             };
-            let (Some(k), Ok(ms), Ok(name)) = (
-                usize::try_from(*i)
-                    .ok()
-                    .and_then(|i| i.checked_sub(1))
-                    .and_then(|i| self.keys.get(i)),
-                u64::try_from(*ms),
-                std::str::from_utf8(name),
-            ) else {
-                continue;
-            };
-            self.record_model(&k.hash, ms, name);
-            n += 1;
+            for (name, until) in live.iter().take(MODELS_MAX) {
+                let Ok(until) = until.parse::<u64>() else {
+                    continue;
+                };
+                if until > now {
+                    self.record_model(&k.hash, until - now, name);
+                    n += 1;
+                }
+            }
         }
         Ok(n)
     }
@@ -1376,7 +1357,6 @@ impl RedisLimits {
             renew: Script::new(RENEW),
             charge: Script::new(CHARGE),
             model_cool: Script::new(MODEL_COOL),
-            model_load: Script::new(MODEL_LOAD),
             channel: format!("kp:{ns}:released"),
             models_channel: format!("kp:{ns}:models"),
             verdicts,
@@ -1538,7 +1518,8 @@ impl Subscriber {
         ps.subscribe(&self.inner.models_channel)?;
         ps.subscribe(&self.stop_channel)?;
         // Model cooldowns published while we were not listening (subscribed first, so
-        // none falls in between): on a connection of their own, this one listens.
+        // none falls in between): on a connection of their own (this one listens); no
+        // script, so an admission script's count in Redis's stats stays its own.
         // Best effort: a failure here leaves them to the server's own answers.
         match self
             .inner
