@@ -181,7 +181,9 @@ impl Pool {
         let mut keys: Vec<KeyState> = (0..config.keys.len())
             .map(|i| KeyState::with_groups(&config, i, epoch, &groups))
             .collect();
-        if let Some(limits) = crate::shared_limits::start(&config, events_tx.clone())? {
+        let models = Arc::new(crate::routing::ModelVerdicts::default());
+        let limits = crate::shared_limits::start(&config, events_tx.clone(), models.clone())?;
+        if let Some(limits) = &limits {
             for (i, k) in keys.iter_mut().enumerate() {
                 k.gate
                     .attach_shared(crate::shared_limits::KeyLink::new(limits.clone(), i));
@@ -206,7 +208,8 @@ impl Pool {
             space: crate::queue_space::QueueSpace::new(queue_capacity),
             broken: Mutex::new(None),
             router,
-            models: crate::routing::ModelVerdicts::default(),
+            models,
+            limits,
             aside: AtomicUsize::new(0),
             groups,
             submitted: AtomicU64::new(0),

@@ -126,8 +126,8 @@ pub(crate) struct ModelVerdicts {
 type KeyModel = (usize, Arc<str>);
 
 /// The table's name for "every `:free` model" (no model is named this: it starts with
-/// the `:` a model name ends its variant with).
-const FREE_MODELS: &str = ":free";
+/// the `:` a model name ends its variant with). Shared under this name too.
+pub(crate) const FREE_MODELS: &str = ":free";
 
 impl ModelVerdicts {
     /// Whether any verdict was ever recorded.
@@ -176,6 +176,12 @@ impl ModelVerdicts {
         for i in keys {
             self.record(i, model, None);
         }
+    }
+
+    /// Until when `model` cools at key `i` (tests).
+    #[cfg(all(test, feature = "redis"))]
+    pub(crate) fn cooling_until(&self, i: usize, model: &str) -> Option<Instant> {
+        (*self.map.lock().get(&(i, Arc::from(model)))?).filter(|u| *u > Instant::now())
     }
 
     fn record(&self, i: usize, model: &Arc<str>, until: Option<Instant>) {

@@ -1,7 +1,7 @@
 //! State shared by the pool handle, the dispatcher and every worker.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
@@ -54,8 +54,11 @@ pub(crate) struct Shared {
     /// Jobs the dispatcher holds aside (none of their keys could take them while
     /// another key stood idle): workers take no queued request past them.
     pub aside: AtomicUsize,
-    /// Verdicts on a model at a key (cooling upstream, not found at its base URL).
-    pub models: crate::routing::ModelVerdicts,
+    /// Verdicts on a model at a key (cooling upstream, not found at its base URL);
+    /// also written by the shared limits' subscriber (verdicts of other processes).
+    pub models: std::sync::Arc<crate::routing::ModelVerdicts>,
+    /// The shared limits (`Config::shared`), for sharing model verdicts.
+    pub limits: Option<std::sync::Arc<dyn crate::shared_limits::SharedLimits>>,
     /// The account groups' gates, in config order (each also held by its keys' gates).
     pub groups: Vec<std::sync::Arc<crate::group::GroupGate>>,
     pub submitted: AtomicU64,
@@ -99,6 +102,15 @@ impl Shared {
     #[inline]
     pub(crate) fn took_from(&self, intake: &crossbeam_channel::Receiver<Job>) {
         self.space.took(|| intake.len());
+    }
+
+    /// Shares a model cooldown (`model` at each of `keys` for `d`) with every process
+    /// using those keys, when limits are shared (`Config::shared`); the caller has
+    /// recorded it locally already.
+    pub(crate) fn share_model_cooldown(&self, keys: &[usize], model: &str, d: Duration) {
+        if let Some(l) = &self.limits {
+            l.cool_model(keys, model, d);
+        }
     }
 
     /// Tells the dispatcher to re-evaluate key health.

@@ -681,6 +681,7 @@ pub(crate) fn scope(
                         .checked_add(d)
                         .unwrap_or_else(|| Instant::now() + crate::retry::MAX_WAIT);
                     sh.models.cool(ctx.index, m, until);
+                    sh.share_model_cooldown(&[ctx.index], m, d);
                 }
                 // No model to scope it to: the key cools.
                 None => verdict.cooldown = verdict.cooldown.max(Some(d)),
@@ -694,11 +695,14 @@ pub(crate) fn scope(
                 .unwrap_or_else(|| Instant::now() + crate::retry::MAX_WAIT);
             // The account's limit: this key's free models, and its group's keys'.
             let group = sh.config.keys[ctx.index].group.as_deref();
-            let keys = (0..sh.keys.len()).filter(|&i| {
-                i == ctx.index
-                    || group.is_some_and(|g| sh.config.keys[i].group.as_deref() == Some(g))
-            });
-            sh.models.cool_free(keys, until);
+            let keys: Vec<usize> = (0..sh.keys.len())
+                .filter(|&i| {
+                    i == ctx.index
+                        || group.is_some_and(|g| sh.config.keys[i].group.as_deref() == Some(g))
+                })
+                .collect();
+            sh.models.cool_free(keys.iter().copied(), until);
+            sh.share_model_cooldown(&keys, crate::routing::FREE_MODELS, d);
             Blame::Model
         }
         Fault::ModelMissing | Fault::ModelDenied => {

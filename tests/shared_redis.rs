@@ -1852,3 +1852,181 @@ fn three_pools_across_a_redis_restart_hold_max_concurrent() {
     assert!(peak <= 3, "{peak} in flight after every pool reconnected");
     assert_eq!(peak, 3, "the key's max_concurrent is used");
 }
+
+/// OpenRouter's upstream rate limit for model `x` (a model verdict, not the key's).
+const OR_UPSTREAM_429_X: &str = r#"{"error":{"code":429,"message":"Provider returned error","metadata":{"provider_name":"Acme","raw":"x is temporarily rate-limited upstream"}}}"#;
+
+fn chat_model(model: &str, i: usize) -> Request {
+    Request::chat(model, [("user", &*format!("p{i}"))])
+}
+
+/// Makes the mock's first request for model `x` on `key` OpenRouter's upstream 429
+/// with `Retry-After` of `ms`.
+fn first_x_upstream_429(server: &MockServer, key: &str, ms: u64) {
+    server.set_key_rule(
+        key,
+        KeyRule {
+            always_status: Some(429),
+            body: Some(OR_UPSTREAM_429_X.into()),
+            model: Some("x".into()),
+            fail_first: 1,
+            retry_after_ms: Some(ms),
+            ..KeyRule::default()
+        },
+    );
+}
+
+/// Issue 28: a `(key, model)` cooldown one process records is seen by every process
+/// sharing the key — one running (pub/sub) and one started while it is live (loaded at
+/// start) — and binds that model only.
+#[test]
+fn model_cooldown_is_shared() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(5);
+    let key = "sk-shared-0";
+    first_x_upstream_429(&server, key, 2_000);
+    let json = config_json(&server.url(), &redis.url(), 1, 4, "", "");
+    let a = new_pool(&json);
+    let b = new_pool(&json);
+    // A's `x` meets the upstream 429; its retry waits out the model's cooldown.
+    let a_x = a.submit(chat_model("x", 0)).unwrap();
+    wait_for("the shared model cooldown", Duration::from_secs(5), || {
+        redis_keys(&redis).iter().any(|k| k.ends_with(":models"))
+    });
+    // The message reaches B's subscriber.
+    std::thread::sleep(Duration::from_millis(100));
+    let b_x = b.submit(chat_model("x", 1)).unwrap();
+    let t0 = Instant::now();
+    let b_y = b.submit(chat_model("y", 2)).unwrap();
+    assert!(b_y.wait().is_ok());
+    assert!(
+        t0.elapsed() < Duration::from_millis(800),
+        "y waited {:?}: only x cools",
+        t0.elapsed()
+    );
+    // A process started while the cooldown is live learns it at start.
+    let c = new_pool(&json);
+    let c_x = c.submit(chat_model("x", 3)).unwrap();
+    for t in [a_x, b_x, c_x] {
+        assert!(t.wait().is_ok());
+    }
+    let log = server.key_stats(key).unwrap().log;
+    let limited: Vec<&RequestRecord> = log.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(limited.len(), 1, "{log:?}");
+    let end = limited[0].finished + Duration::from_millis(1_900);
+    let x: Vec<&RequestRecord> = log
+        .iter()
+        .filter(|r| r.model.as_deref() == Some("x") && r.status == 200)
+        .collect();
+    assert_eq!(x.len(), 3, "{log:?}");
+    for r in &x {
+        assert!(
+            r.arrived >= end,
+            "an x request arrived {:?} after the 429, inside its 2 s cooldown",
+            r.arrived - limited[0].finished
+        );
+    }
+    let y: Vec<&RequestRecord> = log
+        .iter()
+        .filter(|r| r.model.as_deref() == Some("y"))
+        .collect();
+    assert_eq!(y.len(), 1);
+    assert!(y[0].arrived < limited[0].finished + Duration::from_millis(1_000));
+    // Named by the key's hash, never the key.
+    assert_named_by_hash(&redis_keys(&redis), &["sk-shared"]);
+}
+
+/// A model verdict recorded while Redis is down fails nothing: it holds in this
+/// process (the retry waits out the cooldown), and other models go at once.
+#[test]
+fn model_cooldown_with_redis_down_holds_locally() {
+    let server = mock(5);
+    let key = "sk-shared-0";
+    first_x_upstream_429(&server, key, 1_000);
+    let url = format!("redis://127.0.0.1:{}/0", free_port()); // nothing listens there
+    let json = config_json(&server.url(), &url, 1, 4, "", r#", "timeout_ms": 200"#);
+    let pool = new_pool(&json);
+    let x = pool.submit(chat_model("x", 0)).unwrap();
+    wait_for("the 429", Duration::from_secs(5), || {
+        server
+            .key_stats(key)
+            .is_some_and(|k| k.log.iter().any(|r| r.status == 429))
+    });
+    let y = pool.submit(chat_model("y", 1)).unwrap();
+    assert!(y.wait().is_ok());
+    assert!(x.wait().is_ok());
+    let log = server.key_stats(key).unwrap().log;
+    let limited = log.iter().find(|r| r.status == 429).unwrap();
+    let retry = log
+        .iter()
+        .find(|r| r.model.as_deref() == Some("x") && r.status == 200)
+        .unwrap();
+    assert!(retry.arrived >= limited.finished + Duration::from_millis(900));
+    let y = log
+        .iter()
+        .find(|r| r.model.as_deref() == Some("y"))
+        .unwrap();
+    assert!(y.arrived < limited.finished + Duration::from_millis(900));
+}
+
+/// Issue 28: OpenRouter's free-model limit seen by one pool on one key of a group cools
+/// every `:free` model of every key of the group in the other pools too, for the same
+/// time; a paid model goes at once.
+#[test]
+fn free_model_limit_is_shared_across_the_group() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(5);
+    const OR_FREE_429: &str = r#"{"error":{"message":"Rate limit exceeded: free-models-per-min. ","code":429,"metadata":{"headers":{"X-RateLimit-Limit":"20","X-RateLimit-Remaining":"0"},"provider_name":null}}}"#;
+    for k in GROUP_KEYS {
+        server.set_key_rule(
+            k,
+            KeyRule {
+                always_status: Some(429),
+                body: Some(OR_FREE_429.into()),
+                model: Some("a:free".into()),
+                retry_after_ms: Some(2_000),
+                fail_for_ms: Some(1_000),
+                ..KeyRule::default()
+            },
+        );
+    }
+    let json = group_json(&server.url(), &redis.url(), "");
+    let a = new_pool(&json);
+    let b = new_pool(&json);
+    let a_free = a.submit(chat_model("a:free", 0)).unwrap();
+    wait_for("the shared model cooldown", Duration::from_secs(5), || {
+        redis_keys(&redis).iter().any(|k| k.ends_with(":models"))
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let b_free = b.submit(chat_model("b:free", 1)).unwrap();
+    let b_paid = b.submit(chat_model("y", 2)).unwrap();
+    assert!(b_paid.wait().is_ok());
+    assert!(a_free.wait().is_ok());
+    assert!(b_free.wait().is_ok());
+    let log = group_log(&server);
+    let limited: Vec<&RequestRecord> = log.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(limited.len(), 1, "{log:?}");
+    let end = limited[0].finished + Duration::from_millis(1_900);
+    let free: Vec<&RequestRecord> = log
+        .iter()
+        .filter(|r| r.status == 200 && r.model.as_deref().is_some_and(|m| m.ends_with(":free")))
+        .collect();
+    assert_eq!(free.len(), 2, "{log:?}");
+    for r in free {
+        assert!(
+            r.arrived >= end,
+            "{:?} arrived {:?} after the free-model 429",
+            r.model,
+            r.arrived - limited[0].finished
+        );
+    }
+    let paid = log
+        .iter()
+        .find(|r| r.model.as_deref() == Some("y"))
+        .unwrap();
+    assert!(paid.arrived < limited[0].finished + Duration::from_millis(1_000));
+}

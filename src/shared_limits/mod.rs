@@ -16,7 +16,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
@@ -246,6 +246,12 @@ pub(crate) trait SharedLimits: Send + Sync {
     fn correct_tokens(&self, key: usize, estimated: u64, actual: u64);
     /// Why Redis is unavailable, for [`Error::SharedUnavailable`].
     fn unavailable_reason(&self) -> String;
+    /// Tells every process sharing these keys that `model` cools at each of them for
+    /// `cooldown` (a model verdict: an upstream 429/503, or OpenRouter's free-model
+    /// limit under the name [`FREE_MODELS`](crate::routing::FREE_MODELS)). Each process
+    /// records it in its own `ModelVerdicts`, so admissions ask no one. Best effort:
+    /// with Redis unreachable the verdict stays local (logged at debug).
+    fn cool_model(&self, keys: &[usize], model: &str, cooldown: Duration);
 }
 
 /// One key's handle on the shared limits, held by its gate.
@@ -298,18 +304,21 @@ impl KeyLink {
 }
 
 /// Starts the shared limits of a pool, if its config asks for them. `events` nudges the
-/// pool's dispatcher when another process releases a lease.
+/// pool's dispatcher when another process releases a lease or shares a model verdict;
+/// `models` is the pool's table of model verdicts, where those shared by other
+/// processes are recorded.
 #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
 pub(crate) fn start(
     config: &crate::Config,
     events: crossbeam_channel::Sender<()>,
+    models: Arc<crate::routing::ModelVerdicts>,
 ) -> Result<Option<Arc<dyn SharedLimits>>, Error> {
     let Some(sc) = &config.shared else {
         return Ok(None);
     };
     #[cfg(feature = "redis")]
     {
-        let limits = redis::RedisLimits::start(sc, config, events)?;
+        let limits = redis::RedisLimits::start(sc, config, events, models)?;
         Ok(Some(Arc::new(limits)))
     }
     #[cfg(not(feature = "redis"))]

@@ -10,7 +10,12 @@
 //! - `kp:{ns}:h:aimd`: the shared learned limit of an adaptive key;
 //! - `kp:{ns}:h:charge`: what each lease was charged (its refund gives back no more);
 //! - `kp:{ns}:h:gone`: released lease ids (tombstones: a late renewal or ACQUIRE of a
-//!   released id does nothing).
+//!   released id does nothing);
+//! - `kp:{ns}:h:models`: model cooldowns at the key (issue 28): field the model's name
+//!   as sent to the key (at most [`MODEL_NAME_MAX`] bytes, [`MODELS_MAX`] fields),
+//!   value the end of its cooldown (Redis time, ms); the hash expires with its
+//!   longest cooldown. Published on `kp:{ns}:models` too, so each process records it
+//!   in its own `ModelVerdicts` and admissions never ask Redis about models.
 //!
 //! Per group (account), named by `gh`, an HMAC of the group's name under its own label
 //! (see `GroupInfo`): `kp:{ns}:gh:leases` (its member keys' leases, same ids),
@@ -27,7 +32,10 @@
 //!   after the start, so admissions never wait for a connection. Sleeps on a channel
 //!   (no timeout) while there is nothing to do;
 //! - `keypool-shared-sub`: subscribed to `kp:{ns}:released`, nudges the dispatcher when
-//!   a process gives back a lease of a key that was full. Its socket read timeout (1 s)
+//!   a process gives back a lease of a key that was full; subscribed to
+//!   `kp:{ns}:models`, records a model cooldown another process saw at one of this
+//!   pool's keys (and loads the live ones from `kp:{ns}:h:models` at each
+//!   (re)subscription, so none published while it was away is missed). Its socket read timeout (1 s)
 //!   only checks for shutdown; admissions never wait for it: a refused admission also
 //!   carries a known instant to ask again (at most [`BUSY_RECHECK`] away) in case a
 //!   message is lost while the subscriber reconnects.
@@ -54,6 +62,42 @@ const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 /// A key disabled (401/403) or parked (402) stays so in Redis this long after the last
 /// process saw it fail.
 const DISABLED_TTL_MS: u64 = 3_600_000;
+/// A model name longer than this (bytes, as sent to the key) is not shared: its
+/// cooldown holds in the process that saw it only. Bounds Redis's keys and messages.
+const MODEL_NAME_MAX: usize = 256;
+/// At most this many live model cooldowns are kept per key in Redis (expired ones are
+/// dropped first); past it a new one is still published, not stored.
+const MODELS_MAX: usize = 64;
+
+/// Records a model cooldown at keys and publishes it. KEYS: each key's models hash.
+/// ARGV: cooldown ms, channel, MODELS_MAX, then for each key its hash and the model's
+/// name as sent to it. A longer cooldown already stored stays (and is what is
+/// published). Message: `<key hash> <ms left> <model>`.
+const MODEL_COOL: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cd = tonumber(ARGV[1])
+local cap = tonumber(ARGV[3])
+local u = now + cd
+for i, k in ipairs(KEYS) do
+  local h, name = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  local cur = tonumber(redis.call('HGET', k, name) or '0') or 0
+  if u > cur then
+    if cur == 0 and redis.call('HLEN', k) >= cap then
+      local all = redis.call('HGETALL', k)
+      for j = 1, #all, 2 do
+        if (tonumber(all[j + 1]) or 0) <= now then redis.call('HDEL', k, all[j]) end
+      end
+    end
+    if cur > 0 or redis.call('HLEN', k) < cap then
+      redis.call('HSET', k, name, string.format('%d', u))
+      if redis.call('PTTL', k) < cd then redis.call('PEXPIRE', k, cd) end
+    end
+  end
+  redis.call('PUBLISH', ARGV[2], h .. ' ' .. string.format('%d', math.max(u, cur) - now) .. ' ' .. name)
+end
+return 0
+"#;
 
 /// Drops expired leases, then admits if the key is not disabled or cooling, has a free
 /// slot and has budget — and, for a key of a group (account), if the group is not
@@ -417,6 +461,17 @@ struct KeyInfo {
     tpm: u64,
     /// The key's group (account), an index into `Inner::groups`.
     group: Option<usize>,
+    /// Its model cooldowns (see the module's doc).
+    models: String,
+    /// Its `model_map` (the name a request asks for → the name sent to this key).
+    model_map: std::collections::BTreeMap<String, String>,
+}
+
+impl KeyInfo {
+    /// The name `model` is sent to this key under.
+    fn wire<'a>(&'a self, model: &'a str) -> &'a str {
+        self.model_map.get(model).map_or(model, String::as_str)
+    }
 }
 
 /// A group (account) in Redis, named by `gh`, an HMAC of its name keyed with the
@@ -484,7 +539,14 @@ struct Inner {
     settle: Script,
     renew: Script,
     charge: Script,
+    model_cool: Script,
     channel: String,
+    /// Where model cooldowns are published (see the module's doc).
+    models_channel: String,
+    /// The pool's model verdicts, where other processes' are recorded.
+    verdicts: Arc<crate::routing::ModelVerdicts>,
+    /// Key hash → the indices of this pool's keys with it.
+    by_hash: std::collections::HashMap<String, Vec<usize>>,
     /// Unique per pool: prefixes its lease ids.
     token: String,
     next_lease: std::sync::atomic::AtomicU64,
@@ -1115,6 +1177,97 @@ impl Inner {
         }
     }
 
+    /// Stores and publishes a model cooldown at `keys` (see [`MODEL_COOL`]). Best
+    /// effort: never queued while Redis is unreachable (the verdict holds here; the
+    /// other processes meet the server's own 429 then).
+    fn cool_model(&self, keys: &[usize], model: &str, cooldown: Duration) {
+        let ms = u64::try_from(cooldown.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(crate::MAX_DURATION_MS);
+        let keys: Vec<&KeyInfo> = keys
+            .iter()
+            .filter_map(|&i| self.keys.get(i))
+            .filter(|k| k.wire(model).len() <= MODEL_NAME_MAX)
+            .collect();
+        if ms == 0 || keys.is_empty() {
+            return;
+        }
+        let done = self.with_conn(|con| {
+            let mut inv = self.model_cool.prepare_invoke();
+            inv.arg(ms).arg(&self.models_channel).arg(MODELS_MAX);
+            for k in &keys {
+                inv.key(&k.models).arg(&k.hash).arg(k.wire(model));
+            }
+            inv.invoke::<i64>(con)
+        });
+        if done.is_none() {
+            log::debug!(
+                "keypool: shared limits: a model cooldown was not shared (Redis unavailable); \
+                 it holds in this process"
+            );
+        }
+    }
+
+    /// Records a model cooldown shared by some process: `model` (as sent to the key
+    /// named `hash`) cools for `ms` from now at each of this pool's keys with that
+    /// hash — under that name and under every name the key's `model_map` sends as it.
+    fn record_model(&self, hash: &str, ms: u64, model: &str) {
+        let Some(idx) = self.by_hash.get(hash) else {
+            return;
+        };
+        if model.is_empty() || model.len() > MODEL_NAME_MAX || ms == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let until = now
+            .checked_add(Duration::from_millis(ms.min(crate::MAX_DURATION_MS)))
+            .unwrap_or(now + crate::retry::MAX_WAIT);
+        let name: Arc<str> = Arc::from(model);
+        for &i in idx {
+            self.verdicts.cool(i, &name, until);
+            for (alias, sent) in &self.keys[i].model_map {
+                if sent == model && alias != model {
+                    self.verdicts.cool(i, &Arc::from(alias.as_str()), until);
+                }
+            }
+        }
+    }
+
+    /// Loads the live model cooldowns of this pool's keys on `con`: one pipeline of
+    /// `TIME` and an `HGETALL` of each key's models hash (read only, no script: at most
+    /// [`MODELS_MAX`] are taken per key). Returns how many were recorded.
+    fn load_models(&self, con: &mut redis::Connection) -> redis::RedisResult<usize> {
+        if self.keys.is_empty() {
+            return Ok(0);
+        }
+        let mut p = redis::pipe();
+        p.cmd("TIME");
+        for k in &self.keys {
+            p.cmd("HGETALL").arg(&k.models);
+        }
+        let mut out = p.query::<Vec<Value>>(con)?.into_iter();
+        let Some(Ok((secs, micros))) = out.next().map(redis::from_redis_value::<(u64, u64)>) else {
+            return Ok(0);
+        };
+        let now = secs.saturating_mul(1000).saturating_add(micros / 1000);
+        let mut n = 0;
+        for (k, v) in self.keys.iter().zip(out) {
+            let Ok(live) = redis::from_redis_value::<Vec<(String, String)>>(v) else {
+                continue;
+            };
+            for (name, until) in live.iter().take(MODELS_MAX) {
+                let Ok(until) = until.parse::<u64>() else {
+                    continue;
+                };
+                if until > now {
+                    self.record_model(&k.hash, until - now, name);
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
     /// No connection to Redis (it failed, and no reconnection succeeded since).
     fn is_down(&self) -> bool {
         self.conn.lock().con.is_none()
@@ -1130,6 +1283,7 @@ impl RedisLimits {
         sc: &SharedConfig,
         config: &Config,
         events: Sender<()>,
+        verdicts: Arc<crate::routing::ModelVerdicts>,
     ) -> Result<RedisLimits, Error> {
         let client = redis::Client::open(sc.redis_url.as_str())
             .map_err(|_| Error::config("shared.redis_url", "not a valid Redis URL"))?;
@@ -1165,6 +1319,7 @@ impl RedisLimits {
                     aimd: format!("{tag}:{hash}:aimd"),
                     gone: format!("{tag}:{hash}:gone"),
                     charge: format!("{tag}:{hash}:charge"),
+                    models: format!("{tag}:{hash}:models"),
                     adaptive: k.adaptive,
                     hash,
                     max: k.max_concurrent,
@@ -1174,10 +1329,15 @@ impl RedisLimits {
                         .group
                         .as_ref()
                         .and_then(|name| config.groups.iter().position(|g| &g.name == name)),
+                    model_map: k.model_map.clone(),
                 }
             })
             .collect::<Vec<_>>();
         let token = format!("{:016x}{:08x}", fastrand::u64(..), std::process::id());
+        let mut by_hash = std::collections::HashMap::<String, Vec<usize>>::new();
+        for (i, k) in keys.iter().enumerate() {
+            by_hash.entry(k.hash.clone()).or_default().push(i);
+        }
         let inner = Arc::new(Inner {
             client: client.clone(),
             cfg: sc.clone(),
@@ -1196,15 +1356,29 @@ impl RedisLimits {
             settle: Script::new(SETTLE),
             renew: Script::new(RENEW),
             charge: Script::new(CHARGE),
+            model_cool: Script::new(MODEL_COOL),
             channel: format!("kp:{ns}:released"),
+            models_channel: format!("kp:{ns}:models"),
+            verdicts,
+            by_hash,
             token: token.clone(),
             next_lease: std::sync::atomic::AtomicU64::new(0),
             epoch: Instant::now(),
         });
         // Connect now so a reachable Redis is used from the first request; an
         // unreachable one is not fatal (see `on_unavailable`): the renewer retries.
+        // The model cooldowns live now, so the first requests already avoid them (the
+        // subscriber loads them again once subscribed: none is missed in between).
         match inner.connect() {
-            Ok(con) => inner.conn.lock().con = Some(con),
+            Ok(mut con) => {
+                if let Err(e) = inner.load_models(&mut con) {
+                    log::debug!(
+                        "keypool: shared limits: loading model cooldowns: {}",
+                        inner.mask(e.to_string())
+                    );
+                }
+                inner.conn.lock().con = Some(con);
+            }
             Err(e) => inner.fail(&mut inner.conn.lock(), e),
         }
         let (renew_tx, renew_rx) = crossbeam_channel::bounded(1);
@@ -1227,6 +1401,7 @@ impl RedisLimits {
         )?);
         let sub = Subscriber {
             client,
+            inner: Arc::clone(&inner),
             channel: inner.channel.clone(),
             stop_channel: format!("kp:{ns}:stop:{token}"),
             stop_rx,
@@ -1299,6 +1474,8 @@ fn renewer(inner: Arc<Inner>, rx: Receiver<()>) {
 
 struct Subscriber {
     client: redis::Client,
+    /// For model cooldowns: the keys' names, the pool's verdicts, a loading connection.
+    inner: Arc<Inner>,
     channel: String,
     stop_channel: String,
     stop_rx: Receiver<()>,
@@ -1338,14 +1515,34 @@ impl Subscriber {
         let mut ps = con.as_pubsub();
         ps.set_read_timeout(Some(Duration::from_secs(1)))?;
         ps.subscribe(&self.channel)?;
+        ps.subscribe(&self.inner.models_channel)?;
         ps.subscribe(&self.stop_channel)?;
+        // Model cooldowns published while we were not listening (subscribed first, so
+        // none falls in between): on a connection of their own (this one listens); no
+        // script, so an admission script's count in Redis's stats stays its own.
+        // Best effort: a failure here leaves them to the server's own answers.
+        match self
+            .inner
+            .connect()
+            .and_then(|mut c| self.inner.load_models(&mut c))
+        {
+            Ok(_) => {}
+            Err(e) => log::debug!(
+                "keypool: shared limits: loading model cooldowns: {}",
+                self.inner.mask(e.to_string())
+            ),
+        }
         // Anything released while we were not listening: look again.
         let _ = self.events.try_send(());
         loop {
             match ps.get_message() {
                 Ok(msg) => {
-                    if msg.get_channel_name() == self.stop_channel {
+                    let channel = msg.get_channel_name();
+                    if channel == self.stop_channel {
                         return Ok(());
+                    }
+                    if channel == self.inner.models_channel {
+                        self.model_message(msg.get_payload_bytes());
                     }
                     let _ = self.events.try_send(());
                 }
@@ -1357,6 +1554,27 @@ impl Subscriber {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+impl Subscriber {
+    /// A model cooldown published by some process: `<key hash> <ms left> <model>`.
+    /// Anything else (or a key this pool does not have) is ignored.
+    fn model_message(&self, payload: &[u8]) {
+        if payload.len() > 32 + 1 + 20 + 1 + MODEL_NAME_MAX {
+            return;
+        }
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return;
+        };
+        let mut parts = text.splitn(3, ' ');
+        let (Some(hash), Some(ms), Some(model)) = (parts.next(), parts.next(), parts.next()) else {
+            return;
+        };
+        let Ok(ms) = ms.parse::<u64>() else {
+            return;
+        };
+        self.inner.record_model(hash, ms, model);
     }
 }
 
@@ -1459,6 +1677,11 @@ impl SharedLimits for RedisLimits {
         let delta = i128::from(actual) - i128::from(estimated);
         let delta = i64::try_from(delta).unwrap_or(if delta > 0 { i64::MAX } else { i64::MIN });
         self.inner.recharge(key, None, estimated, false, delta);
+        self.wake_if_down();
+    }
+
+    fn cool_model(&self, keys: &[usize], model: &str, cooldown: Duration) {
+        self.inner.cool_model(keys, model, cooldown);
         self.wake_if_down();
     }
 
@@ -1628,7 +1851,7 @@ mod tests {
         );
         let config = Config::from_json(&json).unwrap();
         let (tx, _rx) = crossbeam_channel::unbounded();
-        RedisLimits::start(config.shared.as_ref().unwrap(), &config, tx).unwrap()
+        RedisLimits::start(config.shared.as_ref().unwrap(), &config, tx, Arc::default()).unwrap()
     }
 
     /// Issue 23.2: a renewal that copied a lease id before its release ran (the
@@ -1716,6 +1939,55 @@ mod tests {
         let down = tat();
         assert!(down >= t1 - 5.0 && down <= now_ms() + 5.0, "{down} vs {t1}");
         l.release(0, b, &KeyVerdict::default());
+    }
+
+    /// Issue 28: a model cooldown is stored under the name sent to the key (its
+    /// `model_map` target), for its duration; a pool started while it is live loads it
+    /// and cools the name and every alias that maps to it. Names past the bound, and
+    /// keys this pool does not have, change nothing.
+    #[test]
+    fn a_model_cooldown_is_stored_and_loaded_under_its_sent_name() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let mapped = r#", "model_map": {"fast": "acme/x"}"#;
+        let a = limits(&redis, false, mapped);
+        a.cool_model(&[0], "fast", Duration::from_millis(1_500));
+        let long = "m".repeat(MODEL_NAME_MAX + 1);
+        a.cool_model(&[0], &long, Duration::from_millis(1_500));
+        let mut con = redis.conn();
+        let models = a.inner.keys[0].models.clone();
+        let fields: Vec<String> = redis::cmd("HKEYS").arg(&models).query(&mut con).unwrap();
+        assert_eq!(fields, ["acme/x"]);
+        let ttl: i64 = redis::cmd("PTTL").arg(&models).query(&mut con).unwrap();
+        assert!((1..=1_500).contains(&ttl), "{ttl}");
+        // A pool started now knows it before its first admission.
+        let json = format!(
+            r#"{{"base_url": "http://127.0.0.1:9", "keys": [{{"key": "sk-other"}}, {{"key": "sk-unit"{mapped}}}],
+                "shared": {{"redis_url": "{}", "namespace": "unit", "lease_ms": 3000}}}}"#,
+            redis.url()
+        );
+        let config = Config::from_json(&json).unwrap();
+        let verdicts = Arc::new(crate::routing::ModelVerdicts::default());
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let b = RedisLimits::start(
+            config.shared.as_ref().unwrap(),
+            &config,
+            tx,
+            verdicts.clone(),
+        )
+        .unwrap();
+        let now = Instant::now();
+        for name in ["acme/x", "fast"] {
+            let until = verdicts.cooling_until(1, name).expect(name);
+            assert!(until > now + Duration::from_millis(1_000), "{name}");
+            assert!(until <= now + Duration::from_millis(1_500), "{name}");
+            assert!(verdicts.cooling_until(0, name).is_none(), "{name}");
+        }
+        assert!(verdicts.cooling_until(1, &long).is_none());
+        b.inner.record_model(&"0".repeat(32), 1_000, "y");
+        assert!(verdicts.cooling_until(0, "y").is_none());
+        assert!(verdicts.cooling_until(1, "y").is_none());
     }
 
     #[test]
