@@ -27,6 +27,10 @@ use ureq::unversioned::transport::{
 
 /// Output pending beyond this is sent without waiting for the next read.
 pub(crate) const CORK_LIMIT: usize = 64 * 1024;
+/// This layer's read buffer under TLS (the TLS layer above has ureq's full-size one).
+const TLS_LAYER_INPUT: usize = 8 * 1024;
+/// This layer's write buffer under TLS.
+const TLS_LAYER_OUTPUT: usize = 4 * 1024;
 /// The corking buffer a connection keeps between requests.
 const SMALL: usize = 4 * 1024;
 /// How much later than the deadline a blocked read or write may give up.
@@ -65,12 +69,20 @@ impl<In: Transport> Connector<In> for LeanTcpConnector {
         let socket = Arc::new(Socket(stream));
         let weak = Arc::downgrade(&socket) as std::sync::Weak<dyn ShutdownHandle>;
         (details.register_shutdown)(weak)?;
-        Ok(Some(Either::B(LeanTcp {
-            socket,
-            buffers: LazyBuffers::new(
+        // Under TLS this layer carries records to and from rustls, which reassembles
+        // them itself: it needs no room for a whole response head, and its output is
+        // corked anyway, so small buffers cost no extra system calls on writes.
+        let (input, output) = if details.needs_tls() {
+            (TLS_LAYER_INPUT, TLS_LAYER_OUTPUT)
+        } else {
+            (
                 details.config.input_buffer_size(),
                 details.config.output_buffer_size(),
-            ),
+            )
+        };
+        Ok(Some(Either::B(LeanTcp {
+            socket,
+            buffers: LazyBuffers::new(input, output),
             pending: Vec::new(),
             read_timeout: None,
             write_timeout: None,
