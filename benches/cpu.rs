@@ -5,7 +5,8 @@
 //! `--requests N` (default 40000), `--callgrind N` (runs only keypool for N requests,
 //! for `valgrind --tool=callgrind`; with `--tls` over TLS), `--quick N` (only `Pool::batch` and the async
 //! reference, for A/B runs of a change), `--https N` (only the https lines),
-//! `--memory` (resident memory over TLS at 64 keys × 32 in flight).
+//! `--memory` (resident memory over TLS at 64 keys × 32 in flight; `--plain` for
+//! plain http).
 //!
 //! The https lines (after the plain ones): the same scenario against the mock serving
 //! TLS (a child process, its generated CA trusted through `tls.ca_file`), keypool
@@ -57,7 +58,7 @@ fn main() {
         return;
     }
     if args.iter().any(|a| a == "--memory") {
-        memory_over_tls();
+        memory_over_tls(!args.iter().any(|a| a == "--plain"));
         return;
     }
     let tls = args.iter().any(|a| a == "--tls");
@@ -236,11 +237,15 @@ fn https_lines(n: usize) {
 /// Resident memory over TLS at 64 keys × 32 in flight (mock latency 200 ms, so every
 /// worker holds a request): the peak of this process's RSS during the run, over its RSS
 /// before the pool was built, per request in flight (target: at most 64 KiB).
-fn memory_over_tls() {
+fn memory_over_tls(tls: bool) {
     const K: usize = 64;
     const C: usize = 32;
-    let mock = MockProcess::start_tls(200, 4);
-    let ca = mock.ca_file.clone().expect("a TLS mock");
+    let mock = if tls {
+        MockProcess::start_tls(200, 4)
+    } else {
+        MockProcess::start(200, 4)
+    };
+    let ca = mock.ca_file.clone();
     let rss = || {
         std::fs::read_to_string("/proc/self/status")
             .unwrap_or_default()
@@ -263,7 +268,7 @@ fn memory_over_tls() {
     };
     let n = K * C * 4;
     let t0 = Instant::now();
-    let pool = Pool::new(config_with(&mock.url, Some(&ca), K, C)).unwrap();
+    let pool = Pool::new(config_with(&mock.url, ca.as_deref(), K, C)).unwrap();
     let failures = pool
         .batch((0..n).map(prompt))
         .iter()
@@ -300,7 +305,8 @@ fn memory_over_tls() {
     drop(pool);
     let peak_kib = peak.load(Ordering::Relaxed).saturating_sub(base);
     println!(
-        "memory over TLS: {K} keys x {C} workers, {n} requests in {:.1} s, failures {failures}, max in flight {max_in_flight}: peak RSS {:.1} MiB over the {:.1} MiB before the pool, {:.1} KiB per request in flight (target <= 64)",
+        "memory over {}: {K} keys x {C} workers, {n} requests in {:.1} s, failures {failures}, max in flight {max_in_flight}: peak RSS {:.1} MiB over the {:.1} MiB before the pool, {:.1} KiB per request in flight (target <= 64)",
+        if tls { "TLS" } else { "plain http" },
         wall.as_secs_f64(),
         peak_kib as f64 / 1024.0,
         base as f64 / 1024.0,

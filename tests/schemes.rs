@@ -299,3 +299,35 @@ fn hostile_bodies_are_errors_not_successes() {
         pool.close();
     }
 }
+
+#[test]
+fn timeout_ms_bounds_a_trickled_attempt_as_a_whole() {
+    for https in SCHEMES {
+        let m = mock(MockConfig::default(), https);
+        let pool = build(builder(&m, 1, 1).timeout_ms(800).max_attempts(1));
+        // Headers at once, then four body chunks 500 ms apart: each read is within
+        // 800 ms, the attempt as a whole is not.
+        let t = Instant::now();
+        let e = pool
+            .submit(req(
+                &"x".repeat(400),
+                json!({"slow_body": true, "chunk_delay_ms": 500}),
+            ))
+            .unwrap()
+            .wait()
+            .unwrap_err();
+        let took = t.elapsed();
+        match &e {
+            Error::Timeout { phase, .. } => {
+                assert_eq!(*phase, keypool::TimeoutPhase::Attempt, "{}", scheme(https))
+            }
+            other => panic!("{}: expected a timeout, got {other}", scheme(https)),
+        }
+        assert!(
+            took >= Duration::from_millis(750) && took < Duration::from_millis(900),
+            "{}: the attempt ended after {took:?} for timeout_ms 800",
+            scheme(https)
+        );
+        pool.close();
+    }
+}

@@ -149,6 +149,7 @@ pub trait Transport: Send + Sync {
 /// Builds one transport per key.
 pub type TransportFactory = Arc<dyn Fn(&TransportSettings) -> Arc<dyn Transport> + Send + Sync>;
 
+mod lean_tcp;
 mod tls;
 mod ureq_agent;
 

@@ -147,11 +147,17 @@ impl UreqTransport {
             .max_response_header_size(INPUT_BUFFER)
             .output_buffer_size(OUTPUT_BUFFER)
             .build();
-        let agent = ureq::Agent::with_parts(
-            config,
-            ureq::unversioned::transport::DefaultConnector::new(),
-            CachingResolver::default(),
-        );
+        // ureq's default chain with its TCP layer replaced by `LeanTcpConnector`
+        // (corked output, one-syscall probe, lazy socket timeouts): HTTP CONNECT
+        // proxies, then TCP, then rustls for https://.
+        use ureq::unversioned::transport::{
+            ConnectProxyConnector, Connector as _, RustlsConnector,
+        };
+        let connector =
+            ().chain(ConnectProxyConnector::default())
+                .chain(super::lean_tcp::LeanTcpConnector)
+                .chain(RustlsConnector::default());
+        let agent = ureq::Agent::with_parts(config, connector, CachingResolver::default());
         UreqTransport {
             agent,
             max_response_bytes: s.max_response_bytes,

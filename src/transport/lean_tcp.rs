@@ -1,0 +1,333 @@
+//! The TCP layer under ureq (and under TLS): ureq's own `TcpTransport`, minus three
+//! costs per request that the benchmarks measured.
+//!
+//! - **One write per request.** ureq transmits the request head and then the body,
+//!   two `send`s (over TLS, two records). Output is corked here and sent when the
+//!   connection next waits for input, or once [`CORK_LIMIT`] bytes are pending.
+//! - **One system call per probe.** ureq checks an idle connection before reusing it
+//!   (and again when releasing it) with `ioctl(FIONBIO)`, `recv`, `ioctl(FIONBIO)`;
+//!   here a single `recv(MSG_PEEK | MSG_DONTWAIT)` answers the same question: bytes
+//!   waiting (a stale answer, an unsolicited 408) or end-of-file mean the connection
+//!   is dropped.
+//! - **Socket timeouts set when they must change.** With one deadline per call the
+//!   time left differs at every read, so ureq sets `SO_RCVTIMEO` before each one.
+//!   Here the socket's timeout is changed only when it is shorter than the time left
+//!   (a read would give up early) or longer by more than [`TIMEOUT_SLACK`] (a read
+//!   could overshoot the deadline by more than that).
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ureq::unversioned::transport::{
+    Buffers, ConnectionDetails, Connector, Either, LazyBuffers, NextTimeout, ShutdownHandle,
+    Transport,
+};
+
+/// Output pending beyond this is sent without waiting for the next read.
+pub(crate) const CORK_LIMIT: usize = 64 * 1024;
+/// This layer's read buffer under TLS (the TLS layer above has ureq's full-size one).
+const TLS_LAYER_INPUT: usize = 8 * 1024;
+/// This layer's write buffer under TLS.
+const TLS_LAYER_OUTPUT: usize = 4 * 1024;
+/// The corking buffer a connection keeps between requests.
+const SMALL: usize = 4 * 1024;
+/// How much later than the deadline a blocked read or write may give up.
+pub(crate) const TIMEOUT_SLACK: Duration = Duration::from_millis(20);
+
+/// Opens plain TCP connections for ureq's connector chain (a chained transport, e.g.
+/// a proxy's, passes through untouched).
+#[derive(Debug, Default)]
+pub(crate) struct LeanTcpConnector;
+
+/// The socket, shared with ureq's shutdown handle.
+#[derive(Debug)]
+struct Socket(TcpStream);
+
+impl ShutdownHandle for Socket {
+    fn shutdown(&self) {
+        let _ = self.0.shutdown(Shutdown::Both);
+    }
+}
+
+impl<In: Transport> Connector<In> for LeanTcpConnector {
+    type Out = Either<In, LeanTcp>;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<In>,
+    ) -> Result<Option<Self::Out>, ureq::Error> {
+        if chained.is_some() {
+            return Ok(chained.map(Either::A));
+        }
+        let stream = connect(details)?;
+        if details.config.no_delay() {
+            stream.set_nodelay(true)?;
+        }
+        let socket = Arc::new(Socket(stream));
+        let weak = Arc::downgrade(&socket) as std::sync::Weak<dyn ShutdownHandle>;
+        (details.register_shutdown)(weak)?;
+        // Under TLS this layer carries records to and from rustls, which reassembles
+        // them itself: it needs no room for a whole response head, and its output is
+        // corked anyway, so small buffers cost no extra system calls on writes.
+        let (input, output) = if details.needs_tls() {
+            (TLS_LAYER_INPUT, TLS_LAYER_OUTPUT)
+        } else {
+            (
+                details.config.input_buffer_size(),
+                details.config.output_buffer_size(),
+            )
+        };
+        Ok(Some(Either::B(LeanTcp {
+            socket,
+            buffers: LazyBuffers::new(input, output),
+            pending: Vec::new(),
+            read_timeout: None,
+            write_timeout: None,
+        })))
+    }
+}
+
+/// Tries each resolved address in turn, sharing the connect timeout between them
+/// (the first gets half, the next a quarter, …, the last what is left; at least
+/// 10 ms each).
+fn connect(details: &ConnectionDetails) -> Result<TcpStream, ureq::Error> {
+    let timeout = details.timeout.not_zero().map(|d| *d);
+    let start = std::time::Instant::now();
+    let addrs: Vec<std::net::SocketAddr> = details.addrs.iter().copied().collect();
+    let mut last = None;
+    for (i, addr) in addrs.iter().enumerate() {
+        let attempt = match timeout {
+            None => TcpStream::connect(addr),
+            Some(total) => {
+                let left = total.saturating_sub(start.elapsed());
+                if left.is_zero() {
+                    break;
+                }
+                let share = if i + 1 == addrs.len() {
+                    left
+                } else {
+                    (left / 2).max(Duration::from_millis(10)).min(left)
+                };
+                TcpStream::connect_timeout(addr, share)
+            }
+        };
+        match attempt {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    match last {
+        Some(e) if e.kind() == io::ErrorKind::TimedOut => {
+            Err(ureq::Error::Timeout(details.timeout.reason))
+        }
+        Some(e) => Err(e.into()),
+        None if timeout.is_some() => Err(ureq::Error::Timeout(details.timeout.reason)),
+        None => {
+            Err(io::Error::new(io::ErrorKind::ConnectionRefused, "no address to connect to").into())
+        }
+    }
+}
+
+/// A TCP connection as ureq's `Transport`: corked output, one-syscall probe, lazy
+/// socket timeouts.
+#[derive(Debug)]
+pub(crate) struct LeanTcp {
+    socket: Arc<Socket>,
+    buffers: LazyBuffers,
+    /// Output handed over by `transmit_output` and not yet sent.
+    pending: Vec<u8>,
+    /// The socket's current `SO_RCVTIMEO` / `SO_SNDTIMEO` (`None`: none set).
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
+}
+
+/// Sets the socket timeout `current` to `want` unless it is already close enough:
+/// not shorter than `want`, and not longer by more than [`TIMEOUT_SLACK`].
+fn adjust(
+    current: &mut Option<Duration>,
+    want: Option<Duration>,
+    set: impl FnOnce(Option<Duration>) -> io::Result<()>,
+) -> io::Result<()> {
+    let close_enough = match (*current, want) {
+        (None, None) => true,
+        (Some(c), Some(w)) => c >= w && c - w <= TIMEOUT_SLACK,
+        _ => false,
+    };
+    if !close_enough {
+        set(want)?;
+        *current = want;
+    }
+    Ok(())
+}
+
+/// A timeout error as ureq reports it, or the I/O error.
+fn io_error(e: io::Error, timeout: &NextTimeout) -> ureq::Error {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    ) {
+        ureq::Error::Timeout(timeout.reason)
+    } else {
+        e.into()
+    }
+}
+
+impl LeanTcp {
+    /// Sends everything pending within `timeout`.
+    fn flush(&mut self, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let timeout = timeout.for_write();
+        if timeout.after.is_zero() {
+            return Err(ureq::Error::Timeout(timeout.reason));
+        }
+        let stream = &self.socket.0;
+        adjust(
+            &mut self.write_timeout,
+            timeout.not_zero().map(|d| *d),
+            |t| stream.set_write_timeout(t),
+        )?;
+        let mut w = &self.socket.0;
+        let result = w.write_all(&self.pending);
+        self.pending.clear();
+        if self.pending.capacity() > 2 * SMALL {
+            // A large upload's buffer is not kept for the connection's life.
+            self.pending = Vec::with_capacity(SMALL);
+        }
+        result.map_err(|e| io_error(e, &timeout))
+    }
+}
+
+impl Transport for LeanTcp {
+    fn buffers(&mut self) -> &mut dyn Buffers {
+        &mut self.buffers
+    }
+
+    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        let out = &self.buffers.output()[..amount];
+        self.pending.extend_from_slice(out);
+        if self.pending.len() >= CORK_LIMIT {
+            self.flush(timeout)?;
+        }
+        Ok(())
+    }
+
+    fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        self.flush(timeout)?;
+        let timeout = timeout.for_read();
+        if timeout.after.is_zero() {
+            return Err(ureq::Error::Timeout(timeout.reason));
+        }
+        let want = timeout.not_zero().map(|d| *d);
+        let started = std::time::Instant::now();
+        {
+            let stream = &self.socket.0;
+            adjust(&mut self.read_timeout, want, |t| stream.set_read_timeout(t))?;
+        }
+        let input = self.buffers.input_append_buf();
+        let mut r = &self.socket.0;
+        let amount = loop {
+            match r.read(input) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    // Linux does not restart a read with SO_RCVTIMEO after a signal.
+                    if let Some(w) = want {
+                        let left = w.saturating_sub(started.elapsed());
+                        if left.is_zero() {
+                            return Err(ureq::Error::Timeout(timeout.reason));
+                        }
+                        self.socket.0.set_read_timeout(Some(left))?;
+                        self.read_timeout = Some(left);
+                    }
+                }
+                Err(e) => return Err(io_error(e, &timeout)),
+            }
+        };
+        self.buffers.input_appended(amount);
+        Ok(amount > 0)
+    }
+
+    fn is_open(&mut self) -> bool {
+        // Output still corked means a request is half sent: not reusable.
+        self.pending.is_empty() && probe(&self.socket.0)
+    }
+}
+
+/// Whether an idle connection may carry another request: nothing waiting to be read
+/// and not closed by the peer. One `recv(MSG_PEEK | MSG_DONTWAIT)`.
+#[cfg(unix)]
+fn probe(stream: &TcpStream) -> bool {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match socket2::SockRef::from(stream)
+        .recv_with_flags(&mut buf, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    {
+        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        // Ok(0): end-of-file; Ok(_): bytes nobody asked for.
+        Ok(_) => false,
+    }
+}
+
+/// Elsewhere, ureq's probe: a non-blocking read between two mode switches.
+#[cfg(not(unix))]
+fn probe(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 1];
+    let open = matches!((&*stream).peek(&mut buf), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+    stream.set_nonblocking(false).is_ok() && open
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_change_only_when_they_must() {
+        let mut sets = Vec::new();
+        let mut cur = None;
+        let ms = Duration::from_millis;
+        for want in [
+            Some(ms(1000)),
+            Some(ms(990)),
+            Some(ms(975)),
+            Some(ms(2000)),
+            None,
+            None,
+        ] {
+            adjust(&mut cur, want, |t| {
+                sets.push(t);
+                Ok(())
+            })
+            .unwrap();
+        }
+        // 990 is within the slack of 1000; 975 is not; a longer want always sets.
+        assert_eq!(sets, [Some(ms(1000)), Some(ms(975)), Some(ms(2000)), None]);
+    }
+
+    #[test]
+    fn the_probe_sees_stale_bytes_and_end_of_file() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        assert!(probe(&client), "an idle connection is open");
+        server
+            .write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+            .unwrap();
+        // Peeking never consumes: wait until the bytes are there, then probe twice.
+        let mut buf = [0u8; 4];
+        assert_eq!(client.peek(&mut buf).unwrap(), 4);
+        assert!(!probe(&client));
+        assert!(!probe(&client));
+        let client2 = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server2, _) = listener.accept().unwrap();
+        drop(server2);
+        // End-of-file is readable once the FIN arrived: peek blocks until then.
+        assert_eq!(client2.peek(&mut buf).unwrap(), 0);
+        assert!(!probe(&client2));
+    }
+}
