@@ -53,18 +53,10 @@ pub(crate) fn judge_fault(
     match fault {
         Fault::Request | Fault::Flagged | Fault::Forbidden => {}
         Fault::Transient | Fault::Server => v.retry = true,
-        Fault::ModelBusy => {
-            v.retry = true;
-            // OpenAI's "Rate limit reached for gpt-4o …" names the model and carries
-            // its reset in x-ratelimit-reset-*: honoured like a key-wide 429's.
-            v.model_cooldown = Some(crate::blame::cooldown_429(
-                retry_after,
-                headers,
-                default,
-                max,
-            ));
-        }
-        Fault::FreeModels => {
+        // A model's rate limit (upstream, or OpenRouter's free-model limit): OpenAI's
+        // "Rate limit reached for gpt-4o …" names the model and carries its reset in
+        // x-ratelimit-reset-*, honoured like a key-wide 429's.
+        Fault::ModelBusy | Fault::FreeModels => {
             v.retry = true;
             v.model_cooldown = Some(crate::blame::cooldown_429(
                 retry_after,
