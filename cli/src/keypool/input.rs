@@ -181,8 +181,11 @@ pub fn probe_line(line: u64, text: &[u8]) -> String {
     // giving such lines another id than the one they run under).
     let obj = match serde_json::from_slice::<serde_json::Map<String, Value>>(text) {
         Ok(obj) => obj,
-        // Not JSON at all: the id `parse_line` salvages for its error record.
-        Err(e) if e.is_syntax() || e.is_eof() => return salvaged_id(line, text),
+        // Not JSON at all (as `parse_line` decides it, reading a `Value`): the id it
+        // salvages for its error record.
+        Err(_) if serde_json::from_slice::<Value>(text).is_err() => {
+            return salvaged_id(line, text);
+        }
         Err(_) => return line_id(line),
     };
     if !obj.contains_key("custom_id") && !obj.contains_key("body") {
@@ -328,6 +331,12 @@ mod tests {
     fn malformed_lines_are_errors() {
         for (text, id, msg) in [
             ("{not json", "line-7", "not valid JSON"),
+            // Found by the cli_input fuzz target: not JSON, and not an object either.
+            (
+                r#"["x"5 {{"custom_id":"a","body":{}}]"#,
+                "a",
+                "not valid JSON",
+            ),
             (
                 r#"{"custom_id": "req-9", "body": {"model": "m""#,
                 "req-9",
