@@ -199,9 +199,16 @@ class Pool:
                 pass
 
         text = _text(body)
-        if not self._native.submit_with(text, done, False, path):
-            await loop.run_in_executor(None, self._native.submit_with, text, done, True, path)
-        return await fut
+        handle = self._native.submit_with(text, done, False, path)
+        if handle is None:  # the queue is full: wait for room off the event loop
+            handle = await loop.run_in_executor(
+                None, self._native.submit_with, text, done, True, path
+            )
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            handle.cancel()  # not sent yet: never will be
+            raise
 
     def astream(self, body: Body, *, path: Optional[str] = None) -> "AsyncStream":
         """``async for chunk in pool.astream(body)``: chunks as they arrive; then
@@ -228,6 +235,7 @@ class AsyncStream:
         self._body = body
         self._path = path
         self._queue: Optional["asyncio.Queue[Tuple[int, Any]]"] = None
+        self._handle: Optional[_keypool.Cancel] = None
         self._open = True
         self._finished = False
         #: The assembled response, once the stream has ended.
@@ -256,7 +264,7 @@ class AsyncStream:
 
         self._queue = queue
         # submit_stream_with blocks while the queue is full: keep it off the loop.
-        await loop.run_in_executor(
+        self._handle = await loop.run_in_executor(
             None, self._pool._native.submit_stream_with, self._body, on_chunk, on_done, self._path
         )
         return queue
@@ -280,9 +288,12 @@ class AsyncStream:
         raise value
 
     def close(self) -> None:
-        """Stops the stream: the worker abandons it at its next chunk."""
+        """Stops the stream: the worker abandons it at its next chunk (or never sends
+        it, if it is still queued)."""
         self._open = False
         self._finished = True
+        if self._handle is not None:
+            self._handle.cancel()
 
     async def aclose(self) -> None:
         self.close()

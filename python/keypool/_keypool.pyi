@@ -61,6 +61,14 @@ class Chunk:
     def id(self) -> Optional[str]: ...
     def json(self) -> Any: ...
 
+class Cancel:
+    """A request's cancel flag: once set, what has not been sent is answered
+    :class:`keypool.Cancelled` instead."""
+
+    def cancel(self) -> None: ...
+    @property
+    def cancelled(self) -> bool: ...
+
 class Ticket:
     """A submitted request's handle."""
 
@@ -69,6 +77,9 @@ class Ticket:
         error, or :class:`keypool.Timeout` (phase ``"wait"``) after ``timeout`` seconds,
         leaving the ticket valid."""
     def done(self) -> bool: ...
+    def cancel(self) -> None:
+        """Gives the request up if it has not been sent yet (it ends Cancelled).
+        Ctrl-C during :meth:`result` does the same."""
 
 class Stream:
     """Chunks of a streamed response; ``.response`` once it has ended."""
@@ -92,7 +103,7 @@ class Pool:
         callback: Callable[[bool, Any], None],
         block: bool,
         path: Optional[str] = None,
-    ) -> bool: ...
+    ) -> Optional[Cancel]: ...
     def submit_stream(self, body: str, path: Optional[str] = None) -> Stream: ...
     def submit_stream_with(
         self,
@@ -100,7 +111,7 @@ class Pool:
         on_chunk: Callable[[Chunk], bool],
         on_done: Callable[[bool, Any], None],
         path: Optional[str] = None,
-    ) -> None: ...
+    ) -> Cancel: ...
     def batch(
         self, bodies: List[str], path: Optional[str] = None
     ) -> List[Union[Response, KeypoolError]]: ...

@@ -10,7 +10,8 @@
 //! Errors become the exception classes of `keypool._errors` (built by its `_make`),
 //! so the hierarchy lives in Python where it is documented and typed.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -64,8 +65,28 @@ fn outcome(py: Python<'_>, r: RequestResult) -> PyResult<(bool, Py<PyAny>)> {
     }
 }
 
-fn request(body: &str, path: Option<&str>) -> Result<Request, Error> {
-    Request::from_json(path.unwrap_or(DEFAULT_PATH), body)
+fn request(body: &str, path: Option<&str>, cancel: &Arc<AtomicBool>) -> Result<Request, Error> {
+    Request::from_json(path.unwrap_or(DEFAULT_PATH), body).map(|r| r.with_cancel(cancel.clone()))
+}
+
+/// A request's (or a batch's) cancel flag: once set, what has not been sent is
+/// answered `Cancelled` instead (`Request::with_cancel`).
+#[pyclass(frozen, module = "keypool._keypool", name = "Cancel")]
+struct PyCancel {
+    flag: Arc<AtomicBool>,
+}
+
+#[pymethods]
+impl PyCancel {
+    /// Gives up what has not been sent yet.
+    fn cancel(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+    }
+
+    #[getter]
+    fn cancelled(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
 }
 
 fn json_loads<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyAny>> {
@@ -127,10 +148,12 @@ impl PyPool {
     /// Submits one request (JSON text); blocks while the queue is full.
     #[pyo3(signature = (body, path=None))]
     fn submit(&self, py: Python<'_>, body: &str, path: Option<&str>) -> PyResult<PyTicket> {
-        let req = request(body, path).map_err(|e| to_pyerr(py, &e))?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let req = request(body, path, &cancel).map_err(|e| to_pyerr(py, &e))?;
         let ticket = submit_blocking(py, &self.pool, req)?;
         Ok(PyTicket {
             state: Mutex::new(TicketState::Waiting(ticket)),
+            cancel,
         })
     }
 
@@ -144,8 +167,9 @@ impl PyPool {
         callback: Py<PyAny>,
         block: bool,
         path: Option<&str>,
-    ) -> PyResult<bool> {
-        let req = request(body, path).map_err(|e| to_pyerr(py, &e))?;
+    ) -> PyResult<Option<PyCancel>> {
+        let flag = Arc::new(AtomicBool::new(false));
+        let req = request(body, path, &flag).map_err(|e| to_pyerr(py, &e))?;
         let reply = move |r: RequestResult| {
             Python::attach(|py| {
                 let res = outcome(py, r).and_then(|(ok, v)| callback.call1(py, (ok, v)));
@@ -158,17 +182,19 @@ impl PyPool {
             py.detach(|| self.pool.submit_with(req, reply))
         } else {
             match self.pool.try_submit_with(req, reply) {
-                Err(e) if e.is_busy() => return Ok(false),
+                Err(e) if e.is_busy() => return Ok(None),
                 other => other.map_err(Error::from),
             }
         };
-        sent.map(|()| true).map_err(|e| to_pyerr(py, &e))
+        sent.map(|()| Some(PyCancel { flag }))
+            .map_err(|e| to_pyerr(py, &e))
     }
 
     /// Submits a streamed request; iterate the result for chunks.
     #[pyo3(signature = (body, path=None))]
     fn submit_stream(&self, py: Python<'_>, body: &str, path: Option<&str>) -> PyResult<PyStream> {
-        let req = request(body, path).map_err(|e| to_pyerr(py, &e))?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let req = request(body, path, &cancel).map_err(|e| to_pyerr(py, &e))?;
         let pool = &self.pool;
         let stream = py
             .detach(|| pool.submit_stream(req))
@@ -176,6 +202,7 @@ impl PyPool {
         Ok(PyStream {
             state: Mutex::new(Some(stream)),
             response: Mutex::new(None),
+            cancel,
         })
     }
 
@@ -190,8 +217,9 @@ impl PyPool {
         on_chunk: Py<PyAny>,
         on_done: Py<PyAny>,
         path: Option<&str>,
-    ) -> PyResult<()> {
-        let req = request(body, path).map_err(|e| to_pyerr(py, &e))?;
+    ) -> PyResult<PyCancel> {
+        let flag = Arc::new(AtomicBool::new(false));
+        let req = request(body, path, &flag).map_err(|e| to_pyerr(py, &e))?;
         let chunk = move |c: &StreamChunk| {
             Python::attach(|py| {
                 let res = Py::new(py, PyChunk { inner: c.clone() })
@@ -213,6 +241,7 @@ impl PyPool {
         };
         let pool = &self.pool;
         py.detach(|| pool.submit_stream_with(req, chunk, done))
+            .map(|()| PyCancel { flag })
             .map_err(|e| to_pyerr(py, &e))
     }
 
@@ -230,7 +259,10 @@ impl PyPool {
         let mut results: Vec<Option<Py<PyAny>>> = (0..n).map(|_| None).collect();
         let mut done = 0;
         while done < n {
-            driver.top_up(py, &mut || Ok(input.next().map(|b| request(&b, path))))?;
+            let cancel = driver.cancel.clone();
+            driver.top_up(py, &mut || {
+                Ok(input.next().map(|b| request(&b, path, &cancel)))
+            })?;
             let (i, r) = driver.next(py)?.expect("a result is owed");
             results[i] = Some(outcome(py, r)?.1);
             done += 1;
@@ -293,6 +325,15 @@ struct Driver {
     input_done: bool,
     tx: Sender<(usize, RequestResult)>,
     rx: Receiver<(usize, RequestResult)>,
+    /// Every request of this driver carries it: set on Ctrl-C or when the driver is
+    /// dropped, so what is still queued is never sent.
+    cancel: Arc<AtomicBool>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
 }
 
 type NextRequest<'a> = dyn FnMut() -> PyResult<Option<Result<Request, Error>>> + 'a;
@@ -312,7 +353,14 @@ impl Driver {
             input_done: false,
             tx,
             rx,
+            cancel: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Ctrl-C: what has not been sent is given up, the caller gets the interrupt.
+    fn interrupted(&self, e: PyErr) -> PyErr {
+        self.cancel.store(true, Ordering::Relaxed);
+        e
     }
 
     /// Submits input until the window is full or the queue refuses. With nothing
@@ -350,7 +398,7 @@ impl Driver {
                     }
                     // The queue is full of other callers' requests: wait a little.
                     py.detach(|| std::thread::sleep(Duration::from_millis(2)));
-                    py.check_signals()?;
+                    py.check_signals().map_err(|e| self.interrupted(e))?;
                     continue;
                 }
                 Err(e) => {
@@ -375,7 +423,9 @@ impl Driver {
                     self.outstanding -= 1;
                     return Ok(Some(item));
                 }
-                Err(RecvTimeoutError::Timeout) => py.check_signals()?,
+                Err(RecvTimeoutError::Timeout) => {
+                    py.check_signals().map_err(|e| self.interrupted(e))?
+                }
                 Err(RecvTimeoutError::Disconnected) => unreachable!("the driver holds a sender"),
             }
         }
@@ -405,11 +455,12 @@ impl PyImap {
             .ok_or_else(|| PyRuntimeError::new_err("imap is already being iterated"))?;
         let input = self.input.bind(py);
         let path = self.path.as_deref();
+        let cancel = driver.cancel.clone();
         let mut next = || -> PyResult<Option<Result<Request, Error>>> {
             match input.call_method0("__next__") {
                 Ok(body) => {
                     let text: String = body.extract()?;
-                    Ok(Some(request(&text, path)))
+                    Ok(Some(request(&text, path, &cancel)))
                 }
                 Err(e) if e.is_instance_of::<PyStopIteration>(py) => Ok(None),
                 Err(e) => Err(e),
@@ -438,6 +489,7 @@ enum TicketState {
 #[pyclass(frozen, module = "keypool._keypool", name = "Ticket")]
 struct PyTicket {
     state: Mutex<TicketState>,
+    cancel: Arc<AtomicBool>,
 }
 
 #[pymethods]
@@ -481,6 +533,8 @@ impl PyTicket {
             match py.detach(|| t.wait_timeout(slice)) {
                 Err(e) if is_wait_timeout(&e) => {
                     if let Err(e) = py.check_signals() {
+                        // Ctrl-C: give the request up unless it is on the wire already.
+                        self.cancel.store(true, Ordering::Relaxed);
                         put_back(ticket);
                         return Err(e);
                     }
@@ -496,6 +550,11 @@ impl PyTicket {
                 }
             }
         }
+    }
+
+    /// Gives the request up if it has not been sent yet: it then ends `Cancelled`.
+    fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
     }
 
     /// Whether the result has arrived (never blocks).
@@ -530,6 +589,7 @@ fn finish(py: Python<'_>, ok: bool, v: Py<PyAny>) -> PyResult<Py<PyAny>> {
 struct PyStream {
     state: Mutex<Option<ResponseStream>>,
     response: Mutex<Option<Py<PyAny>>>,
+    cancel: Arc<AtomicBool>,
 }
 
 #[pymethods]
@@ -548,6 +608,7 @@ impl PyStream {
             match ev {
                 Err(e) if is_wait_timeout(&e) => {
                     if let Err(e) = py.check_signals() {
+                        self.cancel.store(true, Ordering::Relaxed);
                         *self.state.lock().unwrap() = Some(stream);
                         return Err(e);
                     }
@@ -578,8 +639,10 @@ impl PyStream {
             .map(|r| r.clone_ref(py))
     }
 
-    /// Stops reading: the worker abandons the stream at its next chunk.
+    /// Stops reading: the worker abandons the stream at its next chunk (or never sends
+    /// it, if it is still queued).
     fn close(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
         self.state.lock().unwrap().take();
     }
 }
@@ -755,5 +818,6 @@ fn _keypool(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyImap>()?;
     m.add_class::<PyChunk>()?;
     m.add_class::<PyResponse>()?;
+    m.add_class::<PyCancel>()?;
     Ok(())
 }
