@@ -16,7 +16,7 @@ import json
 import weakref
 from typing import (
     Any,
-    AsyncIterator,
+    Dict,
     Iterable,
     Iterator,
     List,
@@ -24,6 +24,7 @@ from typing import (
     Optional,
     Tuple,
     Union,
+    cast,
 )
 
 from . import _keypool
@@ -150,9 +151,10 @@ class Pool:
         response. A failure raises when iteration reaches it."""
         return self._native.submit_stream(_text(body), path)
 
-    def stats(self) -> dict:
+    def stats(self) -> Dict[str, Any]:
         """Per-key and pool-wide counters (the engine's ``Stats`` as a dict)."""
-        return json.loads(self._native.stats_json())
+        stats: Dict[str, Any] = json.loads(self._native.stats_json())
+        return stats
 
     def close(self) -> None:
         """Stops accepting requests, answers queued ones :class:`Cancelled`, waits for
@@ -207,7 +209,8 @@ class Pool:
         try:
             return await fut
         except asyncio.CancelledError:
-            handle.cancel()  # not sent yet: never will be
+            if handle is not None:
+                handle.cancel()  # not sent yet: never will be
             raise
 
     def astream(self, body: Body, *, path: Optional[str] = None) -> "AsyncStream":
@@ -279,7 +282,7 @@ class AsyncStream:
             self.close()
             raise
         if kind == self._CHUNK:
-            return value
+            return cast(Chunk, value)
         self._finished = True
         self._open = False
         if kind == self._OK:

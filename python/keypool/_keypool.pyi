@@ -1,6 +1,6 @@
 """Type stubs of the native extension (python/src/lib.rs)."""
 
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from ._errors import KeypoolError
 
@@ -22,7 +22,7 @@ class Response:
     @property
     def finish_reason(self) -> Optional[str]: ...
     @property
-    def usage(self) -> Optional[dict]: ...
+    def usage(self) -> Optional[Dict[str, Any]]: ...
     @property
     def headers(self) -> List[Tuple[str, str]]: ...
     def header(self, name: str) -> Optional[str]: ...
