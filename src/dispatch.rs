@@ -481,6 +481,10 @@ impl Dispatcher {
         if job.is_answered() {
             return Ok(()); // its deadline passed while it waited
         }
+        if job.req.is_cancelled() {
+            job.finish(Err(Error::Cancelled)); // given up by its caller, never sent
+            return Ok(());
+        }
         if job.deadline.is_some_and(|d| now >= d) {
             job.finish_deadline();
             return Ok(());

@@ -1,6 +1,7 @@
 //! What goes in ([`Request`]) and what comes out ([`Response`]).
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -19,6 +20,9 @@ pub struct Request {
     pub(crate) body: Arc<[u8]>,
     pub(crate) headers: Vec<(String, String)>,
     pub(crate) deadline: Option<Duration>,
+    /// Set by the caller to give the request up while it is not sent yet
+    /// ([`Request::with_cancel`]).
+    pub(crate) cancel: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for Request {
@@ -31,6 +35,7 @@ impl std::fmt::Debug for Request {
                 &self.headers.iter().map(|(k, _)| k).collect::<Vec<_>>(),
             )
             .field("deadline", &self.deadline)
+            .field("cancelled", &self.is_cancelled())
             .finish()
     }
 }
@@ -117,6 +122,7 @@ impl Request {
             body: Arc::from(body),
             headers: Vec::new(),
             deadline: None,
+            cancel: None,
         }
     }
 
@@ -153,6 +159,32 @@ impl Request {
     pub fn with_deadline(mut self, deadline: Duration) -> Request {
         self.deadline = Some(deadline);
         self
+    }
+
+    /// Gives the request a cancel flag: once `flag` is set, the request is answered
+    /// [`Error::Cancelled`] instead of being sent — from the queue, or before a retry.
+    /// An attempt already on the wire runs to its end. (The Python bindings set it on
+    /// Ctrl-C; several requests may share one flag.)
+    ///
+    /// ```
+    /// # use std::sync::{Arc, atomic::{AtomicBool, Ordering}};
+    /// # let server = keypool_mock::MockServer::start(keypool_mock::MockConfig::default()).unwrap();
+    /// # let pool = keypool::Pool::new(keypool::Config::builder().base_url(server.url()).key("sk-a", 1).build()?)?;
+    /// let flag = Arc::new(AtomicBool::new(true)); // cancelled before it is sent
+    /// let req = keypool::Request::chat("m", [("user", "hi")]).with_cancel(flag.clone());
+    /// assert!(matches!(pool.submit(req)?.wait(), Err(keypool::Error::Cancelled)));
+    /// # Ok::<(), keypool::Error>(())
+    /// ```
+    pub fn with_cancel(mut self, flag: Arc<AtomicBool>) -> Request {
+        self.cancel = Some(flag);
+        self
+    }
+
+    /// Whether the request's cancel flag ([`Request::with_cancel`]) is set.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The path this request is POSTed to.

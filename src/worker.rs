@@ -212,6 +212,11 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
             deadline_bound = true;
         }
     }
+    if job.req.is_cancelled() {
+        settle.unsent();
+        job.finish(Err(Error::Cancelled)); // given up by its caller before this attempt
+        return;
+    }
     if !job.begin_attempt(ctx.index, &ks.label, now) {
         settle.unsent();
         return; // answered already (its deadline passed in the queue)
