@@ -564,7 +564,14 @@ fn a_submitter_blocked_on_a_full_queue_is_answered_at_close() {
         .build()
         .unwrap();
     let pool = Pool::with_transport(cfg, f).unwrap();
-    let tickets = fill(&pool);
+    // A worker holds a request in flight (the gate says so), then the queue is full
+    // again: before, the test could fill the queue before the dispatcher had handed
+    // anything to the worker, and the close it expects to time out did not.
+    let mut tickets = fill(&pool);
+    ctl.entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a worker holds a request");
+    tickets.extend(fill(&pool));
     let (tid_tx, tid_rx) = crossbeam_channel::bounded(1);
     let (out_tx, out_rx) = crossbeam_channel::bounded(1);
     let p = pool.clone();
