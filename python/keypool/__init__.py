@@ -28,6 +28,7 @@ from typing import (
 )
 
 from . import _keypool
+from . import _errors
 from ._errors import (
     Busy,
     Cancelled,
@@ -60,24 +61,7 @@ __all__ = [
     "Chunk",
     "Response",
     "Body",
-    "KeypoolError",
-    "ConfigError",
-    "InvalidRequest",
-    "HTTPError",
-    "RateLimited",
-    "InvalidResponse",
-    "TransportError",
-    "Timeout",
-    "Busy",
-    "Closed",
-    "Cancelled",
-    "NoUsableKey",
-    "ModelNotServed",
-    "StreamError",
-    "SharedUnavailable",
-    "Flagged",
-    "WouldDeadlock",
-    "ResultTaken",
+    *_errors.__all__,
 ]
 
 #: A request body: a JSON object as a dict, or its JSON text (str or bytes).
