@@ -25,7 +25,7 @@ fn main() {
         cores(),
         if quick { " — quick mode" } else { "" }
     );
-    // `--only N` runs benchmark N alone (1–4).
+    // `--only N` runs benchmark N alone (1–5).
     let args: Vec<String> = std::env::args().collect();
     let only = args
         .iter()
@@ -43,6 +43,9 @@ fn main() {
     }
     if run(4) {
         bench_idle_rss();
+    }
+    if run(5) {
+        bench_first_wave(quick);
     }
 }
 
@@ -310,4 +313,43 @@ fn run_rss() {
         before as f64 / 1024.0
     );
     pool.close();
+}
+
+// ---------------------------------------------------------------------------------
+// 5. The first wave at LLM latencies (issue 21.5): 8 keys x 16, 256 requests that take
+//    L each, so any client needs 2 L at best (two full waves). With probing each key
+//    sends one request alone first; proven keys (`retry.prove_keys`: an authenticated
+//    GET at start) open at once, keys on trial only after that request's answer.
+
+fn bench_first_wave(quick: bool) {
+    let (k, c, n) = (8, 16, 256);
+    let latency_ms = if quick { 500 } else { 2_000 };
+    let mock = MockProcess::start(latency_ms, 2);
+    let ideal = Duration::from_millis(2 * latency_ms);
+    println!(
+        "\n[5] first wave: K={k} x C={c}, {n} requests, mock latency {latency_ms} ms; \
+         ideal (two full waves) {:.2} s",
+        ideal.as_secs_f64()
+    );
+    for (name, probe, prove) in [
+        ("probing off", false, false),
+        ("probing on, keys proven (default)", true, true),
+        ("probing on, trial only", true, false),
+    ] {
+        let mut cfg = config(&mock.url, k, c);
+        cfg.retry = cfg.retry.probe_keys(probe).prove_keys(prove);
+        let pool = Pool::new(cfg).unwrap();
+        let t0 = Instant::now();
+        let failures = pool
+            .batch((0..n).map(prompt))
+            .iter()
+            .filter(|r| r.is_err())
+            .count();
+        let wall = t0.elapsed();
+        println!(
+            "    {name:<36} {:.2} s, ratio to ideal {:.3} (target >= 0.95), failures {failures}",
+            wall.as_secs_f64(),
+            ideal.as_secs_f64() / wall.as_secs_f64()
+        );
+    }
 }

@@ -275,6 +275,9 @@ struct State {
     /// A 429 arrived while a trial was out: that trial, even if answered, must not
     /// reopen the key (the 429 is the newer news).
     trial_stale: bool,
+    /// On trial since the start and never answered: a key proof (`retry.prove_keys`)
+    /// may still open it.
+    unproven: bool,
     disabled: Option<(String, u64)>,
     /// The key is out for its credit (may come back), not revoked.
     parked: bool,
@@ -328,6 +331,7 @@ impl Gate {
                 trial: if probe { Trial::Pending } else { Trial::Open },
                 cooldown_until: None,
                 trial_stale: false,
+                unproven: probe,
                 disabled: None,
                 parked: false,
                 disabled_until: None,
@@ -627,6 +631,10 @@ impl Gate {
             }
             changed = true;
         }
+        // Any answer about the key itself settles what a proof could only guess.
+        if v.accepted || v.cooldown.is_some() || v.disable.is_some() {
+            s.unproven = false;
+        }
         if adm.trial && s.trial == Trial::Out {
             let reopen = v.accepted && v.cooldown.is_none() && !s.trial_stale;
             s.trial_stale = false;
@@ -639,6 +647,27 @@ impl Gate {
             link.release(adm.lease, v);
         }
         changed
+    }
+
+    /// Whether the key is still on its first trial, never answered (a proof may open it).
+    pub(crate) fn unproven(&self) -> bool {
+        self.state.lock().unproven
+    }
+
+    /// The server accepted the key at an authenticated `GET` (`key_proof`) before any
+    /// completion answered: the key opens to all its workers now. A trial request already
+    /// out stays out and settles as usual (a 401 on it still disables the key). Does
+    /// nothing once the key was answered, cooled or disabled. Returns true if the key
+    /// opened (the dispatcher should re-evaluate).
+    pub(crate) fn prove(&self) -> bool {
+        let mut s = self.state.lock();
+        let was = std::mem::replace(&mut s.unproven, false);
+        if !was || s.disabled.is_some() || s.cooldown_until.is_some() || s.trial == Trial::Open {
+            return false;
+        }
+        s.trial = Trial::Open;
+        self.mirror(&s);
+        true
     }
 
     /// Gives back the budget of an admission whose job never reached the wire.

@@ -151,6 +151,13 @@ pub struct RetryConfig {
     /// the server has accepted it (any answer but 401/402/403), so a revoked key costs
     /// one request instead of a burst. Defaults to true.
     pub probe_keys: bool,
+    /// With `probe_keys`, also prove each key cheaply as the pool starts: an
+    /// authenticated `GET {base_url}/key` (OpenRouter) or `/models` (OpenAI, vLLM with
+    /// `--api-key`), in parallel for all keys, opens a key the server accepts at once
+    /// instead of after its first completion — only where that path refuses a request
+    /// without a key, so a public endpoint never vouches for a key. Anything else leaves
+    /// the key on trial. Defaults to true.
+    pub prove_keys: bool,
     /// Learn a budget from `x-ratelimit-limit-*` / `-remaining-*` / `-reset-*` headers for
     /// a key without a configured `rpm`/`tpm`, and pace it before it is rejected. When
     /// false, those headers only pause a key whose `remaining` reached 0. Turn it off
@@ -168,6 +175,7 @@ impl Default for RetryConfig {
             default_cooldown_ms: 1_000,
             park_on_402: true,
             probe_keys: true,
+            prove_keys: true,
             learn_rate_limits: true,
         }
     }
@@ -218,6 +226,13 @@ impl RetryConfig {
     /// Send a key's first request alone (see the field). Defaults to true.
     pub fn probe_keys(mut self, on: bool) -> Self {
         self.probe_keys = on;
+        self
+    }
+
+    /// Prove keys with an authenticated `GET` as the pool starts (see the field).
+    /// Defaults to true.
+    pub fn prove_keys(mut self, on: bool) -> Self {
+        self.prove_keys = on;
         self
     }
 
@@ -1107,6 +1122,13 @@ impl ConfigBuilder {
     /// Defaults to true.
     pub fn probe_keys(mut self, on: bool) -> Self {
         self.config.retry.probe_keys = on;
+        self
+    }
+
+    /// Whether keys on trial are proven with an authenticated `GET` as the pool starts
+    /// (see [`RetryConfig::prove_keys`]). Defaults to true.
+    pub fn prove_keys(mut self, on: bool) -> Self {
+        self.config.retry.prove_keys = on;
         self
     }
 

@@ -331,6 +331,17 @@ pub(crate) fn check(ctx: &KeyWorkerCtx) -> Option<Balance> {
             None => {}
         }
     }
+    // A balance read for this key is the server accepting it: the key opens now rather
+    // than after its first completion (`retry.prove_keys`; see `key_proof`).
+    let above_floor = match balance {
+        Some(Balance::Remaining(r)) => r > cfg.floor,
+        Some(Balance::Unlimited) => true,
+        None => false,
+    };
+    let cfg_retry = &ctx.shared.config.retry;
+    if above_floor && cfg_retry.probe_keys && cfg_retry.prove_keys && ks.gate.prove() {
+        ctx.shared.nudge();
+    }
     if let Some(Balance::Remaining(r)) = balance {
         if r <= cfg.floor {
             let reason = format!("credit {r} at or below floor {}", cfg.floor);

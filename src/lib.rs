@@ -49,6 +49,7 @@ mod group;
 mod job;
 mod json_scan;
 mod key;
+mod key_proof;
 mod pool;
 mod queue_space;
 mod ratelimit;

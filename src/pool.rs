@@ -273,6 +273,7 @@ impl Pool {
     ) -> Result<(), Error> {
         let cfg = &shared.config;
         let mut senders = Vec::with_capacity(cfg.keys.len());
+        let mut ctxs = Vec::with_capacity(cfg.keys.len());
         for (i, k) in cfg.keys.iter().enumerate() {
             let label = shared.keys[i].label.to_string();
             let settings = TransportSettings {
@@ -304,6 +305,7 @@ impl Pool {
             });
             let (tx, rx) = crossbeam_channel::bounded::<Job>(0);
             senders.push(tx);
+            ctxs.push(ctx.clone());
             for n in 0..k.max_concurrent {
                 let (ctx, rx, alive) = (ctx.clone(), rx.clone(), alive_tx.clone());
                 let started = started_tx.clone();
@@ -329,6 +331,7 @@ impl Pool {
             dispatcher.run();
             drop(alive_tx);
         })?;
+        crate::key_proof::start(shared, &ctxs);
         Ok(())
     }
 

@@ -274,7 +274,7 @@ fn group_in_flight_never_exceeds_its_limit_under_every_strategy() {
             "{strategy:?}: the group was never used near its limit ({group})"
         );
         for k in ["sk-g0", "sk-g1", "sk-g2"] {
-            assert!(server.key_stats(k).unwrap().max_in_flight <= 4);
+            assert!(server.key_stats(k).map_or(0, |r| r.max_in_flight) <= 4);
         }
         assert!(server.key_stats("sk-solo").unwrap().max_in_flight <= 2);
         let s = pool.stats();

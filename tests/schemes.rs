@@ -4,53 +4,14 @@
 //! server, absolute deadlines, retries and failover, streaming as sent, keep-alive
 //! reuse, hostile bodies.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use keypool::{
-    Config, ConfigBuilder, Error, KeyConfig, Pool, Request, StreamEvent, StreamFailure, TlsConfig,
-};
-use keypool_mock::{KeyRule, MockConfig, MockServer};
+use keypool::{Config, ConfigBuilder, Error, KeyConfig, Pool, Request, StreamEvent, StreamFailure};
+use keypool_mock::{KeyRule, MockConfig};
+
+mod support;
 use serde_json::{Value, json};
-
-/// A mock over one scheme, and the config that trusts it.
-struct Mock {
-    server: MockServer,
-    tls: TlsConfig,
-    dir: Option<PathBuf>,
-}
-
-impl Drop for Mock {
-    fn drop(&mut self) {
-        if let Some(d) = &self.dir {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
-
-fn mock(cfg: MockConfig, https: bool) -> Mock {
-    if !https {
-        return Mock {
-            server: MockServer::start(cfg).unwrap(),
-            tls: TlsConfig::default(),
-            dir: None,
-        };
-    }
-    let server = MockServer::start_tls(cfg).unwrap();
-    let dir = std::env::temp_dir().join(format!(
-        "keypool-schemes-{}-{}",
-        std::process::id(),
-        server.addr().port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, server.ca_pem().unwrap()).unwrap();
-    Mock {
-        server,
-        tls: TlsConfig::default().ca_file(ca.display().to_string()),
-        dir: Some(dir),
-    }
-}
+use support::{Mock, mock};
 
 fn builder(m: &Mock, keys: usize, per_key: usize) -> ConfigBuilder {
     let mut b = Config::builder()

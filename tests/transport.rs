@@ -135,7 +135,11 @@ fn scripted(script: fn(usize) -> Act) -> (String, mpsc::Receiver<Seen>) {
 }
 
 fn pool_for(url: &str, keys: usize, max_attempts: u32) -> Pool {
-    let mut b = Config::builder().base_url(url).max_attempts(max_attempts);
+    // The scripts number every request they read: no key-proof GETs (tests/key_proof.rs).
+    let mut b = Config::builder()
+        .base_url(url)
+        .max_attempts(max_attempts)
+        .prove_keys(false);
     for i in 0..keys {
         b = b.key_config(
             KeyConfig::new(format!("sk-transport-{i}"))
@@ -408,6 +412,7 @@ fn a_host_name_is_resolved_and_its_connections_reused() {
                 .base_url(url)
                 .tls(tls_cfg)
                 .key_config(KeyConfig::new("sk-host").max_concurrent(1))
+                .prove_keys(false)
                 .build()
                 .unwrap(),
         )

@@ -55,10 +55,62 @@ fn is_key_info(path: &str) -> bool {
     ["/api/v1/key", "/v1/key", "/key"].contains(&path)
 }
 
+/// Whether `path` is the model listing, `{,/v1,/api/v1}/models`.
+fn is_models(path: &str) -> bool {
+    ["/api/v1/models", "/v1/models", "/models"].contains(&path)
+}
+
+/// The refusal a `GET` of key or model info gets: none for a listing that is public
+/// ([`crate::MockConfig::public_info`]), 401 without a key, and a key rule's 401 or 403
+/// (one that applies to every request of the key) for a revoked key.
+fn info_refusal(shared: &Shared, key: &str) -> Option<(u16, Bytes)> {
+    let c = shared.control.lock();
+    if c.cfg.public_info {
+        return None;
+    }
+    if key.is_empty() {
+        return Some((401, request_error(401, "missing API key")));
+    }
+    let rule = &c.rules.get(key)?.rule;
+    match rule.always_status {
+        Some(s @ (401 | 403)) if rule.fail_first == 0 && rule.model.is_none() => {
+            Some((s, request_error(s, "mock: the key is refused")))
+        }
+        _ => None,
+    }
+}
+
+/// `GET …/models`: a one-model listing in OpenAI's shape, not counted as a request.
+fn models_info(shared: &Shared, key: &str) -> Response<MockBody> {
+    let (status, body) = match info_refusal(shared, key) {
+        Some(refusal) => refusal,
+        None => {
+            if !key.is_empty() {
+                let mut c = shared.control.lock();
+                c.credits.entry(key.to_owned()).or_default().listings += 1;
+            }
+            let list = json!({"object": "list", "data": [
+                {"id": "mock-model", "object": "model", "owned_by": "keypool-mock"}
+            ]});
+            (200, Bytes::from(list.to_string()))
+        }
+    };
+    json_response(status, body)
+}
+
+fn json_response(status: u16, body: Bytes) -> Response<MockBody> {
+    let mut r = Response::new(MockBody::full(body, None));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    if let Ok(v) = hyper::header::HeaderValue::from_str("application/json") {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
 /// `GET …/key`: the key's credit in OpenRouter's shape, not counted as a request.
 fn key_info(shared: &Shared, key: &str) -> Response<MockBody> {
-    let (status, body) = if key.is_empty() {
-        (401, request_error(401, "missing API key"))
+    let (status, body) = if let Some(refusal) = info_refusal(shared, key) {
+        refusal
     } else {
         let mut c = shared.control.lock();
         let credit = c.credits.entry(key.to_owned()).or_default();
@@ -81,12 +133,7 @@ fn key_info(shared: &Shared, key: &str) -> Response<MockBody> {
             ),
         }
     };
-    let mut r = Response::new(MockBody::full(body, None));
-    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-    if let Ok(v) = hyper::header::HeaderValue::from_str("application/json") {
-        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    r
+    json_response(status, body)
 }
 
 /// Whether the key has a cap and nothing left (it gets 402).
@@ -726,8 +773,17 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<MockBody>, Dropped> {
     let key = bearer(&req);
-    if req.method() == Method::GET && is_key_info(req.uri().path()) {
-        return Ok(key_info(&shared, &key));
+    let path = req.uri().path();
+    if req.method() == Method::GET && (is_key_info(path) || is_models(path)) {
+        let wait = shared.control.lock().cfg.info_latency_ms;
+        if wait > 0 {
+            shared.timer.sleep(Duration::from_millis(wait)).await;
+        }
+        return Ok(if is_models(path) {
+            models_info(&shared, &key)
+        } else {
+            key_info(&shared, &key)
+        });
     }
     let guard = shared.acc.begin(&key, connection);
     let n = shared.ids.fetch_add(1, Ordering::Relaxed) + 1;

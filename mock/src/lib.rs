@@ -55,7 +55,10 @@
 //! Routes: `POST {,/v1,/api/v1}/chat/completions`, `…/completions` and `…/embeddings`;
 //! `GET {,/v1,/api/v1}/key` answers OpenRouter's key info (`{"data": {"label", "limit",
 //! "limit_remaining", "usage", "is_free_tier", "limit_reset"}}`) from the key's
-//! [`MockCredit`] (not counted as a request). A key with a cap and nothing left gets
+//! [`MockCredit`] (not counted as a request), and `GET {,/v1,/api/v1}/models` a
+//! one-model listing in OpenAI's shape (counted in [`MockCredit::listings`]). Both
+//! refuse a request without a key (401) and a key whose [`KeyRule`] answers every
+//! request 401 or 403, unless [`MockConfig::public_info`] makes them public. A key with a cap and nothing left gets
 //! 402 for every request; with [`MockConfig::cost_per_request`] each success reports
 //! `usage.cost` (a stream in its usage chunk) and is debited.
 //!
@@ -172,6 +175,13 @@ pub struct MockConfig {
     /// headers, no retry headers) and does not count. Defaults to `None` (no budget;
     /// a `window_ms` of 0 is none too).
     pub request_budget: Option<(u64, u64)>,
+    /// `GET …/key` and `GET …/models` answer without a key too, as a server whose
+    /// listing is public does (OpenRouter's `/models`, Ollama). By default both refuse a
+    /// request without a key with 401, as OpenRouter's `/key` and OpenAI's `/models` do.
+    pub public_info: bool,
+    /// Delay before answering `GET …/key` and `GET …/models`, in milliseconds (a server
+    /// that stalls them). Defaults to 0.
+    pub info_latency_ms: u64,
 }
 
 impl Default for MockConfig {
@@ -195,6 +205,8 @@ impl Default for MockConfig {
             key_capacity: None,
             cost_per_request: 0.0,
             request_budget: None,
+            public_info: false,
+            info_latency_ms: 0,
         }
     }
 }
@@ -240,6 +252,8 @@ pub struct MockCredit {
     pub spent: f64,
     /// `GET …/key` requests answered for this key (not counted in [`KeyRecord`]).
     pub checks: u64,
+    /// `GET …/models` requests answered for this key (not counted in [`KeyRecord`]).
+    pub listings: u64,
     /// When set, `GET …/key` answers exactly this body (status 200), for hostile-input
     /// tests.
     pub key_body: Option<String>,

@@ -203,10 +203,11 @@ impl UreqTransport {
 
 impl Transport for UreqTransport {
     fn get(&self, req: &HttpRequest<'_>, max_bytes: u64) -> Result<HttpResponse, TransportError> {
-        let mut builder = self
-            .agent
-            .get(req.url)
-            .header("authorization", format!("Bearer {}", req.key.expose()));
+        let mut builder = self.agent.get(req.url);
+        // An empty key sends no credentials (the key proofs' control request).
+        if !req.key.expose().is_empty() {
+            builder = builder.header("authorization", self.authorization(req.key)?);
+        }
         for (k, v) in req.headers {
             builder = builder.header(k.as_str(), v.as_str());
         }

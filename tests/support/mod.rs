@@ -114,3 +114,42 @@ pub fn gated_ok() -> (
     });
     (f, ctl)
 }
+
+/// A mock over one scheme, and the config that trusts it.
+pub struct Mock {
+    pub server: keypool_mock::MockServer,
+    pub tls: keypool::TlsConfig,
+    dir: Option<std::path::PathBuf>,
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+pub fn mock(cfg: keypool_mock::MockConfig, https: bool) -> Mock {
+    if !https {
+        return Mock {
+            server: keypool_mock::MockServer::start(cfg).unwrap(),
+            tls: keypool::TlsConfig::default(),
+            dir: None,
+        };
+    }
+    let server = keypool_mock::MockServer::start_tls(cfg).unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "keypool-schemes-{}-{}",
+        std::process::id(),
+        server.addr().port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, server.ca_pem().unwrap()).unwrap();
+    Mock {
+        server,
+        tls: keypool::TlsConfig::default().ca_file(ca.display().to_string()),
+        dir: Some(dir),
+    }
+}
