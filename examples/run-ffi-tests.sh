@@ -59,6 +59,30 @@ summary() {
     [ "$failed" -eq 0 ]
 }
 
+# doc_block FILE LANG PATTERN: the text of the first fenced block of FILE whose info
+# string is LANG and whose text contains PATTERN. A fence may be indented (a block in a
+# list item); its indent is removed from the block's lines. Fails if there is none.
+doc_block() {
+    awk -v lang="$2" -v pat="$3" '
+        /^ *```/ {
+            if (open) {
+                open = 0
+                if (want && index(buf, pat)) { printf "%s", buf; found = 1; exit }
+                next
+            }
+            open = 1; match($0, /^ */); ind = RLENGTH
+            want = (substr($0, ind + 4) == lang); buf = ""
+            next
+        }
+        open && want {
+            line = $0
+            if (substr(line, 1, ind) ~ /^ *$/) line = substr(line, ind + 1)
+            buf = buf line "\n"
+        }
+        END { exit (found ? 0 : 1) }' "$1"
+}
+export -f doc_block
+
 MOCK_PID=""
 stop_mock() {
     if [ -n "$MOCK_PID" ]; then
@@ -112,7 +136,7 @@ check "g++ keypool.h compiles as C++ (-std=c++17 -pedantic)" \
 check "gcc keypool.h compiles as C99 (-pedantic)" \
     gcc -std=c99 "${CFLAGS[@]}" -pedantic -fsyntax-only -x c "$ROOT/include/keypool.h"
 
-# --- Install into a throwaway prefix (README: "Install the C library") ----------------
+# --- Install into a throwaway prefix (docs/c.md: "Install the C library") --------------
 PREFIX="$OUT/prefix"
 rm -rf "$PREFIX"
 # The debug build already made above (the steps are the user's; the release profile
@@ -125,13 +149,67 @@ check "installed files, SONAME libkeypool.so.0" bash -c "
         test -e '$PREFIX/'\$f || { echo missing \$f; exit 1; }
     done
     readelf -d '$PREFIX/lib/libkeypool.so' | grep -q 'SONAME.*\\[libkeypool.so.0\\]'"
-# The README's commands, verbatim apart from paths.
+# The install commands of docs/c.md, with examples/c/batch.c for app.c.
 check "cc batch.c \$(pkg-config --cflags --libs keypool)" bash -c \
     'cc examples/c/batch.c $(pkg-config --cflags --libs keypool) -o "$0/batch_pc"' "$OUT"
 check "cc -static batch.c \$(pkg-config --static --cflags --libs keypool)" bash -c \
     'cc examples/c/batch.c $(pkg-config --static --cflags --libs keypool) -static -o "$0/batch_pc_static" 2>"$0/static.log" || { cat "$0/static.log"; exit 1; }' "$OUT"
 check "c++ main.cpp \$(pkg-config --cflags --libs keypool) (installed keypool.hpp)" bash -c \
     'c++ -std=c++17 examples/cpp/main.cpp $(pkg-config --cflags --libs keypool) -o "$0/cpp_main"' "$OUT"
+
+# --- The guides' install commands and programs, exactly as printed ----------------------
+# docs/c.md's install block (README.md prints the same one) runs as a user runs it, with
+# HOME in a throwaway directory: `scripts/install.sh "$HOME/.local"` (the checkout's
+# script; KEYPOOL_PROFILE=debug installs the debug build made above instead of building
+# a release), the pkg-config exports, and `cc app.c …` building docs/c.md's program.
+# The streaming function and the C++ function of docs/c.md are built with the same
+# flags and run below through a small driver each (test harness, not printed).
+DOCS="$OUT/docs"
+rm -rf "$DOCS"
+mkdir -p "$DOCS/home" "$DOCS/scripts"
+printf '#!/bin/sh\nexec "%s/scripts/install.sh" "$@"\n' "$ROOT" >"$DOCS/scripts/install.sh"
+chmod +x "$DOCS/scripts/install.sh"
+check "docs/c.md prints the install block, app.c, print_stream and print_batch" bash -c '
+    doc_block docs/c.md sh "scripts/install.sh" >"$0/install-c.sh" &&
+    doc_block docs/c.md c "int main(" >"$0/app.c" &&
+    doc_block docs/c.md c "print_stream(" >"$0/stream.c" &&
+    doc_block docs/c.md cpp "print_batch(" >"$0/print_batch.cpp"' "$DOCS"
+check "README.md prints docs/c.md's install block" bash -c \
+    'diff <(doc_block README.md sh "scripts/install.sh") "$0/install-c.sh"' "$DOCS"
+# cargo and rustup find their homes through HOME unless told.
+check "docs/c.md's install block, as printed (HOME=$DOCS/home)" bash -c '
+    export CARGO_HOME="${CARGO_HOME:-$HOME/.cargo}" RUSTUP_HOME="${RUSTUP_HOME:-$HOME/.rustup}"
+    cd "$0" && HOME="$0/home" KEYPOOL_PROFILE=debug bash -ex install-c.sh 2>install.log ||
+        { cat install.log; exit 1; }' "$DOCS"
+cat >"$DOCS/stream_main.c" <<'CMAIN'
+#include <stdio.h>
+#include "keypool.h"
+keypool_status print_stream(keypool_pool *pool, const char *body_json);
+int main(int argc, char **argv) {
+    char config[256];
+    snprintf(config, sizeof config, "{\"base_url\": \"%s\", \"keys\": [{\"key\": \"sk-a\"}]}", argv[1]);
+    keypool_pool *pool = NULL;
+    if (argc < 2 || keypool_pool_new(config, &pool) != KEYPOOL_OK) return 2;
+    keypool_status st = print_stream(pool, "{\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}");
+    keypool_pool_free(pool);
+    return st == KEYPOOL_OK ? 0 : 1;
+}
+CMAIN
+cat >"$DOCS/print_batch_main.cpp" <<'CPPMAIN'
+#include <string>
+#include <vector>
+void print_batch(const std::string &config_json, const std::vector<std::string> &bodies);
+int main(int argc, char **argv) {
+    if (argc < 2) return 2;
+    print_batch(std::string("{\"base_url\": \"") + argv[1] + "\", \"keys\": [{\"key\": \"sk-a\"}]}",
+                {"{\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}"});
+    return 0;
+}
+CPPMAIN
+check "docs/c.md print_stream builds (-Wall -Wextra -Werror, installed keypool.h)" bash -c \
+    'cd "$0" && cc -std=c11 -Wall -Wextra -Werror stream.c stream_main.c $(pkg-config --cflags --libs keypool) -o stream' "$DOCS"
+check "docs/c.md print_batch builds (C++17, installed keypool.hpp)" bash -c \
+    'cd "$0" && c++ -std=c++17 -Wall -Wextra -Werror print_batch.cpp print_batch_main.cpp $(pkg-config --cflags --libs keypool) -o print_batch' "$DOCS"
 
 # --- The mock server -------------------------------------------------------------------
 URL=""
@@ -161,6 +239,19 @@ if [ -n "$URL" ]; then
         timeout 120 "$OUT/stress" "$URL" 4
     [ -x "$OUT/batch_shared" ] && check "batch (shared library)" "$OUT/batch_shared" "$URL"
     [ -x "$OUT/cpp_main" ] && check "cpp_main (installed)" env LD_LIBRARY_PATH="$PREFIX/lib" "$OUT/cpp_main" "$URL"
+    # The guides' programs (docs/c.md), built above as printed.
+    DOCLIB="$DOCS/home/.local/lib"
+    [ -x "$DOCS/app" ] && check "docs/c.md app (installed libkeypool.so, valgrind + installed keypool.supp)" \
+        env LD_LIBRARY_PATH="$DOCLIB" valgrind -q --leak-check=full --error-exitcode=1 \
+        --errors-for-leak-kinds=definite,indirect,possible \
+        --suppressions="$DOCS/home/.local/share/keypool/keypool.supp" "$DOCS/app" "$URL"
+    [ -x "$DOCS/app-static" ] && check "docs/c.md app-static" "$DOCS/app-static" "$URL"
+    [ -x "$DOCS/stream" ] && check "docs/c.md print_stream (valgrind)" \
+        env LD_LIBRARY_PATH="$DOCLIB" valgrind -q --leak-check=full --error-exitcode=1 \
+        --errors-for-leak-kinds=definite,indirect,possible \
+        --suppressions="$DOCS/home/.local/share/keypool/keypool.supp" "$DOCS/stream" "$URL"
+    [ -x "$DOCS/print_batch" ] && check "docs/c.md print_batch" bash -c \
+        'env LD_LIBRARY_PATH="$0" "$1" "$2" | grep -q "^key-0: "' "$DOCLIB" "$DOCS/print_batch" "$URL"
 fi
 
 # --- Go (against the installed prefix) --------------------------------------------------------------------------------
@@ -179,55 +270,22 @@ if [ "${SKIP_GO:-0}" != 1 ]; then
         check "go vet" bash -c 'cd go && go vet ./...'
         check "go test" bash -c 'cd go && go test -count=1 -v ./...'
         check "go test -race" bash -c 'cd go && go test -race -count=1 ./...'
-        # A Go user's own module (README: require + replace, import, run).
+        # A Go user's own module: docs/go.md's go.mod (its `replace` path pointed at this
+        # checkout), main.go and pool.go, as printed.
         APP="$OUT/goapp"
         rm -rf "$APP"
         mkdir -p "$APP"
-        cat >"$APP/go.mod" <<GOMOD
-module example.com/app
-
-go 1.19
-
-require github.com/keypool/keypool/go v0.0.0
-
-replace github.com/keypool/keypool/go => $ROOT/go
-GOMOD
-        cat >"$APP/main.go" <<'GOMAIN'
-package main
-
-import (
-	"fmt"
-	"os"
-
-	keypool "github.com/keypool/keypool/go"
-)
-
-func main() {
-	// An optional second argument: a CA file to trust (tls.ca_file), for https.
-	tls := ""
-	if len(os.Args) > 2 {
-		tls = `"tls": {"ca_file": "` + os.Args[2] + `"},`
-	}
-	pool, err := keypool.New(`{"base_url": "` + os.Args[1] + `", ` + tls + `
-		"keys": [{"key": "sk-test-a", "label": "acct-a", "max_concurrent": 2}]}`)
-	if err != nil {
-		panic(err)
-	}
-	defer pool.Close()
-	results, err := pool.Batch([]string{`{"model": "m", "messages": [{"role": "user", "content": "hi"}]}`})
-	if err != nil {
-		panic(err)
-	}
-	for _, r := range results {
-		if err := r.Err(); err != nil {
-			panic(err)
-		}
-		fmt.Println("HTTP", r.HTTPStatus)
-	}
-}
-GOMAIN
-        [ -n "$URL" ] && check "Go user's module: go run -race (require + replace)" \
-            bash -c 'cd "$0" && go run -race . "$1" | grep -qx "HTTP 200"' "$APP" "$URL"
+        check "docs/go.md prints go.mod, main.go and pool.go" bash -c '
+            doc_block docs/go.md text "module example.com/app" |
+                sed "s|=> /path/to/keypool/go\$|=> $1/go|" >"$0/go.mod" &&
+            grep -qx "replace github.com/keypool/keypool/go => $1/go" "$0/go.mod" &&
+            doc_block docs/go.md go "func main()" >"$0/main.go" &&
+            doc_block docs/go.md go "func newPool(" >"$0/pool.go"' "$APP" "$ROOT"
+        check "README.md prints docs/go.md's go.mod" bash -c \
+            'diff <(doc_block README.md text "module example.com/app") <(doc_block docs/go.md text "module example.com/app")'
+        check "docs/go.md's program: gofmt, go vet" bash -c 'cd "$0" && test -z "$(gofmt -l .)" && go vet .' "$APP"
+        [ -n "$URL" ] && check "docs/go.md's program: go run -race . BASE_URL (require + replace)" \
+            bash -c 'cd "$0" && test "$(go run -race . "$1" | grep -c "^HTTP 200 via acct-")" = 2' "$APP" "$URL"
     fi
 fi
 stop_mock
@@ -246,8 +304,8 @@ if [ -n "$TLS_URL" ]; then
     check "batch over https (SSL_CERT_FILE)" env SSL_CERT_FILE="$CA" "$OUT/batch" "$TLS_URL"
     check "batch over https without the CA fails" bash -c '! env -u SSL_CERT_FILE -u SSL_CERT_DIR "$0" "$1" >/dev/null 2>&1' "$OUT/batch" "$TLS_URL"
     if [ "${SKIP_GO:-0}" != 1 ] && command -v go >/dev/null 2>&1 && [ -d "${APP:-}" ]; then
-        check "Go user's module over https (tls.ca_file)" \
-            bash -c 'cd "$0" && go run . "$1" "$2" | grep -qx "HTTP 200"' "$APP" "$TLS_URL" "$CA"
+        check "docs/go.md's program over https: go run . BASE_URL CA_FILE (tls.ca_file)" \
+            bash -c 'cd "$0" && test "$(go run . "$1" "$2" | grep -c "^HTTP 200 via acct-")" = 2' "$APP" "$TLS_URL" "$CA"
     fi
 fi
 stop_mock

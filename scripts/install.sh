@@ -8,7 +8,7 @@
 #   PREFIX/lib/libkeypool.so.X.Y.Z  (SONAME libkeypool.so.X) + libkeypool.so.X, libkeypool.so links
 #   PREFIX/lib/pkgconfig/keypool.pc
 #   PREFIX/include/keypool.h, PREFIX/include/keypool.hpp (C++17 RAII wrapper)
-#   PREFIX/share/keypool/keypool.supp (valgrind suppressions, see README)
+#   PREFIX/share/keypool/keypool.supp (valgrind suppressions, see docs/c.md)
 #
 # Builds `cargo build --release --locked -p keypool-capi` first unless --no-build is
 # given (then the release artifacts must already exist). Finds artifacts through

@@ -6,7 +6,7 @@
 //! [`judge`] is the one table. The worker (`worker::judge_response`) acts on its
 //! [`Fault`] and on nothing else, so a request's fault (a flagged prompt, an oversized
 //! `max_tokens`) never takes a key out, and a key's fault never spends the request's
-//! attempts. The table, as documented for users in README ("Whose fault is it"):
+//! attempts. The table, as documented for users in docs/faults.md ("Whose fault is it"):
 //!
 //! | answer | fault | what happens |
 //! | --- | --- | --- |

@@ -250,7 +250,7 @@ impl Error {
     /// Whom the failure was blamed on: the request (a bad or flagged request, one no
     /// key's budget covers), the model on a key, the key, its account, or the server
     /// (5xx, timeouts, transport). `None` for errors of the API itself (`Busy`,
-    /// `Closed`, a config error, …). See README, "Whose fault is it".
+    /// `Closed`, a config error, …). See docs/faults.md, "Whose fault is it".
     pub fn blame(&self) -> Option<crate::Blame> {
         use crate::Blame;
         match self {

@@ -165,3 +165,63 @@ pub mod __capi {
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// docs/rust.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/rust.md")]
+pub struct DocsRustDoctests;
+
+/// docs/cli.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/cli.md")]
+pub struct DocsCliDoctests;
+
+/// docs/configuration.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/configuration.md")]
+pub struct DocsConfigurationDoctests;
+
+/// docs/routing.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/routing.md")]
+pub struct DocsRoutingDoctests;
+
+/// docs/shared-limits.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/shared-limits.md")]
+pub struct DocsSharedLimitsDoctests;
+
+/// docs/faults.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/faults.md")]
+pub struct DocsFaultsDoctests;
+
+/// docs/https.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/https.md")]
+pub struct DocsHttpsDoctests;
+
+/// docs/c.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/c.md")]
+pub struct DocsCDoctests;
+
+/// docs/go.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/go.md")]
+pub struct DocsGoDoctests;
+
+/// docs/python.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/python.md")]
+pub struct DocsPythonDoctests;
+
+/// docs/benchmarks.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/benchmarks.md")]
+pub struct DocsBenchmarksDoctests;
+
+/// docs/internals.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/internals.md")]
+pub struct DocsInternalsDoctests;

@@ -408,21 +408,17 @@ fn config_fields_from_json() {
     }
 }
 
-/// The JSON block under README.md's "Routing, accounts and learned capacity" heading.
-fn readme_routing_example() -> String {
-    let readme = include_str!("../README.md");
-    let section = readme
-        .split("\n## Routing, accounts and learned capacity")
-        .nth(1)
-        .expect("README has the routing section");
-    let start = section.find("```json\n").expect("a JSON block") + "```json\n".len();
-    let len = section[start..].find("```").expect("the block ends");
-    section[start..start + len].to_owned()
+/// The first JSON block of docs/routing.md, the routing guide's worked example.
+fn routing_guide_example() -> String {
+    let guide = include_str!("../docs/routing.md");
+    let start = guide.find("```json\n").expect("a JSON block") + "```json\n".len();
+    let len = guide[start..].find("```").expect("the block ends");
+    guide[start..start + len].to_owned()
 }
 
 #[test]
-fn readme_worked_example_parses_and_routes_at_the_mock() {
-    let mut config = Config::from_json(&readme_routing_example()).unwrap();
+fn routing_guide_example_parses_and_routes_at_the_mock() {
+    let mut config = Config::from_json(&routing_guide_example()).unwrap();
     // Three keys on two accounts (one group, one key on its own), one key limited to
     // one model family.
     assert_eq!(config.keys.len(), 3);

@@ -92,7 +92,7 @@ def _close_all() -> None:
 class Pool:
     """A pool of API keys.
 
-    ``config`` is the engine's configuration (README "Configuration") as a dict or as
+    ``config`` is the engine's configuration (docs/configuration.md) as a dict or as
     JSON text: ``base_url``, ``keys`` (each with ``key``, ``label``,
     ``max_concurrent``…), ``strategy``, ``queue_capacity``, ``retry``…
     Use it as a context manager, or call :meth:`close`.
