@@ -54,6 +54,10 @@ pub(crate) struct Job {
     /// (`blame::Fault::Forbidden`): the request goes once more to another key; served
     /// there, it counts as evidence against that key.
     pub forbidden_by: Option<usize>,
+    /// The hash of the request's affinity (`Request::with_affinity`, or its `"user"`
+    /// with `affinity_from_user`): its first attempt waits for its key (`routing::
+    /// affinity_home`) while that key is only busy.
+    pub affinity: Option<u64>,
 }
 
 impl Job {
@@ -100,6 +104,7 @@ impl Job {
             model: std::sync::OnceLock::new(),
             serves: None,
             forbidden_by: None,
+            affinity: None,
         }
     }
 

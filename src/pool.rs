@@ -433,6 +433,13 @@ impl Pool {
         // even while the job sits in the queue (see `deadline.rs`). The slot is
         // registered once the job is in the queue, never before: a refused submit must
         // not have its reply answered (and a callback run) by the registry.
+        let affinity = match req.affinity.as_deref() {
+            Some(a) => Some(crate::routing::affinity_hash(a)),
+            None if shared.config.affinity_from_user => {
+                crate::routing::user_of(&req.body).map(|u| crate::routing::affinity_hash(&u))
+            }
+            None => None,
+        };
         let mut registration = None;
         let job = match deadline {
             Some(at) => {
@@ -444,6 +451,7 @@ impl Pool {
         };
         let mut job = job;
         job.stream = stream;
+        job.affinity = affinity;
         if let Some((model, serves)) = route {
             job.model = std::sync::OnceLock::from(model);
             job.serves = Some(serves);

@@ -23,6 +23,8 @@ pub struct Request {
     /// Set by the caller to give the request up while it is not sent yet
     /// ([`Request::with_cancel`]).
     pub(crate) cancel: Option<Arc<AtomicBool>>,
+    /// Keeps requests that share it on one key ([`Request::with_affinity`]).
+    pub(crate) affinity: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Request {
@@ -36,6 +38,7 @@ impl std::fmt::Debug for Request {
             )
             .field("deadline", &self.deadline)
             .field("cancelled", &self.is_cancelled())
+            .field("affinity", &self.affinity.is_some())
             .finish()
     }
 }
@@ -123,6 +126,7 @@ impl Request {
             headers: Vec::new(),
             deadline: None,
             cancel: None,
+            affinity: None,
         }
     }
 
@@ -178,6 +182,23 @@ impl Request {
     pub fn with_cancel(mut self, flag: Arc<AtomicBool>) -> Request {
         self.cancel = Some(flag);
         self
+    }
+
+    /// Gives the request an affinity: requests with the same one (a session, a
+    /// conversation, a user) go to the same key while that key can admit them — they
+    /// wait for it while it is only busy — and move only when it cannot (disabled,
+    /// parked, cooling, not serving the model), to the next key in a consistent order
+    /// (rendezvous hashing over the keys' labels), so a provider's prompt cache keeps
+    /// hitting. Jobs without one never wait behind them. See also
+    /// [`Config::affinity_from_user`](crate::Config::affinity_from_user).
+    pub fn with_affinity(mut self, affinity: impl Into<String>) -> Request {
+        self.affinity = Some(Arc::from(affinity.into()));
+        self
+    }
+
+    /// The request's affinity, if it has one ([`Request::with_affinity`]).
+    pub fn affinity(&self) -> Option<&str> {
+        self.affinity.as_deref()
     }
 
     /// Whether the request's cancel flag ([`Request::with_cancel`]) is set.

@@ -123,6 +123,13 @@ fn self_serve(ctx: &KeyWorkerCtx) -> Option<Job> {
     }
     let mut job = ctx.intake.try_recv().ok()?;
     sh.took_from(&ctx.intake);
+    // A job bound to another key by its affinity is the dispatcher's to place.
+    if let Some(h) = job.affinity {
+        if crate::routing::affinity_home(sh, &job, h, Instant::now()) != Some(ctx.index) {
+            hand_back(ctx, job);
+            return None;
+        }
+    }
     // The same admission as the dispatcher's: the key must serve the job's model, and
     // its gate and group must admit, in one step.
     match crate::routing::admit(sh, ctx.index, &job, Via::SelfServe, Instant::now()) {
