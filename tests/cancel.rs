@@ -277,3 +277,26 @@ fn an_in_flight_request_over_https_is_cut_too() {
     assert_eq!(requests(&server), 3);
     let _ = std::fs::remove_file(ca);
 }
+
+#[test]
+fn a_cancelled_request_with_a_deadline_is_answered_once() {
+    let server = server();
+    let pool = pool(&server, 1);
+    // The deadline registry shares the ticket's slot: whichever answers first wins.
+    let mut ticket = pool
+        .submit(slow(20_000).with_deadline(Duration::from_millis(800)))
+        .unwrap();
+    wait_in_flight(&server, 1);
+    assert!(ticket.cancel());
+    assert!(matches!(
+        ticket.wait_timeout(Duration::from_secs(5)),
+        Err(Error::Cancelled)
+    ));
+    // Past the deadline: no second answer, nothing more sent, the worker serves on.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(ticket.try_wait().is_none());
+    assert!(pool.submit(quick()).unwrap().wait().is_ok());
+    assert_eq!(requests(&server), 2);
+    let s = pool.stats();
+    assert_eq!((s.submitted, s.completed), (2, 2));
+}
