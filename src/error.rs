@@ -142,7 +142,9 @@ pub enum Error {
     Busy,
     /// The pool is closed (or closing) and takes no more requests.
     Closed,
-    /// The request was queued when the pool shut down and was never sent.
+    /// The request was cancelled by its caller ([`Ticket::cancel`](crate::Ticket::cancel),
+    /// a dropped [`ResponseStream`](crate::ResponseStream), a cancel flag), or was
+    /// queued when the pool shut down and was never sent.
     Cancelled,
     /// Every key is disabled (revoked, out of credit) so nothing can be sent.
     NoUsableKey {
@@ -367,9 +369,9 @@ impl fmt::Display for Error {
             }
             Error::Busy => f.write_str("pool is busy: the queue is full"),
             Error::Closed => f.write_str("pool is closed"),
-            Error::Cancelled => {
-                f.write_str("request cancelled: the pool shut down before it was sent")
-            }
+            Error::Cancelled => f.write_str(
+                "request cancelled (by its caller, or the pool shut down before it was sent)",
+            ),
             Error::NoUsableKey { detail, .. } => write!(f, "no usable key: {detail}"),
             Error::ModelNotServed { model: Some(m) } => {
                 write!(f, "no key serves model {m:?}")

@@ -11,12 +11,34 @@ use crate::stream::StreamState;
 use crate::ticket::{Reply, RequestResult};
 
 /// Where the job's one answer goes.
-enum Answer {
-    /// Only the job holds the reply (no deadline).
+pub(crate) enum Answer {
+    /// Only the job holds the reply (no deadline, no cancel handle).
     Own(Option<Reply>),
     /// Shared with the deadline registry, which answers it if the deadline passes
-    /// while the job waits.
+    /// while the job waits, and with the caller's cancel handle (`cancel.rs`).
     Shared(Arc<Slot>),
+}
+
+impl Answer {
+    /// Disarms the reply without delivering anything (`submit` failed and tells the
+    /// caller itself).
+    pub(crate) fn defuse(self) {
+        let reply = match self {
+            Answer::Own(r) => r,
+            Answer::Shared(slot) => slot.take(),
+        };
+        if let Some(r) = reply {
+            r.defuse();
+        }
+    }
+
+    /// The same answer in a slot, to share with the deadline registry.
+    pub(crate) fn into_slot(self) -> Arc<Slot> {
+        match self {
+            Answer::Own(r) => Slot::new(r.expect("a new job's reply is unanswered")),
+            Answer::Shared(slot) => slot,
+        }
+    }
 }
 
 pub(crate) struct Job {
@@ -61,27 +83,7 @@ pub(crate) struct Job {
 }
 
 impl Job {
-    /// A job whose reply is owned, or shared with the deadline registry (`slot`).
-    pub(crate) fn new(
-        req: Request,
-        reply: Reply,
-        deadline: Option<Instant>,
-        est_tokens: u64,
-    ) -> Job {
-        Job::with_answer(req, Answer::Own(Some(reply)), deadline, est_tokens)
-    }
-
-    /// A job whose reply lives in `slot`, registered with the deadline registry.
-    pub(crate) fn with_slot(
-        req: Request,
-        slot: Arc<Slot>,
-        deadline: Option<Instant>,
-        est_tokens: u64,
-    ) -> Job {
-        Job::with_answer(req, Answer::Shared(slot), deadline, est_tokens)
-    }
-
-    fn with_answer(
+    pub(crate) fn with_answer(
         req: Request,
         answer: Answer,
         deadline: Option<Instant>,
@@ -129,6 +131,20 @@ impl Job {
             Answer::Own(r) => r.is_none(),
             Answer::Shared(slot) => slot.is_answered(),
         }
+    }
+
+    /// The reply's slot, if it is shared (a deadline, or a caller's cancel handle).
+    pub(crate) fn slot(&self) -> Option<&Arc<Slot>> {
+        match &self.answer {
+            Answer::Own(_) => None,
+            Answer::Shared(slot) => Some(slot),
+        }
+    }
+
+    /// Whether the caller cancelled the request through its handle (it was answered
+    /// `Cancelled` then).
+    pub(crate) fn was_cancelled(&self) -> bool {
+        self.slot().is_some_and(|s| s.is_cancelled())
     }
 
     /// An attempt on `key` (key index `index`) starts now. False if the job was

@@ -39,6 +39,7 @@ mod admission;
 mod batch;
 mod blame;
 mod body;
+mod cancel;
 mod chat;
 mod config;
 mod credits;
@@ -90,7 +91,7 @@ pub use serde_json::{self, Value};
 pub use shared_limits::{OnUnavailable, SharedConfig};
 pub use stats::{FailureCounts, GroupStats, KeyStats, Stats, Totals};
 pub use stream::{ResponseStream, StreamChunk, StreamEvent};
-pub use ticket::{RequestResult, Ticket};
+pub use ticket::{CancelHandle, RequestResult, Ticket};
 pub use transport::{
     HttpRequest, HttpResponse, HttpStream, TlsConfig, TlsTrust, Transport, TransportError,
     TransportSettings, UreqTransport,

@@ -167,7 +167,9 @@ impl Request {
 
     /// Gives the request a cancel flag: once `flag` is set, the request is answered
     /// [`Error::Cancelled`] instead of being sent — from the queue, or before a retry.
-    /// An attempt already on the wire runs to its end. (The Python bindings set it on
+    /// An attempt already on the wire runs to its end: to cut that short too, use
+    /// [`Ticket::cancel`](crate::Ticket::cancel) (or drop a
+    /// [`ResponseStream`](crate::ResponseStream)). (The Python bindings set it on
     /// Ctrl-C; several requests may share one flag.)
     ///
     /// ```
