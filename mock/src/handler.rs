@@ -55,10 +55,69 @@ fn is_key_info(path: &str) -> bool {
     ["/api/v1/key", "/v1/key", "/key"].contains(&path)
 }
 
-/// `GET …/key`: the key's credit in OpenRouter's shape, not counted as a request.
+/// Whether `path` is the model list route, `{,/v1,/api/v1}/models`.
+fn is_models(path: &str) -> bool {
+    ["/api/v1/models", "/v1/models", "/models"].contains(&path)
+}
+
+/// The answer of a key whose rule refuses it everywhere (a revoked key: an active
+/// [`crate::KeyRule`] with `always_status` 401 or 403, for every request and model),
+/// for the routes that are no completion (`GET …/key`, `GET …/models`).
+fn refused(shared: &Shared, key: &str) -> Option<(u16, Bytes)> {
+    if key.is_empty() {
+        return Some((401, request_error(401, "missing API key")));
+    }
+    let c = shared.control.lock();
+    let rs = c.rules.get(key)?;
+    let r = &rs.rule;
+    let status = r.always_status.filter(|s| matches!(s, 401 | 403))?;
+    let active = r.fail_first == 0
+        && r.model.is_none()
+        && r.fail_for_ms
+            .is_none_or(|ms| rs.set_at.elapsed() < Duration::from_millis(ms));
+    active.then(|| {
+        let body = r.body.clone().map_or_else(
+            || error_json(status, &format!("mock {status}")),
+            Bytes::from,
+        );
+        (status, body)
+    })
+}
+
+/// A JSON answer to a `GET`.
+fn json_answer(status: u16, body: Bytes) -> Response<MockBody> {
+    let mut r = Response::new(MockBody::full(body, None));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    if let Ok(v) = hyper::header::HeaderValue::from_str("application/json") {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// `GET …/models`: the models of [`crate::MockServer::set_models`] in OpenAI's shape,
+/// not counted as a request; 404 when the list is `None`.
+fn models(shared: &Shared, key: &str) -> Response<MockBody> {
+    if let Some((status, body)) = refused(shared, key) {
+        return json_answer(status, body);
+    }
+    let Some(models) = shared.control.lock().models.clone() else {
+        return json_answer(404, request_error(404, "not found"));
+    };
+    let data: Vec<Value> = models
+        .iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "keypool-mock"}))
+        .collect();
+    json_answer(
+        200,
+        Bytes::from(json!({"object": "list", "data": data}).to_string()),
+    )
+}
+
+/// `GET …/key`: the key's credit in OpenRouter's shape, not counted as a request. A
+/// key refused by its rule (401, 403) is refused here too.
 fn key_info(shared: &Shared, key: &str) -> Response<MockBody> {
-    let (status, body) = if key.is_empty() {
-        (401, request_error(401, "missing API key"))
+    let (status, body) = if let Some(refusal) = refused(shared, key) {
+        refusal
     } else {
         let mut c = shared.control.lock();
         let credit = c.credits.entry(key.to_owned()).or_default();
@@ -81,12 +140,7 @@ fn key_info(shared: &Shared, key: &str) -> Response<MockBody> {
             ),
         }
     };
-    let mut r = Response::new(MockBody::full(body, None));
-    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-    if let Ok(v) = hyper::header::HeaderValue::from_str("application/json") {
-        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    r
+    json_answer(status, body)
 }
 
 /// Whether the key has a cap and nothing left (it gets 402).
@@ -728,6 +782,9 @@ pub(crate) async fn handle(
     let key = bearer(&req);
     if req.method() == Method::GET && is_key_info(req.uri().path()) {
         return Ok(key_info(&shared, &key));
+    }
+    if req.method() == Method::GET && is_models(req.uri().path()) {
+        return Ok(models(&shared, &key));
     }
     let guard = shared.acc.begin(&key, connection);
     let n = shared.ids.fetch_add(1, Ordering::Relaxed) + 1;

@@ -55,7 +55,11 @@
 //! Routes: `POST {,/v1,/api/v1}/chat/completions`, `…/completions` and `…/embeddings`;
 //! `GET {,/v1,/api/v1}/key` answers OpenRouter's key info (`{"data": {"label", "limit",
 //! "limit_remaining", "usage", "is_free_tier", "limit_reset"}}`) from the key's
-//! [`MockCredit`] (not counted as a request). A key with a cap and nothing left gets
+//! [`MockCredit`] (not counted as a request); `GET {,/v1,/api/v1}/models` lists the
+//! models of [`MockServer::set_models`] in OpenAI's shape (not counted either; 404 when
+//! set to `None`). A key whose [`KeyRule`] answers 401 or 403 to every request (no
+//! `fail_first`, no `model`) is refused on both routes too, as a revoked key is.
+//! A key with a cap and nothing left gets
 //! 402 for every request; with [`MockConfig::cost_per_request`] each success reports
 //! `usage.cost` (a stream in its usage chunk) and is debited.
 //!
