@@ -180,7 +180,11 @@ pub fn parse_credit(body: &[u8]) -> Option<Credit> {
     let mut garbled = false;
     c.unlimited = d.get("limit").is_some_and(Value::is_null);
     c.limit = number("limit", &mut garbled);
-    c.remaining = number("limit_remaining", &mut garbled);
+    // Overspent keys report a little below zero: nothing left.
+    c.remaining = match d.get("limit_remaining").and_then(Value::as_f64) {
+        Some(x) if x.is_finite() && (-MAX_DOLLARS..0.0).contains(&x) => Some(0.0),
+        _ => number("limit_remaining", &mut garbled),
+    };
     c.usage = number("usage", &mut garbled);
     c.free_tier = d.get("is_free_tier").and_then(Value::as_bool);
     c.reset = d.get("limit_reset").and_then(plain_word);
@@ -449,9 +453,14 @@ impl KeyCheck<'_> {
                     r.probe = Some((true, ms));
                 } else {
                     r.probe_failed(ms);
-                    r.notes.push(match error {
-                        Some(_) => self.note(&format!("{what}: error in"), resp.status, &resp.body),
-                        None => format!("{what}: HTTP {} without a completion", resp.status),
+                    let status = resp.status;
+                    r.notes.push(match (error, server_message(&resp.body)) {
+                        (Some(_), Some(m)) => format!(
+                            "{what}: HTTP {status} with an error: {}",
+                            clean(&m, self.secrets)
+                        ),
+                        (Some(_), None) => format!("{what}: HTTP {status} with an error"),
+                        (None, _) => format!("{what}: HTTP {status} without a completion"),
                     });
                 }
             }
@@ -726,6 +735,13 @@ mod tests {
         assert_eq!(c.describe(), "no credit limit (used $0.0010), free tier");
         let c = parse_credit(br#"{"data":{"limit":5,"limit_remaining":0,"usage":5}}"#).unwrap();
         assert!(c.spent());
+        // Overspent: a little below zero is nothing left.
+        let c = parse_credit(br#"{"data":{"limit":5,"limit_remaining":-0.02,"usage":5.02}}"#)
+            .unwrap();
+        assert!(c.spent() && !c.garbled);
+        assert_eq!(c.describe(), "credit $0.00 left of $5.00 (used $5.02)");
+        let c = parse_credit(br#"{"data":{"limit":5,"limit_remaining":-1e12}}"#).unwrap();
+        assert!(!c.spent() && c.garbled);
     }
 
     #[test]
@@ -744,7 +760,7 @@ mod tests {
             );
         }
         let c = parse_credit(
-            br#"{"data":{"limit":1e300,"limit_remaining":-5,"usage":"lots","limit_reset":"\u001b[31mred","rate_limit":{"requests":-1}}}"#,
+            br#"{"data":{"limit":1e300,"limit_remaining":"5","usage":"lots","limit_reset":"\u001b[31mred","rate_limit":{"requests":-1}}}"#,
         )
         .unwrap();
         assert_eq!((c.limit, c.remaining, c.usage), (None, None, None));
