@@ -405,52 +405,41 @@ impl<const VALUE: bool> Scanner<'_, VALUE> {
             }
             self.digits();
         }
+        // The decimal exponent, when `VALUE` (bounded: only its size matters).
+        let mut exponent: i64 = 0;
         if let Some(b'e' | b'E') = self.peek() {
             self.i += 1;
+            let negative = self.peek() == Some(b'-');
             if let Some(b'+' | b'-') = self.peek() {
                 self.i += 1;
             }
             if !matches!(self.peek(), Some(b'0'..=b'9')) {
                 return Err(self.err("invalid number: no digit in the exponent"));
             }
+            let digits = self.i;
             self.digits();
+            if VALUE {
+                for &d in &self.b[digits..self.i] {
+                    exponent = (exponent * 10 + i64::from(d - b'0')).min(1 << 40);
+                }
+                if negative {
+                    exponent = -exponent;
+                }
+            }
         }
-        if VALUE {
-            self.in_range(start, int_digits);
+        // Its magnitude is below 10^(int_digits + exponent): only a number that may
+        // reach 1e300 can be beyond f64, and it is read again by serde_json itself
+        // (whose rounding near `f64::MAX` is its own).
+        if VALUE && int_digits as i64 + exponent > 300 && self.out_of_range(start) {
+            self.past_limit(start, OUT_OF_RANGE);
         }
         Ok(())
     }
 
-    /// Whether the number `b[start..i]` (with `int_digits` digits before its point)
-    /// fits an `f64` as serde_json reads it. Its magnitude is below
-    /// 10^(int_digits + exponent), so only one that may reach 1e300 is read again, by
-    /// serde_json itself (whose rounding near `f64::MAX` is its own).
+    /// Whether serde_json refuses the number `b[start..i]` (beyond `f64`).
     #[cold]
     fn out_of_range(&self, start: usize) -> bool {
         serde_json::from_slice::<serde_json::Value>(&self.b[start..self.i]).is_err()
-    }
-
-    #[inline(always)]
-    fn in_range(&mut self, start: usize, int_digits: usize) {
-        let token = &self.b[start..self.i];
-        let exponent = match token.iter().position(|c| matches!(c, b'e' | b'E')) {
-            None => 0,
-            Some(e) => {
-                let (sign, digits) = match token[e + 1] {
-                    b'-' => (-1, &token[e + 2..]),
-                    b'+' => (1, &token[e + 2..]),
-                    _ => (1, &token[e + 1..]),
-                };
-                let mut v: i64 = 0;
-                for d in digits {
-                    v = (v * 10 + i64::from(d - b'0')).min(1 << 40);
-                }
-                sign * v
-            }
-        };
-        if int_digits as i64 + exponent > 300 && self.out_of_range(start) {
-            self.past_limit(start, OUT_OF_RANGE);
-        }
     }
 
     #[inline(always)]
