@@ -242,6 +242,49 @@ fn raw_server(status: u16, body: &'static str) -> String {
     url
 }
 
+/// A proxy in front of `server` that answers `GET …/key` 503 and forwards every
+/// other request (read whole, answered whole, one per connection).
+fn raw_key_500_then_mock(server: &MockServer) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let upstream = server.addr();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push_str(&line);
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                if head.starts_with("GET /v1/key ") {
+                    let body = r#"{"error":{"message":"busy"}}"#;
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 503 X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    return;
+                }
+                let mut up = std::net::TcpStream::connect(upstream).unwrap();
+                let head = head.replacen("\r\n\r\n", "\r\nconnection: close\r\n\r\n", 1);
+                up.write_all(head.as_bytes()).unwrap();
+                let mut answer = Vec::new();
+                let _ = up.read_to_end(&mut answer);
+                let _ = conn.write_all(&answer);
+            });
+        }
+    });
+    url
+}
+
 #[test]
 fn hostile_answers_never_panic_and_leave_the_key_unknown_or_accepted() {
     // A 500 everywhere: nothing confirms the keys.
@@ -253,6 +296,27 @@ fn hostile_answers_never_panic_and_leave_the_key_unknown_or_accepted() {
         a.contains(" unknown ")
             && a.contains("GET /key: HTTP 500")
             && a.contains("GET /models: HTTP 500"),
+        "{a}"
+    );
+    // /key fails but /models lists (OpenRouter lists models to anyone): unconfirmed.
+    let server = default_mock();
+    let dir = Dir::new("check-key-500");
+    std::fs::write(
+        dir.path("pool.json"),
+        json!({"base_url": server.url(), "keys": [{"key": KEY_A, "label": "a"}]}).to_string(),
+    )
+    .unwrap();
+    let mut c = keypool();
+    c.args(["check", "-c", &dir.s("pool.json"), "--base-url"])
+        .arg(raw_key_500_then_mock(&server));
+    let out = run_to_end(c);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let a = line_of(&text, "a");
+    assert!(
+        a.contains(" unknown ")
+            && a.contains("GET /key: HTTP 503")
+            && a.contains("2 models listed"),
         "{a}"
     );
     // A 401 that echoes the key: masked.

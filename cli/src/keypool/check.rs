@@ -371,9 +371,15 @@ impl KeyCheck<'_> {
     }
 
     fn models(&self, r: &mut KeyReport) {
+        // Only a server without `/key` (OpenAI, vLLM, …) is taken at its word that
+        // listing models accepts the key: OpenRouter lists them to anyone, so there a
+        // `/key` that failed leaves the key unconfirmed.
+        let confirms = r.missing_routes == 1;
         match self.get("/models", MAX_MODELS_BODY) {
             Answer::Http(resp) if (200..300).contains(&resp.status) => {
-                r.conclude(Verdict::Ok);
+                if confirms {
+                    r.conclude(Verdict::Ok);
+                }
                 let ids = serde_json::from_slice::<Value>(&resp.body)
                     .ok()
                     .and_then(|v| match v {
@@ -736,8 +742,8 @@ mod tests {
         let c = parse_credit(br#"{"data":{"limit":5,"limit_remaining":0,"usage":5}}"#).unwrap();
         assert!(c.spent());
         // Overspent: a little below zero is nothing left.
-        let c = parse_credit(br#"{"data":{"limit":5,"limit_remaining":-0.02,"usage":5.02}}"#)
-            .unwrap();
+        let c =
+            parse_credit(br#"{"data":{"limit":5,"limit_remaining":-0.02,"usage":5.02}}"#).unwrap();
         assert!(c.spent() && !c.garbled);
         assert_eq!(c.describe(), "credit $0.00 left of $5.00 (used $5.02)");
         let c = parse_credit(br#"{"data":{"limit":5,"limit_remaining":-1e12}}"#).unwrap();
