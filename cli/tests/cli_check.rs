@@ -438,6 +438,20 @@ fn mock_tls_without_ca_out_names_a_temp_file_and_removes_it() {
         .unwrap_or_else(|| panic!("{err}"));
     assert!(path.ends_with(".pem"), "{path}");
     assert!(!std::path::Path::new(path).exists(), "{path} left behind");
+    // `--ca-out -`: the PEM itself on stderr, ready to save.
+    let mut mock = spawn_piped(keypool().args(["mock", "--tls", "--ca-out", "-"]));
+    let mut url = String::new();
+    BufReader::new(mock.stdout.take().unwrap())
+        .read_line(&mut url)
+        .unwrap();
+    interrupt(&mock);
+    let err = read_stderr(&mut mock);
+    assert_eq!(mock.wait().unwrap().code(), Some(0), "{err}");
+    assert!(
+        err.contains("-----BEGIN CERTIFICATE-----\n")
+            && err.contains("-----END CERTIFICATE-----\n"),
+        "{err}"
+    );
 }
 
 /// A chat completion answered with exactly `body` (status 200) by the mock.
