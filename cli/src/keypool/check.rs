@@ -427,12 +427,11 @@ impl KeyCheck<'_> {
         })
         .to_string();
         let url = format!("{}{}", self.base, keypool::DEFAULT_PATH);
-        let mut headers = self.headers.clone();
-        headers.push(("content-type".to_owned(), "application/json".to_owned()));
+        // (The transport sends `content-type: application/json` itself.)
         let req = HttpRequest {
             url: &url,
             key: &self.key.key,
-            headers: &headers,
+            headers: &self.headers,
             body: body.as_bytes(),
             timeout: self.timeout,
         };
