@@ -110,8 +110,9 @@ pub enum Error {
         response: Box<Response>,
     },
     /// The server answered 2xx with a body that is not a success: not valid JSON (a
-    /// truncated body, an HTML page from a proxy), or, for a chat completion, no
-    /// `choices` array. Retried like a 5xx (another key, after backoff); this is the
+    /// truncated body, an HTML page from a proxy), JSON no reader holds as a value
+    /// (nested deeper than 100 levels, a `\u` escape naming a lone surrogate, a number
+    /// beyond `f64`), or, for a chat completion, no `choices` array. Retried like a 5xx (another key, after backoff); this is the
     /// last attempt's. [`Error::code`] is `"invalid_response"`.
     InvalidResponse {
         /// What is wrong, and the start of the body as text.
