@@ -222,6 +222,16 @@ pub struct DocsPythonDoctests;
 #[doc = include_str!("../docs/benchmarks.md")]
 pub struct DocsBenchmarksDoctests;
 
+/// docs/cancellation.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/cancellation.md")]
+pub struct DocsCancellationDoctests;
+
+/// docs/cli-check.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/cli-check.md")]
+pub struct DocsCliCheckDoctests;
+
 /// docs/internals.md's Rust examples (if any), compiled and run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../docs/internals.md")]
