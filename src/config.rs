@@ -503,6 +503,11 @@ pub struct Config {
     /// requests then stay on one key while it can admit, so a provider's prompt cache
     /// hits. Defaults to false.
     pub affinity_from_user: bool,
+    /// Per model, the models to fall back to, in order, when it cannot be served (see
+    /// [`Request::with_fallback_models`](crate::Request::with_fallback_models), which
+    /// overrides it per request). JSON: `"fallback_models": {"x": ["y", "z"]}`.
+    /// Defaults to none.
+    pub fallback_models: BTreeMap<String, Vec<String>>,
     /// Time allowed for one HTTP attempt as a whole: resolving, connecting, sending
     /// the request and reading the whole response (a stream included) end by then,
     /// however the server trickles. Use `deadline_ms` to bound a request across
@@ -558,6 +563,7 @@ impl Default for Config {
             base_url: "https://openrouter.ai/api/v1".to_owned(),
             strategy: Strategy::default(),
             affinity_from_user: false,
+            fallback_models: BTreeMap::new(),
             timeout_ms: 600_000,
             connect_timeout_ms: 10_000,
             deadline_ms: 0,
@@ -1121,6 +1127,20 @@ impl ConfigBuilder {
     /// Attempts per request (1 = no retries). Defaults to 3.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.config.retry.max_attempts = n;
+        self
+    }
+
+    /// Models to fall back to, in order, when `model` cannot be served (see
+    /// [`Config::fallback_models`]).
+    pub fn fallback_models<S: Into<String>>(
+        mut self,
+        model: impl Into<String>,
+        fallbacks: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.config.fallback_models.insert(
+            model.into(),
+            fallbacks.into_iter().map(Into::into).collect(),
+        );
         self
     }
 

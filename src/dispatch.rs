@@ -529,6 +529,12 @@ impl Dispatcher {
             return Ok(());
         }
         let n = self.shared.keys.len();
+        if !(0..n).any(|i| routing::could_serve(&self.shared, i, &job))
+            && job.next_fallback(&self.shared)
+        {
+            // Its model cannot be served anywhere: the next fallback model's keys may.
+            return self.try_place(job, now);
+        }
         if !(0..n).any(|i| routing::could_serve(&self.shared, i, &job)) {
             // The model is missing wherever it was asked: that answer (a 404 blamed on
             // the model) says more than "no usable key".

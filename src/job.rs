@@ -80,6 +80,10 @@ pub(crate) struct Job {
     /// with `affinity_from_user`): its first attempt waits for its key (`routing::
     /// affinity_home`) while that key is only busy.
     pub affinity: Option<u64>,
+    /// Models still to fall back to, in order (`Request::with_fallback_models`, the
+    /// config's `fallback_models`), and the one now in the body if it is a fallback.
+    pub fallbacks: std::collections::VecDeque<Arc<str>>,
+    pub fallback: Option<Arc<str>>,
 }
 
 impl Job {
@@ -107,7 +111,49 @@ impl Job {
             serves: None,
             forbidden_by: None,
             affinity: None,
+            fallbacks: std::collections::VecDeque::new(),
+            fallback: None,
         }
+    }
+
+    /// Moves the job to its next fallback model that some key serves: the body's
+    /// `"model"` replaced, its routing recomputed, the keys it tried forgotten (they
+    /// were tried for another model). False when none is left, the body is not a JSON
+    /// object, or a stream already delivered text (a fallback would repeat it).
+    pub(crate) fn next_fallback(&mut self, shared: &crate::shared::Shared) -> bool {
+        if self.stream.as_ref().is_some_and(|s| s.delivered()) {
+            return false;
+        }
+        while let Some(model) = self.fallbacks.pop_front() {
+            let Ok(mut body) = serde_json::from_slice::<serde_json::Value>(&self.req.body) else {
+                return false;
+            };
+            let Some(obj) = body.as_object_mut() else {
+                return false;
+            };
+            let serves = (shared.router.as_ref()).map(|r| r.serving(&shared.config, Some(&model)));
+            if serves.as_ref().is_some_and(|s| !s.iter().any(|&b| b)) {
+                continue; // no key serves this one either
+            }
+            obj.insert(
+                "model".to_owned(),
+                serde_json::Value::String(model.to_string()),
+            );
+            let Ok(bytes) = serde_json::to_vec(&body) else {
+                return false;
+            };
+            log::info!(
+                "keypool: falling back from model {:?} to {model:?}",
+                self.model().map(|m| m.to_string())
+            );
+            self.req.body = Arc::from(bytes);
+            self.model = std::sync::OnceLock::from(Some(model.clone()));
+            self.serves = serves;
+            self.tried.clear();
+            self.fallback = Some(model);
+            return true;
+        }
+        false
     }
 
     /// The request's `"model"`, if its body has a string one (read once).

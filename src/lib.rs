@@ -157,6 +157,7 @@ pub mod __capi {
                 ttft: None,
                 blame: None,
                 queue: std::time::Duration::ZERO,
+                fallback: None,
             }
         }
     }

@@ -416,7 +416,12 @@ impl Pool {
             Some(router) => {
                 let model = crate::routing::model_of(&req.body);
                 let serves = router.serving(&shared.config, model.as_ref());
-                if !serves.iter().any(|&s| s) {
+                // A model no key serves is refused at once — unless it has fallbacks.
+                let fallbacks = req.fallbacks.as_ref().is_some_and(|f| !f.is_empty())
+                    || model
+                        .as_ref()
+                        .is_some_and(|m| shared.config.fallback_models.contains_key(&**m));
+                if !serves.iter().any(|&s| s) && !fallbacks {
                     reply.defuse();
                     return Err(TrySubmitError {
                         error: Error::ModelNotServed {
@@ -452,6 +457,16 @@ impl Pool {
         let mut job = job;
         job.stream = stream;
         job.affinity = affinity;
+        let fallbacks: Vec<Arc<str>> = match &job.req.fallbacks {
+            Some(list) => list.to_vec(),
+            None if !shared.config.fallback_models.is_empty() => job
+                .model()
+                .and_then(|m| shared.config.fallback_models.get(&**m))
+                .map(|l| l.iter().map(|m| Arc::from(m.as_str())).collect())
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        job.fallbacks = fallbacks.into();
         if let Some((model, serves)) = route {
             job.model = std::sync::OnceLock::from(model);
             job.serves = Some(serves);

@@ -25,6 +25,9 @@ pub struct Request {
     pub(crate) cancel: Option<Arc<AtomicBool>>,
     /// Keeps requests that share it on one key ([`Request::with_affinity`]).
     pub(crate) affinity: Option<Arc<str>>,
+    /// Models to try, in order, when its own cannot be served
+    /// ([`Request::with_fallback_models`]).
+    pub(crate) fallbacks: Option<Arc<[Arc<str>]>>,
 }
 
 impl std::fmt::Debug for Request {
@@ -127,6 +130,7 @@ impl Request {
             deadline: None,
             cancel: None,
             affinity: None,
+            fallbacks: None,
         }
     }
 
@@ -195,6 +199,21 @@ impl Request {
     /// [`Config::affinity_from_user`](crate::Config::affinity_from_user).
     pub fn with_affinity(mut self, affinity: impl Into<String>) -> Request {
         self.affinity = Some(Arc::from(affinity.into()));
+        self
+    }
+
+    /// Models to fall back to, in order, when the request's own `"model"` cannot be
+    /// served: every key serving it is out (disabled, parked) or the provider said the
+    /// model is not there (a 404 blamed on the model, on every key serving it). The
+    /// request then goes, with its body's `"model"` replaced, to the next model's keys;
+    /// [`Response::fallback_model`] says which one served. Never after a stream
+    /// delivered text. Replaces the config's `fallback_models` for this model.
+    pub fn with_fallback_models<S: Into<String>>(
+        mut self,
+        models: impl IntoIterator<Item = S>,
+    ) -> Request {
+        let list: Vec<Arc<str>> = models.into_iter().map(|m| Arc::from(m.into())).collect();
+        self.fallbacks = Some(Arc::from(list));
         self
     }
 
@@ -349,6 +368,8 @@ pub struct Response {
     pub(crate) blame: Option<crate::Blame>,
     /// Submit to the first attempt's start.
     pub(crate) queue: Duration,
+    /// The fallback model that served the request, if not the one it asked for.
+    pub(crate) fallback: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Response {
@@ -366,6 +387,12 @@ impl std::fmt::Debug for Response {
 }
 
 impl Response {
+    /// The fallback model that served this request, if it was not the model it asked
+    /// for ([`Request::with_fallback_models`], the config's `fallback_models`).
+    pub fn fallback_model(&self) -> Option<&str> {
+        self.fallback.as_deref()
+    }
+
     /// Whom this answer was blamed on, when it is the response behind an error (see
     /// [`Error::blame`](crate::Error::blame)); `None` for a success.
     pub fn blame(&self) -> Option<crate::Blame> {

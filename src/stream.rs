@@ -121,7 +121,7 @@ impl StreamState {
         })
     }
 
-    fn delivered(&self) -> bool {
+    pub(crate) fn delivered(&self) -> bool {
         self.chunks > 0
     }
 }
@@ -581,6 +581,7 @@ impl Run<'_> {
             ttft,
             blame: None,
             queue: self.job.queue_time(),
+            fallback: self.job.fallback.clone(),
         })
     }
 

@@ -535,6 +535,7 @@ pub(crate) fn judge_response(
                     ttft: None,
                     blame: None,
                     queue: job.queue_time(),
+                    fallback: job.fallback.clone(),
                 });
             }
             Err(p) => Some(p),
@@ -561,6 +562,7 @@ pub(crate) fn judge_response(
         ttft: None,
         blame: None,
         queue: job.queue_time(),
+        fallback: job.fallback.clone(),
     };
     let status = match problem {
         Some(body::Problem::Invalid(why)) => {
