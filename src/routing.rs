@@ -61,17 +61,26 @@ impl Router {
     }
 }
 
-/// The `"user"` of a JSON body, if it has a string one (OpenAI's end-user id), for
-/// [`Config::affinity_from_user`](crate::Config::affinity_from_user).
+/// The `"user"` of a JSON body, if it has a non-empty string one (OpenAI's end-user
+/// id), for [`Config::affinity_from_user`](crate::Config::affinity_from_user).
 pub(crate) fn user_of(body: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Head {
-        #[serde(default)]
-        user: Option<serde_json::Value>,
-    }
+    head_string(body, |h| h.user).filter(|s| !s.is_empty())
+}
+
+/// The top-level fields routing reads from a request body.
+#[derive(Deserialize)]
+struct Head {
+    #[serde(default)]
+    model: Option<serde_json::Value>,
+    #[serde(default)]
+    user: Option<serde_json::Value>,
+}
+
+/// One of a body's top-level fields, if the body is a JSON object and it is a string.
+fn head_string(body: &[u8], field: fn(Head) -> Option<serde_json::Value>) -> Option<String> {
     let head: Head = serde_json::from_slice(body).ok()?;
-    match head.user? {
-        serde_json::Value::String(s) if !s.is_empty() => Some(s),
+    match field(head)? {
+        serde_json::Value::String(s) => Some(s),
         _ => None,
     }
 }
@@ -107,16 +116,7 @@ pub(crate) fn affinity_home(shared: &Shared, job: &Job, h: u64, now: Instant) ->
 
 /// The `"model"` of a JSON body, if it has a string one.
 pub(crate) fn model_of(body: &[u8]) -> Option<Arc<str>> {
-    #[derive(Deserialize)]
-    struct Head {
-        #[serde(default)]
-        model: Option<serde_json::Value>,
-    }
-    let head: Head = serde_json::from_slice(body).ok()?;
-    match head.model? {
-        serde_json::Value::String(s) => Some(Arc::from(s)),
-        _ => None,
-    }
+    head_string(body, |h| h.model).map(Arc::from)
 }
 
 /// Whether key `i` may take `job` at all (it serves the job's model).
