@@ -12,7 +12,11 @@
 //! transport without [`Transport::get`](crate::Transport::get)), or the answer is
 //! anything else (a refusal, a timeout, garbage), the key stays on trial exactly as
 //! without proofs: a revoked key still costs one request, never a burst. A proof never
-//! disables or blames a key — only a completion's answer does.
+//! disables or blames a key — only a completion's answer does. What a proof cannot see
+//! is a key out of quota or rate-limited at start (OpenAI's `/models` lists for a key
+//! without quota): such a key, proven, sends its first wave together — at most
+//! `max_concurrent` fast refusals, each moved to another key uncharged — and is then
+//! parked or cooled like any other.
 //!
 //! With `credits.check` on, the balance check each key gets at start is its proof (a
 //! balance read for the key opens it), and no proof thread runs.
