@@ -151,6 +151,33 @@ def heads(text, i):
     return [m.group(0)] if m else []
 
 
+def use_names(tree):
+    """The names a use tree (after `root::`) brings in: `{a, b::C, d as e}` -> a, C, e."""
+    tree = tree.strip()
+    if tree.startswith("{"):
+        inner = tree[1 : matching(tree, 0) - 1]
+        items, depth, cur = [], 0, ""
+        for c in inner:
+            if c == "," and depth == 0:
+                items.append(cur)
+                cur = ""
+                continue
+            depth += c == "{"
+            depth -= c == "}"
+            cur += c
+        items.append(cur)
+        return [n for item in items if item.strip() for n in use_names(item)]
+    m = re.search(r"\bas\s+(" + IDENT + r")\s*$", tree)
+    if m:
+        return [m.group(1)]
+    if "::" in tree:
+        head, rest = tree.split("::", 1)
+        if rest.strip().startswith("{"):
+            return use_names(rest)
+        return use_names(rest)
+    return [] if tree in ("self", "*") else [tree]
+
+
 class Crate:
     def __init__(self):
         lib = strip(open(os.path.join(SRC, "lib.rs")).read())
@@ -159,14 +186,13 @@ class Crate:
         for m in re.finditer(r'#\[path\s*=\s*"([^"]+)"\]\s*(?:#\[[^\]]*\]\s*)*(?:pub(?:\([^)]*\))?\s+)?mod\s+(' + IDENT + ")", open(os.path.join(SRC, "lib.rs")).read()):
             self.mounted[m.group(2)] = m.group(1)
         self.modules = set(re.findall(r"(?m)^\s*(?:pub(?:\([^)]*\))?\s+)?mod\s+(" + IDENT + r")\s*;", lib))
-        # Root re-exports: name -> the module it comes from.
+        # Root imports and re-exports (`use api::{config, …}`, `pub use config::Config`):
+        # name -> the root name it comes through, resolved to a module in `resolve`.
         self.reexports = {}
-        for m in re.finditer(r"\bpub\s+use\s+(" + IDENT + r")\s*::", lib):
-            module = m.group(1)
+        for m in re.finditer(r"(?m)^(?:pub(?:\([^)]*\))?\s+)?use\s+(" + IDENT + r")\s*::", lib):
             end = lib.find(";", m.end())
-            body = lib[m.end() : end]
-            for name in re.findall(IDENT, body):
-                self.reexports.setdefault(name, module)
+            for name in use_names(lib[m.end() : end]):
+                self.reexports.setdefault(name, m.group(1))
         # Items defined in lib.rs itself.
         self.lib_items = set(re.findall(r"\b(?:fn|struct|enum|const|static|mod|trait|type)\s+(" + IDENT + ")", lib))
 
@@ -182,10 +208,13 @@ class Crate:
         """The folder a `crate::<head>` names, or (None, reason)."""
         if head in self.modules and head not in self.mounted:
             return head, None
-        if head in self.reexports:
-            module = self.reexports[head]
-            if module in self.modules:
-                return module, None
+        seen = set()
+        while head in self.reexports and head not in seen:
+            seen.add(head)
+            head = self.reexports[head]
+            if head in self.modules and head not in self.mounted:
+                return head, None
+        if seen:
             return None, "external re-export"
         if head in self.lib_items or head in self.mounted:
             return None, "lib"

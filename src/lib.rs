@@ -34,37 +34,24 @@
 #![deny(missing_debug_implementations)]
 #![forbid(unsafe_code)]
 
-mod adaptive;
-mod admission;
-mod batch;
-mod blame;
-mod body;
-mod chat;
-mod config;
-mod credits;
-mod deadline;
-mod dispatch;
-mod error;
-mod group;
-mod job;
-mod json_scan;
-mod key;
-mod key_proof;
-mod pool;
-mod queue_space;
-mod ratelimit;
-mod request;
-mod retry;
-mod routing;
-mod shared;
-mod shared_limits;
-mod sse;
-mod stats;
-mod stream;
-mod thread_role;
-mod ticket;
+// The engine's modules, grouped by layer (ARCHITECTURE.md), each folder's `mod.rs`
+// saying what it owns and which folders it may use; `scripts/layers.py` checks that
+// no import climbs a layer. Every module keeps its short path (`crate::config`,
+// `crate::pool`, …) through the imports below.
+mod api;
+mod engine;
+mod limits;
+mod policy;
 mod transport;
-mod worker;
+
+use api::{body, chat, config, error, json_scan, request, stats};
+use engine::{
+    batch, credits, deadline, dispatch, job, key, key_proof, pool, queue_space, routing, shared,
+    stream, thread_role, ticket, worker,
+};
+use limits::{adaptive, admission, group, ratelimit, shared_limits};
+use policy::{blame, retry};
+use transport::sse;
 
 /// Entry points for the `fuzz/` targets. Not part of the stable API: hidden, exempt
 /// from semver, may change in any release.

@@ -3,6 +3,12 @@
 //! Each key gets its own transport (for ureq: its own `Agent`, so its own keep-alive
 //! connection pool sized to the key's worker count). Tests and benchmarks can plug in
 //! a transport that never touches the network with [`Pool::with_transport`](crate::Pool::with_transport).
+//!
+//! The HTTP layer: this trait and error masking (here), [`UreqTransport`]
+//! (`ureq_agent`), keypool's TCP layer under ureq (`lean_tcp`), TLS trust (`tls`), and
+//! the bounded reader of server-sent events a streamed answer arrives in ([`sse`]).
+//!
+//! May use: `api`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -150,6 +156,7 @@ pub trait Transport: Send + Sync {
 pub type TransportFactory = Arc<dyn Fn(&TransportSettings) -> Arc<dyn Transport> + Send + Sync>;
 
 mod lean_tcp;
+pub(crate) mod sse;
 mod tls;
 mod ureq_agent;
 
