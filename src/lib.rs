@@ -60,7 +60,6 @@ use transport::sse;
 pub mod __fuzz;
 
 pub use batch::{ResultStream, Window};
-pub use blame::Blame;
 pub use chat::ChatRequest;
 pub use config::{
     ApiKey, Config, ConfigBuilder, GroupConfig, KeyConfig, MAX_CONCURRENT_LIMIT, MAX_DURATION_MS,
@@ -68,7 +67,7 @@ pub use config::{
     MAX_WORKER_STACK_SIZE, RetryConfig, Strategy,
 };
 pub use credits::CreditsConfig;
-pub use error::{Error, StreamFailure, TimeoutPhase};
+pub use error::{Blame, Error, StreamFailure, TimeoutPhase};
 pub use pool::{Pool, TrySubmitError};
 pub use request::{DEFAULT_PATH, Request, Response, Usage};
 /// The JSON library keypool's API takes and returns: `keypool::serde_json::json!`,
