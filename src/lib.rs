@@ -44,7 +44,7 @@ mod limits;
 mod policy;
 mod transport;
 
-use api::{body, chat, config, error, json_scan, request, stats};
+use api::{body, chat, config, error, json_scan, request, stats, tls_config};
 use engine::{
     batch, credits, deadline, dispatch, job, key, key_proof, pool, queue_space, routing, shared,
     stream, thread_role, ticket, worker,
@@ -77,9 +77,10 @@ pub use shared_limits::{OnUnavailable, SharedConfig};
 pub use stats::{FailureCounts, GroupStats, KeyStats, Stats, Totals};
 pub use stream::{ResponseStream, StreamChunk, StreamEvent};
 pub use ticket::{RequestResult, Ticket};
+pub use tls_config::TlsConfig;
 pub use transport::{
-    HttpRequest, HttpResponse, HttpStream, TlsConfig, TlsTrust, Transport, TransportError,
-    TransportSettings, UreqTransport,
+    HttpRequest, HttpResponse, HttpStream, TlsTrust, Transport, TransportError, TransportSettings,
+    UreqTransport,
 };
 
 /// The crate version, e.g. `"0.1.0"`.

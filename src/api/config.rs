@@ -544,7 +544,7 @@ pub struct Config {
     /// Extra CAs to trust and a client certificate for `https://` (see
     /// [`TlsConfig`](crate::TlsConfig)). The platform's store (or `SSL_CERT_FILE` /
     /// `SSL_CERT_DIR`) and the bundled roots are always trusted. Defaults to none.
-    pub tls: crate::transport::TlsConfig,
+    pub tls: crate::tls_config::TlsConfig,
 }
 
 impl Default for Config {
@@ -565,7 +565,7 @@ impl Default for Config {
             shared: None,
             groups: Vec::new(),
             credits: crate::credits::CreditsConfig::default(),
-            tls: crate::transport::TlsConfig::default(),
+            tls: crate::tls_config::TlsConfig::default(),
         }
     }
 }
@@ -1155,7 +1155,7 @@ impl ConfigBuilder {
 
     /// Extra CAs to trust and a client certificate for `https://` (see
     /// [`TlsConfig`](crate::TlsConfig)). Defaults to none.
-    pub fn tls(mut self, tls: crate::transport::TlsConfig) -> Self {
+    pub fn tls(mut self, tls: crate::tls_config::TlsConfig) -> Self {
         self.config.tls = tls;
         self
     }

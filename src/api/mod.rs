@@ -17,3 +17,4 @@ pub(crate) mod error;
 pub(crate) mod json_scan;
 pub(crate) mod request;
 pub(crate) mod stats;
+pub(crate) mod tls_config;

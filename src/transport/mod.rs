@@ -160,7 +160,7 @@ pub(crate) mod sse;
 mod tls;
 mod ureq_agent;
 
-pub use tls::{TlsConfig, TlsTrust};
+pub use tls::TlsTrust;
 pub use ureq_agent::UreqTransport;
 
 /// Replaces the request's key and its URL's userinfo secret in an error message: an
