@@ -44,7 +44,7 @@ mod limits;
 mod policy;
 mod transport;
 
-use api::{body, chat, config, error, json_scan, request, stats, tls_config};
+use api::{body, chat, config, credits_config, error, json_scan, request, stats, tls_config};
 use engine::{
     batch, credits, deadline, dispatch, job, key, key_proof, pool, queue_space, routing, shared,
     stream, thread_role, ticket, worker,
@@ -66,7 +66,7 @@ pub use config::{
     MAX_KEY_BYTES, MAX_KEYS, MAX_QUEUE_CAPACITY, MAX_TOTAL_WORKERS, MAX_WEIGHT,
     MAX_WORKER_STACK_SIZE, RetryConfig, Strategy,
 };
-pub use credits::CreditsConfig;
+pub use credits_config::CreditsConfig;
 pub use error::{Blame, Error, StreamFailure, TimeoutPhase};
 pub use pool::{Pool, TrySubmitError};
 pub use request::{DEFAULT_PATH, Request, Response, Usage};

@@ -540,7 +540,7 @@ pub struct Config {
     /// Defaults to none.
     pub groups: Vec<GroupConfig>,
     /// Credit checks at `GET {base_url}/key` (OpenRouter). Defaults to off.
-    pub credits: crate::credits::CreditsConfig,
+    pub credits: crate::credits_config::CreditsConfig,
     /// Extra CAs to trust and a client certificate for `https://` (see
     /// [`TlsConfig`](crate::TlsConfig)). The platform's store (or `SSL_CERT_FILE` /
     /// `SSL_CERT_DIR`) and the bundled roots are always trusted. Defaults to none.
@@ -564,7 +564,7 @@ impl Default for Config {
             keys: Vec::new(),
             shared: None,
             groups: Vec::new(),
-            credits: crate::credits::CreditsConfig::default(),
+            credits: crate::credits_config::CreditsConfig::default(),
             tls: crate::tls_config::TlsConfig::default(),
         }
     }
@@ -1162,7 +1162,7 @@ impl ConfigBuilder {
 
     /// Credit checks at `GET {base_url}/key` (see [`CreditsConfig`](crate::CreditsConfig)).
     /// Defaults to off.
-    pub fn credits(mut self, credits: crate::credits::CreditsConfig) -> Self {
+    pub fn credits(mut self, credits: crate::credits_config::CreditsConfig) -> Self {
         self.config.credits = credits;
         self
     }

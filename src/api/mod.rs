@@ -13,6 +13,7 @@
 pub(crate) mod body;
 pub(crate) mod chat;
 pub(crate) mod config;
+pub(crate) mod credits_config;
 pub(crate) mod error;
 pub(crate) mod json_scan;
 pub(crate) mod request;
