@@ -44,7 +44,9 @@ mod limits;
 mod policy;
 mod transport;
 
-use api::{body, chat, config, credits_config, error, json_scan, request, stats, tls_config};
+use api::{
+    body, chat, config, credits_config, error, json_scan, request, shared_config, stats, tls_config,
+};
 use engine::{
     batch, credits, deadline, dispatch, job, key, key_proof, pool, queue_space, routing, shared,
     stream, thread_role, ticket, worker,
@@ -73,7 +75,7 @@ pub use request::{DEFAULT_PATH, Request, Response, Usage};
 /// The JSON library keypool's API takes and returns: `keypool::serde_json::json!`,
 /// [`Value`] for untyped bodies.
 pub use serde_json::{self, Value};
-pub use shared_limits::{OnUnavailable, SharedConfig};
+pub use shared_config::{OnUnavailable, SharedConfig};
 pub use stats::{FailureCounts, GroupStats, KeyStats, Stats, Totals};
 pub use stream::{ResponseStream, StreamChunk, StreamEvent};
 pub use ticket::{RequestResult, Ticket};

@@ -535,7 +535,7 @@ pub struct Config {
     /// keys) with every other pool — thread, process or host — configured with the same
     /// Redis and namespace. Needs the `redis` cargo feature: a build without it rejects
     /// a config that sets this field. Defaults to `None` (limits are this pool's own).
-    pub shared: Option<crate::shared_limits::SharedConfig>,
+    pub shared: Option<crate::shared_config::SharedConfig>,
     /// Accounts whose limits bind their keys together (`keys[].group`).
     /// Defaults to none.
     pub groups: Vec<GroupConfig>,
@@ -699,7 +699,7 @@ impl Config {
             return Err(Error::config(field, message));
         }
         if let Some(shared) = &self.shared {
-            crate::shared_limits::check(shared)?;
+            crate::shared_config::check(shared)?;
         }
         let mut labels = std::collections::HashSet::new();
         for (i, k) in self.keys.iter().enumerate() {
@@ -1148,7 +1148,7 @@ impl ConfigBuilder {
 
     /// Shares each key's limits with other processes through Redis (needs the `redis`
     /// cargo feature). Defaults to none.
-    pub fn shared(mut self, shared: crate::shared_limits::SharedConfig) -> Self {
+    pub fn shared(mut self, shared: crate::shared_config::SharedConfig) -> Self {
         self.config.shared = Some(shared);
         self
     }

@@ -48,10 +48,11 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use parking_lot::Mutex;
 use redis::{Script, Value};
 
-use super::{OnUnavailable, SharedAdmit, SharedConfig, SharedLimits, redact_url};
+use super::{SharedAdmit, SharedLimits};
 use crate::admission::KeyVerdict;
 use crate::config::Config;
 use crate::error::Error;
+use crate::shared_config::{OnUnavailable, SharedConfig, redact_url};
 
 /// The longest a dispatcher waits on a full shared key before asking again, should the
 /// release notification be lost (the subscriber reconnecting).
