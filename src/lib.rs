@@ -45,7 +45,8 @@ mod policy;
 mod transport;
 
 use api::{
-    body, chat, config, credits_config, error, json_scan, request, shared_config, stats, tls_config,
+    body, chat, config, credits_config, error, json_scan, request, retry_after, shared_config,
+    stats, tls_config,
 };
 use engine::{
     batch, credits, deadline, dispatch, job, key, key_proof, pool, queue_space, routing, shared,

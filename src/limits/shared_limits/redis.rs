@@ -1222,7 +1222,7 @@ impl Inner {
         let now = Instant::now();
         let until = now
             .checked_add(Duration::from_millis(ms.min(crate::MAX_DURATION_MS)))
-            .unwrap_or(now + crate::retry::MAX_WAIT);
+            .unwrap_or(now + crate::retry_after::MAX_WAIT);
         let name: Arc<str> = Arc::from(model);
         for &i in idx {
             self.verdicts.cool(i, &name, until);
