@@ -52,7 +52,7 @@ use engine::{
     batch, credits, deadline, dispatch, job, key, key_proof, pool, queue_space, routing, shared,
     stream, thread_role, ticket, worker,
 };
-use limits::{adaptive, admission, group, ratelimit, shared_limits};
+use limits::{adaptive, admission, group, model_verdicts, ratelimit, shared_limits};
 use policy::{blame, retry};
 use transport::sse;
 

@@ -66,7 +66,7 @@ pub(crate) trait SharedLimits: Send + Sync {
     fn unavailable_reason(&self) -> String;
     /// Tells every process sharing these keys that `model` cools at each of them for
     /// `cooldown` (a model verdict: an upstream 429/503, or OpenRouter's free-model
-    /// limit under the name [`FREE_MODELS`](crate::routing::FREE_MODELS)). Each process
+    /// limit under the name [`FREE_MODELS`](crate::model_verdicts::FREE_MODELS)). Each process
     /// records it in its own `ModelVerdicts`, so admissions ask no one. Best effort:
     /// with Redis unreachable the verdict stays local (logged at debug).
     fn cool_model(&self, keys: &[usize], model: &str, cooldown: Duration);
@@ -129,7 +129,7 @@ impl KeyLink {
 pub(crate) fn start(
     config: &crate::Config,
     events: crossbeam_channel::Sender<()>,
-    models: Arc<crate::routing::ModelVerdicts>,
+    models: Arc<crate::model_verdicts::ModelVerdicts>,
 ) -> Result<Option<Arc<dyn SharedLimits>>, Error> {
     let Some(sc) = &config.shared else {
         return Ok(None);

@@ -545,7 +545,7 @@ struct Inner {
     /// Where model cooldowns are published (see the module's doc).
     models_channel: String,
     /// The pool's model verdicts, where other processes' are recorded.
-    verdicts: Arc<crate::routing::ModelVerdicts>,
+    verdicts: Arc<crate::model_verdicts::ModelVerdicts>,
     /// Key hash → the indices of this pool's keys with it.
     by_hash: std::collections::HashMap<String, Vec<usize>>,
     /// Unique per pool: prefixes its lease ids.
@@ -1284,7 +1284,7 @@ impl RedisLimits {
         sc: &SharedConfig,
         config: &Config,
         events: Sender<()>,
-        verdicts: Arc<crate::routing::ModelVerdicts>,
+        verdicts: Arc<crate::model_verdicts::ModelVerdicts>,
     ) -> Result<RedisLimits, Error> {
         let client = redis::Client::open(sc.redis_url.as_str())
             .map_err(|_| Error::config("shared.redis_url", "not a valid Redis URL"))?;
@@ -1969,7 +1969,7 @@ mod tests {
             redis.url()
         );
         let config = Config::from_json(&json).unwrap();
-        let verdicts = Arc::new(crate::routing::ModelVerdicts::default());
+        let verdicts = Arc::new(crate::model_verdicts::ModelVerdicts::default());
         let (tx, _rx) = crossbeam_channel::unbounded();
         let b = RedisLimits::start(
             config.shared.as_ref().unwrap(),
