@@ -347,6 +347,37 @@ def sccs(nodes, edges):
     return comps
 
 
+def shortest_cycle(comp, edges):
+    """A shortest cycle inside a strongly connected component, as a closed path."""
+    best = None
+    for start in comp:
+        prev, queue = {start: None}, [start]
+        while queue:
+            v = queue.pop(0)
+            for w in sorted(edges.get(v, ())):
+                if w not in comp:
+                    continue
+                if w == start:
+                    path = [start] + list(reversed(path_back(prev, v))) + [start]
+                    if best is None or len(path) < len(best):
+                        best = path
+                    queue = []
+                    break
+                if w not in prev:
+                    prev[w] = v
+                    queue.append(w)
+    return best or comp + comp[:1]
+
+
+def path_back(prev, v):
+    """v, its predecessor, … up to (not including) the BFS start."""
+    out = []
+    while prev[v] is not None:
+        out.append(v)
+        v = prev[v]
+    return out
+
+
 def order(nodes, edges):
     """Layers bottom-up: each folder after every folder it uses (None on a cycle)."""
     level = {}
@@ -392,6 +423,12 @@ def main(argv):
         edges.setdefault(a, set()).add(b)
         units.add(b)
 
+    for u in sorted(units):
+        if not os.path.isdir(os.path.join(SRC, u)):
+            problems.append(
+                f"src/{u}.rs: a module outside the layer folders; move it into the folder of "
+                f"its layer (src/<folder>/, declared in that folder's mod.rs)"
+            )
     folders = sorted(u for u in units if os.path.isdir(os.path.join(SRC, u)))
     allowed = {}
     for f in folders:
@@ -416,14 +453,14 @@ def main(argv):
         combined.setdefault(a, set()).update(d)
     for comp in sccs(units | set(allowed), combined):
         if len(comp) > 1:
-            lines = [f"cycle between folders: {' <-> '.join(comp)}"]
-            for a in comp:
-                for b in comp:
-                    if (a, b) in evidence:
-                        rel, line, head, _ = evidence[(a, b)][0]
-                        lines.append(f"    {a} -> {b}: src/{rel}:{line} (`{head}`), {len(evidence[(a, b)])} reference(s)")
-                    elif b in allowed.get(a, ()):
-                        lines.append(f"    {a} -> {b}: declared in src/{a}/mod.rs")
+            cycle = shortest_cycle(comp, combined)
+            lines = [f"cycle between folders: {' -> '.join(cycle)}"]
+            for a, b in zip(cycle, cycle[1:]):
+                if (a, b) in evidence:
+                    rel, line, head, _ = evidence[(a, b)][0]
+                    lines.append(f"    {a} -> {b}: src/{rel}:{line} (`{head}`), {len(evidence[(a, b)])} reference(s)")
+                else:
+                    lines.append(f"    {a} -> {b}: declared in src/{a}/mod.rs (`May use:`)")
             problems.append("\n".join(lines))
 
     if len(argv) >= 3 and argv[0] == "--why":
