@@ -7,7 +7,7 @@
 //! through Redis, feature `redis`).
 //!
 //! State machines and counters, no threads of their own except the shared limits'
-//! renewer and subscriber; they never send a request.
+//! renewer and subscriber (Redis); they never send an HTTP request.
 //!
 //! May use: `api`.
 
