@@ -171,10 +171,7 @@ def use_names(tree):
     if m:
         return [m.group(1)]
     if "::" in tree:
-        head, rest = tree.split("::", 1)
-        if rest.strip().startswith("{"):
-            return use_names(rest)
-        return use_names(rest)
+        return use_names(tree.split("::", 1)[1])
     return [] if tree in ("self", "*") else [tree]
 
 
@@ -183,7 +180,9 @@ class Crate:
         lib = strip(open(os.path.join(SRC, "lib.rs")).read())
         # Files lib.rs mounts with #[path]: facades, like lib.rs.
         self.mounted = {}
-        for m in re.finditer(r'#\[path\s*=\s*"([^"]+)"\]\s*(?:#\[[^\]]*\]\s*)*(?:pub(?:\([^)]*\))?\s+)?mod\s+(' + IDENT + ")", open(os.path.join(SRC, "lib.rs")).read()):
+        raw = open(os.path.join(SRC, "lib.rs")).read()
+        mount = r'#\[path\s*=\s*"([^"]+)"\]\s*(?:#\[[^\]]*\]\s*)*(?:pub(?:\([^)]*\))?\s+)?mod\s+(' + IDENT + ")"
+        for m in re.finditer(mount, raw):
             self.mounted[m.group(2)] = m.group(1)
         self.modules = set(re.findall(r"(?m)^\s*(?:pub(?:\([^)]*\))?\s+)?mod\s+(" + IDENT + r")\s*;", lib))
         # Root imports and re-exports (`use api::{config, …}`, `pub use config::Config`):
@@ -195,14 +194,6 @@ class Crate:
                 self.reexports.setdefault(name, m.group(1))
         # Items defined in lib.rs itself.
         self.lib_items = set(re.findall(r"\b(?:fn|struct|enum|const|static|mod|trait|type)\s+(" + IDENT + ")", lib))
-
-    def unit_of_module(self, name):
-        """The folder (or top-level file) a root module lives in; None for lib.rs."""
-        if name in self.mounted:
-            return None
-        if name in self.modules:
-            return name
-        return None
 
     def resolve(self, head):
         """The folder a `crate::<head>` names, or (None, reason)."""
