@@ -545,16 +545,16 @@ pub struct Config {
     /// keys) with every other pool — thread, process or host — configured with the same
     /// Redis and namespace. Needs the `redis` cargo feature: a build without it rejects
     /// a config that sets this field. Defaults to `None` (limits are this pool's own).
-    pub shared: Option<crate::shared_limits::SharedConfig>,
+    pub shared: Option<crate::shared_config::SharedConfig>,
     /// Accounts whose limits bind their keys together (`keys[].group`).
     /// Defaults to none.
     pub groups: Vec<GroupConfig>,
     /// Credit checks at `GET {base_url}/key` (OpenRouter). Defaults to off.
-    pub credits: crate::credits::CreditsConfig,
+    pub credits: crate::credits_config::CreditsConfig,
     /// Extra CAs to trust and a client certificate for `https://` (see
     /// [`TlsConfig`](crate::TlsConfig)). The platform's store (or `SSL_CERT_FILE` /
     /// `SSL_CERT_DIR`) and the bundled roots are always trusted. Defaults to none.
-    pub tls: crate::transport::TlsConfig,
+    pub tls: crate::tls_config::TlsConfig,
 }
 
 impl Default for Config {
@@ -576,8 +576,8 @@ impl Default for Config {
             keys: Vec::new(),
             shared: None,
             groups: Vec::new(),
-            credits: crate::credits::CreditsConfig::default(),
-            tls: crate::transport::TlsConfig::default(),
+            credits: crate::credits_config::CreditsConfig::default(),
+            tls: crate::tls_config::TlsConfig::default(),
         }
     }
 }
@@ -711,7 +711,7 @@ impl Config {
             return Err(Error::config(field, message));
         }
         if let Some(shared) = &self.shared {
-            crate::shared_limits::check(shared)?;
+            crate::shared_config::check(shared)?;
         }
         let mut labels = std::collections::HashSet::new();
         for (i, k) in self.keys.iter().enumerate() {
@@ -1181,21 +1181,21 @@ impl ConfigBuilder {
 
     /// Shares each key's limits with other processes through Redis (needs the `redis`
     /// cargo feature). Defaults to none.
-    pub fn shared(mut self, shared: crate::shared_limits::SharedConfig) -> Self {
+    pub fn shared(mut self, shared: crate::shared_config::SharedConfig) -> Self {
         self.config.shared = Some(shared);
         self
     }
 
     /// Extra CAs to trust and a client certificate for `https://` (see
     /// [`TlsConfig`](crate::TlsConfig)). Defaults to none.
-    pub fn tls(mut self, tls: crate::transport::TlsConfig) -> Self {
+    pub fn tls(mut self, tls: crate::tls_config::TlsConfig) -> Self {
         self.config.tls = tls;
         self
     }
 
     /// Credit checks at `GET {base_url}/key` (see [`CreditsConfig`](crate::CreditsConfig)).
     /// Defaults to off.
-    pub fn credits(mut self, credits: crate::credits::CreditsConfig) -> Self {
+    pub fn credits(mut self, credits: crate::credits_config::CreditsConfig) -> Self {
         self.config.credits = credits;
         self
     }

@@ -282,7 +282,7 @@ fn usage_of(v: &[u8]) -> (Option<Usage>, Option<f64>) {
     let cost = cost
         .filter(|r| matches!(v[r.start], b'-' | b'0'..=b'9'))
         .and_then(|r| std::str::from_utf8(&v[r]).ok()?.parse::<f64>().ok())
-        .and_then(crate::credits::dollars);
+        .and_then(crate::credits_config::dollars);
     (Some(usage), cost)
 }
 

@@ -1,9 +1,11 @@
 //! Retry policy: what is retryable, how long to back off, how to read `Retry-After`.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crate::blame::Fault;
 use crate::config::RetryConfig;
+use crate::retry_after::bounded_secs;
+pub(crate) use crate::retry_after::{MAX_WAIT, parse_retry_after};
 
 /// What one attempt's outcome means for the request and for the key.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -118,21 +120,6 @@ pub(crate) fn judge_fault(
     v
 }
 
-/// The longest wait keypool ever derives from a server hint or the backoff policy:
-/// 7 days. `Retry-After` values (and HTTP dates) further out saturate here before they
-/// are turned into a [`Duration`], so no server value can overflow a clock.
-pub(crate) const MAX_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// Non-negative seconds to a [`Duration`], saturating at [`MAX_WAIT`] (a number too
-/// large for `f64` parses as infinity and saturates too). NaN and negatives are `None`.
-fn bounded_secs(secs: f64) -> Option<Duration> {
-    if secs.is_nan() || secs < 0.0 {
-        return None;
-    }
-    // `min` first: `Duration::from_secs_f64` panics on values it cannot represent.
-    Some(Duration::from_secs_f64(secs.min(MAX_WAIT.as_secs_f64())))
-}
-
 /// `min(base·2^n, max)` minus up to 25 % jitter, like the official OpenAI client.
 /// Total for every config value: the result never exceeds [`MAX_WAIT`].
 pub(crate) fn backoff(retry_index: u32, cfg: &RetryConfig) -> Duration {
@@ -142,31 +129,10 @@ pub(crate) fn backoff(retry_index: u32, cfg: &RetryConfig) -> Duration {
     bounded_secs(capped * jitter / 1000.0).unwrap_or(Duration::ZERO)
 }
 
-/// Reads `retry-after-ms` (milliseconds) or `retry-after` (seconds, or an HTTP date).
-///
-/// Total: never panics for any header text. Negative, NaN or unparsable values are
-/// ignored (`None`); anything longer than [`MAX_WAIT`] (7 days) saturates there. A
-/// date in the past is zero. Callers clamp further to `max_retry_after_ms`.
-pub(crate) fn parse_retry_after(ms: Option<&str>, after: Option<&str>) -> Option<Duration> {
-    if let Some(ms) = ms.and_then(|s| s.trim().parse::<f64>().ok()) {
-        if let Some(d) = bounded_secs(ms / 1000.0) {
-            return Some(d);
-        }
-    }
-    let after = after?.trim();
-    if let Ok(secs) = after.parse::<f64>() {
-        return bounded_secs(secs);
-    }
-    let when = httpdate::parse_http_date(after).ok()?;
-    Some(
-        when.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO)
-            .min(MAX_WAIT),
-    )
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
     use super::*;
 
     #[test]

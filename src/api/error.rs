@@ -5,6 +5,43 @@ use std::time::Duration;
 
 use crate::request::Response;
 
+/// Which party an error was blamed on ([`crate::Error::blame`]); the CLI writes it in
+/// every error record as `"blame"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Blame {
+    /// The request itself: a bad body, a flagged prompt, a size no key's budget covers.
+    Request,
+    /// The model on the key that answered (rate-limited upstream, not found there).
+    Model,
+    /// The key: revoked, rejected, rate-limited.
+    Key,
+    /// The key's account: credits spent, a quota exhausted, an in-flight budget.
+    Account,
+    /// The server or the network: 5xx, timeouts, cut connections, bad bodies.
+    Server,
+}
+
+impl Blame {
+    /// The lowercase name used in records: `"request"`, `"model"`, `"key"`,
+    /// `"account"`, `"server"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Blame::Request => "request",
+            Blame::Model => "model",
+            Blame::Key => "key",
+            Blame::Account => "account",
+            Blame::Server => "server",
+        }
+    }
+}
+
+impl std::fmt::Display for Blame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Which phase of a request ran out of time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]

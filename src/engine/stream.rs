@@ -861,7 +861,7 @@ impl Assembler {
         self.usage
             .get("cost")
             .and_then(Value::as_f64)
-            .and_then(crate::credits::dollars)
+            .and_then(crate::credits_config::dollars)
     }
 
     fn finish(self) -> Value {

@@ -48,10 +48,11 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use parking_lot::Mutex;
 use redis::{Script, Value};
 
-use super::{OnUnavailable, SharedAdmit, SharedConfig, SharedLimits, redact_url};
+use super::{SharedAdmit, SharedLimits};
 use crate::admission::KeyVerdict;
 use crate::config::Config;
 use crate::error::Error;
+use crate::shared_config::{OnUnavailable, SharedConfig, redact_url};
 
 /// The longest a dispatcher waits on a full shared key before asking again, should the
 /// release notification be lost (the subscriber reconnecting).
@@ -544,7 +545,7 @@ struct Inner {
     /// Where model cooldowns are published (see the module's doc).
     models_channel: String,
     /// The pool's model verdicts, where other processes' are recorded.
-    verdicts: Arc<crate::routing::ModelVerdicts>,
+    verdicts: Arc<crate::model_verdicts::ModelVerdicts>,
     /// Key hash → the indices of this pool's keys with it.
     by_hash: std::collections::HashMap<String, Vec<usize>>,
     /// Unique per pool: prefixes its lease ids.
@@ -1221,7 +1222,7 @@ impl Inner {
         let now = Instant::now();
         let until = now
             .checked_add(Duration::from_millis(ms.min(crate::MAX_DURATION_MS)))
-            .unwrap_or(now + crate::retry::MAX_WAIT);
+            .unwrap_or(now + crate::retry_after::MAX_WAIT);
         let name: Arc<str> = Arc::from(model);
         for &i in idx {
             self.verdicts.cool(i, &name, until);
@@ -1283,7 +1284,7 @@ impl RedisLimits {
         sc: &SharedConfig,
         config: &Config,
         events: Sender<()>,
-        verdicts: Arc<crate::routing::ModelVerdicts>,
+        verdicts: Arc<crate::model_verdicts::ModelVerdicts>,
     ) -> Result<RedisLimits, Error> {
         let client = redis::Client::open(sc.redis_url.as_str())
             .map_err(|_| Error::config("shared.redis_url", "not a valid Redis URL"))?;
@@ -1968,7 +1969,7 @@ mod tests {
             redis.url()
         );
         let config = Config::from_json(&json).unwrap();
-        let verdicts = Arc::new(crate::routing::ModelVerdicts::default());
+        let verdicts = Arc::new(crate::model_verdicts::ModelVerdicts::default());
         let (tx, _rx) = crossbeam_channel::unbounded();
         let b = RedisLimits::start(
             config.shared.as_ref().unwrap(),

@@ -22,7 +22,13 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 
-use crate::deadline::Slot;
+/// What a cancellable attempt's request holds (its reply slot, in the engine's
+/// `deadline.rs`): connections attach to it so that a cancel can shut them down.
+pub(crate) trait Attempt: Send + Sync {
+    /// Attempt `attempt` now uses `conn` (`claim` marks it so, under the request's
+    /// lock). False if the request was cancelled: the attempt must stop.
+    fn attach(&self, attempt: u64, conn: Weak<dyn Conn>, claim: &mut dyn FnMut(u64)) -> bool;
+}
 
 /// A connection a cancel can shut down.
 pub(crate) trait Conn: Send + Sync {
@@ -32,7 +38,7 @@ pub(crate) trait Conn: Send + Sync {
 
 thread_local! {
     /// The attempt this thread is running, if its request can be cancelled.
-    static ATTEMPT: RefCell<Option<(u64, Arc<Slot>)>> = const { RefCell::new(None) };
+    static ATTEMPT: RefCell<Option<(u64, Arc<dyn Attempt>)>> = const { RefCell::new(None) };
 }
 
 /// Attempt numbers: never 0 (no attempt), never reused.
@@ -50,10 +56,10 @@ impl Drop for OnWire {
 
 /// Registers the attempt about to run on this thread (a job without a slot cannot be
 /// cancelled: nothing to register).
-pub(crate) fn on_wire(slot: Option<&Arc<Slot>>) -> Option<OnWire> {
+pub(crate) fn on_wire(slot: Option<Arc<dyn Attempt>>) -> Option<OnWire> {
     let slot = slot?;
     let id = NEXT.fetch_add(1, Relaxed);
-    ATTEMPT.with(|a| *a.borrow_mut() = Some((id, slot.clone())));
+    ATTEMPT.with(|a| *a.borrow_mut() = Some((id, slot)));
     Some(OnWire(()))
 }
 
@@ -66,8 +72,14 @@ pub(crate) fn current() -> u64 {
 /// runs under the slot's lock and marks the connection as this attempt's. False if
 /// the request was already cancelled: nothing more may be sent.
 pub(crate) fn attach(conn: Weak<dyn Conn>, claim: impl FnOnce(u64)) -> bool {
+    let mut claim = Some(claim);
+    let mut claim = move |a: u64| {
+        if let Some(c) = claim.take() {
+            c(a);
+        }
+    };
     ATTEMPT.with(|a| match a.borrow().as_ref() {
-        Some((id, slot)) => slot.attach(*id, conn, claim),
+        Some((id, slot)) => slot.attach(*id, conn, &mut claim),
         None => {
             claim(0);
             true

@@ -268,7 +268,10 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     ks.begin();
     let t0 = Instant::now();
     // A cancel of the request while this attempt runs shuts its connection down.
-    let wire = crate::cancel::on_wire(job.slot());
+    let wire = crate::cancel::on_wire(
+        job.slot()
+            .map(|s| s.clone() as Arc<dyn crate::cancel::Attempt>),
+    );
     if job.stream.is_some() {
         // A stream holds this worker (and so one of the key's `max_concurrent` slots)
         // until it ends.

@@ -532,7 +532,10 @@ impl Response {
     /// represent and far-future dates) are clamped to 7 days. The pool itself honours
     /// at most `retry.max_retry_after_ms`.
     pub fn retry_after(&self) -> Option<Duration> {
-        crate::retry::parse_retry_after(self.header("retry-after-ms"), self.header("retry-after"))
+        crate::retry_after::parse_retry_after(
+            self.header("retry-after-ms"),
+            self.header("retry-after"),
+        )
     }
 }
 

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use crate::cancel::Conn;
+use crate::cancel::{Attempt, Conn};
 use crate::error::{Error, TimeoutPhase};
 use crate::ticket::Reply;
 
@@ -226,5 +226,11 @@ impl Deadlines {
             slot.expire();
         }
         next
+    }
+}
+
+impl Attempt for Slot {
+    fn attach(&self, attempt: u64, conn: Weak<dyn Conn>, claim: &mut dyn FnMut(u64)) -> bool {
+        Slot::attach(self, attempt, conn, claim)
     }
 }
