@@ -58,6 +58,7 @@ mod retry;
 mod routing;
 mod shared;
 mod shared_limits;
+mod spend;
 mod sse;
 mod stats;
 mod stream;
@@ -88,6 +89,7 @@ pub use request::{DEFAULT_PATH, Request, Response, Usage};
 /// [`Value`] for untyped bodies.
 pub use serde_json::{self, Value};
 pub use shared_limits::{OnUnavailable, SharedConfig};
+pub use spend::ModelPrice;
 pub use stats::{FailureCounts, GroupStats, KeyStats, Stats, Totals};
 pub use stream::{ResponseStream, StreamChunk, StreamEvent};
 pub use ticket::{RequestResult, Ticket};
