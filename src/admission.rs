@@ -505,7 +505,8 @@ impl Gate {
                     s.disabled_until = None;
                     s.parked = false;
                     // Back after a daily quota reset: no doubt about the key itself.
-                    if s.trial == Trial::Open && !std::mem::take(&mut s.rpd_out) {
+                    let quota = std::mem::take(&mut s.rpd_out);
+                    if s.trial == Trial::Open && !quota {
                         s.trial = Trial::Pending;
                     }
                 }
@@ -884,13 +885,15 @@ impl Gate {
     /// to be the key's). Returns true if this call took it out.
     pub(crate) fn take_out(&self, reason: String, parked: bool) -> bool {
         let mut s = self.state.lock();
-        // Already out — unless parked and now taken out for good (a revocation).
-        if s.disabled.is_some() && (!s.parked || parked) {
+        // Already out — unless parked and now taken out for good (a revocation), or
+        // out only for the day (`rpd`).
+        if s.disabled.is_some() && !s.rpd_out && (!s.parked || parked) {
             return false;
         }
         let shared = self.shared.as_ref().map(|link| (link, reason.clone()));
         s.disabled = Some((reason, unix_ms_now()));
         s.parked = parked;
+        s.rpd_out = false;
         s.disabled_until = None;
         self.mirror(&s);
         drop(s);
@@ -1066,6 +1069,31 @@ mod tests {
             Admit::Yes(adm) => adm,
             other => panic!("expected Yes, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_daily_quota_takes_the_key_out_with_its_last_admission() {
+        let epoch = Instant::now();
+        let g = Gate::new(false, None, None, epoch).with_rpd(Some(2));
+        let now = Instant::now();
+        let a = yes(g.try_admit(Via::SelfServe, 0, now));
+        g.complete(a, &KeyVerdict::default(), now);
+        assert!(!g.is_disabled());
+        let last = yes(g.try_admit(Via::SelfServe, 0, now));
+        // Out at once, but the request that spent the quota still goes.
+        assert!(g.is_disabled());
+        assert!(!g.stopped_since_admission(now));
+        let (reason, _) = g.disabled().unwrap();
+        assert!(reason.contains("exhausted until"), "{reason}");
+        assert_eq!(g.try_admit(Via::SelfServe, 0, now), Admit::Never);
+        // It left unsent: its count comes back, and so does the key.
+        g.refund(last);
+        g.complete(last, &KeyVerdict::default(), now);
+        assert!(!g.is_disabled());
+        yes(g.try_admit(Via::SelfServe, 0, now));
+        // A revocation while out for the day is not undone at midnight.
+        assert!(g.take_out("revoked".into(), false));
+        assert!(g.stopped_since_admission(now));
     }
 
     #[test]

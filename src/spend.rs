@@ -265,9 +265,11 @@ mod tests {
 
     #[test]
     fn cap_and_estimate() {
-        let mut cfg = crate::Config::default();
-        cfg.max_cost = Some(0.05);
-        cfg.prices.insert("m".into(), ModelPrice::new(1.0, 2.0));
+        let cfg = crate::Config {
+            max_cost: Some(0.05),
+            prices: BTreeMap::from([("m".to_owned(), ModelPrice::new(1.0, 2.0))]),
+            ..crate::Config::default()
+        };
         let s = Spend::new(&cfg, None);
         let usage = Usage {
             prompt_tokens: 1000,

@@ -531,7 +531,7 @@ impl Run<'_> {
         crate::spend::record(
             &self.ctx.shared,
             self.ctx.index,
-            &self.job,
+            self.job,
             asm.cost(),
             usage,
         );
