@@ -75,6 +75,9 @@ const (
 	// Flagged: the server refused the request's content (moderation or guardrail);
 	// no key was blamed. The result keeps the HTTP status and body.
 	Flagged Code = C.KEYPOOL_FLAGGED
+	// BudgetExhausted: the pool's spend cap (config max_cost) is reached; the request
+	// was not sent.
+	BudgetExhausted Code = C.KEYPOOL_BUDGET_EXHAUSTED
 )
 
 // String describes the code ("pool is closed", ...; "unknown status" if unknown).

@@ -389,3 +389,35 @@ func TestFlaggedRequestBlamesTheRequest(t *testing.T) {
 		t.Fatalf("a key was taken out: %s", stats)
 	}
 }
+
+// A spend cap (max_cost) reached by the estimated cost of the first answer (prices
+// per million tokens, the mock reporting no usage.cost): the next request is not sent
+// and fails with BudgetExhausted, status 17.
+func TestSpendCapRefusesWithBudgetExhausted(t *testing.T) {
+	if BudgetExhausted != 17 {
+		t.Fatalf("BudgetExhausted = %d, want 17", BudgetExhausted)
+	}
+	cfg := fmt.Sprintf(`{"base_url": %q, "max_cost": 0.000001, "prices": {"m": {"prompt": 1000, "completion": 1000}}, "keys": [{"key": "sk-test-0", "label": "acct-a", "max_concurrent": 1}]}`, mockURL)
+	p, err := New(cfg)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	defer p.Close()
+	first, err := p.Batch([]string{body(0)})
+	if err != nil || len(first) != 1 || first[0].Err() != nil {
+		t.Fatalf("first: %+v %v", first, err)
+	}
+	second, err := p.Batch([]string{body(1), body(2)})
+	if err != nil || len(second) != 2 {
+		t.Fatalf("second: %+v %v", second, err)
+	}
+	for i, r := range second {
+		var e *Error
+		if !errors.As(r.Err(), &e) || e.Code() != BudgetExhausted || r.ErrorCode != "budget_exhausted" || r.Attempts != 0 {
+			t.Fatalf("result %d: %+v", i, r)
+		}
+	}
+	if s := BudgetExhausted.String(); !strings.Contains(s, "budget") {
+		t.Fatalf("String() = %q", s)
+	}
+}

@@ -160,6 +160,12 @@ typedef enum {
    and body (`keypool_result_http_status`, `keypool_result_body`).
    */
   KEYPOOL_FLAGGED = 16,
+  /*
+   The pool's spend cap (config `max_cost`) is reached: the request was not sent
+   (refused at submit, or answered while it waited). Requests already in flight
+   finished.
+   */
+  KEYPOOL_BUDGET_EXHAUSTED = 17,
 } keypool_status;
 
 /*
@@ -511,7 +517,8 @@ const char *keypool_result_error_message(const keypool_result *r);
  "timeout", "busy", "closed", "cancelled", "panic", "no_usable_key",
  "invalid_request", "would_deadlock" (`KEYPOOL_WOULD_DEADLOCK`), "spawn"
  (`KEYPOOL_SPAWN`), "stream" (`KEYPOOL_STREAM`), "shared_unavailable"
- (`KEYPOOL_SHARED_UNAVAILABLE`), "flagged" (`KEYPOOL_FLAGGED`) — with one
+ (`KEYPOOL_SHARED_UNAVAILABLE`), "flagged" (`KEYPOOL_FLAGGED`), "budget_exhausted"
+ (`KEYPOOL_BUDGET_EXHAUSTED`) — with one
  refinement: a `KEYPOOL_HTTP` result whose 2xx body was not a valid response has the
  code "invalid_response". NULL if the request succeeded.
 

@@ -45,12 +45,12 @@ mod policy;
 mod transport;
 
 use api::{
-    body, chat, config, credits_config, error, json_scan, request, retry_after, shared_config,
-    stats, tls_config,
+    body, chat, config, credits_config, error, json_scan, prices, request, retry_after,
+    shared_config, stats, tls_config,
 };
 use engine::{
     batch, credits, deadline, dispatch, job, key, key_proof, pool, queue_space, routing, shared,
-    stream, thread_role, ticket, worker,
+    spend, stream, thread_role, ticket, worker,
 };
 use limits::{adaptive, admission, group, model_verdicts, ratelimit, shared_limits};
 use policy::{blame, retry};
@@ -72,6 +72,7 @@ pub use config::{
 pub use credits_config::CreditsConfig;
 pub use error::{Blame, Error, StreamFailure, TimeoutPhase};
 pub use pool::{Pool, TrySubmitError};
+pub use prices::ModelPrice;
 pub use request::{DEFAULT_PATH, Request, Response, Usage};
 /// The JSON library keypool's API takes and returns: `keypool::serde_json::json!`,
 /// [`Value`] for untyped bodies.

@@ -273,6 +273,11 @@ pub struct KeyConfig {
     /// response's `usage`). Defaults to unlimited.
     #[serde(default)]
     pub tpm: Option<u64>,
+    /// Requests per UTC day this key may send. At its quota the key is out ("exhausted
+    /// until" the next midnight UTC) and comes back then, on trial. Defaults to
+    /// unlimited.
+    #[serde(default)]
+    pub rpd: Option<u32>,
     /// The models this key serves: exact names or simple patterns with `*` (`"openai/*"`,
     /// `"*"`). A request goes only to keys that serve its `"model"`; names in
     /// `model_map` are served too. Defaults to none (every model).
@@ -314,6 +319,10 @@ pub struct GroupConfig {
     /// Tokens per minute over all the group's keys. Defaults to unlimited.
     #[serde(default)]
     pub tpm: Option<u64>,
+    /// Requests per UTC day over all the group's keys: at the quota every member key is
+    /// out until the next midnight UTC. Defaults to unlimited.
+    #[serde(default)]
+    pub rpd: Option<u32>,
     /// Which 429s of a member key are the account's, cooling the whole group: `"*"`
     /// for every 429, otherwise a text that, found (ignoring case) in the 429's error
     /// message or in one of its headers written `name: value`, marks it as the
@@ -331,8 +340,15 @@ impl GroupConfig {
             max_concurrent: None,
             rpm: None,
             tpm: None,
+            rpd: None,
             account_429: None,
         }
+    }
+
+    /// Limits the group's requests per UTC day. Defaults to unlimited.
+    pub fn rpd(mut self, rpd: u32) -> GroupConfig {
+        self.rpd = Some(rpd);
+        self
     }
 
     /// Limits the group's requests in flight. Defaults to unlimited.
@@ -396,6 +412,7 @@ impl KeyConfig {
             headers: BTreeMap::new(),
             rpm: None,
             tpm: None,
+            rpd: None,
             models: None,
             model_map: BTreeMap::new(),
             weight: None,
@@ -476,7 +493,13 @@ impl KeyConfig {
         self
     }
 
-    /// Limits tokens per minute. Defaults to unlimited.
+    /// Limits this key's requests per UTC day (see the field). Defaults to unlimited.
+    pub fn rpd(mut self, rpd: u32) -> KeyConfig {
+        self.rpd = Some(rpd);
+        self
+    }
+
+    /// Limits this key's tokens per minute. Defaults to unlimited.
     pub fn tpm(mut self, tpm: u64) -> KeyConfig {
         self.tpm = Some(tpm);
         self
@@ -490,7 +513,7 @@ impl KeyConfig {
 /// `#[non_exhaustive]`: build it with [`Config::builder`] or [`Config::from_json`] (or
 /// start from [`Config::default`] and assign fields), so new fields never break your
 /// code.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 #[non_exhaustive]
 pub struct Config {
@@ -555,7 +578,22 @@ pub struct Config {
     /// [`TlsConfig`](crate::TlsConfig)). The platform's store (or `SSL_CERT_FILE` /
     /// `SSL_CERT_DIR`) and the bundled roots are always trusted. Defaults to none.
     pub tls: crate::tls_config::TlsConfig,
+    /// The pool's spend cap in dollars: once the responses' summed cost (`usage.cost`,
+    /// else estimated from `prices`) reaches it, nothing more is sent — waiting requests
+    /// end with [`Error::BudgetExhausted`] and later submits are refused with it.
+    /// Requests in flight then finish, so the overshoot is bounded by what is in
+    /// flight. Shared by every process with the same `shared` namespace. Defaults to
+    /// none (no cap).
+    pub max_cost: Option<f64>,
+    /// Per-model prices in dollars per million tokens, to estimate a response's cost
+    /// (for `max_cost`) when the server reports no `usage.cost`. Looked up by the
+    /// request's `"model"`, then by the name sent to the key (`model_map`). Defaults to
+    /// none.
+    pub prices: BTreeMap<String, crate::prices::ModelPrice>,
 }
+
+// Validation keeps `max_cost` and `prices` finite, so equality is reflexive.
+impl Eq for Config {}
 
 impl Default for Config {
     fn default() -> Config {
@@ -578,6 +616,8 @@ impl Default for Config {
             groups: Vec::new(),
             credits: crate::credits_config::CreditsConfig::default(),
             tls: crate::tls_config::TlsConfig::default(),
+            max_cost: None,
+            prices: BTreeMap::new(),
         }
     }
 }
@@ -710,6 +750,7 @@ impl Config {
         if let Some((field, message)) = self.credits.problem() {
             return Err(Error::config(field, message));
         }
+        crate::prices::check(self.max_cost, &self.prices)?;
         if let Some(shared) = &self.shared {
             crate::shared_config::check(shared)?;
         }
@@ -792,6 +833,12 @@ impl Config {
                     "must be at least 1 (omit it for no limit)",
                 ));
             }
+            if k.rpd == Some(0) {
+                return Err(Error::config(
+                    format!("keys[{i}].rpd"),
+                    "must be at least 1 (omit it for no limit)",
+                ));
+            }
             if let Some(models) = &k.models {
                 if models.iter().any(|m| m.is_empty() || m.len() > 256) {
                     return Err(Error::config(
@@ -855,6 +902,12 @@ impl Config {
             if g.tpm == Some(0) {
                 return Err(Error::config(
                     format!("groups[{i}].tpm"),
+                    "must be at least 1 (omit it for no limit)",
+                ));
+            }
+            if g.rpd == Some(0) {
+                return Err(Error::config(
+                    format!("groups[{i}].rpd"),
                     "must be at least 1 (omit it for no limit)",
                 ));
             }
@@ -1197,6 +1250,23 @@ impl ConfigBuilder {
     /// Defaults to off.
     pub fn credits(mut self, credits: crate::credits_config::CreditsConfig) -> Self {
         self.config.credits = credits;
+        self
+    }
+
+    /// The pool's spend cap in dollars (see [`Config::max_cost`]). Defaults to none.
+    pub fn max_cost(mut self, dollars: f64) -> Self {
+        self.config.max_cost = Some(dollars);
+        self
+    }
+
+    /// A model's price in dollars per million prompt and completion tokens, to
+    /// estimate costs the server does not report (see [`Config::prices`]). Defaults to
+    /// none.
+    pub fn price(mut self, model: impl Into<String>, prompt: f64, completion: f64) -> Self {
+        self.config.prices.insert(
+            model.into(),
+            crate::prices::ModelPrice::new(prompt, completion),
+        );
         self
     }
 

@@ -261,6 +261,17 @@ pub enum Error {
         /// The response as received.
         response: Box<Response>,
     },
+    /// The pool's spend cap (`max_cost`) is reached: the request was not sent (refused
+    /// at submit, or answered while it waited — queued, set aside or waiting to retry).
+    /// Requests already in flight when the cap was reached finished. [`Error::code`] is
+    /// `"budget_exhausted"`.
+    BudgetExhausted {
+        /// Dollars spent (reported `usage.cost`, else estimated from `prices`); with
+        /// shared limits, by every process sharing the namespace.
+        spent: f64,
+        /// The cap, `max_cost`.
+        max_cost: f64,
+    },
 }
 
 impl Error {
@@ -349,6 +360,7 @@ impl Error {
             Error::Stream { .. } => "stream",
             Error::SharedUnavailable { .. } => "shared_unavailable",
             Error::Flagged { .. } => "flagged",
+            Error::BudgetExhausted { .. } => "budget_exhausted",
         }
     }
 
@@ -455,6 +467,10 @@ impl fmt::Display for Error {
                 }
                 f.write_str(" (the request's content; no key was blamed)")
             }
+            Error::BudgetExhausted { spent, max_cost } => write!(
+                f,
+                "budget exhausted: ${spent:.4} spent of max_cost ${max_cost}; the request was not sent"
+            ),
         }
     }
 }

@@ -278,6 +278,14 @@ impl Dispatcher {
         loop {
             let now = Instant::now();
             let mut wake = self.shared.deadlines.expire(now);
+            let exhausted = self.shared.spend.is_exhausted();
+            if exhausted {
+                // The spend cap is reached: retries waiting out a backoff end now too
+                // (placing answers them).
+                while let Some(d) = self.delayed.pop() {
+                    self.ready.push_back(d.job);
+                }
+            }
             self.promote_due(now);
             if !self.aside.is_empty() {
                 // Announced before trying, so a worker that goes idle after the try
@@ -292,10 +300,11 @@ impl Dispatcher {
             let backlog_full = self.shared.backlog_full();
             // (With every key disabled no worker will ever take a request: the
             // dispatcher takes it and answers `NoUsableKey`.)
-            let take_intake = !backlog_full
-                && (!self.shared.self_serve
-                    || self.shared.any_usable_idle(now)
-                    || self.shared.keys.iter().all(|k| k.gate.is_disabled()));
+            let take_intake = exhausted
+                || !backlog_full
+                    && (!self.shared.self_serve
+                        || self.shared.any_usable_idle(now)
+                        || self.shared.keys.iter().all(|k| k.gate.is_disabled()));
             wake = earliest(wake, self.delayed.peek().map(|d| d.at));
             if !take_intake && !backlog_full {
                 self.shared.wants_idle.store(true, SeqCst);
@@ -526,6 +535,10 @@ impl Dispatcher {
         }
         if job.deadline.is_some_and(|d| now >= d) {
             job.finish_deadline();
+            return Ok(());
+        }
+        if let Some(e) = self.shared.spend.refusal() {
+            job.finish(Err(e)); // the spend cap is reached: nothing more is sent
             return Ok(());
         }
         let n = self.shared.keys.len();

@@ -67,7 +67,8 @@ impl KeyState {
         groups: &[Arc<GroupGate>],
     ) -> KeyState {
         let k: &KeyConfig = &config.keys[index];
-        let mut gate = Gate::new(config.retry.probe_keys, k.rpm.map(u64::from), k.tpm, epoch);
+        let mut gate =
+            Gate::new(config.retry.probe_keys, k.rpm.map(u64::from), k.tpm, epoch).with_rpd(k.rpd);
         if let Some(name) = &k.group {
             if let Some(g) = groups.iter().find(|g| &*g.name == name.as_str()) {
                 gate = gate.with_group(Arc::clone(g));

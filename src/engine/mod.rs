@@ -25,6 +25,7 @@ pub(crate) mod pool;
 pub(crate) mod queue_space;
 pub(crate) mod routing;
 pub(crate) mod shared;
+pub(crate) mod spend;
 pub(crate) mod stream;
 pub(crate) mod thread_role;
 pub(crate) mod ticket;

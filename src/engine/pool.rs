@@ -192,7 +192,9 @@ impl Pool {
         let router = Router::for_config(&config);
         let strategy = config.strategy;
         let queue_capacity = config.queue_capacity;
+        let spend = crate::spend::Spend::new(&config, limits.clone());
         let shared = Arc::new(Shared {
+            spend,
             any_tpm: config.keys.iter().any(|k| k.tpm.is_some()),
             masker: crate::body::Masker::for_config(&config),
             config,
@@ -383,6 +385,13 @@ impl Pool {
             reply.defuse();
             return Err(TrySubmitError {
                 error: Error::Panic(format!("the keypool dispatcher failed: {msg}")),
+                request: req,
+            });
+        }
+        if let Some(error) = shared.spend.refusal() {
+            reply.defuse();
+            return Err(TrySubmitError {
+                error,
                 request: req,
             });
         }

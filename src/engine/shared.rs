@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     pub limits: Option<std::sync::Arc<dyn crate::shared_limits::SharedLimits>>,
     /// The account groups' gates, in config order (each also held by its keys' gates).
     pub groups: Vec<std::sync::Arc<crate::group::GroupGate>>,
+    /// The spend cap (`max_cost`) and the dollars spent.
+    pub spend: crate::spend::Spend,
     pub submitted: AtomicU64,
     pub completed: AtomicU64,
     /// Test hook: the dispatcher panics while holding its next this-many jobs.

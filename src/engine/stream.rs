@@ -555,12 +555,16 @@ impl Run<'_> {
 
         let ks = &self.ctx.shared.keys[self.ctx.index];
         let usage = asm.usage_counts();
-        if let Some(c) = asm.cost() {
-            // OpenRouter's `usage.cost`, in the last chunk: summed like a plain answer's
-            // (a re-check it makes due runs after the reply, `credits::recheck_if_due`).
-            ks.credit
-                .add_cost(c, self.ctx.shared.config.credits.recheck_cost);
-        }
+        // OpenRouter's `usage.cost`, in the last chunk: summed like a plain answer's
+        // (a re-check it makes due runs after the reply, `credits::recheck_if_due`),
+        // and counted against `max_cost` (else estimated from `prices`).
+        crate::spend::record(
+            &self.ctx.shared,
+            self.ctx.index,
+            self.job,
+            asm.cost(),
+            usage,
+        );
         ks.record_success(usage.prompt_tokens, usage.completion_tokens);
         if ks.gate.has_limits() {
             ks.gate.correct_tokens(

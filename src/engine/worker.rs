@@ -203,7 +203,7 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     let now = Instant::now();
     // The key was admitted when usable; it may have started cooling in the
     // microseconds since. Hand the job back untouched rather than send into a cooldown.
-    if ks.gate.is_disabled() || ks.gate.cooling_until(now).is_some() {
+    if ks.gate.stopped_since_admission(now) {
         settle.unsent();
         hand_back(ctx, job);
         return;
@@ -225,6 +225,11 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     if job.req.is_cancelled() {
         settle.unsent();
         job.finish(Err(Error::Cancelled)); // given up by its caller before this attempt
+        return;
+    }
+    if let Some(e) = ctx.shared.spend.refusal() {
+        settle.unsent();
+        job.finish(Err(e)); // the spend cap was reached since it was admitted
         return;
     }
     if !job.begin_attempt(ctx.index, &ks.label, now) {
@@ -513,11 +518,7 @@ pub(crate) fn judge_response(
         match body::inspect_success_billed(&resp.body, &job.req.path, content_type) {
             Ok((usage, cost)) => {
                 let usage = usage.unwrap_or_default();
-                if let Some(c) = cost {
-                    // Marks a re-check due (done after the reply, `recheck_if_due`).
-                    ks.credit
-                        .add_cost(c, ctx.shared.config.credits.recheck_cost);
-                }
+                crate::spend::record(&ctx.shared, ctx.index, job, cost, usage);
                 ks.record_success(usage.prompt_tokens, usage.completion_tokens);
                 if ks.gate.has_limits() {
                     ks.gate.correct_tokens(

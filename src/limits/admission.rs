@@ -133,6 +133,68 @@ impl Bucket {
     }
 }
 
+/// A daily request quota (`rpd`): `limit` requests per UTC day, counted from 0 at
+/// every midnight UTC (the day OpenRouter's free-model quota resets on).
+#[derive(Debug)]
+pub(crate) struct Daily {
+    limit: u32,
+    used: u32,
+    /// Days since the Unix epoch (UTC) `used` counts.
+    day: u64,
+}
+
+/// Today as days since the Unix epoch (UTC), and how long until the next midnight UTC.
+pub(crate) fn utc_day() -> (u64, Duration) {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let day = (secs / 86_400.0).floor();
+    let left = (day + 1.0) * 86_400.0 - secs;
+    (
+        day as u64,
+        secs_saturating(left, Duration::from_secs(86_400)),
+    )
+}
+
+impl Daily {
+    pub(crate) fn new(limit: u32) -> Daily {
+        Daily {
+            limit,
+            used: 0,
+            day: utc_day().0,
+        }
+    }
+
+    /// Whether today's quota is spent (a new day starts the count over).
+    pub(crate) fn spent(&mut self, day: u64) -> bool {
+        if day != self.day {
+            self.day = day;
+            self.used = 0;
+        }
+        self.used >= self.limit
+    }
+
+    /// Counts one request; true if that spent the quota.
+    pub(crate) fn take(&mut self) -> bool {
+        self.used = self.used.saturating_add(1);
+        self.used >= self.limit
+    }
+
+    /// Gives back a request that never reached the wire.
+    pub(crate) fn refund(&mut self) {
+        self.used = self.used.saturating_sub(1);
+    }
+
+    /// The reason a key (or group) at its quota is out, naming when it comes back.
+    pub(crate) fn reason(&self, left: Duration) -> String {
+        format!(
+            "daily quota of {} requests (rpd) spent: exhausted until {}",
+            self.limit,
+            httpdate::fmt_http_date(SystemTime::now() + left)
+        )
+    }
+}
+
 /// A budget learned from a key's rate-limit headers (`ratelimit.rs`): `limit` per
 /// `window`, the window being the longest reset seen. Only for a key without a
 /// configured `rpm` (requests) or `tpm` (tokens): a configured budget always wins.
@@ -283,6 +345,10 @@ struct State {
     parked: bool,
     /// Out only until then (a spent quota): `check` brings it back after.
     disabled_until: Option<Instant>,
+    /// Requests per UTC day (`rpd`).
+    rpd: Option<Daily>,
+    /// Out for the daily quota (`rpd`) until `disabled_until`; a refund may bring it back.
+    rpd_out: bool,
     rpm: Option<Bucket>,
     tpm: Option<Bucket>,
     /// Admissions not yet completed.
@@ -317,6 +383,8 @@ pub(crate) struct Gate {
     /// `State::disabled_until`, microseconds since `epoch` (0: none).
     disabled_until: AtomicU64,
     trial_out: AtomicBool,
+    /// `State::rpd_out`: out only for the daily quota (which the last admission spent).
+    quota_out: AtomicBool,
     /// Cooldown end, microseconds since `epoch` (0: none).
     cooldown_until: AtomicU64,
     /// Limits shared with other processes (`Config::shared`), asked after the local rules.
@@ -335,6 +403,8 @@ impl Gate {
                 disabled: None,
                 parked: false,
                 disabled_until: None,
+                rpd: None,
+                rpd_out: false,
                 rpm: rpm.map(|r| Bucket::per_minute(r as f64, epoch)),
                 tpm: tpm.map(|t| Bucket::per_minute(t as f64, epoch)),
                 out: 0,
@@ -353,6 +423,7 @@ impl Gate {
             disabled: AtomicBool::new(false),
             disabled_until: AtomicU64::new(0),
             trial_out: AtomicBool::new(false),
+            quota_out: AtomicBool::new(false),
             cooldown_until: AtomicU64::new(0),
             shared: None,
         }
@@ -367,6 +438,12 @@ impl Gate {
     pub(crate) fn with_group(mut self, group: Arc<GroupGate>) -> Gate {
         self.has_limits |= group.has_limits;
         self.group = Some(group);
+        self
+    }
+
+    /// Limits the key to `limit` requests per UTC day.
+    pub(crate) fn with_rpd(self, limit: Option<u32>) -> Gate {
+        self.state.lock().rpd = limit.map(Daily::new);
         self
     }
 
@@ -397,6 +474,7 @@ impl Gate {
             SeqCst,
         );
         self.trial_out.store(s.trial == Trial::Out, SeqCst);
+        self.quota_out.store(s.rpd_out, SeqCst);
         self.learned
             .store(s.learned_rpm.is_some() || s.learned_tpm.is_some(), SeqCst);
         if let Some(a) = &s.aimd {
@@ -426,11 +504,23 @@ impl Gate {
                     s.disabled = None;
                     s.disabled_until = None;
                     s.parked = false;
-                    if s.trial == Trial::Open {
+                    // Back after a daily quota reset: no doubt about the key itself.
+                    let quota = std::mem::take(&mut s.rpd_out);
+                    if s.trial == Trial::Open && !quota {
                         s.trial = Trial::Pending;
                     }
                 }
                 _ => return Admit::Never,
+            }
+        }
+        if let Some(d) = s.rpd.as_mut() {
+            let (day, left) = utc_day();
+            if d.spent(day) {
+                let reason = d.reason(left);
+                Self::quota_out(s, reason, left, now);
+                // Out from now on (normally since its last admission): asked again at
+                // once, the caller sees it out and stops waiting for it.
+                return Admit::WakeAt(now);
             }
         }
         if let Some(until) = s.cooldown_until {
@@ -514,9 +604,28 @@ impl Gate {
             if let Some(l) = s.learned_tpm.as_mut() {
                 l.bucket.take(tokens as f64);
             }
+            if let Some(d) = s.rpd.as_mut() {
+                if d.take() {
+                    // The quota's last request: out from now on, not at the next ask.
+                    let left = utc_day().1;
+                    let reason = d.reason(left);
+                    log::warn!("keypool: a key is out: {reason}");
+                    Self::quota_out(&mut s, reason, left, now);
+                }
+            }
         }
         self.mirror(&s);
         verdict
+    }
+
+    /// Takes the key out until its daily quota resets, `left` from `now`.
+    fn quota_out(s: &mut State, reason: String, left: Duration, now: Instant) {
+        if s.disabled.is_none() {
+            s.disabled = Some((reason, unix_ms_now()));
+            s.parked = false;
+            s.rpd_out = true;
+            s.disabled_until = Some(now.checked_add(left).unwrap_or(now));
+        }
     }
 
     /// The error of a request refused because the shared limits are unreachable.
@@ -624,9 +733,12 @@ impl Gate {
         }
         if let Some(reason) = &v.disable {
             // A revocation replaces a park (a parked key must not come back after a 401).
-            if s.disabled.is_none() || (s.parked && !v.park && v.disable_for.is_none()) {
+            if s.disabled.is_none()
+                || ((s.parked || s.rpd_out) && !v.park && v.disable_for.is_none())
+            {
                 s.disabled = Some((reason.clone(), unix_ms_now()));
                 s.parked = v.park;
+                s.rpd_out = false;
                 s.disabled_until = v.disable_for.and_then(|d| now.checked_add(d));
             }
             changed = true;
@@ -672,6 +784,22 @@ impl Gate {
 
     /// Gives back the budget of an admission whose job never reached the wire.
     pub(crate) fn refund(&self, adm: Admission) {
+        {
+            let mut s = self.state.lock();
+            if let Some(d) = s.rpd.as_mut() {
+                d.refund();
+                if s.rpd_out {
+                    // Out for a quota this request no longer spends: back.
+                    s.rpd_out = false;
+                    s.disabled = None;
+                    s.disabled_until = None;
+                    self.mirror(&s);
+                }
+            }
+        }
+        if let Some(group) = &self.group {
+            group.refund_day();
+        }
         if !self.has_limits() {
             return;
         }
@@ -757,13 +885,15 @@ impl Gate {
     /// to be the key's). Returns true if this call took it out.
     pub(crate) fn take_out(&self, reason: String, parked: bool) -> bool {
         let mut s = self.state.lock();
-        // Already out — unless parked and now taken out for good (a revocation).
-        if s.disabled.is_some() && (!s.parked || parked) {
+        // Already out — unless parked and now taken out for good (a revocation), or
+        // out only for the day (`rpd`).
+        if s.disabled.is_some() && !s.rpd_out && (!s.parked || parked) {
             return false;
         }
         let shared = self.shared.as_ref().map(|link| (link, reason.clone()));
         s.disabled = Some((reason, unix_ms_now()));
         s.parked = parked;
+        s.rpd_out = false;
         s.disabled_until = None;
         self.mirror(&s);
         drop(s);
@@ -774,6 +904,14 @@ impl Gate {
     }
 
     pub(crate) fn is_disabled(&self) -> bool {
+        // Its group's daily quota spent: out with it until the reset.
+        if self
+            .group
+            .as_ref()
+            .is_some_and(|g| g.exhausted_until(Instant::now()).is_some())
+        {
+            return true;
+        }
         if !self.disabled.load(SeqCst) {
             return false;
         }
@@ -781,6 +919,18 @@ impl Gate {
         // next admission clears it).
         let until = self.disabled_until.load(SeqCst);
         until == 0 || until > self.micros(Instant::now())
+    }
+
+    /// Whether a job admitted a moment ago must go back unsent: the key was disabled
+    /// or started cooling since. A daily quota (the key's or its group's) does not
+    /// count: the admission that spent its last request is taken out with it, and that
+    /// request goes.
+    pub(crate) fn stopped_since_admission(&self, now: Instant) -> bool {
+        let disabled = self.disabled.load(SeqCst) && !self.quota_out.load(SeqCst) && {
+            let until = self.disabled_until.load(SeqCst);
+            until == 0 || until > self.micros(now)
+        };
+        disabled || self.cooling_until(now).is_some()
     }
 
     /// Ends the key's own cooldown now (a pause taken on suspicion that the evidence
@@ -859,7 +1009,12 @@ impl Gate {
 
     /// The disabled reason and when (Unix ms), if disabled.
     pub(crate) fn disabled(&self) -> Option<(String, u64)> {
-        self.state.lock().disabled.clone()
+        let own = self.state.lock().disabled.clone();
+        own.or_else(|| {
+            let g = self.group.as_ref()?;
+            g.exhausted_until(Instant::now())?;
+            g.exhausted_reason()
+        })
     }
 
     /// Rate budgets now: (requests, tokens) — the configured ones, else the learned.
@@ -914,6 +1069,31 @@ mod tests {
             Admit::Yes(adm) => adm,
             other => panic!("expected Yes, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_daily_quota_takes_the_key_out_with_its_last_admission() {
+        let epoch = Instant::now();
+        let g = Gate::new(false, None, None, epoch).with_rpd(Some(2));
+        let now = Instant::now();
+        let a = yes(g.try_admit(Via::SelfServe, 0, now));
+        g.complete(a, &KeyVerdict::default(), now);
+        assert!(!g.is_disabled());
+        let last = yes(g.try_admit(Via::SelfServe, 0, now));
+        // Out at once, but the request that spent the quota still goes.
+        assert!(g.is_disabled());
+        assert!(!g.stopped_since_admission(now));
+        let (reason, _) = g.disabled().unwrap();
+        assert!(reason.contains("exhausted until"), "{reason}");
+        assert_eq!(g.try_admit(Via::SelfServe, 0, now), Admit::Never);
+        // It left unsent: its count comes back, and so does the key.
+        g.refund(last);
+        g.complete(last, &KeyVerdict::default(), now);
+        assert!(!g.is_disabled());
+        yes(g.try_admit(Via::SelfServe, 0, now));
+        // A revocation while out for the day is not undone at midnight.
+        assert!(g.take_out("revoked".into(), false));
+        assert!(g.stopped_since_admission(now));
     }
 
     #[test]

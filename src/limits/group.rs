@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::admission::{Admit, Bucket};
+use crate::admission::{Admit, Bucket, Daily};
 use crate::config::GroupConfig;
 
 /// The group's state, locked after a member key's.
@@ -23,6 +23,10 @@ pub(crate) struct GroupState {
     pub cooldown_until: Option<Instant>,
     pub rpm: Option<Bucket>,
     pub tpm: Option<Bucket>,
+    /// Requests per UTC day (`rpd`) over all member keys.
+    pub rpd: Option<Daily>,
+    /// The daily quota is spent: every member key is out until then, for this reason.
+    pub exhausted: Option<(Instant, String, u64)>,
 }
 
 /// One account's shared limits.
@@ -39,6 +43,8 @@ pub(crate) struct GroupGate {
     full: AtomicBool,
     cooldown_until: AtomicU64,
     max_out: AtomicUsize,
+    /// The daily quota's reset while it is spent, microseconds since `epoch` (0: none).
+    exhausted_until: AtomicU64,
 }
 
 impl GroupGate {
@@ -54,10 +60,13 @@ impl GroupGate {
                 cooldown_until: None,
                 rpm: cfg.rpm.map(|r| Bucket::per_minute(r as f64, epoch)),
                 tpm: cfg.tpm.map(|t| Bucket::per_minute(t as f64, epoch)),
+                rpd: cfg.rpd.map(Daily::new),
+                exhausted: None,
             }),
             full: AtomicBool::new(false),
             cooldown_until: AtomicU64::new(0),
             max_out: AtomicUsize::new(0),
+            exhausted_until: AtomicU64::new(0),
         }
     }
 
@@ -73,10 +82,32 @@ impl GroupGate {
             SeqCst,
         );
         self.max_out.fetch_max(g.out, SeqCst);
+        self.exhausted_until.store(
+            g.exhausted
+                .as_ref()
+                .map_or(0, |(u, ..)| self.micros(*u).max(1)),
+            SeqCst,
+        );
     }
 
     /// The group's rules for one more request of `tokens`: `None` if they allow it.
     pub(crate) fn check(&self, g: &mut GroupState, tokens: u64, now: Instant) -> Option<Admit> {
+        if let Some(d) = g.rpd.as_mut() {
+            let (day, left) = crate::admission::utc_day();
+            if !d.spent(day) {
+                g.exhausted = None;
+            } else {
+                if g.exhausted.as_ref().is_none_or(|(u, ..)| *u <= now) {
+                    let until = now.checked_add(left).unwrap_or(now);
+                    g.exhausted = Some((until, self.quota_reason(d, left), unix_ms()));
+                    self.mirror(g);
+                    // Out from now on: asked again at once, the caller sees every
+                    // member key out and stops waiting for them.
+                    return Some(Admit::WakeAt(now));
+                }
+                return Some(Admit::Never);
+            }
+        }
         if let Some(until) = g.cooldown_until {
             if until > now {
                 return Some(Admit::WakeAt(until));
@@ -94,6 +125,16 @@ impl GroupGate {
     /// Applies one admission (after `check` allowed it, under the same locks).
     pub(crate) fn take(&self, g: &mut GroupState, tokens: u64) {
         g.out += 1;
+        if let Some(d) = g.rpd.as_mut() {
+            if d.take() {
+                // The quota's last request: every member key is out from now on.
+                let left = crate::admission::utc_day().1;
+                let now = Instant::now();
+                let reason = self.quota_reason(d, left);
+                log::warn!("keypool: {reason}");
+                g.exhausted = Some((now.checked_add(left).unwrap_or(now), reason, unix_ms()));
+            }
+        }
         if let Some(b) = g.rpm.as_mut() {
             b.take(1.0);
         }
@@ -157,6 +198,34 @@ impl GroupGate {
         (until > self.micros(now)).then(|| self.epoch + Duration::from_micros(until))
     }
 
+    fn quota_reason(&self, d: &Daily, left: Duration) -> String {
+        format!("group {}: {}", self.name, d.reason(left))
+    }
+
+    /// When the daily quota resets, while it is spent (every member key is out).
+    pub(crate) fn exhausted_until(&self, now: Instant) -> Option<Instant> {
+        let until = self.exhausted_until.load(SeqCst);
+        (until > self.micros(now)).then(|| self.epoch + Duration::from_micros(until))
+    }
+
+    /// Why the member keys are out, and since when (Unix ms), while the quota is spent.
+    pub(crate) fn exhausted_reason(&self) -> Option<(String, u64)> {
+        let g = self.state.lock();
+        g.exhausted.as_ref().map(|(_, r, at)| (r.clone(), *at))
+    }
+
+    /// Gives back a request of a member key that never reached the wire.
+    pub(crate) fn refund_day(&self) {
+        let mut g = self.state.lock();
+        if let Some(d) = g.rpd.as_mut() {
+            d.refund();
+            if g.exhausted.is_some() {
+                g.exhausted = None;
+                self.mirror(&g);
+            }
+        }
+    }
+
     /// Every slot of the group is taken.
     pub(crate) fn is_full(&self) -> bool {
         self.full.load(SeqCst)
@@ -178,6 +247,13 @@ impl GroupGate {
             tpm_budget: g.tpm.as_mut().map(|b| b.balance(now)),
         }
     }
+}
+
+/// Now as Unix milliseconds (0 if the clock is before 1970).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

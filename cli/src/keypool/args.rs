@@ -147,6 +147,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DOLLARS")]
     pub credits_floor: Option<f64>,
 
+    /// Stop spending at this many dollars: once the responses' summed cost (their
+    /// usage.cost, else estimated from the config's prices) reaches it, nothing more is
+    /// sent and every line not yet sent is recorded with the error budget_exhausted.
+    /// Requests already in flight finish (sets the config's max_cost).
+    #[arg(long, value_name = "DOLLARS")]
+    pub max_cost: Option<f64>,
+
     /// A PEM file of CA certificates to trust for https:// besides the system's (a
     /// private CA, a TLS-inspecting proxy's); sets the config's tls.ca_file.
     /// SSL_CERT_FILE and SSL_CERT_DIR are honoured too, as curl does. Default: the
@@ -235,6 +242,7 @@ impl RunArgs {
             shared: self.shared.clone(),
             adaptive: self.adaptive,
             credits_floor: self.credits_floor,
+            max_cost: self.max_cost,
             ca_file: self.ca_file.clone(),
         }
     }

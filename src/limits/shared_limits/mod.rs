@@ -70,6 +70,12 @@ pub(crate) trait SharedLimits: Send + Sync {
     /// records it in its own `ModelVerdicts`, so admissions ask no one. Best effort:
     /// with Redis unreachable the verdict stays local (logged at debug).
     fn cool_model(&self, keys: &[usize], model: &str, cooldown: Duration);
+    /// Adds `dollars` to the spend every process of the namespace shares (`max_cost`)
+    /// and returns the new total (`0.0` reads it); `None` while Redis is unreachable.
+    fn add_spend(&self, dollars: f64) -> Option<f64> {
+        let _ = dollars;
+        None
+    }
 }
 
 /// One key's handle on the shared limits, held by its gate.

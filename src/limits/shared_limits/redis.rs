@@ -1686,6 +1686,27 @@ impl SharedLimits for RedisLimits {
         self.wake_if_down();
     }
 
+    fn add_spend(&self, dollars: f64) -> Option<f64> {
+        let key = format!("kp:{{{}}}:spend", self.inner.cfg.namespace);
+        let total = self.inner.with_conn(|con| {
+            if dollars > 0.0 {
+                redis::cmd("INCRBYFLOAT")
+                    .arg(&key)
+                    .arg(dollars)
+                    .query::<f64>(con)
+            } else {
+                redis::cmd("GET")
+                    .arg(&key)
+                    .query::<Option<f64>>(con)
+                    .map(|v| v.unwrap_or(0.0))
+            }
+        });
+        if total.is_none() {
+            self.wake_if_down();
+        }
+        total.filter(|t| t.is_finite())
+    }
+
     fn unavailable_reason(&self) -> String {
         let c = self.inner.conn.lock();
         if c.last_error.is_empty() {
