@@ -46,6 +46,9 @@ pub(crate) struct KeyState {
     ttft: Mutex<Histogram>,
     /// Queue time (submit to first send) of requests first sent on this key.
     queue: Mutex<Histogram>,
+    /// Attempt latency and queue time in the fixed Prometheus buckets (`metrics.rs`).
+    latency_buckets: crate::metrics::Buckets,
+    queue_buckets: crate::metrics::Buckets,
     /// Balance at the last credit check, summed `usage.cost` (`credits.rs`).
     pub credit: crate::credits::KeyCredit,
     /// Requests this key refused with an unexplained 403 that another key then served
@@ -93,6 +96,8 @@ impl KeyState {
             latency: Mutex::new(Histogram::new()),
             ttft: Mutex::new(Histogram::new()),
             queue: Mutex::new(Histogram::new()),
+            latency_buckets: Default::default(),
+            queue_buckets: Default::default(),
             credit: Default::default(),
             forbidden_strikes: Default::default(),
         }
@@ -115,12 +120,14 @@ impl KeyState {
         self.in_flight.fetch_sub(1, Relaxed);
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.latency.lock().record(us);
+        self.latency_buckets.record(us);
     }
 
     /// A request's queue time (submit to its first send, which was on this key).
     pub(crate) fn record_queue(&self, d: Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         self.queue.lock().record(us);
+        self.queue_buckets.record(us);
     }
 
     /// Adds this key's queue-time histogram into `into` (for the pool's quantiles).
@@ -211,6 +218,29 @@ impl KeyState {
             cost: self.credit.cost(),
             rejoined: self.credit.rejoined(),
             parked: self.gate.is_parked(),
+            status: self.status(now),
+            latency_histogram: self.latency_buckets.snapshot(),
+            queue_histogram: self.queue_buckets.snapshot(),
+        }
+    }
+}
+
+impl KeyState {
+    /// Where the key stands at `now`.
+    fn status(&self, now: Instant) -> crate::metrics::KeyStatus {
+        use crate::metrics::KeyStatus;
+        if self.gate.is_disabled() {
+            if self.gate.is_parked() {
+                KeyStatus::Parked
+            } else if self.gate.out_until().is_some() {
+                KeyStatus::Exhausted
+            } else {
+                KeyStatus::Disabled
+            }
+        } else if self.gate.cooling_until(now).is_some() {
+            KeyStatus::Cooling
+        } else {
+            KeyStatus::Ok
         }
     }
 }

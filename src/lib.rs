@@ -45,11 +45,13 @@ mod credits;
 mod deadline;
 mod dispatch;
 mod error;
+mod events;
 mod group;
 mod job;
 mod json_scan;
 mod key;
 mod key_proof;
+mod metrics;
 mod pool;
 mod queue_space;
 mod ratelimit;
@@ -82,6 +84,8 @@ pub use config::{
 };
 pub use credits::CreditsConfig;
 pub use error::{Error, StreamFailure, TimeoutPhase};
+pub use events::{KeyEvent, KeyEventKind};
+pub use metrics::{DURATION_BUCKETS, DurationHistogram, KeyStatus};
 pub use pool::{Pool, TrySubmitError};
 pub use request::{DEFAULT_PATH, Request, Response, Usage};
 /// The JSON library keypool's API takes and returns: `keypool::serde_json::json!`,
