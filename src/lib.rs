@@ -220,6 +220,11 @@ pub struct DocsGoDoctests;
 #[doc = include_str!("../docs/python.md")]
 pub struct DocsPythonDoctests;
 
+/// docs/metrics.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/metrics.md")]
+pub struct DocsMetricsDoctests;
+
 /// docs/benchmarks.md's Rust examples (if any), compiled and run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../docs/benchmarks.md")]
