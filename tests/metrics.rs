@@ -278,3 +278,114 @@ fn check_exposition(text: &str) {
         }
     }
 }
+
+/// A key at its credit floor is parked while `Pool::new` runs, before any handler can
+/// be set: the first handler still gets that event, then `rejoined` once a re-check
+/// finds credit. The metrics show the key parked meanwhile.
+#[test]
+fn parked_at_start_then_rejoined() {
+    let server = MockServer::start(MockConfig {
+        latency_ms: 40,
+        ..MockConfig::default()
+    })
+    .unwrap();
+    server.set_credit(SECRET_A, Some(0.0));
+    let config = Config::builder()
+        .base_url(server.url())
+        .strategy(keypool::Strategy::FirstAvailable)
+        .key_config(KeyConfig::new(SECRET_A).label("a").max_concurrent(1))
+        .key_config(KeyConfig::new(SECRET_B).label("b").max_concurrent(1))
+        .credits(keypool::CreditsConfig::with_floor(0.0).recheck_ms(200))
+        .build()
+        .unwrap();
+    let pool = Pool::new(config).unwrap();
+    let text = pool.stats().to_prometheus();
+    assert!(
+        text.contains("keypool_key_state{key=\"a\",state=\"parked\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("keypool_key_credit_remaining_dollars{key=\"a\"} 0\n"),
+        "{text}"
+    );
+    let seen = collect(&pool);
+    let tickets: Vec<_> = (0..40).map(|i| pool.submit(req(i)).unwrap()).collect();
+    server.set_credit(SECRET_A, Some(100.0));
+    for t in tickets {
+        t.wait().unwrap();
+    }
+    pool.close();
+    let events = seen.lock().unwrap().clone();
+    let kinds: Vec<_> = events.iter().map(|e| (e.kind, e.label.as_str())).collect();
+    assert_eq!(
+        kinds,
+        [(KeyEventKind::Parked, "a"), (KeyEventKind::Rejoined, "a")],
+        "{events:?}"
+    );
+    assert!(
+        events[0].reason.as_deref().unwrap().contains("floor"),
+        "{events:?}"
+    );
+}
+
+/// A 429 whose reset lies beyond `max_retry_after_ms` takes the key out until then:
+/// `exhausted` with the time to the reset, then `rejoined` once it has passed.
+#[test]
+fn exhausted_then_rejoined() {
+    let server = MockServer::start(MockConfig {
+        latency_ms: 20,
+        ..MockConfig::default()
+    })
+    .unwrap();
+    server.set_key_rule(
+        SECRET_A,
+        KeyRule {
+            always_status: Some(429),
+            body: Some(r#"{"error":{"message":"Rate limit exceeded","code":429}}"#.to_owned()),
+            fail_first: 1,
+            retry_after_ms: Some(1_000),
+            ..KeyRule::default()
+        },
+    );
+    let mut retry = keypool::RetryConfig::default();
+    retry.max_attempts = 3;
+    retry.max_retry_after_ms = 300;
+    let config = Config::builder()
+        .base_url(server.url())
+        .strategy(keypool::Strategy::FirstAvailable)
+        .key_config(KeyConfig::new(SECRET_A).label("a").max_concurrent(1))
+        .key_config(KeyConfig::new(SECRET_B).label("b").max_concurrent(1))
+        .retry(retry)
+        .build()
+        .unwrap();
+    let pool = Pool::new(config).unwrap();
+    let seen = collect(&pool);
+    pool.submit(req(0)).unwrap().wait().unwrap();
+    let text = pool.stats().to_prometheus();
+    assert!(
+        text.contains("keypool_key_state{key=\"a\",state=\"exhausted\"} 1\n"),
+        "{text}"
+    );
+    assert!(text.contains("keypool_key_up{key=\"a\"} 0\n"), "{text}");
+    std::thread::sleep(Duration::from_millis(1_100));
+    for r in pool.batch((1..6).map(req)) {
+        r.unwrap();
+    }
+    pool.close();
+    let events = seen.lock().unwrap().clone();
+    let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [KeyEventKind::Exhausted, KeyEventKind::Rejoined],
+        "{events:?}"
+    );
+    let d = events[0].duration_ms.unwrap();
+    assert!((900..=1_100).contains(&d), "{events:?}");
+    assert!(
+        events[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("exhausted until")
+    );
+}
