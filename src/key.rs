@@ -103,9 +103,11 @@ impl KeyState {
         }
     }
 
-    /// Logs a key being taken out of rotation (once, by whoever disabled it).
+    /// Notes a key being taken out of rotation (once, by whoever disabled it). The
+    /// warning itself is the key event's (`events.rs`: "key … disabled: …", "… parked:
+    /// …"), logged by the event thread; this debug line names the thread that did it.
     pub(crate) fn log_disabled(&self, reason: &str) {
-        log::warn!("keypool: key {} disabled: {reason}", self.label);
+        log::debug!("keypool: key {} taken out: {reason}", self.label);
     }
 
     // ---- counters ----
