@@ -40,7 +40,14 @@ fn a_429_cools_then_reopens_in_order() {
         .build()
         .unwrap();
     let pool = Pool::new(config).unwrap();
-    let seen = collect(&pool);
+    // A handler may read the pool's stats (every gate's lock): it never runs under one.
+    // It holds a clone of the pool; `close` drops the handler.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (p2, seen2) = (pool.clone(), seen.clone());
+    pool.set_event_handler(move |e| {
+        let _ = p2.stats().to_prometheus();
+        seen2.lock().unwrap().push(e.clone());
+    });
     let t0 = Instant::now();
     let r = pool.submit(req(0)).unwrap().wait();
     assert!(r.is_ok(), "{r:?}");
