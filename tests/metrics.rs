@@ -44,7 +44,16 @@ fn a_429_cools_then_reopens_in_order() {
     // It holds a clone of the pool; `close` drops the handler.
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (p2, seen2) = (pool.clone(), seen.clone());
+    struct Dropped(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let guard = Dropped(released.clone());
     pool.set_event_handler(move |e| {
+        let _ = &guard;
         let _ = p2.stats().to_prometheus();
         seen2.lock().unwrap().push(e.clone());
     });
@@ -62,6 +71,10 @@ fn a_429_cools_then_reopens_in_order() {
     );
     assert!(mid.contains("keypool_key_up{key=\"acct-a\"} 1\n"), "{mid}");
     pool.close(); // every event is delivered before close returns
+    assert!(
+        released.load(std::sync::atomic::Ordering::SeqCst),
+        "close drops the handler (and the pool clone it holds)"
+    );
     let events = seen.lock().unwrap().clone();
     let kinds: Vec<KeyEventKind> = events.iter().map(|e| e.kind).collect();
     assert_eq!(
