@@ -111,7 +111,9 @@ fi
 check "gcc batch.c (static)" \
     gcc -std=c11 "${CFLAGS[@]}" examples/c/batch.c "$LIB" "${LDLIBS[@]}" -o "$OUT/batch"
 check "gcc bad_input.c (static)" \
-    gcc -std=c11 "${CFLAGS[@]}" examples/c/bad_input.c "$LIB" "${LDLIBS[@]}" -o "$OUT/bad_input"
+    gcc -std=c11 "${CFLAGS[@]}" -I"$ROOT/capi" examples/c/bad_input.c "$LIB" "${LDLIBS[@]}" -o "$OUT/bad_input"
+check "gcc cancel.c (static)" \
+    gcc -std=c11 "${CFLAGS[@]}" examples/c/cancel.c "$LIB" "${LDLIBS[@]}" -o "$OUT/cancel"
 check "gcc callbacks.c (static)" \
     gcc -std=c11 "${CFLAGS[@]}" examples/c/callbacks.c "$LIB" "${LDLIBS[@]}" -o "$OUT/callbacks"
 # benches/cpu.rs builds this one itself (-O2, release library); here it is only kept
@@ -235,6 +237,7 @@ if [ -n "$URL" ]; then
     check "callbacks (valgrind)" "${VALGRIND[@]}" "$OUT/callbacks" "$URL" "$CAP_URL"
     kill "$CAP_PID" 2>/dev/null
     wait "$CAP_PID" 2>/dev/null
+    check "cancel (valgrind)" "${VALGRIND[@]}" "$OUT/cancel" "$URL"
     [ -x "$OUT/bench_batch" ] && check "bench_batch 200 requests (valgrind)" \
         "${VALGRIND[@]}" "$OUT/bench_batch" "$URL" 200
     # Installed library, as a user runs it (shared: LD_LIBRARY_PATH; suppressions from

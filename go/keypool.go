@@ -14,6 +14,16 @@
 //
 // A Pool may be used from any number of goroutines. Close is idempotent; a finalizer
 // closes a forgotten pool, but only as a safety net.
+//
+// Cancellation: SubmitContext, BatchContext, Ticket.WaitContext and
+// SubmitStreamContext tie requests to a context.Context; Ticket.Cancel and
+// Stream.Cancel cancel one request. A cancelled request still waiting is never sent;
+// one on the wire has its connection closed and its key's worker freed at once, and
+// its key is not blamed. Either way it ends with exactly one result (Cancelled, or
+// its outcome if that came first).
+//
+// Observability: StatsSnapshot (typed) or Stats (JSON text); SetLogger receives
+// keypool's warnings and errors, which are otherwise dropped.
 package keypool
 
 /*
@@ -199,9 +209,13 @@ func (p *Pool) Submit(body string) (*Ticket, error) {
 	if err != nil {
 		return nil, err
 	}
-	tk := &Ticket{ptr: t}
+	return newTicket(t), nil
+}
+
+func newTicket(t *C.keypool_ticket) *Ticket {
+	tk := &Ticket{ptr: t, spent: make(chan struct{})}
 	runtime.SetFinalizer(tk, func(t *Ticket) { t.Close() })
-	return tk, nil
+	return tk
 }
 
 // SubmitFunc sends a chat completion body; fn is called once with its result, on
@@ -275,7 +289,8 @@ func (p *Pool) Batch(bodies []string) ([]Result, error) {
 	return results, nil
 }
 
-// Stats returns the pool's counters as JSON (labels only, never keys).
+// Stats returns the pool's counters as JSON text (labels only, never keys);
+// StatsSnapshot returns them decoded.
 func (p *Pool) Stats() (string, error) {
 	var out string
 	err := p.with(func(ptr *C.keypool_pool) error {
@@ -372,10 +387,14 @@ func goKeypoolEvent(e *C.keypool_key_event, userData unsafe.Pointer) {
 	fn(ev)
 }
 
-// Ticket is a submitted request's result, to wait for. Not safe for concurrent use.
+// Ticket is a submitted request's result, to wait for. Wait, WaitContext and Close
+// may be called from several goroutines (they take turns); Cancel may be called at
+// any time from any goroutine, also while another one waits.
 type Ticket struct {
-	mu  sync.Mutex
-	ptr *C.keypool_ticket
+	mu    sync.Mutex   // held by Wait and Close
+	life  sync.RWMutex // held for reading by Cancel, for writing to free the C ticket
+	ptr   *C.keypool_ticket
+	spent chan struct{} // closed when the C ticket is freed
 }
 
 // Wait waits at most timeout (negative: as long as it takes) for the result. If it is
@@ -398,21 +417,44 @@ func (t *Ticket) Wait(timeout time.Duration) (*Result, error) {
 	}
 	res := copyResult(r)
 	C.keypool_result_free(r)
-	C.keypool_ticket_free(t.ptr)
-	t.ptr = nil
-	runtime.SetFinalizer(t, nil)
+	t.free()
 	return &res, nil
 }
 
-// Close discards the ticket (the request still runs). Idempotent.
-func (t *Ticket) Close() {
-	t.mu.Lock()
-	defer t.mu.Unlock()
+// free frees the C ticket (t.mu held).
+func (t *Ticket) free() {
+	t.life.Lock()
 	if t.ptr != nil {
 		C.keypool_ticket_free(t.ptr)
 		t.ptr = nil
+		close(t.spent)
 	}
+	t.life.Unlock()
 	runtime.SetFinalizer(t, nil)
+}
+
+// Cancel cancels the request (keypool_ticket_cancel): it is answered Cancelled at
+// once, wherever it is. Still waiting (queued, or between retries), it is never sent;
+// on the wire, its connection is closed and its key's worker freed at once, and its
+// key is not blamed. Returns true if this call ended the request; false if it had
+// ended already (a cancel after the end is a no-op) or the ticket is spent or closed.
+// The ticket still yields exactly one result: Wait returns it (Status Cancelled if
+// the cancel came first). Safe to call from any goroutine, also while another waits.
+func (t *Ticket) Cancel() bool {
+	t.life.RLock()
+	defer t.life.RUnlock()
+	if t.ptr == nil {
+		return false
+	}
+	return bool(C.keypool_ticket_cancel(t.ptr))
+}
+
+// Close discards the ticket (the request still runs; Cancel first to stop it).
+// Idempotent.
+func (t *Ticket) Close() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.free()
 }
 
 // Result is one request's outcome, copied into Go memory.
@@ -473,14 +515,17 @@ type Chunk struct {
 
 // Stream is a streamed request (SubmitStream): receive its chunks from Chunks() as they
 // arrive; once that channel is closed, Result() holds the outcome — the assembled
-// chat.completion body (with usage), or the error that ended the stream. Close abandons
-// it. Chunks and Result may be used from any goroutine; Close is idempotent.
+// chat.completion body (with usage), or the error that ended the stream. Cancel or
+// Close ends it early. Chunks, Result and Cancel may be used from any goroutine; Close
+// is idempotent.
 type Stream struct {
 	chunks chan Chunk
 	stop   chan struct{}
 	done   chan struct{}
 	result Result
 	once   sync.Once
+	mu     sync.Mutex // guards ptr: pump frees the C stream under it when it ends
+	ptr    *C.keypool_stream
 }
 
 // SubmitStream sends a chat completion body (a JSON object) streamed ("stream": true,
@@ -503,26 +548,28 @@ func (p *Pool) SubmitStream(body string) (*Stream, error) {
 		chunks: make(chan Chunk, 16),
 		stop:   make(chan struct{}),
 		done:   make(chan struct{}),
+		ptr:    ptr,
 	}
 	go s.pump(ptr)
 	return s, nil
 }
 
-// pump pulls events with keypool_stream_next (waking every 100 ms to notice Close) and
-// owns the C stream: it frees it when the stream ends or is closed.
+// pump pulls events with keypool_stream_next (blocking: Cancel and Close end the wait
+// through keypool_stream_cancel) and owns the C stream: it frees it when the stream
+// ends or is closed.
 func (s *Stream) pump(ptr *C.keypool_stream) {
 	defer close(s.done)
 	defer close(s.chunks)
-	defer C.keypool_stream_free(ptr)
+	defer func() {
+		s.mu.Lock()
+		C.keypool_stream_free(ptr) // cancels the request if it has not ended
+		s.ptr = nil
+		s.mu.Unlock()
+	}()
 	s.result = Result{Status: Cancelled, ErrorCode: "cancelled", ErrorMessage: "the stream was closed before it ended"}
 	for {
-		select {
-		case <-s.stop:
-			return
-		default:
-		}
 		var ev *C.keypool_stream_event
-		st := C.keypool_stream_next(ptr, 100, &ev)
+		st := C.keypool_stream_next(ptr, C.uint64_t(^uint64(0)), &ev)
 		if st == C.KEYPOOL_TIMEOUT {
 			continue
 		}
@@ -560,9 +607,25 @@ func (s *Stream) Result() Result {
 	return s.result
 }
 
-// Close abandons the stream if it has not ended (the request stops at its next chunk)
-// and frees it. Idempotent; safe to call concurrently with Chunks and Result.
+// Cancel cancels the stream's request (keypool_stream_cancel), as Ticket.Cancel does:
+// waiting, it is never sent; streaming, its connection is closed at once, its worker
+// freed, its key not blamed. The chunks already received stay in Chunks(); Result()
+// then has Status Cancelled. Returns true if this call ended the request, false if it
+// had ended already. Safe to call from any goroutine.
+func (s *Stream) Cancel() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ptr == nil {
+		return false
+	}
+	return bool(C.keypool_stream_cancel(s.ptr))
+}
+
+// Close cancels the stream if it has not ended (its connection is closed at once),
+// discards the chunks not received yet and frees it. Idempotent; safe to call
+// concurrently with Chunks and Result.
 func (s *Stream) Close() {
 	s.once.Do(func() { close(s.stop) })
+	s.Cancel()
 	<-s.done
 }

@@ -141,7 +141,9 @@ typedef enum {
    */
   KEYPOOL_CLOSED = 7,
   /*
-   The request was still queued when the pool shut down and was never sent.
+   The request was cancelled (`keypool_ticket_cancel`, `keypool_stream_cancel`, a
+   stream freed before its end), or was still queued when the pool shut down and
+   was never sent.
    */
   KEYPOOL_CANCELLED = 8,
   /*
@@ -416,20 +418,6 @@ char *keypool_pool_stats_prometheus(const keypool_pool *pool);
  inside the log callback. Thread-safe; waits only for log calls in progress.
  */
 keypool_status keypool_set_log_callback(keypool_log_callback cb, void *user_data);
-
-/*
- For tests of a host program's panic handling: makes keypool panic on purpose, where
- a real bug would, and returns once the panic has been caught. `site` 0: inside this
- call on the calling thread (returns `KEYPOOL_PANIC`, message in
- `keypool_last_error()`). `site` 1: on one of `pool`'s worker threads, in the
- completion of a request POSTed to the pool's base URL (returns `KEYPOOL_OK` once the
- worker caught it and carries on; `KEYPOOL_TIMEOUT` if that took over 30 s). Either
- way the panic message goes to the log callback (`keypool_set_log_callback`), never
- to stderr. Other `site` values: `KEYPOOL_INVALID_ARGUMENT`.
-
- `pool` may be NULL for `site` 0. Not for production use; thread-safe.
- */
-keypool_status keypool_test_panic(const keypool_pool *pool, uint32_t site);
 
 /*
  Creates a pool from a JSON config (the same fields as the Rust `Config` and the CLI),
@@ -709,15 +697,28 @@ keypool_status keypool_submit_stream(keypool_pool *pool,
  callback (keypool thread) when no event is ready and `timeout_ms` is not 0.
 
  Ownership: the caller frees each event with `keypool_stream_event_free`. `*out` is
- written only on `KEYPOOL_OK`. A stream must not be used from two threads at once.
+ written only on `KEYPOOL_OK`. A stream must not be read from two threads at once
+ (`keypool_stream_cancel` may run meanwhile).
  */
 keypool_status keypool_stream_next(keypool_stream *stream,
                                    uint64_t timeout_ms,
                                    keypool_stream_event **out);
 
 /*
- Frees a stream. If it has not ended, the request is abandoned: the worker stops
- reading at its next chunk and closes the connection.
+ Cancels the stream's request, as `keypool_ticket_cancel` does: waiting, it is never
+ sent; streaming, its connection is closed at once, its worker freed, its key not
+ blamed. The chunks already received can still be read; the final event then carries
+ a `KEYPOOL_CANCELLED` result. A cancel after the request ended is a no-op.
+
+ Returns true if this call ended the request; false if it had ended already (or
+ `stream` is NULL). Thread-safe: may be called from any thread, also while another
+ thread waits in `keypool_stream_next`; not after `keypool_stream_free`. Non-blocking.
+ */
+bool keypool_stream_cancel(const keypool_stream *stream);
+
+/*
+ Frees a stream. If it has not ended, the request is cancelled (see
+ `keypool_stream_cancel`): the connection is closed at once.
 
  NULL is a no-op. Must not race other calls on the same stream. Non-blocking.
  */
@@ -796,14 +797,30 @@ keypool_status keypool_submit_stream_callback(keypool_pool *pool,
 
  Ownership: the caller owns `*out` and frees it with `keypool_result_free`; the ticket
  still has to be freed with `keypool_ticket_free`. `*out` is written only on
- `KEYPOOL_OK`. Blocks up to `timeout_ms`. A ticket must not be used from two threads
- at once; different tickets may be waited on from different threads.
+ `KEYPOOL_OK`. Blocks up to `timeout_ms`. A ticket must not be waited on from two
+ threads at once (`keypool_ticket_cancel` may run meanwhile); different tickets may be
+ waited on from different threads.
  */
 keypool_status keypool_ticket_wait(keypool_ticket *t, uint64_t timeout_ms, keypool_result **out);
 
 /*
- Frees a ticket. Freeing does not cancel the request: it still runs, and its result
- is discarded.
+ Cancels the ticket's request: it is answered `KEYPOOL_CANCELLED` at once, wherever
+ it is. A request still waiting (in the queue, or for a retry) is never sent; one on
+ the wire has its connection closed, its worker freed for the next request and its
+ key not blamed (no cooldown, nothing disabled). The ticket still yields exactly one
+ result: `keypool_ticket_wait` returns it (`KEYPOOL_CANCELLED` if the cancel came
+ first). A cancel after the request ended is a no-op.
+
+ Returns true if this call ended the request; false if it had ended already (or `t`
+ is NULL). Thread-safe: may be called from any thread, also while another thread
+ waits on the ticket in `keypool_ticket_wait`, and from a callback; not after
+ `keypool_ticket_free`. Non-blocking.
+ */
+bool keypool_ticket_cancel(const keypool_ticket *t);
+
+/*
+ Frees a ticket. Freeing does not cancel the request (`keypool_ticket_cancel` does):
+ it still runs, and its result is discarded.
 
  NULL is a no-op. Must not race other calls on the same ticket. Non-blocking.
  */

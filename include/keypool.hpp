@@ -133,6 +133,12 @@ class Ticket {
         return Result(r);
     }
 
+    /// Cancels the request (keypool_ticket_cancel): answered KEYPOOL_CANCELLED at once,
+    /// never sent if still waiting, its connection closed if on the wire. True if this
+    /// call ended it; false if it had ended already. Callable from any thread, also
+    /// while another waits on this ticket.
+    bool cancel() const noexcept { return keypool_ticket_cancel(t_.get()); }
+
   private:
     std::unique_ptr<keypool_ticket, detail::TicketDeleter> t_;
 };
@@ -190,7 +196,7 @@ class StreamEvent {
 };
 
 /// A streamed request (Pool::submit_stream), pulled on the caller's thread. Move-only;
-/// destroying it before the end abandons the request.
+/// destroying it before the end cancels the request (its connection is closed).
 class Stream {
   public:
     explicit Stream(keypool_stream *s) : s_(s) {}
@@ -204,6 +210,9 @@ class Stream {
     std::optional<StreamEvent> next() { return next_ms(UINT64_MAX); }
     /// True once the final event has been returned.
     bool done() const noexcept { return done_; }
+    /// Cancels the request (keypool_stream_cancel); the final event then carries
+    /// KEYPOOL_CANCELLED. True if this call ended it. Callable from any thread.
+    bool cancel() const noexcept { return keypool_stream_cancel(s_.get()); }
 
   private:
     std::optional<StreamEvent> next_ms(uint64_t ms) {

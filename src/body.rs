@@ -46,7 +46,10 @@ pub(crate) enum Problem {
 /// it is not.
 ///
 /// - `text/event-stream` bodies (a streamed request) are passed through unchecked.
-/// - Every other body must be valid JSON.
+/// - Every other body must be valid JSON that `serde_json::Value` can hold, nested at
+///   most 100 levels — no `\u` escape naming a lone surrogate, no number beyond `f64`
+///   — so every success can be read back (`Response::json`; the CLI writes it as JSON
+///   in its record, itself still readable); anything else is an `invalid_response`.
 /// - `{"error": <non-null, non-false>}` is an error inside a 2xx.
 /// - For chat completions (`…/chat/completions`) the body must be an object with a
 ///   `choices` array. An empty array is accepted: it is a well-formed answer (the
@@ -93,6 +96,13 @@ pub(crate) fn inspect_success_billed(
         if let Some(p) = failed_choice(&body[r]) {
             return Err(p);
         }
+    }
+    if let Some(e) = &shape.limit {
+        // JSON, but not what serde_json (so `Response::json`, the CLI's records)
+        // reads: a success must be readable by every reader.
+        return Err(Problem::Invalid(format!(
+            "body is JSON past common reader limits ({e})"
+        )));
     }
     let path = path.split(['?', '#']).next().unwrap_or(path);
     if path.ends_with("/chat/completions") {
@@ -180,16 +190,19 @@ struct Shape {
     cost: Option<f64>,
     /// A top-level `error` that is not `null` or `false`.
     error: Option<Value>,
+    /// Where the body passes the limits of a value every reader holds (deeper than
+    /// 100 levels, a lone surrogate escape, a number beyond `f64`), if it does.
+    limit: Option<json_scan::Invalid>,
 }
 
 impl Shape {
-    /// One pass of [`json_scan::scan`] over `body` (which it validates), then
+    /// One pass of [`json_scan::scan_value`] over `body` (which it validates), then
     /// serde_json on the few bytes of `usage` and `error`, when present. Duplicate
     /// keys: the last one wins, as in most JSON readers.
     fn of(body: &[u8]) -> Result<Shape, json_scan::Invalid> {
         let (mut choices, mut usage, mut error) = (Kind::Missing, None, None);
         let mut choices_range = None;
-        let top = json_scan::scan(body, |key, value| match top_field(key) {
+        let (top, limit) = json_scan::scan_value(body, |key, value| match top_field(key) {
             Field::Choices => {
                 choices = if body[value.start] == b'[' {
                     choices_range = Some(value.clone());
@@ -218,6 +231,7 @@ impl Shape {
             usage,
             cost,
             error,
+            limit,
         })
     }
 }
@@ -824,6 +838,32 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+        // JSON that serde_json cannot read into a `Value` is no success either.
+        let nested = |d: usize| {
+            format!(
+                "{{\"choices\":[],\"x\":{}{}}}",
+                "[".repeat(d),
+                "]".repeat(d)
+            )
+        };
+        // 100 levels with the top-level object: accepted; 101: refused.
+        assert_eq!(inspect_success(nested(99).as_bytes(), CHAT, None), Ok(None));
+        let deeper = nested(100);
+        for bad in [
+            deeper.as_str(),
+            r#"{"choices":[{"message":{"content":"\ud800"}}]}"#,
+            r#"{"choices":[],"n":1e400}"#,
+        ] {
+            match inspect_success(bad.as_bytes(), CHAT, None) {
+                Err(Problem::Invalid(why)) => {
+                    assert!(
+                        why.starts_with("body is JSON past common reader limits"),
+                        "{why}"
+                    )
+                }
+                other => panic!("{other:?} for {bad:.40}"),
+            }
+        }
         // Other endpoints: valid JSON of any shape.
         assert_eq!(inspect_success(b"{}", "/embeddings", None), Ok(None));
         assert_eq!(inspect_success(b"[1]", "/completions", None), Ok(None));
@@ -870,9 +910,14 @@ mod tests {
         let u = usage.unwrap();
         assert_eq!((u.prompt_tokens, u.completion_tokens), (7, 3));
         assert_eq!(cost, Some(0.25));
-        // A key whose escape names no character matches nothing (and is no error).
+        // A key whose escape names no character matches nothing; no reader holds it
+        // as a value, so it is no success.
         let body = br#"{"choices":[],"\ud800usage":{"prompt_tokens":1}}"#;
-        assert_eq!(inspect_success(body, CHAT, None), Ok(None));
+        assert!(matches!(
+            inspect_success(body, CHAT, None),
+            Err(Problem::Invalid(m)) if m.contains("lone surrogate")
+        ));
+        assert_eq!(parse_usage(body), None);
         // An embedded error is found through an escaped key too, and the last
         // `error` decides.
         let body = br#"{"\u0065rror":{"code":429},"choices":[]}"#;
@@ -897,7 +942,6 @@ mod tests {
             ("0.5", Some(0.5)),
             ("0", Some(0.0)),
             ("-1", None),
-            ("1e400", None),
             ("\"0.5\"", None),
             ("null", None),
             ("[0.5]", None),
@@ -910,11 +954,9 @@ mod tests {
 
     #[test]
     fn usage_is_bounded_whatever_the_server_sends() {
-        let cases: [(&str, u64); 17] = [
+        let cases: [(&str, u64); 16] = [
             ("18446744073709551615", MAX_USAGE_TOKENS),
             ("1e300", MAX_USAGE_TOKENS),
-            // Beyond f64: serde_json refused the whole body; it is valid JSON.
-            ("1e400", MAX_USAGE_TOKENS),
             ("-0", 0),
             ("\"  9 \"", 9),
             ("111111111111111111111111111", MAX_USAGE_TOKENS),
@@ -942,6 +984,17 @@ mod tests {
             // The sum the pool computes cannot overflow.
             let _ = u.prompt_tokens + u.completion_tokens;
         }
+        // Beyond f64: valid JSON, but no success (no reader holds it); the lenient
+        // reader still bounds it.
+        let body = r#"{"choices":[],"usage":{"prompt_tokens":1e400,"completion_tokens":2}}"#;
+        assert!(matches!(
+            inspect_success(body.as_bytes(), CHAT, None),
+            Err(Problem::Invalid(_))
+        ));
+        assert_eq!(
+            parse_usage(body.as_bytes()).map(|u| (u.prompt_tokens, u.completion_tokens)),
+            Some((MAX_USAGE_TOKENS, 2))
+        );
         for usage in ["null", "\"x\"", "[1]", "5"] {
             let body = format!(r#"{{"choices":[],"usage":{usage}}}"#);
             assert_eq!(

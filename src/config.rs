@@ -498,6 +498,16 @@ pub struct Config {
     pub base_url: String,
     /// Dispatch strategy. Defaults to `first_available`.
     pub strategy: Strategy,
+    /// Use a request's OpenAI `"user"` field as its affinity when it has none of its
+    /// own ([`Request::with_affinity`](crate::Request::with_affinity)): a user's
+    /// requests then stay on one key while it can admit, so a provider's prompt cache
+    /// hits. Defaults to false.
+    pub affinity_from_user: bool,
+    /// Per model, the models to fall back to, in order, when it cannot be served (see
+    /// [`Request::with_fallback_models`](crate::Request::with_fallback_models), which
+    /// overrides it per request). JSON: `"fallback_models": {"x": ["y", "z"]}`.
+    /// Defaults to none.
+    pub fallback_models: BTreeMap<String, Vec<String>>,
     /// Time allowed for one HTTP attempt as a whole: resolving, connecting, sending
     /// the request and reading the whole response (a stream included) end by then,
     /// however the server trickles. Use `deadline_ms` to bound a request across
@@ -552,6 +562,8 @@ impl Default for Config {
         Config {
             base_url: "https://openrouter.ai/api/v1".to_owned(),
             strategy: Strategy::default(),
+            affinity_from_user: false,
+            fallback_models: BTreeMap::new(),
             timeout_ms: 600_000,
             connect_timeout_ms: 10_000,
             deadline_ms: 0,
@@ -1115,6 +1127,27 @@ impl ConfigBuilder {
     /// Attempts per request (1 = no retries). Defaults to 3.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.config.retry.max_attempts = n;
+        self
+    }
+
+    /// Models to fall back to, in order, when `model` cannot be served (see
+    /// [`Config::fallback_models`]).
+    pub fn fallback_models<S: Into<String>>(
+        mut self,
+        model: impl Into<String>,
+        fallbacks: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.config.fallback_models.insert(
+            model.into(),
+            fallbacks.into_iter().map(Into::into).collect(),
+        );
+        self
+    }
+
+    /// Use a request's `"user"` field as its affinity (see
+    /// [`Config::affinity_from_user`]). Defaults to false.
+    pub fn affinity_from_user(mut self, on: bool) -> Self {
+        self.config.affinity_from_user = on;
         self
     }
 

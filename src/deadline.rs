@@ -10,16 +10,19 @@
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use parking_lot::Mutex;
 
+use crate::cancel::Conn;
 use crate::error::{Error, TimeoutPhase};
 use crate::ticket::Reply;
 
-/// The reply of a job with a deadline, shared by the job and the registry.
+/// The reply of a job with a deadline or a cancel handle, shared by the job, the
+/// registry and the caller's handle ([`Ticket`](crate::Ticket),
+/// [`ResponseStream`](crate::ResponseStream)): whoever takes it answers.
 pub(crate) struct Slot {
     inner: Mutex<SlotState>,
 }
@@ -30,6 +33,10 @@ struct SlotState {
     on_wire: bool,
     attempts: u32,
     last_key: Option<Arc<str>>,
+    /// The caller cancelled the request (see `cancel.rs`).
+    cancelled: bool,
+    /// The connection the attempt on the wire uses, and that attempt's number.
+    wire: Option<(u64, Weak<dyn Conn>)>,
 }
 
 impl Slot {
@@ -40,6 +47,8 @@ impl Slot {
                 on_wire: false,
                 attempts: 0,
                 last_key: None,
+                cancelled: false,
+                wire: None,
             }),
         })
     }
@@ -66,7 +75,54 @@ impl Slot {
     }
 
     pub(crate) fn end_attempt(&self) {
-        self.inner.lock().on_wire = false;
+        let mut s = self.inner.lock();
+        s.on_wire = false;
+        s.wire = None;
+    }
+
+    /// The caller gives the request up: answers it `Cancelled` now unless it was
+    /// answered already, and shuts down the connection of an attempt on the wire.
+    /// True if this call answered it.
+    pub(crate) fn cancel(&self) -> bool {
+        let reply = {
+            let mut s = self.inner.lock();
+            let Some(reply) = s.reply.take() else {
+                return false;
+            };
+            s.cancelled = true;
+            // Under the lock: once the attempt ends (`end_attempt`) its connection
+            // may carry another request, which must not be cut.
+            if let Some((attempt, conn)) = s.wire.take() {
+                if let Some(conn) = conn.upgrade() {
+                    conn.close_if_used_by(attempt);
+                }
+            }
+            reply
+        };
+        reply.send(Err(Error::Cancelled));
+        true
+    }
+
+    /// Whether the caller cancelled the request.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.inner.lock().cancelled
+    }
+
+    /// The attempt `attempt` now uses `conn` (`claim` marks it so, under this lock).
+    /// False if the request was cancelled: the attempt must stop.
+    pub(crate) fn attach(
+        &self,
+        attempt: u64,
+        conn: Weak<dyn Conn>,
+        claim: impl FnOnce(u64),
+    ) -> bool {
+        let mut s = self.inner.lock();
+        if s.cancelled {
+            return false;
+        }
+        claim(attempt);
+        s.wire = Some((attempt, conn));
+        true
     }
 
     /// The deadline passed: answer now unless an attempt is on the wire.

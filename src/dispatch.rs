@@ -366,6 +366,9 @@ impl Dispatcher {
             busy: false,
             unavailable: None,
         };
+        if let Some(h) = job.affinity {
+            return self.choose_by_affinity(job, h, now, not_now);
+        }
         let passes: &[bool] = if job.tried.is_empty() {
             &[true]
         } else {
@@ -401,6 +404,42 @@ impl Dispatcher {
             }
             if not_now.busy {
                 break; // an untried key is usable, only busy: wait for it
+            }
+        }
+        Err(not_now)
+    }
+
+    /// A job with an affinity: the keys that serve it by rendezvous weight (a retry
+    /// asks the keys it has not tried first, in the same order, so a session moves to
+    /// one next key, not around); one that is out or cooling is passed over, one that
+    /// is only busy is waited for (the job is set aside meanwhile if another key stands
+    /// idle, so nothing waits behind it). The rotation's scores are left alone.
+    fn choose_by_affinity(
+        &mut self,
+        job: &Job,
+        h: u64,
+        now: Instant,
+        mut not_now: NotNow,
+    ) -> Result<(usize, Admission), NotNow> {
+        let sh = &self.shared;
+        self.order.clear();
+        self.order
+            .extend((0..sh.keys.len()).filter(|&i| routing::serves(job, i)));
+        self.order.sort_by_key(|&i| {
+            let weight = std::cmp::Reverse(routing::affinity_weight(sh, i, h));
+            (job.tried.contains(&i), weight, i)
+        });
+        for idx in 0..self.order.len() {
+            let i = self.order[idx];
+            match routing::admit(sh, i, job, Via::Dispatcher, now) {
+                Admit::Yes(adm) => return Ok((i, adm)),
+                Admit::WakeAt(at) => not_now.wake = earliest(not_now.wake, Some(at)),
+                Admit::Busy => {
+                    not_now.busy = true;
+                    break; // its key: wait for it
+                }
+                Admit::Never => {}
+                Admit::Unavailable => not_now.unavailable = Some(i),
             }
         }
         Err(not_now)
@@ -490,6 +529,12 @@ impl Dispatcher {
             return Ok(());
         }
         let n = self.shared.keys.len();
+        if !(0..n).any(|i| routing::could_serve(&self.shared, i, &job))
+            && job.next_fallback(&self.shared)
+        {
+            // Its model cannot be served anywhere: the next fallback model's keys may.
+            return self.try_place(job, now);
+        }
         if !(0..n).any(|i| routing::could_serve(&self.shared, i, &job)) {
             // The model is missing wherever it was asked: that answer (a 404 blamed on
             // the model) says more than "no usable key".
@@ -539,8 +584,9 @@ impl Dispatcher {
         let mut wake = None;
         let models = self.shared.models.is_active();
         while let Some(job) = self.aside.pop_front() {
-            // Retries (which asked keys in another order) are each their own kind.
-            let kind = job.tried.is_empty().then(|| {
+            // Retries (which asked keys in another order) and jobs bound to a key by
+            // their affinity are each their own kind.
+            let kind = (job.tried.is_empty() && job.affinity.is_none()).then(|| {
                 let serves = job.serves.as_ref().map_or(0, |s| s.as_ptr() as usize);
                 (serves, models.then(|| job.model().cloned()).flatten())
             });

@@ -110,8 +110,9 @@ pub enum Error {
         response: Box<Response>,
     },
     /// The server answered 2xx with a body that is not a success: not valid JSON (a
-    /// truncated body, an HTML page from a proxy), or, for a chat completion, no
-    /// `choices` array. Retried like a 5xx (another key, after backoff); this is the
+    /// truncated body, an HTML page from a proxy), JSON no reader holds as a value
+    /// (nested deeper than 100 levels, a `\u` escape naming a lone surrogate, a number
+    /// beyond `f64`), or, for a chat completion, no `choices` array. Retried like a 5xx (another key, after backoff); this is the
     /// last attempt's. [`Error::code`] is `"invalid_response"`.
     InvalidResponse {
         /// What is wrong, and the start of the body as text.
@@ -142,7 +143,9 @@ pub enum Error {
     Busy,
     /// The pool is closed (or closing) and takes no more requests.
     Closed,
-    /// The request was queued when the pool shut down and was never sent.
+    /// The request was cancelled by its caller ([`Ticket::cancel`](crate::Ticket::cancel),
+    /// a dropped [`ResponseStream`](crate::ResponseStream), a cancel flag), or was
+    /// queued when the pool shut down and was never sent.
     Cancelled,
     /// Every key is disabled (revoked, out of credit) so nothing can be sent.
     NoUsableKey {
@@ -367,9 +370,9 @@ impl fmt::Display for Error {
             }
             Error::Busy => f.write_str("pool is busy: the queue is full"),
             Error::Closed => f.write_str("pool is closed"),
-            Error::Cancelled => {
-                f.write_str("request cancelled: the pool shut down before it was sent")
-            }
+            Error::Cancelled => f.write_str(
+                "request cancelled (by its caller, or the pool shut down before it was sent)",
+            ),
             Error::NoUsableKey { detail, .. } => write!(f, "no usable key: {detail}"),
             Error::ModelNotServed { model: Some(m) } => {
                 write!(f, "no key serves model {m:?}")

@@ -11,12 +11,34 @@ use crate::stream::StreamState;
 use crate::ticket::{Reply, RequestResult};
 
 /// Where the job's one answer goes.
-enum Answer {
-    /// Only the job holds the reply (no deadline).
+pub(crate) enum Answer {
+    /// Only the job holds the reply (no deadline, no cancel handle).
     Own(Option<Reply>),
     /// Shared with the deadline registry, which answers it if the deadline passes
-    /// while the job waits.
+    /// while the job waits, and with the caller's cancel handle (`cancel.rs`).
     Shared(Arc<Slot>),
+}
+
+impl Answer {
+    /// Disarms the reply without delivering anything (`submit` failed and tells the
+    /// caller itself).
+    pub(crate) fn defuse(self) {
+        let reply = match self {
+            Answer::Own(r) => r,
+            Answer::Shared(slot) => slot.take(),
+        };
+        if let Some(r) = reply {
+            r.defuse();
+        }
+    }
+
+    /// The same answer in a slot, to share with the deadline registry.
+    pub(crate) fn into_slot(self) -> Arc<Slot> {
+        match self {
+            Answer::Own(r) => Slot::new(r.expect("a new job's reply is unanswered")),
+            Answer::Shared(slot) => slot,
+        }
+    }
 }
 
 pub(crate) struct Job {
@@ -54,30 +76,18 @@ pub(crate) struct Job {
     /// (`blame::Fault::Forbidden`): the request goes once more to another key; served
     /// there, it counts as evidence against that key.
     pub forbidden_by: Option<usize>,
+    /// The hash of the request's affinity (`Request::with_affinity`, or its `"user"`
+    /// with `affinity_from_user`): its first attempt waits for its key (`routing::
+    /// affinity_home`) while that key is only busy.
+    pub affinity: Option<u64>,
+    /// Models still to fall back to, in order (`Request::with_fallback_models`, the
+    /// config's `fallback_models`), and the one now in the body if it is a fallback.
+    pub fallbacks: std::collections::VecDeque<Arc<str>>,
+    pub fallback: Option<Arc<str>>,
 }
 
 impl Job {
-    /// A job whose reply is owned, or shared with the deadline registry (`slot`).
-    pub(crate) fn new(
-        req: Request,
-        reply: Reply,
-        deadline: Option<Instant>,
-        est_tokens: u64,
-    ) -> Job {
-        Job::with_answer(req, Answer::Own(Some(reply)), deadline, est_tokens)
-    }
-
-    /// A job whose reply lives in `slot`, registered with the deadline registry.
-    pub(crate) fn with_slot(
-        req: Request,
-        slot: Arc<Slot>,
-        deadline: Option<Instant>,
-        est_tokens: u64,
-    ) -> Job {
-        Job::with_answer(req, Answer::Shared(slot), deadline, est_tokens)
-    }
-
-    fn with_answer(
+    pub(crate) fn with_answer(
         req: Request,
         answer: Answer,
         deadline: Option<Instant>,
@@ -100,7 +110,50 @@ impl Job {
             model: std::sync::OnceLock::new(),
             serves: None,
             forbidden_by: None,
+            affinity: None,
+            fallbacks: std::collections::VecDeque::new(),
+            fallback: None,
         }
+    }
+
+    /// Moves the job to its next fallback model that some key serves: the body's
+    /// `"model"` replaced, its routing recomputed, the keys it tried forgotten (they
+    /// were tried for another model). False when none is left, the body is not a JSON
+    /// object, or a stream already delivered text (a fallback would repeat it).
+    pub(crate) fn next_fallback(&mut self, shared: &crate::shared::Shared) -> bool {
+        if self.stream.as_ref().is_some_and(|s| s.delivered()) {
+            return false;
+        }
+        while let Some(model) = self.fallbacks.pop_front() {
+            let Ok(mut body) = serde_json::from_slice::<serde_json::Value>(&self.req.body) else {
+                return false;
+            };
+            let Some(obj) = body.as_object_mut() else {
+                return false;
+            };
+            let serves = (shared.router.as_ref()).map(|r| r.serving(&shared.config, Some(&model)));
+            if serves.as_ref().is_some_and(|s| !s.iter().any(|&b| b)) {
+                continue; // no key serves this one either
+            }
+            obj.insert(
+                "model".to_owned(),
+                serde_json::Value::String(model.to_string()),
+            );
+            let Ok(bytes) = serde_json::to_vec(&body) else {
+                return false;
+            };
+            log::info!(
+                "keypool: falling back from model {:?} to {model:?}",
+                self.model().map(|m| m.to_string())
+            );
+            self.req.body = Arc::from(bytes);
+            self.model = std::sync::OnceLock::from(Some(model.clone()));
+            self.serves = serves;
+            self.tried.clear();
+            self.fallback = Some(model);
+            return true;
+        }
+        false
     }
 
     /// The request's `"model"`, if its body has a string one (read once).
@@ -124,6 +177,20 @@ impl Job {
             Answer::Own(r) => r.is_none(),
             Answer::Shared(slot) => slot.is_answered(),
         }
+    }
+
+    /// The reply's slot, if it is shared (a deadline, or a caller's cancel handle).
+    pub(crate) fn slot(&self) -> Option<&Arc<Slot>> {
+        match &self.answer {
+            Answer::Own(_) => None,
+            Answer::Shared(slot) => Some(slot),
+        }
+    }
+
+    /// Whether the caller cancelled the request through its handle (it was answered
+    /// `Cancelled` then).
+    pub(crate) fn was_cancelled(&self) -> bool {
+        self.slot().is_some_and(|s| s.is_cancelled())
     }
 
     /// An attempt on `key` (key index `index`) starts now. False if the job was

@@ -39,6 +39,7 @@ mod admission;
 mod batch;
 mod blame;
 mod body;
+mod cancel;
 mod chat;
 mod config;
 mod credits;
@@ -94,7 +95,7 @@ pub use serde_json::{self, Value};
 pub use shared_limits::{OnUnavailable, SharedConfig};
 pub use stats::{FailureCounts, GroupStats, KeyStats, Stats, Totals};
 pub use stream::{ResponseStream, StreamChunk, StreamEvent};
-pub use ticket::{RequestResult, Ticket};
+pub use ticket::{CancelHandle, RequestResult, Ticket};
 pub use transport::{
     HttpRequest, HttpResponse, HttpStream, TlsConfig, TlsTrust, Transport, TransportError,
     TransportSettings, UreqTransport,
@@ -160,6 +161,7 @@ pub mod __capi {
                 ttft: None,
                 blame: None,
                 queue: std::time::Duration::ZERO,
+                fallback: None,
             }
         }
     }
@@ -229,6 +231,16 @@ pub struct DocsMetricsDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/benchmarks.md")]
 pub struct DocsBenchmarksDoctests;
+
+/// docs/cancellation.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/cancellation.md")]
+pub struct DocsCancellationDoctests;
+
+/// docs/cli-check.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/cli-check.md")]
+pub struct DocsCliCheckDoctests;
 
 /// docs/internals.md's Rust examples (if any), compiled and run as doctests.
 #[cfg(doctest)]

@@ -15,7 +15,7 @@ use crate::deadline::{Deadlines, Slot};
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, TimeoutPhase};
 use crate::group::GroupGate;
-use crate::job::Job;
+use crate::job::{Answer, Job};
 use crate::key::KeyState;
 use crate::request::Request;
 use crate::routing::Router;
@@ -23,7 +23,7 @@ use crate::shared::Shared;
 use crate::stats::Stats;
 use crate::stream::{ChunkSink, ResponseStream, StreamChunk, StreamState};
 use crate::thread_role::{mark_pool_thread, on_pool_thread};
-use crate::ticket::{Reply, RequestResult, Ticket};
+use crate::ticket::{CancelHandle, Reply, RequestResult, Ticket};
 use crate::transport::{Transport, TransportFactory, TransportSettings, UreqTransport};
 use crate::worker::{self, KeyWorkerCtx};
 
@@ -379,7 +379,7 @@ impl Pool {
 
     /// Queues `req`; on refusal the request comes back unsent with the reason.
     #[allow(clippy::result_large_err)] // the request itself comes back: moved, not boxed
-    fn enqueue(&self, req: Request, reply: Reply, mode: Mode) -> Result<(), TrySubmitError> {
+    fn enqueue(&self, req: Request, reply: Answer, mode: Mode) -> Result<(), TrySubmitError> {
         self.enqueue_job(req, reply, None, mode)
     }
 
@@ -387,7 +387,7 @@ impl Pool {
     fn enqueue_job(
         &self,
         req: Request,
-        reply: Reply,
+        reply: Answer,
         stream: Option<Box<StreamState>>,
         mode: Mode,
     ) -> Result<(), TrySubmitError> {
@@ -429,7 +429,12 @@ impl Pool {
             Some(router) => {
                 let model = crate::routing::model_of(&req.body);
                 let serves = router.serving(&shared.config, model.as_ref());
-                if !serves.iter().any(|&s| s) {
+                // A model no key serves is refused at once — unless it has fallbacks.
+                let fallbacks = req.fallbacks.as_ref().is_some_and(|f| !f.is_empty())
+                    || model
+                        .as_ref()
+                        .is_some_and(|m| shared.config.fallback_models.contains_key(&**m));
+                if !serves.iter().any(|&s| s) && !fallbacks {
                     reply.defuse();
                     return Err(TrySubmitError {
                         error: Error::ModelNotServed {
@@ -446,17 +451,35 @@ impl Pool {
         // even while the job sits in the queue (see `deadline.rs`). The slot is
         // registered once the job is in the queue, never before: a refused submit must
         // not have its reply answered (and a callback run) by the registry.
+        let affinity = match req.affinity.as_deref() {
+            Some(a) => Some(crate::routing::affinity_hash(a)),
+            None if shared.config.affinity_from_user => {
+                crate::routing::user_of(&req.body).map(|u| crate::routing::affinity_hash(&u))
+            }
+            None => None,
+        };
         let mut registration = None;
         let job = match deadline {
             Some(at) => {
-                let slot = Slot::new(reply);
+                let slot = reply.into_slot();
                 registration = Some((at, slot.clone()));
-                Job::with_slot(req, slot, deadline, est)
+                Job::with_answer(req, Answer::Shared(slot), deadline, est)
             }
-            None => Job::new(req, reply, deadline, est),
+            None => Job::with_answer(req, reply, deadline, est),
         };
         let mut job = job;
         job.stream = stream;
+        job.affinity = affinity;
+        let fallbacks: Vec<Arc<str>> = match &job.req.fallbacks {
+            Some(list) => list.to_vec(),
+            None if !shared.config.fallback_models.is_empty() => job
+                .model()
+                .and_then(|m| shared.config.fallback_models.get(&**m))
+                .map(|l| l.iter().map(|m| Arc::from(m.as_str())).collect())
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        job.fallbacks = fallbacks.into();
         if let Some((model, serves)) = route {
             job.model = std::sync::OnceLock::from(model);
             job.serves = Some(serves);
@@ -589,12 +612,15 @@ impl Pool {
         }
     }
 
-    fn ticket_reply(&self) -> (Reply, Ticket) {
-        let (tx, ticket) = Ticket::channel();
+    /// A ticket and its reply, in a slot the ticket can cancel through.
+    fn ticket_reply(&self) -> (Answer, Ticket) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
         let reply = self.counted_fn(move |r| {
             let _ = tx.send(r);
         });
-        (reply, ticket)
+        let slot = Slot::new(reply);
+        let ticket = Ticket::new(rx, CancelHandle::new(slot.clone()));
+        (Answer::Shared(slot), ticket)
     }
 
     /// A reply calling `callback` that the pool's `completed` counter sees. The callback
@@ -682,7 +708,7 @@ impl Pool {
         req: Request,
         callback: impl FnOnce(RequestResult) + Send + 'static,
     ) -> Result<(), Error> {
-        let reply = self.counted_fn(callback);
+        let reply = Answer::Own(Some(self.counted_fn(callback)));
         self.enqueue(req, reply, Mode::Block).map_err(|e| e.error)
     }
 
@@ -695,7 +721,7 @@ impl Pool {
         req: Request,
         callback: impl FnOnce(RequestResult) + Send + 'static,
     ) -> Result<(), TrySubmitError> {
-        let reply = self.counted_fn(callback);
+        let reply = Answer::Own(Some(self.counted_fn(callback)));
         self.enqueue(req, reply, Mode::Try)
     }
 
@@ -749,10 +775,12 @@ impl Pool {
         let reply = self.counted_fn(move |r| {
             let _ = tx.send(r);
         });
+        let slot = Slot::new(reply);
+        let cancel = CancelHandle::new(slot.clone());
         let state = StreamState::new(ChunkSink::Channel(chunk_tx));
-        self.enqueue_job(req, reply, Some(state), mode)
+        self.enqueue_job(req, Answer::Shared(slot), Some(state), mode)
             .map_err(Error::from)?;
-        Ok(ResponseStream::new(chunk_rx, rx))
+        Ok(ResponseStream::new(chunk_rx, rx, cancel))
     }
 
     /// Submits a streamed request with callbacks instead of a [`ResponseStream`],
@@ -771,7 +799,7 @@ impl Pool {
         on_done: impl FnOnce(RequestResult) + Send + 'static,
     ) -> Result<(), Error> {
         let req = crate::stream::prepare(req)?;
-        let reply = self.counted_fn(on_done);
+        let reply = Answer::Own(Some(self.counted_fn(on_done)));
         let state = StreamState::new(ChunkSink::Callback(Box::new(move |c| on_chunk(&c))));
         self.enqueue_job(req, reply, Some(state), Mode::Block)
             .map_err(Error::from)

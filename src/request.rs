@@ -23,6 +23,11 @@ pub struct Request {
     /// Set by the caller to give the request up while it is not sent yet
     /// ([`Request::with_cancel`]).
     pub(crate) cancel: Option<Arc<AtomicBool>>,
+    /// Keeps requests that share it on one key ([`Request::with_affinity`]).
+    pub(crate) affinity: Option<Arc<str>>,
+    /// Models to try, in order, when its own cannot be served
+    /// ([`Request::with_fallback_models`]).
+    pub(crate) fallbacks: Option<Arc<[Arc<str>]>>,
 }
 
 impl std::fmt::Debug for Request {
@@ -36,6 +41,7 @@ impl std::fmt::Debug for Request {
             )
             .field("deadline", &self.deadline)
             .field("cancelled", &self.is_cancelled())
+            .field("affinity", &self.affinity.is_some())
             .finish()
     }
 }
@@ -123,6 +129,8 @@ impl Request {
             headers: Vec::new(),
             deadline: None,
             cancel: None,
+            affinity: None,
+            fallbacks: None,
         }
     }
 
@@ -163,7 +171,9 @@ impl Request {
 
     /// Gives the request a cancel flag: once `flag` is set, the request is answered
     /// [`Error::Cancelled`] instead of being sent — from the queue, or before a retry.
-    /// An attempt already on the wire runs to its end. (The Python bindings set it on
+    /// An attempt already on the wire runs to its end: to cut that short too, use
+    /// [`Ticket::cancel`](crate::Ticket::cancel) (or drop a
+    /// [`ResponseStream`](crate::ResponseStream)). (The Python bindings set it on
     /// Ctrl-C; several requests may share one flag.)
     ///
     /// ```
@@ -178,6 +188,38 @@ impl Request {
     pub fn with_cancel(mut self, flag: Arc<AtomicBool>) -> Request {
         self.cancel = Some(flag);
         self
+    }
+
+    /// Gives the request an affinity: requests with the same one (a session, a
+    /// conversation, a user) go to the same key while that key can admit them — they
+    /// wait for it while it is only busy — and move only when it cannot (disabled,
+    /// parked, cooling, not serving the model), to the next key in a consistent order
+    /// (rendezvous hashing over the keys' labels), so a provider's prompt cache keeps
+    /// hitting. Jobs without one never wait behind them. See also
+    /// [`Config::affinity_from_user`](crate::Config::affinity_from_user).
+    pub fn with_affinity(mut self, affinity: impl Into<String>) -> Request {
+        self.affinity = Some(Arc::from(affinity.into()));
+        self
+    }
+
+    /// Models to fall back to, in order, when the request's own `"model"` cannot be
+    /// served: every key serving it is out (disabled, parked) or the provider said the
+    /// model is not there (a 404 blamed on the model, on every key serving it). The
+    /// request then goes, with its body's `"model"` replaced, to the next model's keys;
+    /// [`Response::fallback_model`] says which one served. Never after a stream
+    /// delivered text. Replaces the config's `fallback_models` for this model.
+    pub fn with_fallback_models<S: Into<String>>(
+        mut self,
+        models: impl IntoIterator<Item = S>,
+    ) -> Request {
+        let list: Vec<Arc<str>> = models.into_iter().map(|m| Arc::from(m.into())).collect();
+        self.fallbacks = Some(Arc::from(list));
+        self
+    }
+
+    /// The request's affinity, if it has one ([`Request::with_affinity`]).
+    pub fn affinity(&self) -> Option<&str> {
+        self.affinity.as_deref()
     }
 
     /// Whether the request's cancel flag ([`Request::with_cancel`]) is set.
@@ -326,6 +368,8 @@ pub struct Response {
     pub(crate) blame: Option<crate::Blame>,
     /// Submit to the first attempt's start.
     pub(crate) queue: Duration,
+    /// The fallback model that served the request, if not the one it asked for.
+    pub(crate) fallback: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Response {
@@ -343,6 +387,12 @@ impl std::fmt::Debug for Response {
 }
 
 impl Response {
+    /// The fallback model that served this request, if it was not the model it asked
+    /// for ([`Request::with_fallback_models`], the config's `fallback_models`).
+    pub fn fallback_model(&self) -> Option<&str> {
+        self.fallback.as_deref()
+    }
+
     /// Whom this answer was blamed on, when it is the response behind an error (see
     /// [`Error::blame`](crate::Error::blame)); `None` for a success.
     pub fn blame(&self) -> Option<crate::Blame> {

@@ -61,18 +61,62 @@ impl Router {
     }
 }
 
-/// The `"model"` of a JSON body, if it has a string one.
-pub(crate) fn model_of(body: &[u8]) -> Option<Arc<str>> {
-    #[derive(Deserialize)]
-    struct Head {
-        #[serde(default)]
-        model: Option<serde_json::Value>,
-    }
+/// The `"user"` of a JSON body, if it has a non-empty string one (OpenAI's end-user
+/// id), for [`Config::affinity_from_user`](crate::Config::affinity_from_user).
+pub(crate) fn user_of(body: &[u8]) -> Option<String> {
+    head_string(body, |h| h.user).filter(|s| !s.is_empty())
+}
+
+/// The top-level fields routing reads from a request body.
+#[derive(Deserialize)]
+struct Head {
+    #[serde(default)]
+    model: Option<serde_json::Value>,
+    #[serde(default)]
+    user: Option<serde_json::Value>,
+}
+
+/// One of a body's top-level fields, if the body is a JSON object and it is a string.
+fn head_string(body: &[u8], field: fn(Head) -> Option<serde_json::Value>) -> Option<String> {
     let head: Head = serde_json::from_slice(body).ok()?;
-    match head.model? {
-        serde_json::Value::String(s) => Some(Arc::from(s)),
+    match field(head)? {
+        serde_json::Value::String(s) => Some(s),
         _ => None,
     }
+}
+
+/// An affinity's hash (FNV-1a, 64 bits): stable across runs and processes.
+pub(crate) fn affinity_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Rendezvous (highest random weight) hashing: key `i`'s weight for the affinity
+/// `h`, from its label, so the order survives keys being added or reordered and a
+/// key's departure moves only its own affinities.
+pub(crate) fn affinity_weight(shared: &Shared, i: usize, h: u64) -> u64 {
+    // splitmix64's finaliser over both hashes.
+    let mut z = h ^ affinity_hash(&shared.keys[i].label).rotate_left(29);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The key an affinity job belongs on now: the first key, by weight, that serves it
+/// and is not out (disabled, parked) or cooling. `None` when there is none.
+pub(crate) fn affinity_home(shared: &Shared, job: &Job, h: u64, now: Instant) -> Option<usize> {
+    (0..shared.keys.len())
+        .filter(|&i| {
+            let g = &shared.keys[i].gate;
+            serves(job, i) && !g.is_disabled() && g.cooling_until(now).is_none()
+        })
+        .max_by_key(|&i| (affinity_weight(shared, i, h), std::cmp::Reverse(i)))
+}
+
+/// The `"model"` of a JSON body, if it has a string one.
+pub(crate) fn model_of(body: &[u8]) -> Option<Arc<str>> {
+    head_string(body, |h| h.model).map(Arc::from)
 }
 
 /// Whether key `i` may take `job` at all (it serves the job's model).

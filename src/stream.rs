@@ -23,7 +23,7 @@ use crate::request::{Request, Response};
 use crate::retry::{Verdict, judge_fault};
 use crate::sse::{SseError, SseReader};
 use crate::thread_role::on_pool_thread;
-use crate::ticket::RequestResult;
+use crate::ticket::{CancelHandle, RequestResult};
 use crate::transport::{HttpRequest, HttpResponse, HttpStream, TransportError};
 use crate::worker::KeyWorkerCtx;
 
@@ -121,7 +121,7 @@ impl StreamState {
         })
     }
 
-    fn delivered(&self) -> bool {
+    pub(crate) fn delivered(&self) -> bool {
         self.chunks > 0
     }
 }
@@ -130,12 +130,13 @@ impl StreamState {
 ///
 /// Iterate it (blocking) for [`StreamEvent`]s: every chunk as it arrives, then one
 /// [`StreamEvent::Done`] with the assembled response or the error; after that the
-/// iterator ends. Dropping it abandons the stream: the worker stops reading at its next
-/// chunk and the connection is closed.
+/// iterator ends. Dropping it before the end cancels the request
+/// ([`ResponseStream::cancel`]).
 #[derive(Debug)]
 pub struct ResponseStream {
     chunks: Receiver<StreamChunk>,
     result: Receiver<RequestResult>,
+    cancel: CancelHandle,
     /// The final outcome, received but held back while chunks are still buffered.
     pending: Option<RequestResult>,
     chunks_closed: bool,
@@ -143,10 +144,15 @@ pub struct ResponseStream {
 }
 
 impl ResponseStream {
-    pub(crate) fn new(chunks: Receiver<StreamChunk>, result: Receiver<RequestResult>) -> Self {
+    pub(crate) fn new(
+        chunks: Receiver<StreamChunk>,
+        result: Receiver<RequestResult>,
+        cancel: CancelHandle,
+    ) -> Self {
         ResponseStream {
             chunks,
             result,
+            cancel,
             pending: None,
             chunks_closed: false,
             done: false,
@@ -224,6 +230,30 @@ impl ResponseStream {
     /// Whether the final outcome has been returned.
     pub fn is_done(&self) -> bool {
         self.done
+    }
+
+    /// Cancels the request, as [`Ticket::cancel`](crate::Ticket::cancel) does: waiting,
+    /// it is never sent; streaming, its connection is shut down at once, its worker
+    /// freed, its key not blamed. The stream then ends with
+    /// [`StreamEvent::Done`]`(Err(`[`Error::Cancelled`]`))` after the chunks already
+    /// buffered. True if this call ended the request; false if it had ended already.
+    /// Dropping the stream before its end does the same.
+    pub fn cancel(&self) -> bool {
+        self.cancel.cancel()
+    }
+
+    /// A handle that cancels this stream's request from any thread.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
+    }
+}
+
+impl Drop for ResponseStream {
+    /// A stream dropped before its end is cancelled: the worker stops reading at once.
+    fn drop(&mut self) {
+        if !self.done {
+            self.cancel.cancel();
+        }
     }
 }
 
@@ -551,6 +581,7 @@ impl Run<'_> {
             ttft,
             blame: None,
             queue: self.job.queue_time(),
+            fallback: self.job.fallback.clone(),
         })
     }
 

@@ -1,10 +1,12 @@
 //! One-shot result delivery: the internal [`Reply`] every job carries, and the public
 //! [`Ticket`] a caller waits on.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 
+use crate::deadline::Slot;
 use crate::error::{Error, TimeoutPhase};
 use crate::request::Response;
 use crate::thread_role::on_pool_thread;
@@ -63,20 +65,90 @@ fn call(f: Callback, result: RequestResult) {
 /// A handle on one submitted request's result.
 ///
 /// Every ticket is answered exactly once — with the response, an error, or
-/// [`Error::Cancelled`] if the pool shut down before the request was sent. Dropping a
-/// ticket does not cancel the request; its result is discarded.
+/// [`Error::Cancelled`] if the request was cancelled ([`Ticket::cancel`]) or the pool
+/// shut down before it was sent. Dropping a ticket does not cancel the request; its
+/// result is discarded.
 #[derive(Debug)]
 pub struct Ticket {
     rx: Receiver<RequestResult>,
     taken: bool,
+    cancel: CancelHandle,
+}
+
+/// Cancels one request from any thread: a clonable handle from
+/// [`Ticket::cancel_handle`] or [`ResponseStream::cancel_handle`](crate::ResponseStream::cancel_handle),
+/// for cancelling while another thread waits on the ticket.
+///
+/// See [`Ticket::cancel`] for what a cancel does.
+#[derive(Clone)]
+pub struct CancelHandle {
+    slot: Arc<Slot>,
+}
+
+impl std::fmt::Debug for CancelHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CancelHandle")
+            .field("answered", &self.slot.is_answered())
+            .finish()
+    }
+}
+
+impl CancelHandle {
+    pub(crate) fn new(slot: Arc<Slot>) -> CancelHandle {
+        CancelHandle { slot }
+    }
+
+    /// Cancels the request (see [`Ticket::cancel`]). True if this call ended it; false
+    /// if it had already ended (answered, or cancelled before): then nothing happens.
+    pub fn cancel(&self) -> bool {
+        self.slot.cancel()
+    }
 }
 
 impl Ticket {
-    /// A new ticket and the sender its one result goes to. (The receiver may be gone
-    /// when the result arrives — the ticket was dropped — and then nothing waits.)
-    pub(crate) fn channel() -> (crossbeam_channel::Sender<RequestResult>, Ticket) {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        (tx, Ticket { rx, taken: false })
+    pub(crate) fn new(rx: Receiver<RequestResult>, cancel: CancelHandle) -> Ticket {
+        Ticket {
+            rx,
+            taken: false,
+            cancel,
+        }
+    }
+
+    /// Cancels the request: it is answered [`Error::Cancelled`] at once, wherever it is.
+    ///
+    /// - Still waiting — in the queue, set aside by the dispatcher, or waiting for a
+    ///   retry — it is never sent (it leaves the queue when the dispatcher next reaches
+    ///   it, unsent).
+    /// - On the wire, its connection is shut down: the worker stops reading at once and
+    ///   is free for the next request. The key is not blamed (no cooldown, no strike).
+    ///   With a custom [`Transport`](crate::Transport) the attempt runs to its end, and
+    ///   its outcome is discarded.
+    /// - Already answered: nothing happens.
+    ///
+    /// Returns true if this call ended the request. Either way the ticket still yields
+    /// exactly one result ([`wait`](Ticket::wait)): `Cancelled` if the cancel came
+    /// first. Never blocks; callable from a completion callback. To cancel from another
+    /// thread while this one waits, use a [`cancel_handle`](Ticket::cancel_handle).
+    ///
+    /// ```
+    /// # let server = keypool_mock::MockServer::start(keypool_mock::MockConfig::default()).unwrap();
+    /// # let pool = keypool::Pool::new(keypool::Config::builder().base_url(server.url()).key("sk-a", 1).build()?)?;
+    /// use keypool::{Error, Request};
+    /// // A request the server answers after 30 s.
+    /// let slow = Request::from_json("/chat/completions", r#"{"model": "m", "mock": {"delay_ms": 30000}}"#)?;
+    /// let ticket = pool.submit(slow)?;
+    /// std::thread::sleep(std::time::Duration::from_millis(50)); // on the wire by now
+    /// assert!(ticket.cancel());
+    /// assert!(matches!(ticket.wait(), Err(Error::Cancelled)));
+    /// # Ok::<(), keypool::Error>(())
+    /// ```
+    pub fn cancel(&self) -> bool {
+        self.cancel.cancel()
+    }
+
+    /// A handle that cancels this ticket's request from any thread ([`Ticket::cancel`]).
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
     }
 
     /// Blocks until the result is ready.

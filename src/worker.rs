@@ -123,6 +123,16 @@ fn self_serve(ctx: &KeyWorkerCtx) -> Option<Job> {
     }
     let mut job = ctx.intake.try_recv().ok()?;
     sh.took_from(&ctx.intake);
+    if job.is_answered() {
+        return None; // cancelled (or past its deadline) while queued: dropped unsent
+    }
+    // A job bound to another key by its affinity is the dispatcher's to place.
+    if let Some(h) = job.affinity {
+        if crate::routing::affinity_home(sh, &job, h, Instant::now()) != Some(ctx.index) {
+            hand_back(ctx, job);
+            return None;
+        }
+    }
     // The same admission as the dispatcher's: the key must serve the job's model, and
     // its gate and group must admit, in one step.
     match crate::routing::admit(sh, ctx.index, &job, Via::SelfServe, Instant::now()) {
@@ -257,14 +267,20 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     };
     ks.begin();
     let t0 = Instant::now();
+    // A cancel of the request while this attempt runs shuts its connection down.
+    let wire = crate::cancel::on_wire(job.slot());
     if job.stream.is_some() {
         // A stream holds this worker (and so one of the key's `max_concurrent` slots)
         // until it ends.
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             crate::stream::attempt(ctx, &mut job, &http, first_start, t0, deadline_bound)
         }));
+        drop(wire);
         ks.end(t0.elapsed());
         job.end_attempt();
+        if outcome.as_ref().is_ok_and(|o| o.is_err()) && job.was_cancelled() {
+            return cancelled(&mut settle);
+        }
         let (err, verdict, class) = match outcome {
             Ok(Ok(response)) => {
                 settle.complete(&success_verdict(ctx, &response.headers));
@@ -283,8 +299,12 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
         return conclude(ctx, &mut settle, job, err, verdict, class);
     }
     let outcome = catch_unwind(AssertUnwindSafe(|| ctx.transport.send(&http)));
+    drop(wire);
     ks.end(t0.elapsed());
     job.end_attempt();
+    if matches!(outcome, Ok(Err(_))) && job.was_cancelled() {
+        return cancelled(&mut settle);
+    }
 
     let (err, verdict, class) = match outcome {
         Ok(Ok(resp)) => match judge_response(ctx, &mut job, resp, first_start) {
@@ -310,6 +330,15 @@ fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
         }
     };
     conclude(ctx, &mut settle, job, err, verdict, class);
+}
+
+/// The caller cancelled the request while its attempt ran, and the attempt failed —
+/// most likely because the cancel shut its connection down. The request was answered
+/// `Cancelled` by the cancel; the key did nothing wrong: its admission is settled
+/// without a verdict (no cooldown, no strike, a trial may go again) and the worker is
+/// free at once.
+fn cancelled(settle: &mut Settle<'_>) {
+    settle.complete(&KeyVerdict::default());
 }
 
 /// The key's part of a success: a spent budget announced in the headers pauses the key
@@ -506,6 +535,7 @@ pub(crate) fn judge_response(
                     ttft: None,
                     blame: None,
                     queue: job.queue_time(),
+                    fallback: job.fallback.clone(),
                 });
             }
             Err(p) => Some(p),
@@ -532,6 +562,7 @@ pub(crate) fn judge_response(
         ttft: None,
         blame: None,
         queue: job.queue_time(),
+        fallback: job.fallback.clone(),
     };
     let status = match problem {
         Some(body::Problem::Invalid(why)) => {

@@ -270,24 +270,39 @@ fn invalid_2xx_bodies_are_retried_then_reported_as_invalid_response() {
     assert!(e.to_string().contains("body: oops"), "{e}");
 }
 
-/// A valid success nested 200,000 levels deep is a success (the body validator keeps
-/// its own stack, sized by the body, not the worker's).
+/// A body nested 200,000 levels deep is read without recursion (the validator keeps
+/// its own stack, sized by the body, not the worker's) and is no success: a success
+/// nests at most 100 levels, so every JSON reader holds it (serde_json stops at 128).
+/// 100 levels are a success.
 #[test]
-fn a_deeply_nested_valid_2xx_is_a_success() {
-    let n = 200_000;
-    let body = format!(
-        r#"{{"x":{}{},"choices":[],"usage":{{"prompt_tokens":5,"completion_tokens":2}}}}"#,
-        "[".repeat(n),
-        "]".repeat(n)
-    );
-    let body: &'static str = Box::leak(body.into_boxed_str());
+fn a_deeply_nested_2xx_is_an_invalid_response_and_100_levels_a_success() {
+    let nested = |n: usize| -> &'static str {
+        let body = format!(
+            r#"{{"x":{}{},"choices":[],"usage":{{"prompt_tokens":5,"completion_tokens":2}}}}"#,
+            "[".repeat(n),
+            "]".repeat(n)
+        );
+        Box::leak(body.into_boxed_str())
+    };
+    let (deep, ok) = (nested(200_000), nested(99));
     let pool = Pool::with_transport(
         config(&[("sk-deep", "d")], 1),
-        factory(move |_, _| Ok(resp(200, &[], body))),
+        factory(move |_, req| {
+            let shallow = req.body.windows(6).any(|w| w == b"longer");
+            Ok(resp(200, &[], if shallow { ok } else { deep }))
+        }),
     )
     .unwrap();
-    let r = pool.submit(chat()).unwrap().wait().unwrap();
-    assert_eq!(r.body().len(), body.len());
+    let e = pool.submit(chat()).unwrap().wait().unwrap_err();
+    assert!(matches!(e, Error::InvalidResponse { .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("nested deeper than 100 levels"),
+        "{e}"
+    );
+    let long = Request::chat("m", [("user", "a longer prompt to get the shallow answer")]);
+    let r = pool.submit(long).unwrap().wait().unwrap();
+    assert_eq!(r.body().len(), ok.len());
+    assert!(r.json::<keypool::Value>().is_ok());
     let s = pool.stats();
     assert_eq!(
         (s.keys[0].prompt_tokens, s.keys[0].completion_tokens),

@@ -1,9 +1,12 @@
 //! The `keypool` command: runs a JSONL file of OpenAI-style requests across many API
-//! keys (`keypool run`), runs the bundled mock server (`keypool mock`), and
-//! demonstrates both (`keypool demo`). A thin layer over the `keypool` library.
+//! keys (`keypool run`), checks each key (`keypool check`), runs the bundled mock
+//! server (`keypool mock`), and demonstrates a run against it (`keypool demo`). A thin
+//! layer over the `keypool` library.
 
 #[path = "keypool/args.rs"]
 mod args;
+#[path = "keypool/check.rs"]
+mod check;
 #[path = "keypool/demo.rs"]
 mod demo;
 #[path = "keypool/input.rs"]
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Run(a) => cmd_run(&a),
+        Command::Check(a) => check::run(&a),
         Command::Mock(a) => mock::run(&a),
         Command::Demo(a) => demo::run(&a),
     };

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "keypool.h"
+#include "keypool_testing.h" /* keypool_test_panic: capi/, not the release header */
 
 #define SECRET "sk-test-secret"
 

@@ -63,6 +63,14 @@ int main(int argc, char **argv) {
         std::cout << "submit: HTTP " << r.http_status() << " via " << r.key_label() << "\n";
         if (!r.ok()) failures++;
 
+        // A cancelled request ends with KEYPOOL_CANCELLED; a second cancel is a no-op.
+        keypool::Ticket slow = pool.submit(
+            "{\"model\": \"m\", \"messages\": [], \"mock\": {\"delay_ms\": 30000}}");
+        bool first = slow.cancel(), second = slow.cancel();
+        keypool::Result cancelled = slow.wait();
+        std::cout << "cancel: " << keypool_status_str(cancelled.status()) << "\n";
+        if (!first || second || cancelled.status() != KEYPOOL_CANCELLED) failures++;
+
         std::promise<bool> done;
         pool.submit(bodies[1], [&done](keypool::Result res) { done.set_value(res.ok()); });
         auto fut = done.get_future();

@@ -55,50 +55,40 @@ fn is_key_info(path: &str) -> bool {
     ["/api/v1/key", "/v1/key", "/key"].contains(&path)
 }
 
-/// Whether `path` is the model listing, `{,/v1,/api/v1}/models`.
+/// Whether `path` is the model list route, `{,/v1,/api/v1}/models`.
 fn is_models(path: &str) -> bool {
     ["/api/v1/models", "/v1/models", "/models"].contains(&path)
 }
 
-/// The refusal a `GET` of key or model info gets: none for a listing that is public
-/// ([`crate::MockConfig::public_info`]), 401 without a key, and a key rule's 401 or 403
-/// (one that applies to every request of the key) for a revoked key.
-fn info_refusal(shared: &Shared, key: &str) -> Option<(u16, Bytes)> {
-    let c = shared.control.lock();
-    if c.cfg.public_info {
+/// The answer of a key whose rule refuses it everywhere (a revoked key: an active
+/// [`crate::KeyRule`] with `always_status` 401 or 403, for every request and model),
+/// for the routes that are no completion (`GET …/key`, `GET …/models`).
+fn refused(shared: &Shared, key: &str) -> Option<(u16, Bytes)> {
+    if shared.control.lock().cfg.public_info {
         return None;
     }
     if key.is_empty() {
         return Some((401, request_error(401, "missing API key")));
     }
-    let rule = &c.rules.get(key)?.rule;
-    match rule.always_status {
-        Some(s @ (401 | 403)) if rule.fail_first == 0 && rule.model.is_none() => {
-            Some((s, request_error(s, "mock: the key is refused")))
-        }
-        _ => None,
-    }
+    let c = shared.control.lock();
+    let rs = c.rules.get(key)?;
+    let r = &rs.rule;
+    let status = r.always_status.filter(|s| matches!(s, 401 | 403))?;
+    let active = r.fail_first == 0
+        && r.model.is_none()
+        && r.fail_for_ms
+            .is_none_or(|ms| rs.set_at.elapsed() < Duration::from_millis(ms));
+    active.then(|| {
+        let body = r.body.clone().map_or_else(
+            || error_json(status, &format!("mock {status}")),
+            Bytes::from,
+        );
+        (status, body)
+    })
 }
 
-/// `GET …/models`: a one-model listing in OpenAI's shape, not counted as a request.
-fn models_info(shared: &Shared, key: &str) -> Response<MockBody> {
-    let (status, body) = match info_refusal(shared, key) {
-        Some(refusal) => refusal,
-        None => {
-            if !key.is_empty() {
-                let mut c = shared.control.lock();
-                c.credits.entry(key.to_owned()).or_default().listings += 1;
-            }
-            let list = json!({"object": "list", "data": [
-                {"id": "mock-model", "object": "model", "owned_by": "keypool-mock"}
-            ]});
-            (200, Bytes::from(list.to_string()))
-        }
-    };
-    json_response(status, body)
-}
-
-fn json_response(status: u16, body: Bytes) -> Response<MockBody> {
+/// A JSON answer to a `GET`.
+fn json_answer(status: u16, body: Bytes) -> Response<MockBody> {
     let mut r = Response::new(MockBody::full(body, None));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     if let Ok(v) = hyper::header::HeaderValue::from_str("application/json") {
@@ -107,9 +97,33 @@ fn json_response(status: u16, body: Bytes) -> Response<MockBody> {
     r
 }
 
-/// `GET …/key`: the key's credit in OpenRouter's shape, not counted as a request.
+/// `GET …/models`: the models of [`crate::MockServer::set_models`] in OpenAI's shape,
+/// not counted as a request; 404 when the list is `None`.
+fn models(shared: &Shared, key: &str) -> Response<MockBody> {
+    if let Some((status, body)) = refused(shared, key) {
+        return json_answer(status, body);
+    }
+    let Some(models) = shared.control.lock().models.clone() else {
+        return json_answer(404, request_error(404, "not found"));
+    };
+    if !key.is_empty() {
+        let mut c = shared.control.lock();
+        c.credits.entry(key.to_owned()).or_default().listings += 1;
+    }
+    let data: Vec<Value> = models
+        .iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "keypool-mock"}))
+        .collect();
+    json_answer(
+        200,
+        Bytes::from(json!({"object": "list", "data": data}).to_string()),
+    )
+}
+
+/// `GET …/key`: the key's credit in OpenRouter's shape, not counted as a request. A
+/// key refused by its rule (401, 403) is refused here too.
 fn key_info(shared: &Shared, key: &str) -> Response<MockBody> {
-    let (status, body) = if let Some(refusal) = info_refusal(shared, key) {
+    let (status, body) = if let Some(refusal) = refused(shared, key) {
         refusal
     } else {
         let mut c = shared.control.lock();
@@ -133,7 +147,7 @@ fn key_info(shared: &Shared, key: &str) -> Response<MockBody> {
             ),
         }
     };
-    json_response(status, body)
+    json_answer(status, body)
 }
 
 /// Whether the key has a cap and nothing left (it gets 402).
@@ -780,7 +794,7 @@ pub(crate) async fn handle(
             shared.timer.sleep(Duration::from_millis(wait)).await;
         }
         return Ok(if is_models(path) {
-            models_info(&shared, &key)
+            models(&shared, &key)
         } else {
             key_info(&shared, &key)
         });

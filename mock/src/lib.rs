@@ -55,10 +55,13 @@
 //! Routes: `POST {,/v1,/api/v1}/chat/completions`, `…/completions` and `…/embeddings`;
 //! `GET {,/v1,/api/v1}/key` answers OpenRouter's key info (`{"data": {"label", "limit",
 //! "limit_remaining", "usage", "is_free_tier", "limit_reset"}}`) from the key's
-//! [`MockCredit`] (not counted as a request), and `GET {,/v1,/api/v1}/models` a
-//! one-model listing in OpenAI's shape (counted in [`MockCredit::listings`]). Both
-//! refuse a request without a key (401) and a key whose [`KeyRule`] answers every
-//! request 401 or 403, unless [`MockConfig::public_info`] makes them public. A key with a cap and nothing left gets
+//! [`MockCredit`] (not counted as a request); `GET {,/v1,/api/v1}/models` lists the
+//! models of [`MockServer::set_models`] in OpenAI's shape (not counted either; 404 when
+//! set to `None`). A key whose [`KeyRule`] answers 401 or 403 to every request (no
+//! `fail_first`, no `model`) is refused on both routes too, as a revoked key is, and so
+//! is a request without a key — unless [`MockConfig::public_info`] makes both public.
+//! [`MockConfig::info_latency_ms`] stalls them.
+//! A key with a cap and nothing left gets
 //! 402 for every request; with [`MockConfig::cost_per_request`] each success reports
 //! `usage.cost` (a stream in its usage chunk) and is debited.
 //!
@@ -252,7 +255,7 @@ pub struct MockCredit {
     pub spent: f64,
     /// `GET …/key` requests answered for this key (not counted in [`KeyRecord`]).
     pub checks: u64,
-    /// `GET …/models` requests answered for this key (not counted in [`KeyRecord`]).
+    /// `GET …/models` requests answered 200 for this key (not counted in [`KeyRecord`]).
     pub listings: u64,
     /// When set, `GET …/key` answers exactly this body (status 200), for hostile-input
     /// tests.

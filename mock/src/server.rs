@@ -37,7 +37,12 @@ pub(crate) struct Control {
     pub(crate) budgets: HashMap<String, (u128, u64)>,
     /// Per-key request budgets replacing the global one ([`MockServer::set_request_budget`]).
     pub(crate) key_budgets: HashMap<String, Option<(u64, u64)>>,
+    /// The model ids `GET …/models` lists (`None`: the route answers 404).
+    pub(crate) models: Option<Vec<String>>,
 }
+
+/// The models `GET …/models` lists until [`MockServer::set_models`] changes them.
+pub(crate) const DEFAULT_MODELS: [&str; 2] = ["mock-model", "mock-embedding"];
 
 /// State shared by the handle and every connection task.
 pub(crate) struct Shared {
@@ -134,6 +139,7 @@ impl MockServer {
                 credits: HashMap::new(),
                 budgets: HashMap::new(),
                 key_budgets: HashMap::new(),
+                models: Some(DEFAULT_MODELS.iter().map(|m| (*m).to_owned()).collect()),
             }),
             acc: Arc::new(Accounting::new()),
             ids: AtomicU64::new(0),
@@ -234,6 +240,14 @@ impl MockServer {
             .entry(key.to_owned())
             .or_default()
             .key_body = body;
+    }
+
+    /// Sets the model ids `GET {,/v1,/api/v1}/models` lists (OpenAI's shape,
+    /// `{"object": "list", "data": [{"id", "object": "model", …}]}`); `None` makes the
+    /// route answer 404, as a server without it does. Defaults to `mock-model` and
+    /// `mock-embedding`. (Requests are served whatever their model.)
+    pub fn set_models(&self, models: Option<Vec<String>>) {
+        self.shared.control.lock().models = models;
     }
 
     /// The key's credit record, or `None` if it has none (no cap set, nothing spent,

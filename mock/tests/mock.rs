@@ -802,3 +802,97 @@ fn tls_server_can_require_a_client_certificate() {
         200
     );
 }
+
+/// `GET url` with the bearer `key`: (status, body as JSON).
+fn get_json(url: &str, key: &str) -> (u16, Value) {
+    let mut resp = agent()
+        .get(url)
+        .header("Authorization", format!("Bearer {key}"))
+        .call()
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.body_mut().read_to_string().unwrap();
+    (status, serde_json::from_str(&body).unwrap())
+}
+
+#[test]
+fn models_are_listed_and_a_revoked_key_is_refused_on_key_and_models() {
+    let server = start();
+    let base = format!("http://{}", server.addr());
+    for prefix in ["", "/v1", "/api/v1"] {
+        let (status, v) = get_json(&format!("{base}{prefix}/models"), "k");
+        assert_eq!(status, 200, "{prefix}");
+        assert_eq!(v["object"], "list");
+        let ids: Vec<&str> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["mock-model", "mock-embedding"]);
+        assert_eq!(v["data"][0]["object"], "model");
+    }
+    server.set_models(Some(vec!["a/b".into()]));
+    assert_eq!(
+        get_json(&format!("{base}/v1/models"), "k").1["data"][0]["id"],
+        "a/b"
+    );
+    server.set_models(None);
+    assert_eq!(get_json(&format!("{base}/v1/models"), "k").0, 404);
+    // Neither route counts as a request.
+    assert!(server.key_stats("k").is_none());
+
+    // A key refused everywhere (401, 403) is refused on both routes, with its body.
+    server.set_models(Some(vec!["m".into()]));
+    server.set_key_rule(
+        "revoked",
+        KeyRule {
+            always_status: Some(401),
+            body: Some(r#"{"error":{"message":"User not found.","code":401}}"#.into()),
+            ..KeyRule::default()
+        },
+    );
+    for route in ["key", "models"] {
+        let (status, v) = get_json(&format!("{base}/api/v1/{route}"), "revoked");
+        assert_eq!(
+            (status, &v["error"]["message"]),
+            (401, &json!("User not found."))
+        );
+    }
+    // Rules that are not a refusal of the key leave the routes alone: a 500, a 401
+    // for one model only, a 403 for the first request only.
+    for (key, rule) in [
+        (
+            "busy",
+            KeyRule {
+                always_status: Some(500),
+                ..KeyRule::default()
+            },
+        ),
+        (
+            "one-model",
+            KeyRule {
+                always_status: Some(401),
+                model: Some("m".into()),
+                ..KeyRule::default()
+            },
+        ),
+        (
+            "first",
+            KeyRule {
+                always_status: Some(403),
+                fail_first: 1,
+                ..KeyRule::default()
+            },
+        ),
+    ] {
+        server.set_key_rule(key, rule);
+        assert_eq!(get_json(&format!("{base}/v1/key"), key).0, 200, "{key}");
+        assert_eq!(get_json(&format!("{base}/v1/models"), key).0, 200, "{key}");
+    }
+    // `first` still fails its first completion.
+    assert_eq!(
+        chat(&server, "first", with_mock(json!({}))).unwrap().status,
+        403
+    );
+}

@@ -41,13 +41,33 @@ pub(crate) const TIMEOUT_SLACK: Duration = Duration::from_millis(20);
 #[derive(Debug, Default)]
 pub(crate) struct LeanTcpConnector;
 
-/// The socket, shared with ureq's shutdown handle.
+/// The socket, shared with ureq's shutdown handle and with a cancellable request's
+/// slot (`cancel.rs`).
 #[derive(Debug)]
-struct Socket(TcpStream);
+struct Socket(TcpStream, parking_lot::Mutex<u64>);
+
+impl Socket {
+    /// Marks the socket as used by `attempt` (`crate::cancel`; 0: by no cancellable
+    /// attempt).
+    fn claim(&self, attempt: u64) {
+        *self.1.lock() = attempt;
+    }
+}
 
 impl ShutdownHandle for Socket {
     fn shutdown(&self) {
         let _ = self.0.shutdown(Shutdown::Both);
+    }
+}
+
+impl crate::cancel::Conn for Socket {
+    fn close_if_used_by(&self, attempt: u64) {
+        let owner = self.1.lock();
+        if *owner == attempt {
+            // A blocked read returns end-of-file, a blocked write fails: ureq gives
+            // the attempt up, and the connection is never reused (its probe sees EOF).
+            let _ = self.0.shutdown(Shutdown::Both);
+        }
     }
 }
 
@@ -66,7 +86,7 @@ impl<In: Transport> Connector<In> for LeanTcpConnector {
         if details.config.no_delay() {
             stream.set_nodelay(true)?;
         }
-        let socket = Arc::new(Socket(stream));
+        let socket = Arc::new(Socket(stream, parking_lot::Mutex::new(0)));
         let weak = Arc::downgrade(&socket) as std::sync::Weak<dyn ShutdownHandle>;
         (details.register_shutdown)(weak)?;
         // Under TLS this layer carries records to and from rustls, which reassembles
@@ -86,6 +106,7 @@ impl<In: Transport> Connector<In> for LeanTcpConnector {
             pending: Vec::new(),
             read_timeout: None,
             write_timeout: None,
+            attached: 0,
         })))
     }
 }
@@ -142,6 +163,9 @@ pub(crate) struct LeanTcp {
     /// The socket's current `SO_RCVTIMEO` / `SO_SNDTIMEO` (`None`: none set).
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
+    /// The cancellable attempt (`crate::cancel`) this connection was last attached
+    /// to (0: none).
+    attached: u64,
 }
 
 /// Sets the socket timeout `current` to `want` unless it is already close enough:
@@ -176,6 +200,25 @@ fn io_error(e: io::Error, timeout: &NextTimeout) -> ureq::Error {
 }
 
 impl LeanTcp {
+    /// Attaches the connection to the attempt running on this thread, if it changed
+    /// (a keep-alive connection serves one attempt after another), so a cancel of
+    /// that request shuts it down. Fails if the request was cancelled already.
+    fn attach(&mut self) -> Result<(), ureq::Error> {
+        let attempt = crate::cancel::current();
+        if attempt == self.attached {
+            return Ok(());
+        }
+        let socket = &self.socket;
+        let weak = Arc::downgrade(socket) as std::sync::Weak<dyn crate::cancel::Conn>;
+        if !crate::cancel::attach(weak, |a| socket.claim(a)) {
+            return Err(
+                io::Error::new(io::ErrorKind::ConnectionAborted, "request cancelled").into(),
+            );
+        }
+        self.attached = attempt;
+        Ok(())
+    }
+
     /// Sends everything pending within `timeout`.
     fn flush(&mut self, timeout: NextTimeout) -> Result<(), ureq::Error> {
         if self.pending.is_empty() {
@@ -208,6 +251,7 @@ impl Transport for LeanTcp {
     }
 
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        self.attach()?;
         let out = &self.buffers.output()[..amount];
         self.pending.extend_from_slice(out);
         if self.pending.len() >= CORK_LIMIT {
@@ -217,6 +261,7 @@ impl Transport for LeanTcp {
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        self.attach()?;
         self.flush(timeout)?;
         let timeout = timeout.for_read();
         if timeout.after.is_zero() {
@@ -253,7 +298,17 @@ impl Transport for LeanTcp {
 
     fn is_open(&mut self) -> bool {
         // Output still corked means a request is half sent: not reusable.
-        self.pending.is_empty() && probe(&self.socket.0)
+        if !self.pending.is_empty() {
+            return false;
+        }
+        // Probed when the pool hands the connection out (and when it takes it back):
+        // claimed for this thread's attempt under the socket's lock first, so a cancel
+        // of the attempt that used it before either shut it down already (the probe
+        // sees EOF) or leaves it alone.
+        let mut owner = self.socket.1.lock();
+        *owner = crate::cancel::current();
+        self.attached = 0; // the slot learns of it at the first read or write
+        probe(&self.socket.0)
     }
 }
 

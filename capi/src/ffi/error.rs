@@ -30,7 +30,9 @@ pub enum Status {
     KEYPOOL_BUSY = 6,
     /// The pool is shut down and takes no more requests.
     KEYPOOL_CLOSED = 7,
-    /// The request was still queued when the pool shut down and was never sent.
+    /// The request was cancelled (`keypool_ticket_cancel`, `keypool_stream_cancel`, a
+    /// stream freed before its end), or was still queued when the pool shut down and
+    /// was never sent.
     KEYPOOL_CANCELLED = 8,
     /// keypool panicked; the panic was caught at the API boundary (a bug in keypool).
     KEYPOOL_PANIC = 9,
@@ -167,7 +169,7 @@ impl Status {
             5 => c"timed out",
             6 => c"busy: the queue is full",
             7 => c"pool is closed",
-            8 => c"cancelled: the pool shut down before the request was sent",
+            8 => c"cancelled: by its caller, or the pool shut down before the request was sent",
             9 => c"keypool panicked (internal error)",
             10 => c"no usable key",
             11 => c"invalid request",

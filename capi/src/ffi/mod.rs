@@ -41,13 +41,6 @@ fn arg_ref<'a, T>(p: *const T, what: &str) -> Result<&'a T, Failure> {
     unsafe { p.as_ref() }.ok_or_else(|| Failure::invalid(format!("{what} is NULL")))
 }
 
-/// Like [`arg_ref`], for a handle the call mutates.
-fn arg_mut<'a, T>(p: *mut T, what: &str) -> Result<&'a mut T, Failure> {
-    // SAFETY: as in `arg_ref`; the header forbids using one ticket from two threads
-    // at once, so this is the only reference.
-    unsafe { p.as_mut() }.ok_or_else(|| Failure::invalid(format!("{what} is NULL")))
-}
-
 /// A string argument: NULL-checked and UTF-8-checked. The message never quotes the
 /// contents (a config holds API keys).
 /// `what` names the argument in the failure's message (formatted only on failure).

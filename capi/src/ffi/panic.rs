@@ -83,6 +83,9 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
 /// to stderr. Other `site` values: `KEYPOOL_INVALID_ARGUMENT`.
 ///
 /// `pool` may be NULL for `site` 0. Not for production use; thread-safe.
+///
+/// Declared in `capi/keypool_testing.h`, not in the release header (cbindgen.toml
+/// excludes it): keep the two in step.
 #[unsafe(no_mangle)]
 pub extern "C" fn keypool_test_panic(pool: *const super::pool::FfiPool, site: u32) -> Status {
     ffi_panic_boundary!(Status::KEYPOOL_PANIC, {

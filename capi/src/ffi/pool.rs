@@ -110,7 +110,7 @@ fn submit_ticket(
         Mode::Block => pool.pool.submit(req),
         Mode::Try => pool.pool.try_submit(req).map_err(crate::Error::from),
     }?;
-    write_out(out, FfiTicket { ticket });
+    write_out(out, FfiTicket::new(ticket));
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! form (`keypool_submit_stream` + `keypool_stream_next`) and a callback form
 //! (`keypool_submit_stream_callback`).
 
+use std::cell::UnsafeCell;
 use std::ffi::{CString, c_char, c_void};
 use std::ptr;
 use std::time::Duration;
@@ -10,14 +11,20 @@ use super::error::{Failure, Status, finish, set_last_error};
 use super::panic::ffi_panic_boundary;
 use super::pool::{Callback, FfiPool, UserData, body_request};
 use super::result::FfiResult;
-use super::{arg_mut, arg_out, arg_ref, write_out};
-use crate::{DEFAULT_PATH, Error, ResponseStream, StreamChunk, StreamEvent, TimeoutPhase};
+use super::{arg_out, arg_ref, write_out};
+use crate::{
+    CancelHandle, DEFAULT_PATH, Error, ResponseStream, StreamChunk, StreamEvent, TimeoutPhase,
+};
 
 /// A streamed request's events, to pull with `keypool_stream_next` (C: `keypool_stream`).
 ///
 /// Holds only receiving ends of channels: it stays valid after its pool is freed.
 pub struct FfiStream {
-    stream: ResponseStream,
+    /// Used by one thread at a time (`keypool_stream_next`, the header's contract);
+    /// in a cell so `keypool_stream_cancel` may run on another thread meanwhile,
+    /// touching only `cancel`.
+    stream: UnsafeCell<ResponseStream>,
+    cancel: CancelHandle,
 }
 
 /// `keypool_stream_event_kind` of a chunk.
@@ -101,7 +108,13 @@ pub extern "C" fn keypool_submit_stream(
             arg_out(out, "out")?;
             let req = body_request(DEFAULT_PATH, body_json, "body_json")?;
             let stream = pool.pool.submit_stream(req)?;
-            write_out(out, FfiStream { stream });
+            write_out(
+                out,
+                FfiStream {
+                    cancel: stream.cancel_handle(),
+                    stream: UnsafeCell::new(stream),
+                },
+            );
             Ok(())
         })())
     })
@@ -118,7 +131,8 @@ pub extern "C" fn keypool_submit_stream(
 /// callback (keypool thread) when no event is ready and `timeout_ms` is not 0.
 ///
 /// Ownership: the caller frees each event with `keypool_stream_event_free`. `*out` is
-/// written only on `KEYPOOL_OK`. A stream must not be used from two threads at once.
+/// written only on `KEYPOOL_OK`. A stream must not be read from two threads at once
+/// (`keypool_stream_cancel` may run meanwhile).
 #[unsafe(no_mangle)]
 pub extern "C" fn keypool_stream_next(
     stream: *mut FfiStream,
@@ -127,10 +141,13 @@ pub extern "C" fn keypool_stream_next(
 ) -> Status {
     ffi_panic_boundary!(Status::KEYPOOL_PANIC, {
         finish((|| {
-            let s = arg_mut(stream, "stream")?;
+            let s = arg_ref(stream.cast_const(), "stream")?;
             arg_out(out, "out")?;
+            // SAFETY: one thread reads a stream at a time (the contract above); a
+            // concurrent `keypool_stream_cancel` reads only `s.cancel`.
+            let s = unsafe { &mut *s.stream.get() };
             let timeout = (timeout_ms != u64::MAX).then(|| Duration::from_millis(timeout_ms));
-            match s.stream.next_timeout(timeout) {
+            match s.next_timeout(timeout) {
                 Ok(Some(StreamEvent::Chunk(c))) => {
                     write_out(out, FfiStreamEvent::chunk(&c));
                     Ok(())
@@ -155,8 +172,29 @@ pub extern "C" fn keypool_stream_next(
     })
 }
 
-/// Frees a stream. If it has not ended, the request is abandoned: the worker stops
-/// reading at its next chunk and closes the connection.
+/// Cancels the stream's request, as `keypool_ticket_cancel` does: waiting, it is never
+/// sent; streaming, its connection is closed at once, its worker freed, its key not
+/// blamed. The chunks already received can still be read; the final event then carries
+/// a `KEYPOOL_CANCELLED` result. A cancel after the request ended is a no-op.
+///
+/// Returns true if this call ended the request; false if it had ended already (or
+/// `stream` is NULL). Thread-safe: may be called from any thread, also while another
+/// thread waits in `keypool_stream_next`; not after `keypool_stream_free`. Non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_stream_cancel(stream: *const FfiStream) -> bool {
+    ffi_panic_boundary!(false, {
+        match arg_ref(stream, "stream") {
+            Ok(s) => s.cancel.cancel(),
+            Err(f) => {
+                set_last_error(&f.message);
+                false
+            }
+        }
+    })
+}
+
+/// Frees a stream. If it has not ended, the request is cancelled (see
+/// `keypool_stream_cancel`): the connection is closed at once.
 ///
 /// NULL is a no-op. Must not race other calls on the same stream. Non-blocking.
 #[unsafe(no_mangle)]

@@ -40,6 +40,7 @@ Examples:
   keypool run --keys-file keys.txt -i prompts.jsonl -o results.jsonl
   OPENAI_API_KEY=sk-... keypool run -i prompts.jsonl -o results.jsonl
   keypool run -c pool.json -i prompts.jsonl -o results.jsonl --ca-file corp-ca.pem
+  keypool check --keys-file keys.txt               # is every key accepted, with credit?
   keypool mock --port 8080                         # a local OpenAI-compatible mock";
 
 /// The subcommands.
@@ -47,6 +48,8 @@ Examples:
 pub enum Command {
     /// Run a JSONL file of requests (OpenAI Batch API format) across all keys.
     Run(RunArgs),
+    /// Check every key: accepted or rejected, credit left and limit, models reachable.
+    Check(CheckArgs),
     /// Run the bundled mock OpenAI-compatible server on loopback until Ctrl-C.
     Mock(MockArgs),
     /// Demonstrate keypool against the in-process mock server (4 fake keys, 200 prompts).
@@ -245,13 +248,108 @@ impl RunArgs {
     }
 }
 
+/// `keypool check`.
+#[derive(Debug, Args)]
+#[command(after_long_help = CHECK_AFTER_HELP)]
+pub struct CheckArgs {
+    /// Pool config as JSON, as for `keypool run` (its keys, base_url, per-key
+    /// base_url, headers, models and tls are used). Default: none.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// File with one API key per line, as for `keypool run` (`KEY` or `LABEL KEY`, then
+    /// optional settings). Default: the config's keys, else $KEYPOOL_API_KEYS, else
+    /// $OPENROUTER_API_KEY, else $OPENAI_API_KEY.
+    #[arg(long, value_name = "FILE")]
+    pub keys_file: Option<PathBuf>,
+
+    /// Base URL the routes are appended to (<base>/key, <base>/models,
+    /// <base>/chat/completions). Default: as for `keypool run` (the config's base_url;
+    /// $OPENAI_BASE_URL or https://api.openai.com/v1 for $OPENAI_API_KEY;
+    /// $OPENROUTER_BASE_URL or https://openrouter.ai/api/v1 otherwise).
+    #[arg(long, value_name = "URL")]
+    pub base_url: Option<String>,
+
+    /// A PEM file of CA certificates to trust for https:// besides the system's; sets
+    /// the config's tls.ca_file. SSL_CERT_FILE and SSL_CERT_DIR are honoured too.
+    /// Default: the config's tls.ca_file, else none.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Time allowed for each request of the check (connect included), in milliseconds;
+    /// a server that stalls longer leaves the key "unknown". The config's timeout_ms
+    /// (meant for completions) is not used. Default: 15000.
+    #[arg(long, value_name = "MS", default_value_t = 15_000)]
+    pub timeout_ms: u64,
+
+    /// Also send each key one minimal chat completion (max_tokens 1; it may cost a
+    /// fraction of a cent) and require it to succeed. Default: off (no completion is
+    /// sent).
+    #[arg(long)]
+    pub probe: bool,
+
+    /// The model --probe asks for (mapped by a key's model_map). A key with a
+    /// `models` list that does not serve it is probed with its first listed model.
+    /// Default: each key's first configured model; needed when a key has none.
+    #[arg(long, value_name = "MODEL", requires = "probe")]
+    pub model: Option<String>,
+
+    /// One JSON object per key instead of text: {"key", "status", "usable", "credit":
+    /// {"limit", "limit_remaining", "usage", "unlimited", "is_free_tier",
+    /// "limit_reset", "rate_limit"}, "models", "models_served", "probe": {"ok",
+    /// "latency_ms"}, "notes": [...]}. Default: text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// No summary line on stderr. Default: off.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+const CHECK_AFTER_HELP: &str = "\
+Output (stdout, one line per key, in config order; keys appear by label only):
+  acct-a  ok         credit $4.90 left of $5.00 (used $0.10); 312 models listed
+  acct-b  rejected   GET /key: HTTP 401: User not found.
+  acct-c  no-credit  credit $0.00 left of $1.00 (used $1.00); 312 models listed
+  acct-d  unknown    GET /key: timed out (attempt); GET /models: timed out (attempt)
+
+Status: ok (the server accepted the key and it has credit), rejected (401 or 403),
+no-credit (402, or OpenRouter's limit_remaining at 0), unknown (no answer said: a
+server error, a timeout, or a server with neither /key nor /models — try --probe).
+Credit is read from GET <base>/key (OpenRouter); the model count from GET
+<base>/models. Without --probe no completion is sent.
+
+Exit status: 0 every key is usable (ok), 1 some key is not, 2 usage or config error.
+
+Examples:
+  keypool check --keys-file keys.txt
+  OPENROUTER_API_KEY=sk-or-... keypool check --probe --model openai/gpt-4o-mini
+  keypool check -c pool.json --json";
+
+impl CheckArgs {
+    /// The flags that shape the pool config (keys, base URL, TLS).
+    pub fn pool_flags(&self) -> PoolFlags {
+        PoolFlags {
+            config: self.config.clone(),
+            keys_file: self.keys_file.clone(),
+            base_url: self.base_url.clone(),
+            ca_file: self.ca_file.clone(),
+            ..PoolFlags::default()
+        }
+    }
+}
+
 /// `keypool mock`.
 #[derive(Debug, Args)]
-#[command(
-    after_long_help = "Prints its base URL (http://127.0.0.1:PORT/v1) as the \
-only line on stdout and serves until Ctrl-C. A request body containing \
-\"mock\": {\"status\": 500} is answered with that status."
-)]
+#[command(after_long_help = "Prints its base URL (http://127.0.0.1:PORT/v1, or \
+https:// with --tls) as the only line on stdout and serves until Ctrl-C. A request \
+body containing \"mock\": {\"status\": 500} is answered with that status. It also \
+answers GET <base>/key (OpenRouter's credit shape) and GET <base>/models.
+
+With --tls, the CA certificate to trust is written to a file whose path is printed \
+on stderr:
+  keypool mock --tls --ca-out mock-ca.pem
+  keypool run --base-url https://127.0.0.1:PORT/v1 --ca-file mock-ca.pem ...")]
 pub struct MockArgs {
     /// Port to listen on (127.0.0.1 only); 0 picks a free port.
     #[arg(long, default_value_t = 0)]
@@ -305,6 +403,15 @@ pub struct MockArgs {
     /// balance at GET /v1/key.
     #[arg(long, default_value_t = 0.0, value_name = "DOLLARS")]
     pub cost_per_request: f64,
+    /// Serve https:// with a certificate signed by a CA generated at start; the CA's
+    /// PEM is written to --ca-out and its path printed on stderr (trust it with
+    /// `keypool run --ca-file`, tls.ca_file or SSL_CERT_FILE). Default: plain http://.
+    #[arg(long)]
+    pub tls: bool,
+    /// Where --tls writes the CA certificate (PEM); `-` prints it on stderr instead.
+    /// Default: keypool-mock-ca-PORT.pem in the temp directory, removed at exit.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    pub ca_out: Option<PathBuf>,
 }
 
 fn rate(s: &str) -> Result<f64, String> {

@@ -64,6 +64,10 @@ struct Record<'a> {
     keypool: Meta<'a>,
 }
 
+/// A success's body is always JSON a `Value` holds (the engine accepts no other: at
+/// most 100 levels deep, no lone surrogate escape, no number beyond f64), so it is
+/// written as JSON; an error's body may be anything (HTML from a proxy) and is then
+/// written as its text.
 fn response_json(r: &keypool::Response) -> ResponseJson {
     let body: Value = serde_json::from_slice(r.body()).unwrap_or_else(|_| Value::String(r.text()));
     // The header, else the body's `id` from the parse above (`Response::request_id`

@@ -1,0 +1,125 @@
+//! Fallback models (issue 24.2): a request whose model cannot be served — every key
+//! serving it out, or the provider answering that the model is not there (OpenRouter's
+//! 404 "No endpoints found") — moves to the next fallback model on that model's keys;
+//! the result says which model served. Counted at the mock.
+
+use keypool::{Config, Error, KeyConfig, Pool, Request};
+use keypool_mock::{KeyRule, MockConfig, MockServer};
+use serde_json::json;
+
+const OR_MODEL_404: &str = r#"{"error":{"message":"No endpoints found for acme/x.","code":404}}"#;
+
+fn line(i: usize, model: &str) -> Request {
+    Request::new(
+        &json!({"model": model, "messages": [{"role": "user", "content": format!("q{i}")}]}),
+    )
+}
+
+fn models_seen(server: &MockServer, key: &str) -> Vec<String> {
+    server
+        .key_stats(key)
+        .map(|r| r.log.iter().filter_map(|l| l.model.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_model_whose_keys_are_all_revoked_falls_back_per_request() {
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    server.set_key_rule(
+        "sk-x",
+        KeyRule {
+            always_status: Some(401),
+            ..KeyRule::default()
+        },
+    );
+    let cfg = Config::builder()
+        .base_url(server.url())
+        .key_config(
+            KeyConfig::new("sk-x")
+                .label("x")
+                .models(["acme/x"])
+                .max_concurrent(2),
+        )
+        .key_config(
+            KeyConfig::new("sk-y")
+                .label("y")
+                .models(["acme/y"])
+                .max_concurrent(2),
+        )
+        .build()
+        .unwrap();
+    let pool = Pool::new(cfg).unwrap();
+    let results = pool.batch((0..10).map(|i| line(i, "acme/x").with_fallback_models(["acme/y"])));
+    for r in &results {
+        let r = r.as_ref().expect("served by the fallback");
+        assert_eq!(r.fallback_model(), Some("acme/y"));
+        assert_eq!(r.key_label(), "y");
+    }
+    // The revoked key cost its trial; the fallback's key saw only the fallback model.
+    assert_eq!(server.key_stats("sk-x").unwrap().requests, 1);
+    assert!(models_seen(&server, "sk-y").iter().all(|m| m == "acme/y"));
+    assert_eq!(models_seen(&server, "sk-y").len(), 10);
+    // Without fallbacks the same request fails, saying why.
+    let e = pool.submit(line(99, "acme/x")).unwrap().wait().unwrap_err();
+    assert!(matches!(e, Error::NoUsableKey { .. }), "{e}");
+}
+
+#[test]
+fn a_model_the_provider_does_not_have_falls_back_from_the_config() {
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    for k in ["sk-a", "sk-b"] {
+        server.set_key_rule(
+            k,
+            KeyRule {
+                model: Some("acme/x".into()),
+                always_status: Some(404),
+                body: Some(OR_MODEL_404.into()),
+                ..KeyRule::default()
+            },
+        );
+    }
+    let cfg = Config::builder()
+        .base_url(server.url())
+        .key("sk-a", 2)
+        .key("sk-b", 2)
+        .fallback_models("acme/x", ["acme/z", "acme/y"])
+        .build()
+        .unwrap();
+    let pool = Pool::new(cfg).unwrap();
+    let results = pool.batch((0..12).map(|i| line(i, "acme/x")));
+    for r in &results {
+        let r = r.as_ref().expect("served by a fallback");
+        // acme/z is served by the mock too: the first fallback serves.
+        assert_eq!(r.fallback_model(), Some("acme/z"));
+        let body: serde_json::Value = r.json().unwrap();
+        assert!(body.get("choices").is_some());
+    }
+    // The 404s of the requests already out when the first came back (at most one per
+    // key: each key's trial goes alone); the verdict is shared, then only the fallback
+    // goes out.
+    let seen: Vec<String> = ["sk-a", "sk-b"]
+        .iter()
+        .flat_map(|k| models_seen(&server, k))
+        .collect();
+    let missing = seen.iter().filter(|m| *m == "acme/x").count();
+    assert!((1..=2).contains(&missing), "{seen:?}");
+    assert_eq!(seen.iter().filter(|m| *m == "acme/z").count(), 12);
+    // A model with no fallback and no key is still refused at submit.
+    let cfg = Config::builder()
+        .base_url(server.url())
+        .key_config(KeyConfig::new("sk-c").models(["acme/y"]).max_concurrent(1))
+        .build()
+        .unwrap();
+    let pool = Pool::new(cfg).unwrap();
+    assert!(matches!(
+        pool.submit(line(0, "acme/q")),
+        Err(Error::ModelNotServed { .. })
+    ));
+    // With a fallback, a model no key serves goes to the fallback's keys.
+    let r = pool
+        .submit(line(1, "acme/q").with_fallback_models(["acme/y"]))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(r.fallback_model(), Some("acme/y"));
+}
