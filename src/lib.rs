@@ -45,14 +45,14 @@ mod policy;
 mod transport;
 
 use api::{
-    body, chat, config, credits_config, error, json_scan, prices, request, retry_after,
+    body, chat, config, credits_config, error, json_scan, metrics, prices, request, retry_after,
     shared_config, stats, tls_config,
 };
 use engine::{
     batch, credits, deadline, dispatch, job, key, key_proof, pool, queue_space, routing, shared,
     spend, stream, thread_role, ticket, worker,
 };
-use limits::{adaptive, admission, group, model_verdicts, ratelimit, shared_limits};
+use limits::{adaptive, admission, events, group, model_verdicts, ratelimit, shared_limits};
 use policy::{blame, retry};
 use transport::{cancel, sse};
 
@@ -71,6 +71,8 @@ pub use config::{
 };
 pub use credits_config::CreditsConfig;
 pub use error::{Blame, Error, StreamFailure, TimeoutPhase};
+pub use events::{KeyEvent, KeyEventKind};
+pub use metrics::{DURATION_BUCKETS, DurationHistogram, KeyStatus};
 pub use pool::{Pool, TrySubmitError};
 pub use prices::ModelPrice;
 pub use request::{DEFAULT_PATH, Request, Response, Usage};
@@ -207,6 +209,11 @@ pub struct DocsGoDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/python.md")]
 pub struct DocsPythonDoctests;
+
+/// docs/metrics.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/metrics.md")]
+pub struct DocsMetricsDoctests;
 
 /// docs/benchmarks.md's Rust examples (if any), compiled and run as doctests.
 #[cfg(doctest)]

@@ -17,6 +17,7 @@ pub(crate) mod config;
 pub(crate) mod credits_config;
 pub(crate) mod error;
 pub(crate) mod json_scan;
+pub(crate) mod metrics;
 pub(crate) mod prices;
 pub(crate) mod request;
 pub(crate) mod retry_after;

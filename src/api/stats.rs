@@ -97,6 +97,12 @@ pub struct KeyStats {
     /// Times the key rejoined the rotation after being parked for its credit (a
     /// re-check found its balance above the floor again; `credits.recheck_ms`).
     pub rejoined: u64,
+    /// Where the key stands now: in rotation, cooling, exhausted, parked or disabled.
+    pub status: crate::metrics::KeyStatus,
+    /// Attempt latencies in the fixed buckets of [`DURATION_BUCKETS`](crate::DURATION_BUCKETS).
+    pub latency_histogram: crate::metrics::DurationHistogram,
+    /// Queue times of requests first sent on this key, in the same buckets.
+    pub queue_histogram: crate::metrics::DurationHistogram,
 }
 
 /// A snapshot of one account group's shared limits.
@@ -163,6 +169,9 @@ pub struct Stats {
     pub queue_p50_ms: f64,
     /// 99th-percentile queue time over all requests sent, milliseconds.
     pub queue_p99_ms: f64,
+    /// Key events dropped because 4,096 were waiting for a slow event handler
+    /// ([`Pool::set_event_handler`](crate::Pool::set_event_handler)).
+    pub events_dropped: u64,
 }
 
 impl Stats {

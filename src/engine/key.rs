@@ -46,6 +46,9 @@ pub(crate) struct KeyState {
     ttft: Mutex<Histogram>,
     /// Queue time (submit to first send) of requests first sent on this key.
     queue: Mutex<Histogram>,
+    /// Attempt latency and queue time in the fixed Prometheus buckets (`metrics.rs`).
+    latency_buckets: crate::metrics::Buckets,
+    queue_buckets: crate::metrics::Buckets,
     /// Balance at the last credit check, summed `usage.cost` (`credits.rs`).
     pub credit: crate::credits::KeyCredit,
     /// Requests this key refused with an unexplained 403 that another key then served
@@ -94,14 +97,18 @@ impl KeyState {
             latency: Mutex::new(Histogram::new()),
             ttft: Mutex::new(Histogram::new()),
             queue: Mutex::new(Histogram::new()),
+            latency_buckets: Default::default(),
+            queue_buckets: Default::default(),
             credit: Default::default(),
             forbidden_strikes: Default::default(),
         }
     }
 
-    /// Logs a key being taken out of rotation (once, by whoever disabled it).
+    /// Notes a key being taken out of rotation (once, by whoever disabled it). The
+    /// warning itself is the key event's (`events.rs`: "key … disabled: …", "… parked:
+    /// …"), logged by the event thread; this debug line names the thread that did it.
     pub(crate) fn log_disabled(&self, reason: &str) {
-        log::warn!("keypool: key {} disabled: {reason}", self.label);
+        log::debug!("keypool: key {} taken out: {reason}", self.label);
     }
 
     // ---- counters ----
@@ -116,12 +123,14 @@ impl KeyState {
         self.in_flight.fetch_sub(1, Relaxed);
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.latency.lock().record(us);
+        self.latency_buckets.record(us);
     }
 
     /// A request's queue time (submit to its first send, which was on this key).
     pub(crate) fn record_queue(&self, d: Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         self.queue.lock().record(us);
+        self.queue_buckets.record(us);
     }
 
     /// Adds this key's queue-time histogram into `into` (for the pool's quantiles).
@@ -212,6 +221,29 @@ impl KeyState {
             cost: self.credit.cost(),
             rejoined: self.credit.rejoined(),
             parked: self.gate.is_parked(),
+            status: self.status(now),
+            latency_histogram: self.latency_buckets.snapshot(),
+            queue_histogram: self.queue_buckets.snapshot(),
+        }
+    }
+}
+
+impl KeyState {
+    /// Where the key stands at `now`.
+    fn status(&self, now: Instant) -> crate::metrics::KeyStatus {
+        use crate::metrics::KeyStatus;
+        if self.gate.is_disabled() {
+            if self.gate.is_parked() {
+                KeyStatus::Parked
+            } else if self.gate.out_until().is_some() {
+                KeyStatus::Exhausted
+            } else {
+                KeyStatus::Disabled
+            }
+        } else if self.gate.cooling_until(now).is_some() {
+            KeyStatus::Cooling
+        } else {
+            KeyStatus::Ok
         }
     }
 }

@@ -18,6 +18,7 @@ pub(crate) mod batch;
 pub(crate) mod credits;
 pub(crate) mod deadline;
 pub(crate) mod dispatch;
+pub(crate) mod event_handler;
 pub(crate) mod job;
 pub(crate) mod key;
 pub(crate) mod key_proof;

@@ -68,6 +68,8 @@ struct Inner {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Disconnects when every engine thread has exited (each holds a sender).
     alive: Receiver<()>,
+    /// Key events, delivered by the `keypool-events` thread (`events.rs`).
+    events: Arc<crate::events::Bus>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -183,6 +185,10 @@ impl Pool {
             .collect();
         let models = Arc::new(crate::routing::ModelVerdicts::default());
         let limits = crate::shared_limits::start(&config, events_tx.clone(), models.clone())?;
+        let bus = crate::events::Bus::new();
+        for (i, k) in keys.iter_mut().enumerate() {
+            k.gate.attach_events(bus.for_key(i, k.label.clone()));
+        }
         if let Some(limits) = &limits {
             for (i, k) in keys.iter_mut().enumerate() {
                 k.gate
@@ -226,6 +232,7 @@ impl Pool {
             closed: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
             alive: alive_rx,
+            events: bus,
         });
         let pool = Pool { inner };
 
@@ -332,6 +339,12 @@ impl Pool {
         self.spawn("keypool-dispatch".to_owned(), 256 * 1024, move || {
             dispatcher.run();
             drop(alive_tx);
+        })?;
+        // Delivers key events until every engine thread has exited (`alive`), then the
+        // rest: `close` returns once every event was handed to the handler.
+        let (bus, until) = (self.inner.events.clone(), self.inner.alive.clone());
+        self.spawn("keypool-events".to_owned(), 256 * 1024, move || {
+            bus.run(until)
         })?;
         crate::key_proof::start(shared, &ctxs);
         Ok(())
@@ -849,7 +862,12 @@ impl Pool {
             groups: shared.groups.iter().map(|g| g.snapshot()).collect(),
             queue_p50_ms: queue.quantile(0.50) as f64 / 1000.0,
             queue_p99_ms: queue.quantile(0.99) as f64 / 1000.0,
+            events_dropped: self.inner.events.dropped(),
         }
+    }
+
+    pub(crate) fn event_bus(&self) -> &crate::events::Bus {
+        &self.inner.events
     }
 
     /// The keys' labels, in config order.
@@ -953,6 +971,8 @@ impl Inner {
             for h in std::mem::take(&mut *self.threads.lock()) {
                 let _ = h.join();
             }
+            // Every event was delivered: drop the handler (it may hold a `Pool` clone).
+            self.events.release();
         }
         done
     }

@@ -389,6 +389,9 @@ pub(crate) struct Gate {
     cooldown_until: AtomicU64,
     /// Limits shared with other processes (`Config::shared`), asked after the local rules.
     shared: Option<crate::shared_limits::KeyLink>,
+    /// The pool's key-event queue (`events.rs`): changes are queued under the lock,
+    /// delivered by another thread.
+    events: Option<crate::events::KeyEvents>,
 }
 
 impl Gate {
@@ -426,12 +429,31 @@ impl Gate {
             quota_out: AtomicBool::new(false),
             cooldown_until: AtomicU64::new(0),
             shared: None,
+            events: None,
         }
     }
 
     /// Makes this gate also ask the limits shared with other processes.
     pub(crate) fn attach_shared(&mut self, link: crate::shared_limits::KeyLink) {
         self.shared = Some(link);
+    }
+
+    /// Queues this key's state changes on the pool's event queue.
+    pub(crate) fn attach_events(&mut self, events: crate::events::KeyEvents) {
+        self.events = Some(events);
+    }
+
+    /// Queues an event (a `try_send`: safe under the lock).
+    fn emit(
+        &self,
+        kind: crate::events::KeyEventKind,
+        reason: Option<&str>,
+        duration: Option<Duration>,
+    ) {
+        if let Some(ev) = &self.events {
+            let ms = duration.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            ev.emit(kind, reason, ms);
+        }
     }
 
     /// Makes the key a member of `group`, whose limits it then also obeys.
@@ -509,6 +531,7 @@ impl Gate {
                     if s.trial == Trial::Open && !quota {
                         s.trial = Trial::Pending;
                     }
+                    self.emit(crate::events::KeyEventKind::Rejoined, None, None);
                 }
                 _ => return Admit::Never,
             }
@@ -655,6 +678,14 @@ impl Gate {
             },
             SharedAdmit::WakeAt(at) | SharedAdmit::GroupCooling(at) => Admit::WakeAt(at),
             SharedAdmit::Cooling(until) => {
+                let now = Instant::now();
+                if s.cooldown_until.is_none_or(|u| u <= now) && until > now {
+                    self.emit(
+                        crate::events::KeyEventKind::Cooled,
+                        Some("cooling in another process"),
+                        Some(until - now),
+                    );
+                }
                 if s.cooldown_until.is_none_or(|u| u < until) {
                     s.cooldown_until = Some(until);
                 }
@@ -667,6 +698,11 @@ impl Gate {
                 if s.disabled.is_none() {
                     log::warn!("keypool: key disabled by another process: {reason}");
                     s.disabled = Some((format!("{reason} (shared)"), unix_ms_now()));
+                    self.emit(
+                        crate::events::KeyEventKind::Disabled,
+                        Some(&format!("{reason} (shared)")),
+                        None,
+                    );
                 }
                 Admit::Never
             }
@@ -719,6 +755,10 @@ impl Gate {
             let until = now
                 .checked_add(d)
                 .unwrap_or(now + Duration::from_secs(86_400));
+            if s.cooldown_until.is_none_or(|u| u <= now) {
+                let reason = v.rate_limited.then_some("rate limited (HTTP 429)");
+                self.emit(crate::events::KeyEventKind::Cooled, reason, Some(d));
+            }
             if s.cooldown_until.is_none_or(|u| u < until) {
                 s.cooldown_until = Some(until);
             }
@@ -740,6 +780,13 @@ impl Gate {
                 s.parked = v.park;
                 s.rpd_out = false;
                 s.disabled_until = v.disable_for.and_then(|d| now.checked_add(d));
+                use crate::events::KeyEventKind as K;
+                let (kind, d) = match (s.disabled_until, v.park) {
+                    (Some(_), _) => (K::Exhausted, v.disable_for),
+                    (None, true) => (K::Parked, None),
+                    (None, false) => (K::Disabled, None),
+                };
+                self.emit(kind, Some(reason), d);
             }
             changed = true;
         }
@@ -751,6 +798,10 @@ impl Gate {
             let reopen = v.accepted && v.cooldown.is_none() && !s.trial_stale;
             s.trial_stale = false;
             s.trial = if reopen { Trial::Open } else { Trial::Pending };
+            if reopen && s.disabled.is_none() {
+                // News only after a cooldown (`events.rs` drops it otherwise).
+                self.emit(crate::events::KeyEventKind::Reopened, None, None);
+            }
             changed = true;
         }
         self.mirror(&s);
@@ -891,6 +942,12 @@ impl Gate {
             return false;
         }
         let shared = self.shared.as_ref().map(|link| (link, reason.clone()));
+        let kind = if parked {
+            crate::events::KeyEventKind::Parked
+        } else {
+            crate::events::KeyEventKind::Disabled
+        };
+        self.emit(kind, Some(&reason), None);
         s.disabled = Some((reason, unix_ms_now()));
         s.parked = parked;
         s.rpd_out = false;
@@ -933,6 +990,14 @@ impl Gate {
         disabled || self.cooling_until(now).is_some()
     }
 
+    /// When a key out only until an instant (a spent quota) comes back, if it is.
+    pub(crate) fn out_until(&self) -> Option<Instant> {
+        match self.disabled_until.load(SeqCst) {
+            0 => None,
+            us => Some(self.epoch + Duration::from_micros(us)),
+        }
+    }
+
     /// Ends the key's own cooldown now (a pause taken on suspicion that the evidence
     /// then cleared). A trial pending stays: the next request still goes alone.
     pub(crate) fn lift_cooldown(&self) {
@@ -961,6 +1026,7 @@ impl Gate {
         if s.trial == Trial::Open {
             s.trial = Trial::Pending;
         }
+        self.emit(crate::events::KeyEventKind::Rejoined, None, None);
         self.mirror(&s);
         true
     }

@@ -13,6 +13,7 @@
 
 pub(crate) mod adaptive;
 pub(crate) mod admission;
+pub(crate) mod events;
 pub(crate) mod group;
 pub(crate) mod model_verdicts;
 pub(crate) mod ratelimit;

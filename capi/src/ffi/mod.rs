@@ -15,6 +15,7 @@
 use std::ffi::{CStr, CString, c_char};
 
 mod error;
+mod events;
 mod logging;
 mod panic;
 mod pool;

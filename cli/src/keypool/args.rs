@@ -192,6 +192,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
 
+    /// Serve the pool's metrics in the Prometheus text format at
+    /// http://ADDR/metrics while the run lasts (e.g. 127.0.0.1:9464; port 0 picks a
+    /// free one, printed on stderr): requests by key and outcome, in flight, queue
+    /// depth, duration histograms, tokens, cost, key state. Labels only, never keys.
+    /// Default: off.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+
     /// Without a terminal on stderr (and not --quiet), a progress line at most every
     /// this many milliseconds. Default: 10000.
     #[arg(long, value_name = "MS", default_value_t = 10_000, hide = true)]
