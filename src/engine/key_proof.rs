@@ -21,9 +21,11 @@
 //! With `credits.check` on, the balance check each key gets at start is its proof (a
 //! balance read for the key opens it), and no proof thread runs.
 //!
-//! A proof's `GET` is bounded by the attempt timeout and by `max(connect_timeout_ms,
-//! 1 s)`. Its thread holds the pool weakly: a proof still waiting when the pool closes
-//! ends at that bound and changes nothing.
+//! A proof (its control requests included) is bounded as a whole by the attempt
+//! timeout and by `connect_timeout_ms` clamped to 0.5–2 s (a proof later than that is
+//! worth nothing), and sends nothing more once the pool is closing. Its thread holds the
+//! pool weakly, and closing the pool joins it like every pool thread: a close waits at
+//! most that bound for a proof a server stalls, and no thread outlives the pool.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, Weak};
@@ -51,18 +53,24 @@ struct Proof {
     base_url: String,
     key: ApiKey,
     headers: Vec<(String, String)>,
-    timeout: Duration,
+    /// The whole proof (control requests included) ends by then.
+    deadline: std::time::Instant,
     site: Site,
 }
 
 /// Starts one proof per key on trial (probing and proofs on). Called once the workers
 /// are up; never blocks. A proof thread that cannot start leaves its key on trial.
-pub(crate) fn start(shared: &Arc<Shared>, ctxs: &[Arc<KeyWorkerCtx>]) {
+pub(crate) fn start(
+    shared: &Arc<Shared>,
+    ctxs: &[Arc<KeyWorkerCtx>],
+    alive: &crossbeam_channel::Sender<()>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let mut threads = Vec::new();
     let retry = &shared.config.retry;
     // With credit checks on, each key's balance check (`GET {base_url}/key`, made by its
     // first worker as the pool starts) is its proof: no second request.
     if !retry.probe_keys || !retry.prove_keys || shared.config.credits.check {
-        return;
+        return threads;
     }
     let mut sites: HashMap<&str, Site> = HashMap::new();
     for ctx in ctxs {
@@ -77,22 +85,30 @@ pub(crate) fn start(shared: &Arc<Shared>, ctxs: &[Arc<KeyWorkerCtx>]) {
             base_url: ctx.base_url.clone(),
             key: ctx.key.clone(),
             headers: ctx.headers.clone(),
-            timeout: ctx.attempt_timeout.min(Duration::from_millis(
-                shared.config.connect_timeout_ms.max(1000),
-            )),
+            deadline: std::time::Instant::now()
+                + ctx.attempt_timeout.min(Duration::from_millis(
+                    shared.config.connect_timeout_ms.clamp(500, 2000),
+                )),
             site,
         };
+        // The pool's close waits for this thread (it holds an `alive` sender).
+        let alive = alive.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("keypool-proof-{}", ctx.index))
             .stack_size(shared.config.worker_stack_size)
-            .spawn(move || proof.run());
-        if let Err(e) = spawned {
-            log::debug!(
+            .spawn(move || {
+                proof.run();
+                drop(alive);
+            });
+        match spawned {
+            Ok(handle) => threads.push(handle),
+            Err(e) => log::debug!(
                 "keypool: no proof for key {} (thread: {e}); it stays on trial",
                 shared.keys[ctx.index].label
-            );
+            ),
         }
     }
+    threads
 }
 
 impl Proof {
@@ -128,6 +144,17 @@ impl Proof {
 
     /// `GET {base_url}{path}` with `key` (none when empty): the status, if any answer.
     fn get(&self, path: &str, key: &ApiKey) -> Option<u16> {
+        // Out of time, or the pool is closing: no more requests.
+        let timeout = self
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        let closing = self
+            .shared
+            .upgrade()
+            .is_none_or(|sh| sh.closing.load(std::sync::atomic::Ordering::SeqCst));
+        if timeout.is_zero() || closing {
+            return None;
+        }
         let url = format!("{}{path}", self.base_url);
         // Its own connection, closed after: the key's workers keep at most one each.
         let close = ("connection".to_owned(), "close".to_owned());
@@ -141,7 +168,7 @@ impl Proof {
             key,
             headers: &headers,
             body: b"",
-            timeout: self.timeout,
+            timeout,
         };
         // A custom transport's panic must not end this thread silently mid-way.
         let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

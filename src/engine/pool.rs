@@ -328,6 +328,9 @@ impl Pool {
                 )?;
             }
         }
+        // Key proofs (`key_proof.rs`): joined at close like every pool thread.
+        let proofs = crate::key_proof::start(shared, &ctxs, &alive_tx);
+        self.inner.threads.lock().extend(proofs);
         let dispatcher = Dispatcher::new(
             shared.clone(),
             intake_rx,
@@ -346,7 +349,6 @@ impl Pool {
         self.spawn("keypool-events".to_owned(), 256 * 1024, move || {
             bus.run(until)
         })?;
-        crate::key_proof::start(shared, &ctxs);
         Ok(())
     }
 
