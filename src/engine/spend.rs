@@ -227,11 +227,11 @@ mod tests {
     #[test]
     fn bad_values_are_refused() {
         let mut prices = BTreeMap::new();
-        assert!(check(Some(-1.0), &prices).is_err());
-        assert!(check(Some(f64::NAN), &prices).is_err());
-        assert!(check(Some(0.0), &prices).is_ok());
+        assert!(crate::prices::check(Some(-1.0), &prices).is_err());
+        assert!(crate::prices::check(Some(f64::NAN), &prices).is_err());
+        assert!(crate::prices::check(Some(0.0), &prices).is_ok());
         prices.insert("m".into(), ModelPrice::new(f64::INFINITY, 0.0));
-        let e = check(None, &prices).unwrap_err().to_string();
+        let e = crate::prices::check(None, &prices).unwrap_err().to_string();
         assert!(e.contains("prices") && e.contains("prompt"), "{e}");
     }
 }
