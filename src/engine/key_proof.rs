@@ -156,7 +156,9 @@ impl Proof {
             return None;
         }
         let url = format!("{}{path}", self.base_url);
-        // Its own connection, closed after: the key's workers keep at most one each.
+        // Closed after (`connection: close`): the proof's connection never joins the
+        // workers' pool. (ureq may lend it an idle one of theirs, which then closes: at
+        // most one extra connection per key over a run — tests allow `per_key + 1`.)
         let close = ("connection".to_owned(), "close".to_owned());
         let headers: Vec<(String, String)> = if key.expose().is_empty() {
             vec![close]
