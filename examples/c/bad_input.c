@@ -108,12 +108,14 @@ static bool count_chunk(const keypool_stream_event *chunk, void *user_data) {
     return true;
 }
 
+/* No key proofs here (`retry.prove_keys`, tested in tests/key_proof.rs): these scripted
+   servers take the first connection they see to be the first request's. */
 static keypool_pool *make_pool(const char *base_url, int max_concurrent, int queue,
                                int timeout_ms) {
     char config[1024];
     snprintf(config, sizeof config,
              "{\"base_url\": \"%s\", \"timeout_ms\": %d, \"queue_capacity\": %d,"
-             " \"retry\": {\"max_attempts\": 1},"
+             " \"retry\": {\"max_attempts\": 1, \"prove_keys\": false},"
              " \"keys\": [{\"key\": \"" SECRET "-1\", \"label\": \"acct-a\", \"max_concurrent\": %d}]}",
              base_url, timeout_ms, queue, max_concurrent);
     keypool_pool *pool = NULL;
