@@ -1,6 +1,7 @@
 //! Fallback models (issue 24.2): a request whose model cannot be served — every key
-//! serving it out, or the provider answering that the model is not there (OpenRouter's
-//! 404 "No endpoints found") — moves to the next fallback model on that model's keys;
+//! serving it out (or cooling past its deadline), or the provider answering that the
+//! model is not there (OpenRouter's 404 "No endpoints found") or overloaded (a 503
+//! blamed on the model) — moves to the next fallback model on that model's keys;
 //! the result says which model served. Counted at the mock.
 
 use keypool::{Config, Error, KeyConfig, Pool, Request};
@@ -122,4 +123,100 @@ fn a_model_the_provider_does_not_have_falls_back_from_the_config() {
         .wait()
         .unwrap();
     assert_eq!(r.fallback_model(), Some("acme/y"));
+}
+
+/// OpenRouter's 503 when the model's upstream providers are overloaded, with the
+/// provider named in `metadata` as its docs show: blamed on the model, not the key.
+const OR_PROVIDER_503: &str = r#"{"error":{"code":503,"message":"Provider returned error","metadata":{"provider_name":"Acme","raw":"{\"error\":{\"message\":\"Overloaded\"}}"}}}"#;
+/// OpenAI's documented 429 for one model's limit, naming the model.
+const OPENAI_MODEL_429: &str = r#"{"error":{"message":"Rate limit reached for acme/x in organization org-1 on requests per min (RPM): Limit 3, Used 3, Requested 1. Please try again in 20s.","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
+
+/// Both keys answer `acme/x` with `status`/`body` (and `headers`); `acme/y` is served.
+fn model_x_refused(status: u16, body: &str, headers: &[(&str, &str)]) -> MockServer {
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    for k in ["sk-a", "sk-b"] {
+        server.set_key_rule(
+            k,
+            KeyRule {
+                model: Some("acme/x".into()),
+                always_status: Some(status),
+                body: Some(body.into()),
+                headers: headers
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .collect(),
+                ..KeyRule::default()
+            },
+        );
+    }
+    server
+}
+
+fn x_then_y(server: &MockServer, deadline_ms: u64) -> Pool {
+    let cfg = Config::builder()
+        .base_url(server.url())
+        .key("sk-a", 2)
+        .key("sk-b", 2)
+        .deadline_ms(deadline_ms)
+        .fallback_models("acme/x", ["acme/y"])
+        .build()
+        .unwrap();
+    Pool::new(cfg).unwrap()
+}
+
+fn x_seen(server: &MockServer) -> usize {
+    ["sk-a", "sk-b"]
+        .iter()
+        .flat_map(|k| models_seen(server, k))
+        .filter(|m| m == "acme/x")
+        .count()
+}
+
+#[test]
+fn a_model_overloaded_upstream_falls_back_at_once() {
+    // A 503 blamed on the model cools it at that key (for the default cooldown).
+    // Without fallbacks the request would wait for it and retry; with one it moves
+    // on at once: each request asks for acme/x at most once.
+    let server = model_x_refused(503, OR_PROVIDER_503, &[]);
+    let pool = x_then_y(&server, 0);
+    let t0 = std::time::Instant::now();
+    let results = pool.batch((0..10).map(|i| line(i, "acme/x")));
+    for r in &results {
+        let r = r.as_ref().expect("served by the fallback");
+        assert_eq!(r.fallback_model(), Some("acme/y"));
+    }
+    let x = x_seen(&server);
+    assert!((1..=10).contains(&x), "{x} requests for acme/x");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(8),
+        "{:?}",
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn a_model_cooling_past_the_deadline_falls_back_and_within_it_is_waited_for() {
+    // OpenAI's 429 for one model with a 20 s reset: the pair cools 20 s on each key.
+    let server = model_x_refused(429, OPENAI_MODEL_429, &[("retry-after", "20")]);
+    // A 5 s deadline cannot wait 20 s: after the 429s the request moves to acme/y.
+    let pool = x_then_y(&server, 5_000);
+    let results = pool.batch((0..6).map(|i| line(i, "acme/x")));
+    for r in &results {
+        let r = r
+            .as_ref()
+            .expect("served by the fallback before the deadline");
+        assert_eq!(r.fallback_model(), Some("acme/y"));
+    }
+    assert!((1..=6).contains(&x_seen(&server)));
+    // With a 1 s cooldown and no deadline the model is waited for, not replaced: the
+    // request comes back to acme/x (still refused, so it ends with the 429).
+    let server = model_x_refused(429, OPENAI_MODEL_429, &[("retry-after", "1")]);
+    let pool = x_then_y(&server, 0);
+    let r = pool.submit(line(0, "acme/x")).unwrap().wait();
+    assert!(
+        matches!(&r, Err(Error::Http { status: 429, .. })),
+        "{:?}",
+        r.as_ref().map(|r| r.fallback_model().map(str::to_owned))
+    );
+    assert!(x_seen(&server) >= 2, "waited for acme/x and asked again");
 }

@@ -521,6 +521,29 @@ impl Dispatcher {
         }
     }
 
+    /// Whether every key serving `job`'s model is out (disabled, cooling, or the model
+    /// cooling there) until at or past the job's deadline: waiting cannot serve it.
+    /// False for a job without a deadline (a cooling model is waited for).
+    fn out_past_deadline(&self, job: &Job, now: Instant) -> bool {
+        let Some(deadline) = job.deadline else {
+            return false;
+        };
+        let sh = &self.shared;
+        (0..sh.keys.len())
+            .filter(|&i| routing::serves(job, i))
+            .all(|i| {
+                !routing::could_serve(sh, i, job)
+                    || sh.keys[i]
+                        .gate
+                        .cooling_until(now)
+                        .is_some_and(|t| t >= deadline)
+                    || matches!(
+                        sh.models.refuses(i, || job.model(), now),
+                        Some(Admit::WakeAt(t)) if t >= deadline
+                    )
+            })
+    }
+
     /// One try at placing `job` now: handed to a worker, or answered (deadline passed,
     /// no key could ever serve it, shared limits unreachable) — `Ok` — or, when no key
     /// admits it now, the job back with why.
@@ -542,11 +565,18 @@ impl Dispatcher {
             return Ok(());
         }
         let n = self.shared.keys.len();
-        if !(0..n).any(|i| routing::could_serve(&self.shared, i, &job))
-            && job.next_fallback(&self.shared)
-        {
-            // Its model cannot be served anywhere: the next fallback model's keys may.
-            return self.try_place(job, now);
+        if !job.fallbacks.is_empty() {
+            // Its model cannot be served anywhere, the provider said it is overloaded,
+            // or every key serving it is out past the job's deadline: the next
+            // fallback model's keys may serve it.
+            let overloaded = std::mem::take(&mut job.model_overloaded);
+            if (overloaded
+                || !(0..n).any(|i| routing::could_serve(&self.shared, i, &job))
+                || self.out_past_deadline(&job, now))
+                && job.next_fallback(&self.shared)
+            {
+                return self.try_place(job, now);
+            }
         }
         if !(0..n).any(|i| routing::could_serve(&self.shared, i, &job)) {
             // The model is missing wherever it was asked: that answer (a 404 blamed on

@@ -84,6 +84,9 @@ pub(crate) struct Job {
     /// config's `fallback_models`), and the one now in the body if it is a fallback.
     pub fallbacks: std::collections::VecDeque<Arc<str>>,
     pub fallback: Option<Arc<str>>,
+    /// The provider answered that the model is overloaded (a 503 blamed on the
+    /// model): with a fallback left, the job moves to it instead of waiting.
+    pub model_overloaded: bool,
 }
 
 impl Job {
@@ -113,6 +116,7 @@ impl Job {
             affinity: None,
             fallbacks: std::collections::VecDeque::new(),
             fallback: None,
+            model_overloaded: false,
         }
     }
 
@@ -150,6 +154,7 @@ impl Job {
             self.model = std::sync::OnceLock::from(Some(model.clone()));
             self.serves = serves;
             self.tried.clear();
+            self.model_overloaded = false;
             self.fallback = Some(model);
             return true;
         }

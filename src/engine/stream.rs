@@ -694,6 +694,7 @@ impl Run<'_> {
         let fault = crate::blame::judge(status, data.as_bytes(), model.as_deref());
         let mut verdict = judge_fault(&fault, None, None, &[], &self.ctx.shared.config.retry);
         crate::worker::scope(self.ctx, self.job, &fault, &mut verdict, model.as_ref());
+        self.job.model_overloaded = fault == crate::blame::Fault::ModelBusy && status == 503;
         let class = match status {
             429 => FailClass::RateLimited,
             500..=599 => FailClass::ServerError,

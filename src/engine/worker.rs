@@ -627,6 +627,8 @@ pub(crate) fn judge_response(
         cfg,
     );
     let blame = scope(ctx, job, &fault, &mut verdict, model.as_ref());
+    // "Overloaded" (a 503 blamed on the model) moves a job with fallbacks on at once.
+    job.model_overloaded = fault == Fault::ModelBusy && status == 503;
     let mut response = response;
     response.blame = Some(blame);
     if fault == Fault::RateLimited {
