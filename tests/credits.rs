@@ -1,24 +1,10 @@
 //! Credit checks (`GET {base_url}/key`) and `usage.cost`, proven at the mock server.
 
 use keypool::{Config, CreditsConfig, KeyConfig, Pool, Request, Strategy};
-use keypool_mock::{MockConfig, MockServer};
+use keypool_mock::MockServer;
 
-fn server(cost: f64) -> MockServer {
-    MockServer::start(MockConfig {
-        threads: 2,
-        cost_per_request: cost,
-        ..MockConfig::default()
-    })
-    .unwrap()
-}
-
-fn chats(n: usize) -> impl Iterator<Item = Request> {
-    (0..n).map(|i| Request::chat("m", [("user", &*format!("p{i}"))]))
-}
-
-fn requests(server: &MockServer, key: &str) -> u64 {
-    server.key_stats(key).map_or(0, |r| r.requests)
-}
+mod support;
+use support::{chats, requests, server};
 
 /// A round-robin pool on `keys` (`(key, max_concurrent)`, labelled by the key without
 /// `sk-`) with the credit checks `credits`.

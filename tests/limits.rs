@@ -4,24 +4,9 @@
 use std::time::{Duration, Instant};
 
 use keypool::{Config, Error, GroupConfig, KeyConfig, Pool, Request, RetryConfig, Strategy};
-use keypool_mock::{MockConfig, MockServer};
 
-fn server(cost: f64) -> MockServer {
-    MockServer::start(MockConfig {
-        threads: 2,
-        cost_per_request: cost,
-        ..MockConfig::default()
-    })
-    .unwrap()
-}
-
-fn chats(n: usize) -> impl Iterator<Item = Request> {
-    (0..n).map(|i| Request::chat("m", [("user", &*format!("p{i}"))]))
-}
-
-fn requests(server: &MockServer, key: &str) -> u64 {
-    server.key_stats(key).map_or(0, |r| r.requests)
-}
+mod support;
+use support::{chats, requests, server};
 
 fn is_budget_exhausted(r: &keypool::RequestResult) -> bool {
     matches!(r, Err(Error::BudgetExhausted { .. }))

@@ -153,3 +153,23 @@ pub fn mock(cfg: keypool_mock::MockConfig, https: bool) -> Mock {
         dir: Some(dir),
     }
 }
+
+/// A mock server (2 threads) that reports `cost` dollars as `usage.cost` per request.
+pub fn server(cost: f64) -> keypool_mock::MockServer {
+    keypool_mock::MockServer::start(keypool_mock::MockConfig {
+        threads: 2,
+        cost_per_request: cost,
+        ..keypool_mock::MockConfig::default()
+    })
+    .unwrap()
+}
+
+/// `n` chat requests for model `m`, prompts `p0`, `p1`, ….
+pub fn chats(n: usize) -> impl Iterator<Item = keypool::Request> {
+    (0..n).map(|i| keypool::Request::chat("m", [("user", &*format!("p{i}"))]))
+}
+
+/// The requests the mock received with `key`.
+pub fn requests(server: &keypool_mock::MockServer, key: &str) -> u64 {
+    server.key_stats(key).map_or(0, |r| r.requests)
+}
