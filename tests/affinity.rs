@@ -157,3 +157,60 @@ fn the_user_field_is_the_affinity_when_configured() {
         "without affinity the user field binds nothing: {worst}"
     );
 }
+
+/// OpenRouter's 429 when the upstream provider of the model is rate-limited (its docs:
+/// "Provider returned error" with `metadata.provider_name`): blamed on the model at
+/// that key, which cools for the `Retry-After`.
+const OR_PROVIDER_429: &str = r#"{"error":{"code":429,"message":"Provider returned error","metadata":{"provider_name":"Acme","raw":"rate limited upstream"}}}"#;
+
+#[test]
+fn a_session_whose_key_is_rate_limited_upstream_moves_to_one_key_and_comes_back() {
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    let p = pool(&server, Strategy::FirstAvailable, false);
+    let home = p.submit(session_req(3, 0)).unwrap().wait().unwrap();
+    let home_label = home.key_label().to_owned();
+    // Its next request gets the provider's 429 with a 2 s reset at home.
+    server.set_key_rule(
+        &format!("sk-aff-{}", &home_label[1..]),
+        KeyRule {
+            always_status: Some(429),
+            retry_after_ms: Some(2_000),
+            body: Some(OR_PROVIDER_429.into()),
+            fail_first: 1,
+            ..KeyRule::default()
+        },
+    );
+    // The pair cools from after t0 until at least t0 + 2 s: whatever completes before
+    // t0 + 2 s was placed while home was cooling.
+    let t0 = std::time::Instant::now();
+    let mut moved = Vec::new();
+    let mut first_done = None;
+    for n in 1..=10 {
+        let r = p.submit(session_req(3, n)).unwrap().wait().unwrap();
+        first_done.get_or_insert_with(std::time::Instant::now);
+        if t0.elapsed() < std::time::Duration::from_secs(2) {
+            moved.push(r.key_label().to_owned());
+        }
+    }
+    let first = moved
+        .first()
+        .expect("a loaded machine took 2 s for one request");
+    assert_ne!(*first, home_label, "{moved:?}");
+    assert!(
+        moved.iter().all(|l| l == first),
+        "the session moved to one next key, not around: {moved:?}"
+    );
+    // The cooldown began before the first request was answered, so it is over by
+    // then + 2 s: the wait is for that real-time reset, not for another thread.
+    let cooled_by = first_done.unwrap() + std::time::Duration::from_millis(2_200);
+    std::thread::sleep(cooled_by.saturating_duration_since(std::time::Instant::now()));
+    // The session is back home.
+    let back: Vec<String> = (11..=20)
+        .map(|n| {
+            let r = p.submit(session_req(3, n)).unwrap().wait().unwrap();
+            r.key_label().to_owned()
+        })
+        .collect();
+    assert!(back.iter().all(|l| *l == home_label), "{back:?}");
+    assert_eq!(server.stats().total_requests, 21 + 1, "one 429, no resends");
+}
