@@ -476,6 +476,10 @@ type Result struct {
 	// Queue is how long the request waited before its first attempt (submit to first
 	// send); Latency starts where it ends.
 	Queue time.Duration
+	// FallbackModel is the fallback model that served the request (the config's
+	// "fallback_models"), when it was not the model the body asked for; "" when the
+	// requested model served or the request failed.
+	FallbackModel string
 }
 
 // Err is nil if the request succeeded, otherwise an *Error.
@@ -506,6 +510,9 @@ func copyResult(r *C.keypool_result) Result {
 	}
 	if b := C.keypool_result_blame(r); b != nil {
 		res.Blame = C.GoString(b)
+	}
+	if m := C.keypool_result_fallback_model(r); m != nil {
+		res.FallbackModel = C.GoString(m)
 	}
 	return res
 }

@@ -423,6 +423,42 @@ func TestSpendCapRefusesWithBudgetExhausted(t *testing.T) {
 	}
 }
 
+// Fallback models from the config: acme/x, which no key serves, is served as acme/y on
+// acme/y's key, and the result says so (the body's model replaced, as the mock echoes
+// it); a request for acme/y itself, a stream and a failure report accordingly.
+func TestFallbackModelFromTheConfig(t *testing.T) {
+	cfg := fmt.Sprintf(`{"base_url": %q, "retry": {"max_attempts": 1}, "fallback_models": {"acme/x": ["acme/y"]}, "keys": [{"key": "sk-test-y", "label": "acct-y", "models": ["acme/y"]}]}`, mockURL)
+	p, err := New(cfg)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	defer p.Close()
+	chat := func(model, extra string) string {
+		return fmt.Sprintf(`{"model": %q, "messages": [{"role": "user", "content": "hi"}]%s}`, model, extra)
+	}
+	results, err := p.Batch([]string{chat("acme/x", ""), chat("acme/y", ""), chat("acme/x", `, "mock": {"status": 400}`)})
+	if err != nil || len(results) != 3 {
+		t.Fatalf("Batch: %+v %v", results, err)
+	}
+	if r := results[0]; r.Err() != nil || r.FallbackModel != "acme/y" || r.KeyLabel != "acct-y" || !strings.Contains(string(r.Body), `"model":"acme/y"`) {
+		t.Fatalf("acme/x: %+v (body %s)", r, r.Body)
+	}
+	if r := results[1]; r.Err() != nil || r.FallbackModel != "" {
+		t.Fatalf("acme/y: %+v", r)
+	}
+	if r := results[2]; r.Err() == nil || r.HTTPStatus != 400 || r.FallbackModel != "" {
+		t.Fatalf("failure: %+v", r)
+	}
+	s, err := p.SubmitStream(chat("acme/x", ""))
+	if err != nil {
+		t.Fatalf("SubmitStream: %v", err)
+	}
+	defer s.Close()
+	if r := s.Result(); r.Err() != nil || r.FallbackModel != "acme/y" {
+		t.Fatalf("stream: %+v", r)
+	}
+}
+
 // startMock starts another mock server with extra flags; it stops at the test's end.
 func startMock(t *testing.T, args ...string) string {
 	t.Helper()

@@ -664,6 +664,16 @@ uint64_t keypool_result_queue_ms(const keypool_result *r);
 const char *keypool_result_blame(const keypool_result *r);
 
 /*
+ The fallback model that served the request (the config's `fallback_models`), e.g.
+ "acme/y", when it was not the model the request's body asked for; NULL when the
+ requested model served or the request failed.
+
+ Ownership: owned by the result; valid until `keypool_result_free(r)`.
+ `r` NULL: returns NULL and sets `keypool_last_error()`. Thread-safe, non-blocking.
+ */
+const char *keypool_result_fallback_model(const keypool_result *r);
+
+/*
  Frees a result and everything it owns (body, label, messages).
 
  NULL is a no-op. Must be called exactly once per result; must not race other calls

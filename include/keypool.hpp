@@ -99,6 +99,12 @@ class Result {
         const char *m = keypool_result_error_message(r_.get());
         return m ? std::string(m) : std::string();
     }
+    /// The fallback model that served the request (the config's "fallback_models");
+    /// empty when the requested model served or the request failed.
+    std::string_view fallback_model() const noexcept {
+        const char *m = keypool_result_fallback_model(r_.get());
+        return m ? std::string_view(m) : std::string_view();
+    }
     /// Throws keypool::Error if the request failed; returns *this otherwise.
     const Result &value() const {
         if (!ok()) throw Error(status(), error());
@@ -189,6 +195,13 @@ class StreamEvent {
         const keypool_result *r = keypool_stream_event_result(e_.get());
         const char *m = r ? keypool_result_error_message(r) : nullptr;
         return m ? std::string(m) : std::string();
+    }
+    /// Final event: the fallback model that served the stream; empty when the requested
+    /// model served, the stream failed, or for a chunk.
+    std::string_view fallback_model() const noexcept {
+        const keypool_result *r = keypool_stream_event_result(e_.get());
+        const char *m = r ? keypool_result_fallback_model(r) : nullptr;
+        return m ? std::string_view(m) : std::string_view();
     }
 
   private:

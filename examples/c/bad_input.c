@@ -236,6 +236,8 @@ static void null_handle_cases(void) {
     check_failed("result_error_code: NULL", keypool_result_error_code(NULL) == NULL,
                  "result is NULL");
     check_failed("result_blame: NULL", keypool_result_blame(NULL) == NULL, "result is NULL");
+    check_failed("result_fallback_model: NULL", keypool_result_fallback_model(NULL) == NULL,
+                 "result is NULL");
     check_failed("result_queue_ms: NULL", keypool_result_queue_ms(NULL) == 0, "result is NULL");
     check("out params untouched", t == NULL && r == NULL, "an out-parameter was written");
 
@@ -510,6 +512,67 @@ static void batch_cases(keypool_pool *pool) {
 }
 
 /* Ticket lifecycle misuse: wait twice, wait on a ticket of a freed pool. */
+/* Fallback models from the config: acme/x, which no key serves, goes to acme/y's key
+   (the body's model replaced); the result names the fallback that served. A request for
+   acme/y itself, and a failure, name none. */
+static void fallback_cases(const char *base_url) {
+    char config[1024];
+    snprintf(config, sizeof config,
+             "{\"base_url\": \"%s\", \"retry\": {\"max_attempts\": 1, \"prove_keys\": false},"
+             " \"fallback_models\": {\"acme/x\": [\"acme/y\"]},"
+             " \"keys\": [{\"key\": \"" SECRET "-y\", \"label\": \"acct-y\", \"models\": [\"acme/y\"]}]}",
+             base_url);
+    keypool_pool *pool = NULL;
+    check_status("fallback: pool_new with fallback_models", keypool_pool_new(config, &pool),
+                 KEYPOOL_OK, "");
+    if (pool == NULL) return;
+    const char *bodies[3] = {
+        "{\"model\": \"acme/x\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}",
+        "{\"model\": \"acme/y\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}",
+        "{\"model\": \"acme/x\", \"messages\": [], \"mock\": {\"status\": 400}}",
+    };
+    keypool_result *out[3] = {NULL, NULL, NULL};
+    check_status("fallback: batch", keypool_batch(pool, bodies, 3, out), KEYPOOL_OK, "");
+    if (out[0] != NULL && out[1] != NULL && out[2] != NULL) {
+        const char *fb = keypool_result_fallback_model(out[0]);
+        size_t len = 0;
+        const char *body = (const char *)keypool_result_body(out[0], &len);
+        check("fallback: served by acme/y, named by result_fallback_model",
+              keypool_result_status(out[0]) == KEYPOOL_OK && fb != NULL &&
+                  strcmp(fb, "acme/y") == 0 && strcmp(keypool_result_key_label(out[0]), "acct-y") == 0 &&
+                  body != NULL && strstr(body, "\"acme/y\"") != NULL,
+              fb ? fb : "NULL");
+        check("fallback: the requested model served: NULL",
+              keypool_result_status(out[1]) == KEYPOOL_OK &&
+                  keypool_result_fallback_model(out[1]) == NULL,
+              keypool_result_error_message(out[1]));
+        check("fallback: a failure: NULL",
+              keypool_result_status(out[2]) == KEYPOOL_HTTP &&
+                  keypool_result_fallback_model(out[2]) == NULL,
+              "not a KEYPOOL_HTTP failure without a fallback model");
+    }
+    for (int i = 0; i < 3; i++) keypool_result_free(out[i]);
+
+    /* A stream falls back too: its final result names the model. */
+    keypool_stream *st = NULL;
+    keypool_stream_event *ev = NULL;
+    int named = 0;
+    if (keypool_submit_stream(pool, bodies[0], &st) == KEYPOOL_OK) {
+        while (keypool_stream_next(st, 30000, &ev) == KEYPOOL_OK) {
+            const keypool_result *r = keypool_stream_event_result(ev);
+            if (r != NULL) {
+                const char *fb = keypool_result_fallback_model(r);
+                named = keypool_result_status(r) == KEYPOOL_OK && fb != NULL && strcmp(fb, "acme/y") == 0;
+            }
+            keypool_stream_event_free(ev);
+            ev = NULL;
+        }
+    }
+    check("fallback: a stream's result names the fallback", named, keypool_last_error());
+    keypool_stream_free(st);
+    keypool_pool_free(pool);
+}
+
 static void ticket_cases(const char *base_url) {
     keypool_pool *pool = make_pool(base_url, 4, 64, 30000);
     keypool_ticket *t = NULL;
@@ -785,6 +848,7 @@ int main(int argc, char **argv) {
     if (argc > 1) stream_cases(pool);
     keypool_pool_free(pool);
     if (argc > 1) ticket_cases(base_url);
+    if (argc > 1) fallback_cases(base_url);
     hanging_cases();
     batch_closed_cases();
     panic_cases(base_url);

@@ -101,6 +101,28 @@ int main(int argc, char **argv) {
         return 1;
     }
 
+    // Fallback models (the config's "fallback_models"): acme/x, which no key serves, is
+    // served as acme/y, and the result says so; acme/y itself names no fallback.
+    try {
+        keypool::Pool pool("{\"base_url\": \"" + base_url +
+                           "\", \"fallback_models\": {\"acme/x\": [\"acme/y\"]}, \"keys\": ["
+                           "{\"key\": \"sk-test-y\", \"label\": \"acct-y\", \"models\": [\"acme/y\"]}]}");
+        auto body = [](const std::string &model) {
+            return "{\"model\": \"" + model + "\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}";
+        };
+        keypool::Result fell = pool.submit(body("acme/x")).wait();
+        keypool::Result direct = pool.submit(body("acme/y")).wait();
+        std::cout << "fallback: acme/x served as " << fell.fallback_model() << "\n";
+        if (!fell.ok() || fell.fallback_model() != "acme/y" || !direct.ok() ||
+            !direct.fallback_model().empty()) {
+            std::cerr << "fallback failed: " << fell.error() << direct.error() << "\n";
+            failures++;
+        }
+    } catch (const keypool::Error &e) {
+        std::cerr << "fallback: keypool error " << e.code() << ": " << e.what() << "\n";
+        failures++;
+    }
+
     try {
         keypool::Pool bad("{\"keys\": []}");
         failures++;

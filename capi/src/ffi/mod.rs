@@ -234,8 +234,8 @@ mod tests {
         use super::error::{ALL_STATUSES, Failure};
         use super::result::{
             FfiResult, keypool_result_blame, keypool_result_error_code,
-            keypool_result_error_message, keypool_result_free, keypool_result_http_status,
-            keypool_result_status,
+            keypool_result_error_message, keypool_result_fallback_model, keypool_result_free,
+            keypool_result_http_status, keypool_result_status,
         };
         use crate::TimeoutPhase;
 
@@ -265,6 +265,7 @@ mod tests {
             assert_eq!(keypool_result_status(r), st);
             assert_eq!(text(keypool_result_error_code(r)), st.code(), "{st:?}");
             assert_eq!(text(keypool_result_error_message(r)), "why");
+            assert!(keypool_result_fallback_model(r).is_null(), "{st:?}");
             keypool_result_free(r);
         }
         // SAFETY: static NUL-terminated string.
@@ -403,6 +404,8 @@ mod tests {
             assert_eq!(text(keypool_result_error_message(r)), msg);
             let b = keypool_result_blame(r);
             assert_eq!((!b.is_null()).then(|| text(b)), blame.map(str::to_owned));
+            // A failure names no fallback model, whatever model it last asked for.
+            assert!(keypool_result_fallback_model(r).is_null(), "{st:?}");
             if has_response {
                 // The response behind the error (a flagged request's too) is kept.
                 assert_ne!(keypool_result_http_status(r), 0);

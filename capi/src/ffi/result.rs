@@ -22,6 +22,8 @@ pub struct FfiResult {
     error_code: Option<CString>,
     /// Whom a failure was blamed on ("request", "model", "key", "account", "server").
     blame: Option<&'static CStr>,
+    /// The fallback model that served a success, if not the model it asked for.
+    fallback_model: Option<CString>,
 }
 
 impl FfiResult {
@@ -37,6 +39,7 @@ impl FfiResult {
             error_message: None,
             error_code: None,
             blame: None,
+            fallback_model: None,
         }
     }
 
@@ -66,6 +69,7 @@ impl FfiResult {
                 r.attempts = resp.attempts();
                 r.latency_ms = duration_ms(resp.latency());
                 r.queue_ms = duration_ms(resp.queue_time());
+                r.fallback_model = resp.fallback_model().map(to_cstring);
                 // Handed over, not copied: the HTTP/1.1 client leaves a spare byte for
                 // the NUL (any other transport's body may grow once here).
                 r.body = resp.into_body();
@@ -262,6 +266,21 @@ pub extern "C" fn keypool_result_blame(r: *const FfiResult) -> *const c_char {
     })
 }
 
+/// The fallback model that served the request (the config's `fallback_models`), e.g.
+/// "acme/y", when it was not the model the request's body asked for; NULL when the
+/// requested model served or the request failed.
+///
+/// Ownership: owned by the result; valid until `keypool_result_free(r)`.
+/// `r` NULL: returns NULL and sets `keypool_last_error()`. Thread-safe, non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn keypool_result_fallback_model(r: *const FfiResult) -> *const c_char {
+    ffi_panic_boundary!(ptr::null(), {
+        get(r)
+            .and_then(|r| r.fallback_model.as_ref())
+            .map_or(ptr::null(), |m| m.as_ptr())
+    })
+}
+
 /// Frees a result and everything it owns (body, label, messages).
 ///
 /// NULL is a no-op. Must be called exactly once per result; must not race other calls
@@ -309,5 +328,28 @@ mod tests {
         let code = r.error_code.as_deref().map(CStr::to_bytes);
         assert_eq!(code, Some(&b"invalid_response"[..]));
         assert_eq!(r.key_label.as_bytes(), b"acct-a");
+    }
+
+    #[test]
+    fn fallback_model_is_null_when_the_requested_model_served_or_for_null() {
+        let response = keypool::__capi::ResponseParts {
+            status: 200,
+            headers: vec![],
+            body: b"{}".to_vec(),
+            key_label: Arc::from("acct-a"),
+            key_index: 0,
+            attempts: 1,
+            latency: Duration::from_millis(5),
+            keys_tried: vec![0],
+        }
+        .build();
+        let r = Box::into_raw(Box::new(FfiResult::from_engine(Ok(response))));
+        assert_eq!(keypool_result_status(r), Status::KEYPOOL_OK);
+        assert!(keypool_result_fallback_model(r).is_null());
+        keypool_result_free(r);
+        assert!(keypool_result_fallback_model(ptr::null()).is_null());
+        // SAFETY: last_error_ptr never returns NULL and points to a NUL-terminated string.
+        let e = unsafe { CStr::from_ptr(super::super::error::last_error_ptr()) };
+        assert_eq!(e.to_str().unwrap(), "result is NULL");
     }
 }

@@ -214,6 +214,8 @@ Output line (one per input line):
    \"keypool\": {\"key\": \"acct-a\", \"attempts\": 1, \"latency_ms\": 412, \"line\": 1}}
   On failure, \"error\" is {\"code\": \"...\", \"message\": \"...\"} and \"response\" is null or
   holds the HTTP error response. \"key\" is the key's label; keys are never printed.
+  A success served by a fallback model (the config's \"fallback_models\") has
+  \"fallback_model\": \"...\" in \"keypool\".
 
 Input: each custom_id must be unique (duplicates are refused, naming the lines).
 Lines with \"stream\": true run streamed; their record holds the assembled

@@ -53,6 +53,10 @@ struct Meta<'a> {
     /// Submit to first send (`null` when no attempt carried a response).
     queue_ms: Option<u64>,
     line: u64,
+    /// The fallback model that served a success (`Response::fallback_model`); absent
+    /// when the requested model served, and on every failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fallback_model: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -110,6 +114,7 @@ pub fn encode(
                 latency_ms: millis(resp.latency()),
                 queue_ms: Some(millis(resp.queue_time())),
                 line,
+                fallback_model: resp.fallback_model(),
             },
         },
         Outcome::Result(Err(e)) => {
@@ -141,6 +146,7 @@ pub fn encode(
                     latency_ms: millis(resp.map_or(elapsed, |r| r.latency())),
                     queue_ms: e.queue_time().map(millis),
                     line,
+                    fallback_model: None,
                 },
             }
         }
@@ -159,6 +165,7 @@ pub fn encode(
                 latency_ms: 0,
                 queue_ms: None,
                 line,
+                fallback_model: None,
             },
         },
     };
