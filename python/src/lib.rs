@@ -761,6 +761,13 @@ impl PyResponse {
         self.inner.key_label()
     }
 
+    /// The fallback model that served (config `fallback_models`), `None` when the
+    /// requested model did.
+    #[getter]
+    fn fallback_model(&self) -> Option<&str> {
+        self.inner.fallback_model()
+    }
+
     #[getter]
     fn key_index(&self) -> usize {
         self.inner.key_index()

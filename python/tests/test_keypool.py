@@ -28,6 +28,17 @@ def test_submit_result(pool):
     assert ticket.done()
 
 
+def test_fallback_model(mock_url):
+    cfg = config(mock_url, keys=1, fallback_models={"acme/x": ["acme/y"]})
+    cfg["keys"][0]["models"] = ["acme/y"]
+    with keypool.Pool(cfg) as p:
+        fell_back = p.submit(dict(body(), model="acme/x")).result(timeout=10)
+        assert fell_back.fallback_model == "acme/y"
+        assert fell_back.json()["model"] == "acme/y"
+        direct = p.submit(dict(body(), model="acme/y")).result(timeout=10)
+        assert direct.fallback_model is None
+
+
 def test_config_as_json_text_and_bytes_body(mock_url):
     with keypool.Pool(json.dumps(config(mock_url, keys=1))) as p:
         assert p.labels == ["acct-0"]
