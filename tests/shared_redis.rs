@@ -2299,3 +2299,79 @@ fn rpd_holds_when_redis_dies_mid_run() {
     assert_eq!(total as usize, 6 + fed.ok, "one server request per success");
     drop(a);
 }
+
+/// Today's count of every daily quota in Redis (namespace `test`), by Redis key.
+fn day_counts(redis: &RedisServer) -> Vec<u64> {
+    let mut con = redis.conn();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("kp:{test}:*:day")
+        .query(&mut con)
+        .unwrap();
+    keys.iter()
+        .map(|k| {
+            redis::cmd("HGET")
+                .arg(k)
+                .arg("n")
+                .query::<Option<u64>>(&mut con)
+                .unwrap()
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// Daily requests sent while Redis is unreachable (`on_unavailable: local`, Redis's
+/// data intact) count there once it answers again: pool A, cut off from the start,
+/// sends 4 requests on key 0 (`rpd` 6, in a group of `rpd` 5) on fallback slots, by its
+/// own counts. Within about a second of the link's return — with no new request —
+/// Redis counts them at the key and at the group, so pool B gets only the group's one
+/// request left (key 1 takes the rest). Uncounted, B would send 1 more than that.
+#[test]
+fn rpd_spent_during_an_outage_counts_once_redis_is_back() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let proxy = Proxy::start(redis.port);
+    let server = mock(5);
+    let keys = [
+        ("sk-shared-0", r#", "rpd": 6, "group": "acct""#),
+        ("sk-shared-1", ""),
+    ];
+    let with_group = |json: String| {
+        json.replace(
+            r#""keys": ["#,
+            r#""groups": [{"name": "acct", "rpd": 5}], "keys": ["#,
+        )
+    };
+    let local = r#", "on_unavailable": "local", "timeout_ms": 200"#;
+    proxy.set_down(true);
+    let a = new_pool(&with_group(keys_json(
+        &server.url(),
+        &proxy.url(),
+        &keys,
+        local,
+    )));
+    for _ in 0..4 {
+        run_ok(&a, 1);
+    }
+    assert_eq!(requests_on(&server, "sk-shared-0"), 4);
+    assert!(
+        day_counts(&redis).is_empty(),
+        "counted in Redis while cut off"
+    );
+    proxy.set_down(false);
+    wait_for(
+        "the outage's requests counted in Redis",
+        Duration::from_secs(5),
+        || day_counts(&redis) == [4, 4],
+    );
+    let b = new_pool(&with_group(keys_json(
+        &server.url(),
+        &redis.url(),
+        &keys,
+        "",
+    )));
+    run_ok(&b, 10);
+    assert_eq!(requests_on(&server, "sk-shared-0"), 5, "the group's quota");
+    assert_eq!(requests_on(&server, "sk-shared-1"), 9);
+    drop(a);
+}

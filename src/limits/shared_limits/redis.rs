@@ -410,6 +410,29 @@ redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(ch))
 return 1
 "#;
 
+/// Adds to daily quotas' counts the requests a process admitted on fallback slots
+/// while Redis was unreachable (see `Unsynced`). KEYS: the quotas' `day` hashes. ARGV:
+/// for each, the UTC day it counted (the process's clock) and how many. A day other
+/// than Redis's today adds nothing (it is over there, or not begun).
+const DAY_ADD: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local day = math.floor(now / 86400000)
+local left = math.max(1, (day + 1) * 86400000 - now)
+for i, dk in ipairs(KEYS) do
+  local n = tonumber(ARGV[2 * i])
+  if tonumber(ARGV[2 * i - 1]) == day and n > 0 then
+    if tonumber(redis.call('HGET', dk, 'day') or '-1') == day then
+      redis.call('HINCRBY', dk, 'n', n)
+    else
+      redis.call('HSET', dk, 'day', day, 'n', n)
+    end
+    redis.call('PEXPIRE', dk, left)
+  end
+end
+return 0
+"#;
+
 /// Renews this process's leases of one key (re-adding any Redis lost, e.g. in a
 /// restart: those requests are still running) in every set of KEYS but the first: the
 /// key's leases and, for a key of a group, the group's — except a lease released
@@ -448,6 +471,9 @@ struct Held {
     tokens: u64,
     /// Its charge was given back already (`refund`).
     refunded: bool,
+    /// A fallback slot counted in its key's (and group's) `Unsynced` on this UTC day
+    /// (0: not counted): a refund takes it back there.
+    unsynced_day: u64,
 }
 
 /// A release (and the attempt's verdict) whose Redis call failed, retried when Redis
@@ -559,11 +585,49 @@ struct GroupInfo {
     rpd: u64,
 }
 
+/// Requests of a daily quota (`rpd`) admitted on fallback slots, which Redis has not
+/// counted: the UTC day (this process's clock) and how many. Added to the count in
+/// Redis when it answers again (`DAY_ADD`), so other processes see them too.
+#[derive(Debug, Default, Clone, Copy)]
+struct Unsynced {
+    day: u64,
+    n: u64,
+}
+
+impl Unsynced {
+    /// Counts one on `day` (a new day drops an older day's count: over there too).
+    fn add(&mut self, day: u64) {
+        if self.day != day {
+            *self = Unsynced { day, n: 0 };
+        }
+        self.n += 1;
+    }
+
+    /// Takes back a count that could not be added in Redis (unless a later day's
+    /// count began meanwhile: that day is over).
+    fn merge(&mut self, u: Unsynced) {
+        if self.n == 0 {
+            *self = u;
+        } else if self.day == u.day {
+            self.n += u.n;
+        }
+    }
+
+    /// Takes one back (a fallback slot that never reached the wire), if of `day`.
+    fn sub(&mut self, day: u64) {
+        if self.day == day {
+            self.n = self.n.saturating_sub(1);
+        }
+    }
+}
+
 #[derive(Default)]
 struct KeyLocal {
     held: Vec<Held>,
     rpm: Pace,
     tpm: Pace,
+    /// Its daily quota's requests admitted on fallback slots, not yet in Redis.
+    unsynced: Unsynced,
 }
 
 /// A group's (account's) local share while Redis is unreachable: the admissions this
@@ -575,6 +639,8 @@ struct GroupLocal {
     held: usize,
     rpm: Pace,
     tpm: Pace,
+    /// Its daily quota's requests admitted on fallback slots, not yet in Redis.
+    unsynced: Unsynced,
 }
 
 /// The admissions' connection. Admissions, releases and corrections only ever use
@@ -609,6 +675,7 @@ struct Inner {
     settle: Script,
     renew: Script,
     charge: Script,
+    day_add: Script,
     model_cool: Script,
     channel: String,
     /// Where model cooldowns are published (see the module's doc).
@@ -786,6 +853,8 @@ impl Inner {
                                 self.renew_leases(&mut con, k, &ids)?;
                             }
                         }
+                        // So are the daily requests counted meanwhile (usually none).
+                        self.sync_days(&mut con)?;
                         if c.down {
                             log::info!("keypool: shared limits: Redis is reachable again");
                         }
@@ -940,6 +1009,7 @@ impl Inner {
                     cuts,
                     tokens,
                     refunded: false,
+                    unsynced_day: 0,
                 });
                 if let Some(g) = k.group {
                     self.group_local[g].lock().held += 1;
@@ -1038,10 +1108,22 @@ impl Inner {
         }
         l.rpm = rpm;
         l.tpm = tpm;
-        if let Some((_, mut gl, (grpm, gtpm))) = group {
+        // A request of each daily quota that Redis did not count (unless its ACQUIRE
+        // may have run): added there when it answers again.
+        let day = crate::admission::utc_day().0;
+        let mut unsynced_day = 0;
+        if k.rpd > 0 && !maybe_in_redis {
+            l.unsynced.add(day);
+            unsynced_day = day;
+        }
+        if let Some((gi, mut gl, (grpm, gtpm))) = group {
             gl.rpm = grpm;
             gl.tpm = gtpm;
             gl.held += 1;
+            if gi.rpd > 0 && !maybe_in_redis {
+                gl.unsynced.add(day);
+                unsynced_day = day;
+            }
         }
         l.held.push(Held {
             seq,
@@ -1050,6 +1132,7 @@ impl Inner {
             cuts: 0,
             tokens,
             refunded: false,
+            unsynced_day,
         });
         // Counted by the gate alone (its `rpd`, this process's requests).
         SharedAdmit::Yes(seq, DayCounts::default())
@@ -1123,6 +1206,18 @@ impl Inner {
             let mut l = self.local[key].lock();
             let open = |h: &Held| h.in_redis && !h.refunded;
             let own = (l.held.iter()).position(|h| lease.is_some_and(|s| s != 0 && h.seq == s));
+            if let (true, Some(i)) = (refund, own) {
+                // A fallback slot's daily request, not in Redis yet: taken back here.
+                let l = &mut *l;
+                let h = &mut l.held[i];
+                if !h.in_redis && h.unsynced_day != 0 {
+                    let day = std::mem::take(&mut h.unsynced_day);
+                    l.unsynced.sub(day);
+                    if let Some(g) = self.keys[key].group {
+                        self.group_local[g].lock().unsynced.sub(day);
+                    }
+                }
+            }
             let at = match own {
                 // Its own lease: a fallback slot (never charged in Redis) gives nothing.
                 Some(i) => Some(i).filter(|&i| open(&l.held[i])),
@@ -1260,6 +1355,45 @@ impl Inner {
                 return;
             }
         }
+        // Daily requests of fallback slots taken while the connection came back.
+        if let Some(con) = rcon.as_mut() {
+            if self.sync_days(con).is_err() {
+                *rcon = None;
+            }
+        }
+    }
+
+    /// Adds the daily quotas' requests admitted on fallback slots (`Unsynced`) to their
+    /// counts in Redis, on `con` (no call if there are none); kept for the next try if
+    /// the call fails.
+    fn sync_days(&self, con: &mut redis::Connection) -> redis::RedisResult<()> {
+        let take = |u: &mut Unsynced| Some(std::mem::take(u)).filter(|u| u.n > 0);
+        let keys = (self.local.iter().enumerate())
+            .filter_map(|(i, l)| Some((false, i, take(&mut l.lock().unsynced)?)));
+        let groups = (self.group_local.iter().enumerate())
+            .filter_map(|(g, l)| Some((true, g, take(&mut l.lock().unsynced)?)));
+        let taken: Vec<(bool, usize, Unsynced)> = keys.chain(groups).collect();
+        if taken.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.day_add.prepare_invoke();
+        for &(group, i, u) in &taken {
+            let day = if group {
+                &self.groups[i].day
+            } else {
+                &self.keys[i].day
+            };
+            inv.key(day).arg(u.day).arg(u.n);
+        }
+        inv.invoke::<i64>(con).map(|_| ()).inspect_err(|_| {
+            for (group, i, u) in taken {
+                if group {
+                    self.group_local[i].lock().unsynced.merge(u);
+                } else {
+                    self.local[i].lock().unsynced.merge(u);
+                }
+            }
+        })
     }
 
     /// Stores and publishes a model cooldown at `keys` (see [`MODEL_COOL`]). Best
@@ -1445,6 +1579,7 @@ impl RedisLimits {
             settle: Script::new(SETTLE),
             renew: Script::new(RENEW),
             charge: Script::new(CHARGE),
+            day_add: Script::new(DAY_ADD),
             model_cool: Script::new(MODEL_COOL),
             channel: format!("kp:{ns}:released"),
             models_channel: format!("kp:{ns}:models"),
@@ -1841,17 +1976,21 @@ mod tests {
         assert_ne!(a, key_hash("team-a", "sk-secret-124"));
     }
 
+    fn free_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+
     /// A `redis-server` on a free loopback port, killed on drop; `None` (skip) if it is
     /// not installed, except in CI.
     struct TestRedis(std::process::Child, u16);
 
     impl TestRedis {
         fn start() -> Option<TestRedis> {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .ok()?
-                .local_addr()
-                .ok()?
-                .port();
+            TestRedis::start_on(free_port())
+        }
+
+        fn start_on(port: u16) -> Option<TestRedis> {
             let child = std::process::Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
@@ -2189,6 +2328,47 @@ mod tests {
             .release(1, Some(id), (None, None), "", Aimd::NONE, true);
         assert_eq!(n(&mut con, hashes[1]), (today, 3));
         assert_eq!(counted(&a, 0).1, day(3, 4));
+    }
+
+    /// Issue 24.3: requests of daily quotas admitted on fallback slots while Redis is
+    /// unreachable (`on_unavailable: local`) are added to the counts in Redis when it
+    /// answers again — at the key and at its group — except those given back (a refund,
+    /// once).
+    #[test]
+    fn fallback_daily_requests_are_counted_in_redis_when_it_answers() {
+        let port = free_port();
+        let json = format!(
+            r#"{{"base_url": "http://127.0.0.1:9",
+                "keys": [{{"key": "sk-unit", "max_concurrent": 8, "rpd": 5, "group": "g"}}],
+                "groups": [{{"name": "g", "rpd": 9}}],
+                "shared": {{"redis_url": "redis://127.0.0.1:{port}/0", "namespace": "unit",
+                            "on_unavailable": "local", "timeout_ms": 200}}}}"#
+        );
+        let config = Config::from_json(&json).unwrap();
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let l = RedisLimits::start(config.shared.as_ref().unwrap(), &config, tx, Arc::default())
+            .unwrap();
+        let kept = (0..3).map(|_| yes(l.acquire(0, 0))).collect::<Vec<_>>();
+        l.refund(0, kept[2], 0);
+        l.refund(0, kept[2], 0);
+        assert_eq!(l.inner.local[0].lock().unsynced.n, 2);
+        assert_eq!(l.inner.group_local[0].lock().unsynced.n, 2);
+        let Some(redis) = TestRedis::start_on(port) else {
+            return;
+        };
+        assert!(l.inner.reconnect());
+        let mut con = redis.conn();
+        let (secs, _): (u64, u64) = redis::cmd("TIME").query(&mut con).unwrap();
+        for h in [&l.inner.keys[0].day, &l.inner.groups[0].day] {
+            let (day, n): (u64, u64) = redis::cmd("HMGET")
+                .arg(h)
+                .arg("day")
+                .arg("n")
+                .query(&mut con)
+                .unwrap();
+            assert_eq!((day, n), (secs / 86_400, 2), "{h}");
+        }
+        assert_eq!(l.inner.local[0].lock().unsynced.n, 0);
     }
 
     #[test]
