@@ -2082,3 +2082,296 @@ fn spend_cap_is_shared_across_pools() {
         .unwrap();
     assert!((total - sent as f64 * 0.01).abs() < 1e-9, "{total}");
 }
+
+// ---- daily quotas (`rpd`) shared across processes (issue 24.3) ----
+
+/// A config JSON: `keys` as (key, extra fields) with `max_concurrent` 2, in the order
+/// given (the default strategy, `first_available`, prefers the first), shared through
+/// `redis_url` with the extra `shared` fields `shared_extra`.
+fn keys_json(mock_url: &str, redis_url: &str, keys: &[(&str, &str)], shared_extra: &str) -> String {
+    let keys = keys
+        .iter()
+        .map(|(k, extra)| format!(r#"{{"key": "{k}", "max_concurrent": 2{extra}}}"#))
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        r#"{{"base_url": "{mock_url}", "keys": [{keys}],
+            "retry": {{"probe_keys": false, "max_attempts": 5, "base_delay_ms": 5, "max_delay_ms": 50}},
+            "shared": {{"redis_url": "{redis_url}", "namespace": "test", "lease_ms": 1500{shared_extra}}}}}"#
+    )
+}
+
+/// Requests the mock saw on `key` (server-side count).
+fn requests_on(server: &MockServer, key: &str) -> u64 {
+    server.key_stats(key).map_or(0, |k| k.requests)
+}
+
+/// The stats' reason why key `i` of `pool` is out.
+fn out_reason(pool: &Pool, i: usize) -> String {
+    pool.stats().keys[i]
+        .disabled_reason
+        .clone()
+        .unwrap_or_default()
+}
+
+/// `rpd` 5 on a key shared by two pools, each sending 10 requests at once with another
+/// key beside it: the server sees exactly 5 on the quota's key in all (unshared, each
+/// pool would send its own 5), the rest go to the other key and every request
+/// succeeds; then both pools have the key out, "exhausted until" midnight UTC.
+#[test]
+fn rpd_is_shared_across_pools() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(10);
+    let keys = [("sk-shared-0", r#", "rpd": 5"#), ("sk-shared-1", "")];
+    let pools = new_pools(&keys_json(&server.url(), &redis.url(), &keys, ""), 2);
+    run_pools(&pools, 10);
+    // One more each, asking the quota's key first: out in both.
+    for pool in &pools {
+        run_ok(pool, 1);
+    }
+    assert_eq!(
+        requests_on(&server, "sk-shared-0"),
+        5,
+        "the key's daily quota"
+    );
+    assert_eq!(requests_on(&server, "sk-shared-1"), 17);
+    for pool in &pools {
+        let reason = out_reason(pool, 0);
+        assert!(
+            reason.contains("rpd") && reason.contains("exhausted until"),
+            "{reason}"
+        );
+        assert!(!reason.contains("sk-shared"), "{reason}");
+        assert_eq!(out_reason(pool, 1), "");
+    }
+    // The count is named by the key's hash, never the key.
+    let all = redis_keys(&redis);
+    assert!(all.iter().any(|k| k.ends_with(":day")), "{all:?}");
+    assert_named_by_hash(&all, &["sk-shared"]);
+}
+
+/// Two pools on `json` send 6 requests each at once: 5 succeed in all (the daily quota,
+/// `per_key` counts the server's requests), and the other 7 end as a local quota ends
+/// them when no key is left — `NoUsableKey` at once, naming the quota (`what`) and its
+/// reset. Returns the two pools.
+fn two_pools_spend_a_quota_of_5(json: &str, what: &str, sent: impl Fn() -> u64) -> Vec<Pool> {
+    let pools = new_pools(json, 2);
+    let t0 = Instant::now();
+    let results: Vec<keypool::RequestResult> = std::thread::scope(|s| {
+        let runs: Vec<_> = (pools.iter())
+            .map(|pool| s.spawn(move || pool.batch((0..6).map(chat))))
+            .collect();
+        runs.into_iter().flat_map(|r| r.join().unwrap()).collect()
+    });
+    assert!(t0.elapsed() < Duration::from_secs(10), "no hang");
+    assert_eq!(sent(), 5, "the daily quota, over both pools");
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 5);
+    for r in results.iter().filter(|r| r.is_err()) {
+        match r {
+            Err(e @ Error::NoUsableKey { detail, .. }) => {
+                assert!(detail.contains(what), "{e}");
+                assert!(!detail.contains("sk-shared"), "{e}");
+                assert!(detail.contains("daily quota"), "{e}");
+                assert!(detail.contains("exhausted until"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    pools
+}
+
+/// The only key's `rpd` 5 spent by two pools together: 5 requests reach the server,
+/// the other 7 end with `NoUsableKey` as with a local quota.
+#[test]
+fn rpd_spent_by_other_pools_ends_requests_like_a_local_quota() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(10);
+    let keys = [("sk-shared-0", r#", "rpd": 5"#)];
+    let json = keys_json(&server.url(), &redis.url(), &keys, "");
+    // The key's label in the detail (`key-0`), never the key.
+    let pools =
+        two_pools_spend_a_quota_of_5(&json, "key-0:", || requests_on(&server, "sk-shared-0"));
+    // A pool started later refuses at its first admission, without sending.
+    let late = new_pool(&json);
+    assert!(matches!(
+        late.batch([chat(0)])[0],
+        Err(Error::NoUsableKey { .. })
+    ));
+    assert_eq!(requests_on(&server, "sk-shared-0"), 5);
+    drop(pools);
+}
+
+/// A group's `rpd` 5 over its three keys, spent by two pools together: 5 requests reach
+/// the group's keys, the other 7 end with `NoUsableKey` naming the group's quota.
+#[test]
+fn group_rpd_is_shared_across_pools() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = mock(10);
+    let json = group_json(&server.url(), &redis.url(), r#", "rpd": 5"#);
+    let pools = two_pools_spend_a_quota_of_5(&json, "group acct-shared", || {
+        group_log(&server).len() as u64
+    });
+    for pool in &pools {
+        for i in 0..GROUP_KEYS.len() {
+            let reason = out_reason(pool, i);
+            assert!(reason.contains("group acct-shared"), "{reason}");
+        }
+    }
+    let all = redis_keys(&redis);
+    assert_named_by_hash(&all, &["acct", "sk-shared"]);
+}
+
+/// Redis `kill -9`'d mid-run and restarted empty (`on_unavailable: local`), with daily
+/// quotas: pool A spent key 0's `rpd` 6 through Redis before; pool B, running all
+/// along, learned it from Redis and never sends to key 0 — not through Redis, not on
+/// local limits during the outage, not after Redis came back without the count. Key 1's
+/// `rpd` 20, partly spent through Redis when it died, is held by B's own count through
+/// the outage and after: exactly 20. Every request of B ends in exactly one result, a
+/// success (key 2, without a quota, takes the rest).
+#[test]
+fn rpd_holds_when_redis_dies_mid_run() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    let port = free_port();
+    let Some(mut redis) = RedisServer::start_on(port) else {
+        return;
+    };
+    let server = mock(0);
+    for key in ["sk-shared-0", "sk-shared-1", "sk-shared-2"] {
+        set_latency(&server, key, 20);
+    }
+    let keys = [
+        ("sk-shared-0", r#", "rpd": 6"#),
+        ("sk-shared-1", r#", "rpd": 20"#),
+        ("sk-shared-2", ""),
+    ];
+    let shared = r#", "on_unavailable": "local", "timeout_ms": 200"#;
+    let json = keys_json(&server.url(), &redis.url(), &keys, shared);
+    let a = new_pool(&json);
+    let b = new_pool(&json);
+    // A, one request at a time, on key 0 (first available) until its quota is spent.
+    for _ in 0..6 {
+        run_ok(&a, 1);
+    }
+    assert_eq!(requests_on(&server, "sk-shared-0"), 6);
+    let (stop, errors) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let feed = feeder(b, stop.clone(), errors.clone());
+    wait_for("B on key 1 through Redis", Duration::from_secs(10), || {
+        requests_on(&server, "sk-shared-1") >= 4
+    });
+    redis.child.kill().unwrap(); // SIGKILL
+    redis.child.wait().unwrap();
+    let before = requests_on(&server, "sk-shared-2");
+    wait_for(
+        "progress during the outage",
+        Duration::from_secs(10),
+        || requests_on(&server, "sk-shared-2") >= before + 30,
+    );
+    // Redis is back, empty: B admits through it again.
+    let redis = RedisServer::start_on(port).expect("restart redis-server");
+    let mut con = redis.conn();
+    wait_for("leases in the new Redis", Duration::from_secs(5), || {
+        live_leases(&mut con) > 0
+    });
+    let back = requests_on(&server, "sk-shared-2");
+    wait_for("progress after recovery", Duration::from_secs(10), || {
+        requests_on(&server, "sk-shared-2") >= back + 30
+    });
+    stop.store(true, SeqCst);
+    let fed = feed.join().unwrap();
+    assert_eq!(fed.ok + fed.unavailable + fed.other.len(), fed.submitted);
+    assert!(fed.other.is_empty(), "{:?}", fed.other);
+    assert_eq!(fed.ok, fed.submitted, "every request succeeds");
+    assert_eq!(requests_on(&server, "sk-shared-0"), 6, "key 0 spent by A");
+    assert_eq!(requests_on(&server, "sk-shared-1"), 20, "key 1's quota");
+    let total: u64 = (0..3)
+        .map(|i| requests_on(&server, &format!("sk-shared-{i}")))
+        .sum();
+    assert_eq!(total as usize, 6 + fed.ok, "one server request per success");
+    drop(a);
+}
+
+/// Today's count of every daily quota in Redis (namespace `test`), by Redis key.
+fn day_counts(redis: &RedisServer) -> Vec<u64> {
+    let mut con = redis.conn();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("kp:{test}:*:day")
+        .query(&mut con)
+        .unwrap();
+    keys.iter()
+        .map(|k| {
+            redis::cmd("HGET")
+                .arg(k)
+                .arg("n")
+                .query::<Option<u64>>(&mut con)
+                .unwrap()
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// Daily requests sent while Redis is unreachable (`on_unavailable: local`, Redis's
+/// data intact) count there once it answers again: pool A, cut off from the start,
+/// sends 4 requests on key 0 (`rpd` 6, in a group of `rpd` 5) on fallback slots, by its
+/// own counts. Within about a second of the link's return — with no new request —
+/// Redis counts them at the key and at the group, so pool B gets only the group's one
+/// request left (key 1 takes the rest). Uncounted, B would send 1 more than that.
+#[test]
+fn rpd_spent_during_an_outage_counts_once_redis_is_back() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let proxy = Proxy::start(redis.port);
+    let server = mock(5);
+    let keys = [
+        ("sk-shared-0", r#", "rpd": 6, "group": "acct""#),
+        ("sk-shared-1", ""),
+    ];
+    let with_group = |json: String| {
+        json.replace(
+            r#""keys": ["#,
+            r#""groups": [{"name": "acct", "rpd": 5}], "keys": ["#,
+        )
+    };
+    let local = r#", "on_unavailable": "local", "timeout_ms": 200"#;
+    proxy.set_down(true);
+    let a = new_pool(&with_group(keys_json(
+        &server.url(),
+        &proxy.url(),
+        &keys,
+        local,
+    )));
+    for _ in 0..4 {
+        run_ok(&a, 1);
+    }
+    assert_eq!(requests_on(&server, "sk-shared-0"), 4);
+    assert!(
+        day_counts(&redis).is_empty(),
+        "counted in Redis while cut off"
+    );
+    proxy.set_down(false);
+    wait_for(
+        "the outage's requests counted in Redis",
+        Duration::from_secs(5),
+        || day_counts(&redis) == [4, 4],
+    );
+    let b = new_pool(&with_group(keys_json(
+        &server.url(),
+        &redis.url(),
+        &keys,
+        "",
+    )));
+    run_ok(&b, 10);
+    assert_eq!(requests_on(&server, "sk-shared-0"), 5, "the group's quota");
+    assert_eq!(requests_on(&server, "sk-shared-1"), 9);
+    drop(a);
+}

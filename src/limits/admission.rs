@@ -185,6 +185,16 @@ impl Daily {
         self.used = self.used.saturating_sub(1);
     }
 
+    /// Raises the count to `used` if `day` is the one counted: requests other processes
+    /// spent too (the shared count, `shared_limits`), so the request that spends the
+    /// last of the quota anywhere takes the key out here, and a later outage of the
+    /// shared store goes on from there.
+    pub(crate) fn at_least(&mut self, day: u64, used: u64) {
+        if day == self.day {
+            self.used = self.used.max(u32::try_from(used).unwrap_or(u32::MAX));
+        }
+    }
+
     /// The reason a key (or group) at its quota is out, naming when it comes back.
     pub(crate) fn reason(&self, left: Duration) -> String {
         format!(
@@ -596,11 +606,17 @@ impl Gate {
             // One atomic step in the shared store, under this key's lock: the local and
             // the shared admission are taken together or not at all.
             let shared = link.acquire(tokens);
-            if let (crate::shared_limits::SharedAdmit::GroupCooling(until), Some(group), Some(g)) =
-                (&shared, &self.group, g.as_deref_mut())
-            {
-                // The account cools elsewhere: here too, for all its keys.
-                group.cool_until(g, *until);
+            if let (Some(group), Some(g)) = (&self.group, g.as_deref_mut()) {
+                use crate::shared_limits::SharedAdmit;
+                match &shared {
+                    // The account cools elsewhere: here too, for all its keys.
+                    SharedAdmit::GroupCooling(until) => group.cool_until(g, *until),
+                    // Its daily quota is spent, over every process: out here too.
+                    SharedAdmit::GroupExhausted(left) => group.exhaust(g, *left, Instant::now()),
+                    // What every process spent today counts here (then `take`).
+                    SharedAdmit::Yes(_, day) => group.spent_elsewhere(g, day.day, day.group),
+                    _ => {}
+                }
             }
             verdict = self.apply_shared(&mut s, shared, verdict);
         }
@@ -672,11 +688,34 @@ impl Gate {
     ) -> Admit {
         use crate::shared_limits::SharedAdmit;
         match shared {
-            SharedAdmit::Yes(lease) => match local {
-                Admit::Yes(adm) => Admit::Yes(Admission { lease, ..adm }),
+            SharedAdmit::Yes(lease, day) => match local {
+                Admit::Yes(adm) => {
+                    // The shared count, less this request (which `try_admit` counts):
+                    // if it spends the quota, the key goes out here in the same step.
+                    if let Some(d) = s.rpd.as_mut() {
+                        d.at_least(day.day, day.key.saturating_sub(1));
+                    }
+                    Admit::Yes(Admission { lease, ..adm })
+                }
                 other => other,
             },
             SharedAdmit::WakeAt(at) | SharedAdmit::GroupCooling(at) => Admit::WakeAt(at),
+            SharedAdmit::Exhausted(left) => {
+                // Spent by every process together: out until the reset, as if spent
+                // here (a refund here brings it back, to ask the store again).
+                let now = Instant::now();
+                let Some(d) = &s.rpd else {
+                    // Never: the store counts a quota only for a gate that has one.
+                    return Admit::WakeAt(now.checked_add(left).unwrap_or(now));
+                };
+                let reason = d.reason(left);
+                if s.disabled.is_none() {
+                    log::warn!("keypool: a key is out: {reason}");
+                }
+                Self::quota_out(s, reason, left, now);
+                Admit::WakeAt(now)
+            }
+            SharedAdmit::GroupExhausted(_) => Admit::WakeAt(Instant::now()),
             SharedAdmit::Cooling(until) => {
                 let now = Instant::now();
                 if s.cooldown_until.is_none_or(|u| u <= now) && until > now {

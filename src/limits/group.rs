@@ -95,6 +95,10 @@ impl GroupGate {
         if let Some(d) = g.rpd.as_mut() {
             let (day, left) = crate::admission::utc_day();
             if !d.spent(day) {
+                // Spent over every process (`exhaust`): out until the reset all the same.
+                if g.exhausted.as_ref().is_some_and(|(u, ..)| *u > now) {
+                    return Some(Admit::Never);
+                }
                 g.exhausted = None;
             } else {
                 if g.exhausted.as_ref().is_none_or(|(u, ..)| *u <= now) {
@@ -164,6 +168,31 @@ impl GroupGate {
         }
         self.mirror(g);
         was_full || cooldown.is_some()
+    }
+
+    /// The daily quota is spent over every process sharing the group (the shared
+    /// store's count): every member key is out until its reset, `left` from `now` —
+    /// unless a refund here brings them back (`refund_day`), to ask the store again.
+    pub(crate) fn exhaust(&self, g: &mut GroupState, left: Duration, now: Instant) {
+        // The store counts a quota only for a group that has one here.
+        let Some(d) = &g.rpd else {
+            return;
+        };
+        if g.exhausted.as_ref().is_none_or(|(u, ..)| *u <= now) {
+            let reason = self.quota_reason(d, left);
+            log::warn!("keypool: {reason}");
+            g.exhausted = Some((now.checked_add(left).unwrap_or(now), reason, unix_ms()));
+            self.mirror(g);
+        }
+    }
+
+    /// Raises today's count to `used` less the admission being taken (which `take`
+    /// counts), if `day` is the one counted: what every process sharing the group spent
+    /// (the shared store's count, `used` with that admission).
+    pub(crate) fn spent_elsewhere(&self, g: &mut GroupState, day: u64, used: u64) {
+        if let Some(d) = g.rpd.as_mut() {
+            d.at_least(day, used.saturating_sub(1));
+        }
     }
 
     /// Cools the account until `until` (a cooldown another process sharing the group

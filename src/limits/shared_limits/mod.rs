@@ -1,13 +1,14 @@
 //! Per-key limits shared by many processes (issue 13): `max_concurrent`, `rpm`, `tpm`,
-//! cooldowns and disabled keys — and the same for each key's group (account):
-//! `max_concurrent`, `rpm`, `tpm` and cooldown — kept in Redis so several pools —
-//! threads, processes or hosts — that use the same keys respect one budget together.
+//! daily quotas (`rpd`), cooldowns and disabled keys — and the same for each key's
+//! group (account): `max_concurrent`, `rpm`, `tpm`, `rpd` and cooldown — kept in Redis
+//! so several pools — threads, processes or hosts — that use the same keys respect one
+//! budget together.
 //!
 //! The local [`Gate`](crate::admission::Gate) still decides first (idle worker, local
 //! cooldown, trial, local budget); when it would admit, it asks its [`KeyLink`] once —
 //! one atomic Redis script that drops expired leases, checks the shared disabled flag,
-//! cooldown, concurrency and rate budget, and takes a lease and the budget only if all
-//! pass. `Gate::complete` hands the lease back, with the attempt's cooldown or disable
+//! daily quota, cooldown, concurrency and rate budget, and takes a lease, the budget and
+//! a request of the day only if all pass. `Gate::complete` hands the lease back, with the attempt's cooldown or disable
 //! verdict, in a second script. Nothing here is polled: see `redis.rs` for the lease
 //! renewer and the release subscriber.
 //!
@@ -25,13 +26,26 @@ use crate::error::Error;
 #[cfg(feature = "redis")]
 mod redis;
 
+/// The daily counts (`rpd`) in the shared store after one admission: the UTC day on
+/// the store's clock (days since the Unix epoch) and the requests counted that day,
+/// this one included, at the key and at its group — 0 where nothing was counted there
+/// (no quota, or a local fallback slot, which only the gate's own count sees).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) struct DayCounts {
+    pub day: u64,
+    pub key: u64,
+    pub group: u64,
+}
+
 /// The shared store's answer to one admission.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) enum SharedAdmit {
-    /// Admitted: a lease (or a local fallback slot) and the budget are taken. The
-    /// lease's number in this pool (never 0), for its release and refund.
-    Yes(u64),
+    /// Admitted: a lease (or a local fallback slot), the budget and a request of each
+    /// daily quota are taken. The lease's number in this pool (never 0), for its release
+    /// and refund, and the daily counts every process has spent now.
+    Yes(u64, DayCounts),
     /// Every shared slot of the key is taken, or its shared budget is spent: ask again at
     /// this instant at the latest (a release elsewhere nudges the dispatcher earlier).
     WakeAt(Instant),
@@ -42,14 +56,21 @@ pub(crate) enum SharedAdmit {
     GroupCooling(Instant),
     /// Some process disabled the key (401/403) or parked it (402), with this reason.
     Disabled(String),
+    /// The key's daily quota (`rpd`) is spent, counting every process's requests: out
+    /// until the UTC day ends, this long from now (on the store's clock).
+    Exhausted(Duration),
+    /// The key's group (account) spent its daily quota, over every process: every
+    /// member key is out until the UTC day ends, this long from now.
+    GroupExhausted(Duration),
     /// Redis is unreachable and `on_unavailable` is `fail`.
     Unavailable,
 }
 
 /// Shared per-key limits, implemented over Redis (`redis.rs`).
 pub(crate) trait SharedLimits: Send + Sync {
-    /// Takes a lease and the rate budget (`tokens` for `tpm`) of key `key` — and of its
-    /// group, if it has one — or says why not. One atomic step: all or nothing.
+    /// Takes a lease, the rate budget (`tokens` for `tpm`) and a request of the daily
+    /// quota (`rpd`) of key `key` — and of its group, if it has one — or says why not.
+    /// One atomic step: all or nothing.
     fn acquire(&self, key: usize, tokens: u64) -> SharedAdmit;
     /// Ends admission `lease` of key `key` (its number from [`SharedAdmit::Yes`]):
     /// gives its lease (and its group's) back, publishing the attempt's cooldown (the
@@ -58,7 +79,8 @@ pub(crate) trait SharedLimits: Send + Sync {
     /// Disables (parks) key `key` in every process with this reason, outside an
     /// admission (a credit check found it at its floor).
     fn disable(&self, key: usize, reason: &str);
-    /// Gives back the budget of admission `lease`, which never reached the wire.
+    /// Gives back the budget of admission `lease` (its rate budget and its request of
+    /// each daily quota, if still the same day), which never reached the wire.
     fn refund(&self, key: usize, lease: u64, tokens: u64);
     /// Corrects the shared `tpm` budget once the real usage is known.
     fn correct_tokens(&self, key: usize, estimated: u64, actual: u64);

@@ -7,6 +7,8 @@
 //! - `kp:{ns}:h:leases`: sorted set of lease ids scored by expiry (Redis time, ms);
 //! - `kp:{ns}:h:rate`: GCRA "theoretical arrival times" of `rpm` (`r`) and `tpm` (`t`);
 //! - `kp:{ns}:h:state`: `cool_until` (ms) and `disabled` (reason), with a TTL;
+//! - `kp:{ns}:h:day`: the daily quota's count (`rpd`): `day` (the UTC day on Redis's
+//!   clock) and `n` (requests counted that day), expiring when that day ends;
 //! - `kp:{ns}:h:aimd`: the shared learned limit of an adaptive key;
 //! - `kp:{ns}:h:charge`: what each lease was charged (its refund gives back no more);
 //! - `kp:{ns}:h:gone`: released lease ids (tombstones: a late renewal or ACQUIRE of a
@@ -19,8 +21,9 @@
 //!
 //! Per group (account), named by `gh`, an HMAC of the group's name under its own label
 //! (see `GroupInfo`): `kp:{ns}:gh:leases` (its member keys' leases, same ids),
-//! `kp:{ns}:gh:state` (`cool_until`) and `kp:{ns}:gh:rate` (its GCRA), checked and
-//! taken in the same scripts as the member key's.
+//! `kp:{ns}:gh:state` (`cool_until`), `kp:{ns}:gh:rate` (its GCRA) and
+//! `kp:{ns}:gh:day` (its daily count), checked and taken in the same scripts as the
+//! member key's.
 //!
 //! Every decision is one Lua script run atomically by Redis, on Redis's clock (`TIME`),
 //! so hosts need no synchronised clocks: scripts answer waits as durations.
@@ -48,7 +51,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use parking_lot::Mutex;
 use redis::{Script, Value};
 
-use super::{SharedAdmit, SharedLimits};
+use super::{DayCounts, SharedAdmit, SharedLimits};
 use crate::admission::KeyVerdict;
 use crate::config::Config;
 use crate::error::Error;
@@ -101,24 +104,30 @@ return 0
 "#;
 
 /// Drops expired leases, then admits if the key is not disabled or cooling, has a free
-/// slot and has budget — and, for a key of a group (account), if the group is not
-/// cooling, has a free slot and has budget too; takes the key's lease and budget and
+/// slot, has budget and has not spent its daily quota — and, for a key of a group
+/// (account), if the group is not cooling, has a free slot, has budget and has not spent
+/// its daily quota too; takes the key's lease, budget and a request of its quota and
 /// the group's (the same lease id in the group's set) in the same step, or nothing.
 /// With `adaptive` ('1'), the key's slots are capped at its shared learned limit
 /// (`kp:{ns}:{h}:aimd`: `limit`, a float ≥ 1, and `cuts`, the number of cuts so far).
-/// KEYS: leases, state, rate, aimd[, group leases, group state, group rate], charge
-/// (each lease's charge: `cjson` {rpm ms, tpm ms, group rpm ms, group tpm ms}), gone.
+/// A daily quota (`rpd`) is a hash `day` (the UTC day on Redis's clock, days since the
+/// Unix epoch) and `n` (requests counted that day), expiring when that day ends.
+/// KEYS: leases, state, rate, aimd, day[, group leases, group state, group rate, group
+/// day], charge (each lease's charge: `cjson` {rpm ms, tpm ms, group rpm ms, group tpm
+/// ms, day counted at the key (0: none), day counted at the group}), gone.
 /// ARGV: max, lease id (chosen by the client, reused if the reply is lost), lease_ms,
-/// rpm, tpm, tokens, adaptive[, group max (0: none), group rpm, group tpm]. Returns
-/// {0, cuts} admitted (cuts: the learned limit's cut count now) — also when this id
-/// already holds a live lease, with nothing taken twice — {1, wait_ms} full (key or
-/// group), {2, wait_ms} cooling, {3, 0, reason} disabled, {4, wait_ms} out of rate
-/// budget (key or group), {5, wait_ms} the group (account) cooling, {6, 0} this id
-/// was released already.
+/// rpm, tpm, tokens, adaptive, rpd (0: none)[, group max (0: none), group rpm, group
+/// tpm, group rpd]. Returns {0, cuts, day, n, group n} admitted (cuts: the learned
+/// limit's cut count now; n: the day's count with this request, 0 without a quota) —
+/// {0, cuts} when this id already holds a live lease, with nothing taken twice —
+/// {1, wait_ms} full (key or group), {2, wait_ms} cooling, {3, 0, reason} disabled,
+/// {4, wait_ms} out of rate budget (key or group), {5, wait_ms} the group (account)
+/// cooling, {6, 0} this id was released already, {7, ms_left} the key's daily quota
+/// is spent until the day ends (ms_left away), {8, ms_left} the group's.
 const ACQUIRE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local grp = #KEYS >= 9
+local grp = #KEYS >= 11
 local charge = KEYS[#KEYS - 1]
 local gone = KEYS[#KEYS]
 -- Idempotent: a lease id already released is never taken again (a late copy of this
@@ -130,10 +139,28 @@ if mine > now then
 end
 local dis = redis.call('HGET', KEYS[2], 'disabled')
 if dis then return {3, 0, dis} end
+-- Daily quotas: the UTC day on Redis's clock, the ms left in it, today's counts.
+local day = math.floor(now / 86400000)
+local left = math.max(1, (day + 1) * 86400000 - now)
+local function today(dk)
+  if tonumber(redis.call('HGET', dk, 'day') or '-1') ~= day then return 0 end
+  return tonumber(redis.call('HGET', dk, 'n') or '0') or 0
+end
+local rpd = tonumber(ARGV[8])
+local grpd = grp and tonumber(ARGV[12]) or 0
+local used, gused = 0, 0
+if rpd > 0 then
+  used = today(KEYS[5])
+  if used >= rpd then return {7, left} end
+end
+if grpd > 0 then
+  gused = today(KEYS[9])
+  if gused >= grpd then return {8, left} end
+end
 local cool = tonumber(redis.call('HGET', KEYS[2], 'cool_until') or '0') or 0
 if cool > now then return {2, cool - now} end
 if grp then
-  local gcool = tonumber(redis.call('HGET', KEYS[6], 'cool_until') or '0') or 0
+  local gcool = tonumber(redis.call('HGET', KEYS[7], 'cool_until') or '0') or 0
   if gcool > now then return {5, gcool - now} end
 end
 local function full(leases, max)
@@ -155,8 +182,8 @@ local w = full(KEYS[1], max)
 if w then return {1, w} end
 if grp then
   -- Pruned even without a limit: a crashed process's leases leave the set.
-  local gmax = tonumber(ARGV[8])
-  w = full(KEYS[5], gmax > 0 and gmax or math.huge)
+  local gmax = tonumber(ARGV[9])
+  w = full(KEYS[6], gmax > 0 and gmax or math.huge)
   if w then return {1, w} end
 end
 -- tpm: a request bigger than the one-second burst may start once the budget is clear
@@ -184,7 +211,7 @@ end
 local wait, rtat, ttat, rc, tc = budget(KEYS[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
 local gwait, grtat, gttat, grc, gtc = 0, nil, nil, 0, 0
 if grp then
-  gwait, grtat, gttat, grc, gtc = budget(KEYS[7], tonumber(ARGV[9]), tonumber(ARGV[10]))
+  gwait, grtat, gttat, grc, gtc = budget(KEYS[8], tonumber(ARGV[10]), tonumber(ARGV[11]))
 end
 wait = math.max(wait, gwait)
 if wait > 0 then return {4, math.max(1, math.ceil(wait))} end
@@ -197,25 +224,36 @@ local function take(leases, rate, r, tt)
   if r or tt then redis.call('PEXPIRE', rate, 180000) end
 end
 take(KEYS[1], KEYS[3], rtat, ttat)
-if grp then take(KEYS[5], KEYS[7], grtat, gttat) end
--- What this lease was charged (ms of each GCRA), so a refund or a correction gives
--- back no more than that.
-if rc + tc + grc + gtc > 0 then
-  redis.call('HSET', charge, ARGV[2], cjson.encode({rc, tc, grc, gtc}))
+if grp then take(KEYS[6], KEYS[8], grtat, gttat) end
+-- One request of a daily quota, counted for today (a new day starts from 0).
+local function count(dk, n)
+  if n == 0 then redis.call('HSET', dk, 'day', day, 'n', 1)
+  else redis.call('HINCRBY', dk, 'n', 1) end
+  redis.call('PEXPIRE', dk, left)
+  return n + 1
+end
+local kd, gd = 0, 0
+if rpd > 0 then used = count(KEYS[5], used); kd = day end
+if grpd > 0 then gused = count(KEYS[9], gused); gd = day end
+-- What this lease was charged (ms of each GCRA, the day of each quota), so a refund
+-- or a correction gives back no more than that.
+if rc + tc + grc + gtc + kd + gd > 0 then
+  redis.call('HSET', charge, ARGV[2], cjson.encode({rc, tc, grc, gtc, kd, gd}))
   redis.call('PEXPIRE', charge, math.max(180000, lease_ms * 2))
 end
-return {0, cuts}
+return {0, cuts, day, used, gused}
 "#;
 
 /// Ends an admission or corrects a budget, in one step. KEYS: leases, state, rate,
-/// aimd[, group leases, group state, group rate], charge, gone (the key's released lease
-/// ids, scored by expiry: tombstones a renewal respects).
+/// aimd, day[, group leases, group state, group rate, group day], charge, gone (the
+/// key's released lease ids, scored by expiry: tombstones a renewal respects).
 /// ARGV: lease id ('' for none), max, cooldown_ms (0 none), disable reason ('' none),
 /// rpm, rpm delta (requests), tpm, tpm delta (tokens), channel, key hash, disabled TTL,
 /// adaptive ('1'), outcome ('r' a 429, 's' a success, '' neither), the admission's cut
 /// count[, group max (0 none), group cooldown_ms (0 none), group rpm, group tpm, group
 /// hash], refund ('1': give the lease's recorded charge back — an admission whose reply
-/// was lost), tombstone lifetime (ms). The shared learned limit (AIMD, as `adaptive.rs` without its probe pacing):
+/// was lost —, its daily quotas' request too if still the same day), tombstone lifetime
+/// (ms). The shared learned limit (AIMD, as `adaptive.rs` without its probe pacing):
 /// a success while the key used its whole limit adds 1/limit (up to max); a 429 of an
 /// admission made since the last cut multiplies it by 0.8 (at least 1) — once per
 /// overshoot, whichever process sees the 429s. A lease given back to a full key or a
@@ -223,9 +261,18 @@ return {0, cuts}
 const SETTLE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local grp = #KEYS >= 9
+local grp = #KEYS >= 11
 local charge = KEYS[#KEYS - 1]
 local gone = KEYS[#KEYS]
+-- Gives back one request of daily quota `dk` counted on day `d` (0: none), if that day
+-- is still the one counted.
+local function unday(dk, d)
+  d = tonumber(d) or 0
+  if d > 0 and tonumber(redis.call('HGET', dk, 'day') or '-1') == d
+    and (tonumber(redis.call('HGET', dk, 'n') or '0') or 0) > 0 then
+    redis.call('HINCRBY', dk, 'n', -1)
+  end
+end
 if ARGV[1] ~= '' then
   local max = tonumber(ARGV[2])
   local count = redis.call('ZCARD', KEYS[1])
@@ -252,7 +299,9 @@ if ARGV[1] ~= '' then
     end
     back(KEYS[3], 'r', ch[1])
     back(KEYS[3], 't', ch[2])
-    if grp then back(KEYS[7], 'r', ch[3]); back(KEYS[7], 't', ch[4]) end
+    if grp then back(KEYS[8], 'r', ch[3]); back(KEYS[8], 't', ch[4]) end
+    unday(KEYS[5], ch[5])
+    if grp then unday(KEYS[9], ch[6]) end
   end
   if c then redis.call('HDEL', charge, ARGV[1]) end
   -- A tombstone: a renewal that copied this id before the release never re-adds it.
@@ -263,8 +312,8 @@ if ARGV[1] ~= '' then
   if count >= lim and removed == 1 then redis.call('PUBLISH', ARGV[9], ARGV[10]) end
   if grp then
     local gmax = tonumber(ARGV[15])
-    local gcount = redis.call('ZCARD', KEYS[5])
-    local gremoved = redis.call('ZREM', KEYS[5], ARGV[1])
+    local gcount = redis.call('ZCARD', KEYS[6])
+    local gremoved = redis.call('ZREM', KEYS[6], ARGV[1])
     if gmax > 0 and gcount >= gmax and gremoved == 1 then
       redis.call('PUBLISH', ARGV[9], ARGV[19])
     end
@@ -279,7 +328,7 @@ local function cool(state, cd)
   end
 end
 cool(KEYS[2], tonumber(ARGV[3]))
-if grp then cool(KEYS[6], tonumber(ARGV[16])) end
+if grp then cool(KEYS[7], tonumber(ARGV[16])) end
 if ARGV[4] ~= '' then
   redis.call('HSETNX', KEYS[2], 'disabled', ARGV[4])
   redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[11]))
@@ -296,8 +345,8 @@ end
 shift(KEYS[3], 'r', tonumber(ARGV[5]), tonumber(ARGV[6]))
 shift(KEYS[3], 't', tonumber(ARGV[7]), tonumber(ARGV[8]))
 if grp then
-  shift(KEYS[7], 'r', tonumber(ARGV[17]), tonumber(ARGV[6]))
-  shift(KEYS[7], 't', tonumber(ARGV[18]), tonumber(ARGV[8]))
+  shift(KEYS[8], 'r', tonumber(ARGV[17]), tonumber(ARGV[6]))
+  shift(KEYS[8], 't', tonumber(ARGV[18]), tonumber(ARGV[8]))
 end
 return 0
 "#;
@@ -305,14 +354,24 @@ return 0
 /// Gives back (refund) or corrects (tpm: estimated vs actual tokens) the charge of one
 /// lease, recorded by `ACQUIRE`: a refund returns exactly what was charged, and a
 /// correction never takes the charge below zero — so neither erases other requests'
-/// debt. KEYS: rate, charge[, group rate]. ARGV: lease id, refund ('1') or correct
-/// (''), tokens delta (correct), tpm, group tpm, actual tokens (correct). Without a
-/// record (a fallback slot, or one older than the record's lifetime) only a positive
-/// correction applies.
+/// debt; a refund gives back the request of each daily quota the lease counted, if
+/// still the same UTC day. KEYS: rate, charge, day[, group rate, group day]. ARGV: lease
+/// id, refund ('1') or correct (''), tokens delta (correct), tpm, group tpm, actual
+/// tokens (correct). Without a record (a fallback slot, or one older than the record's
+/// lifetime) only a positive correction applies.
 const CHARGE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local grp = #KEYS >= 3
+local grp = #KEYS >= 5
+-- Gives back one request of daily quota `dk` counted on day `d` (0: none), if that day
+-- is still the one counted.
+local function unday(dk, d)
+  d = tonumber(d) or 0
+  if d > 0 and tonumber(redis.call('HGET', dk, 'day') or '-1') == d
+    and (tonumber(redis.call('HGET', dk, 'n') or '0') or 0) > 0 then
+    redis.call('HINCRBY', dk, 'n', -1)
+  end
+end
 local function move(rate, field, d)
   if d == 0 then return 0 end
   local tat = tonumber(redis.call('HGET', rate, field) or '0') or 0
@@ -327,7 +386,7 @@ local tpm, gtpm = tonumber(ARGV[4]), tonumber(ARGV[5])
 if not c then
   if ARGV[2] ~= '1' and d > 0 then
     if tpm > 0 then move(KEYS[1], 't', d * 60000 / tpm) end
-    if grp and gtpm > 0 then move(KEYS[3], 't', d * 60000 / gtpm) end
+    if grp and gtpm > 0 then move(KEYS[4], 't', d * 60000 / gtpm) end
   end
   return 0
 end
@@ -335,7 +394,9 @@ local ch = cjson.decode(c)
 if ARGV[2] == '1' then
   move(KEYS[1], 'r', -ch[1])
   move(KEYS[1], 't', -ch[2])
-  if grp then move(KEYS[3], 'r', -ch[3]); move(KEYS[3], 't', -ch[4]) end
+  if grp then move(KEYS[4], 'r', -ch[3]); move(KEYS[4], 't', -ch[4]) end
+  unday(KEYS[3], ch[5])
+  if grp then unday(KEYS[5], ch[6]) end
   redis.call('HDEL', KEYS[2], ARGV[1])
   return 1
 end
@@ -343,10 +404,33 @@ end
 local actual = tonumber(ARGV[6])
 if tpm > 0 then ch[2] = ch[2] + move(KEYS[1], 't', actual * 60000 / tpm - ch[2]) end
 if grp and gtpm > 0 then
-  ch[4] = ch[4] + move(KEYS[3], 't', actual * 60000 / gtpm - ch[4])
+  ch[4] = ch[4] + move(KEYS[4], 't', actual * 60000 / gtpm - ch[4])
 end
 redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(ch))
 return 1
+"#;
+
+/// Adds to daily quotas' counts the requests a process admitted on fallback slots
+/// while Redis was unreachable (see `Unsynced`). KEYS: the quotas' `day` hashes. ARGV:
+/// for each, the UTC day it counted (the process's clock) and how many. A day other
+/// than Redis's today adds nothing (it is over there, or not begun).
+const DAY_ADD: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local day = math.floor(now / 86400000)
+local left = math.max(1, (day + 1) * 86400000 - now)
+for i, dk in ipairs(KEYS) do
+  local n = tonumber(ARGV[2 * i])
+  if tonumber(ARGV[2 * i - 1]) == day and n > 0 then
+    if tonumber(redis.call('HGET', dk, 'day') or '-1') == day then
+      redis.call('HINCRBY', dk, 'n', n)
+    else
+      redis.call('HSET', dk, 'day', day, 'n', n)
+    end
+    redis.call('PEXPIRE', dk, left)
+  end
+end
+return 0
 "#;
 
 /// Renews this process's leases of one key (re-adding any Redis lost, e.g. in a
@@ -387,6 +471,9 @@ struct Held {
     tokens: u64,
     /// Its charge was given back already (`refund`).
     refunded: bool,
+    /// A fallback slot counted in its key's (and group's) `Unsynced` on this UTC day
+    /// (0: not counted): a refund takes it back there.
+    unsynced_day: u64,
 }
 
 /// A release (and the attempt's verdict) whose Redis call failed, retried when Redis
@@ -456,10 +543,14 @@ struct KeyInfo {
     adaptive: bool,
     state: String,
     rate: String,
+    /// Its daily count (see `ACQUIRE`).
+    day: String,
     hash: String,
     max: usize,
     rpm: u64,
     tpm: u64,
+    /// Requests per UTC day (0: none).
+    rpd: u64,
     /// The key's group (account), an index into `Inner::groups`.
     group: Option<usize>,
     /// Its model cooldowns (see the module's doc).
@@ -478,16 +569,56 @@ impl KeyInfo {
 /// A group (account) in Redis, named by `gh`, an HMAC of its name keyed with the
 /// namespace (a domain label apart from keys': the two never collide):
 /// `kp:{ns}:{gh}:leases` (the leases of all its keys, same ids as theirs),
-/// `kp:{ns}:{gh}:state` (`cool_until`) and `kp:{ns}:{gh}:rate` (GCRA of its rpm/tpm).
+/// `kp:{ns}:{gh}:state` (`cool_until`), `kp:{ns}:{gh}:rate` (GCRA of its rpm/tpm) and
+/// `kp:{ns}:{gh}:day` (its daily count over all its keys).
 struct GroupInfo {
     leases: String,
     state: String,
     rate: String,
+    day: String,
     hash: String,
     /// 0: no concurrency limit.
     max: usize,
     rpm: u64,
     tpm: u64,
+    /// Requests per UTC day over all its keys (0: none).
+    rpd: u64,
+}
+
+/// Requests of a daily quota (`rpd`) admitted on fallback slots, which Redis has not
+/// counted: the UTC day (this process's clock) and how many. Added to the count in
+/// Redis when it answers again (`DAY_ADD`), so other processes see them too.
+#[derive(Debug, Default, Clone, Copy)]
+struct Unsynced {
+    day: u64,
+    n: u64,
+}
+
+impl Unsynced {
+    /// Counts one on `day` (a new day drops an older day's count: over there too).
+    fn add(&mut self, day: u64) {
+        if self.day != day {
+            *self = Unsynced { day, n: 0 };
+        }
+        self.n += 1;
+    }
+
+    /// Takes back a count that could not be added in Redis (unless a later day's
+    /// count began meanwhile: that day is over).
+    fn merge(&mut self, u: Unsynced) {
+        if self.n == 0 {
+            *self = u;
+        } else if self.day == u.day {
+            self.n += u.n;
+        }
+    }
+
+    /// Takes one back (a fallback slot that never reached the wire), if of `day`.
+    fn sub(&mut self, day: u64) {
+        if self.day == day {
+            self.n = self.n.saturating_sub(1);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -495,6 +626,8 @@ struct KeyLocal {
     held: Vec<Held>,
     rpm: Pace,
     tpm: Pace,
+    /// Its daily quota's requests admitted on fallback slots, not yet in Redis.
+    unsynced: Unsynced,
 }
 
 /// A group's (account's) local share while Redis is unreachable: the admissions this
@@ -506,6 +639,8 @@ struct GroupLocal {
     held: usize,
     rpm: Pace,
     tpm: Pace,
+    /// Its daily quota's requests admitted on fallback slots, not yet in Redis.
+    unsynced: Unsynced,
 }
 
 /// The admissions' connection. Admissions, releases and corrections only ever use
@@ -540,6 +675,7 @@ struct Inner {
     settle: Script,
     renew: Script,
     charge: Script,
+    day_add: Script,
     model_cool: Script,
     channel: String,
     /// Where model cooldowns are published (see the module's doc).
@@ -717,6 +853,8 @@ impl Inner {
                                 self.renew_leases(&mut con, k, &ids)?;
                             }
                         }
+                        // So are the daily requests counted meanwhile (usually none).
+                        self.sync_days(&mut con)?;
                         if c.down {
                             log::info!("keypool: shared limits: Redis is reachable again");
                         }
@@ -816,20 +954,24 @@ impl Inner {
             inv.key(&k.state)
                 .key(&k.rate)
                 .key(&k.aimd)
+                .key(&k.day)
                 .arg(k.max)
                 .arg(&id)
                 .arg(self.cfg.lease_ms)
                 .arg(k.rpm)
                 .arg(k.tpm)
                 .arg(tokens)
-                .arg(if k.adaptive { "1" } else { "0" });
+                .arg(if k.adaptive { "1" } else { "0" })
+                .arg(k.rpd);
             if let Some(g) = k.group.map(|g| &self.groups[g]) {
                 inv.key(&g.leases)
                     .key(&g.state)
                     .key(&g.rate)
+                    .key(&g.day)
                     .arg(g.max)
                     .arg(g.rpm)
-                    .arg(g.tpm);
+                    .arg(g.tpm)
+                    .arg(g.rpd);
             }
             inv.key(&k.charge).key(&k.gone);
             sent = true;
@@ -843,12 +985,12 @@ impl Inner {
             // released in Redis in the end; refused, the id is released at once (or
             // when Redis answers again).
             let admit = self.fallback(key, tokens, now, (seq, id.clone()), sent);
-            if sent && admit != SharedAdmit::Yes(seq) {
+            let held = matches!(admit, SharedAdmit::Yes(s, _) if s == seq);
+            if sent && !held {
                 self.release(key, Some(id), (None, None), "", Aimd::NONE, true);
             }
             // A fallback slot wakes the renewer too: it registers the slot in Redis
             // as soon as Redis answers.
-            let held = admit == SharedAdmit::Yes(seq);
             return (admit, held);
         };
         let int = |i: usize| match reply.get(i) {
@@ -867,11 +1009,17 @@ impl Inner {
                     cuts,
                     tokens,
                     refunded: false,
+                    unsynced_day: 0,
                 });
                 if let Some(g) = k.group {
                     self.group_local[g].lock().held += 1;
                 }
-                return (SharedAdmit::Yes(seq), true);
+                let day = DayCounts {
+                    day: int(2),
+                    key: int(3),
+                    group: int(4),
+                };
+                return (SharedAdmit::Yes(seq, day), true);
             }
             1 => SharedAdmit::WakeAt(after(int(1)).min(now + BUSY_RECHECK)),
             2 => SharedAdmit::Cooling(after(int(1))),
@@ -884,6 +1032,8 @@ impl Inner {
             }
             5 => SharedAdmit::GroupCooling(after(int(1))),
             6 => SharedAdmit::WakeAt(now + BUSY_RECHECK),
+            7 => SharedAdmit::Exhausted(Duration::from_millis(int(1).max(1))),
+            8 => SharedAdmit::GroupExhausted(Duration::from_millis(int(1).max(1))),
             _ => SharedAdmit::WakeAt(after(int(1))),
         };
         (admit, false)
@@ -958,10 +1108,22 @@ impl Inner {
         }
         l.rpm = rpm;
         l.tpm = tpm;
-        if let Some((_, mut gl, (grpm, gtpm))) = group {
+        // A request of each daily quota that Redis did not count (unless its ACQUIRE
+        // may have run): added there when it answers again.
+        let day = crate::admission::utc_day().0;
+        let mut unsynced_day = 0;
+        if k.rpd > 0 && !maybe_in_redis {
+            l.unsynced.add(day);
+            unsynced_day = day;
+        }
+        if let Some((gi, mut gl, (grpm, gtpm))) = group {
             gl.rpm = grpm;
             gl.tpm = gtpm;
             gl.held += 1;
+            if gi.rpd > 0 && !maybe_in_redis {
+                gl.unsynced.add(day);
+                unsynced_day = day;
+            }
         }
         l.held.push(Held {
             seq,
@@ -970,8 +1132,10 @@ impl Inner {
             cuts: 0,
             tokens,
             refunded: false,
+            unsynced_day,
         });
-        SharedAdmit::Yes(seq)
+        // Counted by the gate alone (its `rpd`, this process's requests).
+        SharedAdmit::Yes(seq, DayCounts::default())
     }
 
     /// Ends an admission (gives `lease` back, publishes the verdict) in Redis; if Redis
@@ -1042,6 +1206,18 @@ impl Inner {
             let mut l = self.local[key].lock();
             let open = |h: &Held| h.in_redis && !h.refunded;
             let own = (l.held.iter()).position(|h| lease.is_some_and(|s| s != 0 && h.seq == s));
+            if let (true, Some(i)) = (refund, own) {
+                // A fallback slot's daily request, not in Redis yet: taken back here.
+                let l = &mut *l;
+                let h = &mut l.held[i];
+                if !h.in_redis && h.unsynced_day != 0 {
+                    let day = std::mem::take(&mut h.unsynced_day);
+                    l.unsynced.sub(day);
+                    if let Some(g) = self.keys[key].group {
+                        self.group_local[g].lock().unsynced.sub(day);
+                    }
+                }
+            }
             let at = match own {
                 // Its own lease: a fallback slot (never charged in Redis) gives nothing.
                 Some(i) => Some(i).filter(|&i| open(&l.held[i])),
@@ -1062,12 +1238,13 @@ impl Inner {
         let _ = self.with_conn(|con| {
             let mut inv = self.charge.key(&k.rate);
             inv.key(&k.charge)
+                .key(&k.day)
                 .arg(&id)
                 .arg(if refund { "1" } else { "" })
                 .arg(delta)
                 .arg(k.tpm);
             match k.group.map(|g| &self.groups[g]) {
-                Some(g) => inv.key(&g.rate).arg(g.tpm),
+                Some(g) => inv.key(&g.rate).key(&g.day).arg(g.tpm),
                 None => inv.arg(0),
             };
             inv.arg(tokens.saturating_add_signed(delta));
@@ -1092,6 +1269,7 @@ impl Inner {
         inv.key(&k.state)
             .key(&k.rate)
             .key(&k.aimd)
+            .key(&k.day)
             .arg(lease.unwrap_or(""))
             .arg(k.max)
             .arg(cooldown_ms)
@@ -1110,6 +1288,7 @@ impl Inner {
             inv.key(&g.leases)
                 .key(&g.state)
                 .key(&g.rate)
+                .key(&g.day)
                 .arg(g.max)
                 .arg(group_cooldown_ms)
                 .arg(g.rpm)
@@ -1176,6 +1355,45 @@ impl Inner {
                 return;
             }
         }
+        // Daily requests of fallback slots taken while the connection came back.
+        if let Some(con) = rcon.as_mut() {
+            if self.sync_days(con).is_err() {
+                *rcon = None;
+            }
+        }
+    }
+
+    /// Adds the daily quotas' requests admitted on fallback slots (`Unsynced`) to their
+    /// counts in Redis, on `con` (no call if there are none); kept for the next try if
+    /// the call fails.
+    fn sync_days(&self, con: &mut redis::Connection) -> redis::RedisResult<()> {
+        let take = |u: &mut Unsynced| Some(std::mem::take(u)).filter(|u| u.n > 0);
+        let keys = (self.local.iter().enumerate())
+            .filter_map(|(i, l)| Some((false, i, take(&mut l.lock().unsynced)?)));
+        let groups = (self.group_local.iter().enumerate())
+            .filter_map(|(g, l)| Some((true, g, take(&mut l.lock().unsynced)?)));
+        let taken: Vec<(bool, usize, Unsynced)> = keys.chain(groups).collect();
+        if taken.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.day_add.prepare_invoke();
+        for &(group, i, u) in &taken {
+            let day = if group {
+                &self.groups[i].day
+            } else {
+                &self.keys[i].day
+            };
+            inv.key(day).arg(u.day).arg(u.n);
+        }
+        inv.invoke::<i64>(con).map(|_| ()).inspect_err(|_| {
+            for (group, i, u) in taken {
+                if group {
+                    self.group_local[i].lock().unsynced.merge(u);
+                } else {
+                    self.local[i].lock().unsynced.merge(u);
+                }
+            }
+        })
     }
 
     /// Stores and publishes a model cooldown at `keys` (see [`MODEL_COOL`]). Best
@@ -1301,10 +1519,12 @@ impl RedisLimits {
                     leases: format!("{tag}:{hash}:leases"),
                     state: format!("{tag}:{hash}:state"),
                     rate: format!("{tag}:{hash}:rate"),
+                    day: format!("{tag}:{hash}:day"),
                     hash,
                     max: g.max_concurrent.unwrap_or(0),
                     rpm: g.rpm.map_or(0, u64::from),
                     tpm: g.tpm.unwrap_or(0),
+                    rpd: g.rpd.map_or(0, u64::from),
                 }
             })
             .collect::<Vec<_>>();
@@ -1317,6 +1537,7 @@ impl RedisLimits {
                     leases: format!("{tag}:{hash}:leases"),
                     state: format!("{tag}:{hash}:state"),
                     rate: format!("{tag}:{hash}:rate"),
+                    day: format!("{tag}:{hash}:day"),
                     aimd: format!("{tag}:{hash}:aimd"),
                     gone: format!("{tag}:{hash}:gone"),
                     charge: format!("{tag}:{hash}:charge"),
@@ -1326,6 +1547,7 @@ impl RedisLimits {
                     max: k.max_concurrent,
                     rpm: k.rpm.map_or(0, u64::from),
                     tpm: k.tpm.unwrap_or(0),
+                    rpd: k.rpd.map_or(0, u64::from),
                     group: k
                         .group
                         .as_ref()
@@ -1357,6 +1579,7 @@ impl RedisLimits {
             settle: Script::new(SETTLE),
             renew: Script::new(RENEW),
             charge: Script::new(CHARGE),
+            day_add: Script::new(DAY_ADD),
             model_cool: Script::new(MODEL_COOL),
             channel: format!("kp:{ns}:released"),
             models_channel: format!("kp:{ns}:models"),
@@ -1662,7 +1885,11 @@ impl SharedLimits for RedisLimits {
     fn refund(&self, key: usize, lease: u64, tokens: u64) {
         let k = &self.inner.keys[key];
         let g = k.group.map(|g| &self.inner.groups[g]);
-        if k.rpm == 0 && k.tpm == 0 && g.is_none_or(|g| g.rpm == 0 && g.tpm == 0) {
+        if k.rpm == 0
+            && k.tpm == 0
+            && k.rpd == 0
+            && g.is_none_or(|g| g.rpm == 0 && g.tpm == 0 && g.rpd == 0)
+        {
             return;
         }
         self.inner.recharge(key, Some(lease), tokens, true, 0);
@@ -1749,17 +1976,21 @@ mod tests {
         assert_ne!(a, key_hash("team-a", "sk-secret-124"));
     }
 
+    fn free_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+
     /// A `redis-server` on a free loopback port, killed on drop; `None` (skip) if it is
     /// not installed, except in CI.
     struct TestRedis(std::process::Child, u16);
 
     impl TestRedis {
         fn start() -> Option<TestRedis> {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .ok()?
-                .local_addr()
-                .ok()?
-                .port();
+            TestRedis::start_on(free_port())
+        }
+
+        fn start_on(port: u16) -> Option<TestRedis> {
             let child = std::process::Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
@@ -1810,7 +2041,7 @@ mod tests {
     /// The lease number of an admission.
     fn yes(a: SharedAdmit) -> u64 {
         match a {
-            SharedAdmit::Yes(lease) => lease,
+            SharedAdmit::Yes(lease, _) => lease,
             other => panic!("expected Yes, got {other:?}"),
         }
     }
@@ -2010,6 +2241,134 @@ mod tests {
         b.inner.record_model(&"0".repeat(32), 1_000, "y");
         assert!(verdicts.cooling_until(0, "y").is_none());
         assert!(verdicts.cooling_until(1, "y").is_none());
+    }
+
+    /// Issue 24.3: a daily quota (`rpd`) is one count in Redis for every pool sharing
+    /// the key (or the group), on Redis's UTC day, in a hash that expires when the day
+    /// ends; an admission past it is refused as exhausted until then. A refund (a
+    /// request never sent) gives its request back once, and so does the release of an
+    /// admission whose reply was lost.
+    #[test]
+    fn a_daily_quota_is_counted_once_across_pools_and_refunded_once() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let json = format!(
+            r#"{{"base_url": "http://127.0.0.1:9",
+                "keys": [{{"key": "sk-unit", "max_concurrent": 8, "rpd": 3, "group": "g"}},
+                         {{"key": "sk-unit-2", "max_concurrent": 8, "group": "g"}}],
+                "groups": [{{"name": "g", "rpd": 4}}],
+                "shared": {{"redis_url": "{}", "namespace": "unit", "lease_ms": 3000}}}}"#,
+            redis.url()
+        );
+        let config = Config::from_json(&json).unwrap();
+        let pool = || {
+            let (tx, _rx) = crossbeam_channel::unbounded();
+            RedisLimits::start(config.shared.as_ref().unwrap(), &config, tx, Arc::default())
+                .unwrap()
+        };
+        let (a, b) = (pool(), pool());
+        let mut con = redis.conn();
+        let (secs, _): (u64, u64) = redis::cmd("TIME").query(&mut con).unwrap();
+        let today = secs / 86_400;
+        let counted = |l: &RedisLimits, key: usize| -> (u64, DayCounts) {
+            match l.acquire(key, 0) {
+                SharedAdmit::Yes(lease, day) => (lease, day),
+                other => panic!("expected Yes, got {other:?}"),
+            }
+        };
+        let day = |key, group| DayCounts {
+            day: today,
+            key,
+            group,
+        };
+        assert_eq!(counted(&a, 0).1, day(1, 1));
+        assert_eq!(counted(&b, 0).1, day(2, 2));
+        assert_eq!(counted(&b, 1).1, day(0, 3));
+        let (last, d) = counted(&a, 0);
+        assert_eq!(d, day(3, 4));
+        let left_today = Duration::from_secs((today + 1) * 86_400 - secs);
+        match b.acquire(0, 0) {
+            SharedAdmit::Exhausted(left) => assert!(left <= left_today, "{left:?}"),
+            other => panic!("expected Exhausted, got {other:?}"),
+        }
+        match a.acquire(1, 0) {
+            SharedAdmit::GroupExhausted(left) => assert!(left <= left_today, "{left:?}"),
+            other => panic!("expected GroupExhausted, got {other:?}"),
+        }
+        // Named by hashes, on Redis's day, gone when the day ends.
+        let hashes = [&a.inner.keys[0].day, &a.inner.groups[0].day];
+        for h in hashes {
+            assert!(!h.contains("sk-unit") && !h.contains(":g:"), "{h}");
+            let ttl: u64 = redis::cmd("PTTL").arg(h).query(&mut con).unwrap();
+            assert!(ttl >= 1 && ttl <= left_today.as_millis() as u64, "{ttl}");
+        }
+        let n = |con: &mut redis::Connection, h: &str| -> (u64, u64) {
+            redis::cmd("HMGET")
+                .arg(h)
+                .arg("day")
+                .arg("n")
+                .query(con)
+                .unwrap()
+        };
+        // A refund gives one back at the key and at the group, once.
+        a.refund(0, last, 0);
+        a.refund(0, last, 0);
+        assert_eq!(n(&mut con, hashes[0]), (today, 2));
+        assert_eq!(n(&mut con, hashes[1]), (today, 3));
+        a.release(0, last, &KeyVerdict::default());
+        // An admission whose reply was lost is released with its charge given back.
+        let (lost, d) = counted(&b, 1);
+        assert_eq!(d, day(0, 4));
+        let id = (b.inner.local[1].lock().held.iter())
+            .find(|h| h.seq == lost)
+            .map(|h| h.id.clone())
+            .unwrap();
+        b.inner
+            .release(1, Some(id), (None, None), "", Aimd::NONE, true);
+        assert_eq!(n(&mut con, hashes[1]), (today, 3));
+        assert_eq!(counted(&a, 0).1, day(3, 4));
+    }
+
+    /// Issue 24.3: requests of daily quotas admitted on fallback slots while Redis is
+    /// unreachable (`on_unavailable: local`) are added to the counts in Redis when it
+    /// answers again — at the key and at its group — except those given back (a refund,
+    /// once).
+    #[test]
+    fn fallback_daily_requests_are_counted_in_redis_when_it_answers() {
+        let port = free_port();
+        let json = format!(
+            r#"{{"base_url": "http://127.0.0.1:9",
+                "keys": [{{"key": "sk-unit", "max_concurrent": 8, "rpd": 5, "group": "g"}}],
+                "groups": [{{"name": "g", "rpd": 9}}],
+                "shared": {{"redis_url": "redis://127.0.0.1:{port}/0", "namespace": "unit",
+                            "on_unavailable": "local", "timeout_ms": 200}}}}"#
+        );
+        let config = Config::from_json(&json).unwrap();
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let l = RedisLimits::start(config.shared.as_ref().unwrap(), &config, tx, Arc::default())
+            .unwrap();
+        let kept = (0..3).map(|_| yes(l.acquire(0, 0))).collect::<Vec<_>>();
+        l.refund(0, kept[2], 0);
+        l.refund(0, kept[2], 0);
+        assert_eq!(l.inner.local[0].lock().unsynced.n, 2);
+        assert_eq!(l.inner.group_local[0].lock().unsynced.n, 2);
+        let Some(redis) = TestRedis::start_on(port) else {
+            return;
+        };
+        assert!(l.inner.reconnect());
+        let mut con = redis.conn();
+        let (secs, _): (u64, u64) = redis::cmd("TIME").query(&mut con).unwrap();
+        for h in [&l.inner.keys[0].day, &l.inner.groups[0].day] {
+            let (day, n): (u64, u64) = redis::cmd("HMGET")
+                .arg(h)
+                .arg("day")
+                .arg("n")
+                .query(&mut con)
+                .unwrap();
+            assert_eq!((day, n), (secs / 86_400, 2), "{h}");
+        }
+        assert_eq!(l.inner.local[0].lock().unsynced.n, 0);
     }
 
     #[test]
