@@ -299,3 +299,56 @@ fn a_group_at_its_daily_quota_takes_all_its_keys_out() {
         );
     }
 }
+
+/// A key out for a spent quota (a 429 whose 3 s reset is beyond `max_retry_after_ms`:
+/// "exhausted until …") takes the waiting requests again as soon as it resets, while
+/// the only other key is still busy for 8 s: the dispatcher wakes at the reset, not at
+/// the other key's next completion.
+#[test]
+fn a_key_back_from_its_reset_takes_the_waiting_requests_at_once() {
+    let server = server(0.0);
+    server.set_key_rule(
+        "sk-a",
+        keypool_mock::KeyRule {
+            always_status: Some(429),
+            retry_after_ms: Some(3_000),
+            fail_first: 1,
+            ..Default::default()
+        },
+    );
+    server.set_key_rule(
+        "sk-b",
+        keypool_mock::KeyRule {
+            latency_ms: Some(8_000),
+            ..Default::default()
+        },
+    );
+    let mut retry = RetryConfig::default();
+    retry.max_retry_after_ms = 1_000;
+    retry.prove_keys = false;
+    let cfg = Config::builder()
+        .base_url(server.url())
+        .strategy(Strategy::FirstAvailable)
+        .retry(retry)
+        .key_config(KeyConfig::new("sk-a").label("a").max_concurrent(2))
+        .key_config(KeyConfig::new("sk-b").label("b").max_concurrent(1))
+        .build()
+        .unwrap();
+    let pool = Pool::new(cfg).unwrap();
+    let t0 = Instant::now();
+    let first = pool.submit(chats(1).next().unwrap()).unwrap();
+    // Its 429 took key a out; the request went on to b (busy for 8 s).
+    while requests(&server, "sk-b") < 1 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "never reached b");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let waiting: Vec<_> = chats(3).map(|r| pool.submit(r).unwrap()).collect();
+    for t in waiting {
+        let r = t.wait().expect("served by a after its reset");
+        assert_eq!(r.key_label(), "a");
+    }
+    // a came back at about t0 + 3 s; b's first answer is due at t0 + 8 s.
+    let took = t0.elapsed();
+    assert!(took < Duration::from_millis(6_500), "waited {took:?}");
+    assert_eq!(first.wait().unwrap().key_label(), "b");
+}

@@ -314,10 +314,12 @@ impl Dispatcher {
                     self.shared.wants_idle.store(false, SeqCst);
                     continue;
                 }
-                // Idle workers of a cooling key become usable when the cooldown ends.
+                // Idle workers of a cooling key become usable when the cooldown ends,
+                // and those of a key out for a spent quota when it resets.
                 for k in &self.shared.keys {
                     if k.gate.idle() > 0 {
                         wake = earliest(wake, k.gate.cooling_until(now));
+                        wake = earliest(wake, k.gate.back_at(now));
                     }
                 }
             }

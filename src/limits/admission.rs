@@ -890,6 +890,12 @@ impl Gate {
         if let Some(group) = &self.group {
             group.refund_day();
         }
+        // Shared budgets first: a shared daily quota (`rpd` alone, which `has_limits`
+        // does not count) is given back in Redis too. The link returns at once when
+        // nothing there was charged.
+        if let Some(link) = &self.shared {
+            link.refund(adm.lease, adm.tokens);
+        }
         if !self.has_limits() {
             return;
         }
@@ -914,10 +920,6 @@ impl Gate {
             if let Some(b) = g.tpm.as_mut() {
                 b.correct(adm.tokens, 0);
             }
-        }
-        drop(s);
-        if let Some(link) = &self.shared {
-            link.refund(adm.lease, adm.tokens);
         }
     }
 
@@ -1027,6 +1029,19 @@ impl Gate {
             until == 0 || until > self.micros(now)
         };
         disabled || self.cooling_until(now).is_some()
+    }
+
+    /// When a key that is out only until an instant — its own spent quota, or its
+    /// group's daily quota — comes back, if it is out at `now`: the dispatcher wakes
+    /// then, so an idle key back from its reset is not left waiting for a nudge.
+    pub(crate) fn back_at(&self, now: Instant) -> Option<Instant> {
+        let own = match self.disabled_until.load(SeqCst) {
+            0 => None,
+            _ if !self.disabled.load(SeqCst) => None,
+            us => Some(self.epoch + Duration::from_micros(us)).filter(|u| *u > now),
+        };
+        let group = self.group.as_ref().and_then(|g| g.exhausted_until(now));
+        own.max(group)
     }
 
     /// When a key out only until an instant (a spent quota) comes back, if it is.
@@ -1174,6 +1189,42 @@ mod tests {
             Admit::Yes(adm) => adm,
             other => panic!("expected Yes, got {other:?}"),
         }
+    }
+
+    /// A shared store that admits everything and counts the refunds it is asked for.
+    #[derive(Default)]
+    struct CountingStore {
+        refunds: std::sync::atomic::AtomicUsize,
+    }
+
+    impl crate::shared_limits::SharedLimits for CountingStore {
+        fn acquire(&self, _: usize, _: u64) -> crate::shared_limits::SharedAdmit {
+            crate::shared_limits::SharedAdmit::Yes(1, Default::default())
+        }
+        fn release(&self, _: usize, _: u64, _: &KeyVerdict) {}
+        fn disable(&self, _: usize, _: &str) {}
+        fn refund(&self, _: usize, _: u64, _: u64) {
+            self.refunds.fetch_add(1, SeqCst);
+        }
+        fn correct_tokens(&self, _: usize, _: u64, _: u64) {}
+        fn unavailable_reason(&self) -> String {
+            String::new()
+        }
+        fn cool_model(&self, _: &[usize], _: &str, _: Duration) {}
+    }
+
+    #[test]
+    fn an_unsent_admission_of_a_key_with_only_a_daily_quota_is_refunded_in_the_store() {
+        // `rpd` alone (no rpm/tpm): the shared count must come back too, or every
+        // process sees the key's quota spent early.
+        let store = std::sync::Arc::new(CountingStore::default());
+        let mut g = Gate::new(false, None, None, Instant::now()).with_rpd(Some(5));
+        g.attach_shared(crate::shared_limits::KeyLink::new(store.clone(), 0));
+        let now = Instant::now();
+        let a = yes(g.try_admit(Via::SelfServe, 0, now));
+        g.refund(a);
+        g.complete(a, &KeyVerdict::default(), now);
+        assert_eq!(store.refunds.load(SeqCst), 1);
     }
 
     #[test]
