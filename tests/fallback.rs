@@ -220,3 +220,34 @@ fn a_model_cooling_past_the_deadline_falls_back_and_within_it_is_waited_for() {
     );
     assert!(x_seen(&server) >= 2, "waited for acme/x and asked again");
 }
+
+/// OpenAI's 404 for a model the key cannot see: per key, since access is per project.
+const OPENAI_NO_ACCESS_404: &str = r#"{"error":{"message":"The model `gpt-typo` does not exist or you do not have access to it.","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#;
+
+#[test]
+fn a_misspelt_model_costs_max_attempts_not_one_request_per_key() {
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    let mut b = Config::builder().base_url(server.url());
+    for i in 0..6 {
+        let k = format!("sk-{i}");
+        server.set_key_rule(
+            &k,
+            KeyRule {
+                model: Some("gpt-typo".into()),
+                always_status: Some(404),
+                body: Some(OPENAI_NO_ACCESS_404.into()),
+                ..KeyRule::default()
+            },
+        );
+        b = b.key(k.as_str(), 1);
+    }
+    let pool = Pool::new(b.build().unwrap()).unwrap();
+    let r = pool.submit(line(0, "gpt-typo")).unwrap().wait();
+    assert!(matches!(r, Err(Error::Http { status: 404, .. })), "{r:?}");
+    // The first denial is not charged (it may be the key's), the next three are
+    // (max_attempts 3): 4 requests, not one for each of the 6 keys.
+    let asked: usize = (0..6)
+        .map(|i| models_seen(&server, &format!("sk-{i}")).len())
+        .sum();
+    assert_eq!(asked, 4);
+}

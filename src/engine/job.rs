@@ -76,6 +76,11 @@ pub(crate) struct Job {
     /// (`blame::Fault::Forbidden`): the request goes once more to another key; served
     /// there, it counts as evidence against that key.
     pub forbidden_by: Option<usize>,
+    /// A key already answered that this job's model is not accessible to it (a 404
+    /// "does not exist or you do not have access to it"): that one was not charged,
+    /// the next ones are, so a misspelt model costs at most `max_attempts` more
+    /// requests, not one per key.
+    pub model_denied: bool,
     /// The hash of the request's affinity (`Request::with_affinity`, or its `"user"`
     /// with `affinity_from_user`): its first attempt waits for its key (`routing::
     /// affinity_home`) while that key is only busy.
@@ -113,6 +118,7 @@ impl Job {
             model: std::sync::OnceLock::new(),
             serves: None,
             forbidden_by: None,
+            model_denied: false,
             affinity: None,
             fallbacks: std::collections::VecDeque::new(),
             fallback: None,

@@ -750,7 +750,14 @@ pub(crate) fn scope(
         Fault::ModelMissing | Fault::ModelDenied => {
             match model {
                 // Access is the key's (its project or organisation): the pair only.
-                Some(m) if *fault == Fault::ModelDenied => sh.models.exclude([ctx.index], m),
+                Some(m) if *fault == Fault::ModelDenied => {
+                    sh.models.exclude([ctx.index], m);
+                    // Per key, the first denial is the key's; from the second the
+                    // model itself is likely wrong: charged.
+                    if std::mem::replace(&mut job.model_denied, true) {
+                        verdict.uncharged = false;
+                    }
+                }
                 Some(m) => {
                     // Keys on the same base URL share the verdict: no resend there.
                     let base = sh.config.key_base_url(ctx.index);
