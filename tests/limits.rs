@@ -297,7 +297,10 @@ fn a_group_at_its_daily_quota_takes_all_its_keys_out() {
             reason.contains("group acct") && reason.contains("exhausted until"),
             "{reason}"
         );
+        // Out until the reset, not revoked: metrics say `exhausted`.
+        assert_eq!(k.status, keypool::KeyStatus::Exhausted, "{}", k.label);
     }
+    assert_eq!(s.keys[2].status, keypool::KeyStatus::Ok);
 }
 
 /// A key out for a spent quota (a 429 whose 3 s reset is beyond `max_retry_after_ms`:

@@ -409,3 +409,32 @@ fn exhausted_then_rejoined() {
             .contains("exhausted until")
     );
 }
+
+#[test]
+fn a_spent_daily_quota_is_an_exhausted_event() {
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    let config = Config::builder()
+        .base_url(server.url())
+        .key_config(KeyConfig::new(SECRET_A).label("a").rpd(2))
+        .key_config(KeyConfig::new(SECRET_B).label("b"))
+        .build()
+        .unwrap();
+    let pool = Pool::new(config).unwrap();
+    let seen = collect(&pool);
+    for r in pool.batch((0..6).map(req)) {
+        r.unwrap();
+    }
+    assert_eq!(server.key_stats(SECRET_A).unwrap().requests, 2);
+    pool.close();
+    let events = seen.lock().unwrap().clone();
+    let a: Vec<_> = events.iter().filter(|e| e.label == "a").collect();
+    assert_eq!(a.len(), 1, "{events:?}");
+    assert_eq!(a[0].kind, KeyEventKind::Exhausted);
+    let reason = a[0].reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("rpd") && !reason.contains(SECRET_A),
+        "{reason}"
+    );
+    // Until the next UTC midnight: at most a day.
+    assert!(a[0].duration_ms.is_some_and(|d| d <= 86_400_000), "{a:?}");
+}

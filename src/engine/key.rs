@@ -235,7 +235,10 @@ impl KeyState {
         if self.gate.is_disabled() {
             if self.gate.is_parked() {
                 KeyStatus::Parked
-            } else if self.gate.out_until().is_some() {
+            } else if !self.gate.is_revoked()
+                && (self.gate.out_until().is_some() || self.gate.back_at(now).is_some())
+            {
+                // Out until a reset: its own quota, or its group's daily quota.
                 KeyStatus::Exhausted
             } else {
                 KeyStatus::Disabled

@@ -550,7 +550,7 @@ impl Gate {
             let (day, left) = utc_day();
             if d.spent(day) {
                 let reason = d.reason(left);
-                Self::quota_out(s, reason, left, now);
+                self.quota_out(s, reason, left, now);
                 // Out from now on (normally since its last admission): asked again at
                 // once, the caller sees it out and stops waiting for it.
                 return Admit::WakeAt(now);
@@ -649,7 +649,7 @@ impl Gate {
                     let left = utc_day().1;
                     let reason = d.reason(left);
                     log::warn!("keypool: a key is out: {reason}");
-                    Self::quota_out(&mut s, reason, left, now);
+                    self.quota_out(&mut s, reason, left, now);
                 }
             }
         }
@@ -658,8 +658,14 @@ impl Gate {
     }
 
     /// Takes the key out until its daily quota resets, `left` from `now`.
-    fn quota_out(s: &mut State, reason: String, left: Duration, now: Instant) {
+    /// Emits `Exhausted` when it takes the key out (its reset emits `Rejoined`).
+    fn quota_out(&self, s: &mut State, reason: String, left: Duration, now: Instant) {
         if s.disabled.is_none() {
+            self.emit(
+                crate::events::KeyEventKind::Exhausted,
+                Some(&reason),
+                Some(left),
+            );
             s.disabled = Some((reason, unix_ms_now()));
             s.parked = false;
             s.rpd_out = true;
@@ -712,7 +718,7 @@ impl Gate {
                 if s.disabled.is_none() {
                     log::warn!("keypool: a key is out: {reason}");
                 }
-                Self::quota_out(s, reason, left, now);
+                self.quota_out(s, reason, left, now);
                 Admit::WakeAt(now)
             }
             SharedAdmit::GroupExhausted(_) => Admit::WakeAt(Instant::now()),
@@ -1029,6 +1035,12 @@ impl Gate {
             until == 0 || until > self.micros(now)
         };
         disabled || self.cooling_until(now).is_some()
+    }
+
+    /// Whether the key itself is out with no reset instant (revoked by a 401 or a
+    /// 403 judged the key's, or parked for its credit).
+    pub(crate) fn is_revoked(&self) -> bool {
+        self.disabled.load(SeqCst) && self.disabled_until.load(SeqCst) == 0
     }
 
     /// When a key that is out only until an instant — its own spent quota, or its
