@@ -153,8 +153,13 @@ fn model_x_refused(status: u16, body: &str, headers: &[(&str, &str)]) -> MockSer
 }
 
 fn x_then_y(server: &MockServer, deadline_ms: u64) -> Pool {
+    x_then_y_with(server, deadline_ms, keypool::RetryConfig::default())
+}
+
+fn x_then_y_with(server: &MockServer, deadline_ms: u64, retry: keypool::RetryConfig) -> Pool {
     let cfg = Config::builder()
         .base_url(server.url())
+        .retry(retry)
         .key("sk-a", 2)
         .key("sk-b", 2)
         .deadline_ms(deadline_ms)
@@ -187,6 +192,14 @@ fn a_model_overloaded_upstream_falls_back_at_once() {
     }
     let x = x_seen(&server);
     assert!((1..=10).contains(&x), "{x} requests for acme/x");
+    // The 503 is the model's: with a fallback left it spends no attempt, so even a
+    // single allowed attempt moves on.
+    let server = model_x_refused(503, OR_PROVIDER_503, &[]);
+    let mut one = keypool::RetryConfig::default();
+    one.max_attempts = 1;
+    let pool = x_then_y_with(&server, 0, one);
+    let r = pool.submit(line(0, "acme/x")).unwrap().wait();
+    assert_eq!(r.unwrap().fallback_model(), Some("acme/y"));
     assert!(
         t0.elapsed() < std::time::Duration::from_secs(8),
         "{:?}",

@@ -567,7 +567,7 @@ impl Dispatcher {
             return Ok(());
         }
         let n = self.shared.keys.len();
-        if !job.fallbacks.is_empty() {
+        if job.can_fall_back() {
             // Its model cannot be served anywhere, the provider said it is overloaded,
             // or every key serving it is out past the job's deadline: the next
             // fallback model's keys may serve it.

@@ -126,6 +126,11 @@ impl Job {
         }
     }
 
+    /// Whether a fallback is left and may still be taken (no stream text delivered).
+    pub(crate) fn can_fall_back(&self) -> bool {
+        !self.fallbacks.is_empty() && !self.stream.as_ref().is_some_and(|s| s.delivered())
+    }
+
     /// Moves the job to its next fallback model that some key serves: the body's
     /// `"model"` replaced, its routing recomputed, the keys it tried forgotten (they
     /// were tried for another model). False when none is left, the body is not a JSON

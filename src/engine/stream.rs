@@ -695,6 +695,9 @@ impl Run<'_> {
         let mut verdict = judge_fault(&fault, None, None, &[], &self.ctx.shared.config.retry);
         crate::worker::scope(self.ctx, self.job, &fault, &mut verdict, model.as_ref());
         self.job.model_overloaded = fault == crate::blame::Fault::ModelBusy && status == 503;
+        if self.job.model_overloaded && self.job.can_fall_back() {
+            verdict.uncharged = true; // as in `worker::judge_response`
+        }
         let class = match status {
             429 => FailClass::RateLimited,
             500..=599 => FailClass::ServerError,

@@ -629,6 +629,12 @@ pub(crate) fn judge_response(
     let blame = scope(ctx, job, &fault, &mut verdict, model.as_ref());
     // "Overloaded" (a 503 blamed on the model) moves a job with fallbacks on at once.
     job.model_overloaded = fault == Fault::ModelBusy && status == 503;
+    if job.model_overloaded && job.can_fall_back() {
+        // It moves to its fallback at once: the attempt does not count, so the job
+        // lives to move on (`max_attempts` 1 would otherwise end it here). A model
+        // that is only cooling stays charged: its retries on the same model end.
+        verdict.uncharged = true;
+    }
     let mut response = response;
     response.blame = Some(blame);
     if fault == Fault::RateLimited {
