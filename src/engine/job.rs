@@ -139,37 +139,41 @@ impl Job {
         if self.stream.as_ref().is_some_and(|s| s.delivered()) {
             return false;
         }
-        while let Some(model) = self.fallbacks.pop_front() {
-            let Ok(mut body) = serde_json::from_slice::<serde_json::Value>(&self.req.body) else {
-                return false;
-            };
-            let Some(obj) = body.as_object_mut() else {
+        // The first fallback some key serves (skipped ones are dropped), then one
+        // parse of the body to put it in.
+        let (model, serves) = loop {
+            let Some(model) = self.fallbacks.pop_front() else {
                 return false;
             };
             let serves = (shared.router.as_ref()).map(|r| r.serving(&shared.config, Some(&model)));
-            if serves.as_ref().is_some_and(|s| !s.iter().any(|&b| b)) {
-                continue; // no key serves this one either
+            if serves.as_ref().is_none_or(|s| s.iter().any(|&b| b)) {
+                break (model, serves);
             }
-            obj.insert(
-                "model".to_owned(),
-                serde_json::Value::String(model.to_string()),
-            );
-            let Ok(bytes) = serde_json::to_vec(&body) else {
-                return false;
-            };
-            log::info!(
-                "keypool: falling back from model {:?} to {model:?}",
-                self.model().map(|m| m.to_string())
-            );
-            self.req.body = Arc::from(bytes);
-            self.model = std::sync::OnceLock::from(Some(model.clone()));
-            self.serves = serves;
-            self.tried.clear();
-            self.model_overloaded = false;
-            self.fallback = Some(model);
-            return true;
-        }
-        false
+        };
+        let Ok(mut body) = serde_json::from_slice::<serde_json::Value>(&self.req.body) else {
+            return false;
+        };
+        let Some(obj) = body.as_object_mut() else {
+            return false;
+        };
+        obj.insert(
+            "model".to_owned(),
+            serde_json::Value::String(model.to_string()),
+        );
+        let Ok(bytes) = serde_json::to_vec(&body) else {
+            return false;
+        };
+        log::info!(
+            "keypool: falling back from model {:?} to {model:?}",
+            self.model().map(|m| m.to_string())
+        );
+        self.req.body = Arc::from(bytes);
+        self.model = std::sync::OnceLock::from(Some(model.clone()));
+        self.serves = serves;
+        self.tried.clear();
+        self.model_overloaded = false;
+        self.fallback = Some(model);
+        true
     }
 
     /// The request's `"model"`, if its body has a string one (read once).

@@ -28,6 +28,8 @@ pub(crate) enum FailClass {
 pub(crate) struct KeyState {
     pub index: usize,
     pub label: Arc<str>,
+    /// `routing::affinity_hash` of the label, hashed once for affinity's weights.
+    pub label_hash: u64,
     pub max_concurrent: usize,
     /// Admission: idle workers, trial, cooldown, budget, disabled. The one place that
     /// decides whether this key may take a request.
@@ -83,6 +85,7 @@ impl KeyState {
         KeyState {
             index,
             label: Arc::from(config.key_label(index)),
+            label_hash: crate::routing::affinity_hash(&config.key_label(index)),
             max_concurrent: k.max_concurrent,
             gate,
             in_flight: AtomicUsize::new(0),

@@ -481,6 +481,11 @@ impl Pool {
         let mut job = job;
         job.stream = stream;
         job.affinity = affinity;
+        if let Some((model, serves)) = route {
+            // The router's reading of the model: the fallback lookup reuses it.
+            job.model = std::sync::OnceLock::from(model);
+            job.serves = Some(serves);
+        }
         let fallbacks: Vec<Arc<str>> = match &job.req.fallbacks {
             Some(list) => list.to_vec(),
             None if !shared.config.fallback_models.is_empty() => job
@@ -491,10 +496,6 @@ impl Pool {
             None => Vec::new(),
         };
         job.fallbacks = fallbacks.into();
-        if let Some((model, serves)) = route {
-            job.model = std::sync::OnceLock::from(model);
-            job.serves = Some(serves);
-        }
         let mode = match mode {
             Mode::Block | Mode::Timeout(_) if on_pool_thread() => Mode::NoWait,
             m => m,

@@ -97,7 +97,7 @@ pub(crate) fn affinity_hash(s: &str) -> u64 {
 /// key's departure moves only its own affinities.
 pub(crate) fn affinity_weight(shared: &Shared, i: usize, h: u64) -> u64 {
     // splitmix64's finaliser over both hashes.
-    let mut z = h ^ affinity_hash(&shared.keys[i].label).rotate_left(29);
+    let mut z = h ^ shared.keys[i].label_hash.rotate_left(29);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)

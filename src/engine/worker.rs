@@ -113,7 +113,9 @@ fn self_serve(ctx: &KeyWorkerCtx) -> Option<Job> {
         || sh.dispatcher_waiting.load(SeqCst)
         || sh.aside.load(SeqCst) > 0
         || sh.backlog_full()
+        || sh.spend.is_exhausted()
     {
+        // (At the spend cap the dispatcher answers what is queued, unsent.)
         return None;
     }
     let gate = &ctx.state().gate;
