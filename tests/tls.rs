@@ -175,6 +175,64 @@ fn a_client_certificate_is_presented_for_mutual_tls() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// A client certificate the server refuses, under TLS 1.3: the client's handshake has
+/// already "succeeded" when the server checks the certificate, so the refusal (an alert,
+/// then the connection closed or reset) meets the request's first write or read. It is
+/// still the endpoint's TLS fault: one clear error naming the host and the reason,
+/// tried once (not on every key), no key disabled. Repeated, as the alert and the reset
+/// race the request's bytes.
+#[test]
+fn a_client_certificate_refused_after_a_tls13_handshake_is_the_endpoints_fault() {
+    let tls = MockTls::generate().unwrap();
+    let ca = tls.ca_pem().to_owned();
+    // A certificate from another CA than the one the server requires.
+    let other = MockTls::generate().unwrap();
+    let (cert, key) = other.client_cert().unwrap().unwrap();
+    let server = MockServer::start_with(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        MockConfig::default(),
+        Some(tls.require_client_cert(&ca).unwrap()),
+    )
+    .unwrap();
+    let d = dir("mtls-refused");
+    for (name, text) in [("ca.pem", &ca), ("client.pem", &cert), ("client.key", &key)] {
+        std::fs::write(d.join(name), text).unwrap();
+    }
+    let path = |n: &str| d.join(n).display().to_string();
+    for (what, cfg) in [
+        (
+            "a certificate from an unknown CA",
+            TlsConfig::default()
+                .ca_file(path("ca.pem"))
+                .client_cert(path("client.pem"), path("client.key")),
+        ),
+        (
+            "no certificate",
+            TlsConfig::default().ca_file(path("ca.pem")),
+        ),
+    ] {
+        let p = pool(&server.url(), 3, 2, cfg).unwrap();
+        for i in 0..12 {
+            let e = p.submit(prompt(i)).unwrap().wait().unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, Error::Transport { .. }), "{what}: {msg}");
+            assert!(msg.contains("TLS with 127.0.0.1 failed"), "{what}: {msg}");
+            assert!(
+                msg.contains("client certificate"),
+                "{what}: names the reason: {msg}"
+            );
+            assert_eq!(e.attempts(), 1, "{what}: not retried across keys: {msg}");
+        }
+        assert!(
+            p.stats().keys.iter().all(|k| k.disabled_reason.is_none()),
+            "{what}: no key blamed"
+        );
+        p.close();
+    }
+    assert_eq!(server.stats().total_requests, 0);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// Run in a child process (by [`ssl_cert_file_and_dir_are_honoured`]) with
 /// `SSL_CERT_FILE` or `SSL_CERT_DIR` set: a request to the URL in
 /// `KEYPOOL_TLS_CHILD_URL` must succeed without any `tls` config. Passes at once when

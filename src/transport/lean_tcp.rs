@@ -43,7 +43,7 @@ pub(crate) struct LeanTcpConnector;
 
 /// The socket, shared with ureq's shutdown handle.
 #[derive(Debug)]
-struct Socket(TcpStream);
+pub(crate) struct Socket(pub(crate) TcpStream);
 
 impl ShutdownHandle for Socket {
     fn shutdown(&self) {
@@ -62,6 +62,7 @@ impl<In: Transport> Connector<In> for LeanTcpConnector {
         if chained.is_some() {
             return Ok(chained.map(Either::A));
         }
+        let started = std::time::Instant::now();
         let stream = connect(details)?;
         if details.config.no_delay() {
             stream.set_nodelay(true)?;
@@ -82,6 +83,7 @@ impl<In: Transport> Connector<In> for LeanTcpConnector {
         };
         Ok(Some(Either::B(LeanTcp {
             socket,
+            started,
             buffers: LazyBuffers::new(input, output),
             pending: Vec::new(),
             read_timeout: None,
@@ -136,6 +138,8 @@ fn connect(details: &ConnectionDetails) -> Result<TcpStream, ureq::Error> {
 #[derive(Debug)]
 pub(crate) struct LeanTcp {
     socket: Arc<Socket>,
+    /// When the connection was begun (a TLS handshake on it shares the connect timeout).
+    started: std::time::Instant,
     buffers: LazyBuffers,
     /// Output handed over by `transmit_output` and not yet sent.
     pending: Vec<u8>,
@@ -146,7 +150,7 @@ pub(crate) struct LeanTcp {
 
 /// Sets the socket timeout `current` to `want` unless it is already close enough:
 /// not shorter than `want`, and not longer by more than [`TIMEOUT_SLACK`].
-fn adjust(
+pub(crate) fn adjust(
     current: &mut Option<Duration>,
     want: Option<Duration>,
     set: impl FnOnce(Option<Duration>) -> io::Result<()>,
@@ -164,7 +168,7 @@ fn adjust(
 }
 
 /// A timeout error as ureq reports it, or the I/O error.
-fn io_error(e: io::Error, timeout: &NextTimeout) -> ureq::Error {
+pub(crate) fn io_error(e: io::Error, timeout: &NextTimeout) -> ureq::Error {
     if matches!(
         e.kind(),
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
@@ -176,6 +180,13 @@ fn io_error(e: io::Error, timeout: &NextTimeout) -> ureq::Error {
 }
 
 impl LeanTcp {
+    /// The socket (shared with ureq's shutdown handle) and when the connection was
+    /// begun, for a TLS layer that drives the socket itself ([`super::lean_tls`]).
+    /// Nothing was sent or read on it yet.
+    pub(crate) fn into_socket(self) -> (Arc<Socket>, std::time::Instant) {
+        (self.socket, self.started)
+    }
+
     /// Sends everything pending within `timeout`.
     fn flush(&mut self, timeout: NextTimeout) -> Result<(), ureq::Error> {
         if self.pending.is_empty() {
@@ -260,7 +271,7 @@ impl Transport for LeanTcp {
 /// Whether an idle connection may carry another request: nothing waiting to be read
 /// and not closed by the peer. One `recv(MSG_PEEK | MSG_DONTWAIT)`.
 #[cfg(unix)]
-fn probe(stream: &TcpStream) -> bool {
+pub(crate) fn probe(stream: &TcpStream) -> bool {
     let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1];
     match socket2::SockRef::from(stream)
         .recv_with_flags(&mut buf, libc::MSG_PEEK | libc::MSG_DONTWAIT)
@@ -273,7 +284,7 @@ fn probe(stream: &TcpStream) -> bool {
 
 /// Elsewhere, ureq's probe: a non-blocking read between two mode switches.
 #[cfg(not(unix))]
-fn probe(stream: &TcpStream) -> bool {
+pub(crate) fn probe(stream: &TcpStream) -> bool {
     if stream.set_nonblocking(true).is_err() {
         return false;
     }

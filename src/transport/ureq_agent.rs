@@ -150,13 +150,18 @@ impl UreqTransport {
         // ureq's default chain with its TCP layer replaced by `LeanTcpConnector`
         // (corked output, one-syscall probe, lazy socket timeouts): HTTP CONNECT
         // proxies, then TCP, then rustls for https://.
+        // keypool's TLS layer over it (rustls driven over the socket itself), and
+        // ureq's rustls for connections through a proxy.
         use ureq::unversioned::transport::{
             ConnectProxyConnector, Connector as _, RustlsConnector,
         };
-        let connector =
-            ().chain(ConnectProxyConnector::default())
-                .chain(super::lean_tcp::LeanTcpConnector)
-                .chain(RustlsConnector::default());
+        let connector = ()
+            .chain(ConnectProxyConnector::default())
+            .chain(super::lean_tcp::LeanTcpConnector)
+            .chain(super::lean_tls::LeanTlsConnector {
+                config: s.tls.rustls.clone(),
+            })
+            .chain(RustlsConnector::default());
         let agent = ureq::Agent::with_parts(config, connector, CachingResolver::default());
         UreqTransport {
             agent,
@@ -372,10 +377,7 @@ fn map_ureq_error(e: ureq::Error, url: &str) -> TransportError {
             .ok()
             .and_then(|u| u.host().map(str::to_owned))
             .unwrap_or_default();
-        return TransportError::Tls(format!(
-            "TLS with {host} failed: {reason} (to trust a private CA: tls.ca_file, \
-             SSL_CERT_FILE or keypool run --ca-file)"
-        ));
+        return TransportError::Tls(format!("TLS with {host} failed: {reason}"));
     }
     match e {
         ureq::Error::Timeout(t) => TransportError::Timeout(match t {
