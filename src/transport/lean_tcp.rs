@@ -11,9 +11,8 @@
 //!   is dropped.
 //! - **Socket timeouts set when they must change.** With one deadline per call the
 //!   time left differs at every read, so ureq sets `SO_RCVTIMEO` before each one.
-//!   Here the socket's timeout is changed only when it is shorter than the time left
-//!   (a read would give up early) or longer by more than [`TIMEOUT_SLACK`] (a read
-//!   could overshoot the deadline by more than that).
+//!   Here the socket's timeout is changed only when it differs from the time left by
+//!   more than [`TIMEOUT_SLACK`] (a read could give up that much early or late).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -148,8 +147,11 @@ pub(crate) struct LeanTcp {
     write_timeout: Option<Duration>,
 }
 
-/// Sets the socket timeout `current` to `want` unless it is already close enough:
-/// not shorter than `want`, and not longer by more than [`TIMEOUT_SLACK`].
+/// Sets the socket timeout `current` to `want` unless it is already within
+/// [`TIMEOUT_SLACK`] of it either way: a blocked read or write then gives up at most
+/// that much before or after the deadline. (Each call brings a fresh deadline, so the
+/// time left at a read differs by microseconds from call to call: a timeout kept only
+/// while it was not shorter was set again on about every other request.)
 pub(crate) fn adjust(
     current: &mut Option<Duration>,
     want: Option<Duration>,
@@ -157,7 +159,7 @@ pub(crate) fn adjust(
 ) -> io::Result<()> {
     let close_enough = match (*current, want) {
         (None, None) => true,
-        (Some(c), Some(w)) => c >= w && c - w <= TIMEOUT_SLACK,
+        (Some(c), Some(w)) => c.abs_diff(w) <= TIMEOUT_SLACK,
         _ => false,
     };
     if !close_enough {
@@ -305,8 +307,11 @@ mod tests {
         for want in [
             Some(ms(1000)),
             Some(ms(990)),
+            Some(ms(1015)),
             Some(ms(975)),
             Some(ms(2000)),
+            Some(ms(1990)),
+            Some(ms(2010)),
             None,
             None,
         ] {
@@ -316,7 +321,8 @@ mod tests {
             })
             .unwrap();
         }
-        // 990 is within the slack of 1000; 975 is not; a longer want always sets.
+        // 990 and 1015 are within the slack of 1000, 975 is not; 1990 and 2010 within
+        // that of 2000.
         assert_eq!(sets, [Some(ms(1000)), Some(ms(975)), Some(ms(2000)), None]);
     }
 
