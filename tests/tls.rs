@@ -153,8 +153,8 @@ fn a_client_certificate_is_presented_for_mutual_tls() {
     assert!(p.submit(prompt(0)).unwrap().wait().is_ok());
     p.close();
     // Without it the server refuses the handshake. Over TLS 1.3 the client learns it
-    // only when its first write or read meets the server's alert (often as a broken
-    // pipe), so this is an ordinary transport failure: no key is blamed.
+    // only when its first read meets the server's alert: the endpoint's TLS fault, no
+    // key blamed (more in the next test).
     let p = pool(
         &server.url(),
         2,
