@@ -12,7 +12,10 @@ const PAGES: &[(&str, &str)] = &[
     ("README.md", include_str!("../README.md")),
     ("docs/benchmarks.md", include_str!("../docs/benchmarks.md")),
     ("docs/c.md", include_str!("../docs/c.md")),
-    ("docs/cancellation.md", include_str!("../docs/cancellation.md")),
+    (
+        "docs/cancellation.md",
+        include_str!("../docs/cancellation.md"),
+    ),
     ("docs/cli-check.md", include_str!("../docs/cli-check.md")),
     ("docs/cli.md", include_str!("../docs/cli.md")),
     (

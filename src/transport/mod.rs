@@ -150,6 +150,7 @@ pub trait Transport: Send + Sync {
 pub type TransportFactory = Arc<dyn Fn(&TransportSettings) -> Arc<dyn Transport> + Send + Sync>;
 
 mod lean_tcp;
+mod lean_tls;
 mod tls;
 mod ureq_agent;
 

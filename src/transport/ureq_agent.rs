@@ -15,14 +15,16 @@ use crate::config::ApiKey;
 use crate::error::TimeoutPhase;
 use crate::request::is_kept_header;
 
-/// ureq's per-connection read buffer (also the largest response header accepted). Over
-/// TLS a connection has two (the TCP layer's and the TLS layer's), so this and
-/// [`OUTPUT_BUFFER`] are most of a connection's memory: 16 KiB holds any LLM API's
-/// response head (1–3 KiB in practice; nginx's default limit is 8 KiB) and a TLS
-/// record (at most 16 KiB of plaintext).
-const INPUT_BUFFER: usize = 16 * 1024;
-/// ureq's per-connection write buffer: larger request bodies go out in pieces.
-const OUTPUT_BUFFER: usize = 8 * 1024;
+/// ureq's per-connection read buffer (also the largest response header accepted). With
+/// [`OUTPUT_BUFFER`] and rustls's own (4 KiB while idle) this is most of a connection's
+/// heap: 12 KiB holds any LLM API's response head (1–3 KiB in practice; nginx proxies
+/// at most `proxy_buffer_size`, 4–8 KiB) and ureq's 10 KiB scratch space for writing a
+/// request (`LazyBuffers::tmp_and_output`, which grows this buffer to it anyway).
+const INPUT_BUFFER: usize = 12 * 1024;
+/// ureq's per-connection write buffer: it must hold the request's longest header line;
+/// larger request bodies go out in pieces (over TLS one record each, all corked into
+/// one write while they fit [`super::lean_tcp::CORK_LIMIT`]).
+const OUTPUT_BUFFER: usize = 4 * 1024;
 /// A request body at least this large is sent with `Expect: 100-continue`: a server
 /// that answers before reading it (413, 401, as nginx's `client_max_body_size` does)
 /// is heard instead of cutting the upload short with a reset.
@@ -150,13 +152,18 @@ impl UreqTransport {
         // ureq's default chain with its TCP layer replaced by `LeanTcpConnector`
         // (corked output, one-syscall probe, lazy socket timeouts): HTTP CONNECT
         // proxies, then TCP, then rustls for https://.
+        // keypool's TLS layer over it (rustls driven over the socket itself), and
+        // ureq's rustls for connections through a proxy.
         use ureq::unversioned::transport::{
             ConnectProxyConnector, Connector as _, RustlsConnector,
         };
-        let connector =
-            ().chain(ConnectProxyConnector::default())
-                .chain(super::lean_tcp::LeanTcpConnector)
-                .chain(RustlsConnector::default());
+        let connector = ()
+            .chain(ConnectProxyConnector::default())
+            .chain(super::lean_tcp::LeanTcpConnector)
+            .chain(super::lean_tls::LeanTlsConnector {
+                config: s.tls.rustls.clone(),
+            })
+            .chain(RustlsConnector::default());
         let agent = ureq::Agent::with_parts(config, connector, CachingResolver::default());
         UreqTransport {
             agent,
@@ -373,10 +380,7 @@ fn map_ureq_error(e: ureq::Error, url: &str) -> TransportError {
             .ok()
             .and_then(|u| u.host().map(str::to_owned))
             .unwrap_or_default();
-        return TransportError::Tls(format!(
-            "TLS with {host} failed: {reason} (to trust a private CA: tls.ca_file, \
-             SSL_CERT_FILE or keypool run --ca-file)"
-        ));
+        return TransportError::Tls(format!("TLS with {host} failed: {reason}"));
     }
     match e {
         ureq::Error::Timeout(t) => TransportError::Timeout(match t {
