@@ -225,7 +225,18 @@ echo "mock: ${URL:-none}"
 if [ -n "$URL" ]; then
     check "batch (valgrind)" "${VALGRIND[@]}" "$OUT/batch" "$URL"
     check "bad_input (valgrind)" "${VALGRIND[@]}" "$OUT/bad_input" "$URL"
-    check "callbacks (valgrind)" "${VALGRIND[@]}" "$OUT/callbacks" "$URL"
+    # A second mock taking one request per key at a time, for the key events (429 →
+    # cooled, then reopened) and the Prometheus text (examples/c/callbacks.c).
+    CAP_URL=""
+    "$KEYPOOL_MOCK_BIN" --key-capacity 1 --latency-ms 100 --ignore-stdin >"$OUT/cap-mock.url" &
+    CAP_PID=$!
+    for _ in $(seq 100); do
+        IFS= read -r CAP_URL <"$OUT/cap-mock.url" 2>/dev/null && break
+        sleep 0.1
+    done
+    check "callbacks (valgrind)" "${VALGRIND[@]}" "$OUT/callbacks" "$URL" "$CAP_URL"
+    kill "$CAP_PID" 2>/dev/null
+    wait "$CAP_PID" 2>/dev/null
     check "cancel (valgrind)" "${VALGRIND[@]}" "$OUT/cancel" "$URL"
     [ -x "$OUT/bench_batch" ] && check "bench_batch 200 requests (valgrind)" \
         "${VALGRIND[@]}" "$OUT/bench_batch" "$URL" 200

@@ -236,6 +236,9 @@ func TestSetLoggerReceivesWarnings(t *testing.T) {
 	if err != nil || r.Status != NoUsableKey { // its only key is out: revoked
 		t.Fatalf("401 request: %v %+v", err, r)
 	}
+	// Key events are logged on the pool's events thread; Close returns once every
+	// one was delivered, so the warning has been logged by then.
+	p.Close()
 	mu.Lock()
 	defer mu.Unlock()
 	for _, m := range got {

@@ -33,6 +33,11 @@ package keypool
 #include "keypool.h"
 
 extern void goKeypoolCallback(keypool_result *result, void *user_data);
+extern void goKeypoolEvent(keypool_key_event *event, void *user_data);
+
+static inline keypool_status kp_set_event_callback(keypool_pool *pool, uintptr_t handle) {
+	return keypool_pool_set_event_callback(pool, (keypool_event_callback)goKeypoolEvent, (void *)handle);
+}
 
 static inline keypool_status kp_submit_callback(keypool_pool *pool, const char *body, uintptr_t handle) {
 	return keypool_submit_callback(pool, body, goKeypoolCallback, (void *)handle);
@@ -75,6 +80,9 @@ const (
 	// Flagged: the server refused the request's content (moderation or guardrail);
 	// no key was blamed. The result keeps the HTTP status and body.
 	Flagged Code = C.KEYPOOL_FLAGGED
+	// BudgetExhausted: the pool's spend cap (config max_cost) is reached; the request
+	// was not sent.
+	BudgetExhausted Code = C.KEYPOOL_BUDGET_EXHAUSTED
 )
 
 // String describes the code ("pool is closed", ...; "unknown status" if unknown).
@@ -126,6 +134,9 @@ type Pool struct {
 	mu     sync.RWMutex // held for reading by calls, for writing by Close's free
 	ptr    *C.keypool_pool
 	closed sync.Once
+	// The event handler's handle (0: none), guarded by eventMu.
+	eventMu sync.Mutex
+	event   cgo.Handle
 }
 
 // New creates a pool from a JSON config (see include/keypool.h). Errors are *Error with
@@ -174,6 +185,13 @@ func (p *Pool) Close() error {
 			p.ptr = nil
 		}
 		p.mu.Unlock()
+		// The event thread has stopped: the handler is never called again.
+		p.eventMu.Lock()
+		if p.event != 0 {
+			p.event.Delete()
+			p.event = 0
+		}
+		p.eventMu.Unlock()
 		runtime.SetFinalizer(p, nil)
 	})
 	return nil
@@ -290,6 +308,86 @@ func (p *Pool) Stats() (string, error) {
 		return nil
 	})
 	return out, err
+}
+
+// Prometheus returns the pool's counters in the Prometheus text exposition format
+// (requests by key and outcome, in flight, queue depth, duration histograms, tokens,
+// cost, key state; see docs/metrics.md), labelled with key labels, never keys. It
+// returns "" once the pool is closed.
+func (p *Pool) Prometheus() string {
+	var out string
+	_ = p.with(func(ptr *C.keypool_pool) error {
+		s := C.keypool_pool_stats_prometheus(ptr)
+		if s != nil {
+			out = C.GoString(s)
+			C.keypool_string_free(s)
+		}
+		return nil
+	})
+	return out
+}
+
+// KeyEvent is a change of one key's state.
+type KeyEvent struct {
+	// Kind is "cooled", "reopened", "disabled", "parked", "exhausted" or "rejoined".
+	Kind string
+	// KeyIndex is the key's position in the config; Label its label (never the key).
+	KeyIndex int
+	Label    string
+	// Reason says why (disabled, parked, exhausted; cooled when known), else "".
+	Reason string
+	// Duration: cooled, the cooldown's length; exhausted, the time until the reset.
+	Duration time.Duration
+	// At is when it happened.
+	At time.Time
+}
+
+// OnEvent sets the function called with every key event (a key cooled, reopened,
+// disabled, parked, exhausted or rejoined), replacing any earlier one; nil removes it.
+// fn runs on the pool's own event thread, one event at a time, in the order the keys
+// changed; once OnEvent returns, the previous function is never called again. The
+// first function set also gets the events from before it was set (the last 256).
+// Close releases fn; a fn that refers to the pool keeps it alive until Close.
+func (p *Pool) OnEvent(fn func(KeyEvent)) error {
+	p.eventMu.Lock()
+	defer p.eventMu.Unlock()
+	var h cgo.Handle
+	if fn != nil {
+		h = cgo.NewHandle(fn)
+	}
+	err := p.with(func(ptr *C.keypool_pool) error {
+		if fn == nil {
+			return call(func() C.keypool_status { return C.keypool_pool_set_event_callback(ptr, nil, nil) })
+		}
+		return call(func() C.keypool_status { return C.kp_set_event_callback(ptr, C.uintptr_t(h)) })
+	})
+	if err != nil {
+		if h != 0 {
+			h.Delete()
+		}
+		return err
+	}
+	if p.event != 0 {
+		p.event.Delete() // the library no longer calls it
+	}
+	p.event = h
+	return nil
+}
+
+//export goKeypoolEvent
+func goKeypoolEvent(e *C.keypool_key_event, userData unsafe.Pointer) {
+	fn := cgo.Handle(uintptr(userData)).Value().(func(KeyEvent))
+	ev := KeyEvent{
+		Kind:     C.GoString(e.kind_name),
+		KeyIndex: int(e.key_index),
+		Label:    C.GoString(e.label),
+		Duration: time.Duration(e.duration_ms) * time.Millisecond,
+		At:       time.UnixMilli(int64(e.at_unix_ms)),
+	}
+	if e.reason != nil {
+		ev.Reason = C.GoString(e.reason)
+	}
+	fn(ev)
 }
 
 // Ticket is a submitted request's result, to wait for. Wait, WaitContext and Close

@@ -14,7 +14,7 @@ import (
 	"time"
 )
 
-var mockURL string
+var mockURL, mockBin string
 
 // TestMain starts the mock server ($KEYPOOL_MOCK_BIN, default
 // ../target/debug/keypool-mock), which prints its base URL and runs until its stdin
@@ -24,6 +24,7 @@ func TestMain(m *testing.M) {
 	if bin == "" {
 		bin = filepath.Join("..", "target", "debug", "keypool-mock")
 	}
+	mockBin = bin
 	cmd := exec.Command(bin)
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
@@ -387,5 +388,119 @@ func TestFlaggedRequestBlamesTheRequest(t *testing.T) {
 	}
 	if strings.Contains(stats, `"disabled_reason":"`) || strings.Count(stats, `"disabled_reason":null`) != len(labels) {
 		t.Fatalf("a key was taken out: %s", stats)
+	}
+}
+
+// A spend cap (max_cost) reached by the estimated cost of the first answer (prices
+// per million tokens, the mock reporting no usage.cost): the next request is not sent
+// and fails with BudgetExhausted, status 17.
+func TestSpendCapRefusesWithBudgetExhausted(t *testing.T) {
+	if BudgetExhausted != 17 {
+		t.Fatalf("BudgetExhausted = %d, want 17", BudgetExhausted)
+	}
+	cfg := fmt.Sprintf(`{"base_url": %q, "max_cost": 0.000001, "prices": {"m": {"prompt": 1000, "completion": 1000}}, "keys": [{"key": "sk-test-0", "label": "acct-a", "max_concurrent": 1}]}`, mockURL)
+	p, err := New(cfg)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	defer p.Close()
+	first, err := p.Batch([]string{body(0)})
+	if err != nil || len(first) != 1 || first[0].Err() != nil {
+		t.Fatalf("first: %+v %v", first, err)
+	}
+	second, err := p.Batch([]string{body(1), body(2)})
+	if err != nil || len(second) != 2 {
+		t.Fatalf("second: %+v %v", second, err)
+	}
+	for i, r := range second {
+		var e *Error
+		if !errors.As(r.Err(), &e) || e.Code() != BudgetExhausted || r.ErrorCode != "budget_exhausted" || r.Attempts != 0 {
+			t.Fatalf("result %d: %+v", i, r)
+		}
+	}
+	if s := BudgetExhausted.String(); !strings.Contains(s, "budget") {
+		t.Fatalf("String() = %q", s)
+	}
+}
+
+// startMock starts another mock server with extra flags; it stops at the test's end.
+func startMock(t *testing.T, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(mockBin, args...)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); _ = cmd.Wait() })
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _, _ = io.Copy(io.Discard, stdout) }()
+	return strings.TrimSpace(line)
+}
+
+// A key at a mock taking one request at a time: a 429 cools it, a trial after the
+// cooldown reopens it; the events arrive in that order, and the metrics count the 429.
+func TestEventsAndPrometheus(t *testing.T) {
+	url := startMock(t, "--key-capacity", "1", "--latency-ms", "100")
+	p, err := New(fmt.Sprintf(`{"base_url": %q, "retry": {"default_cooldown_ms": 200},
+		"keys": [{"key": "sk-test-SECRET-go", "label": "acct-go", "max_concurrent": 2}]}`, url))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var events []KeyEvent
+	if err := p.OnEvent(func(e KeyEvent) {
+		mu.Lock()
+		events = append(events, e)
+		mu.Unlock()
+	}); err != nil {
+		t.Fatal(err)
+	}
+	results, err := p.Batch([]string{body(1), body(2), body(3), body(4)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, r := range results {
+		if r.Err() != nil {
+			t.Fatalf("result %d: %v", i, r.Err())
+		}
+	}
+	text := p.Prometheus()
+	if !strings.Contains(text, `keypool_requests_total{key="acct-go",outcome="success"} 4`+"\n") {
+		t.Errorf("metrics: %s", text)
+	}
+	if strings.Contains(text, `keypool_requests_total{key="acct-go",outcome="rate_limited"} 0`+"\n") {
+		t.Errorf("no 429 counted: %s", text)
+	}
+	if strings.Contains(text, "SECRET") {
+		t.Errorf("a key in the metrics: %s", text)
+	}
+	p.Close() // every event delivered
+	if p.Prometheus() != "" {
+		t.Error("Prometheus after Close")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(events) < 2 || events[0].Kind != "cooled" || events[1].Kind != "reopened" ||
+		events[len(events)-1].Kind != "reopened" {
+		t.Fatalf("events: %+v", events)
+	}
+	e := events[0]
+	if e.Label != "acct-go" || e.KeyIndex != 0 || e.Duration <= 0 || e.At.IsZero() {
+		t.Errorf("cooled: %+v", e)
+	}
+	for _, e := range events {
+		if strings.Contains(e.Reason, "SECRET") {
+			t.Errorf("a key in an event: %+v", e)
+		}
 	}
 }

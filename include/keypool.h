@@ -43,6 +43,39 @@
 #define KEYPOOL_VERSION "0.1.0"
 
 /*
+ Event kind: a cooldown started (a 429); `duration_ms` is its length.
+ */
+#define KEYPOOL_EVENT_COOLED 1
+
+/*
+ Event kind: after a cooldown, a trial request was answered without a 429: the key
+ takes requests on all its workers again.
+ */
+#define KEYPOOL_EVENT_REOPENED 2
+
+/*
+ Event kind: the key is out for good (HTTP 401, a 403 proven to be the key's);
+ `reason` says why.
+ */
+#define KEYPOOL_EVENT_DISABLED 3
+
+/*
+ Event kind: the key is out for its credit (at its floor, a 402); back when a credit
+ check finds credit.
+ */
+#define KEYPOOL_EVENT_PARKED 4
+
+/*
+ Event kind: the key is out until its quota resets; `duration_ms` until then.
+ */
+#define KEYPOOL_EVENT_EXHAUSTED 5
+
+/*
+ Event kind: the key is back in rotation after being parked or exhausted.
+ */
+#define KEYPOOL_EVENT_REJOINED 6
+
+/*
  Log level of an error: a caught panic, a failure keypool cannot report otherwise.
  */
 #define KEYPOOL_LOG_ERROR 1
@@ -160,6 +193,12 @@ typedef enum {
    and body (`keypool_result_http_status`, `keypool_result_body`).
    */
   KEYPOOL_FLAGGED = 16,
+  /*
+   The pool's spend cap (config `max_cost`) is reached: the request was not sent
+   (refused at submit, or answered while it waited). Requests already in flight
+   finished.
+   */
+  KEYPOOL_BUDGET_EXHAUSTED = 17,
 } keypool_status;
 
 /*
@@ -191,6 +230,59 @@ typedef struct keypool_stream_event keypool_stream_event;
  (the pool answers every queued request `KEYPOOL_CANCELLED` when it shuts down).
  */
 typedef struct keypool_ticket keypool_ticket;
+
+/*
+ One change of a key's state, for `keypool_event_callback`. Every pointer is owned
+ by the library and valid only during the callback (copy what you keep).
+ */
+typedef struct {
+  /*
+   `KEYPOOL_EVENT_COOLED` … `KEYPOOL_EVENT_REJOINED` (new kinds may be added: ignore
+   unknown ones).
+   */
+  uint32_t kind;
+  /*
+   The key's position in the config.
+   */
+  size_t key_index;
+  /*
+   The key's label (never the key). Never NULL.
+   */
+  const char *label;
+  /*
+   The event's name: "cooled", "reopened", "disabled", "parked", "exhausted",
+   "rejoined". Never NULL.
+   */
+  const char *kind_name;
+  /*
+   Why (disabled, parked, exhausted, and cooled when known), else NULL. Never
+   contains a key.
+   */
+  const char *reason;
+  /*
+   Cooled: the cooldown's length; exhausted: time until the reset; else 0.
+   */
+  uint64_t duration_ms;
+  /*
+   When it happened, milliseconds since the Unix epoch.
+   */
+  uint64_t at_unix_ms;
+} keypool_key_event;
+
+/*
+ A function receiving a pool's key events, for `keypool_pool_set_event_callback`.
+
+ Thread-safety: it runs on the pool's own event thread (`keypool-events`), never
+ on the thread that set it, one event at a time and in the order the keys changed
+ (never two calls at once for one pool). It must not call `keypool_pool_free` or
+ `keypool_pool_shutdown` on its pool; it may call `keypool_pool_stats_json`,
+ `keypool_pool_stats_prometheus`, `keypool_try_submit` and
+ `keypool_pool_set_event_callback` (from inside the callback, the change applies once
+ it returns). A slow callback delays only later events (at most 4,096 wait; more are
+ dropped and counted in `keypool_events_dropped_total`). `event` and its strings are
+ valid only during the call.
+ */
+typedef void (*keypool_event_callback)(const keypool_key_event *event, void *user_data);
 
 /*
  A function receiving keypool's log messages, for `keypool_set_log_callback`.
@@ -288,6 +380,34 @@ const char *keypool_last_error(void);
  non-blocking.
  */
 void keypool_string_free(char *s);
+
+/*
+ Sets the function called with every key event of `pool` (a key cooled, reopened,
+ disabled, parked, exhausted or rejoined), replacing any earlier one; NULL `cb`
+ removes it. See `keypool_event_callback` for the thread it runs on. Once this
+ returns, the previous callback is not running and is never called again (so its
+ `user_data` may be freed) — unless called from inside the callback, where the
+ change applies when the callback returns. The first callback set also receives the
+ events from before it was set (the last 256), e.g. keys parked by the credit check
+ in `keypool_pool_new`. Events are also logged (`keypool_set_log_callback`).
+
+ Returns `KEYPOOL_OK`; `KEYPOOL_INVALID_ARGUMENT` if `pool` is NULL. Thread-safe;
+ waits only for a callback in progress.
+ */
+keypool_status keypool_pool_set_event_callback(const keypool_pool *pool,
+                                               keypool_event_callback cb,
+                                               void *user_data);
+
+/*
+ The pool's counters in the Prometheus text exposition format (version 0.0.4), for a
+ `/metrics` endpoint: requests by key and outcome, in flight, queue depth, request
+ and queue duration histograms, tokens, cost, key state (see docs/metrics.md). Series
+ carry the key's label (`key="acct-a"`), never the key. Works on a shut-down pool too.
+
+ Ownership: the caller frees the string with `keypool_string_free`. `pool` NULL:
+ returns NULL and sets `keypool_last_error()`. Thread-safe, non-blocking.
+ */
+char *keypool_pool_stats_prometheus(const keypool_pool *pool);
 
 /*
  Sets the function that receives keypool's log messages: warnings (e.g. a key
@@ -511,7 +631,8 @@ const char *keypool_result_error_message(const keypool_result *r);
  "timeout", "busy", "closed", "cancelled", "panic", "no_usable_key",
  "invalid_request", "would_deadlock" (`KEYPOOL_WOULD_DEADLOCK`), "spawn"
  (`KEYPOOL_SPAWN`), "stream" (`KEYPOOL_STREAM`), "shared_unavailable"
- (`KEYPOOL_SHARED_UNAVAILABLE`), "flagged" (`KEYPOOL_FLAGGED`) — with one
+ (`KEYPOOL_SHARED_UNAVAILABLE`), "flagged" (`KEYPOOL_FLAGGED`), "budget_exhausted"
+ (`KEYPOOL_BUDGET_EXHAUSTED`) — with one
  refinement: a `KEYPOOL_HTTP` result whose 2xx body was not a valid response has the
  code "invalid_response". NULL if the request succeeded.
 

@@ -34,38 +34,27 @@
 #![deny(missing_debug_implementations)]
 #![forbid(unsafe_code)]
 
-mod adaptive;
-mod admission;
-mod batch;
-mod blame;
-mod body;
-mod cancel;
-mod chat;
-mod config;
-mod credits;
-mod deadline;
-mod dispatch;
-mod error;
-mod group;
-mod job;
-mod json_scan;
-mod key;
-mod key_proof;
-mod pool;
-mod queue_space;
-mod ratelimit;
-mod request;
-mod retry;
-mod routing;
-mod shared;
-mod shared_limits;
-mod sse;
-mod stats;
-mod stream;
-mod thread_role;
-mod ticket;
+// The engine's modules, grouped by layer (ARCHITECTURE.md), each folder's `mod.rs`
+// saying what it owns and which folders it may use; `scripts/layers.py` checks that
+// no import climbs a layer. Every module keeps its short path (`crate::config`,
+// `crate::pool`, …) through the imports below.
+mod api;
+mod engine;
+mod limits;
+mod policy;
 mod transport;
-mod worker;
+
+use api::{
+    body, chat, config, credits_config, error, json_scan, metrics, prices, request, retry_after,
+    shared_config, stats, tls_config,
+};
+use engine::{
+    batch, credits, deadline, dispatch, job, key, key_proof, pool, queue_space, routing, shared,
+    spend, stream, thread_role, ticket, worker,
+};
+use limits::{adaptive, admission, events, group, model_verdicts, ratelimit, shared_limits};
+use policy::{blame, retry};
+use transport::{cancel, sse};
 
 /// Entry points for the `fuzz/` targets. Not part of the stable API: hidden, exempt
 /// from semver, may change in any release.
@@ -74,27 +63,30 @@ mod worker;
 pub mod __fuzz;
 
 pub use batch::{ResultStream, Window};
-pub use blame::Blame;
 pub use chat::ChatRequest;
 pub use config::{
     ApiKey, Config, ConfigBuilder, GroupConfig, KeyConfig, MAX_CONCURRENT_LIMIT, MAX_DURATION_MS,
     MAX_KEY_BYTES, MAX_KEYS, MAX_QUEUE_CAPACITY, MAX_TOTAL_WORKERS, MAX_WEIGHT,
     MAX_WORKER_STACK_SIZE, RetryConfig, Strategy,
 };
-pub use credits::CreditsConfig;
-pub use error::{Error, StreamFailure, TimeoutPhase};
+pub use credits_config::CreditsConfig;
+pub use error::{Blame, Error, StreamFailure, TimeoutPhase};
+pub use events::{KeyEvent, KeyEventKind};
+pub use metrics::{DURATION_BUCKETS, DurationHistogram, KeyStatus};
 pub use pool::{Pool, TrySubmitError};
+pub use prices::ModelPrice;
 pub use request::{DEFAULT_PATH, Request, Response, Usage};
 /// The JSON library keypool's API takes and returns: `keypool::serde_json::json!`,
 /// [`Value`] for untyped bodies.
 pub use serde_json::{self, Value};
-pub use shared_limits::{OnUnavailable, SharedConfig};
+pub use shared_config::{OnUnavailable, SharedConfig};
 pub use stats::{FailureCounts, GroupStats, KeyStats, Stats, Totals};
 pub use stream::{ResponseStream, StreamChunk, StreamEvent};
 pub use ticket::{CancelHandle, RequestResult, Ticket};
+pub use tls_config::TlsConfig;
 pub use transport::{
-    HttpRequest, HttpResponse, HttpStream, TlsConfig, TlsTrust, Transport, TransportError,
-    TransportSettings, UreqTransport,
+    HttpRequest, HttpResponse, HttpStream, TlsTrust, Transport, TransportError, TransportSettings,
+    UreqTransport,
 };
 
 /// The crate version, e.g. `"0.1.0"`.
@@ -157,6 +149,7 @@ pub mod __capi {
                 ttft: None,
                 blame: None,
                 queue: std::time::Duration::ZERO,
+                fallback: None,
             }
         }
     }
@@ -216,6 +209,11 @@ pub struct DocsGoDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/python.md")]
 pub struct DocsPythonDoctests;
+
+/// docs/metrics.md's Rust examples (if any), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/metrics.md")]
+pub struct DocsMetricsDoctests;
 
 /// docs/benchmarks.md's Rust examples (if any), compiled and run as doctests.
 #[cfg(doctest)]

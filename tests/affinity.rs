@@ -134,31 +134,24 @@ fn the_user_field_is_the_affinity_when_configured() {
         ..MockConfig::default()
     })
     .unwrap();
-    let p = pool(&server, Strategy::RoundRobin, true);
     let users: Vec<usize> = (0..200).map(|i| i % 10).collect();
-    let results = p.batch(users.iter().map(|u| {
-        Request::new(&json!({"model": "m", "user": format!("user-{u}"), "messages": [{"role": "user", "content": "hi"}]}))
-    }));
-    let labels: Vec<String> = results
-        .iter()
-        .map(|r| r.as_ref().unwrap().key_label().to_owned())
-        .collect();
-    let worst = stickiness(&users, &labels)
-        .into_values()
-        .fold(1.0f64, f64::min);
+    let worst_share = |from_user: bool| {
+        let p = pool(&server, Strategy::RoundRobin, from_user);
+        let results = p.batch(users.iter().map(|u| {
+            Request::new(&json!({"model": "m", "user": format!("user-{u}"), "messages": [{"role": "user", "content": "hi"}]}))
+        }));
+        let labels: Vec<String> = results
+            .iter()
+            .map(|r| r.as_ref().unwrap().key_label().to_owned())
+            .collect();
+        stickiness(&users, &labels)
+            .into_values()
+            .fold(1.0f64, f64::min)
+    };
+    let worst = worst_share(true);
     assert!(worst >= 0.95, "{worst}");
     // Off: round-robin spreads one user's requests over the keys.
-    let p = pool(&server, Strategy::RoundRobin, false);
-    let results = p.batch(users.iter().map(|u| {
-        Request::new(&json!({"model": "m", "user": format!("user-{u}"), "messages": [{"role": "user", "content": "hi"}]}))
-    }));
-    let labels: Vec<String> = results
-        .iter()
-        .map(|r| r.as_ref().unwrap().key_label().to_owned())
-        .collect();
-    let worst = stickiness(&users, &labels)
-        .into_values()
-        .fold(1.0f64, f64::min);
+    let worst = worst_share(false);
     assert!(
         worst < 0.95,
         "without affinity the user field binds nothing: {worst}"

@@ -2030,3 +2030,55 @@ fn free_model_limit_is_shared_across_the_group() {
         .unwrap();
     assert!(paid.arrived < limited[0].finished + Duration::from_millis(1_000));
 }
+
+#[test]
+fn spend_cap_is_shared_across_pools() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = MockServer::start(MockConfig {
+        threads: 2,
+        cost_per_request: 0.01,
+        ..MockConfig::default()
+    })
+    .unwrap();
+    let json = |key: &str| {
+        format!(
+            r#"{{"base_url": "{}", "max_cost": 0.05, "keys": [{{"key": "{key}", "max_concurrent": 1}}],
+                "shared": {{"redis_url": "{}", "namespace": "spend"}}}}"#,
+            server.url(),
+            redis.url()
+        )
+    };
+    let count = |r: &[keypool::RequestResult]| {
+        let ok = r.iter().filter(|r| r.is_ok()).count();
+        let refused = r
+            .iter()
+            .filter(|r| matches!(r, Err(Error::BudgetExhausted { .. })))
+            .count();
+        (ok, refused)
+    };
+    let a = new_pool(&json("sk-spend-a"));
+    assert_eq!(count(&a.batch((0..3).map(chat))), (3, 0));
+    // Another pool (process) with the same namespace has 0.02 left of the 0.05.
+    let b = new_pool(&json("sk-spend-b"));
+    assert_eq!(count(&b.batch((0..10).map(chat))), (2, 8));
+    assert_eq!(server.stats().total_requests, 5, "0.05 spent at the server");
+    // The first pool learns it at its next answer at the latest: one request in
+    // flight may still go, then nothing.
+    let after = count(&a.batch((0..5).map(chat)));
+    assert!(after.0 <= 1 && after.0 + after.1 == 5, "{after:?}");
+    // A pool started once the cap is spent refuses at once: nothing more is sent.
+    let sent = server.stats().total_requests;
+    let c = new_pool(&json("sk-spend-c"));
+    match c.submit(chat(0)) {
+        Err(e @ Error::BudgetExhausted { .. }) => assert!(e.to_string().contains("0.05"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(server.stats().total_requests, sent);
+    let total: f64 = redis::cmd("GET")
+        .arg("kp:{spend}:spend")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!((total - sent as f64 * 0.01).abs() < 1e-9, "{total}");
+}

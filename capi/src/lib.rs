@@ -14,8 +14,9 @@
 // Public engine API, under the paths the ffi modules use (`crate::Pool`, …).
 #[allow(unused_imports)]
 use keypool::{
-    CancelHandle, Config, DEFAULT_PATH, Error, Pool, Request, RequestResult, ResponseStream,
-    StreamChunk, StreamEvent, StreamFailure, Ticket, TimeoutPhase, VERSION,
+    CancelHandle, Config, DEFAULT_PATH, Error, KeyEvent, KeyEventKind, Pool, Request,
+    RequestResult, ResponseStream, StreamChunk, StreamEvent, StreamFailure, Ticket, TimeoutPhase,
+    VERSION,
 };
 // Crate-private engine items the C ABI needs (`crate::thread_role::on_pool_thread`).
 use keypool::__capi::thread_role;

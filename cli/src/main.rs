@@ -13,6 +13,8 @@ mod demo;
 mod input;
 #[path = "keypool/keys.rs"]
 mod keys;
+#[path = "keypool/metrics.rs"]
+mod metrics;
 #[path = "keypool/mock.rs"]
 mod mock;
 #[path = "keypool/output.rs"]
@@ -85,6 +87,12 @@ fn cmd_run(a: &RunArgs) -> Result<ExitCode, String> {
     let config = settings::build_config(&a.pool_flags(), |k| std::env::var(k).ok())?;
     let interrupts = signals::interrupts()?;
     let pool = keypool::Pool::new(config).map_err(|e| e.to_string())?;
+    if let Some(addr) = &a.metrics_addr {
+        let bound = metrics::serve(addr, pool.clone())?;
+        if !a.quiet {
+            eprintln!("keypool: metrics at http://{bound}/metrics");
+        }
+    }
     let opts = RunOptions {
         input: a.input.clone(),
         output: a.output.clone(),

@@ -25,6 +25,7 @@ const PAGES: &[(&str, &str)] = &[
     ("docs/go.md", include_str!("../../docs/go.md")),
     ("docs/https.md", include_str!("../../docs/https.md")),
     ("docs/internals.md", include_str!("../../docs/internals.md")),
+    ("docs/metrics.md", include_str!("../../docs/metrics.md")),
     ("docs/python.md", include_str!("../../docs/python.md")),
     ("docs/routing.md", include_str!("../../docs/routing.md")),
     ("docs/rust.md", include_str!("../../docs/rust.md")),

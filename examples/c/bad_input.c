@@ -108,12 +108,14 @@ static bool count_chunk(const keypool_stream_event *chunk, void *user_data) {
     return true;
 }
 
+/* No key proofs here (`retry.prove_keys`, tested in tests/key_proof.rs): these scripted
+   servers take the first connection they see to be the first request's. */
 static keypool_pool *make_pool(const char *base_url, int max_concurrent, int queue,
                                int timeout_ms) {
     char config[1024];
     snprintf(config, sizeof config,
              "{\"base_url\": \"%s\", \"timeout_ms\": %d, \"queue_capacity\": %d,"
-             " \"retry\": {\"max_attempts\": 1},"
+             " \"retry\": {\"max_attempts\": 1, \"prove_keys\": false},"
              " \"keys\": [{\"key\": \"" SECRET "-1\", \"label\": \"acct-a\", \"max_concurrent\": %d}]}",
              base_url, timeout_ms, queue, max_concurrent);
     keypool_pool *pool = NULL;
@@ -272,20 +274,21 @@ static void null_handle_cases(void) {
     check("status_str(-1)",
           strcmp(keypool_status_str((keypool_status)-1), "unknown status") == 0, "not unknown");
     int named = 1;
-    for (int s = KEYPOOL_OK; s <= KEYPOOL_FLAGGED; s++) {
+    for (int s = KEYPOOL_OK; s <= KEYPOOL_BUDGET_EXHAUSTED; s++) {
         const char *str = keypool_status_str((keypool_status)s);
         if (str == NULL || str[0] == '\0' || strcmp(str, "unknown status") == 0) named = 0;
     }
-    check("status_str names 0..16", named, "a known status has no name");
-    check("status_str(17) unknown",
-          strcmp(keypool_status_str((keypool_status)17), "unknown status") == 0, "named");
+    check("status_str names 0..17", named, "a known status has no name");
+    check("status_str(18) unknown",
+          strcmp(keypool_status_str((keypool_status)18), "unknown status") == 0, "named");
     check("status numbers fixed",
           KEYPOOL_OK == 0 && KEYPOOL_INVALID_ARGUMENT == 1 && KEYPOOL_CONFIG == 2 &&
               KEYPOOL_HTTP == 3 && KEYPOOL_TRANSPORT == 4 && KEYPOOL_TIMEOUT == 5 &&
               KEYPOOL_BUSY == 6 && KEYPOOL_CLOSED == 7 && KEYPOOL_CANCELLED == 8 &&
               KEYPOOL_PANIC == 9 && KEYPOOL_NO_USABLE_KEY == 10 && KEYPOOL_INVALID_REQUEST == 11 &&
               KEYPOOL_WOULD_DEADLOCK == 12 && KEYPOOL_SPAWN == 13 && KEYPOOL_STREAM == 14 &&
-              KEYPOOL_SHARED_UNAVAILABLE == 15 && KEYPOOL_FLAGGED == 16,
+              KEYPOOL_SHARED_UNAVAILABLE == 15 && KEYPOOL_FLAGGED == 16 &&
+              KEYPOOL_BUDGET_EXHAUSTED == 17,
           "a status number changed");
 }
 

@@ -8,7 +8,11 @@
  * answered. Callbacks of cancelled requests run on a keypool thread, never on the thread
  * that shuts the pool down.
  *
- *   callbacks <base_url>   a mock server's URL (run under valgrind by run-ffi-tests.sh)
+ *   callbacks <base_url> [<capacity_url>]
+ *
+ * base_url is a mock server's URL (run under valgrind by run-ffi-tests.sh); the
+ * optional capacity_url a mock started with `--key-capacity 1 --latency-ms 100`, where
+ * the key event callback and the Prometheus text are checked (event_cases).
  *
  * Synchronisation is by mutex + condition variable with a deadline, so a deadlock
  * fails the test instead of hanging it.
@@ -91,7 +95,8 @@ static keypool_pool *make_pool(const char *base_url, int queue, int timeout_ms) 
     char config[1024];
     snprintf(config, sizeof config,
              "{\"base_url\": \"%s\", \"timeout_ms\": %d, \"queue_capacity\": %d,"
-             " \"retry\": {\"max_attempts\": 1},"
+             /* no key proofs: a hanging server's first connection is the request's */
+             " \"retry\": {\"max_attempts\": 1, \"prove_keys\": false},"
              " \"keys\": [{\"key\": \"sk-test-cb\", \"label\": \"acct-a\", \"max_concurrent\": 1}]}",
              base_url, timeout_ms, queue);
     keypool_pool *pool = NULL;
@@ -345,11 +350,98 @@ static void cancel_cases(void) {
     close(fd);
 }
 
+/* --- key events and metrics -------------------------------------------------------- */
+#define MAX_EVENTS 64
+
+struct events {
+    int n;
+    uint32_t kinds[MAX_EVENTS];
+    int label_ok, names_ok, secret_seen;
+};
+
+static void on_event(const keypool_key_event *e, void *user_data) {
+    struct events *ev = user_data;
+    pthread_mutex_lock(&mu);
+    if (ev->n < MAX_EVENTS) ev->kinds[ev->n] = e->kind;
+    ev->label_ok &= e->label != NULL && strcmp(e->label, "acct-ev") == 0;
+    ev->names_ok &= e->kind_name != NULL &&
+                    ((e->kind == KEYPOOL_EVENT_COOLED && strcmp(e->kind_name, "cooled") == 0) ||
+                     (e->kind == KEYPOOL_EVENT_REOPENED && strcmp(e->kind_name, "reopened") == 0));
+    if (e->reason != NULL && strstr(e->reason, "SECRET") != NULL) ev->secret_seen = 1;
+    ev->n++;
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+}
+
+/* One key (two workers) at a mock taking one request per key at a time: the second
+ * request in flight gets a 429, the key cools (cooled), and after the cooldown a trial
+ * request succeeds (reopened). */
+static void event_cases(const char *capacity_url) {
+    char config[1024];
+    snprintf(config, sizeof config,
+             "{\"base_url\": \"%s\", \"retry\": {\"default_cooldown_ms\": 200},"
+             " \"keys\": [{\"key\": \"sk-test-SECRET-ev\", \"label\": \"acct-ev\","
+             " \"max_concurrent\": 2}]}",
+             capacity_url);
+    keypool_pool *pool = NULL;
+    check_status("events: pool_new", keypool_pool_new(config, &pool), KEYPOOL_OK, NULL);
+    if (pool == NULL) return;
+    check_status("events: NULL pool", keypool_pool_set_event_callback(NULL, on_event, NULL),
+                 KEYPOOL_INVALID_ARGUMENT, "pool is NULL");
+    struct events ev = {0, {0}, 1, 1, 0};
+    check_status("events: set callback", keypool_pool_set_event_callback(pool, on_event, &ev),
+                 KEYPOOL_OK, NULL);
+    const char *bodies[4] = {BODY, BODY, BODY, BODY};
+    keypool_result *results[4] = {NULL, NULL, NULL, NULL};
+    check_status("events: batch", keypool_batch(pool, bodies, 4, results), KEYPOOL_OK, NULL);
+    int all_ok = 1;
+    for (int i = 0; i < 4; i++) {
+        all_ok &= keypool_result_status(results[i]) == KEYPOOL_OK;
+        keypool_result_free(results[i]);
+    }
+    check("events: every request answered 200", all_ok, "a request failed");
+    char *text = keypool_pool_stats_prometheus(pool);
+    check("events: stats_prometheus", text != NULL, keypool_last_error());
+    if (text != NULL) {
+        check("events: prometheus counts the 429",
+              strstr(text, "keypool_requests_total{key=\"acct-ev\",outcome=\"rate_limited\"} 0\n") ==
+                  NULL,
+              text);
+        check("events: prometheus has the duration histogram",
+              strstr(text, "keypool_request_duration_seconds_bucket{key=\"acct-ev\",le=\"+Inf\"}") !=
+                  NULL,
+              text);
+        check("events: no key in the metrics", strstr(text, "SECRET") == NULL, text);
+        keypool_string_free(text);
+    }
+    check("events: stats_prometheus(NULL)", keypool_pool_stats_prometheus(NULL) == NULL,
+          "not NULL");
+    /* Shutdown delivers every event before it returns. */
+    check_status("events: shutdown", keypool_pool_shutdown(pool, 30000), KEYPOOL_OK, NULL);
+    pthread_mutex_lock(&mu);
+    int n = ev.n;
+    pthread_mutex_unlock(&mu);
+    char detail[256];
+    snprintf(detail, sizeof detail, "%d events, first %u %u, last %u", n, n > 0 ? ev.kinds[0] : 0,
+             n > 1 ? ev.kinds[1] : 0, n > 0 ? ev.kinds[n > MAX_EVENTS ? MAX_EVENTS - 1 : n - 1] : 0);
+    check("events: cooled then reopened",
+          n >= 2 && n <= MAX_EVENTS && ev.kinds[0] == KEYPOOL_EVENT_COOLED &&
+              ev.kinds[1] == KEYPOOL_EVENT_REOPENED && ev.kinds[n - 1] == KEYPOOL_EVENT_REOPENED,
+          detail);
+    check("events: label and names", ev.label_ok && ev.names_ok, "wrong label or kind name");
+    check("events: no key in an event", !ev.secret_seen, "a reason quotes the key");
+    /* Replacing and removing the callback. */
+    check_status("events: remove callback", keypool_pool_set_event_callback(pool, NULL, NULL),
+                 KEYPOOL_OK, NULL);
+    keypool_pool_free(pool);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s <base_url>\n", argv[0]);
+        fprintf(stderr, "usage: %s <base_url> [<capacity_url>]\n", argv[0]);
         return 2;
     }
+    if (argc > 2) event_cases(argv[2]);
     blocking_cases(argv[1]);
     shutdown_cases(argv[1]);
     cancel_cases();

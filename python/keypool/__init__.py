@@ -30,6 +30,7 @@ from typing import (
 from . import _keypool
 from . import _errors
 from ._errors import (
+    BudgetExhausted,
     Busy,
     Cancelled,
     Closed,

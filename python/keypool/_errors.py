@@ -28,6 +28,7 @@ __all__ = [
     "StreamError",
     "SharedUnavailable",
     "Flagged",
+    "BudgetExhausted",
     "WouldDeadlock",
     "ResultTaken",
 ]
@@ -141,6 +142,12 @@ class Flagged(KeypoolError):
     code = "flagged"
 
 
+class BudgetExhausted(KeypoolError):
+    """The pool's spend cap (``max_cost``) is reached: the request was not sent."""
+
+    code = "budget_exhausted"
+
+
 class WouldDeadlock(KeypoolError, RuntimeError):
     code = "would_deadlock"
 
@@ -166,6 +173,7 @@ _BY_CODE: Dict[str, Type[KeypoolError]] = {
         StreamError,
         SharedUnavailable,
         Flagged,
+        BudgetExhausted,
         WouldDeadlock,
         ResultTaken,
     )

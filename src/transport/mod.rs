@@ -3,6 +3,12 @@
 //! Each key gets its own transport (for ureq: its own `Agent`, so its own keep-alive
 //! connection pool sized to the key's worker count). Tests and benchmarks can plug in
 //! a transport that never touches the network with [`Pool::with_transport`](crate::Pool::with_transport).
+//!
+//! The HTTP layer: this trait and error masking (here), [`UreqTransport`]
+//! (`ureq_agent`), keypool's TCP layer under ureq (`lean_tcp`), TLS trust (`tls`), and
+//! the bounded reader of server-sent events a streamed answer arrives in ([`sse`]).
+//!
+//! May use: `api`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,12 +155,14 @@ pub trait Transport: Send + Sync {
 /// Builds one transport per key.
 pub type TransportFactory = Arc<dyn Fn(&TransportSettings) -> Arc<dyn Transport> + Send + Sync>;
 
+pub(crate) mod cancel;
 mod lean_tcp;
 mod lean_tls;
+pub(crate) mod sse;
 mod tls;
 mod ureq_agent;
 
-pub use tls::{TlsConfig, TlsTrust};
+pub use tls::TlsTrust;
 pub use ureq_agent::UreqTransport;
 
 /// Replaces the request's key and its URL's userinfo secret in an error message: an

@@ -65,11 +65,15 @@ pub enum Status {
     /// not retried on other keys and no key was taken out. The result keeps the status
     /// and body (`keypool_result_http_status`, `keypool_result_body`).
     KEYPOOL_FLAGGED = 16,
+    /// The pool's spend cap (config `max_cost`) is reached: the request was not sent
+    /// (refused at submit, or answered while it waited). Requests already in flight
+    /// finished.
+    KEYPOOL_BUDGET_EXHAUSTED = 17,
 }
 
 /// Every status, in numeric order (for tests and exhaustive tables).
 #[cfg(test)]
-pub(crate) const ALL_STATUSES: [Status; 17] = [
+pub(crate) const ALL_STATUSES: [Status; 18] = [
     Status::KEYPOOL_OK,
     Status::KEYPOOL_INVALID_ARGUMENT,
     Status::KEYPOOL_CONFIG,
@@ -87,6 +91,7 @@ pub(crate) const ALL_STATUSES: [Status; 17] = [
     Status::KEYPOOL_STREAM,
     Status::KEYPOOL_SHARED_UNAVAILABLE,
     Status::KEYPOOL_FLAGGED,
+    Status::KEYPOOL_BUDGET_EXHAUSTED,
 ];
 
 /// A status as C passes it in: any integer, so an unknown value is not an invalid
@@ -118,6 +123,7 @@ impl Status {
             Error::Stream { .. } => Status::KEYPOOL_STREAM,
             Error::SharedUnavailable { .. } => Status::KEYPOOL_SHARED_UNAVAILABLE,
             Error::Flagged { .. } => Status::KEYPOOL_FLAGGED,
+            Error::BudgetExhausted { .. } => Status::KEYPOOL_BUDGET_EXHAUSTED,
             // `Error` is #[non_exhaustive]: a variant added later without a status of its
             // own is reported as an internal failure rather than mislabelled as success.
             _ => Status::KEYPOOL_PANIC,
@@ -146,6 +152,7 @@ impl Status {
             Status::KEYPOOL_STREAM => "stream",
             Status::KEYPOOL_SHARED_UNAVAILABLE => "shared_unavailable",
             Status::KEYPOOL_FLAGGED => "flagged",
+            Status::KEYPOOL_BUDGET_EXHAUSTED => "budget_exhausted",
         }
     }
 
@@ -178,6 +185,7 @@ impl Status {
             14 => c"streamed response failed",
             15 => c"shared limits unavailable (Redis unreachable)",
             16 => c"request flagged by the server (moderation or guardrail)",
+            17 => c"budget exhausted: the pool's spend cap (max_cost) is reached",
             _ => c"unknown status",
         }
     }

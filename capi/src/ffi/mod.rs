@@ -15,6 +15,7 @@
 use std::ffi::{CStr, CString, c_char};
 
 mod error;
+mod events;
 mod logging;
 mod panic;
 mod pool;
@@ -182,9 +183,9 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(s(Status::KEYPOOL_CLOSED as u32), "pool is closed");
-        assert_eq!(s(17), "unknown status");
+        assert_eq!(s(18), "unknown status");
         assert_eq!(s(u32::MAX), "unknown status");
-        for n in 0..=16 {
+        for n in 0..=17 {
             assert_ne!(s(n), "unknown status");
         }
         // SAFETY: as above.
@@ -373,6 +374,13 @@ mod tests {
                     response: Box::new(flagged_response),
                 },
                 Status::KEYPOOL_FLAGGED,
+            ),
+            (
+                Error::BudgetExhausted {
+                    spent: 0.05,
+                    max_cost: 0.05,
+                },
+                Status::KEYPOOL_BUDGET_EXHAUSTED,
             ),
         ];
         let mut covered = HashSet::new();

@@ -218,7 +218,8 @@ pub extern "C" fn keypool_result_error_message(r: *const FfiResult) -> *const c_
 /// "timeout", "busy", "closed", "cancelled", "panic", "no_usable_key",
 /// "invalid_request", "would_deadlock" (`KEYPOOL_WOULD_DEADLOCK`), "spawn"
 /// (`KEYPOOL_SPAWN`), "stream" (`KEYPOOL_STREAM`), "shared_unavailable"
-/// (`KEYPOOL_SHARED_UNAVAILABLE`), "flagged" (`KEYPOOL_FLAGGED`) — with one
+/// (`KEYPOOL_SHARED_UNAVAILABLE`), "flagged" (`KEYPOOL_FLAGGED`), "budget_exhausted"
+/// (`KEYPOOL_BUDGET_EXHAUSTED`) — with one
 /// refinement: a `KEYPOOL_HTTP` result whose 2xx body was not a valid response has the
 /// code "invalid_response". NULL if the request succeeded.
 ///

@@ -147,6 +147,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DOLLARS")]
     pub credits_floor: Option<f64>,
 
+    /// Stop spending at this many dollars: once the responses' summed cost (their
+    /// usage.cost, else estimated from the config's prices) reaches it, nothing more is
+    /// sent and every line not yet sent is recorded with the error budget_exhausted.
+    /// Requests already in flight finish (sets the config's max_cost).
+    #[arg(long, value_name = "DOLLARS")]
+    pub max_cost: Option<f64>,
+
     /// A PEM file of CA certificates to trust for https:// besides the system's (a
     /// private CA, a TLS-inspecting proxy's); sets the config's tls.ca_file.
     /// SSL_CERT_FILE and SSL_CERT_DIR are honoured too, as curl does. Default: the
@@ -184,6 +191,14 @@ pub struct RunArgs {
     /// label only. Default: none.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
+
+    /// Serve the pool's metrics in the Prometheus text format at
+    /// http://ADDR/metrics while the run lasts (e.g. 127.0.0.1:9464; port 0 picks a
+    /// free one, printed on stderr): requests by key and outcome, in flight, queue
+    /// depth, duration histograms, tokens, cost, key state. Labels only, never keys.
+    /// Default: off.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
 
     /// Without a terminal on stderr (and not --quiet), a progress line at most every
     /// this many milliseconds. Default: 10000.
@@ -235,6 +250,7 @@ impl RunArgs {
             shared: self.shared.clone(),
             adaptive: self.adaptive,
             credits_floor: self.credits_floor,
+            max_cost: self.max_cost,
             ca_file: self.ca_file.clone(),
         }
     }

@@ -78,6 +78,8 @@ pub struct RunReport {
     pub ok: u64,
     /// Failed records written (HTTP errors, transport errors, malformed lines).
     pub failed: u64,
+    /// Of `failed`: lines not sent because the spend cap (`max_cost`) was reached.
+    pub budget_exhausted: u64,
     /// Lines skipped because the output already answers them successfully.
     pub skipped_ok: u64,
     /// Lines skipped because their last record is a failure (no `--retry-failed`).
@@ -183,6 +185,14 @@ impl RunReport {
                 } else {
                     ""
                 }
+            );
+        }
+        if self.budget_exhausted > 0 {
+            s += &format!(
+                "keypool: spend cap reached (max_cost): {} line(s) not sent, recorded as \
+                 budget_exhausted; run again with --retry-failed (and a higher --max-cost) \
+                 to send them\n",
+                self.budget_exhausted
             );
         }
         match self.interrupted {
@@ -359,6 +369,7 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
         permits: permit_tx,
         ok: 0,
         failed: 0,
+        budget_exhausted: 0,
         pool: pool.clone(),
         outstanding: outstanding.clone(),
         ledger: ledger.clone(),
@@ -439,6 +450,7 @@ pub fn run(pool: &Pool, opts: &RunOptions, interrupts: &Receiver<()>) -> Result<
     Ok(RunReport {
         ok: sink.ok,
         failed: sink.failed,
+        budget_exhausted: sink.budget_exhausted,
         skipped_ok: reader_report.skipped_ok,
         skipped_failed: reader_report.skipped_failed,
         unrecorded: count,
@@ -607,6 +619,7 @@ struct Sink {
     permits: Sender<()>,
     ok: u64,
     failed: u64,
+    budget_exhausted: u64,
     pool: Pool,
     outstanding: Arc<AtomicU64>,
     ledger: Ledger,
@@ -661,6 +674,12 @@ impl Sink {
             self.ok += 1;
         } else {
             self.failed += 1;
+            if matches!(
+                d.outcome,
+                Outcome::Result(Err(keypool::Error::BudgetExhausted { .. }))
+            ) {
+                self.budget_exhausted += 1;
+            }
         }
         let (failed, pool) = (self.failed, &self.pool);
         self.progress.inc(|| {

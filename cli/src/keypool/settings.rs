@@ -35,6 +35,8 @@ pub struct PoolFlags {
     pub adaptive: bool,
     /// `--credits-floor`: `credits.check` on, `credits.floor` this.
     pub credits_floor: Option<f64>,
+    /// `--max-cost`: `max_cost`.
+    pub max_cost: Option<f64>,
     /// `--ca-file`: `tls.ca_file`.
     pub ca_file: Option<PathBuf>,
 }
@@ -52,6 +54,9 @@ fn check_flags(f: &PoolFlags) -> Result<(), String> {
     }
     if f.credits_floor.is_some_and(|x| !x.is_finite() || x < 0.0) {
         return Err("--credits-floor must be a number of dollars, 0 or more".into());
+    }
+    if f.max_cost.is_some_and(|x| !x.is_finite() || x < 0.0) {
+        return Err("--max-cost must be a number of dollars, 0 or more".into());
     }
     if f.timeout_ms == Some(0) {
         return Err("--timeout-ms must be at least 1".into());
@@ -205,6 +210,9 @@ pub fn build_config(
             c.insert("check".into(), json!(true));
             c.insert("floor".into(), json!(floor));
         }
+    }
+    if let Some(dollars) = flags.max_cost {
+        root.insert("max_cost".into(), json!(dollars));
     }
     if let Some(path) = &flags.ca_file {
         let tls = root.entry("tls").or_insert_with(|| json!({}));

@@ -1,0 +1,222 @@
+//! Fallback models (issue 24.2): a request whose model cannot be served — every key
+//! serving it out (or cooling past its deadline), or the provider answering that the
+//! model is not there (OpenRouter's 404 "No endpoints found") or overloaded (a 503
+//! blamed on the model) — moves to the next fallback model on that model's keys;
+//! the result says which model served. Counted at the mock.
+
+use keypool::{Config, Error, KeyConfig, Pool, Request};
+use keypool_mock::{KeyRule, MockConfig, MockServer};
+use serde_json::json;
+
+const OR_MODEL_404: &str = r#"{"error":{"message":"No endpoints found for acme/x.","code":404}}"#;
+
+fn line(i: usize, model: &str) -> Request {
+    Request::new(
+        &json!({"model": model, "messages": [{"role": "user", "content": format!("q{i}")}]}),
+    )
+}
+
+fn models_seen(server: &MockServer, key: &str) -> Vec<String> {
+    server
+        .key_stats(key)
+        .map(|r| r.log.iter().filter_map(|l| l.model.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_model_whose_keys_are_all_revoked_falls_back_per_request() {
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    server.set_key_rule(
+        "sk-x",
+        KeyRule {
+            always_status: Some(401),
+            ..KeyRule::default()
+        },
+    );
+    let cfg = Config::builder()
+        .base_url(server.url())
+        .key_config(
+            KeyConfig::new("sk-x")
+                .label("x")
+                .models(["acme/x"])
+                .max_concurrent(2),
+        )
+        .key_config(
+            KeyConfig::new("sk-y")
+                .label("y")
+                .models(["acme/y"])
+                .max_concurrent(2),
+        )
+        .build()
+        .unwrap();
+    let pool = Pool::new(cfg).unwrap();
+    let results = pool.batch((0..10).map(|i| line(i, "acme/x").with_fallback_models(["acme/y"])));
+    for r in &results {
+        let r = r.as_ref().expect("served by the fallback");
+        assert_eq!(r.fallback_model(), Some("acme/y"));
+        assert_eq!(r.key_label(), "y");
+    }
+    // The revoked key cost its trial; the fallback's key saw only the fallback model.
+    assert_eq!(server.key_stats("sk-x").unwrap().requests, 1);
+    assert!(models_seen(&server, "sk-y").iter().all(|m| m == "acme/y"));
+    assert_eq!(models_seen(&server, "sk-y").len(), 10);
+    // Without fallbacks the same request fails, saying why.
+    let e = pool.submit(line(99, "acme/x")).unwrap().wait().unwrap_err();
+    assert!(matches!(e, Error::NoUsableKey { .. }), "{e}");
+}
+
+#[test]
+fn a_model_the_provider_does_not_have_falls_back_from_the_config() {
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    for k in ["sk-a", "sk-b"] {
+        server.set_key_rule(
+            k,
+            KeyRule {
+                model: Some("acme/x".into()),
+                always_status: Some(404),
+                body: Some(OR_MODEL_404.into()),
+                ..KeyRule::default()
+            },
+        );
+    }
+    let cfg = Config::builder()
+        .base_url(server.url())
+        .key("sk-a", 2)
+        .key("sk-b", 2)
+        .fallback_models("acme/x", ["acme/z", "acme/y"])
+        .build()
+        .unwrap();
+    let pool = Pool::new(cfg).unwrap();
+    let results = pool.batch((0..12).map(|i| line(i, "acme/x")));
+    for r in &results {
+        let r = r.as_ref().expect("served by a fallback");
+        // acme/z is served by the mock too: the first fallback serves.
+        assert_eq!(r.fallback_model(), Some("acme/z"));
+        let body: serde_json::Value = r.json().unwrap();
+        assert!(body.get("choices").is_some());
+    }
+    // The 404s of the requests already out when the first came back (at most the
+    // pool's 2 keys x 2 workers, the keys proven at start); the verdict is shared,
+    // then only the fallback goes out.
+    let seen: Vec<String> = ["sk-a", "sk-b"]
+        .iter()
+        .flat_map(|k| models_seen(&server, k))
+        .collect();
+    let missing = seen.iter().filter(|m| *m == "acme/x").count();
+    assert!((1..=4).contains(&missing), "{seen:?}");
+    assert_eq!(seen.iter().filter(|m| *m == "acme/z").count(), 12);
+    // A model with no fallback and no key is still refused at submit.
+    let cfg = Config::builder()
+        .base_url(server.url())
+        .key_config(KeyConfig::new("sk-c").models(["acme/y"]).max_concurrent(1))
+        .build()
+        .unwrap();
+    let pool = Pool::new(cfg).unwrap();
+    assert!(matches!(
+        pool.submit(line(0, "acme/q")),
+        Err(Error::ModelNotServed { .. })
+    ));
+    // With a fallback, a model no key serves goes to the fallback's keys.
+    let r = pool
+        .submit(line(1, "acme/q").with_fallback_models(["acme/y"]))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(r.fallback_model(), Some("acme/y"));
+}
+
+/// OpenRouter's 503 when the model's upstream providers are overloaded, with the
+/// provider named in `metadata` as its docs show: blamed on the model, not the key.
+const OR_PROVIDER_503: &str = r#"{"error":{"code":503,"message":"Provider returned error","metadata":{"provider_name":"Acme","raw":"{\"error\":{\"message\":\"Overloaded\"}}"}}}"#;
+/// OpenAI's documented 429 for one model's limit, naming the model.
+const OPENAI_MODEL_429: &str = r#"{"error":{"message":"Rate limit reached for acme/x in organization org-1 on requests per min (RPM): Limit 3, Used 3, Requested 1. Please try again in 20s.","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
+
+/// Both keys answer `acme/x` with `status`/`body` (and `headers`); `acme/y` is served.
+fn model_x_refused(status: u16, body: &str, headers: &[(&str, &str)]) -> MockServer {
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    for k in ["sk-a", "sk-b"] {
+        server.set_key_rule(
+            k,
+            KeyRule {
+                model: Some("acme/x".into()),
+                always_status: Some(status),
+                body: Some(body.into()),
+                headers: headers
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .collect(),
+                ..KeyRule::default()
+            },
+        );
+    }
+    server
+}
+
+fn x_then_y(server: &MockServer, deadline_ms: u64) -> Pool {
+    let cfg = Config::builder()
+        .base_url(server.url())
+        .key("sk-a", 2)
+        .key("sk-b", 2)
+        .deadline_ms(deadline_ms)
+        .fallback_models("acme/x", ["acme/y"])
+        .build()
+        .unwrap();
+    Pool::new(cfg).unwrap()
+}
+
+fn x_seen(server: &MockServer) -> usize {
+    ["sk-a", "sk-b"]
+        .iter()
+        .flat_map(|k| models_seen(server, k))
+        .filter(|m| m == "acme/x")
+        .count()
+}
+
+#[test]
+fn a_model_overloaded_upstream_falls_back_at_once() {
+    // A 503 blamed on the model cools it at that key (for the default cooldown).
+    // Without fallbacks the request would wait for it and retry; with one it moves
+    // on at once: each request asks for acme/x at most once.
+    let server = model_x_refused(503, OR_PROVIDER_503, &[]);
+    let pool = x_then_y(&server, 0);
+    let t0 = std::time::Instant::now();
+    let results = pool.batch((0..10).map(|i| line(i, "acme/x")));
+    for r in &results {
+        let r = r.as_ref().expect("served by the fallback");
+        assert_eq!(r.fallback_model(), Some("acme/y"));
+    }
+    let x = x_seen(&server);
+    assert!((1..=10).contains(&x), "{x} requests for acme/x");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(8),
+        "{:?}",
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn a_model_cooling_past_the_deadline_falls_back_and_within_it_is_waited_for() {
+    // OpenAI's 429 for one model with a 20 s reset: the pair cools 20 s on each key.
+    let server = model_x_refused(429, OPENAI_MODEL_429, &[("retry-after", "20")]);
+    // A 5 s deadline cannot wait 20 s: after the 429s the request moves to acme/y.
+    let pool = x_then_y(&server, 5_000);
+    let results = pool.batch((0..6).map(|i| line(i, "acme/x")));
+    for r in &results {
+        let r = r
+            .as_ref()
+            .expect("served by the fallback before the deadline");
+        assert_eq!(r.fallback_model(), Some("acme/y"));
+    }
+    assert!((1..=6).contains(&x_seen(&server)));
+    // With a 1 s cooldown and no deadline the model is waited for, not replaced: the
+    // request comes back to acme/x (still refused, so it ends with the 429).
+    let server = model_x_refused(429, OPENAI_MODEL_429, &[("retry-after", "1")]);
+    let pool = x_then_y(&server, 0);
+    let r = pool.submit(line(0, "acme/x")).unwrap().wait();
+    assert!(
+        matches!(&r, Err(Error::Http { status: 429, .. })),
+        "{:?}",
+        r.as_ref().map(|r| r.fallback_model().map(str::to_owned))
+    );
+    assert!(x_seen(&server) >= 2, "waited for acme/x and asked again");
+}
