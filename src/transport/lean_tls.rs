@@ -62,6 +62,7 @@ impl<A: Transport> Connector<Either<A, LeanTcp>> for LeanTlsConnector {
         let name = rustls::pki_types::ServerName::try_from(host.to_owned())
             .map_err(|_| ureq::Error::Tls("invalid DNS name for TLS"))?;
         let conn = rustls::ClientConnection::new(self.config.clone(), name).map_err(tls_error)?;
+        let conn = Box::new(conn);
         let (socket, started) = tcp.into_socket();
         let mut tls = LeanTls {
             socket,
@@ -93,7 +94,11 @@ fn tls_error(e: rustls::Error) -> ureq::Error {
 /// A TLS connection as ureq's `Transport`.
 pub(crate) struct LeanTls {
     socket: Arc<Socket>,
-    conn: rustls::ClientConnection,
+    /// Boxed: ureq's connector chain moves the connection by value through every
+    /// level's frame (`ChainedConnector::connect`), and each frame is sized for it.
+    /// Every worker thread connects at least once, so those frames are its stack's
+    /// resident high-water mark (`benches/cpu.rs --memory`).
+    conn: Box<rustls::ClientConnection>,
     /// ureq's buffers for the HTTP layer above (plaintext).
     buffers: LazyBuffers,
     /// The socket's current `SO_RCVTIMEO` / `SO_SNDTIMEO` (`None`: none set).
