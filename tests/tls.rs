@@ -83,6 +83,48 @@ fn a_private_ca_is_trusted_through_tls_ca_file_and_connections_are_reused() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// keypool's TLS layer starts ureq's input buffer small and grows it when a read fills
+/// it, up to the largest response head accepted: a head of 9 KiB and a body of 48 KiB
+/// arrive whole, on a reused connection; a head beyond the limit is a transport error (as before).
+#[test]
+fn large_response_heads_and_bodies_arrive_whole_over_tls() {
+    let server = tls_server();
+    let d = dir("large");
+    let ca = d.join("ca.pem");
+    std::fs::write(&ca, server.ca_pem().unwrap()).unwrap();
+    let body = format!(
+        r#"{{"id":"x","object":"chat.completion","model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":"{}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}}}"#,
+        "y".repeat(48 * 1024)
+    );
+    let rule = |header: usize| keypool_mock::KeyRule {
+        always_status: Some(200),
+        body: Some(body.clone()),
+        headers: vec![("x-large".to_owned(), "z".repeat(header))],
+        ..Default::default()
+    };
+    server.set_key_rule("sk-tls-0", rule(9 * 1024));
+    let pool = pool_with(
+        &server.url(),
+        1,
+        1,
+        TlsConfig::default().ca_file(ca.display().to_string()),
+        RetryConfig::default().prove_keys(false).max_attempts(1),
+    )
+    .unwrap();
+    for i in 0..3 {
+        let r = pool.submit(prompt(i)).unwrap().wait().unwrap();
+        assert_eq!(r.content().map(|c| c.len()), Some(48 * 1024));
+    }
+    assert_eq!(server.stats().keys["sk-tls-0"].connections(), 1);
+    server.set_key_rule("sk-tls-0", rule(20 * 1024));
+    let e = pool.submit(prompt(3)).unwrap().wait().unwrap_err();
+    assert!(matches!(e, Error::Transport { .. }), "{e}");
+    // ureq reports a head that fills its whole buffer as the peer disconnecting,
+    // with LazyBuffers as with these.
+    pool.close();
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 #[test]
 fn an_untrusted_endpoint_is_one_clear_error_and_no_key_is_blamed() {
     let server = tls_server();

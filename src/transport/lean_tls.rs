@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ureq::unversioned::transport::{
-    Buffers, ConnectionDetails, Connector, Either, LazyBuffers, NextTimeout, Transport,
+    Buffers, ConnectionDetails, Connector, Either, NextTimeout, Transport,
 };
 
 use super::lean_tcp::{CORK_LIMIT, LeanTcp, Socket, adjust, io_error};
@@ -67,7 +67,7 @@ impl<A: Transport> Connector<Either<A, LeanTcp>> for LeanTlsConnector {
         let mut tls = LeanTls {
             socket,
             conn,
-            buffers: LazyBuffers::new(
+            buffers: GrowBuffers::new(
                 details.config.input_buffer_size(),
                 details.config.output_buffer_size(),
             ),
@@ -100,7 +100,7 @@ pub(crate) struct LeanTls {
     /// resident high-water mark (`benches/cpu.rs --memory`).
     conn: Box<rustls::ClientConnection>,
     /// ureq's buffers for the HTTP layer above (plaintext).
-    buffers: LazyBuffers,
+    buffers: GrowBuffers,
     /// The socket's current `SO_RCVTIMEO` / `SO_SNDTIMEO` (`None`: none set).
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
@@ -362,5 +362,172 @@ impl Transport for LeanTls {
 
     fn is_tls(&self) -> bool {
         true
+    }
+}
+
+/// ureq's buffers for the HTTP layer over TLS, the input buffer grown on demand.
+///
+/// ureq's `LazyBuffers` allocates the whole input buffer (the largest response head
+/// accepted, 12 KiB) at once and keeps at least 10 KiB of it free as scratch space for
+/// encoding a chunked request body. keypool never sends a chunked body (every body is
+/// a byte slice sent with its `Content-Length`, which ureq copies straight into the
+/// output buffer), and a response head is 1–3 KiB, so the input buffer starts at
+/// [`INPUT_START`] and doubles, up to the configured size, only when a read fills it
+/// (a larger head, a long body). The plaintext reaches it from rustls's own buffer,
+/// so a smaller buffer costs no extra system call. A connection is resident for as
+/// long as a request is in flight on it: 8 KiB less per connection
+/// (`benches/cpu.rs --memory`).
+#[derive(Debug)]
+struct GrowBuffers {
+    /// The configured input size: the most the input buffer grows to (ureq's
+    /// `max_response_header_size` is set to the same).
+    max_input: usize,
+    output_size: usize,
+    input: Vec<u8>,
+    /// `input[consumed..filled]` is unread.
+    filled: usize,
+    consumed: usize,
+    /// The last read filled the buffer: grow before the next.
+    full: bool,
+    output: Vec<u8>,
+    progress: bool,
+}
+
+/// The input buffer's first size over TLS.
+const INPUT_START: usize = 4 * 1024;
+/// Scratch space ureq asks for only to chunk a request body (which keypool never
+/// sends); kept so that one would still go out, in smaller chunks.
+const MIN_TMP: usize = 1024;
+
+impl GrowBuffers {
+    fn new(max_input: usize, output_size: usize) -> GrowBuffers {
+        GrowBuffers {
+            max_input: max_input.max(1),
+            output_size: output_size.max(1),
+            input: Vec::new(),
+            filled: 0,
+            consumed: 0,
+            full: false,
+            output: Vec::new(),
+            progress: false,
+        }
+    }
+
+    fn ensure_allocation(&mut self) {
+        if self.output.len() < self.output_size {
+            self.output.resize(self.output_size, 0);
+        }
+        if self.input.is_empty() {
+            self.input.resize(INPUT_START.min(self.max_input), 0);
+        }
+    }
+
+    /// Moves the unread bytes to the front when that frees room (as `LazyBuffers`
+    /// does), then grows the buffer if the last read filled it.
+    fn make_room(&mut self) {
+        if self.consumed == self.filled {
+            self.consumed = 0;
+            self.filled = 0;
+        } else if self.consumed > 0 && self.filled > self.input.len() / 2 {
+            self.input.copy_within(self.consumed..self.filled, 0);
+            self.filled -= self.consumed;
+            self.consumed = 0;
+        }
+        if (self.full || self.filled == self.input.len()) && self.input.len() < self.max_input {
+            let size = (self.input.len() * 2).min(self.max_input);
+            self.input.resize(size, 0);
+        }
+        self.full = false;
+    }
+}
+
+impl Buffers for GrowBuffers {
+    fn output(&mut self) -> &mut [u8] {
+        self.ensure_allocation();
+        &mut self.output
+    }
+
+    fn input(&self) -> &[u8] {
+        &self.input[self.consumed..self.filled]
+    }
+
+    fn input_append_buf(&mut self) -> &mut [u8] {
+        self.ensure_allocation();
+        self.make_room();
+        &mut self.input[self.filled..]
+    }
+
+    fn input_appended(&mut self, amount: usize) {
+        self.filled += amount;
+        assert!(self.filled <= self.input.len());
+        self.full = amount > 0 && self.filled == self.input.len();
+    }
+
+    fn input_consume(&mut self, amount: usize) {
+        self.progress = amount > 0;
+        self.consumed += amount;
+        assert!(self.consumed <= self.filled);
+    }
+
+    fn tmp_and_output(&mut self) -> (&mut [u8], &mut [u8]) {
+        self.ensure_allocation();
+        self.make_room();
+        if self.input.len() - self.filled < MIN_TMP {
+            let size = self.filled + MIN_TMP;
+            self.input.resize(size, 0);
+        }
+        (&mut self.input[self.filled..], &mut self.output)
+    }
+
+    fn can_use_input(&self) -> bool {
+        self.consumed < self.filled && self.progress
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_grows_only_when_filled_up_to_its_limit() {
+        let mut b = GrowBuffers::new(12 * 1024, 4 * 1024);
+        assert_eq!(b.input_append_buf().len(), INPUT_START);
+        b.input_appended(100);
+        b.input_consume(100);
+        // Not filled: the same size, all free again.
+        assert_eq!(b.input_append_buf().len(), INPUT_START);
+        let n = b.input_append_buf().len();
+        b.input_appended(n);
+        assert_eq!(b.input().len(), INPUT_START);
+        // Filled: doubled, the unread bytes kept.
+        assert_eq!(b.input_append_buf().len(), INPUT_START);
+        assert_eq!(b.input().len(), INPUT_START);
+        let n = b.input_append_buf().len();
+        b.input_appended(n);
+        // At the limit: no more room until something is consumed.
+        assert_eq!(b.input_append_buf().len(), 12 * 1024 - 2 * INPUT_START);
+        let n = b.input_append_buf().len();
+        b.input_appended(n);
+        assert_eq!(b.input().len(), 12 * 1024);
+        assert!(b.input_append_buf().is_empty());
+        b.input_consume(12 * 1024);
+        assert_eq!(b.input_append_buf().len(), 12 * 1024);
+        assert_eq!(b.output().len(), 4 * 1024);
+    }
+
+    #[test]
+    fn unread_input_moves_to_the_front_and_scratch_space_is_kept() {
+        let mut b = GrowBuffers::new(12 * 1024, 4 * 1024);
+        b.input_append_buf()[2990..3000].copy_from_slice(b"0123456789");
+        b.input_appended(3000);
+        b.input_consume(2990);
+        assert!(b.can_use_input());
+        assert_eq!(b.input(), b"0123456789");
+        // More than half the buffer filled: the unread bytes move to the front.
+        assert_eq!(b.input_append_buf().len(), INPUT_START - 10);
+        assert_eq!(b.input(), b"0123456789");
+        let (tmp, out) = b.tmp_and_output();
+        assert!(tmp.len() >= MIN_TMP);
+        assert_eq!(out.len(), 4 * 1024);
     }
 }

@@ -16,7 +16,8 @@ use crate::config::ApiKey;
 use crate::error::TimeoutPhase;
 use crate::request::is_kept_header;
 
-/// ureq's per-connection read buffer (also the largest response header accepted). With
+/// ureq's per-connection read buffer (also the largest response header accepted; over
+/// TLS the most keypool's TLS layer grows it to, from 4 KiB, `lean_tls::GrowBuffers`). With
 /// [`OUTPUT_BUFFER`] and rustls's own (4 KiB while idle) this is most of a connection's
 /// heap: 12 KiB holds any LLM API's response head (1–3 KiB in practice; nginx proxies
 /// at most `proxy_buffer_size`, 4–8 KiB) and ureq's 10 KiB scratch space for writing a
