@@ -125,6 +125,56 @@ fn large_response_heads_and_bodies_arrive_whole_over_tls() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// A server that accepts the connection and never answers the TLS handshake: the
+/// handshake is bounded by `connect_timeout_ms` and reported as a connect timeout,
+/// however long the attempt's own timeout.
+#[test]
+fn a_stalled_tls_handshake_is_a_connect_timeout() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "https://127.0.0.1:{}/v1",
+        listener.local_addr().unwrap().port()
+    );
+    let held = std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for s in listener.incoming().take(1) {
+            kept.push(s);
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
+    });
+    let pool = Pool::new(
+        Config::builder()
+            .base_url(&url)
+            .connect_timeout_ms(300)
+            .timeout_ms(10_000)
+            .retry(RetryConfig::default().prove_keys(false).max_attempts(1))
+            .key_config(KeyConfig::new("sk-tls-0").label("k0"))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let e = pool.submit(prompt(0)).unwrap().wait().unwrap_err();
+    let took = t.elapsed();
+    assert!(
+        matches!(
+            e,
+            Error::Timeout {
+                phase: keypool::TimeoutPhase::Connect,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        took >= std::time::Duration::from_millis(250)
+            && took < std::time::Duration::from_millis(1500),
+        "{took:?}"
+    );
+    pool.close();
+    held.join().unwrap();
+}
+
 #[test]
 fn an_untrusted_endpoint_is_one_clear_error_and_no_key_is_blamed() {
     let server = tls_server();

@@ -6,7 +6,8 @@
 //! - **rustls reads from and writes to the socket itself**: no TCP-layer buffers under
 //!   TLS, one copy fewer each way, and the request's records (with the handshake's last
 //!   flight on a new connection) leave in one `writev` when the connection next waits
-//!   for input (corked, as the TCP layer does).
+//!   for input (corked, as the TCP layer does). The handshake itself runs at the
+//!   connection's first write, bounded as ureq's connect phase (`LeanTls::shake`).
 //! - **One `rustls::ClientConfig` per pool** ([`super::TlsTrust`]), so one root store
 //!   in memory and one session cache: a key's new connection resumes a session another
 //!   key's opened (no certificate chain to verify again).
@@ -64,7 +65,7 @@ impl<A: Transport> Connector<Either<A, LeanTcp>> for LeanTlsConnector {
         let conn = rustls::ClientConnection::new(self.config.clone(), name).map_err(tls_error)?;
         let conn = Box::new(conn);
         let (socket, started) = tcp.into_socket();
-        let mut tls = LeanTls {
+        let tls = LeanTls {
             socket,
             conn,
             buffers: GrowBuffers::new(
@@ -76,12 +77,14 @@ impl<A: Transport> Connector<Either<A, LeanTcp>> for LeanTlsConnector {
             corked: 0,
             fresh: true,
             attached: 0,
+            // The connect timeout (and the call's deadline) covers TCP and TLS together.
+            handshake: Some((
+                details.timeout.not_zero().map(|d| started + *d),
+                details.timeout,
+            )),
         };
-        // The handshake is the attempt's first I/O on this socket: a cancel cuts it too.
-        tls.socket.attach(&mut tls.attached)?;
-        // The connect timeout (and the call's deadline) covers TCP and TLS together.
-        let deadline = details.timeout.not_zero().map(|d| started + *d);
-        tls.handshake(deadline, &details.timeout)?;
+        // The handshake runs at this connection's first write, right after ureq's
+        // connect returns (`LeanTls::shake`).
         Ok(Some(Either::B(tls)))
     }
 }
@@ -111,6 +114,14 @@ pub(crate) struct LeanTls {
     /// The cancellable attempt (`crate::cancel`) this connection was last attached
     /// to (0: none).
     attached: u64,
+    /// The handshake still to do, with the connect phase's deadline and timeout (the
+    /// same as if it ran inside ureq's connect). It runs at the first write (or read)
+    /// instead, from ureq's call rather than from under ureq's connector chain: that
+    /// chain's frames (about 8 KiB) and the handshake's (rustls, x25519, the AES key
+    /// schedule: 12 KiB) no longer stack up, and every worker connects at least once,
+    /// so that depth was resident in each worker's stack for the pool's life
+    /// (`benches/cpu.rs --memory`).
+    handshake: Option<(Option<Instant>, NextTimeout)>,
 }
 
 impl std::fmt::Debug for LeanTls {
@@ -256,6 +267,15 @@ impl LeanTls {
         e
     }
 
+    /// Completes the handshake if it is still to do. Called after `attach`: a cancel
+    /// cuts the handshake too.
+    fn shake(&mut self) -> Result<(), ureq::Error> {
+        if let Some((deadline, timeout)) = self.handshake.take() {
+            self.handshake(deadline, &timeout)?;
+        }
+        Ok(())
+    }
+
     /// Sends every record rustls holds.
     fn flush(&mut self, timeout: NextTimeout) -> Result<(), ureq::Error> {
         if !self.conn.wants_write() {
@@ -293,6 +313,7 @@ impl Transport for LeanTls {
 
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
         self.socket.attach(&mut self.attached)?;
+        self.shake()?;
         let mut done = 0;
         while done < amount {
             // rustls encrypts at once; it holds at most its buffer limit in records.
@@ -311,6 +332,7 @@ impl Transport for LeanTls {
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
         self.socket.attach(&mut self.attached)?;
+        self.shake()?;
         self.flush(timeout)?;
         let timeout = timeout.for_read();
         let started = Instant::now();
@@ -348,7 +370,7 @@ impl Transport for LeanTls {
     fn is_open(&mut self) -> bool {
         // Records still to send mean a request half sent; decrypted bytes nobody asked
         // for, or the peer's close, mean the connection is done.
-        if self.conn.wants_write() {
+        if self.conn.wants_write() || self.handshake.is_some() {
             return false;
         }
         match self.conn.process_new_packets() {

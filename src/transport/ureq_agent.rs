@@ -238,13 +238,19 @@ impl UreqTransport {
             .max_response_header_size(INPUT_BUFFER)
             .output_buffer_size(OUTPUT_BUFFER)
             .build();
+        let agents = Arc::new(Agents {
+            free: parking_lot::Mutex::new(Vec::new()),
+            config,
+            tls: s.tls.rustls.clone(),
+            resolver: Arc::new(CachingResolver::default()),
+        });
+        // One per worker, built now: a worker's first call does not wait for one.
+        let built: Vec<_> = (0..s.max_concurrent.max(1))
+            .map(|_| agents.build())
+            .collect();
+        *agents.free.lock() = built;
         UreqTransport {
-            agents: Arc::new(Agents {
-                free: parking_lot::Mutex::new(Vec::new()),
-                config,
-                tls: s.tls.rustls.clone(),
-                resolver: Arc::new(CachingResolver::default()),
-            }),
+            agents,
             max_response_bytes: s.max_response_bytes,
             attempt_timeout: s.timeout,
             uri: OnceLock::new(),
