@@ -3,7 +3,7 @@
 //!
 //! Run: `cargo bench --bench cpu` (release profile). Options:
 //! `--requests N` (default 40000), `--callgrind N` (runs only keypool for N requests,
-//! for `valgrind --tool=callgrind`; with `--tls` over TLS), `--quick N` (only `Pool::batch` and the async
+//! for `valgrind --tool=callgrind`, after a warm-up it announces; with `--tls` over TLS), `--quick N` (only `Pool::batch` and the async
 //! reference, for A/B runs of a change), `--https N` (only the https lines),
 //! `--memory` (resident memory over TLS at 64 keys × 32 in flight; `--plain` for
 //! plain http).
@@ -75,6 +75,12 @@ fn main() {
             PER_KEY,
         ))
         .unwrap();
+        // Connections opened (and TLS handshakes done) first: under
+        // `valgrind --tool=callgrind --instr-atstart=no`, run `callgrind_control -i on`
+        // when this line appears to profile the steady state alone.
+        let _ = pool.batch((0..2 * KEYS * PER_KEY).map(prompt));
+        println!("callgrind run: warmed up; measuring in 2 s");
+        std::thread::sleep(Duration::from_secs(2));
         let failures = pool
             .batch((0..n).map(prompt))
             .iter()

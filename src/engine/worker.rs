@@ -106,6 +106,7 @@ pub(crate) fn run(ctx: Arc<KeyWorkerCtx>, rx: Receiver<Job>, started: Sender<()>
 /// job of its own, the retry backlog has room, and this key's gate admits it. The
 /// first worker to free up is `first_available`'s choice when none is idle, and the
 /// least loaded key's when all are full.
+#[inline(never)]
 fn self_serve(ctx: &KeyWorkerCtx) -> Option<Job> {
     let sh = &ctx.shared;
     if !sh.self_serve
@@ -195,6 +196,13 @@ impl Drop for Settle<'_> {
     }
 }
 
+/// Never inlined, nor are the paths taken after the attempt (`judge_response`,
+/// `transport_failure`, `success_verdict`, `conclude`) or before it (`self_serve`): a
+/// frame is sized for everything inlined into it, and this one stays on the stack below
+/// ureq's and rustls's for the whole attempt. Inlined, the worker loop's frame was
+/// 15 KiB, every page of it resident in each of the pool's worker stacks
+/// (`benches/cpu.rs --memory`); out of line, 2.5 KiB here and 3 KiB in `handle`.
+#[inline(never)]
 fn handle(ctx: &KeyWorkerCtx, mut job: Job) {
     let ks = ctx.state();
     let adm = match job.admission.take() {
@@ -353,6 +361,7 @@ fn cancelled(settle: &mut Settle<'_>) {
 
 /// The key's part of a success: a spent budget announced in the headers pauses the key
 /// before a 429; the budgets they announce are learned (`ratelimit.rs`).
+#[inline(never)]
 fn success_verdict(ctx: &KeyWorkerCtx, headers: &[(String, String)]) -> KeyVerdict {
     // Both readers look only at `x-ratelimit-*` headers (and build their names per
     // call): most responses have none.
@@ -395,6 +404,7 @@ fn observed_limits(
 }
 
 /// An attempt that got no response: its error, verdict and class.
+#[inline(never)]
 pub(crate) fn transport_failure(
     ctx: &KeyWorkerCtx,
     job: &Job,
@@ -456,6 +466,7 @@ pub(crate) fn transport_failure(
 
 /// Settles a failed attempt's admission with the key's part of the verdict, then
 /// retries or answers the job.
+#[inline(never)]
 fn conclude(
     ctx: &KeyWorkerCtx,
     settle: &mut Settle<'_>,
@@ -504,6 +515,7 @@ fn conclude(
 /// without `choices`) is an `InvalidResponse`, retried like a 5xx. A success body is
 /// returned untouched (the caller owns the key); on every error path the body, the
 /// kept headers and the message have every configured secret masked first.
+#[inline(never)]
 pub(crate) fn judge_response(
     ctx: &KeyWorkerCtx,
     job: &mut Job,

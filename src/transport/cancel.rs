@@ -7,11 +7,11 @@
 //! reply: a job still waiting — in the queue, set aside, in a retry's backoff — is
 //! dropped unsent by whoever takes it next, as a job whose deadline passed is. A job on
 //! the wire has its connection shut down: the attempt's worker registers it here while
-//! the attempt runs ([`on_wire`]), the TCP layer under ureq attaches each connection
-//! the attempt uses ([`attach`]), and the cancel shuts that socket down, which ends a
-//! blocked read or write at once. The worker then settles the key neutrally (no
-//! cooldown, no strike: the caller gave up, the key did nothing wrong) and is free for
-//! the next request.
+//! the attempt runs ([`on_wire`]), the TCP layer under ureq (or, for `https://`, the
+//! TLS layer that drives its socket) attaches each connection the attempt uses
+//! ([`attach`]), and the cancel shuts that socket down, which ends a blocked read or
+//! write at once. The worker then settles the key neutrally (no cooldown, no strike:
+//! the caller gave up, the key did nothing wrong) and is free for the next request.
 //!
 //! A connection can change hands between attempts (keep-alive): a socket remembers
 //! which attempt uses it, taken under its own lock whenever an attempt attaches it or

@@ -11,9 +11,8 @@
 //!   is dropped.
 //! - **Socket timeouts set when they must change.** With one deadline per call the
 //!   time left differs at every read, so ureq sets `SO_RCVTIMEO` before each one.
-//!   Here the socket's timeout is changed only when it is shorter than the time left
-//!   (a read would give up early) or longer by more than [`TIMEOUT_SLACK`] (a read
-//!   could overshoot the deadline by more than that).
+//!   Here the socket's timeout is changed only when it differs from the time left by
+//!   more than [`TIMEOUT_SLACK`] (a read could give up that much early or late).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -44,13 +43,46 @@ pub(crate) struct LeanTcpConnector;
 /// The socket, shared with ureq's shutdown handle and with a cancellable request's
 /// slot (`cancel.rs`).
 #[derive(Debug)]
-struct Socket(TcpStream, parking_lot::Mutex<u64>);
+pub(crate) struct Socket(pub(crate) TcpStream, parking_lot::Mutex<u64>);
 
 impl Socket {
     /// Marks the socket as used by `attempt` (`crate::cancel`; 0: by no cancellable
     /// attempt).
     fn claim(&self, attempt: u64) {
         *self.1.lock() = attempt;
+    }
+
+    /// Attaches the socket to the attempt running on this thread, if it is not the
+    /// one `attached` names (a keep-alive connection serves one attempt after
+    /// another), so a cancel of that request shuts it down. Called before each read
+    /// and write of an attempt, by this layer and by the TLS layer that drives the
+    /// socket itself ([`super::lean_tls`]). Fails if the request was cancelled
+    /// already: nothing more may be sent or read.
+    pub(crate) fn attach(self: &Arc<Self>, attached: &mut u64) -> Result<(), ureq::Error> {
+        let attempt = crate::cancel::current();
+        if attempt == *attached {
+            return Ok(());
+        }
+        let weak = Arc::downgrade(self) as std::sync::Weak<dyn crate::cancel::Conn>;
+        if !crate::cancel::attach(weak, |a| self.claim(a)) {
+            return Err(
+                io::Error::new(io::ErrorKind::ConnectionAborted, "request cancelled").into(),
+            );
+        }
+        *attached = attempt;
+        Ok(())
+    }
+
+    /// Whether an idle connection may carry another request ([`probe`]), asked when
+    /// the pool hands the connection out (and when it takes it back): claimed for this
+    /// thread's attempt under the socket's lock first, so a cancel of the attempt that
+    /// used it before either shut it down already (the probe sees EOF) or leaves it
+    /// alone. `attached` is reset: the slot learns of it at the first read or write.
+    pub(crate) fn claim_and_probe(&self, attached: &mut u64) -> bool {
+        let mut owner = self.1.lock();
+        *owner = crate::cancel::current();
+        *attached = 0;
+        probe(&self.0)
     }
 }
 
@@ -82,6 +114,7 @@ impl<In: Transport> Connector<In> for LeanTcpConnector {
         if chained.is_some() {
             return Ok(chained.map(Either::A));
         }
+        let started = std::time::Instant::now();
         let stream = connect(details)?;
         if details.config.no_delay() {
             stream.set_nodelay(true)?;
@@ -102,6 +135,7 @@ impl<In: Transport> Connector<In> for LeanTcpConnector {
         };
         Ok(Some(Either::B(LeanTcp {
             socket,
+            started,
             buffers: LazyBuffers::new(input, output),
             pending: Vec::new(),
             read_timeout: None,
@@ -157,6 +191,8 @@ fn connect(details: &ConnectionDetails) -> Result<TcpStream, ureq::Error> {
 #[derive(Debug)]
 pub(crate) struct LeanTcp {
     socket: Arc<Socket>,
+    /// When the connection was begun (a TLS handshake on it shares the connect timeout).
+    started: std::time::Instant,
     buffers: LazyBuffers,
     /// Output handed over by `transmit_output` and not yet sent.
     pending: Vec<u8>,
@@ -168,16 +204,19 @@ pub(crate) struct LeanTcp {
     attached: u64,
 }
 
-/// Sets the socket timeout `current` to `want` unless it is already close enough:
-/// not shorter than `want`, and not longer by more than [`TIMEOUT_SLACK`].
-fn adjust(
+/// Sets the socket timeout `current` to `want` unless it is already within
+/// [`TIMEOUT_SLACK`] of it either way: a blocked read or write then gives up at most
+/// that much before or after the deadline. (Each call brings a fresh deadline, so the
+/// time left at a read differs by microseconds from call to call: a timeout kept only
+/// while it was not shorter was set again on about every other request.)
+pub(crate) fn adjust(
     current: &mut Option<Duration>,
     want: Option<Duration>,
     set: impl FnOnce(Option<Duration>) -> io::Result<()>,
 ) -> io::Result<()> {
     let close_enough = match (*current, want) {
         (None, None) => true,
-        (Some(c), Some(w)) => c >= w && c - w <= TIMEOUT_SLACK,
+        (Some(c), Some(w)) => c.abs_diff(w) <= TIMEOUT_SLACK,
         _ => false,
     };
     if !close_enough {
@@ -188,7 +227,7 @@ fn adjust(
 }
 
 /// A timeout error as ureq reports it, or the I/O error.
-fn io_error(e: io::Error, timeout: &NextTimeout) -> ureq::Error {
+pub(crate) fn io_error(e: io::Error, timeout: &NextTimeout) -> ureq::Error {
     if matches!(
         e.kind(),
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
@@ -200,23 +239,18 @@ fn io_error(e: io::Error, timeout: &NextTimeout) -> ureq::Error {
 }
 
 impl LeanTcp {
-    /// Attaches the connection to the attempt running on this thread, if it changed
-    /// (a keep-alive connection serves one attempt after another), so a cancel of
-    /// that request shuts it down. Fails if the request was cancelled already.
+    /// Attaches the connection to the attempt running on this thread
+    /// ([`Socket::attach`]).
     fn attach(&mut self) -> Result<(), ureq::Error> {
-        let attempt = crate::cancel::current();
-        if attempt == self.attached {
-            return Ok(());
-        }
-        let socket = &self.socket;
-        let weak = Arc::downgrade(socket) as std::sync::Weak<dyn crate::cancel::Conn>;
-        if !crate::cancel::attach(weak, |a| socket.claim(a)) {
-            return Err(
-                io::Error::new(io::ErrorKind::ConnectionAborted, "request cancelled").into(),
-            );
-        }
-        self.attached = attempt;
-        Ok(())
+        self.socket.attach(&mut self.attached)
+    }
+
+    /// The socket (shared with ureq's shutdown handle and, once attached, with a
+    /// cancellable request's slot) and when the connection was begun, for a TLS layer
+    /// that drives the socket itself ([`super::lean_tls`]). Nothing was sent or read
+    /// on it yet, and it is attached to no attempt.
+    pub(crate) fn into_socket(self) -> (Arc<Socket>, std::time::Instant) {
+        (self.socket, self.started)
     }
 
     /// Sends everything pending within `timeout`.
@@ -301,14 +335,7 @@ impl Transport for LeanTcp {
         if !self.pending.is_empty() {
             return false;
         }
-        // Probed when the pool hands the connection out (and when it takes it back):
-        // claimed for this thread's attempt under the socket's lock first, so a cancel
-        // of the attempt that used it before either shut it down already (the probe
-        // sees EOF) or leaves it alone.
-        let mut owner = self.socket.1.lock();
-        *owner = crate::cancel::current();
-        self.attached = 0; // the slot learns of it at the first read or write
-        probe(&self.socket.0)
+        self.socket.claim_and_probe(&mut self.attached)
     }
 }
 
@@ -349,8 +376,11 @@ mod tests {
         for want in [
             Some(ms(1000)),
             Some(ms(990)),
+            Some(ms(1015)),
             Some(ms(975)),
             Some(ms(2000)),
+            Some(ms(1990)),
+            Some(ms(2010)),
             None,
             None,
         ] {
@@ -360,7 +390,8 @@ mod tests {
             })
             .unwrap();
         }
-        // 990 is within the slack of 1000; 975 is not; a longer want always sets.
+        // 990 and 1015 are within the slack of 1000, 975 is not; 1990 and 2010 within
+        // that of 2000.
         assert_eq!(sets, [Some(ms(1000)), Some(ms(975)), Some(ms(2000)), None]);
     }
 

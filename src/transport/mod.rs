@@ -157,6 +157,7 @@ pub type TransportFactory = Arc<dyn Fn(&TransportSettings) -> Arc<dyn Transport>
 
 pub(crate) mod cancel;
 mod lean_tcp;
+mod lean_tls;
 pub(crate) mod sse;
 mod tls;
 mod ureq_agent;

@@ -16,7 +16,11 @@ use crate::tls_config::TlsConfig;
 /// bundled roots.
 #[derive(Clone)]
 pub struct TlsTrust {
+    /// For ureq's own TLS layer (connections through a proxy).
     pub(crate) config: ureq::tls::TlsConfig,
+    /// The same trust for keypool's TLS layer (`lean_tls`): one per pool, so one root
+    /// store and one session cache shared by every key's connections.
+    pub(crate) rustls: Arc<rustls::ClientConfig>,
     roots: usize,
 }
 
@@ -36,11 +40,39 @@ impl Default for TlsTrust {
         let roots = platform_and_bundled();
         TlsTrust {
             roots: roots.len(),
+            rustls: rustls_config(&roots, None).expect("a client config without a certificate"),
             config: ureq::tls::TlsConfig::builder()
                 .root_certs(ureq::tls::RootCerts::Specific(roots))
                 .build(),
         }
     }
+}
+
+type ClientCert = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// The rustls client config for `roots` and an optional client certificate (ring, TLS
+/// 1.2 and 1.3, rustls's default in-memory session cache).
+fn rustls_config(
+    roots: &[ureq::tls::Certificate<'static>],
+    client: Option<ClientCert>,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut store = rustls::RootCertStore::empty();
+    store.add_parsable_certificates(
+        roots
+            .iter()
+            .map(|c| rustls::pki_types::CertificateDer::from(c.der())),
+    );
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(store);
+    Ok(Arc::new(match client {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    }))
 }
 
 type Roots = Arc<Vec<ureq::tls::Certificate<'static>>>;
@@ -101,6 +133,7 @@ impl TlsTrust {
         }
         let mut trust = TlsTrust::default();
         let mut builder = trust.config.clone();
+        let mut client: Option<ClientCert> = None;
         if let Some(path) = &cfg.ca_file {
             let extra: Vec<_> = read_pem("tls.ca_file", path)?
                 .into_iter()
@@ -138,6 +171,7 @@ impl TlsTrust {
                     "no PEM certificate in the file",
                 ));
             }
+            let key_path = key;
             let key = read_pem("tls.client_key_file", key)?
                 .into_iter()
                 .find_map(|i| match i {
@@ -145,11 +179,29 @@ impl TlsTrust {
                     _ => None,
                 })
                 .ok_or_else(|| file_error("tls.client_key_file", key, "no PEM private key"))?;
+            {
+                use rustls::pki_types::pem::PemObject;
+                let der = rustls::pki_types::PrivateKeyDer::from_pem_file(key_path)
+                    .map_err(|e| file_error("tls.client_key_file", key_path, e))?;
+                client = Some((
+                    chain
+                        .iter()
+                        .map(|c| rustls::pki_types::CertificateDer::from(c.der()).into_owned())
+                        .collect(),
+                    der,
+                ));
+            }
             let roots = builder.root_certs().clone();
             builder = ureq::tls::TlsConfig::builder()
                 .root_certs(roots)
                 .client_cert(Some(ureq::tls::ClientCert::new_with_certs(&chain, key)))
                 .build();
+        }
+        if let ureq::tls::RootCerts::Specific(roots) = builder.root_certs() {
+            if cfg.ca_file.is_some() || client.is_some() {
+                trust.rustls = rustls_config(roots, client)
+                    .map_err(|e| Error::config("tls.client_key_file", e.to_string()))?;
+            }
         }
         trust.config = builder;
         Ok(trust)
@@ -157,21 +209,12 @@ impl TlsTrust {
 }
 
 /// A certificate or handshake failure inside `e`, if it is one: the endpoint's fault.
+/// The text names the reason and, where one helps, what to configure.
 pub(crate) fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(r) = err.downcast_ref::<rustls::Error>() {
-            return match r {
-                rustls::Error::InvalidCertificate(_)
-                | rustls::Error::AlertReceived(_)
-                | rustls::Error::NoCertificatesPresented
-                | rustls::Error::PeerIncompatible(_)
-                | rustls::Error::PeerMisbehaved(_)
-                | rustls::Error::InvalidCertRevocationList(_)
-                | rustls::Error::InappropriateHandshakeMessage { .. }
-                | rustls::Error::InappropriateMessage { .. } => Some(r.to_string()),
-                _ => None,
-            };
+            return describe(r);
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             cur = io
@@ -182,4 +225,38 @@ pub(crate) fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<Strin
         cur = err.source();
     }
     None
+}
+
+/// The message for a rustls error that is the endpoint's fault (`None`: another kind).
+fn describe(r: &rustls::Error) -> Option<String> {
+    use rustls::AlertDescription as A;
+    Some(match r {
+        rustls::Error::InvalidCertificate(_) | rustls::Error::InvalidCertRevocationList(_) => {
+            format!(
+                "{r} (to trust a private CA: tls.ca_file, SSL_CERT_FILE or keypool run --ca-file)"
+            )
+        }
+        // Under TLS 1.3 the server judges the client's certificate after the client's
+        // handshake is over: its verdict arrives as an alert on the first read.
+        rustls::Error::AlertReceived(
+            A::CertificateRequired
+            | A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied,
+        ) => format!(
+            "the server refused the client certificate: {r} (tls.client_cert_file, \
+             tls.client_key_file)"
+        ),
+        rustls::Error::AlertReceived(_)
+        | rustls::Error::NoCertificatesPresented
+        | rustls::Error::PeerIncompatible(_)
+        | rustls::Error::PeerMisbehaved(_)
+        | rustls::Error::InappropriateHandshakeMessage { .. }
+        | rustls::Error::InappropriateMessage { .. } => r.to_string(),
+        _ => return None,
+    })
 }

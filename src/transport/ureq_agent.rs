@@ -1,5 +1,6 @@
-//! [`UreqTransport`], the default transport: one `ureq::Agent` per key serves every
-//! request, `http://` and `https://` alike (TLS is a layer under the same HTTP/1.1
+//! [`UreqTransport`], the default transport: a key's `ureq::Agent`s (one per call in
+//! progress, sharing one configuration and DNS cache) serve every request, `http://`
+//! and `https://` alike (TLS is a layer under the same HTTP/1.1
 //! connection, framing and timeout code). ureq probes an idle keep-alive connection
 //! before reusing it (stale bytes or end-of-file: dropped), never sends a request
 //! twice, resolves names within the connect timeout, and bounds each call by one
@@ -15,14 +16,17 @@ use crate::config::ApiKey;
 use crate::error::TimeoutPhase;
 use crate::request::is_kept_header;
 
-/// ureq's per-connection read buffer (also the largest response header accepted). Over
-/// TLS a connection has two (the TCP layer's and the TLS layer's), so this and
-/// [`OUTPUT_BUFFER`] are most of a connection's memory: 16 KiB holds any LLM API's
-/// response head (1–3 KiB in practice; nginx's default limit is 8 KiB) and a TLS
-/// record (at most 16 KiB of plaintext).
-const INPUT_BUFFER: usize = 16 * 1024;
-/// ureq's per-connection write buffer: larger request bodies go out in pieces.
-const OUTPUT_BUFFER: usize = 8 * 1024;
+/// ureq's per-connection read buffer (also the largest response header accepted; over
+/// TLS the most keypool's TLS layer grows it to, from 4 KiB, `lean_tls::GrowBuffers`). With
+/// [`OUTPUT_BUFFER`] and rustls's own (4 KiB while idle) this is most of a connection's
+/// heap: 12 KiB holds any LLM API's response head (1–3 KiB in practice; nginx proxies
+/// at most `proxy_buffer_size`, 4–8 KiB) and ureq's 10 KiB scratch space for writing a
+/// request (`LazyBuffers::tmp_and_output`, which grows this buffer to it anyway).
+const INPUT_BUFFER: usize = 12 * 1024;
+/// ureq's per-connection write buffer: it must hold the request's longest header line;
+/// larger request bodies go out in pieces (over TLS one record each, all corked into
+/// one write while they fit [`super::lean_tcp::CORK_LIMIT`]).
+const OUTPUT_BUFFER: usize = 4 * 1024;
 /// A request body at least this large is sent with `Expect: 100-continue`: a server
 /// that answers before reading it (413, 401, as nginx's `client_max_body_size` does)
 /// is heard instead of cutting the upload short with a reset.
@@ -100,10 +104,96 @@ struct Parsed {
     uri: ureq::http::Uri,
 }
 
-/// The default transport: one `ureq::Agent` with keep-alive, HTTP statuses returned as
-/// responses, a body size limit, a connect timeout and one deadline per attempt.
+/// A key's resolver, shared by its agents ([`Agents`]).
+#[derive(Debug)]
+struct SharedResolver(Arc<CachingResolver>);
+
+impl ureq::unversioned::resolver::Resolver for SharedResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<Addrs, ureq::Error> {
+        self.0.resolve(uri, config, timeout)
+    }
+}
+
+/// A key's `ureq::Agent`s: one per call in progress, each with at most one idle
+/// keep-alive connection, taken from and returned to a free list. ureq's connection
+/// pool looks for a connection and purges by walking its idle list (with a host-key
+/// comparison per entry, and a pass per host) twice per call: with one agent shared by
+/// a key's 16 workers that walk was about a tenth of the instructions of a request over
+/// TLS (`benches/cpu.rs --callgrind 3000 --tls`). A worker takes the agent it last
+/// returned (last in, first out), so it usually finds its own connection; the key's
+/// connections stay as many as its calls in progress, each probed before reuse as
+/// before. The agents share one configuration, connector chain settings and DNS cache.
+struct Agents {
+    free: parking_lot::Mutex<Vec<ureq::Agent>>,
+    config: ureq::config::Config,
+    tls: Arc<rustls::ClientConfig>,
+    resolver: Arc<CachingResolver>,
+}
+
+impl Agents {
+    fn take(self: &Arc<Self>) -> AgentLease {
+        let agent = self.free.lock().pop().unwrap_or_else(|| self.build());
+        AgentLease {
+            agents: self.clone(),
+            agent: Some(agent),
+        }
+    }
+
+    fn build(&self) -> ureq::Agent {
+        // ureq's default chain with its TCP layer replaced by `LeanTcpConnector`
+        // (corked output, one-syscall probe, lazy socket timeouts): HTTP CONNECT
+        // proxies, then TCP, then rustls for https://.
+        // keypool's TLS layer over it (rustls driven over the socket itself), and
+        // ureq's rustls for connections through a proxy.
+        use ureq::unversioned::transport::{
+            ConnectProxyConnector, Connector as _, RustlsConnector,
+        };
+        let connector = ()
+            .chain(ConnectProxyConnector::default())
+            .chain(super::lean_tcp::LeanTcpConnector)
+            .chain(super::lean_tls::LeanTlsConnector {
+                config: self.tls.clone(),
+            })
+            .chain(RustlsConnector::default());
+        ureq::Agent::with_parts(
+            self.config.clone(),
+            connector,
+            SharedResolver(self.resolver.clone()),
+        )
+    }
+}
+
+/// An agent taken for one call (a stream's: until its body is dropped), returned to
+/// the free list on drop.
+struct AgentLease {
+    agents: Arc<Agents>,
+    agent: Option<ureq::Agent>,
+}
+
+impl AgentLease {
+    fn agent(&self) -> &ureq::Agent {
+        self.agent.as_ref().expect("an agent until dropped")
+    }
+}
+
+impl Drop for AgentLease {
+    fn drop(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            self.agents.free.lock().push(agent);
+        }
+    }
+}
+
+/// The default transport: `ureq::Agent`s with keep-alive (one per call in progress,
+/// [`Agents`]), HTTP statuses returned as responses, a body size limit, a connect
+/// timeout and one deadline per attempt.
 pub struct UreqTransport {
-    agent: ureq::Agent,
+    agents: Arc<Agents>,
     max_response_bytes: u64,
     attempt_timeout: Duration,
     /// The first URL sent to, parsed once (a key's requests nearly always share it).
@@ -134,8 +224,9 @@ impl UreqTransport {
             .timeout_resolve(Some(s.connect_timeout))
             .timeout_connect(Some(s.connect_timeout))
             .timeout_await_100(Some(AWAIT_100))
-            .max_idle_connections_per_host(s.max_concurrent.max(1))
-            .max_idle_connections(s.max_concurrent.max(1) * 2)
+            // Per agent, and an agent serves one call at a time (`Agents`).
+            .max_idle_connections_per_host(1)
+            .max_idle_connections(2)
             .user_agent(concat!("keypool/", env!("CARGO_PKG_VERSION")))
             .tls_config(s.tls.config.clone())
             // ureq's defaults are 128 KiB each, per connection and per layer (TCP and
@@ -147,19 +238,19 @@ impl UreqTransport {
             .max_response_header_size(INPUT_BUFFER)
             .output_buffer_size(OUTPUT_BUFFER)
             .build();
-        // ureq's default chain with its TCP layer replaced by `LeanTcpConnector`
-        // (corked output, one-syscall probe, lazy socket timeouts): HTTP CONNECT
-        // proxies, then TCP, then rustls for https://.
-        use ureq::unversioned::transport::{
-            ConnectProxyConnector, Connector as _, RustlsConnector,
-        };
-        let connector =
-            ().chain(ConnectProxyConnector::default())
-                .chain(super::lean_tcp::LeanTcpConnector)
-                .chain(RustlsConnector::default());
-        let agent = ureq::Agent::with_parts(config, connector, CachingResolver::default());
+        let agents = Arc::new(Agents {
+            free: parking_lot::Mutex::new(Vec::new()),
+            config,
+            tls: s.tls.rustls.clone(),
+            resolver: Arc::new(CachingResolver::default()),
+        });
+        // One per worker, built now: a worker's first call does not wait for one.
+        let built: Vec<_> = (0..s.max_concurrent.max(1))
+            .map(|_| agents.build())
+            .collect();
+        *agents.free.lock() = built;
         UreqTransport {
-            agent,
+            agents,
             max_response_bytes: s.max_response_bytes,
             attempt_timeout: s.timeout,
             uri: OnceLock::new(),
@@ -203,7 +294,8 @@ impl UreqTransport {
 
 impl Transport for UreqTransport {
     fn get(&self, req: &HttpRequest<'_>, max_bytes: u64) -> Result<HttpResponse, TransportError> {
-        let mut builder = self.agent.get(req.url);
+        let lease = self.agents.take();
+        let mut builder = lease.agent().get(req.url);
         // An empty key sends no credentials (the key proofs' control request).
         if !req.key.expose().is_empty() {
             builder = builder.header("authorization", self.authorization(req.key)?);
@@ -240,7 +332,8 @@ impl Transport for UreqTransport {
     }
 
     fn send(&self, req: &HttpRequest<'_>) -> Result<HttpResponse, TransportError> {
-        let builder = self.builder(req)?;
+        let lease = self.agents.take();
+        let builder = self.builder(lease.agent(), req)?;
         // Only an attempt cut short by the request's deadline pays for a per-request config.
         let builder = if req.timeout < self.attempt_timeout {
             builder.config().timeout_global(Some(req.timeout)).build()
@@ -280,10 +373,10 @@ impl Transport for UreqTransport {
 impl UreqTransport {
     fn builder(
         &self,
+        agent: &ureq::Agent,
         req: &HttpRequest<'_>,
     ) -> Result<ureq::RequestBuilder<ureq::typestate::WithBody>, TransportError> {
-        let mut builder = self
-            .agent
+        let mut builder = agent
             .post(self.parsed(req.url)?.uri.clone())
             .header(
                 ureq::http::header::AUTHORIZATION,
@@ -314,8 +407,11 @@ impl UreqTransport {
         req: &HttpRequest<'_>,
         idle: Option<Duration>,
     ) -> Result<HttpStream, TransportError> {
+        // The agent stays taken until the stream's body is dropped: its connection is
+        // in use until then.
+        let lease = self.agents.take();
         let builder = self
-            .builder(req)?
+            .builder(lease.agent(), req)?
             .header("accept", "text/event-stream")
             .config()
             .timeout_global(Some(req.timeout))
@@ -330,14 +426,15 @@ impl UreqTransport {
         Ok(HttpStream {
             status,
             headers,
-            body: Box::new(TimeoutsAsTimedOut(body)),
+            body: Box::new(TimeoutsAsTimedOut(body, lease)),
         })
     }
 }
 
 /// Turns ureq's timeout errors (wrapped in `io::Error::other`) into `TimedOut` errors,
-/// as [`HttpStream::body`] promises.
-struct TimeoutsAsTimedOut<R>(R);
+/// as [`HttpStream::body`] promises. Holds the stream's agent until dropped (after the
+/// body, fields drop in order, so its connection is back in the agent's pool first).
+struct TimeoutsAsTimedOut<R>(R, #[allow(dead_code)] AgentLease);
 
 impl<R: std::io::Read> std::io::Read for TimeoutsAsTimedOut<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -373,10 +470,7 @@ fn map_ureq_error(e: ureq::Error, url: &str) -> TransportError {
             .ok()
             .and_then(|u| u.host().map(str::to_owned))
             .unwrap_or_default();
-        return TransportError::Tls(format!(
-            "TLS with {host} failed: {reason} (to trust a private CA: tls.ca_file, \
-             SSL_CERT_FILE or keypool run --ca-file)"
-        ));
+        return TransportError::Tls(format!("TLS with {host} failed: {reason}"));
     }
     match e {
         ureq::Error::Timeout(t) => TransportError::Timeout(match t {
