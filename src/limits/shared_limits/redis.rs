@@ -244,6 +244,21 @@ end
 return {0, cuts, day, used, gused}
 "#;
 
+/// The Lua function `unday(dk, d)` that SETTLE and CHARGE share: gives back one
+/// request of daily quota `dk` counted on day `d` (0: none), if that day is still the
+/// one counted.
+macro_rules! unday_lua {
+    () => {
+        r#"local function unday(dk, d)
+  d = tonumber(d) or 0
+  if d > 0 and tonumber(redis.call('HGET', dk, 'day') or '-1') == d
+    and (tonumber(redis.call('HGET', dk, 'n') or '0') or 0) > 0 then
+    redis.call('HINCRBY', dk, 'n', -1)
+  end
+end"#
+    };
+}
+
 /// Ends an admission or corrects a budget, in one step. KEYS: leases, state, rate,
 /// aimd, day[, group leases, group state, group rate, group day], charge, gone (the
 /// key's released lease ids, scored by expiry: tombstones a renewal respects).
@@ -258,21 +273,16 @@ return {0, cuts, day, used, gused}
 /// admission made since the last cut multiplies it by 0.8 (at least 1) — once per
 /// overshoot, whichever process sees the 429s. A lease given back to a full key or a
 /// full group is published on the channel (processes waiting for a slot look again).
-const SETTLE: &str = r#"
+const SETTLE: &str = concat!(
+    r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local grp = #KEYS >= 11
 local charge = KEYS[#KEYS - 1]
 local gone = KEYS[#KEYS]
--- Gives back one request of daily quota `dk` counted on day `d` (0: none), if that day
--- is still the one counted.
-local function unday(dk, d)
-  d = tonumber(d) or 0
-  if d > 0 and tonumber(redis.call('HGET', dk, 'day') or '-1') == d
-    and (tonumber(redis.call('HGET', dk, 'n') or '0') or 0) > 0 then
-    redis.call('HINCRBY', dk, 'n', -1)
-  end
-end
+"#,
+    unday_lua!(),
+    r#"
 if ARGV[1] ~= '' then
   local max = tonumber(ARGV[2])
   local count = redis.call('ZCARD', KEYS[1])
@@ -349,7 +359,8 @@ if grp then
   shift(KEYS[8], 't', tonumber(ARGV[18]), tonumber(ARGV[8]))
 end
 return 0
-"#;
+"#
+);
 
 /// Gives back (refund) or corrects (tpm: estimated vs actual tokens) the charge of one
 /// lease, recorded by `ACQUIRE`: a refund returns exactly what was charged, and a
@@ -359,19 +370,14 @@ return 0
 /// id, refund ('1') or correct (''), tokens delta (correct), tpm, group tpm, actual
 /// tokens (correct). Without a record (a fallback slot, or one older than the record's
 /// lifetime) only a positive correction applies.
-const CHARGE: &str = r#"
+const CHARGE: &str = concat!(
+    r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local grp = #KEYS >= 5
--- Gives back one request of daily quota `dk` counted on day `d` (0: none), if that day
--- is still the one counted.
-local function unday(dk, d)
-  d = tonumber(d) or 0
-  if d > 0 and tonumber(redis.call('HGET', dk, 'day') or '-1') == d
-    and (tonumber(redis.call('HGET', dk, 'n') or '0') or 0) > 0 then
-    redis.call('HINCRBY', dk, 'n', -1)
-  end
-end
+"#,
+    unday_lua!(),
+    r#"
 local function move(rate, field, d)
   if d == 0 then return 0 end
   local tat = tonumber(redis.call('HGET', rate, field) or '0') or 0
@@ -408,7 +414,8 @@ if grp and gtpm > 0 then
 end
 redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(ch))
 return 1
-"#;
+"#
+);
 
 /// Adds to daily quotas' counts the requests a process admitted on fallback slots
 /// while Redis was unreachable (see `Unsynced`). KEYS: the quotas' `day` hashes. ARGV:
