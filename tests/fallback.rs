@@ -67,18 +67,7 @@ fn a_model_whose_keys_are_all_revoked_falls_back_per_request() {
 
 #[test]
 fn a_model_the_provider_does_not_have_falls_back_from_the_config() {
-    let server = MockServer::start(MockConfig::default()).unwrap();
-    for k in ["sk-a", "sk-b"] {
-        server.set_key_rule(
-            k,
-            KeyRule {
-                model: Some("acme/x".into()),
-                always_status: Some(404),
-                body: Some(OR_MODEL_404.into()),
-                ..KeyRule::default()
-            },
-        );
-    }
+    let server = model_x_refused(404, OR_MODEL_404, &[]);
     let cfg = Config::builder()
         .base_url(server.url())
         .key("sk-a", 2)
