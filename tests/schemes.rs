@@ -293,3 +293,41 @@ fn timeout_ms_bounds_a_trickled_attempt_as_a_whole() {
         pool.close();
     }
 }
+
+/// A response head larger than the client accepts (20 KiB of one header; the limit is
+/// 12 KiB) is a transport error that says so, over either scheme, and the connection is
+/// not reused for the next request, which succeeds.
+#[test]
+fn a_response_head_too_big_is_said_as_such() {
+    for https in SCHEMES {
+        let m = mock(MockConfig::default(), https);
+        m.server.set_key_rule(
+            "sk-0",
+            KeyRule {
+                always_status: Some(200),
+                headers: vec![("x-large".to_owned(), "z".repeat(20 * 1024))],
+                fail_first: 1,
+                ..KeyRule::default()
+            },
+        );
+        let pool = build(
+            builder(&m, 1, 1).retry(
+                keypool::RetryConfig::default()
+                    .prove_keys(false)
+                    .max_attempts(1),
+            ),
+        );
+        let e = pool
+            .submit(req("big", json!({})))
+            .unwrap()
+            .wait()
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::Transport { .. }) && e.to_string().contains("header is too big"),
+            "{}: {e}",
+            scheme(https)
+        );
+        let r = pool.submit(req("next", json!({}))).unwrap().wait();
+        assert!(r.is_ok(), "{}: {r:?}", scheme(https));
+    }
+}

@@ -235,7 +235,10 @@ impl UreqTransport {
             // response header (`max_response_header_size`); the output buffer only
             // stages the request (bodies larger than it go out in pieces).
             .input_buffer_size(INPUT_BUFFER)
-            .max_response_header_size(INPUT_BUFFER)
+            // One byte under the buffer: a head that fills the whole buffer is then
+            // "too big" (ureq checks `>`), not a read with no room that looks like the
+            // peer disconnecting.
+            .max_response_header_size(INPUT_BUFFER - 1)
             .output_buffer_size(OUTPUT_BUFFER)
             .build();
         let agents = Arc::new(Agents {
