@@ -161,6 +161,23 @@ fn first_request_429(server: &MockServer, key: &str) {
     );
 }
 
+/// A shared pool's config JSON around `keys` (the members of its `keys` array):
+/// `top_extra` more top-level fields, `shared_extra` more `shared` fields; quick
+/// retries and no key probing, so only the shared limits pace the requests.
+fn pool_json(
+    mock_url: &str,
+    redis_url: &str,
+    keys: &str,
+    top_extra: &str,
+    shared_extra: &str,
+) -> String {
+    format!(
+        r#"{{"base_url": "{mock_url}", "keys": [{keys}]{top_extra},
+            "retry": {{"probe_keys": false, "max_attempts": 5, "base_delay_ms": 5, "max_delay_ms": 50}},
+            "shared": {{"redis_url": "{redis_url}", "namespace": "test", "lease_ms": 1500{shared_extra}}}}}"#
+    )
+}
+
 /// A config JSON: `keys` keys of `max_concurrent` with extra per-key fields, shared.
 fn config_json(
     mock_url: &str,
@@ -176,11 +193,7 @@ fn config_json(
         })
         .collect::<Vec<_>>()
         .join(",");
-    format!(
-        r#"{{"base_url": "{mock_url}", "keys": [{keys}],
-            "retry": {{"probe_keys": false, "max_attempts": 5, "base_delay_ms": 5, "max_delay_ms": 50}},
-            "shared": {{"redis_url": "{redis_url}", "namespace": "test", "lease_ms": 1500{shared_extra}}}}}"#
-    )
+    pool_json(mock_url, redis_url, &keys, "", shared_extra)
 }
 
 /// Most requests in flight at once among `log` (server-side arrival/finish times).
@@ -1195,12 +1208,8 @@ fn group_json(mock_url: &str, redis_url: &str, group_fields: &str) -> String {
         .map(|k| format!(r#"{{"key": "{k}", "max_concurrent": 4, "group": "acct-shared"}}"#))
         .collect::<Vec<_>>()
         .join(",");
-    format!(
-        r#"{{"base_url": "{mock_url}", "keys": [{keys}],
-            "groups": [{{"name": "acct-shared"{group_fields}}}],
-            "retry": {{"probe_keys": false, "max_attempts": 5, "base_delay_ms": 5, "max_delay_ms": 50}},
-            "shared": {{"redis_url": "{redis_url}", "namespace": "test", "lease_ms": 1500}}}}"#
-    )
+    let groups = format!(r#", "groups": [{{"name": "acct-shared"{group_fields}}}]"#);
+    pool_json(mock_url, redis_url, &keys, &groups, "")
 }
 
 /// Every request the mock saw on the group's keys (server-side records).
@@ -2094,11 +2103,7 @@ fn keys_json(mock_url: &str, redis_url: &str, keys: &[(&str, &str)], shared_extr
         .map(|(k, extra)| format!(r#"{{"key": "{k}", "max_concurrent": 2{extra}}}"#))
         .collect::<Vec<_>>()
         .join(",");
-    format!(
-        r#"{{"base_url": "{mock_url}", "keys": [{keys}],
-            "retry": {{"probe_keys": false, "max_attempts": 5, "base_delay_ms": 5, "max_delay_ms": 50}},
-            "shared": {{"redis_url": "{redis_url}", "namespace": "test", "lease_ms": 1500{shared_extra}}}}}"#
-    )
+    pool_json(mock_url, redis_url, &keys, "", shared_extra)
 }
 
 /// Requests the mock saw on `key` (server-side count).
