@@ -648,7 +648,6 @@ impl Gate {
                     // The quota's last request: out from now on, not at the next ask.
                     let left = utc_day().1;
                     let reason = d.reason(left);
-                    log::warn!("keypool: a key is out: {reason}");
                     self.quota_out(&mut s, reason, left, now);
                 }
             }
@@ -658,7 +657,8 @@ impl Gate {
     }
 
     /// Takes the key out until its daily quota resets, `left` from `now`.
-    /// Emits `Exhausted` when it takes the key out (its reset emits `Rejoined`).
+    /// Emits `Exhausted` when it takes the key out (its reset emits `Rejoined`); the
+    /// events thread logs it (`log::warn!`, with the key's label).
     fn quota_out(&self, s: &mut State, reason: String, left: Duration, now: Instant) {
         if s.disabled.is_none() {
             self.emit(
@@ -715,9 +715,6 @@ impl Gate {
                     return Admit::WakeAt(now.checked_add(left).unwrap_or(now));
                 };
                 let reason = d.reason(left);
-                if s.disabled.is_none() {
-                    log::warn!("keypool: a key is out: {reason}");
-                }
                 self.quota_out(s, reason, left, now);
                 Admit::WakeAt(now)
             }
@@ -1047,11 +1044,9 @@ impl Gate {
     /// group's daily quota — comes back, if it is out at `now`: the dispatcher wakes
     /// then, so an idle key back from its reset is not left waiting for a nudge.
     pub(crate) fn back_at(&self, now: Instant) -> Option<Instant> {
-        let own = match self.disabled_until.load(SeqCst) {
-            0 => None,
-            _ if !self.disabled.load(SeqCst) => None,
-            us => Some(self.epoch + Duration::from_micros(us)).filter(|u| *u > now),
-        };
+        let own = self
+            .out_until()
+            .filter(|u| *u > now && self.disabled.load(SeqCst));
         let group = self.group.as_ref().and_then(|g| g.exhausted_until(now));
         own.max(group)
     }
