@@ -253,3 +253,70 @@ fn a_misspelt_model_costs_max_attempts_not_one_request_per_key() {
         .sum();
     assert_eq!(asked, 4);
 }
+
+/// Breaking it: the overloaded model's 503 carries an absurd `Retry-After`, the
+/// fallback's key first answers a truncated 200, keys are proven at start and have an
+/// `rpm` budget. Every request still ends served by the fallback, once, within its
+/// deadline, and no key appears in any result or in the stats.
+#[test]
+fn a_fallback_survives_hostile_answers_with_probing_and_rate_limits_on() {
+    const SECRET_X: &str = "sk-or-v1-SECRETxxxxxxxxxxxxxxxxxxxx";
+    const SECRET_Y: &str = "sk-or-v1-SECRETyyyyyyyyyyyyyyyyyyyy";
+    let server = MockServer::start(MockConfig::default()).unwrap();
+    server.set_key_rule(
+        SECRET_X,
+        KeyRule {
+            always_status: Some(503),
+            body: Some(OR_PROVIDER_503.into()),
+            headers: vec![("retry-after".into(), "99999999999999999999999".into())],
+            ..KeyRule::default()
+        },
+    );
+    server.set_key_rule(
+        SECRET_Y,
+        KeyRule {
+            always_status: Some(200),
+            body: Some(r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"#.into()),
+            fail_first: 1,
+            ..KeyRule::default()
+        },
+    );
+    let cfg = Config::builder()
+        .base_url(server.url())
+        .key_config(
+            KeyConfig::new(SECRET_X)
+                .models(["acme/x"])
+                .max_concurrent(2)
+                .rpm(600),
+        )
+        .key_config(
+            KeyConfig::new(SECRET_Y)
+                .models(["acme/y"])
+                .max_concurrent(2)
+                .rpm(600),
+        )
+        .deadline_ms(5_000)
+        .fallback_models("acme/x", ["acme/y"])
+        .build()
+        .unwrap();
+    let pool = Pool::new(cfg).unwrap();
+    let t0 = std::time::Instant::now();
+    let results = pool.batch((0..6).map(|i| line(i, "acme/x")));
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(results.len(), 6);
+    for r in &results {
+        let shown = format!("{r:?}");
+        assert!(!shown.contains("SECRET"), "{shown}");
+        let r = r.as_ref().expect("served by the fallback");
+        assert_eq!(r.fallback_model(), Some("acme/y"));
+    }
+    let stats = format!("{:?} {}", pool.stats(), pool.stats().to_prometheus());
+    assert!(!stats.contains("SECRET"), "{stats}");
+    // The truncated 200 was retried once; each request was answered once.
+    let y = server.key_stats(SECRET_Y).unwrap();
+    assert_eq!(y.requests, 7, "{:?}", y.statuses);
+}
