@@ -229,6 +229,10 @@ fn https_lines(n: usize) {
         Box::new(UreqOnly::with_ca(s, Some(&ca_pem)))
     });
     ur.print("256 x ureq per-phase (old https path)", ufail);
+    let (mb, mfail) = transport_alone_tls(&mock.url, keypool::TlsTrust::default(), n, |_| {
+        Box::new(MinimalBlockingTls::new(&mock.url, &ca))
+    });
+    mb.print("floor: 256 x minimal blocking rustls", mfail);
     let (hy, hfail) = hyper_tls_reference(&mock.url, &ca, n);
     hy.print("async ref: hyper + rustls over TLS", hfail);
     println!(
@@ -974,3 +978,119 @@ impl RefClient for HyperConn {
 
 // ---------------------------------------------------------------------------------
 // the mock, in a child process
+
+/// The floor of any blocking design over TLS: a minimal hand-written blocking client
+/// (rustls `StreamOwned` over a `TcpStream`, request written in one buffer, response
+/// read by `Content-Length`), one connection per thread, no pool, no timeouts. Not a
+/// client to ship (no framing checks): the yardstick for what thread-per-request costs
+/// before any HTTP library runs.
+struct MinimalBlockingTls {
+    cfg: Arc<tokio_rustls::rustls::ClientConfig>,
+    addr: String,
+    host: String,
+    idle: parking_lot::Mutex<
+        Vec<
+            tokio_rustls::rustls::StreamOwned<
+                tokio_rustls::rustls::ClientConnection,
+                std::net::TcpStream,
+            >,
+        >,
+    >,
+}
+
+impl MinimalBlockingTls {
+    fn new(url: &str, ca_file: &str) -> MinimalBlockingTls {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        let rest = url.strip_prefix("https://").expect("https URL");
+        let addr = rest[..rest.find('/').unwrap_or(rest.len())].to_owned();
+        let host = addr.rsplit_once(':').map_or(&*addr, |(h, _)| h).to_owned();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(ca_file).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        MinimalBlockingTls {
+            cfg: Arc::new(cfg),
+            addr,
+            host,
+            idle: parking_lot::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Transport for MinimalBlockingTls {
+    fn send(
+        &self,
+        req: &keypool::HttpRequest<'_>,
+    ) -> Result<keypool::HttpResponse, keypool::TransportError> {
+        use std::io::Read;
+        use tokio_rustls::rustls;
+        let fail = |m: &str| keypool::TransportError::Failed(m.to_owned());
+        let mut s = match self.idle.lock().pop() {
+            Some(s) => s,
+            None => {
+                let tcp = std::net::TcpStream::connect(&self.addr).map_err(|_| fail("connect"))?;
+                tcp.set_nodelay(true).unwrap();
+                let name = rustls::pki_types::ServerName::try_from(self.host.clone()).unwrap();
+                let c = rustls::ClientConnection::new(self.cfg.clone(), name).unwrap();
+                rustls::StreamOwned::new(c, tcp)
+            }
+        };
+        let path = req
+            .url
+            .split_once("://")
+            .map_or("/", |(_, r)| &r[r.find('/').unwrap_or(0)..]);
+        let mut out = Vec::with_capacity(512 + req.body.len());
+        write!(
+            out,
+            "POST {path} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            self.addr,
+            req.key.expose(),
+            req.body.len()
+        )
+        .unwrap();
+        out.extend_from_slice(req.body);
+        s.write_all(&out).map_err(|_| fail("write"))?;
+        let mut buf = Vec::with_capacity(4096);
+        let (head_end, len) = loop {
+            let mut chunk = [0u8; 4096];
+            let r = s.read(&mut chunk).map_err(|_| fail("read"))?;
+            if r == 0 {
+                return Err(fail("eof"));
+            }
+            buf.extend_from_slice(&chunk[..r]);
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&buf[..p]).map_err(|_| fail("utf8"))?;
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .ok_or(fail("no length"))?;
+                break (p + 4, len);
+            }
+        };
+        while buf.len() < head_end + len {
+            let mut chunk = [0u8; 4096];
+            let r = s.read(&mut chunk).map_err(|_| fail("read"))?;
+            if r == 0 {
+                return Err(fail("eof"));
+            }
+            buf.extend_from_slice(&chunk[..r]);
+        }
+        self.idle.lock().push(s);
+        Ok(keypool::HttpResponse {
+            status: 200,
+            headers: Vec::new(),
+            body: buf[head_end..].to_vec(),
+        })
+    }
+}

@@ -114,26 +114,48 @@ impl<In: Transport> Connector<In> for LeanTcpConnector {
         if chained.is_some() {
             return Ok(chained.map(Either::A));
         }
-        let started = std::time::Instant::now();
-        let stream = connect(details)?;
-        if details.config.no_delay() {
-            stream.set_nodelay(true)?;
-        }
-        let socket = Arc::new(Socket(stream, parking_lot::Mutex::new(0)));
-        let weak = Arc::downgrade(&socket) as std::sync::Weak<dyn ShutdownHandle>;
-        (details.register_shutdown)(weak)?;
-        // Under TLS this layer carries records to and from rustls, which reassembles
-        // them itself: it needs no room for a whole response head, and its output is
-        // corked anyway, so small buffers cost no extra system calls on writes.
-        let (input, output) = if details.needs_tls() {
-            (TLS_LAYER_INPUT, TLS_LAYER_OUTPUT)
-        } else {
+        let addrs: Vec<std::net::SocketAddr> = details.addrs.iter().copied().collect();
+        let tcp = LeanTcp::open(
+            &addrs,
+            details.timeout,
+            details.config.no_delay(),
+            details.needs_tls(),
             (
                 details.config.input_buffer_size(),
                 details.config.output_buffer_size(),
-            )
+            ),
+        )?;
+        let weak = Arc::downgrade(&tcp.socket) as std::sync::Weak<dyn ShutdownHandle>;
+        (details.register_shutdown)(weak)?;
+        Ok(Some(Either::B(tcp)))
+    }
+}
+
+impl LeanTcp {
+    /// Connects to the first of `addrs` that answers within `timeout` (shared between
+    /// them, [`connect`]). `buffers` are the read and write buffer sizes for plain HTTP;
+    /// under TLS (`for_tls`) this layer only carries records to and from rustls, which
+    /// reassembles them itself: it needs no room for a whole response head, and its
+    /// output is corked anyway, so small buffers cost no extra system calls on writes.
+    pub(crate) fn open(
+        addrs: &[std::net::SocketAddr],
+        timeout: NextTimeout,
+        no_delay: bool,
+        for_tls: bool,
+        buffers: (usize, usize),
+    ) -> Result<LeanTcp, ureq::Error> {
+        let started = std::time::Instant::now();
+        let stream = connect(addrs, timeout)?;
+        if no_delay {
+            stream.set_nodelay(true)?;
+        }
+        let socket = Arc::new(Socket(stream, parking_lot::Mutex::new(0)));
+        let (input, output) = if for_tls {
+            (TLS_LAYER_INPUT, TLS_LAYER_OUTPUT)
+        } else {
+            buffers
         };
-        Ok(Some(Either::B(LeanTcp {
+        Ok(LeanTcp {
             socket,
             started,
             buffers: LazyBuffers::new(input, output),
@@ -141,17 +163,16 @@ impl<In: Transport> Connector<In> for LeanTcpConnector {
             read_timeout: None,
             write_timeout: None,
             attached: 0,
-        })))
+        })
     }
 }
 
 /// Tries each resolved address in turn, sharing the connect timeout between them
 /// (the first gets half, the next a quarter, …, the last what is left; at least
 /// 10 ms each).
-fn connect(details: &ConnectionDetails) -> Result<TcpStream, ureq::Error> {
-    let timeout = details.timeout.not_zero().map(|d| *d);
+fn connect(addrs: &[std::net::SocketAddr], next: NextTimeout) -> Result<TcpStream, ureq::Error> {
+    let timeout = next.not_zero().map(|d| *d);
     let start = std::time::Instant::now();
-    let addrs: Vec<std::net::SocketAddr> = details.addrs.iter().copied().collect();
     let mut last = None;
     for (i, addr) in addrs.iter().enumerate() {
         let attempt = match timeout {
@@ -175,11 +196,9 @@ fn connect(details: &ConnectionDetails) -> Result<TcpStream, ureq::Error> {
         }
     }
     match last {
-        Some(e) if e.kind() == io::ErrorKind::TimedOut => {
-            Err(ureq::Error::Timeout(details.timeout.reason))
-        }
+        Some(e) if e.kind() == io::ErrorKind::TimedOut => Err(ureq::Error::Timeout(next.reason)),
         Some(e) => Err(e.into()),
-        None if timeout.is_some() => Err(ureq::Error::Timeout(details.timeout.reason)),
+        None if timeout.is_some() => Err(ureq::Error::Timeout(next.reason)),
         None => {
             Err(io::Error::new(io::ErrorKind::ConnectionRefused, "no address to connect to").into())
         }

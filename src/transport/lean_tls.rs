@@ -54,38 +54,51 @@ impl<A: Transport> Connector<Either<A, LeanTcp>> for LeanTlsConnector {
             Some(Either::B(tcp)) if details.needs_tls() => tcp,
             other => return Ok(other.map(Either::A)),
         };
-        let host = details
-            .uri
-            .host()
-            .unwrap_or_default()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-            .map_err(|_| ureq::Error::Tls("invalid DNS name for TLS"))?;
-        let conn = rustls::ClientConnection::new(self.config.clone(), name).map_err(tls_error)?;
-        let conn = Box::new(conn);
-        let (socket, started) = tcp.into_socket();
-        let tls = LeanTls {
-            socket,
-            conn,
-            buffers: GrowBuffers::new(
+        let tls = LeanTls::over(
+            tcp,
+            &self.config,
+            details.uri.host().unwrap_or_default(),
+            (
                 details.config.input_buffer_size(),
                 details.config.output_buffer_size(),
             ),
+            details.timeout,
+        )?;
+        // The handshake runs at this connection's first write, right after ureq's
+        // connect returns (`LeanTls::shake`).
+        Ok(Some(Either::B(tls)))
+    }
+}
+
+impl LeanTls {
+    /// TLS to `host` over `tcp`, with ureq's buffer sizes `buffers` (read, write) for
+    /// the HTTP layer above. The handshake runs at the connection's first write (or
+    /// read), bounded by what is left of `timeout` since the TCP connection was begun:
+    /// the connect timeout (and the call's deadline) covers TCP and TLS together.
+    pub(crate) fn over(
+        tcp: LeanTcp,
+        config: &Arc<rustls::ClientConfig>,
+        host: &str,
+        buffers: (usize, usize),
+        timeout: NextTimeout,
+    ) -> Result<LeanTls, ureq::Error> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|_| ureq::Error::Tls("invalid DNS name for TLS"))?;
+        let conn = rustls::ClientConnection::new(config.clone(), name).map_err(tls_error)?;
+        let conn = Box::new(conn);
+        let (socket, started) = tcp.into_socket();
+        Ok(LeanTls {
+            socket,
+            conn,
+            buffers: GrowBuffers::new(buffers.0, buffers.1),
             read_timeout: None,
             write_timeout: None,
             corked: 0,
             fresh: true,
             attached: 0,
-            // The connect timeout (and the call's deadline) covers TCP and TLS together.
-            handshake: Some((
-                details.timeout.not_zero().map(|d| started + *d),
-                details.timeout,
-            )),
-        };
-        // The handshake runs at this connection's first write, right after ureq's
-        // connect returns (`LeanTls::shake`).
-        Ok(Some(Either::B(tls)))
+            handshake: Some((timeout.not_zero().map(|d| started + *d), timeout)),
+        })
     }
 }
 

@@ -156,6 +156,7 @@ pub trait Transport: Send + Sync {
 pub type TransportFactory = Arc<dyn Fn(&TransportSettings) -> Arc<dyn Transport> + Send + Sync>;
 
 pub(crate) mod cancel;
+mod direct;
 mod lean_tcp;
 mod lean_tls;
 pub(crate) mod sse;

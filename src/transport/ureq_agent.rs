@@ -33,7 +33,13 @@ const OUTPUT_BUFFER: usize = 4 * 1024;
 const EXPECT_CONTINUE_FROM: usize = 1 << 20;
 /// How long a large upload waits for `100 Continue` (or an early answer) before it
 /// goes anyway, for servers that ignore `Expect`.
-const AWAIT_100: Duration = Duration::from_millis(1000);
+pub(super) const AWAIT_100: Duration = Duration::from_millis(1000);
+/// The largest response head accepted: one byte under the input buffer, so a head that
+/// fills the whole buffer is "too big" (ureq checks `>`), not a read with no room that
+/// looks like the peer disconnecting.
+pub(super) const MAX_RESPONSE_HEAD: usize = INPUT_BUFFER - 1;
+/// The `User-Agent` every request carries.
+const USER_AGENT: &str = concat!("keypool/", env!("CARGO_PKG_VERSION"));
 
 /// How long a resolved host name is reused (curl's default DNS cache time).
 const DNS_TTL: Duration = Duration::from_secs(60);
@@ -130,6 +136,12 @@ impl ureq::unversioned::resolver::Resolver for SharedResolver {
 /// before. The agents share one configuration, connector chain settings and DNS cache.
 struct Agents {
     free: parking_lot::Mutex<Vec<ureq::Agent>>,
+    /// The key's idle connections for `send` ([`super::direct`]), which does not go
+    /// through an agent.
+    idle: super::direct::Idle,
+    /// How many of them to keep (the key's worker count).
+    max_idle: usize,
+    connect_timeout: Duration,
     config: ureq::config::Config,
     tls: Arc<rustls::ClientConfig>,
     resolver: Arc<CachingResolver>,
@@ -227,7 +239,7 @@ impl UreqTransport {
             // Per agent, and an agent serves one call at a time (`Agents`).
             .max_idle_connections_per_host(1)
             .max_idle_connections(2)
-            .user_agent(concat!("keypool/", env!("CARGO_PKG_VERSION")))
+            .user_agent(USER_AGENT)
             .tls_config(s.tls.config.clone())
             // ureq's defaults are 128 KiB each, per connection and per layer (TCP and
             // TLS): allocations at glibc's mmap threshold, zeroed, faulted in page by
@@ -235,23 +247,19 @@ impl UreqTransport {
             // response header (`max_response_header_size`); the output buffer only
             // stages the request (bodies larger than it go out in pieces).
             .input_buffer_size(INPUT_BUFFER)
-            // One byte under the buffer: a head that fills the whole buffer is then
-            // "too big" (ureq checks `>`), not a read with no room that looks like the
-            // peer disconnecting.
-            .max_response_header_size(INPUT_BUFFER - 1)
+            .max_response_header_size(MAX_RESPONSE_HEAD)
             .output_buffer_size(OUTPUT_BUFFER)
             .build();
+        // Agents (for streams, GETs and proxied requests) are built when first needed.
         let agents = Arc::new(Agents {
             free: parking_lot::Mutex::new(Vec::new()),
+            idle: super::direct::Idle::default(),
+            max_idle: s.max_concurrent.max(1),
+            connect_timeout: s.connect_timeout,
             config,
             tls: s.tls.rustls.clone(),
             resolver: Arc::new(CachingResolver::default()),
         });
-        // One per worker, built now: a worker's first call does not wait for one.
-        let built: Vec<_> = (0..s.max_concurrent.max(1))
-            .map(|_| agents.build())
-            .collect();
-        *agents.free.lock() = built;
         UreqTransport {
             agents,
             max_response_bytes: s.max_response_bytes,
@@ -335,6 +343,73 @@ impl Transport for UreqTransport {
     }
 
     fn send(&self, req: &HttpRequest<'_>) -> Result<HttpResponse, TransportError> {
+        let deadline = std::time::Instant::now() + req.timeout;
+        let parsed = self.parsed(req.url)?;
+        if self.proxied(&parsed.uri) {
+            return self.send_by_agent(req);
+        }
+        let a = &*self.agents;
+        let opener = super::direct::Opener {
+            config: &a.config,
+            resolver: &*a.resolver,
+            tls: &a.tls,
+            connect_timeout: a.connect_timeout,
+        };
+        let prepared = super::direct::Prepared {
+            uri: &parsed.uri,
+            headers: self.headers(req)?,
+            body: req.body,
+            deadline,
+            max_body: self.max_response_bytes,
+        };
+        super::direct::post(&opener, &a.idle, a.max_idle, prepared)
+            .map_err(|e| mask_error(map_ureq_error(e, req.url), req))
+    }
+}
+
+impl UreqTransport {
+    /// Whether requests to `uri` go through a proxy (ureq's, from the environment):
+    /// those are sent by a ureq agent, whose connector chain speaks to proxies.
+    fn proxied(&self, uri: &ureq::http::Uri) -> bool {
+        self.agents
+            .config
+            .proxy()
+            .is_some_and(|p| !p.is_no_proxy(uri))
+    }
+
+    /// A POST's headers for [`super::direct`]: as [`Self::builder`] sets them (the
+    /// request's own headers last, each replacing one of the same name).
+    fn headers(&self, req: &HttpRequest<'_>) -> Result<ureq::http::HeaderMap, TransportError> {
+        use ureq::http::header;
+        let mut h = ureq::http::HeaderMap::with_capacity(8 + req.headers.len());
+        h.insert(header::AUTHORIZATION, self.authorization(req.key)?);
+        h.insert(
+            header::CONTENT_TYPE,
+            ureq::http::HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            header::USER_AGENT,
+            ureq::http::HeaderValue::from_static(USER_AGENT),
+        );
+        h.insert(header::CONTENT_LENGTH, req.body.len().into());
+        if req.body.len() >= EXPECT_CONTINUE_FROM {
+            h.insert(
+                header::EXPECT,
+                ureq::http::HeaderValue::from_static("100-continue"),
+            );
+        }
+        for (k, v) in req.headers {
+            let bad = || TransportError::Failed(format!("the header {k:?} is not valid"));
+            h.insert(
+                ureq::http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad())?,
+                ureq::http::HeaderValue::from_str(v).map_err(|_| bad())?,
+            );
+        }
+        Ok(h)
+    }
+
+    /// `send` through a ureq agent (a proxied request).
+    fn send_by_agent(&self, req: &HttpRequest<'_>) -> Result<HttpResponse, TransportError> {
         let lease = self.agents.take();
         let builder = self.builder(lease.agent(), req)?;
         // Only an attempt cut short by the request's deadline pays for a per-request config.
@@ -493,7 +568,7 @@ fn map_ureq_error(e: ureq::Error, url: &str) -> TransportError {
 
 /// The response headers worth keeping (`is_kept_header`), lowercase names; values that
 /// are not visible ASCII are dropped.
-fn kept_headers(h: &ureq::http::HeaderMap) -> Vec<(String, String)> {
+pub(super) fn kept_headers(h: &ureq::http::HeaderMap) -> Vec<(String, String)> {
     h.iter()
         .filter(|(k, _)| is_kept_header(k.as_str()))
         .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
