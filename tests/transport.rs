@@ -109,16 +109,20 @@ fn scripted(script: fn(usize) -> Act) -> (String, mpsc::Receiver<Seen>) {
                                     let body = format!(
                                         "{{\"id\":\"{n}\",\"choices\":[{{\"message\":{{\"role\":\"assistant\",\"content\":\"answer {n}\"}}}}]}}"
                                     );
-                                    let _ = write!(
-                                        w,
+                                    let answer = format!(
                                         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
                                          content-length: {}\r\n\r\n{body}",
                                         body.len()
                                     );
                                     if later {
+                                        let _ = w.write_all(answer.as_bytes());
                                         std::thread::sleep(Duration::from_millis(50));
+                                        let _ = w.write_all(extra.as_bytes());
+                                    } else {
+                                        // One write: the extra bytes arrive with the
+                                        // answer, in the client's buffer.
+                                        let _ = w.write_all((answer + extra).as_bytes());
                                     }
-                                    let _ = w.write_all(extra.as_bytes());
                                     // Reported once everything, extra bytes included,
                                     // was written.
                                     let _ = tx.send(seen);
@@ -184,6 +188,30 @@ fn stale_bytes_on_an_idle_connection_are_never_an_answer() {
         assert_eq!(s.n, i);
         // The stale connection was dropped: every request came on a new one.
         assert_eq!(s.conn, i);
+    }
+    pool.close();
+}
+
+/// Bytes after the body in the same segment as the answer (a body longer than its
+/// `Content-Length`) are already in the client's buffer when the body is read: the
+/// connection is closed, not reused, so they are never the next request's answer.
+#[test]
+fn bytes_after_the_body_in_the_same_segment_are_never_an_answer() {
+    fn script(_: usize) -> Act {
+        Act::Answer {
+            extra: "HTTP/1.1 200 OK\r\ncontent-length: 64\r\n\r\n\
+                    {\"choices\":[{\"message\":{\"role\":\"assistant\",\"content\":\"STALE\"}}]}",
+            later: false,
+        }
+    }
+    let (url, seen) = scripted(script);
+    let pool = pool_for(&url, 1, 1);
+    for i in 1..=3 {
+        let r = pool.submit(prompt(i)).unwrap().wait().unwrap();
+        assert_eq!(content(&r), format!("answer {i}"), "request {i}");
+        let s = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(s.n, i);
+        assert_eq!(s.conn, i, "request {i} came on a new connection");
     }
     pool.close();
 }

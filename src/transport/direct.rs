@@ -17,7 +17,8 @@
 //! the connection may carry another request. What is here is the loop ureq's `run`
 //! has around it, and the guarantees issue 20 asks of a hand-written loop:
 //!
-//! - **An idle connection is checked before reuse**: `Transport::is_open` (one
+//! - **An idle connection is checked before reuse**: bytes left in its buffer after
+//!   the body and it is closed at once; then `Transport::is_open` (one
 //!   `recv(MSG_PEEK | MSG_DONTWAIT)`; over TLS, no decrypted byte nobody asked for):
 //!   stale bytes or end-of-file and the connection is dropped, never parsed as an
 //!   answer. Idle connections older than [`MAX_IDLE_AGE`] are dropped too (ureq's
@@ -187,7 +188,10 @@ pub(super) fn post(
         RecvResponseResult::Redirect(c) => (Vec::new(), c.must_close_connection()),
         RecvResponseResult::Cleanup(c) => (Vec::new(), c.must_close_connection()),
     };
-    if !must_close {
+    // Bytes after the body already in the buffer (more than its Content-Length, an
+    // unsolicited answer in the same segment) are what the probe looks for in the
+    // socket: the connection is not reused.
+    if !must_close && conn.buffers().input().is_empty() {
         idle.put(conn, max_idle);
     }
     Ok(HttpResponse {
