@@ -81,12 +81,32 @@ pub(super) struct Opener<'a> {
 /// A key's idle keep-alive connections, most recently used last, with when each went
 /// idle.
 #[derive(Default)]
-pub(super) struct Idle(parking_lot::Mutex<Vec<(Instant, Box<dyn Conn>)>>);
+pub(super) struct Idle(parking_lot::Mutex<Vec<(Instant, Box<dyn Pooled>)>>);
+
+/// A connection this module pools: ureq's `Transport`, and a way to give back what it
+/// needs only while bytes move.
+pub(super) trait Pooled: Conn {
+    /// Frees the buffers of the HTTP layer while the connection sits idle.
+    fn park(&mut self);
+}
+
+impl Pooled for LeanTcp {
+    fn park(&mut self) {
+        // ureq's `LazyBuffers` cannot give its buffers back; plain HTTP holds no TLS
+        // state and stays under the memory target without it.
+    }
+}
+
+impl Pooled for LeanTls {
+    fn park(&mut self) {
+        self.release_buffers();
+    }
+}
 
 impl Idle {
     /// The most recently used idle connection that is still good (`is_open`, younger
     /// than [`MAX_IDLE_AGE`]); the others met on the way are closed.
-    fn take(&self, now: Instant) -> Option<Box<dyn Conn>> {
+    fn take(&self, now: Instant) -> Option<Box<dyn Pooled>> {
         loop {
             let (since, mut conn) = self.0.lock().pop()?;
             if now.saturating_duration_since(since) < MAX_IDLE_AGE && conn.is_open() {
@@ -97,7 +117,8 @@ impl Idle {
 
     /// Keeps `conn` for the next request, up to `max` idle connections (the oldest
     /// goes first).
-    fn put(&self, conn: Box<dyn Conn>, max: usize) {
+    fn put(&self, mut conn: Box<dyn Pooled>, max: usize) {
+        conn.park();
         let mut idle = self.0.lock();
         if idle.len() >= max.max(1) {
             idle.remove(0);
@@ -126,7 +147,11 @@ fn disconnected() -> ureq::Error {
 }
 
 /// Opens a connection for `uri` within the connect timeout and the deadline.
-fn open(o: &Opener<'_>, uri: &http::Uri, deadline: Instant) -> Result<Box<dyn Conn>, ureq::Error> {
+fn open(
+    o: &Opener<'_>,
+    uri: &http::Uri,
+    deadline: Instant,
+) -> Result<Box<dyn Pooled>, ureq::Error> {
     let until = deadline.min(Instant::now() + o.connect_timeout);
     let reason = if until < deadline {
         Timeout::Connect
@@ -140,7 +165,9 @@ fn open(o: &Opener<'_>, uri: &http::Uri, deadline: Instant) -> Result<Box<dyn Co
     let tcp = LeanTcp::open(&addrs, timeout, o.config.no_delay(), https, buffers)?;
     if https {
         let host = uri.host().unwrap_or_default();
-        Ok(Box::new(LeanTls::over(tcp, o.tls, host, buffers, timeout)?))
+        let mut tls = LeanTls::over(tcp, o.tls, host, buffers, timeout)?;
+        tls.handshake_now()?;
+        Ok(Box::new(tls))
     } else {
         Ok(Box::new(tcp))
     }

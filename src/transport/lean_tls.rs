@@ -289,6 +289,21 @@ impl LeanTls {
         Ok(())
     }
 
+    /// Completes the handshake now (attached to this thread's attempt first, so a
+    /// cancel cuts it), before any buffer of the HTTP layer above is allocated: every
+    /// worker of a starting pool waits in its handshake at once, and what each holds
+    /// then is the pool's peak memory (`benches/cpu.rs --memory`).
+    pub(crate) fn handshake_now(&mut self) -> Result<(), ureq::Error> {
+        self.socket.attach(&mut self.attached)?;
+        self.shake()
+    }
+
+    /// Frees the HTTP layer's buffers while the connection is idle (unread input, which
+    /// the pool never keeps, stays).
+    pub(crate) fn release_buffers(&mut self) {
+        self.buffers.release();
+    }
+
     /// Sends every record rustls holds.
     fn flush(&mut self, timeout: NextTimeout) -> Result<(), ureq::Error> {
         if !self.conn.wants_write() {
@@ -362,6 +377,8 @@ impl Transport for LeanTls {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e.into()),
             }
+            // Nothing decrypted yet: wait without the buffers.
+            self.buffers.release();
             let left = match timeout.not_zero() {
                 Some(d) => {
                     let rest = d.saturating_sub(started.elapsed());
@@ -424,6 +441,8 @@ struct GrowBuffers {
     consumed: usize,
     /// The last read filled the buffer: grow before the next.
     full: bool,
+    /// The input buffer's size when it was last released (`release`).
+    input_size: usize,
     output: Vec<u8>,
     progress: bool,
 }
@@ -443,6 +462,7 @@ impl GrowBuffers {
             filled: 0,
             consumed: 0,
             full: false,
+            input_size: 0,
             output: Vec::new(),
             progress: false,
         }
@@ -453,7 +473,29 @@ impl GrowBuffers {
             self.output.resize(self.output_size, 0);
         }
         if self.input.is_empty() {
-            self.input.resize(INPUT_START.min(self.max_input), 0);
+            self.input.resize(
+                self.input_size
+                    .clamp(INPUT_START.min(self.max_input), self.max_input),
+                0,
+            );
+        }
+    }
+
+    /// Frees the buffers while the connection waits: the output buffer (everything
+    /// in it was handed to rustls, which encrypts at once), and the input buffer if it
+    /// holds no unread byte (its size is remembered for the next allocation). A
+    /// request in flight spends nearly all its time waiting for the answer; a key's
+    /// worker then holds rustls's state and read buffer, not these 8 KiB or more
+    /// (`benches/cpu.rs --memory`). Freed and allocated again once per request: a
+    /// chunk malloc hands straight back.
+    fn release(&mut self) {
+        self.output = Vec::new();
+        if self.consumed == self.filled && !self.input.is_empty() {
+            self.input_size = self.input.len();
+            self.input = Vec::new();
+            self.consumed = 0;
+            self.filled = 0;
+            self.full = false;
         }
     }
 
