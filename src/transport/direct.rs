@@ -81,7 +81,17 @@ pub(super) struct Opener<'a> {
 /// A key's idle keep-alive connections, most recently used last, with when each went
 /// idle.
 #[derive(Default)]
-pub(super) struct Idle(parking_lot::Mutex<Vec<(Instant, Box<dyn Pooled>)>>);
+pub(super) struct Idle(parking_lot::Mutex<Vec<IdleConn>>);
+
+/// When a connection went idle, what it was opened for, the connection.
+type IdleConn = (Instant, Origin, Box<dyn Pooled>);
+
+/// Scheme and authority a connection was opened for (ureq's `PoolKey` without the proxy).
+type Origin = (Option<http::uri::Scheme>, Option<http::uri::Authority>);
+
+fn origin(uri: &http::Uri) -> Origin {
+    (uri.scheme().cloned(), uri.authority().cloned())
+}
 
 /// A connection this module pools: ureq's `Transport`, and a way to give back what it
 /// needs only while bytes move.
@@ -106,9 +116,15 @@ impl Pooled for LeanTls {
 impl Idle {
     /// The most recently used idle connection that is still good (`is_open`, younger
     /// than [`MAX_IDLE_AGE`]); the others met on the way are closed.
-    fn take(&self, now: Instant) -> Option<Box<dyn Pooled>> {
+    fn take(&self, now: Instant, uri: &http::Uri) -> Option<Box<dyn Pooled>> {
+        let want = origin(uri);
         loop {
-            let (since, mut conn) = self.0.lock().pop()?;
+            let (since, mut conn) = {
+                let mut idle = self.0.lock();
+                let i = idle.iter().rposition(|(_, o, _)| *o == want)?;
+                let (since, _, conn) = idle.remove(i);
+                (since, conn)
+            };
             if now.saturating_duration_since(since) < MAX_IDLE_AGE && conn.is_open() {
                 return Some(conn);
             }
@@ -117,14 +133,22 @@ impl Idle {
 
     /// Keeps `conn` for the next request, up to `max` idle connections (the oldest
     /// goes first).
-    fn put(&self, mut conn: Box<dyn Pooled>, max: usize) {
+    fn put(&self, mut conn: Box<dyn Pooled>, uri: &http::Uri, max: usize) {
         conn.park();
         let mut idle = self.0.lock();
         if idle.len() >= max.max(1) {
             idle.remove(0);
         }
-        idle.push((Instant::now(), conn));
+        idle.push((Instant::now(), origin(uri), conn));
     }
+}
+
+/// The instant `d` from now; a duration too long for an `Instant` (a transport built
+/// with `Duration::MAX`) is a year.
+pub(super) fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400))
 }
 
 /// The time left until `deadline` as ureq's transports take it, or the timeout error
@@ -152,7 +176,7 @@ fn open(
     uri: &http::Uri,
     deadline: Instant,
 ) -> Result<Box<dyn Pooled>, ureq::Error> {
-    let until = deadline.min(Instant::now() + o.connect_timeout);
+    let until = deadline.min(after(o.connect_timeout));
     let reason = if until < deadline {
         Timeout::Connect
     } else {
@@ -183,7 +207,7 @@ pub(super) fn post(
     p: Prepared<'_>,
 ) -> Result<HttpResponse, ureq::Error> {
     let deadline = p.deadline;
-    let mut conn = match idle.take(Instant::now()) {
+    let mut conn = match idle.take(Instant::now(), p.uri) {
         Some(c) => c,
         None => open(o, p.uri, deadline)?,
     };
@@ -219,7 +243,7 @@ pub(super) fn post(
     // unsolicited answer in the same segment) are what the probe looks for in the
     // socket: the connection is not reused.
     if !must_close && conn.buffers().input().is_empty() {
-        idle.put(conn, max_idle);
+        idle.put(conn, p.uri, max_idle);
     }
     Ok(HttpResponse {
         status,
@@ -277,17 +301,18 @@ fn await_100(
             }
             return Err(ureq::Error::Timeout(Timeout::Global));
         }
-        match conn.maybe_await_input(left(until, Timeout::Await100)?) {
+        // Always a read: the buffers' `progress` flag may be left over from the
+        // previous answer on this connection, or cleared by a partial head.
+        match conn.await_input(left(until, Timeout::Await100)?) {
             Ok(_) => {
                 let input = conn.buffers().input();
                 if input.is_empty() {
                     return Err(disconnected());
                 }
                 let n = call.try_read_100(input)?;
-                if n > 0 {
-                    conn.buffers().input_consume(n);
-                    break;
-                }
+                conn.buffers().input_consume(n);
+                // No break on n > 0: a 103 is consumed and the wait goes on; a 100
+                // or a final answer ends it (`can_keep_await_100`).
             }
             Err(ureq::Error::Timeout(Timeout::Await100)) => break,
             Err(e) => return Err(e),
@@ -304,7 +329,8 @@ fn recv_response(
 ) -> Result<(u16, http::HeaderMap, RecvResponseResult), ureq::Error> {
     let limit = super::ureq_agent::MAX_RESPONSE_HEAD;
     let response = loop {
-        let progress = conn.maybe_await_input(left(deadline, Timeout::Global)?)?;
+        // What is already buffered first (an early answer read while awaiting 100),
+        // then a read whenever the head is incomplete.
         let input = conn.buffers().input();
         let (used, response) = call.try_response(input, false)?;
         let size = if response.is_some() {
@@ -319,7 +345,7 @@ fn recv_response(
         if let Some(r) = response {
             break r;
         }
-        if !progress {
+        if used == 0 && !conn.await_input(left(deadline, Timeout::Global)?)? {
             return Err(disconnected());
         }
     };
@@ -418,6 +444,14 @@ fn recv_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_duration_too_long_for_an_instant_is_a_year() {
+        let far = after(Duration::MAX);
+        let year = far.duration_since(Instant::now());
+        assert!(year > Duration::from_secs(364 * 86_400), "{year:?}");
+        assert!(after(Duration::from_secs(1)) < far);
+    }
 
     #[test]
     fn the_time_left_is_a_timeout_once_the_deadline_passed() {

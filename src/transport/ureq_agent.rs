@@ -343,7 +343,7 @@ impl Transport for UreqTransport {
     }
 
     fn send(&self, req: &HttpRequest<'_>) -> Result<HttpResponse, TransportError> {
-        let deadline = std::time::Instant::now() + req.timeout;
+        let deadline = super::direct::after(req.timeout);
         let parsed = self.parsed(req.url)?;
         if self.proxied(&parsed.uri) {
             return self.send_by_agent(req);
@@ -400,8 +400,13 @@ impl UreqTransport {
         }
         for (k, v) in req.headers {
             let bad = || TransportError::Failed(format!("the header {k:?} is not valid"));
+            let name = ureq::http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad())?;
+            // The body is framed here (Content-Length, sent by direct.rs as one slice).
+            if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+                continue;
+            }
             h.insert(
-                ureq::http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad())?,
+                name,
                 ureq::http::HeaderValue::from_str(v).map_err(|_| bad())?,
             );
         }

@@ -1,5 +1,8 @@
-//! Review of src/transport/direct.rs: scripted loopback servers against
-//! `UreqTransport::send` directly.
+//! Edges of the non-streamed HTTP path (`src/transport/direct.rs`), scripted loopback
+//! servers against `UreqTransport::send` directly: an idle connection is reused only
+//! for its own origin, an early answer to a large upload is heard at once (whole or
+//! split, fresh or reused connection), framing headers from the config never break
+//! the request, hostile Content-Lengths are errors.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
