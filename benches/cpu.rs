@@ -5,6 +5,8 @@
 //! `--requests N` (default 40000), `--callgrind N` (runs only keypool for N requests,
 //! for `valgrind --tool=callgrind`, after a warm-up it announces; with `--tls` over TLS), `--quick N` (only `Pool::batch` and the async
 //! reference, for A/B runs of a change), `--https N` (only the https lines),
+//! `--https-quick N [--rounds R]` (keypool over TLS and hyper + rustls alternating R
+//! times, then the median ratios: A/B runs of a change to the https path),
 //! `--memory` (resident memory over TLS at 64 keys × 32 in flight; `--plain` for
 //! plain http).
 //!
@@ -55,6 +57,12 @@ fn main() {
     if let Some(n) = opt("--https") {
         // The https lines only.
         https_lines(n);
+        return;
+    }
+    if let Some(n) = opt("--https-quick") {
+        // keypool and hyper + rustls over TLS only, alternating `--rounds` times (default
+        // 2), for A/B runs of a change to the https path.
+        https_quick(n, opt("--rounds").unwrap_or(2));
         return;
     }
     if args.iter().any(|a| a == "--memory") {
@@ -241,6 +249,32 @@ fn https_lines(n: usize) {
         kp.rps / hy.rps,
         fl.cpu_us() / hy.cpu_us(),
         ur.cpu_us() / hy.cpu_us()
+    );
+}
+
+/// `--https-quick N`: keypool over TLS and hyper + rustls, alternating, `rounds` times
+/// each, then the median ratio.
+fn https_quick(n: usize, rounds: usize) {
+    let mock = MockProcess::start_tls(LATENCY_MS, 2);
+    let ca = mock.ca_file.clone().expect("a TLS mock");
+    let mut ratios = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let kp = measured_batch_on(
+            &mock.url,
+            Some(&ca),
+            n,
+            2 * KEYS * PER_KEY,
+            "keypool  Pool::batch over TLS",
+        );
+        let (hy, hfail) = hyper_tls_reference(&mock.url, &ca, n);
+        hy.print("async ref: hyper + rustls over TLS", hfail);
+        ratios.push((kp.cpu_us() / hy.cpu_us(), kp.rps / hy.rps));
+    }
+    ratios.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (cpu, rps) = ratios[ratios.len() / 2];
+    println!(
+        "median of {} rounds: CPU {cpu:.2}x hyper + rustls, throughput {rps:.3}",
+        ratios.len()
     );
 }
 
