@@ -336,3 +336,54 @@ fn a_whole_early_answer_on_an_open_connection_is_heard_at_once() {
     );
     assert!(took < Duration::from_millis(500), "{took:?}");
 }
+
+/// A server that answers each request with its body, echoed.
+fn echo_server() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1/x", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { return };
+            std::thread::spawn(move || {
+                let mut w = c.try_clone().unwrap();
+                let mut r = BufReader::new(c);
+                while let Some((len, _)) = read_head(&mut r) {
+                    let mut b = vec![0; len];
+                    if r.read_exact(&mut b).is_err() {
+                        return;
+                    }
+                    let _ = write!(w, "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+                    let _ = w.write_all(&b);
+                }
+            });
+        }
+    });
+    url
+}
+
+/// The request head and the body's first piece share the output buffer (4 KiB): every
+/// split of head and body around its size arrives whole, on one reused connection, with
+/// a short head and with one that nearly fills the buffer alone.
+#[test]
+fn heads_and_bodies_around_the_output_buffer_arrive_whole() {
+    let url = echo_server();
+    let t = transport(Duration::from_secs(5));
+    for head_pad in [0usize, 3_600, 4_000] {
+        let headers = if head_pad == 0 {
+            Vec::new()
+        } else {
+            vec![("x-pad".to_owned(), "p".repeat(head_pad))]
+        };
+        for len in [1usize, 100, 3_500, 4_095, 4_096, 4_097, 8_192, 20_000] {
+            let body: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            let r = post(&t, &url, &body, &headers)
+                .unwrap_or_else(|e| panic!("pad {head_pad}, body {len}: {e:?}"));
+            assert_eq!(r.status, 200);
+            assert!(
+                r.body == body,
+                "pad {head_pad}, body {len}: echoed {} bytes",
+                r.body.len()
+            );
+        }
+    }
+}

@@ -217,18 +217,34 @@ pub(super) fn post(
     *request.headers_mut() = p.headers;
     let mut call = Call::new(request)?.proceed();
 
-    // The head: ureq-proto writes it into the connection's output buffer.
+    // The head: ureq-proto writes it into the connection's output buffer, where it
+    // stays (`staged` bytes) for the body's first piece to join it: a request that
+    // fits leaves in one write, over TLS one record (one encryption, not two).
+    // (Each write gets the whole buffer, as ureq gives it: ureq-proto refuses a header
+    // that does not fit what it is given, and a head longer than the buffer goes out in
+    // pieces.)
+    let mut staged = 0;
     while !call.can_proceed() {
-        let n = call.write(conn.buffers().output())?;
-        conn.transmit_output(n, left(deadline, Timeout::Global)?)?;
+        if staged > 0 {
+            conn.transmit_output(staged, left(deadline, Timeout::Global)?)?;
+        }
+        staged = call.write(conn.buffers().output())?;
     }
     let call = match call.proceed()?.ok_or_else(disconnected)? {
-        SendRequestResult::SendBody(c) => send_body(c, p.body, &mut *conn, deadline)?,
-        SendRequestResult::Await100(c) => match await_100(c, &mut *conn, deadline)? {
-            Await100Result::SendBody(c) => send_body(c, p.body, &mut *conn, deadline)?,
-            Await100Result::RecvResponse(c) => c,
-        },
-        SendRequestResult::RecvResponse(c) => c,
+        SendRequestResult::SendBody(c) => send_body(c, p.body, &mut *conn, deadline, staged)?,
+        other => {
+            if staged > 0 {
+                conn.transmit_output(staged, left(deadline, Timeout::Global)?)?;
+            }
+            match other {
+                SendRequestResult::Await100(c) => match await_100(c, &mut *conn, deadline)? {
+                    Await100Result::SendBody(c) => send_body(c, p.body, &mut *conn, deadline, 0)?,
+                    Await100Result::RecvResponse(c) => c,
+                },
+                SendRequestResult::RecvResponse(c) => c,
+                SendRequestResult::SendBody(_) => unreachable!("matched above"),
+            }
+        }
     };
     let (status, headers, next) = recv_response(call, &mut *conn, deadline)?;
     let (body, must_close) = match next {
@@ -259,28 +275,37 @@ fn headers_hint(h: &http::HeaderMap) -> u64 {
         .unwrap_or(0)
 }
 
-/// Copies the body into the output buffer piece by piece (it is sent with its
-/// `Content-Length`, so ureq-proto only counts it).
+/// Copies the body into the output buffer piece by piece, after the `staged` bytes of
+/// the head already there (it is sent with its `Content-Length`, so ureq-proto only
+/// counts it).
 fn send_body(
     mut call: Call<state::SendBody>,
     body: &[u8],
     conn: &mut dyn Conn,
     deadline: Instant,
+    mut staged: usize,
 ) -> Result<Call<state::RecvResponse>, ureq::Error> {
     let mut sent = 0;
     while !call.can_proceed() {
         let out = conn.buffers().output();
-        let n = out.len().min(body.len() - sent);
+        let n = (out.len() - staged).min(body.len() - sent);
         if n == 0 {
+            if staged > 0 {
+                // The head filled the buffer: it goes first.
+                conn.transmit_output(staged, left(deadline, Timeout::Global)?)?;
+                staged = 0;
+                continue;
+            }
             // The body is shorter than its Content-Length: cannot happen, as the
             // header is written from its length.
             return Err(ureq::Error::Protocol(
                 ureq_proto::Error::BodyContentAfterFinish,
             ));
         }
-        out[..n].copy_from_slice(&body[sent..sent + n]);
+        out[staged..staged + n].copy_from_slice(&body[sent..sent + n]);
         call.consume_direct_write(n)?;
-        conn.transmit_output(n, left(deadline, Timeout::Global)?)?;
+        conn.transmit_output(staged + n, left(deadline, Timeout::Global)?)?;
+        staged = 0;
         sent += n;
     }
     call.proceed().ok_or_else(disconnected)

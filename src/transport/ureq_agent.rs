@@ -108,6 +108,26 @@ impl ureq::unversioned::resolver::Resolver for CachingResolver {
 struct Parsed {
     url: String,
     uri: ureq::http::Uri,
+    /// The `Host` header for it, as ureq-proto would write it (the port only when it is
+    /// not the scheme's default), built once: ureq-proto builds it per request (an
+    /// allocation, and a `format!` for a port) unless the request carries one.
+    host: Option<ureq::http::HeaderValue>,
+}
+
+/// `uri`'s `Host` header value: its host, with the port when it is not the scheme's
+/// default (`ureq_proto`'s `maybe_with_port`).
+fn host_header(uri: &ureq::http::Uri) -> Option<ureq::http::HeaderValue> {
+    let host = uri.host()?;
+    let default = match uri.scheme_str() {
+        Some("https") => Some(443),
+        Some("http") | None => Some(80),
+        Some(_) => None,
+    };
+    let value = match uri.port_u16() {
+        Some(port) if Some(port) != default => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    ureq::http::HeaderValue::from_str(&value).ok()
 }
 
 /// A key's resolver, shared by its agents ([`Agents`]).
@@ -281,6 +301,7 @@ impl UreqTransport {
             .map_err(|_| TransportError::Failed("the request URL is not a valid URI".into()))?;
         let p = Arc::new(Parsed {
             url: url.to_owned(),
+            host: host_header(&uri),
             uri,
         });
         let _ = self.uri.set(p.clone());
@@ -357,7 +378,7 @@ impl Transport for UreqTransport {
         };
         let prepared = super::direct::Prepared {
             uri: &parsed.uri,
-            headers: self.headers(req)?,
+            headers: self.headers(req, &parsed)?,
             body: req.body,
             deadline,
             max_body: self.max_response_bytes,
@@ -379,9 +400,16 @@ impl UreqTransport {
 
     /// A POST's headers for [`super::direct`]: as [`Self::builder`] sets them (the
     /// request's own headers last, each replacing one of the same name).
-    fn headers(&self, req: &HttpRequest<'_>) -> Result<ureq::http::HeaderMap, TransportError> {
+    fn headers(
+        &self,
+        req: &HttpRequest<'_>,
+        parsed: &Parsed,
+    ) -> Result<ureq::http::HeaderMap, TransportError> {
         use ureq::http::header;
         let mut h = ureq::http::HeaderMap::with_capacity(8 + req.headers.len());
+        if let Some(host) = &parsed.host {
+            h.insert(header::HOST, host.clone());
+        }
         h.insert(header::AUTHORIZATION, self.authorization(req.key)?);
         h.insert(
             header::CONTENT_TYPE,
@@ -578,4 +606,35 @@ pub(super) fn kept_headers(h: &ureq::http::HeaderMap) -> Vec<(String, String)> {
         .filter(|(k, _)| is_kept_header(k.as_str()))
         .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_header;
+
+    /// The `Host` header keypool sends itself is the one ureq-proto would have built.
+    #[test]
+    fn the_host_header_has_the_port_only_when_it_is_not_the_default() {
+        let host =
+            |u: &str| host_header(&u.parse().unwrap()).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(
+            host("https://openrouter.ai/api/v1").as_deref(),
+            Some("openrouter.ai")
+        );
+        assert_eq!(
+            host("https://openrouter.ai:443/api/v1").as_deref(),
+            Some("openrouter.ai")
+        );
+        assert_eq!(host("http://127.0.0.1:80/v1").as_deref(), Some("127.0.0.1"));
+        assert_eq!(
+            host("http://127.0.0.1:8080/v1").as_deref(),
+            Some("127.0.0.1:8080")
+        );
+        assert_eq!(
+            host("https://localhost:8443").as_deref(),
+            Some("localhost:8443")
+        );
+        assert_eq!(host("http://[::1]:9000/v1").as_deref(), Some("[::1]:9000"));
+        assert_eq!(host("/relative"), None);
+    }
 }
