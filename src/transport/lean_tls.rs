@@ -96,6 +96,7 @@ impl LeanTls {
             write_timeout: None,
             corked: 0,
             fresh: true,
+            eof: false,
             attached: 0,
             handshake: Some((timeout.not_zero().map(|d| started + *d), timeout)),
         })
@@ -124,6 +125,9 @@ pub(crate) struct LeanTls {
     corked: usize,
     /// No application data received yet: a reset may hide the server's alert.
     fresh: bool,
+    /// The socket reached end-of-file: the next read reports it (rustls's reader
+    /// says whether the close was clean).
+    eof: bool,
     /// The cancellable attempt (`crate::cancel`) this connection was last attached
     /// to (0: none).
     attached: u64,
@@ -254,6 +258,9 @@ impl LeanTls {
                 }
             }
         };
+        if n == 0 {
+            self.eof = true;
+        }
         self.conn.process_new_packets().map_err(tls_error)?;
         Ok(n > 0)
     }
@@ -365,19 +372,25 @@ impl Transport for LeanTls {
         let timeout = timeout.for_read();
         let started = Instant::now();
         loop {
-            let input = self.buffers.input_append_buf();
-            match self.conn.reader().read(input) {
-                Ok(n) => {
-                    self.buffers.input_appended(n);
-                    if n > 0 {
-                        self.fresh = false;
+            // The input buffer is allocated only when there is something to read into it
+            // (decrypted bytes, or the end of the stream to report).
+            let state = self.conn.process_new_packets().map_err(tls_error)?;
+            if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() || self.eof {
+                let input = self.buffers.input_append_buf();
+                match self.conn.reader().read(input) {
+                    Ok(n) => {
+                        self.buffers.input_appended(n);
+                        if n > 0 {
+                            self.fresh = false;
+                        }
+                        return Ok(n > 0);
                     }
-                    return Ok(n > 0);
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e.into()),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e.into()),
             }
-            // Nothing decrypted yet: wait without the buffers.
+            // Nothing decrypted yet: wait without the buffers (a request in flight
+            // spends nearly all its time here).
             self.buffers.release();
             let left = match timeout.not_zero() {
                 Some(d) => {
@@ -468,10 +481,13 @@ impl GrowBuffers {
         }
     }
 
-    fn ensure_allocation(&mut self) {
+    fn ensure_output(&mut self) {
         if self.output.len() < self.output_size {
             self.output.resize(self.output_size, 0);
         }
+    }
+
+    fn ensure_input(&mut self) {
         if self.input.is_empty() {
             self.input.resize(
                 self.input_size
@@ -481,15 +497,20 @@ impl GrowBuffers {
         }
     }
 
-    /// Frees the buffers while the connection waits: the output buffer (everything
-    /// in it was handed to rustls, which encrypts at once), and the input buffer if it
-    /// holds no unread byte (its size is remembered for the next allocation). A
-    /// request in flight spends nearly all its time waiting for the answer; a key's
-    /// worker then holds rustls's state and read buffer, not these 8 KiB or more
-    /// (`benches/cpu.rs --memory`). Freed and allocated again once per request: a
-    /// chunk malloc hands straight back.
-    fn release(&mut self) {
+    /// Frees the output buffer: everything in it was handed to rustls, which encrypts
+    /// at once.
+    fn release_output(&mut self) {
         self.output = Vec::new();
+    }
+
+    /// Frees both buffers while the connection sits idle: the output buffer, and the
+    /// input buffer if it holds no unread byte (its size is remembered for the next
+    /// allocation). Every worker's connection idles at the end of a batch; it then
+    /// holds rustls's state and read buffer, not these 8 KiB or more
+    /// (`benches/cpu.rs --memory`). Allocated again once per request: chunks malloc
+    /// hands straight back.
+    fn release(&mut self) {
+        self.release_output();
         if self.consumed == self.filled && !self.input.is_empty() {
             self.input_size = self.input.len();
             self.input = Vec::new();
@@ -520,7 +541,7 @@ impl GrowBuffers {
 
 impl Buffers for GrowBuffers {
     fn output(&mut self) -> &mut [u8] {
-        self.ensure_allocation();
+        self.ensure_output();
         &mut self.output
     }
 
@@ -529,7 +550,7 @@ impl Buffers for GrowBuffers {
     }
 
     fn input_append_buf(&mut self) -> &mut [u8] {
-        self.ensure_allocation();
+        self.ensure_input();
         self.make_room();
         &mut self.input[self.filled..]
     }
@@ -547,7 +568,8 @@ impl Buffers for GrowBuffers {
     }
 
     fn tmp_and_output(&mut self) -> (&mut [u8], &mut [u8]) {
-        self.ensure_allocation();
+        self.ensure_output();
+        self.ensure_input();
         self.make_room();
         if self.input.len() - self.filled < MIN_TMP {
             let size = self.filled + MIN_TMP;
