@@ -775,25 +775,31 @@ fn async_reference<C: RefClient>(url: &str, n: usize) -> (Figures, usize) {
 
 /// The hyper client over TLS (tokio-rustls, ring, the mock's CA as the only root): the
 /// async reference for the https line, same shape as [`async_reference`].
-fn hyper_tls_reference(url: &str, ca_file: &str, n: usize) -> (Figures, usize) {
+/// A rustls client configuration (ring) trusting exactly the PEM CA in `ca_file`, for
+/// the reference clients over TLS.
+fn client_config(ca_file: &str) -> tokio_rustls::rustls::ClientConfig {
     use tokio_rustls::rustls;
     use tokio_rustls::rustls::pki_types::pem::PemObject;
-    let rest = url.strip_prefix("https://").expect("https URL");
-    let (addr, prefix) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let addr = addr.to_owned();
-    let host = addr.rsplit_once(':').map_or(&*addr, |(h, _)| h).to_owned();
-    let path = format!("{prefix}/chat/completions");
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls::pki_types::CertificateDer::pem_file_iter(ca_file).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+    rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        .with_no_client_auth()
+}
+
+fn hyper_tls_reference(url: &str, ca_file: &str, n: usize) -> (Figures, usize) {
+    use tokio_rustls::rustls;
+    let rest = url.strip_prefix("https://").expect("https URL");
+    let (addr, prefix) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let addr = addr.to_owned();
+    let host = addr.rsplit_once(':').map_or(&*addr, |(h, _)| h).to_owned();
+    let path = format!("{prefix}/chat/completions");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca_file)));
     let name = rustls::pki_types::ServerName::try_from(host).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1034,23 +1040,11 @@ struct MinimalBlockingTls {
 
 impl MinimalBlockingTls {
     fn new(url: &str, ca_file: &str) -> MinimalBlockingTls {
-        use tokio_rustls::rustls;
-        use tokio_rustls::rustls::pki_types::pem::PemObject;
         let rest = url.strip_prefix("https://").expect("https URL");
         let addr = rest[..rest.find('/').unwrap_or(rest.len())].to_owned();
         let host = addr.rsplit_once(':').map_or(&*addr, |(h, _)| h).to_owned();
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::CertificateDer::pem_file_iter(ca_file).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
         MinimalBlockingTls {
-            cfg: Arc::new(cfg),
+            cfg: Arc::new(client_config(ca_file)),
             addr,
             host,
             idle: parking_lot::Mutex::new(Vec::new()),

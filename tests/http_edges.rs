@@ -44,16 +44,16 @@ fn read_head(r: &mut BufReader<TcpStream>) -> Option<(usize, String)> {
     }
 }
 
-/// A server that answers every request on every connection with `who` as the body.
-fn named_server(who: &'static str) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+/// A loopback HTTP/1.1 server: each request's body goes to `answer`, whose bytes are
+/// the response's body (every connection kept alive).
+fn serve(answer: impl Fn(&[u8]) -> Vec<u8> + Send + Sync + 'static) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1/x", l.local_addr().unwrap());
-    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let s2 = seen.clone();
+    let answer = std::sync::Arc::new(answer);
     std::thread::spawn(move || {
         for c in l.incoming() {
             let Ok(c) = c else { return };
-            let seen = s2.clone();
+            let answer = answer.clone();
             std::thread::spawn(move || {
                 let mut w = c.try_clone().unwrap();
                 let mut r = BufReader::new(c);
@@ -62,15 +62,28 @@ fn named_server(who: &'static str) -> (String, std::sync::Arc<std::sync::atomic:
                     if r.read_exact(&mut b).is_err() {
                         return;
                     }
-                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let out = answer(&b);
                     let _ = write!(
                         w,
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{who}",
-                        who.len()
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                        out.len()
                     );
+                    let _ = w.write_all(&out);
                 }
             });
         }
+    });
+    url
+}
+
+/// A server that answers every request on every connection with `who` as the body,
+/// and counts them.
+fn named_server(who: &'static str) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s2 = seen.clone();
+    let url = serve(move |_| {
+        s2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        who.as_bytes().to_vec()
     });
     (url, seen)
 }
@@ -339,26 +352,7 @@ fn a_whole_early_answer_on_an_open_connection_is_heard_at_once() {
 
 /// A server that answers each request with its body, echoed.
 fn echo_server() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1/x", l.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(c) = c else { return };
-            std::thread::spawn(move || {
-                let mut w = c.try_clone().unwrap();
-                let mut r = BufReader::new(c);
-                while let Some((len, _)) = read_head(&mut r) {
-                    let mut b = vec![0; len];
-                    if r.read_exact(&mut b).is_err() {
-                        return;
-                    }
-                    let _ = write!(w, "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
-                    let _ = w.write_all(&b);
-                }
-            });
-        }
-    });
-    url
+    serve(|body| body.to_vec())
 }
 
 /// The request head and the body's first piece share the output buffer (4 KiB): every
