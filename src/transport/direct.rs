@@ -319,29 +319,41 @@ fn await_100(
     deadline: Instant,
 ) -> Result<Await100Result, ureq::Error> {
     let until = deadline.min(Instant::now() + super::ureq_agent::AWAIT_100);
+    // A read whenever what is buffered was all used or is incomplete (never decided
+    // by the buffers' `progress` flag, which may be left over from the previous
+    // answer on this connection, or cleared by a partial head).
+    let mut read = true;
     while call.can_keep_await_100() {
-        if Instant::now() >= until {
-            if until < deadline {
-                break; // stop waiting: send the body
-            }
-            return Err(ureq::Error::Timeout(Timeout::Global));
-        }
-        // Always a read: the buffers' `progress` flag may be left over from the
-        // previous answer on this connection, or cleared by a partial head.
-        match conn.await_input(left(until, Timeout::Await100)?) {
-            Ok(_) => {
-                let input = conn.buffers().input();
-                if input.is_empty() {
-                    return Err(disconnected());
+        if read {
+            if Instant::now() >= until {
+                if until < deadline {
+                    break; // stop waiting: send the body
                 }
-                let n = call.try_read_100(input)?;
-                conn.buffers().input_consume(n);
-                // No break on n > 0: a 103 is consumed and the wait goes on; a 100
-                // or a final answer ends it (`can_keep_await_100`).
+                return Err(ureq::Error::Timeout(Timeout::Global));
             }
-            Err(ureq::Error::Timeout(Timeout::Await100)) => break,
-            Err(e) => return Err(e),
+            match conn.await_input(left(until, Timeout::Await100)?) {
+                Ok(_) => {}
+                Err(ureq::Error::Timeout(Timeout::Await100)) => break,
+                Err(e) => return Err(e),
+            }
         }
+        let input = conn.buffers().input();
+        if input.is_empty() {
+            return Err(disconnected());
+        }
+        // ureq-proto parses with room for no header: a 1xx with headers (a 103's
+        // Link) would pass for a final answer, and the body would never be sent.
+        let mut h = [httparse::EMPTY_HEADER; 32];
+        let mut r = httparse::Response::new(&mut h);
+        let n = match r.parse(input) {
+            Ok(httparse::Status::Complete(n)) if matches!(r.code, Some(102..=199)) => n,
+            _ => call.try_read_100(input)?,
+        };
+        conn.buffers().input_consume(n);
+        // No break on n > 0: a 103 is consumed and the wait goes on, on what is
+        // already buffered first (a 100 in the same segment); a 100 or a final
+        // answer ends it (`can_keep_await_100`).
+        read = n == 0 || conn.buffers().input().is_empty();
     }
     Ok(call.proceed()?)
 }
