@@ -454,8 +454,6 @@ struct GrowBuffers {
     consumed: usize,
     /// The last read filled the buffer: grow before the next.
     full: bool,
-    /// The input buffer's size when it was last released (`release`).
-    input_size: usize,
     output: Vec<u8>,
     progress: bool,
 }
@@ -475,7 +473,6 @@ impl GrowBuffers {
             filled: 0,
             consumed: 0,
             full: false,
-            input_size: 0,
             output: Vec::new(),
             progress: false,
         }
@@ -489,11 +486,9 @@ impl GrowBuffers {
 
     fn ensure_input(&mut self) {
         if self.input.is_empty() {
-            self.input.resize(
-                self.input_size
-                    .clamp(INPUT_START.min(self.max_input), self.max_input),
-                0,
-            );
+            // Always from the first size: a stream's small events, each allocated
+            // after a wait, zero 4 KiB, not what one large answer grew it to.
+            self.input.resize(INPUT_START.min(self.max_input), 0);
         }
     }
 
@@ -503,16 +498,14 @@ impl GrowBuffers {
         self.output = Vec::new();
     }
 
-    /// Frees both buffers while the connection sits idle: the output buffer, and the
-    /// input buffer if it holds no unread byte (its size is remembered for the next
-    /// allocation). Every worker's connection idles at the end of a batch; it then
+    /// Frees both buffers while the connection waits or sits idle: the output buffer,
+    /// and the input buffer if it holds no unread byte. Every worker's connection idles at the end of a batch; it then
     /// holds rustls's state and read buffer, not these 8 KiB or more
     /// (`benches/cpu.rs --memory`). Allocated again once per request: chunks malloc
     /// hands straight back.
     fn release(&mut self) {
         self.release_output();
         if self.consumed == self.filled && !self.input.is_empty() {
-            self.input_size = self.input.len();
             self.input = Vec::new();
             self.consumed = 0;
             self.filled = 0;

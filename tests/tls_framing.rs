@@ -1,5 +1,7 @@
-//! Review of the TLS buffer changes (18690b1, fa5423c, 75ab865): scripted rustls
-//! servers (record boundaries, close_notify or not, bytes after the body) against
+//! The HTTP path over TLS against scripted rustls servers that choose their record
+//! boundaries: heads split across records and sizes around the buffers, bodies ended
+//! by close_notify or a bare EOF, bytes after the body, `Expect: 100-continue` (100,
+//! 413, ignored, a 103 before the 100), a trickled stream, random framings; through
 //! `UreqTransport::send` and `send_stream`.
 
 use std::io::{Read, Write};
