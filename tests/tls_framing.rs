@@ -456,13 +456,14 @@ fn answer_for(seed: u64) -> (usize, bool, Vec<u8>) {
         0 => r.usize(0..10),
         1 => r.usize(4000..4200),
         2 => r.usize(12000..13000),
-        _ => r.usize(0..100_000),
+        _ => r.usize(0..40_000),
     };
     let body = (0..len).map(|_| r.alphanumeric() as u8).collect();
     (pad, chunked, body)
 }
 
-/// Random heads, bodies, framings and record splits, one connection, many requests.
+/// Random heads, bodies (up to 40 KB), framings and record splits, one connection,
+/// 120 requests.
 #[test]
 fn random_answers_in_random_records_arrive_whole() {
     let (url, trust, conns) = server(|c, _| {
@@ -504,7 +505,8 @@ fn random_answers_in_random_records_arrive_whole() {
         }
     });
     let t = transport(trust, Duration::from_secs(5));
-    for seed in 0..400u64 {
+    // 120 answers: about 2 s in a debug build (rustls unoptimised).
+    for seed in 0..120u64 {
         let (_, _, want) = answer_for(seed);
         let r = post(&t, &url, seed.to_string().as_bytes())
             .unwrap_or_else(|e| panic!("seed {seed}: {e:?}"));
