@@ -892,6 +892,15 @@ struct Message<'a> {
     content: &'a str,
 }
 
+/// A response head's `Content-Length`, for the hand-written reference clients.
+fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())?
+    })
+}
+
 /// The minimal hand-written client.
 struct Conn {
     s: tokio::net::TcpStream,
@@ -937,14 +946,7 @@ impl RefClient for Conn {
                 if !head.starts_with("HTTP/1.1 200") {
                     return Err(());
                 }
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse::<usize>().ok())?
-                    })
-                    .ok_or(())?;
+                let len = content_length(head).ok_or(())?;
                 break (p + 4, len);
             }
         };
@@ -1095,14 +1097,7 @@ impl Transport for MinimalBlockingTls {
             buf.extend_from_slice(&chunk[..r]);
             if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = std::str::from_utf8(&buf[..p]).map_err(|_| fail("utf8"))?;
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse::<usize>().ok())?
-                    })
-                    .ok_or(fail("no length"))?;
+                let len = content_length(head).ok_or(fail("no length"))?;
                 break (p + 4, len);
             }
         };

@@ -117,11 +117,12 @@ impl Idle {
     /// The most recently used idle connection that is still good (`is_open`, younger
     /// than [`MAX_IDLE_AGE`]); the others met on the way are closed.
     fn take(&self, now: Instant, uri: &http::Uri) -> Option<Box<dyn Pooled>> {
-        let want = origin(uri);
+        // Compared in place: nothing cloned to look.
+        let same = |o: &Origin| o.0.as_ref() == uri.scheme() && o.1.as_ref() == uri.authority();
         loop {
             let (since, mut conn) = {
                 let mut idle = self.0.lock();
-                let i = idle.iter().rposition(|(_, o, _)| *o == want)?;
+                let i = idle.iter().rposition(|(_, o, _)| same(o))?;
                 let (since, _, conn) = idle.remove(i);
                 (since, conn)
             };
