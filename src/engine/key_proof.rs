@@ -94,7 +94,9 @@ pub(crate) fn start(
         // The pool's close waits for this thread (it holds an `alive` sender).
         let alive = alive.clone();
         let spawned = std::thread::Builder::new()
-            .name(format!("keypool-proof-{}", ctx.index))
+            // Named like the key's workers (`keypool-<label>-<n>`), so a thread list
+            // shows whose proof it is.
+            .name(format!("keypool-{}-proof", shared.keys[ctx.index].label))
             .stack_size(shared.config.worker_stack_size)
             .spawn(move || {
                 proof.run();
