@@ -460,6 +460,47 @@ struct GrowBuffers {
 
 /// The input buffer's first size over TLS.
 const INPUT_START: usize = 4 * 1024;
+
+/// Buffers of [`INPUT_START`] bytes given back by connections that stopped moving bytes
+/// (a request sent, a response read), for the next connection that needs one: most
+/// of a connection's life is a wait that holds no buffer, so a pool of any size needs
+/// only about as many as run at once. Taking one from here costs no `malloc` of 4 KiB
+/// (which takes a lock shared by many threads: it was a third of the futex calls a
+/// busy pool made) and no zeroing; at most [`SPARES_MAX`] wait here, 256 KiB in all,
+/// for the whole process.
+mod spares {
+    use super::INPUT_START;
+    use crossbeam_channel::{Receiver, Sender, bounded};
+    use std::sync::LazyLock;
+
+    /// The most buffers waiting for reuse.
+    pub(super) const SPARES_MAX: usize = 64;
+
+    /// Both ends of the list of spares.
+    type Spares = (Sender<Vec<u8>>, Receiver<Vec<u8>>);
+
+    static SPARES: LazyLock<Spares> = LazyLock::new(|| bounded(SPARES_MAX));
+
+    /// A buffer of `INPUT_START` bytes: a spare (holding some earlier connection's
+    /// bytes, which nothing reads: every reader reads only what it wrote), or a new
+    /// one, zeroed.
+    pub(super) fn take() -> Vec<u8> {
+        SPARES.1.try_recv().unwrap_or_else(|_| vec![0; INPUT_START])
+    }
+
+    /// Keeps `b` for reuse if it is a standard buffer and there is room; frees it
+    /// otherwise (one a large answer grew is not kept).
+    pub(super) fn give(b: Vec<u8>) {
+        if reusable(&b) && b.capacity() == INPUT_START {
+            let _ = SPARES.0.try_send(b);
+        }
+    }
+
+    /// A standard buffer: `INPUT_START` bytes, no more reserved.
+    pub(super) fn reusable(b: &[u8]) -> bool {
+        b.len() == INPUT_START
+    }
+}
 /// Scratch space ureq asks for only to chunk a request body (which keypool never
 /// sends); kept so that one would still go out, in smaller chunks.
 const MIN_TMP: usize = 1024;
@@ -479,34 +520,40 @@ impl GrowBuffers {
     }
 
     fn ensure_output(&mut self) {
-        if self.output.len() < self.output_size {
+        if self.output.is_empty() && self.output_size == INPUT_START {
+            self.output = spares::take();
+        } else if self.output.len() < self.output_size {
             self.output.resize(self.output_size, 0);
         }
     }
 
     fn ensure_input(&mut self) {
         if self.input.is_empty() {
-            // Always from the first size: a stream's small events, each allocated
-            // after a wait, zero 4 KiB, not what one large answer grew it to.
-            self.input.resize(INPUT_START.min(self.max_input), 0);
+            // Always from the first size: a stream's small events, each taken after
+            // a wait, use 4 KiB, not what one large answer grew it to.
+            if self.max_input >= INPUT_START {
+                self.input = spares::take();
+            } else {
+                self.input.resize(self.max_input, 0);
+            }
         }
     }
 
-    /// Frees the output buffer: everything in it was handed to rustls, which encrypts
-    /// at once.
+    /// Gives the output buffer back: everything in it was handed to rustls, which
+    /// encrypts at once.
     fn release_output(&mut self) {
-        self.output = Vec::new();
+        spares::give(std::mem::take(&mut self.output));
     }
 
-    /// Frees both buffers while the connection waits or sits idle: the output buffer,
-    /// and the input buffer if it holds no unread byte. Every worker's connection idles at the end of a batch; it then
-    /// holds rustls's state and read buffer, not these 8 KiB or more
-    /// (`benches/cpu.rs --memory`). Allocated again once per request: chunks malloc
-    /// hands straight back.
+    /// Gives both buffers back while the connection waits or sits idle: the output
+    /// buffer, and the input buffer if it holds no unread byte. Every worker's
+    /// connection idles at the end of a batch; it then holds rustls's state and read
+    /// buffer, not these 8 KiB or more (`benches/cpu.rs --memory`). Taken again once
+    /// per request, from the spares.
     fn release(&mut self) {
         self.release_output();
         if self.consumed == self.filled && !self.input.is_empty() {
-            self.input = Vec::new();
+            spares::give(std::mem::take(&mut self.input));
             self.consumed = 0;
             self.filled = 0;
             self.full = false;
@@ -605,6 +652,21 @@ mod tests {
         b.input_consume(12 * 1024);
         assert_eq!(b.input_append_buf().len(), 12 * 1024);
         assert_eq!(b.output().len(), 4 * 1024);
+    }
+
+    #[test]
+    fn only_standard_buffers_are_kept_for_reuse() {
+        let mut b = GrowBuffers::new(12 * 1024, 4 * 1024);
+        b.input_append_buf();
+        assert!(spares::reusable(&b.input));
+        assert!(spares::reusable(b.output()));
+        let n = b.input_append_buf().len();
+        b.input_appended(n);
+        b.input_append_buf();
+        // Filled: grown past the standard size, so freed, not kept, once read.
+        assert!(!spares::reusable(&b.input));
+        assert!(spares::take().len() == INPUT_START);
+        const { assert!(spares::SPARES_MAX * INPUT_START <= 256 * 1024) };
     }
 
     #[test]
