@@ -3,10 +3,13 @@
 //!
 //! Run: `cargo bench --bench cpu` (release profile). Options:
 //! `--requests N` (default 40000), `--callgrind N` (runs only keypool for N requests,
-//! for `valgrind --tool=callgrind`, after a warm-up it announces; with `--tls` over TLS), `--quick N` (only `Pool::batch` and the async
+//! for `valgrind --tool=callgrind`, after a warm-up it announces; with `--tls` over
+//! TLS; with `CPU_BENCH_CALLGRIND=floor` or `=minimal` and `--tls`, the transport floor
+//! or the minimal blocking rustls client instead), `--quick N` (only `Pool::batch` and the async
 //! reference, for A/B runs of a change), `--https N` (only the https lines),
-//! `--https-quick N [--rounds R]` (keypool over TLS and hyper + rustls alternating R
-//! times, then the median ratios: A/B runs of a change to the https path),
+//! `--https-quick N [--rounds R] [--favoured]` (keypool over TLS and hyper + rustls
+//! alternating R times, then the median ratios: A/B runs of a change to the https
+//! path; `--favoured`: against a mock at nice -10, as in the last https lines),
 //! `--memory` (resident memory over TLS at 64 keys × 32 in flight; `--plain` for
 //! plain http).
 //!
@@ -40,6 +43,10 @@ use std::time::{Duration, Instant};
 use keypool::{Config, Pool, Request, Strategy, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// `--callgrind` with `CPU_BENCH_CALLGRIND` set: the transport-alone runs announce
+/// their warm-up's end as the keypool run does.
+static CALLGRIND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 const KEYS: usize = 16;
 const PER_KEY: usize = 16;
 const LATENCY_MS: u64 = 20;
@@ -62,7 +69,11 @@ fn main() {
     if let Some(n) = opt("--https-quick") {
         // keypool and hyper + rustls over TLS only, alternating `--rounds` times (default
         // 2), for A/B runs of a change to the https path.
-        https_quick(n, opt("--rounds").unwrap_or(2));
+        https_quick(
+            n,
+            opt("--rounds").unwrap_or(2),
+            args.iter().any(|a| a == "--favoured"),
+        );
         return;
     }
     if args.iter().any(|a| a == "--memory") {
@@ -75,6 +86,26 @@ fn main() {
     } else {
         MockProcess::start(LATENCY_MS, 2)
     };
+    if let (Some(n), Ok(what)) = (opt("--callgrind"), std::env::var("CPU_BENCH_CALLGRIND")) {
+        // The same for a transport alone over TLS: `floor` (256 threads calling
+        // `UreqTransport::send`) or `minimal` (the minimal blocking rustls client).
+        let ca = mock.ca_file.clone().expect("--callgrind N --tls");
+        CALLGRIND.store(true, Ordering::Relaxed);
+        let (f, fail) = if what == "floor" {
+            let trust =
+                keypool::TlsTrust::load(&keypool::TlsConfig::default().ca_file(&*ca)).unwrap();
+            transport_alone_tls(&mock.url, trust, n, |s| {
+                Box::new(keypool::UreqTransport::new(s))
+            })
+        } else {
+            transport_alone_tls(&mock.url, keypool::TlsTrust::default(), n, |_| {
+                Box::new(MinimalBlockingTls::new(&mock.url, &ca))
+            })
+        };
+        f.print(&what, fail);
+        println!("callgrind run: {what}, {n} requests, failures {fail}");
+        return;
+    }
     if let Some(n) = opt("--callgrind") {
         let pool = Pool::new(config_with(
             &mock.url,
@@ -220,6 +251,7 @@ fn https_lines(n: usize) {
         let pool = Pool::new(config_with(&mock.url, Some(&ca), KEYS, PER_KEY)).unwrap();
         let _ = pool.batch((0..2 * KEYS * PER_KEY).map(prompt));
     }
+    let m0 = mock.cpu_us();
     let kp = measured_batch_on(
         &mock.url,
         Some(&ca),
@@ -227,6 +259,7 @@ fn https_lines(n: usize) {
         KEYS * PER_KEY,
         "keypool  Pool::batch over TLS",
     );
+    let mock_kp = (mock.cpu_us() - m0) / (n + KEYS * PER_KEY) as f64;
     let ca_pem = std::fs::read(&ca).unwrap();
     let trust = keypool::TlsTrust::load(&keypool::TlsConfig::default().ca_file(&*ca)).unwrap();
     let (fl, ffail) = transport_alone_tls(&mock.url, trust, n, |s| {
@@ -241,8 +274,15 @@ fn https_lines(n: usize) {
         Box::new(MinimalBlockingTls::new(&mock.url, &ca))
     });
     mb.print("floor: 256 x minimal blocking rustls", mfail);
+    let m0 = mock.cpu_us();
     let (hy, hfail) = hyper_tls_reference(&mock.url, &ca, n);
     hy.print("async ref: hyper + rustls over TLS", hfail);
+    print_machine(
+        mock_kp,
+        &kp,
+        (mock.cpu_us() - m0) / (n + KEYS * PER_KEY) as f64,
+        &hy,
+    );
     println!(
         "ratios https keypool batch/hyper+rustls: CPU {:.2}x (target <= 2), throughput {:.3} (target >= 0.95); transport floor/hyper+rustls: CPU {:.2}x; old https path/hyper+rustls: CPU {:.2}x",
         kp.cpu_us() / hy.cpu_us(),
@@ -250,31 +290,96 @@ fn https_lines(n: usize) {
         fl.cpu_us() / hy.cpu_us(),
         ur.cpu_us() / hy.cpu_us()
     );
+    drop(mock);
+    // The same two clients against a mock the scheduler serves first: here client and
+    // server share two cores, and keypool's threads (one per request in flight, woken
+    // as answers arrive) take a share of them per thread, delaying the mock's next
+    // answers; a remote server's answers do not wait for the client's machine.
+    let mock = MockProcess::start_tls_favoured(LATENCY_MS, 2);
+    let ca = mock.ca_file.clone().expect("a TLS mock");
+    if mock.favoured != Some(true) {
+        println!("https, mock favoured: skipped (nice -10 needs CAP_SYS_NICE)");
+        return;
+    }
+    println!("https, mock favoured (nice -10, as a server elsewhere is not slowed by the client):");
+    let (kp, hy) = keypool_and_hyper_tls(&mock, &ca, n, KEYS * PER_KEY);
+    println!(
+        "ratios https keypool batch/hyper+rustls, mock favoured: CPU {:.2}x, throughput {:.3} (target >= 0.95)",
+        kp.cpu_us() / hy.cpu_us(),
+        kp.rps / hy.rps
+    );
+}
+
+/// Keypool's `Pool::batch` over TLS (after `warm` requests) and hyper + rustls,
+/// one after the other against `mock`: both lines and the machine's.
+fn keypool_and_hyper_tls(
+    mock: &MockProcess,
+    ca: &str,
+    n: usize,
+    warm: usize,
+) -> (Figures, Figures) {
+    let m0 = mock.cpu_us();
+    let kp = measured_batch_on(
+        &mock.url,
+        Some(ca),
+        n,
+        warm,
+        "keypool  Pool::batch over TLS",
+    );
+    let m1 = mock.cpu_us();
+    let (hy, hfail) = hyper_tls_reference(&mock.url, ca, n);
+    hy.print("async ref: hyper + rustls over TLS", hfail);
+    let m2 = mock.cpu_us();
+    print_machine(
+        (m1 - m0) / (n + warm) as f64,
+        &kp,
+        (m2 - m1) / (n + KEYS * PER_KEY) as f64,
+        &hy,
+    );
+    (kp, hy)
+}
+
+/// The mock's CPU per request while it served keypool and the reference (from
+/// `/proc`, so its warm-up and TLS handshakes included), and how busy the two of them
+/// kept the machine: client and mock CPU per request times requests per second, in
+/// cores. On a small machine the mock competes with the client for the same cores.
+fn print_machine(mock_kp: f64, kp: &Figures, mock_ref: f64, reference: &Figures) {
+    let busy = |mock: f64, f: &Figures| (mock + f.cpu_us()) * f.rps / 1e6;
+    println!(
+        "  mock CPU {mock_kp:.1} µs/req serving keypool, {mock_ref:.1} serving the reference (handshakes included); client + mock busy {:.2} and {:.2} of {} cores",
+        busy(mock_kp, kp),
+        busy(mock_ref, reference),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
 }
 
 /// `--https-quick N`: keypool over TLS and hyper + rustls, alternating, `rounds` times
-/// each, then the median ratio.
-fn https_quick(n: usize, rounds: usize) {
-    let mock = MockProcess::start_tls(LATENCY_MS, 2);
+/// each, then the median ratio (`favoured`: against a mock at nice -10).
+fn https_quick(n: usize, rounds: usize, favoured: bool) {
+    let mock = if favoured {
+        MockProcess::start_tls_favoured(LATENCY_MS, 2)
+    } else {
+        MockProcess::start_tls(LATENCY_MS, 2)
+    };
+    if favoured && mock.favoured != Some(true) {
+        println!("--favoured: the mock could not be favoured (nice -10 needs CAP_SYS_NICE)");
+        return;
+    }
     let ca = mock.ca_file.clone().expect("a TLS mock");
     let mut ratios = Vec::new();
     for _ in 0..rounds.max(1) {
-        let kp = measured_batch_on(
-            &mock.url,
-            Some(&ca),
-            n,
-            2 * KEYS * PER_KEY,
-            "keypool  Pool::batch over TLS",
-        );
-        let (hy, hfail) = hyper_tls_reference(&mock.url, &ca, n);
-        hy.print("async ref: hyper + rustls over TLS", hfail);
+        let (kp, hy) = keypool_and_hyper_tls(&mock, &ca, n, 2 * KEYS * PER_KEY);
         ratios.push((kp.cpu_us() / hy.cpu_us(), kp.rps / hy.rps));
     }
     ratios.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (cpu, rps) = ratios[ratios.len() / 2];
+    let (cpu, _) = ratios[ratios.len() / 2];
+    let mut rps: Vec<f64> = ratios.iter().map(|r| r.1).collect();
+    rps.sort_by(f64::total_cmp);
     println!(
-        "median of {} rounds: CPU {cpu:.2}x hyper + rustls, throughput {rps:.3}",
-        ratios.len()
+        "median of {} rounds: CPU {cpu:.2}x hyper + rustls, throughput {:.3}{}",
+        ratios.len(),
+        rps[rps.len() / 2],
+        if favoured { " (mock favoured)" } else { "" }
     );
 }
 
@@ -505,6 +610,10 @@ fn transport_alone_tls(
                     }
                 }));
             }
+        }
+        if CALLGRIND.load(Ordering::Relaxed) {
+            println!("callgrind run: warmed up; measuring in 2 s");
+            std::thread::sleep(Duration::from_secs(2));
         }
         barrier.wait();
         let u0 = Usage::now();

@@ -14,23 +14,38 @@ pub struct MockProcess {
     /// For a TLS mock ([`MockProcess::start_tls`]): the file holding its CA certificate.
     #[allow(dead_code)]
     pub ca_file: Option<String>,
+    /// For [`MockProcess::start_tls_favoured`]: whether the mock runs at nice -10
+    /// (`None`: not asked; `Some(false)`: refused, which needs `CAP_SYS_NICE`).
+    #[allow(dead_code)]
+    pub favoured: Option<bool>,
 }
 
 impl MockProcess {
     /// Starts the mock with `latency_ms` per request on `threads` threads.
     pub fn start(latency_ms: u64, threads: usize) -> MockProcess {
-        Self::spawn(latency_ms, threads, false)
+        Self::spawn(latency_ms, threads, false, false)
     }
 
     /// Starts a TLS mock (`https://`, a generated CA written to [`MockProcess::ca_file`]).
     #[allow(dead_code)]
     pub fn start_tls(latency_ms: u64, threads: usize) -> MockProcess {
-        Self::spawn(latency_ms, threads, true)
+        Self::spawn(latency_ms, threads, true, false)
     }
 
-    fn spawn(latency_ms: u64, threads: usize, tls: bool) -> MockProcess {
+    /// [`MockProcess::start_tls`] at nice -10 (every thread of the mock): the
+    /// scheduler then serves the mock before the client's threads, so its answers
+    /// are not delayed by how many threads the client runs on the same cores, as a
+    /// remote server's are not. Needs `CAP_SYS_NICE` (root); see
+    /// [`MockProcess::favoured`].
+    #[allow(dead_code)]
+    pub fn start_tls_favoured(latency_ms: u64, threads: usize) -> MockProcess {
+        Self::spawn(latency_ms, threads, true, true)
+    }
+
+    fn spawn(latency_ms: u64, threads: usize, tls: bool, favoured: bool) -> MockProcess {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .env("KEYPOOL_BENCH_ROLE", "mock")
+            .env("MOCK_NICE", if favoured { "-10" } else { "" })
             .env("MOCK_TLS", if tls { "1" } else { "0" })
             .env("MOCK_LATENCY_MS", latency_ms.to_string())
             .env("MOCK_THREADS", threads.to_string())
@@ -45,11 +60,36 @@ impl MockProcess {
         if tls {
             out.read_line(&mut ca).unwrap();
         }
+        let mut nice = String::new();
+        if favoured {
+            out.read_line(&mut nice).unwrap();
+        }
         MockProcess {
             child,
             url: line.trim().to_owned(),
             ca_file: tls.then(|| ca.trim().to_owned()),
+            favoured: favoured.then(|| nice.trim() == "nice ok"),
         }
+    }
+}
+
+impl MockProcess {
+    /// The mock process's CPU time so far (user + system), in microseconds, from
+    /// `/proc/<pid>/stat` (clock-tick resolution): how much of the machine the server
+    /// took, which bounds the clients' throughput on a small machine.
+    #[allow(dead_code)]
+    pub fn cpu_us(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime is the 14th
+        // field of the line, the 12th after the closing parenthesis.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+        ticks as f64 * 1e6 / 100.0
     }
 }
 
@@ -74,6 +114,14 @@ pub fn run_mock() {
         ..keypool_mock::MockConfig::default()
     };
     let tls = std::env::var("MOCK_TLS").as_deref() == Ok("1");
+    // Before the server's threads start: they inherit this thread's nice value.
+    let nice = std::env::var("MOCK_NICE")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(|n| {
+            // SAFETY: setpriority on this thread (who = 0); no pointers.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) == 0 }
+        });
     let server = if tls {
         keypool_mock::MockServer::start_tls(cfg).unwrap()
     } else {
@@ -85,6 +133,9 @@ pub fn run_mock() {
             std::env::temp_dir().join(format!("keypool-bench-ca-{}.pem", server.addr().port()));
         t.write_ca(&path).unwrap();
         println!("{}", path.display());
+    }
+    if let Some(ok) = nice {
+        println!("{}", if ok { "nice ok" } else { "nice refused" });
     }
     std::io::stdout().flush().unwrap();
     let mut sink = String::new();
