@@ -450,9 +450,9 @@ pub(crate) fn transport_failure(
                 FailClass::Transport,
             )
         }
-        // The endpoint's certificate (or its refusal of ours): no other key can do
-        // better, so no retry, and no key is blamed.
-        TransportError::Tls(message) => (
+        // The endpoint's certificate (or its refusal of ours), or a proxy refusing the
+        // tunnel: no other key can do better, so no retry, and no key is blamed.
+        TransportError::Tls(message) | TransportError::Proxy(message) => (
             Error::Transport {
                 key: label(),
                 message: ctx.shared.masker.mask_str(message),

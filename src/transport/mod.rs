@@ -92,6 +92,12 @@ pub enum TransportError {
     /// for its name, or the server refused the client's. The endpoint's fault, not the
     /// key's: the request is not retried on other keys.
     Tls(String),
+    /// The proxy (`HTTPS_PROXY`, `ALL_PROXY`) refused to open a tunnel to the endpoint
+    /// for a reason no retry changes: `407` (it wants credentials) or `403` (its
+    /// policy). Not the key's fault: the request is not retried on other keys. (A
+    /// proxy that cannot reach the endpoint, `502` or `504`, is a [`Self::Failed`],
+    /// retried.)
+    Proxy(String),
 }
 
 /// Settings a transport is built from, one per key.
@@ -172,6 +178,7 @@ fn mask_error(e: TransportError, req: &HttpRequest<'_>) -> TransportError {
     match e {
         TransportError::Failed(m) => TransportError::Failed(mask_message(m, req)),
         TransportError::Tls(m) => TransportError::Tls(mask_message(m, req)),
+        TransportError::Proxy(m) => TransportError::Proxy(mask_message(m, req)),
         other => other,
     }
 }

@@ -575,13 +575,22 @@ fn map_ureq_error(e: ureq::Error, url: &str) -> TransportError {
         ureq::Error::Rustls(r) => super::tls::tls_failure(r),
         other => super::tls::tls_failure(other),
     };
-    if let Some(reason) = tls {
-        let host = url
-            .parse::<ureq::http::Uri>()
+    let host = || {
+        url.parse::<ureq::http::Uri>()
             .ok()
             .and_then(|u| u.host().map(str::to_owned))
-            .unwrap_or_default();
-        return TransportError::Tls(format!("TLS with {host} failed: {reason}"));
+            .unwrap_or_default()
+    };
+    if let Some(reason) = tls {
+        return TransportError::Tls(format!("TLS with {} failed: {reason}", host()));
+    }
+    if let ureq::Error::ConnectProxyFailed(reason) = &e {
+        if let Some(refusal) = proxy_refusal(reason) {
+            return TransportError::Proxy(format!(
+                "the proxy (HTTPS_PROXY or ALL_PROXY) refused a tunnel to {}: {refusal}",
+                host()
+            ));
+        }
     }
     match e {
         ureq::Error::Timeout(t) => TransportError::Timeout(match t {
@@ -599,6 +608,25 @@ fn map_ureq_error(e: ureq::Error, url: &str) -> TransportError {
     }
 }
 
+/// What a proxy's answer to `CONNECT` says, when it is a refusal no retry changes
+/// (`403`, `407`; ureq words it "proxy server responded 407/407").
+fn proxy_refusal(reason: &str) -> Option<&'static str> {
+    let status = reason
+        .strip_prefix("proxy server responded ")?
+        .split('/')
+        .next()?
+        .trim()
+        .parse::<u16>()
+        .ok()?;
+    match status {
+        407 => Some(
+            "407 Proxy Authentication Required (give the proxy's user and password in its URL: http://user:password@host:port)",
+        ),
+        403 => Some("403 Forbidden (the proxy's policy)"),
+        _ => None,
+    }
+}
+
 /// The response headers worth keeping (`is_kept_header`), lowercase names; values that
 /// are not visible ASCII are dropped.
 pub(super) fn kept_headers(h: &ureq::http::HeaderMap) -> Vec<(String, String)> {
@@ -610,7 +638,26 @@ pub(super) fn kept_headers(h: &ureq::http::HeaderMap) -> Vec<(String, String)> {
 
 #[cfg(test)]
 mod tests {
-    use super::host_header;
+    use super::{host_header, proxy_refusal};
+
+    #[test]
+    fn only_a_proxy_s_403_and_407_are_refusals() {
+        assert!(
+            proxy_refusal("proxy server responded 407/407")
+                .unwrap()
+                .starts_with("407 Proxy Authentication Required")
+        );
+        assert!(proxy_refusal("proxy server responded 403/403").is_some());
+        for retried in [
+            "proxy server responded 502/502",
+            "proxy server responded 504/504",
+            "proxy server did not respond",
+            "proxy server responded x/407",
+            "",
+        ] {
+            assert_eq!(proxy_refusal(retried), None, "{retried}");
+        }
+    }
 
     /// The `Host` header keypool sends itself is the one ureq-proto would have built.
     #[test]

@@ -292,6 +292,7 @@ fn transport_error(e: &TransportError) -> String {
         TransportError::Timeout(p) => format!("timed out ({})", p.as_str()),
         TransportError::Failed(m) => m.clone(),
         TransportError::Tls(m) => format!("TLS: {m}"),
+        TransportError::Proxy(m) => format!("proxy: {m}"),
     }
 }
 
