@@ -34,7 +34,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{MockProcess, run_mock};
+use common::{MockProcess, process_cpu_us, run_mock};
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -251,7 +251,7 @@ fn https_lines(n: usize) {
         let pool = Pool::new(config_with(&mock.url, Some(&ca), KEYS, PER_KEY)).unwrap();
         let _ = pool.batch((0..2 * KEYS * PER_KEY).map(prompt));
     }
-    let m0 = mock.cpu_us();
+    MOCK_PID.store(mock.pid(), Ordering::Relaxed);
     let kp = measured_batch_on(
         &mock.url,
         Some(&ca),
@@ -259,7 +259,6 @@ fn https_lines(n: usize) {
         KEYS * PER_KEY,
         "keypool  Pool::batch over TLS",
     );
-    let mock_kp = (mock.cpu_us() - m0) / (n + KEYS * PER_KEY) as f64;
     let ca_pem = std::fs::read(&ca).unwrap();
     let trust = keypool::TlsTrust::load(&keypool::TlsConfig::default().ca_file(&*ca)).unwrap();
     let (fl, ffail) = transport_alone_tls(&mock.url, trust, n, |s| {
@@ -274,15 +273,9 @@ fn https_lines(n: usize) {
         Box::new(MinimalBlockingTls::new(&mock.url, &ca))
     });
     mb.print("floor: 256 x minimal blocking rustls", mfail);
-    let m0 = mock.cpu_us();
     let (hy, hfail) = hyper_tls_reference(&mock.url, &ca, n);
     hy.print("async ref: hyper + rustls over TLS", hfail);
-    print_machine(
-        mock_kp,
-        &kp,
-        (mock.cpu_us() - m0) / (n + KEYS * PER_KEY) as f64,
-        &hy,
-    );
+    print_machine(&kp, &hy);
     println!(
         "ratios https keypool batch/hyper+rustls: CPU {:.2}x (target <= 2), throughput {:.3} (target >= 0.95); transport floor/hyper+rustls: CPU {:.2}x; old https path/hyper+rustls: CPU {:.2}x",
         kp.cpu_us() / hy.cpu_us(),
@@ -318,7 +311,7 @@ fn keypool_and_hyper_tls(
     n: usize,
     warm: usize,
 ) -> (Figures, Figures) {
-    let m0 = mock.cpu_us();
+    MOCK_PID.store(mock.pid(), Ordering::Relaxed);
     let kp = measured_batch_on(
         &mock.url,
         Some(ca),
@@ -326,29 +319,24 @@ fn keypool_and_hyper_tls(
         warm,
         "keypool  Pool::batch over TLS",
     );
-    let m1 = mock.cpu_us();
     let (hy, hfail) = hyper_tls_reference(&mock.url, ca, n);
     hy.print("async ref: hyper + rustls over TLS", hfail);
-    let m2 = mock.cpu_us();
-    print_machine(
-        (m1 - m0) / (n + warm) as f64,
-        &kp,
-        (m2 - m1) / (n + KEYS * PER_KEY) as f64,
-        &hy,
-    );
+    print_machine(&kp, &hy);
     (kp, hy)
 }
 
-/// The mock's CPU per request while it served keypool and the reference (from
-/// `/proc`, so its warm-up and TLS handshakes included), and how busy the two of them
-/// kept the machine: client and mock CPU per request times requests per second, in
-/// cores. On a small machine the mock competes with the client for the same cores.
-fn print_machine(mock_kp: f64, kp: &Figures, mock_ref: f64, reference: &Figures) {
-    let busy = |mock: f64, f: &Figures| (mock + f.cpu_us()) * f.rps / 1e6;
+/// The mock's CPU per request over keypool's measured requests and over the
+/// reference's (from `/proc`), and how busy each pair kept the machine: client and mock
+/// CPU per request times requests per second, in cores. On a small machine the mock
+/// competes with the client for the same cores.
+fn print_machine(kp: &Figures, reference: &Figures) {
+    let busy = |f: &Figures| (f.mock_us + f.cpu_us()) * f.rps / 1e6;
     println!(
-        "  mock CPU {mock_kp:.1} µs/req serving keypool, {mock_ref:.1} serving the reference (handshakes included); client + mock busy {:.2} and {:.2} of {} cores",
-        busy(mock_kp, kp),
-        busy(mock_ref, reference),
+        "  mock CPU {:.1} µs/req serving keypool, {:.1} serving the reference; client + mock busy {:.2} and {:.2} of {} cores",
+        kp.mock_us,
+        reference.mock_us,
+        busy(kp),
+        busy(reference),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 }
@@ -371,16 +359,24 @@ fn https_quick(n: usize, rounds: usize, favoured: bool) {
         let (kp, hy) = keypool_and_hyper_tls(&mock, &ca, n, 2 * KEYS * PER_KEY);
         ratios.push((kp.cpu_us() / hy.cpu_us(), kp.rps / hy.rps));
     }
-    ratios.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (cpu, _) = ratios[ratios.len() / 2];
-    let mut rps: Vec<f64> = ratios.iter().map(|r| r.1).collect();
-    rps.sort_by(f64::total_cmp);
+    let cpu = median(ratios.iter().map(|r| r.0).collect());
+    let rps = median(ratios.iter().map(|r| r.1).collect());
     println!(
-        "median of {} rounds: CPU {cpu:.2}x hyper + rustls, throughput {:.3}{}",
+        "median of {} rounds: CPU {cpu:.2}x hyper + rustls, throughput {rps:.3}{}",
         ratios.len(),
-        rps[rps.len() / 2],
         if favoured { " (mock favoured)" } else { "" }
     );
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Resident memory over TLS at 64 keys × 32 in flight (mock latency 200 ms, so every
@@ -544,6 +540,7 @@ fn c_abi_batch(url: &str, n: usize) -> Result<(Figures, usize), String> {
         sys_us: field("sys_us")? / per,
         csw: field("csw")? / per,
         faults: field("faults")? / per,
+        mock_us: f64::NAN,
     };
     Ok((figures, field("failures")? as usize))
 }
@@ -698,12 +695,18 @@ impl Transport for UreqOnly {
 // ---------------------------------------------------------------------------------
 // measurement
 
+/// The mock whose CPU each measurement also takes (`MockProcess::pid`; 0: none), so
+/// its figures cover exactly the measured requests.
+static MOCK_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 #[derive(Clone, Copy)]
 struct Usage {
     user: Duration,
     sys: Duration,
     csw: f64,
     faults: f64,
+    /// The mock's CPU so far (µs), when `MOCK_PID` is set.
+    mock_us: f64,
 }
 
 impl Usage {
@@ -720,6 +723,10 @@ impl Usage {
             sys: tv(ru.ru_stime),
             csw: (ru.ru_nvcsw + ru.ru_nivcsw) as f64,
             faults: (ru.ru_minflt + ru.ru_majflt) as f64,
+            mock_us: match MOCK_PID.load(Ordering::Relaxed) {
+                0 => f64::NAN,
+                pid => process_cpu_us(pid),
+            },
         }
     }
 
@@ -731,6 +738,7 @@ impl Usage {
             sys_us: (self.sys - before.sys).as_secs_f64() * 1e6 / n,
             csw: (self.csw - before.csw) / n,
             faults: (self.faults - before.faults) / n,
+            mock_us: (self.mock_us - before.mock_us) / n,
         }
     }
 }
@@ -741,6 +749,8 @@ struct Figures {
     sys_us: f64,
     csw: f64,
     faults: f64,
+    /// The mock's CPU per request over the same requests (NaN: not measured).
+    mock_us: f64,
 }
 
 impl Figures {

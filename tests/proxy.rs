@@ -1,5 +1,5 @@
 //! `https://` through an HTTP CONNECT proxy, as on a corporate network: `HTTPS_PROXY`
-//! (read as curl and ureq read it, with `NO_PROXY`) sends every connection through the
+//! (read as ureq reads it, with `NO_PROXY`) sends every connection through the
 //! proxy, which resolves the endpoint's name; the private CA is still trusted through
 //! `tls.ca_file`; a proxy that refuses (`407`) is one clear error per request, tried
 //! once, and one that stalls ends each request at its deadline; no key is blamed.
@@ -132,10 +132,26 @@ fn run_child(case: &str, proxy: &Proxy, url: &str, ca: &std::path::Path) {
         .env("KEYPOOL_PROXY_CASE", case)
         .env("KEYPOOL_PROXY_URL", url)
         .env("KEYPOOL_PROXY_CA", ca);
-    let out = c.output().unwrap();
+    // Bounded: a request that never ends (a deadline not kept) fails the test, not
+    // hangs it.
+    let mut child = c
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "{case}: {}{}",
+        "{case} (after {:?}): {}{}",
+        started.elapsed(),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -257,7 +273,7 @@ fn child_through_the_proxy() {
                 // The proxy's refusal is the same for every key: tried once.
                 "refuse" => {
                     assert!(
-                        msg.contains("the proxy (HTTPS_PROXY or ALL_PROXY) refused a tunnel to localhost: 407 Proxy Authentication Required"),
+                        msg.contains("the proxy (ALL_PROXY, HTTPS_PROXY or HTTP_PROXY) refused a tunnel to localhost: 407 Proxy Authentication Required"),
                         "{msg}"
                     );
                     assert_eq!(e.attempts(), 1, "{msg}");
@@ -266,9 +282,11 @@ fn child_through_the_proxy() {
             }
             assert!(!msg.contains("sk-proxy"), "a key in an error: {msg}");
         }
-        // The deadline (1.5 s from submission, within its 100 ms) ends every request,
-        // stalled or not.
-        assert!(took < Duration::from_millis(1650), "{case}: took {took:?}");
+        // The deadline (1.5 s from submission) ends every request, stalled or not: within
+        // its 100 ms, and as much again for this child's scheduling on a loaded 2-core
+        // CI machine (without the deadline a stalled tunnel waits for the 10 s connect
+        // timeout).
+        assert!(took < Duration::from_millis(1700), "{case}: took {took:?}");
         for k in pool.stats().keys {
             assert!(k.disabled_reason.is_none(), "{case}: {} blamed", k.label);
         }

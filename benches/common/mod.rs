@@ -74,23 +74,29 @@ impl MockProcess {
 }
 
 impl MockProcess {
-    /// The mock process's CPU time so far (user + system), in microseconds, from
-    /// `/proc/<pid>/stat` (clock-tick resolution): how much of the machine the server
-    /// took, which bounds the clients' throughput on a small machine.
+    /// The mock process's id.
     #[allow(dead_code)]
-    pub fn cpu_us(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces): utime is the 14th
-        // field of the line, the 12th after the closing parenthesis.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .map(|v| v.parse().unwrap_or(0))
-            .collect();
-        let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-        ticks as f64 * 1e6 / 100.0
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
+}
+
+/// A process's CPU time so far (user + system, every thread), in microseconds, from
+/// `/proc/<pid>/stat` (clock-tick resolution); 0 if it cannot be read.
+#[allow(dead_code)]
+pub fn process_cpu_us(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 14th field of
+    // the line, the 12th after the closing parenthesis; stime the next.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    // SAFETY: sysconf reads a constant; no pointers.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 * 1e6 / per_second as f64
 }
 
 impl Drop for MockProcess {

@@ -491,14 +491,15 @@ mod spares {
     /// Keeps `b` for reuse if it is a standard buffer and there is room; frees it
     /// otherwise (one a large answer grew is not kept).
     pub(super) fn give(b: Vec<u8>) {
-        if reusable(&b) && b.capacity() == INPUT_START {
+        if keepable(&b) {
             let _ = SPARES.0.try_send(b);
         }
     }
 
-    /// A standard buffer: `INPUT_START` bytes, no more reserved.
-    pub(super) fn reusable(b: &[u8]) -> bool {
-        b.len() == INPUT_START
+    /// A standard buffer: `INPUT_START` bytes, no more reserved (one a large answer
+    /// grew, or resized to 4 KiB from a smaller limit, is not).
+    pub(super) fn keepable(b: &Vec<u8>) -> bool {
+        b.len() == INPUT_START && b.capacity() == INPUT_START
     }
 }
 /// Scratch space ureq asks for only to chunk a request body (which keypool never
@@ -658,14 +659,23 @@ mod tests {
     fn only_standard_buffers_are_kept_for_reuse() {
         let mut b = GrowBuffers::new(12 * 1024, 4 * 1024);
         b.input_append_buf();
-        assert!(spares::reusable(&b.input));
-        assert!(spares::reusable(b.output()));
+        assert!(spares::keepable(&b.input));
+        b.output();
+        assert!(spares::keepable(&b.output));
         let n = b.input_append_buf().len();
         b.input_appended(n);
         b.input_append_buf();
         // Filled: grown past the standard size, so freed, not kept, once read.
-        assert!(!spares::reusable(&b.input));
-        assert!(spares::take().len() == INPUT_START);
+        assert!(!spares::keepable(&b.input));
+        // Resized to 4 KiB from a smaller buffer: more reserved than 4 KiB.
+        let mut small = vec![0u8; 3 * 1024];
+        small.resize(INPUT_START, 0);
+        assert_eq!(small.len(), INPUT_START);
+        assert_eq!(spares::keepable(&small), small.capacity() == INPUT_START);
+        assert!(!spares::keepable(&vec![0u8; 2 * INPUT_START]));
+        // A limit under 4 KiB never takes a spare.
+        let mut tiny = GrowBuffers::new(1024, 4 * 1024);
+        assert_eq!(tiny.input_append_buf().len(), 1024);
         const { assert!(spares::SPARES_MAX * INPUT_START <= 256 * 1024) };
     }
 

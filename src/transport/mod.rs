@@ -81,8 +81,10 @@ impl std::fmt::Debug for HttpStream {
     }
 }
 
-/// Why a transport got no response.
+/// Why a transport got no response. More reasons may be added: a `match` needs a
+/// wildcard arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TransportError {
     /// A phase timed out.
     Timeout(TimeoutPhase),
@@ -92,7 +94,7 @@ pub enum TransportError {
     /// for its name, or the server refused the client's. The endpoint's fault, not the
     /// key's: the request is not retried on other keys.
     Tls(String),
-    /// The proxy (`HTTPS_PROXY`, `ALL_PROXY`) refused to open a tunnel to the endpoint
+    /// The proxy (`ALL_PROXY`, `HTTPS_PROXY` or `HTTP_PROXY`) refused to open a tunnel to the endpoint
     /// for a reason no retry changes: `407` (it wants credentials) or `403` (its
     /// policy). Not the key's fault: the request is not retried on other keys. (A
     /// proxy that cannot reach the endpoint, `502` or `504`, is a [`Self::Failed`],

@@ -587,7 +587,7 @@ fn map_ureq_error(e: ureq::Error, url: &str) -> TransportError {
     if let ureq::Error::ConnectProxyFailed(reason) = &e {
         if let Some(refusal) = proxy_refusal(reason) {
             return TransportError::Proxy(format!(
-                "the proxy (HTTPS_PROXY or ALL_PROXY) refused a tunnel to {}: {refusal}",
+                "the proxy (ALL_PROXY, HTTPS_PROXY or HTTP_PROXY) refused a tunnel to {}: {refusal}",
                 host()
             ));
         }
@@ -620,7 +620,7 @@ fn proxy_refusal(reason: &str) -> Option<&'static str> {
         .ok()?;
     match status {
         407 => Some(
-            "407 Proxy Authentication Required (give the proxy's user and password in its URL: http://user:password@host:port)",
+            "407 Proxy Authentication Required (give or check the proxy's user and password in its URL: http://user:password@host:port)",
         ),
         403 => Some("403 Forbidden (the proxy's policy)"),
         _ => None,

@@ -293,6 +293,7 @@ fn transport_error(e: &TransportError) -> String {
         TransportError::Failed(m) => m.clone(),
         TransportError::Tls(m) => format!("TLS: {m}"),
         TransportError::Proxy(m) => format!("proxy: {m}"),
+        other => format!("{other:?}"),
     }
 }
 
