@@ -2,7 +2,8 @@
 //! (read as ureq reads it, with `NO_PROXY`) sends every connection through the
 //! proxy, which resolves the endpoint's name; the private CA is still trusted through
 //! `tls.ca_file`; a proxy that refuses (`407`) is one clear error per request, tried
-//! once, and one that stalls ends each request at its deadline; no key is blamed.
+//! once, and one that stalls ends each request at its deadline; no key is blamed; the
+//! answers OpenRouter and OpenAI document, and hostile ones, come through as directly.
 //!
 //! The proxy variables are read from the environment, which a test must not change
 //! under the other tests of its process: each case runs in a child process (this
@@ -18,6 +19,8 @@ use std::time::{Duration, Instant};
 use keypool::{Config, Error, KeyConfig, Pool, Request, StreamEvent, TlsConfig};
 use keypool_mock::{MockConfig, MockServer};
 use serde_json::json;
+
+mod support;
 
 /// How the test proxy answers a `CONNECT`.
 #[derive(Clone, Copy, PartialEq)]
@@ -205,6 +208,21 @@ fn https_goes_through_a_connect_proxy_with_the_private_ca_trusted() {
     let _ = std::fs::remove_dir_all(ca.parent().unwrap());
 }
 
+/// Through the proxy, the answers OpenRouter and OpenAI document and hostile ones
+/// (`support::documented_and_hostile_answers`), with key proofs and rate limits on.
+#[test]
+fn documented_and_hostile_answers_through_the_proxy() {
+    let (server, url, ca) = tls_mock("documented");
+    let proxy = Proxy::start(Mode::Tunnel);
+    run_child("documented", &proxy, &url, &ca);
+    assert!(
+        !proxy.connects().is_empty(),
+        "nothing went through the proxy"
+    );
+    assert_eq!(server.stats().connections, proxy.connects().len() as u64);
+    let _ = std::fs::remove_dir_all(ca.parent().unwrap());
+}
+
 #[test]
 fn a_proxy_that_refuses_or_stalls_is_an_error_within_the_deadline_and_no_key_is_blamed() {
     for (mode, case) in [(Mode::Refuse, "refuse"), (Mode::Stall, "stall")] {
@@ -228,6 +246,15 @@ fn child_through_the_proxy() {
     };
     let url = std::env::var("KEYPOOL_PROXY_URL").unwrap();
     let ca = std::env::var("KEYPOOL_PROXY_CA").unwrap();
+    if case == "documented" {
+        support::documented_and_hostile_answers(
+            Config::builder()
+                .base_url(&url)
+                .tls(TlsConfig::default().ca_file(&*ca)),
+            "through the proxy",
+        );
+        return;
+    }
     let mut b = Config::builder()
         .base_url(&url)
         .tls(TlsConfig::default().ca_file(&*ca))

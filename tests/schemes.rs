@@ -18,11 +18,7 @@ fn builder(m: &Mock, keys: usize, per_key: usize) -> ConfigBuilder {
         .base_url(m.server.url())
         .tls(m.tls.clone())
         .queue_capacity(4096)
-        .retry(
-            keypool::RetryConfig::default()
-                .base_delay(Duration::from_millis(1))
-                .max_delay(Duration::from_millis(5)),
-        );
+        .retry(support::fast_retry());
     for i in 0..keys {
         b = b.key_config(
             KeyConfig::new(format!("sk-{i}"))
@@ -340,99 +336,13 @@ fn a_response_head_too_big_is_said_as_such() {
 /// one result within its deadline, no key is taken out, and no key appears anywhere.
 #[test]
 fn documented_and_hostile_answers_on_both_schemes_with_rate_limits_on() {
-    const OR_MODERATION: &str = r#"{"error":{"code":403,"message":"openai/gpt-4o requires moderation on OpenRouter. Your input was flagged for \"harassment\"","metadata":{"reasons":["harassment"],"flagged_input":"you are a ...","provider_name":"OpenAI","model_slug":"openai/gpt-4o"}}}"#;
-    const OPENAI_404: &str = r#"{"error":{"message":"The model `gpt-9` does not exist or you do not have access to it.","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#;
-    const OR_UPSTREAM_429: &str = r#"{"error":{"code":429,"message":"Provider returned error","metadata":{"provider_name":"Acme","raw":"acme/x is temporarily rate-limited upstream. Please retry shortly."}}}"#;
-    let secret = |i: usize| format!("sk-or-v1-SECRET{i}xxxxxxxxxxxxxxxxxxxxxxxx");
-    let echoed = format!(
-        r#"{{"error":{{"message":"bad request from {} / {} / {}","code":400}}}}"#,
-        secret(0),
-        secret(1),
-        secret(2)
-    );
-    let line = |i: usize, model: &str, mock: Value| {
-        Request::new(&json!({
-            "model": model,
-            "messages": [{"role": "user", "content": format!("line {i}")}],
-            "mock": mock,
-        }))
-    };
     for https in SCHEMES {
         let m = mock(MockConfig::default(), https);
-        let mut b = Config::builder()
-            .base_url(m.server.url())
-            .tls(m.tls.clone())
-            .deadline_ms(2_000)
-            .retry(
-                keypool::RetryConfig::default()
-                    .base_delay(Duration::from_millis(1))
-                    .max_delay(Duration::from_millis(5)),
-            );
-        for i in 0..3 {
-            b = b.key_config(KeyConfig::new(secret(i)).max_concurrent(2).rpm(600));
-        }
-        let pool = build(b);
-        let special = |i: usize| match i {
-            3 => Some(line(i, "m", json!({"status": 403, "body": OR_MODERATION}))),
-            5 => Some(line(i, "gpt-9", json!({"status": 404, "body": OPENAI_404}))),
-            7 => Some(line(
-                i,
-                "acme/x",
-                json!({"status": 429, "body": OR_UPSTREAM_429,
-                       "retry_after": "99999999999999999999999"}),
-            )),
-            9 => Some(line(i, "m", json!({"status": 400, "body": echoed}))),
-            11 => Some(line(
-                i,
-                "m",
-                json!({"status": 200, "body": r#"{"id":"x","choices":[{"index":0,"#}),
-            )),
-            13 => Some(line(i, "m", json!({"delay_ms": 20_000}))),
-            _ => None,
-        };
-        let t0 = Instant::now();
-        let results =
-            pool.batch((0..20).map(|i| special(i).unwrap_or_else(|| line(i, "m", json!({})))));
-        let took = t0.elapsed();
-        let s = scheme(https);
-        // The stalled line ends at its deadline (2 s), everything else long before.
-        assert!(took < Duration::from_millis(3_000), "{s}: {took:?}");
-        assert_eq!(results.len(), 20, "{s}");
-        for (i, r) in results.iter().enumerate() {
-            let shown = format!("{r:?}");
-            assert!(!shown.contains("SECRET"), "{s}: line {i}: {shown}");
-            match (i, r) {
-                (3, Err(e)) => {
-                    assert!(matches!(e, Error::Flagged { .. }), "{s}: {e:?}");
-                    assert_eq!(e.attempts(), 1, "{s}");
-                }
-                (5, Err(e)) => assert_eq!(e.http_status(), Some(404), "{s}: {e}"),
-                (7 | 13, Err(_)) => {}
-                (9, Err(e)) => {
-                    assert_eq!(e.http_status(), Some(400), "{s}: {e}");
-                    assert!(!e.to_string().contains("SECRET"), "{s}: {e}");
-                }
-                (11, Err(e)) => {
-                    assert!(matches!(e, Error::InvalidResponse { .. }), "{s}: {e:?}")
-                }
-                (3 | 5 | 7 | 9 | 11 | 13, Ok(_)) => panic!("{s}: line {i} succeeded"),
-                (_, r) => assert!(r.is_ok(), "{s}: line {i}: {r:?}"),
-            }
-        }
-        let stats = pool.stats();
-        let text = format!("{stats:?} {}", stats.to_prometheus());
-        assert!(!text.contains("SECRET"), "{s}: {text}");
-        for k in &stats.keys {
-            assert_eq!(
-                k.disabled_reason, None,
-                "{s}: key {} was taken out",
-                k.label
-            );
-        }
-        // Every key still serves.
-        for r in pool.batch((0..6).map(|i| line(100 + i, "m", json!({})))) {
-            assert!(r.is_ok(), "{s}: {r:?}");
-        }
-        pool.close();
+        support::documented_and_hostile_answers(
+            Config::builder()
+                .base_url(m.server.url())
+                .tls(m.tls.clone()),
+            scheme(https),
+        );
     }
 }
