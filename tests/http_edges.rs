@@ -44,6 +44,19 @@ fn read_head(r: &mut BufReader<TcpStream>) -> Option<(usize, String)> {
     }
 }
 
+/// A loopback server for one connection, scripted by `script` (its writer, and its
+/// reader for [`read_head`]); returns the URL to post to.
+fn one_connection(script: impl FnOnce(TcpStream, BufReader<TcpStream>) + Send + 'static) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1/x", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let (c, _) = l.accept().unwrap();
+        let w = c.try_clone().unwrap();
+        script(w, BufReader::new(c));
+    });
+    url
+}
+
 /// A loopback HTTP/1.1 server: each request's body goes to `answer`, whose bytes are
 /// the response's body (every connection kept alive).
 fn serve(answer: impl Fn(&[u8]) -> Vec<u8> + Send + Sync + 'static) -> String {
@@ -132,13 +145,8 @@ fn an_idle_connection_is_only_reused_for_its_own_origin() {
 /// AWAIT_100 second, then uploads the body the server refused.
 #[test]
 fn a_split_early_answer_on_a_reused_connection_is_heard_at_once() {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1/x", l.local_addr().unwrap());
     let (tx, rx) = std::sync::mpsc::channel::<usize>();
-    std::thread::spawn(move || {
-        let (c, _) = l.accept().unwrap();
-        let mut w = c.try_clone().unwrap();
-        let mut r = BufReader::new(c);
+    let url = one_connection(move |mut w, mut r| {
         // Request 1: small, answered, kept alive.
         let (len, _) = read_head(&mut r).unwrap();
         let mut b = vec![0; len];
@@ -302,12 +310,7 @@ fn odd_headers_never_panic() {
 /// (nothing was consumed) and blocks on the socket until the deadline.
 #[test]
 fn a_whole_early_answer_on_an_open_connection_is_heard_at_once() {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1/x", l.local_addr().unwrap());
-    std::thread::spawn(move || {
-        let (c, _) = l.accept().unwrap();
-        let mut w = c.try_clone().unwrap();
-        let mut r = BufReader::new(c);
+    let url = one_connection(|mut w, mut r| {
         let _ = read_head(&mut r).unwrap();
         w.write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
             .unwrap();
@@ -322,14 +325,7 @@ fn a_whole_early_answer_on_an_open_connection_is_heard_at_once() {
             }
         }
     });
-    let t = UreqTransport::new(&TransportSettings {
-        label: "t".into(),
-        max_concurrent: 1,
-        timeout: Duration::from_secs(2),
-        connect_timeout: Duration::from_secs(2),
-        max_response_bytes: 1 << 20,
-        tls: TlsTrust::default(),
-    });
+    let t = transport(Duration::from_secs(2));
     let key = ApiKey::new("sk-review-secret");
     let big = vec![b'x'; 2 << 20];
     let started = Instant::now();
@@ -386,12 +382,7 @@ fn heads_and_bodies_around_the_output_buffer_arrive_whole() {
 /// then reads the body and answers 200 `ok`. Returns the answer's body and how long the
 /// upload took.
 fn upload_after(interim: &'static [u8]) -> (Vec<u8>, Duration) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1/x", l.local_addr().unwrap());
-    std::thread::spawn(move || {
-        let (c, _) = l.accept().unwrap();
-        let mut w = c.try_clone().unwrap();
-        let mut r = BufReader::new(c);
+    let url = one_connection(move |mut w, mut r| {
         let Some((len, _)) = read_head(&mut r) else {
             return;
         };

@@ -210,6 +210,15 @@ fn ok(len: usize) -> Vec<u8> {
     format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n").into_bytes()
 }
 
+/// Reads a request body of `len` bytes and answers 200 with its length as the body.
+fn answer_length(c: &mut Conn, len: usize) {
+    let body = c.read_body(len).unwrap();
+    let s = body.len().to_string();
+    let mut a = ok(s.len());
+    a.extend_from_slice(s.as_bytes());
+    c.send(&a);
+}
+
 /// A head split across records and time, then a body in many small records, larger
 /// than every buffer; three requests on one connection.
 #[test]
@@ -362,11 +371,7 @@ fn expect_100_continue_over_tls() {
             );
             if n == 0 {
                 c.send(b"HTTP/1.1 100 Continue\r\n\r\n");
-                let body = c.read_body(len).unwrap();
-                let s = body.len().to_string();
-                let mut a = ok(s.len());
-                a.extend_from_slice(s.as_bytes());
-                c.send(&a);
+                answer_length(c, len);
             } else {
                 c.send(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n");
                 while c.pump_in() {
@@ -531,11 +536,7 @@ fn expect_ignored_or_preceded_by_103_over_tls() {
             if i == 2 {
                 c.send(b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n");
             }
-            let body = c.read_body(len).unwrap();
-            let s = body.len().to_string();
-            let mut a = ok(s.len());
-            a.extend_from_slice(s.as_bytes());
-            c.send(&a);
+            answer_length(c, len);
         }
     });
     let t = transport(trust, Duration::from_secs(5));
