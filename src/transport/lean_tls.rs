@@ -502,6 +502,7 @@ mod spares {
         b.len() == INPUT_START && b.capacity() == INPUT_START
     }
 }
+
 /// Scratch space ureq asks for only to chunk a request body (which keypool never
 /// sends); kept so that one would still go out, in smaller chunks.
 const MIN_TMP: usize = 1024;

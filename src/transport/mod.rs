@@ -94,11 +94,11 @@ pub enum TransportError {
     /// for its name, or the server refused the client's. The endpoint's fault, not the
     /// key's: the request is not retried on other keys.
     Tls(String),
-    /// The proxy (`ALL_PROXY`, `HTTPS_PROXY` or `HTTP_PROXY`) refused to open a tunnel to the endpoint
-    /// for a reason no retry changes: `407` (it wants credentials) or `403` (its
-    /// policy). Not the key's fault: the request is not retried on other keys. (A
-    /// proxy that cannot reach the endpoint, `502` or `504`, is a [`Self::Failed`],
-    /// retried.)
+    /// The proxy (`ALL_PROXY`, `HTTPS_PROXY` or `HTTP_PROXY`) refused to open a tunnel
+    /// to the endpoint for a reason no retry changes: `407` (it wants credentials) or
+    /// `403` (its policy). Not the key's fault: the request is not retried on other
+    /// keys. (A proxy that cannot reach the endpoint, `502` or `504`, is a
+    /// [`Self::Failed`], retried.)
     Proxy(String),
 }
 
